@@ -1,0 +1,90 @@
+"""Defaults shared by every recipe; each recipe file overrides what it changes.
+
+Every key here is documented where it is used; `python -m qgjt_jax.main
+--config=configs/NAME.py --config.KEY=VALUE` overrides any of them.
+"""
+import ml_collections
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  # Encoder (METHOD.md section 1). dtype is the compute dtype; parameters and
+  # the loss math stay float32.
+  config.model = ml_collections.ConfigDict(dict(
+      name="ir50", base_width=64, embedding_size=512, dropout_rate=0.4,
+      dtype="bfloat16"))
+
+  # Where the training images come from. kind: "rec" (insightface
+  # train.rec/train.idx read directly), "tfds" (a prepared ArrayRecord set) or
+  # "synthetic" (the generated face-like set).
+  config.data = ml_collections.ConfigDict(dict(
+      kind="rec",
+      rec_dir=ml_collections.FieldReference(None, field_type=str),
+      tfds_name=ml_collections.FieldReference(None, field_type=str),
+      tfds_data_dir=ml_collections.FieldReference(None, field_type=str),
+      image_size=112,
+      worker_count=8,
+      # The degraded (L) view, METHOD.md section 6.
+      view=ml_collections.ConfigDict(dict(
+          recipe="qgface", min_scale=0.1, max_scale=0.5, jpeg_quality=75,
+          crop_p=0.0, jitter_p=0.0, rotate_p=0.0, flip_p=0.5)),
+  ))
+  # Synthetic set sizes (used when data.kind == "synthetic").
+  config.data.synthetic = ml_collections.ConfigDict(dict(
+      num_identities=100, images_per_identity=40, eval_identities=40,
+      eval_pairs=300))
+
+  # Quality indicator (METHOD.md section 2). The reference starts its running
+  # statistics at 0; AdaFace at 20/100. partition: "norm" (feature norm, the
+  # method) or "degradation" (known downscale factor, for ablations).
+  config.quality = ml_collections.ConfigDict(dict(
+      alpha=0.01, h=0.333, eps=1e-3, init_mean=0.0, init_std=0.0,
+      partition="norm"))
+
+  # HQ branch: margin classifier (METHOD.md section 3). b = 0 disables the gate.
+  config.head = ml_collections.ConfigDict(dict(
+      kind="adaface", s=64.0, m=0.4, b=0.2))
+
+  # LQ branch: contrastive loss (METHOD.md section 4). weight is lambda;
+  # start_epoch is the "later joint" switch (lambda = 0 before it);
+  # b_warmup_epochs ramps both thresholds up from 0.
+  config.contrastive = ml_collections.ConfigDict(dict(
+      weight=1.0, start_epoch=0.0, b=0.2, b_warmup_epochs=0.0,
+      s=64.0, m=0.4, gate="sgn", gate_range="half", pair_quality="low",
+      margin="static", mask="zero", rescale=True, rescale_reference=129))
+
+  # Negatives queue (METHOD.md section 5): proxy | realtime | moco | none.
+  config.queue = ml_collections.ConfigDict(dict(
+      kind="proxy", capacity=8192, moco_momentum=0.999))
+
+  # Optimiser: SGD with momentum, coupled weight decay (PyTorch order) on
+  # everything but BatchNorm parameters.
+  config.optim = ml_collections.ConfigDict(dict(
+      lr=0.1, momentum=0.9, weight_decay=5e-4,
+      schedule="multistep", milestones=(12, 20, 24), gamma=0.1,
+      warmup_epochs=0.0, grad_clip_norm=0.0))
+  config.num_epochs = 26.0
+  config.global_batch_size = 512
+  # Split the classifier's class axis over this many devices (>1 for very
+  # many identities).
+  config.model_parallelism = 1
+
+  # Loop.
+  config.log_every_steps = 100
+  config.checkpoint_every_steps = 2000
+  config.keep_checkpoints = 3
+  config.eval_every_steps = 10000
+  # Stop after this many consecutive non-finite steps (each is skipped).
+  config.max_consecutive_nonfinite = 20
+
+  # Evaluation: insightface .bin verification sets to run periodically and in
+  # --mode=eval (paths), plus low-resolution variants of them (pixel sizes).
+  config.eval = ml_collections.ConfigDict(dict(
+      bin_sets=(), low_res=(), batch_size=256, fusion="norm_weighted",
+      tinyface_root=ml_collections.FieldReference(None, field_type=str),
+      scface_root=ml_collections.FieldReference(None, field_type=str),
+      ijb_root=ml_collections.FieldReference(None, field_type=str),
+      ijb_target="IJBC"))
+  return config

@@ -1,0 +1,30 @@
+r"""The embedded default: a small IResNet on generated mixed-quality faces.
+
+Runs on a laptop CPU in a few minutes, evaluates HQ-HQ, HQ-LQ and LQ-LQ
+verification on held-out identities, and leaves an orbax checkpoint:
+
+  python -m qgjt_jax.main --config=configs/synthetic.py --workdir=runs/demo
+  python -m qgjt_jax.main --config=configs/synthetic.py --workdir=runs/demo \
+      --mode=eval
+"""
+from configs import common
+
+
+def get_config():
+  config = common.get_base_config()
+  config.model.update(name="ir18", base_width=16, embedding_size=128,
+                      dtype="float32", dropout_rate=0.0)
+  config.data.update(kind="synthetic", image_size=56, worker_count=0)
+  config.data.synthetic.update(num_identities=64, images_per_identity=32,
+                               eval_identities=40, eval_pairs=300)
+  config.head.b = 0.2
+  config.contrastive.update(b=0.2, start_epoch=2.0)
+  config.queue.capacity = 1024
+  config.global_batch_size = 64
+  config.num_epochs = 8.0
+  config.optim.update(lr=0.1, milestones=(5, 7), warmup_epochs=0.5)
+  config.log_every_steps = 20
+  config.checkpoint_every_steps = 100
+  config.eval_every_steps = 0  # evaluate at the end only
+  config.eval.batch_size = 100
+  return config

@@ -1,0 +1,105 @@
+"""Metric writers and progress lines that work with or without TensorFlow.
+
+clu's metric writers (and its periodic actions, which import them) pull in
+TensorFlow for TensorBoard summaries. Where TensorFlow or clu is absent (the
+GPU images we target have neither), metrics go to stdout through a small
+writer with the same interface, and the progress line below still shows.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, Mapping, Optional
+
+from absl import logging
+import jax
+import numpy as np
+
+
+class StdoutWriter:
+  """The subset of clu's MetricWriter interface the trainer uses."""
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    text = ", ".join(f"{k}={float(v):.4g}" for k, v in sorted(scalars.items()))
+    print(f"[{step}] {text}", flush=True)
+
+  def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+    logging.info("Hyperparameters: %s", dict(hparams))
+
+  def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+    for k, v in texts.items():
+      print(f"[{step}] {k}:\n{v}", flush=True)
+
+  def flush(self) -> None:
+    sys.stdout.flush()
+
+  def close(self) -> None:
+    self.flush()
+
+
+def create_writer(workdir: str, *, tensorboard: bool = True):
+  """TensorBoard + log writer via clu where TensorFlow is installed."""
+  if tensorboard:
+    try:
+      from clu import metric_writers  # imports TensorFlow
+      return metric_writers.create_default_writer(
+          workdir, just_logging=jax.process_index() > 0, asynchronous=True)
+    except ImportError as e:
+      logging.info("TensorBoard writer unavailable (%s); logging to stdout.", e)
+  return StdoutWriter()
+
+
+def create_report_progress(num_train_steps: int, writer: Any):
+  """clu's ReportProgress hook (steps/s, uptime) where clu can be imported."""
+  try:
+    from clu import periodic_actions  # imports clu.metric_writers
+  except ImportError:
+    return None
+  return periodic_actions.ReportProgress(num_train_steps=num_train_steps,
+                                        writer=writer, every_secs=60)
+
+
+def log_parameter_overview(params: Any) -> None:
+  try:
+    from clu import parameter_overview
+    parameter_overview.log_parameter_overview(params)
+    count = parameter_overview.count_parameters(params)
+  except ImportError:
+    count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+  print(f"Parameters: {count:,}", flush=True)
+
+
+class ProgressLine:
+  """Periodic one-line progress: step, losses, HQ fraction, img/s, ETA."""
+
+  def __init__(self, total_steps: int, images_per_step: int,
+               start_step: int = 0):
+    self.total_steps = total_steps
+    self.images_per_step = images_per_step
+    self._last_step = start_step
+    self._last_time = time.perf_counter()
+
+  def __call__(self, step: int, metrics: Mapping[str, float]) -> dict:
+    now = time.perf_counter()
+    steps = max(step - self._last_step, 1)
+    seconds = max(now - self._last_time, 1e-9)
+    self._last_step, self._last_time = step, now
+    images_per_sec = steps * self.images_per_step / seconds
+    eta = (self.total_steps - step) * seconds / steps
+    print(f"step {step}/{self.total_steps} "
+          f"loss_cls {metrics['loss_cls']:.3f} "
+          f"loss_con {metrics['loss_con']:.3f} "
+          f"hq {metrics['hq_fraction']:.2f} "
+          f"norm {metrics['norm_mean']:.2f}±{metrics['norm_std']:.2f} "
+          f"queue {metrics['queue_fill']:.2f} "
+          f"lr {metrics['lr']:.4g} "
+          f"{images_per_sec:,.0f} img/s "
+          f"ETA {_format_seconds(eta)}", flush=True)
+    return {"images_per_sec": images_per_sec}
+
+
+def _format_seconds(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  hours, rest = divmod(seconds, 3600)
+  minutes, seconds = divmod(rest, 60)
+  return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
