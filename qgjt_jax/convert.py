@@ -1,0 +1,317 @@
+"""Imports PyTorch IResNet weights (AdaFace / QGFace `net.py` layout) into Flax.
+
+The PyTorch state dict names follow `input_layer.{0,1,2}`,
+`body.{i}.res_layer.{j}` / `body.{i}.shortcut_layer.{0,1}` /
+`body.{i}.res_layer.se_block.fc{1,2}` and `output_layer.{0,3,4}`. The
+converter walks the Flax variable tree of the matching `IResNet` (built
+abstractly with `jax.eval_shape`), derives the PyTorch name and layout of every
+leaf, and so reports missing, unexpected and mis-shaped tensors by name instead
+of failing somewhere inside the model.
+
+Typical use:
+
+  state = load_torch_checkpoint("adaface_ir101_ms1mv2.ckpt")
+  num_layers, use_se = infer_architecture(state)
+  variables = torch_state_dict_to_flax(state, num_layers=num_layers,
+                                       use_se=use_se)
+  model = IResNet(num_layers, use_se)
+  embeddings, norms = model.apply(variables, images, train=False)
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from qgjt_jax.models import iresnet
+
+_ROOT_KEY = "input_layer.0.weight"
+# Prefixes a backbone carries in the wild, most specific first: Lightning
+# modules (QGFace `backbone.`, AdaFace `model.`) and DataParallel (`module.`).
+_KNOWN_PREFIXES = ("", "backbone.", "model.", "module.", "model.module.",
+                   "backbone.module.", "module.backbone.", "module.model.")
+
+# Position of each named layer inside the reference's `res_layer` Sequential.
+_RES_LAYER_INDEX = {
+    False: {"bn1": 0, "conv1": 1, "bn2": 2, "prelu1": 3, "conv2": 4, "bn3": 5},
+    True: {"bn1": 0, "conv1": 1, "bn2": 2, "prelu1": 3, "conv2": 4, "bn3": 5,
+           "prelu2": 6, "conv3": 7, "bn4": 8},
+}
+_FIXED_MODULES = {
+    ("input_layer", "conv"): "input_layer.0",
+    ("input_layer", "bn"): "input_layer.1",
+    ("input_layer", "prelu"): "input_layer.2",
+    ("output_layer", "bn"): "output_layer.0",
+    ("output_layer", "fc"): "output_layer.3",
+    ("output_layer", "feature_bn"): "output_layer.4",
+}
+_LEAF_NAMES = {
+    ("params", "scale"): "weight",
+    ("params", "bias"): "bias",
+    ("params", "negative_slope"): "weight",
+    ("params", "kernel"): "weight",
+    ("batch_stats", "mean"): "running_mean",
+    ("batch_stats", "var"): "running_var",
+}
+_IGNORED = re.compile(r"(^head\.|\.num_batches_tracked$)")
+
+
+class StateDictMismatchError(ValueError):
+  """A state dict does not fit the requested architecture (names listed)."""
+
+
+def backbone_prefix(state_dict: Mapping[str, Any]) -> str:
+  """The prefix in front of the backbone's names ('' for a bare state dict).
+
+  Raises:
+    StateDictMismatchError: when no key looks like an IResNet stem.
+  """
+  candidates = [k[:-len(_ROOT_KEY)] for k in state_dict
+                if k.endswith(_ROOT_KEY)]
+  if not candidates:
+    raise StateDictMismatchError(
+        f"no IResNet backbone found: no key ends with {_ROOT_KEY!r} "
+        f"(first keys: {sorted(state_dict)[:5]})")
+  known = [p for p in _KNOWN_PREFIXES if p in candidates]
+  if known:
+    return known[0]
+  if len(candidates) > 1:
+    raise StateDictMismatchError(
+        f"several backbones in the state dict: prefixes {sorted(candidates)}")
+  return candidates[0]
+
+
+def backbone_state(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+  """The backbone's tensors under their bare names.
+
+  Keys outside the backbone prefix (a Lightning module's head, momentum copy,
+  queue buffers...), `head.*` and BatchNorm's `num_batches_tracked` counters
+  are dropped.
+  """
+  prefix = backbone_prefix(state_dict)
+  out = {}
+  for key, value in state_dict.items():
+    if not key.startswith(prefix):
+      continue
+    name = key[len(prefix):]
+    if not _IGNORED.search(name):
+      out[name] = value
+  dropped = len(state_dict) - len(out)
+  if dropped:
+    logging.info("ignoring %d non-backbone entries (prefix %r)", dropped,
+                 prefix)
+  return out
+
+
+def infer_architecture(state_dict: Mapping[str, Any]) -> tuple[int, bool]:
+  """(num_layers, use_se) of the IResNet whose weights `state_dict` holds.
+
+  The depth follows from the number of residual units (unique per depth), SE
+  from the presence of `se_block` tensors.
+  """
+  names = backbone_state(state_dict)
+  units = {int(m[1]) for k in names if (m := re.match(r"body\.(\d+)\.", k))}
+  num_units = max(units) + 1 if units else 0
+  by_units = {sum(v): depth for depth, v in iresnet.STAGE_UNITS.items()}
+  if num_units not in by_units or len(units) != num_units:
+    raise StateDictMismatchError(
+        f"cannot infer the depth: {len(units)} residual units (max index "
+        f"{num_units - 1}); known depths have {sorted(by_units)} units")
+  use_se = any(".se_block." in k for k in names)
+  return by_units[num_units], use_se
+
+
+def _torch_name(collection: str, path: tuple[str, ...], bottleneck: bool
+                ) -> str:
+  """PyTorch name of the Flax leaf `collection/path`."""
+  *module, leaf = path
+  module = tuple(module)
+  if module in _FIXED_MODULES:
+    torch_module = _FIXED_MODULES[module]
+  else:
+    unit = re.fullmatch(r"body_(\d+)", module[0])
+    if unit is None:
+      raise KeyError(f"unmapped Flax module {'/'.join(module)}")
+    base = f"body.{unit[1]}"
+    rest = module[1:]
+    if rest in (("shortcut_conv",), ("shortcut_bn",)):
+      index = 0 if rest[0] == "shortcut_conv" else 1
+      torch_module = f"{base}.shortcut_layer.{index}"
+    elif len(rest) == 2 and rest[0] == "se":
+      torch_module = f"{base}.res_layer.se_block.{rest[1]}"
+    elif len(rest) == 1 and rest[0] in _RES_LAYER_INDEX[bottleneck]:
+      torch_module = f"{base}.res_layer.{_RES_LAYER_INDEX[bottleneck][rest[0]]}"
+    else:
+      raise KeyError(f"unmapped Flax module {'/'.join(module)}")
+  return f"{torch_module}.{_LEAF_NAMES[(collection, leaf)]}"
+
+
+def _layout(collection: str, path: tuple[str, ...], flax_shape: tuple[int, ...],
+            final_channels: int
+            ) -> tuple[tuple[int, ...], Callable[[np.ndarray], np.ndarray]]:
+  """(expected PyTorch shape, PyTorch -> Flax array transform) of a leaf."""
+  if collection != "params" or path[-1] != "kernel":
+    return flax_shape, lambda a: a
+  if len(flax_shape) == 4:  # Conv: OIHW -> HWIO.
+    kh, kw, cin, cout = flax_shape
+    return (cout, cin, kh, kw), lambda a: a.transpose(2, 3, 1, 0)
+  fan_in, fan_out = flax_shape
+  if path[-2] == "fc":
+    # Linear after the flatten: PyTorch rows index NCHW-flattened features
+    # (c, h, w); ours index NHWC-flattened ones (h, w, c).
+    side = math.isqrt(fan_in // final_channels)
+
+    def permute(a):
+      a = a.reshape(fan_out, final_channels, side, side)
+      return a.transpose(2, 3, 1, 0).reshape(fan_in, fan_out)
+    return (fan_out, fan_in), permute
+  # SE gate: a 1x1 conv on the pooled vector, a Dense here.
+  return (fan_out, fan_in, 1, 1), lambda a: a.reshape(fan_out, fan_in).T
+
+
+def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()
+             ) -> dict[tuple[str, ...], Any]:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      out.update(_flatten(value, prefix + (key,)))
+    else:
+      out[prefix + (key,)] = value
+  return out
+
+
+def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
+  for key in path[:-1]:
+    tree = tree.setdefault(key, {})
+  tree[path[-1]] = value
+
+
+def torch_state_dict_to_flax(state_dict: Mapping[str, np.ndarray], *,
+                             num_layers: int, use_se: bool = False) -> dict:
+  """Converts a PyTorch IResNet state dict to `IResNet` variables.
+
+  Base width, embedding size and the final feature-map size are read from the
+  tensors, so the same call serves the 64-wide 112x112 models and narrower
+  ones; build the `IResNet` with the matching `base_width`/`embedding_size`.
+
+  Args:
+    state_dict: name -> array (numpy, or anything `np.asarray` accepts). Names
+      may carry a `backbone.`/`model.`/`module.` prefix; `head.*` and
+      `num_batches_tracked` entries are ignored.
+    num_layers: IResNet depth (see `infer_architecture`).
+    use_se: whether the units have squeeze-excitation gates.
+
+  Returns:
+    {'params': ..., 'batch_stats': ...}: nested dicts of float32 numpy arrays
+    with exactly the structure `IResNet(num_layers, use_se).init` produces.
+
+  Raises:
+    StateDictMismatchError: listing missing, unexpected and mis-shaped
+      tensors by name.
+  """
+  names = backbone_state(state_dict)
+  if _ROOT_KEY not in names or "output_layer.3.weight" not in names:
+    raise StateDictMismatchError(
+        f"missing stem or head tensors: need {_ROOT_KEY!r} and "
+        "'output_layer.3.weight' to size the model")
+  base_width = np.shape(names[_ROOT_KEY])[0]
+  embedding_size, fc_in = np.shape(names["output_layer.3.weight"])
+  specs = iresnet.unit_specs(num_layers, base_width)
+  final_channels = specs[-1].out_channels
+  side = math.isqrt(max(fc_in // final_channels, 0))
+  if side < 1 or side * side * final_channels != fc_in:
+    raise StateDictMismatchError(
+        f"output_layer.3.weight has {fc_in} inputs, not {final_channels} "
+        f"channels times a square feature map (wrong depth or width?)")
+  # The stem keeps the resolution and the four stages halve it.
+  model = iresnet.IResNet(num_layers=num_layers, use_se=use_se,
+                          embedding_size=embedding_size, base_width=base_width)
+  expected = iresnet.init_shapes(model, image_size=(16 * side, 16 * side))
+
+  bottleneck = iresnet.uses_bottleneck(num_layers)
+  out: dict[str, dict] = {}
+  missing, mismatched, used = [], [], set()
+  for collection in ("params", "batch_stats"):
+    for path, leaf in _flatten(expected[collection]).items():
+      name = _torch_name(collection, path, bottleneck)
+      torch_shape, transform = _layout(collection, path, tuple(leaf.shape),
+                                       final_channels)
+      if name not in names:
+        missing.append(name)
+        continue
+      used.add(name)
+      array = np.asarray(names[name])
+      if array.shape != torch_shape:
+        mismatched.append(f"{name}: got {array.shape}, want {torch_shape}")
+        continue
+      _set(out, (collection,) + path,
+           np.ascontiguousarray(transform(array.astype(np.float32))))
+  unexpected = sorted(set(names) - used)
+
+  if missing or unexpected or mismatched:
+    arch = f"ir{'_se' if use_se else ''}{num_layers}"
+    problems = [f"state dict does not match {arch} "
+                f"(base width {base_width}):"]
+    for title, items in (("missing", missing), ("unexpected", unexpected),
+                         ("shape mismatch", mismatched)):
+      if items:
+        problems.append(f"  {title} ({len(items)}): " + ", ".join(items))
+    raise StateDictMismatchError("\n".join(problems))
+  return out
+
+
+def load_torch_checkpoint(path: str | os.PathLike, *,
+                          trust_pickle: bool = False) -> dict[str, np.ndarray]:
+  """Reads a state dict as name -> numpy array.
+
+  `.npz` files (name -> array) need only numpy. `.ckpt` (PyTorch Lightning: the
+  weights sit under 'state_dict') and `.pth`/`.pt` (a bare state dict, or a
+  dict holding one under 'state_dict') need torch, imported only here.
+
+  Args:
+    path: the checkpoint file.
+    trust_pickle: let torch unpickle arbitrary objects. Lightning checkpoints
+      often store hyper-parameter objects that torch's safe loader refuses;
+      only enable this for files you trust, since unpickling can run code.
+
+  Returns:
+    name -> array; floating tensors become float32 numpy arrays.
+  """
+  path = os.fspath(path)
+  if path.endswith(".npz"):
+    with np.load(path, allow_pickle=False) as data:
+      return {k: data[k] for k in data.files}
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError(
+        f"reading {path} needs PyTorch, which is not installed. Install it, "
+        "or save the state dict elsewhere as .npz (name -> array) and load "
+        "that instead.") from e
+  try:
+    obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+  except Exception as e:  # pylint: disable=broad-except
+    if trust_pickle:
+      raise
+    raise ValueError(
+        f"torch's safe loader could not read {path} ({e}); if you trust the "
+        "file, pass trust_pickle=True") from e
+  if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+    obj = obj["state_dict"]
+  elif hasattr(obj, "state_dict") and callable(obj.state_dict):
+    obj = obj.state_dict()  # A whole pickled nn.Module.
+  if not isinstance(obj, Mapping):
+    raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict")
+  out = {}
+  for key, value in obj.items():
+    if not isinstance(value, torch.Tensor):
+      continue
+    value = value.detach().cpu()
+    if value.is_floating_point():
+      value = value.float()
+    out[key] = value.numpy()
+  return out
