@@ -1,0 +1,1 @@
+"""Losses: margin classification heads and the contrastive loss."""
