@@ -15,7 +15,7 @@ def _f32(x):
 
 
 def _sorted_rows(*columns):
-  """Rows [label, embed..., proxy...] in lexicographic order, for set matching."""
+  """Rows [label, columns...] sorted lexicographically, to match as sets."""
   rows = np.concatenate([np.asarray(c, np.float64).reshape(len(c), -1)
                          for c in columns], axis=1)
   return rows[np.lexsort(rows.T[::-1])]
@@ -35,7 +35,8 @@ def test_enqueue_and_proxy_update_match_reference(reference_dir, name):
   @jax.jit
   def step(queue, keys, labels, kernel):
     # The reference stores the current (unnormalised) class columns.
-    queue = qlib.enqueue(queue, keys, labels, qlib.class_proxies(kernel, labels))
+    proxies = qlib.class_proxies(kernel, labels)
+    queue = qlib.enqueue(queue, keys, labels, proxies)
     return queue, qlib.proxy_update(queue, kernel)
 
   queue, negatives = step(queue, _f32(inputs['keys']),

@@ -97,7 +97,7 @@ def update_quality_stats(stats: QualityStats, norms: jax.Array,
 
 def margin_scaler(norms: jax.Array, stats: QualityStats, h: float = 0.333,
                   eps: float = 1e-3) -> jax.Array:
-  """a_i = clip(h (n_i - mu) / (sigma + eps), -1, 1), shape (N,), no gradient."""
+  """a_i = clip(h (n_i - mu) / (sigma + eps), -1, 1): (N,), no gradient."""
   safe = _safe_norms(norms)
   scaler = (safe - stats.mean) / (stats.std + eps) * h
   return jax.lax.stop_gradient(jnp.clip(scaler, -1.0, 1.0))
