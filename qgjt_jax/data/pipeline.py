@@ -1,0 +1,190 @@
+"""The grain input pipeline: shuffled, sharded batches of two views per face.
+
+The record stream is a pure function of (seed, step): position p of the
+endless (or `num_epochs` long) stream is record `perm_e(p mod N)` of epoch
+`e = p // N`, with a fresh permutation per epoch. Global batch k is positions
+[kG, (k+1)G); process i of P takes every P-th of them (positions i, i+P, ...),
+so the processes' batches are disjoint and together make the global batch.
+The views of a record are drawn from a generator keyed by (seed, epoch,
+record), never from global state, and the batch is the unit of work of the
+worker processes, so the batches are identical whatever the worker count and
+an iterator restored from `get_state()` continues exactly.
+
+Batches: {"image_h", "image_l": (b, H, W, 3) uint8 BGR, "label": (b,) int32,
+"degrade_h": (b,) float32 (1.0), "degrade_l": (b,) float32 (the L view's
+resolution factor r)}. Normalisation happens on the device.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Iterator
+
+import cv2
+import grain
+import numpy as np
+
+from qgjt_jax.data import degrade
+
+# The per-record generator: Philox keyed by the seed, counter (epoch, record).
+# Keyed construction skips SeedSequence hashing, which is most of the cost of
+# np.random.default_rng for a handful of draws.
+_KEY_MASK = (1 << 64) - 1
+
+
+def record_rng(seed: int, epoch: int, record: int) -> np.random.Generator:
+  """The generator behind the views of `record` in `epoch`."""
+  return np.random.Generator(np.random.Philox(
+      counter=(0, 0, epoch, record), key=(seed & _KEY_MASK, 0x5147465f)))
+
+
+def _decode_fallback(data: bytes) -> np.ndarray:
+  img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+  if img is None:
+    raise ValueError("undecodable image record")
+  return img
+
+
+def _find_decoder():
+  try:  # The record reader's decoder, when that module is present.
+    from qgjt_jax.data.recordio import decode_image  # pylint: disable=g-import-not-at-top
+    return decode_image
+  except ImportError:
+    return _decode_fallback
+
+
+decode_image = _find_decoder()
+
+
+def fit_size(img: np.ndarray, size: int | None) -> np.ndarray:
+  """Resizes a square face crop to `size` (no-op when it already fits)."""
+  if size is None or img.shape[0] == size and img.shape[1] == size:
+    return img
+  interp = cv2.INTER_AREA if img.shape[0] > size else cv2.INTER_LINEAR
+  return cv2.resize(img, (size, size), interpolation=interp)
+
+
+def ensure_absl_flags_parsed() -> None:
+  """grain's worker processes read absl flags; outside an absl app (pytest,
+  plain scripts, notebooks) nobody parsed them, so accept the defaults."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def _init_worker(worker_index: int, worker_count: int) -> None:
+  """One OpenCV thread per worker: the workers are the parallelism, and
+  OpenCV's pool only adds contention on images this small."""
+  del worker_index, worker_count
+  cv2.setNumThreads(1)
+
+
+class TwoViews:
+  """Maps (epoch, record index) to that record's two views (picklable)."""
+
+  def __init__(self, source, seed: int, view_config: degrade.ViewConfig,
+               image_size: int | None = None, flip_p: float = 0.5):
+    self.source = source
+    self.seed = seed
+    self.view_config = view_config
+    self.image_size = image_size
+    self.flip_p = flip_p
+
+  def __call__(self, item: tuple[int, int]) -> dict[str, Any]:
+    epoch, index = item
+    record = self.source[index]
+    img = fit_size(decode_image(record["image"]), self.image_size)
+    rng = record_rng(self.seed, epoch, index)
+    high = degrade.clean_view(img, rng, self.flip_p)
+    low, r = degrade.degraded_view(img, rng, self.view_config)
+    return {"image_h": high, "image_l": low,
+            "label": np.int32(record["label"]), "degrade_h": np.float32(1.0),
+            "degrade_l": np.float32(r)}
+
+
+def _position_to_item(position: int, record: int, *, num_records: int
+                      ) -> tuple[int, int]:
+  return position // num_records, int(record)
+
+
+def record_stream(num_records: int, seed: int, num_epochs: int | None,
+                  global_batch_size: int) -> grain.MapDataset:
+  """(epoch, record index) at every stream position, whole global batches."""
+  ds = grain.MapDataset.range(num_records).shuffle(seed=seed)
+  ds = ds.repeat(num_epochs)
+  if num_epochs is not None:  # every process must see the same step count
+    ds = ds[: len(ds) // global_batch_size * global_batch_size]
+  return ds.map_with_index(
+      functools.partial(_position_to_item, num_records=num_records))
+
+
+def make_train_dataset(
+    source,
+    *,
+    global_batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    view_config: degrade.ViewConfig = degrade.ViewConfig(),
+    worker_count: int = 0,
+    num_epochs: int | None = None,
+    image_size: int | None = None,
+    read_threads: int = 0,
+    worker_buffer_size: int = 2,
+) -> grain.IterDataset:
+  """The training batches of this process, as a grain IterDataset.
+
+  `iter()` of the result is a grain DatasetIterator: `get_state()` /
+  `set_state()` (JSON-serialisable), and orbax saves it with
+  `grain.checkpoint.CheckpointSave(iterator)` /
+  `grain.checkpoint.CheckpointRestore(iterator)` (the state of a multi-worker
+  iterator records the worker count, so restore with the same count).
+
+  Args:
+    source: a random-access source of {"image": encoded bytes, "label"}.
+    global_batch_size: images per step summed over processes.
+    seed: shuffling and augmentation seed.
+    process_index, process_count: this host's shard of every global batch.
+    view_config: the L view recipe (degrade.ViewConfig).
+    worker_count: grain worker processes (0 = in this process).
+    num_epochs: None for an endless stream.
+    image_size: resize decoded images to this side (None = as stored).
+    read_threads: threads per process computing batches (0 = none; threads
+      only help where the GIL is released, i.e. inside OpenCV).
+    worker_buffer_size: batches each worker prepares ahead.
+  """
+  if global_batch_size % process_count:
+    raise ValueError(f"global batch {global_batch_size} does not split over "
+                     f"{process_count} processes")
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} not in [0, "
+                     f"{process_count})")
+  batch = global_batch_size // process_count
+  ds = record_stream(len(source), seed, num_epochs, global_batch_size)
+  ds = ds[process_index::process_count]
+  ds = ds.map(TwoViews(source, seed, view_config, image_size))
+  ds = ds.batch(batch, drop_remainder=True)
+  ds = ds.to_iter_dataset(grain.ReadOptions(
+      num_threads=read_threads, prefetch_buffer_size=max(1, read_threads * 2)))
+  if worker_count > 0:
+    ensure_absl_flags_parsed()
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=worker_count, per_worker_buffer_size=worker_buffer_size),
+        worker_init_fn=_init_worker)
+  return ds
+
+
+def eval_batches(images: np.ndarray, batch_size: int
+                 ) -> Iterator[tuple[np.ndarray, int]]:
+  """Fixed-shape batches of an evaluation array: (batch, number of real rows).
+
+  The last batch is padded by repeating its final image, so a jitted embedding
+  function compiles once; drop the padded rows with the count.
+  """
+  n = len(images)
+  for start in range(0, n, batch_size):
+    chunk = images[start:start + batch_size]
+    valid = len(chunk)
+    if valid < batch_size:
+      pad = np.repeat(chunk[-1:], batch_size - valid, axis=0)
+      chunk = np.concatenate([chunk, pad])
+    yield chunk, valid
