@@ -181,7 +181,8 @@ def color_jitter(img: np.ndarray, rng: np.random.Generator,
 def rotate(img: np.ndarray, degrees: float) -> np.ndarray:
   """Counter-clockwise about the centre, nearest neighbour, black corners."""
   h, w = img.shape[:2]
-  m = cv2.getRotationMatrix2D((w / 2, h / 2), degrees, 1.0)
+  # The centre of the pixel grid: pixel i is centred on coordinate i here.
+  m = cv2.getRotationMatrix2D(((w - 1) / 2, (h - 1) / 2), degrees, 1.0)
   return cv2.warpAffine(img, m, (w, h), flags=cv2.INTER_NEAREST,
                         borderMode=cv2.BORDER_CONSTANT, borderValue=0)
 
