@@ -1,0 +1,463 @@
+"""TFDS builders that turn users' face data into ArrayRecord datasets.
+
+Both builders store the images already encoded (the insightface payload as it
+is, or a 112x112 JPEG made here with OpenCV), so preparing a dataset needs
+neither TensorFlow nor TFDS's TensorFlow-based image encoder. They write
+`file_format="array_record"`, read back with
+`qgjt_jax.data.sources.ArrayRecordSource`; decode with
+`qgjt_jax.data.recordio.decode_image` (BGR, see there).
+
+* `insightface_rec`: an insightface `train.rec`/`train.idx`/`property` folder
+  (the manual dir). Configs for the usual public sets check the expected
+  counts; any other set goes through a config made by `insightface_config`.
+* `face_image_folder`: `root/<identity>/<images>` of any format, size, depth
+  or channel count, converted to 112x112 BGR-ordered JPEG. Identities are the
+  sub-directory names (sorted numerically when all of them are integers).
+
+Features of both: "image" (encoded bytes, `tfds.features.Image` with the JPEG
+encoding declared), "label" (ClassLabel), plus where each example came from:
+"key" (the .rec record key) or "path" (relative to the root). TFDS shuffles the
+example order when writing, which is why the origin is stored.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import os
+import pathlib
+import time
+from typing import Any, Iterator
+
+from absl import logging
+import cv2
+import numpy as np
+from PIL import Image as PILImage
+import tensorflow_datasets as tfds
+
+from qgjt_jax.data import recordio
+
+IMAGE_SIZE = 112
+JPEG_QUALITY = 95
+_JPEG_SOI = b"\xff\xd8\xff"
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_MAX_LISTED_SKIPS = 1000  # skipped paths kept in the dataset metadata
+
+
+class BadImageError(ValueError):
+  """A file in an image folder is not an image we can read."""
+
+  def __init__(self, path: os.PathLike | str, reason: str):
+    super().__init__(f"{path}: {reason}")
+    self.path = str(path)
+    self.reason = reason
+
+
+class Progress:
+  """Logs "done/total, rate" lines while a long preparation runs.
+
+  Lines go through absl logging at most every `every_s` seconds, and once at
+  the end; `qgjt_jax.data.prepare` turns INFO logging on so users see them.
+  """
+
+  def __init__(self, what: str, total: int | None, every_s: float = 20.0):
+    self._what, self._total, self._every_s = what, total, every_s
+    self._start = self._last = time.monotonic()
+    self.count = 0
+
+  def update(self, n: int = 1) -> None:
+    self.count += n
+    now = time.monotonic()
+    if now - self._last >= self._every_s:
+      self._last = now
+      self._log(now)
+
+  def _log(self, now: float) -> None:
+    rate = self.count / max(now - self._start, 1e-9)
+    of = f"/{self._total} ({100 * self.count / self._total:.1f}%)" if (
+        self._total) else ""
+    logging.info("%s: %d%s images, %.0f images/s", self._what, self.count, of,
+                 rate)
+
+  def done(self) -> None:
+    self._log(time.monotonic())
+
+
+class _ManualBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Base of builders whose data the user supplies (the manual dir)."""
+
+  # Nothing is downloaded, so there are no URL checksums to look up. Said
+  # explicitly because TFDS 4.9's lookup locates the checksum file through the
+  # `importlib_resources` backport, which recent etils no longer installs.
+  url_infos = None
+
+
+# -- insightface .rec ----------------------------------------------------------
+
+
+@dataclasses.dataclass(eq=False)
+class InsightFaceRecConfig(tfds.core.BuilderConfig):
+  """One insightface set; None means "take it from the files".
+
+  Attributes:
+    num_classes: expected number of identities (checked), or None.
+    num_images: expected number of images (checked), or None.
+    image_size: (height, width) of the stored images, or None.
+  """
+  num_classes: int | None = None
+  num_images: int | None = None
+  image_size: tuple[int, int] | None = (IMAGE_SIZE, IMAGE_SIZE)
+
+
+_ZOO = "https://github.com/deepinsight/insightface/tree/master/recognition/_datasets_"
+
+
+class InsightFaceRec(_ManualBuilder):
+  """Face recognition training sets in the insightface RecordIO layout."""
+
+  name = "insightface_rec"
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Images and labels of train.rec, stored as is."}
+  MANUAL_DOWNLOAD_INSTRUCTIONS = f"""
+  Download the training set from the insightface dataset zoo
+  ({_ZOO}): e.g. MS1M-ArcFace (faces_emore, = MS1MV2), MS1M-RetinaFace
+  (ms1m-retinaface-t1, = MS1MV3), CASIA-Webface (faces_webface_112x112) or
+  VGG2 (faces_vgg_112x112). Unzip it and pass the folder holding `train.rec`,
+  `train.idx` and `property` as the manual dir (`--src` of
+  `python -m qgjt_jax.data.prepare --format=insightface_rec`).
+  """
+  BUILDER_CONFIGS = [
+      InsightFaceRecConfig(
+          name="ms1mv2", num_classes=85742, num_images=5822653,
+          description="MS1M-ArcFace (faces_emore): 85,742 ids, 5,822,653 "
+          "images."),
+      InsightFaceRecConfig(
+          name="ms1mv3", num_classes=93431, num_images=5179510,
+          description="MS1M-RetinaFace (ms1m-retinaface-t1): 93,431 ids, "
+          "5,179,510 images."),
+      InsightFaceRecConfig(
+          name="casia_webface", num_classes=10572, num_images=490623,
+          description="CASIA-WebFace (faces_webface_112x112): 10,572 ids, "
+          "490,623 images."),
+      InsightFaceRecConfig(
+          name="vggface2",
+          description="VGGFace2 (faces_vgg_112x112), about 9K ids and 3.3M "
+          "images; the counts are taken from the files."),
+      InsightFaceRecConfig(
+          name="generic", image_size=None,
+          description="Any set in the insightface layout; counts and image "
+          "size are taken from the files."),
+  ]
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    config: InsightFaceRecConfig = self.builder_config
+    shape = (*(config.image_size or (None, None)), 3)
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description="Aligned face images and identity labels read from an "
+        "insightface train.rec. Images are the stored JPEGs, unchanged; "
+        "decode them to BGR (qgjt_jax.data.recordio.decode_image).",
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=shape, encoding_format="jpeg"),
+            "label": tfds.features.ClassLabel(num_classes=config.num_classes),
+            "key": tfds.features.Scalar(np.int64, doc="record key in .rec"),
+        }),
+        supervised_keys=("image", "label"),
+        homepage=_ZOO,
+        metadata=tfds.core.MetadataDict(),
+    )
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    root = pathlib.Path(os.fspath(dl_manager.manual_dir))
+    record = recordio.InsightFaceRecord(root / "train.rec", root / "train.idx",
+                                        root / "property")
+    config: InsightFaceRecConfig = self.builder_config
+    where = f"config {self.builder_config.name!r}"
+    checks = [("classes", config.num_classes, record.num_classes),
+              ("images", config.num_images, len(record))]
+    for what, expected, found in checks:
+      if expected is not None and expected != found:
+        raise ValueError(
+            f"{root}: {found} {what}, but {where} expects {expected}. Is this "
+            "the right set? Prepare other sets under their own name "
+            "(qgjt_jax.data.prepare --name=<your name>).")
+    if (config.image_size is not None and record.image_size is not None
+        and tuple(config.image_size) != tuple(record.image_size)):
+      raise ValueError(f"{root}: images are {record.image_size}, {where} "
+                       f"expects {config.image_size}")
+    label = self.info.features["label"]
+    if config.num_classes is None:
+      label.names = [str(c) for c in range(record.num_classes)]
+    self.info.metadata.update(source=os.fspath(root), format="insightface_rec",
+                              num_images=len(record))
+    return {"train": self._generate_examples(record)}
+
+  def _generate_examples(self, record: recordio.InsightFaceRecord
+                         ) -> Iterator[tuple[int, dict[str, Any]]]:
+    # Identity records, where present, give every image's class a second time;
+    # the image headers are what trainers use, so a disagreement is reported,
+    # not fatal.
+    expected = None
+    if record.identity_keys is not None:
+      ranges = record.identity_ranges()
+      expected = np.full(record.identity_keys.start, -1, np.int64)
+      for c, (lo, hi) in enumerate(ranges):
+        expected[lo:hi] = c
+    mismatches = []
+    progress = Progress(f"{self.name}/{self.builder_config.name}", len(record))
+    for key in record.image_keys:
+      key = int(key)
+      header, image = record.read(key)
+      label = record.check_label(
+          recordio.class_id(header, f"{record.rec_path}: record {key}"), key)
+      if not (image.startswith(_JPEG_SOI) or image.startswith(_PNG_SIGNATURE)):
+        # Unusual but legal formats are accepted if OpenCV reads them.
+        recordio.decode_image(image, f"{record.rec_path}: record {key}")
+      if expected is not None and expected[key] != label:
+        mismatches.append(key)
+      yield key, {"image": image, "label": label, "key": key}
+      progress.update()
+    progress.done()
+    if mismatches:
+      logging.warning(
+          "%s: %d image labels disagree with the identity records' ranges "
+          "(first keys: %s); the image labels were used.", record.rec_path,
+          len(mismatches), mismatches[:10])
+    self.info.metadata["identity_range_mismatches"] = len(mismatches)
+
+
+def insightface_config(name: str, src: os.PathLike | str
+                       ) -> InsightFaceRecConfig | str:
+  """The config for preparing the set in `src` under `name`.
+
+  Known names ("ms1mv2", ...) return the registered config name, whose counts
+  are checked; any other name gets a config described by `src`'s property
+  file, so several private sets can live side by side in one data_dir.
+  """
+  known = {c.name for c in InsightFaceRec.BUILDER_CONFIGS}
+  if name in known:
+    return name
+  prop = pathlib.Path(src) / "property"
+  size = recordio.read_property(prop)[1:] if prop.exists() else None
+  return InsightFaceRecConfig(
+      name=name, image_size=size,
+      description=f"insightface-layout set prepared from {src}.")
+
+
+# -- image folders -------------------------------------------------------------
+
+
+def convert_face_image(data: bytes, size: int = IMAGE_SIZE,
+                       quality: int = JPEG_QUALITY, where: str = "<image>"
+                       ) -> bytes:
+  """Any encoded image -> a size x size, 3-channel JPEG of the same picture.
+
+  Grey images are replicated to three channels, alpha is dropped, 16-bit
+  images are reduced to 8 bits and the EXIF orientation is applied (OpenCV's
+  IMREAD_COLOR rules, the same `decode_image` uses); formats OpenCV cannot
+  read (GIF, ...) go through Pillow. Other sizes are resized to size x size
+  (area filter when shrinking, cubic when enlarging) without keeping the
+  aspect ratio: the folders are expected to hold aligned face crops.
+  A 3-channel JPEG already of the right size and orientation is returned
+  unchanged, so a converted insightface set keeps its exact bytes.
+
+  Raises:
+    BadImageError: not a readable image.
+  """
+  buf = np.frombuffer(data, np.uint8)
+  image = None
+  if buf.size:
+    try:
+      image = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+    except cv2.error:
+      image = None
+  if image is None:
+    image = _decode_with_pillow(data, where)
+  if image.shape[:2] == (size, size) and data.startswith(_JPEG_SOI):
+    native = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    if native is not None and np.array_equal(native, image):
+      return data
+  if image.shape[:2] != (size, size):
+    shrink = image.shape[0] * image.shape[1] > size * size
+    image = cv2.resize(image, (size, size), interpolation=(
+        cv2.INTER_AREA if shrink else cv2.INTER_CUBIC))
+  ok, encoded = cv2.imencode(".jpg", image,
+                             [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+  if not ok:
+    raise BadImageError(where, "could not be re-encoded as JPEG")
+  return encoded.tobytes()
+
+
+def _decode_with_pillow(data: bytes, where: str) -> np.ndarray:
+  import io  # pylint: disable=g-import-not-at-top
+  try:
+    with PILImage.open(io.BytesIO(data)) as pil:
+      pil.load()
+      rgb = np.asarray(pil.convert("RGB"))
+  except Exception as e:  # Pillow raises many types for bad files.
+    raise BadImageError(where, f"not a readable image ({type(e).__name__}: "
+                        f"{e})") from None
+  return np.ascontiguousarray(rgb[:, :, ::-1])
+
+
+def _visible(path: pathlib.Path) -> bool:
+  return not path.name.startswith(".")
+
+
+def list_image_folder(root: os.PathLike | str
+                      ) -> tuple[list[str], list[tuple[pathlib.Path, int]]]:
+  """(identity names, [(file, label)]) of `root/<identity>/...`.
+
+  Every visible file under an identity directory (recursively) is a
+  candidate image: files that are not images are found when converting, so
+  they can be reported. Hidden files (".DS_Store", ...) are ignored, and so
+  are files directly under `root`.
+  """
+  root = pathlib.Path(root)
+  if not root.is_dir():
+    raise FileNotFoundError(f"{root}: not a directory")
+  dirs = [p for p in root.iterdir() if p.is_dir() and _visible(p)]
+  stray = [p for p in root.iterdir() if p.is_file() and _visible(p)]
+  if stray:
+    logging.warning("%s: ignoring %d files outside identity folders (%s)",
+                    root, len(stray), ", ".join(p.name for p in stray[:5]))
+  if not dirs:
+    raise FileNotFoundError(f"{root}: no identity sub-directories")
+  if all(p.name.isdigit() for p in dirs):
+    dirs.sort(key=lambda p: (int(p.name), p.name))
+  else:
+    dirs.sort(key=lambda p: p.name)
+  files = []
+  for label, identity in enumerate(dirs):
+    found = []
+    for dirpath, dirnames, filenames in os.walk(identity):
+      dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+      found += [pathlib.Path(dirpath) / f for f in filenames
+                if not f.startswith(".")]
+    if not found:
+      logging.warning("%s: identity %r has no files", root, identity.name)
+    files += [(f, label) for f in sorted(found)]
+  return [p.name for p in dirs], files
+
+
+@dataclasses.dataclass(eq=False)
+class FaceImageFolderConfig(tfds.core.BuilderConfig):
+  """The stored form of a converted folder.
+
+  Attributes:
+    image_size: side of the stored square images.
+    jpeg_quality: quality of the JPEGs made here.
+  """
+  image_size: int = IMAGE_SIZE
+  jpeg_quality: int = JPEG_QUALITY
+
+
+class FaceImageFolder(_ManualBuilder):
+  """Face images in root/identity/image folders, as 112x112 JPEGs."""
+
+  name = "face_image_folder"
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "112x112 JPEG images and identity labels."}
+  MANUAL_DOWNLOAD_INSTRUCTIONS = """
+  Pass the folder of aligned face crops laid out as <root>/<identity>/<image>
+  (any format OpenCV or Pillow reads) as the manual dir (`--src` of
+  `python -m qgjt_jax.data.prepare --format=image_folder`).
+  """
+  BUILDER_CONFIGS = [FaceImageFolderConfig(name="default")]
+
+  def __init__(self, *, skip_bad: bool = False, num_threads: int = 0,
+               **kwargs):
+    """Builder; see tfds.core.DatasetBuilder for `kwargs`.
+
+    Args:
+      skip_bad: skip (and count, in `skipped` and the dataset metadata) files
+        that are not readable images, instead of failing on the first one.
+      num_threads: conversion threads, 0 for one per CPU (OpenCV releases the
+        GIL while decoding, resizing and encoding).
+      **kwargs: for tfds.core.DatasetBuilder (data_dir, config, ...).
+    """
+    self.skip_bad = skip_bad
+    self.num_threads = num_threads
+    self.skipped: list[BadImageError] = []
+    super().__init__(**kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    size = self.builder_config.image_size
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description="Face images from an identity-per-folder tree, as "
+        f"{size}x{size} JPEGs (decode to BGR with "
+        "qgjt_jax.data.recordio.decode_image).",
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(size, size, 3),
+                                         encoding_format="jpeg"),
+            "label": tfds.features.ClassLabel(),
+            "path": tfds.features.Text(doc="file path under the root"),
+        }),
+        supervised_keys=("image", "label"),
+        metadata=tfds.core.MetadataDict(),
+    )
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    root = pathlib.Path(os.fspath(dl_manager.manual_dir))
+    names, files = list_image_folder(root)
+    if not files:
+      raise FileNotFoundError(f"{root}: the identity folders hold no files")
+    self.info.features["label"].names = names
+    self.info.metadata.update(source=os.fspath(root), format="image_folder")
+    self.skipped = []
+    return {"train": self._generate_examples(root, files)}
+
+  def _convert(self, path: pathlib.Path) -> bytes | BadImageError:
+    config: FaceImageFolderConfig = self.builder_config
+    try:
+      data = path.read_bytes()
+      return convert_face_image(data, config.image_size, config.jpeg_quality,
+                                where=os.fspath(path))
+    except OSError as e:
+      error = BadImageError(path, f"unreadable ({e.strerror or e})")
+    except BadImageError as e:
+      error = e
+    if not self.skip_bad:
+      raise error
+    return error
+
+  def _generate_examples(self, root: pathlib.Path,
+                         files: list[tuple[pathlib.Path, int]]
+                         ) -> Iterator[tuple[str, dict[str, Any]]]:
+    config: FaceImageFolderConfig = self.builder_config
+    threads = self.num_threads or os.cpu_count() or 1
+    progress = Progress(f"{self.name}/{config.name}", len(files))
+    chunk = 64 * threads  # bounds the converted images held in memory
+    num_images = 0
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+      for start in range(0, len(files), chunk):
+        batch = files[start:start + chunk]
+        for (path, label), result in zip(
+            batch, pool.map(self._convert, [p for p, _ in batch])):
+          progress.update()
+          if isinstance(result, BadImageError):
+            logging.warning("skipping %s", result)
+            self.skipped.append(result)
+            continue
+          relative = path.relative_to(root).as_posix()
+          num_images += 1
+          yield relative, {"image": result, "label": label, "path": relative}
+    progress.done()
+    if not num_images:
+      raise ValueError(f"{root}: none of the {len(files)} files is a readable "
+                       "image")
+    self.info.metadata.update(
+        num_images=num_images, num_skipped=len(self.skipped),
+        skipped=[os.path.relpath(e.path, root)
+                 for e in self.skipped[:_MAX_LISTED_SKIPS]])
+
+
+def image_folder_config(name: str, image_size: int = IMAGE_SIZE
+                        ) -> FaceImageFolderConfig | str:
+  """The config for preparing one folder under `name`."""
+  if name == "default" and image_size == IMAGE_SIZE:
+    return name
+  return FaceImageFolderConfig(
+      name=name, image_size=image_size,
+      description="Prepared from an identity-per-folder image tree.")

@@ -1,0 +1,193 @@
+"""Random-access face-image sources for grain.
+
+Every source here is a grain `RandomAccessDataSource` by duck typing
+(`__len__`, `__getitem__`), picklable to grain worker processes (files are
+opened lazily in each process), and yields records
+
+  {"image": <encoded JPEG/PNG bytes>, "label": np.int32 class id}
+
+with attributes `num_classes` and `name`. Images stay encoded so the decode
+runs in the pipeline's worker processes, with `decode_image` (re-exported
+here), which returns uint8 (H, W, 3) **BGR**: the channel order the authors'
+models are trained on. See `qgjt_jax.data.recordio` for why.
+
+* `RecSource`: straight from an insightface `train.rec`/`train.idx`, so training
+  can start without converting anything.
+* `ArrayRecordSource`: a dataset prepared by `qgjt_jax.data.prepare` (TFDS
+  ArrayRecord, see `qgjt_jax.data.builders`).
+* `open_source`: picks one of them from a path or a prepared dataset name.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Any, Sequence
+
+import numpy as np
+
+from qgjt_jax.data.recordio import InsightFaceRecord
+from qgjt_jax.data.recordio import RecordIOError
+from qgjt_jax.data.recordio import decode_image
+
+__all__ = ["RecSource", "ArrayRecordSource", "open_source", "decode_image",
+           "RecordIOError"]
+
+PathLike = str | os.PathLike
+
+
+def _rec_paths(path: PathLike) -> tuple[pathlib.Path, pathlib.Path]:
+  """(rec, idx) from a directory holding train.rec or a .rec file path."""
+  path = pathlib.Path(path)
+  if path.is_dir():
+    path = path / "train.rec"
+  if path.suffix != ".rec":
+    raise RecordIOError(f"{path}: expected a .rec file or a directory with "
+                        "train.rec")
+  return path, path.with_suffix(".idx")
+
+
+class RecSource:
+  """The images of an insightface `.rec` set, in `image_keys` order.
+
+  Attributes:
+    num_classes: number of classes (from `property`, checked against the
+      identity header).
+    name: a short name of the set (its directory name by default).
+    record: the underlying `InsightFaceRecord`.
+  """
+
+  def __init__(self, path: PathLike, *, name: str | None = None):
+    """Opens the set.
+
+    Args:
+      path: a directory holding `train.rec`, `train.idx` (and usually
+        `property`), or the path of a `.rec` file with its `.idx` beside it.
+      name: the source name; defaults to the directory name.
+
+    Raises:
+      RecordIOError: missing or malformed files.
+    """
+    rec, idx = _rec_paths(path)
+    self.record = InsightFaceRecord(rec, idx)
+    self.num_classes = self.record.num_classes
+    self.name = name or rec.parent.name or rec.stem
+
+  def __len__(self) -> int:
+    return len(self.record)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    image, label = self.record.read_image(int(index))
+    return {"image": image, "label": np.int32(label)}
+
+  def __repr__(self) -> str:
+    return (f"RecSource({str(self.record.rec_path)!r}, images={len(self)}, "
+            f"num_classes={self.num_classes})")
+
+
+def _resolve_prepared_dir(data_dir: PathLike, name: str) -> pathlib.Path:
+  """Directory of a prepared dataset "builder/config[:version]"."""
+  name, _, version = name.partition(":")
+  root = pathlib.Path(data_dir) / name
+  if version:
+    path = root / version
+  else:
+    versions = []
+    if root.is_dir():
+      for child in root.iterdir():
+        parts = child.name.split(".")
+        if (child.is_dir() and len(parts) == 3 and all(p.isdigit()
+                                                       for p in parts)
+            and (child / "dataset_info.json").exists()):
+          versions.append((tuple(int(p) for p in parts), child))
+    if not versions:
+      raise FileNotFoundError(
+          f"no prepared dataset {name!r} under {data_dir} (run python -m "
+          "qgjt_jax.data.prepare first)")
+    path = max(versions)[1]
+  if not (path / "dataset_info.json").exists():
+    raise FileNotFoundError(f"{path} holds no prepared dataset")
+  return path
+
+
+class ArrayRecordSource:
+  """A dataset prepared by `qgjt_jax.data.prepare` (TFDS, ArrayRecord files).
+
+  The records come back with the image still encoded (TFDS's own image
+  decoding is skipped) and the label as np.int32.
+
+  Attributes:
+    num_classes: from the dataset's `label` ClassLabel feature.
+    name: "builder/config", e.g. "insightface_rec/ms1mv2".
+    info: the TFDS DatasetInfo.
+  """
+
+  def __init__(self, dataset_dir: PathLike, split: str = "train"):
+    """Opens a prepared dataset.
+
+    Args:
+      dataset_dir: the version directory, `data_dir/builder/config/1.0.0`.
+      split: the split to read (the face builders write "train" only).
+    """
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+    self.dataset_dir = pathlib.Path(dataset_dir)
+    builder = tfds.builder_from_directory(os.fspath(self.dataset_dir))
+    self.info = builder.info
+    self.num_classes = int(builder.info.features["label"].num_classes)
+    config = builder.builder_config.name if builder.builder_config else None
+    self.name = f"{builder.name}/{config}" if config else builder.name
+    self.split = split
+    self._source = builder.as_data_source(
+        split, decoders={"image": tfds.decode.SkipDecoding()})
+
+  @classmethod
+  def from_name(cls, data_dir: PathLike, name: str,
+                split: str = "train") -> "ArrayRecordSource":
+    """Opens "builder/config[:version]" under `data_dir` (newest version)."""
+    return cls(_resolve_prepared_dir(data_dir, name), split)
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  @staticmethod
+  def _record(example: dict[str, Any]) -> dict[str, Any]:
+    return {"image": example["image"], "label": np.int32(example["label"])}
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return self._record(self._source[int(index)])
+
+  def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+    # ArrayRecord reads a batch of records in one call, cheaper than one by one.
+    return [self._record(e)
+            for e in self._source.__getitems__([int(i) for i in indices])]
+
+  def __repr__(self) -> str:
+    return (f"ArrayRecordSource({str(self.dataset_dir)!r}, split={self.split!r}"
+            f", images={len(self)}, num_classes={self.num_classes})")
+
+
+def open_source(path_or_name: PathLike, *, data_dir: PathLike | None = None,
+                split: str = "train") -> RecSource | ArrayRecordSource:
+  """Opens whichever kind of source `path_or_name` names.
+
+  Args:
+    path_or_name: a `.rec` file or a directory with `train.rec` (-> RecSource);
+      a prepared dataset version directory (-> ArrayRecordSource); or, with
+      `data_dir`, a prepared dataset name "builder/config[:version]".
+    data_dir: where prepared datasets live, for names.
+    split: the split of a prepared dataset.
+
+  Returns:
+    The source.
+  """
+  path = pathlib.Path(path_or_name)
+  if path.suffix == ".rec" or (path / "train.rec").exists():
+    return RecSource(path)
+  if (path / "dataset_info.json").exists():
+    return ArrayRecordSource(path, split)
+  if data_dir is not None:
+    return ArrayRecordSource.from_name(data_dir, os.fspath(path_or_name), split)
+  raise FileNotFoundError(
+      f"{path_or_name}: neither a .rec set nor a prepared dataset directory "
+      "(pass data_dir= to open a prepared dataset by name)")
