@@ -1,0 +1,246 @@
+"""Embedding extraction with flip-test fusion, for every evaluation protocol.
+
+The model enters only through `embed_fn`: a callable taking a uint8 BGR batch
+(b, H, W, 3) of a fixed size b and returning unit embeddings (b, D) and their
+norms (b,) (or (b, 1)). Everything here runs on the host in numpy, so the same
+code serves any backbone, sharding or checkpoint.
+
+Flip fusion. Each image is embedded as is (e1, n1) and mirrored left-right
+(e2, n2); the two views are combined by one of (the names in parentheses are
+the AdaFace/QGFace evaluation scripts' names):
+
+  'pre_norm_add'   (pre_norm_vector_add) f = normalise(n1 e1 + n2 e2),
+                   fused norm |n1 e1 + n2 e2|. This is METHOD.md section 7.
+  'norm_weighted'  (norm_weighted_avg)   f = normalise((n1 e1 + n2 e2) /
+                   (n1 + n2)), fused norm (n1 + n2) / 2. The direction equals
+                   'pre_norm_add'; only the fused norm differs, which matters
+                   where norms are multiplied back (IJB with norm scores).
+  'mean'           (average)             f = normalise(e1 + e2), fused norm
+                   (n1 + n2) / 2: plain average that ignores the norms.
+  'concat'         (concat)              f = [e1, e2] / sqrt(2) (2D wide),
+                   fused norm (n1 + n2) / 2. The reference leaves the
+                   concatenation at length sqrt(2); it is scaled to unit length
+                   here so that squared-L2 thresholds on 0..4 keep their
+                   meaning. Cosine rankings are unchanged by the scale.
+  None             no flip: f = e1, norm n1 (same as flip=False).
+"""
+from collections.abc import Callable, Iterable
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+EmbedFn = Callable[[np.ndarray], tuple[Any, Any]]
+FUSIONS = ('pre_norm_add', 'norm_weighted', 'mean', 'concat')
+DEFAULT_FUSION = 'pre_norm_add'
+
+_EPS = 1e-12
+
+
+def _normalise(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  norm = np.linalg.norm(x, axis=-1)
+  return x / np.maximum(norm, _EPS)[:, None], norm
+
+
+def fuse_flip(emb: np.ndarray, norms: np.ndarray, emb_flip: np.ndarray,
+              norms_flip: np.ndarray,
+              fusion: str | None) -> tuple[np.ndarray, np.ndarray]:
+  """Combines the embeddings of an image and its mirror (see module doc).
+
+  Args:
+    emb, emb_flip: (b, D) unit embeddings of the images and their mirrors.
+    norms, norms_flip: (b,) or (b, 1) their pre-normalisation norms.
+    fusion: one of FUSIONS, or None to keep the unflipped view.
+
+  Returns:
+    (fused (b, D) or (b, 2D) for 'concat', fused norm (b,)), float32.
+  """
+  e1 = np.asarray(emb, np.float32)
+  e2 = np.asarray(emb_flip, np.float32)
+  n1 = np.asarray(norms, np.float32).reshape(len(e1))
+  n2 = np.asarray(norms_flip, np.float32).reshape(len(e2))
+  if fusion is None:
+    return e1, n1
+  if fusion == 'pre_norm_add':
+    return _normalise(e1 * n1[:, None] + e2 * n2[:, None])
+  if fusion == 'norm_weighted':
+    weights = np.stack([n1, n2]) / np.maximum(n1 + n2, _EPS)[None]
+    fused, _ = _normalise(e1 * weights[0][:, None] + e2 * weights[1][:, None])
+    return fused, (n1 + n2) / 2
+  if fusion == 'mean':
+    fused, _ = _normalise(e1 + e2)
+    return fused, (n1 + n2) / 2
+  if fusion == 'concat':
+    return np.concatenate([e1, e2], axis=1) / np.sqrt(2.0), (n1 + n2) / 2
+  raise ValueError(f'unknown fusion {fusion!r}; expected one of {FUSIONS} '
+                   'or None')
+
+
+class Progress:
+  """A plain progress line on stderr, at most every `every_s` seconds."""
+
+  def __init__(self, total: int | None, desc: str, enabled: bool = True,
+               every_s: float = 10.0):
+    self.total, self.desc, self.enabled, self.every_s = (total, desc, enabled,
+                                                         every_s)
+    self.done = 0
+    self.start = self.last = time.monotonic()
+
+  def update(self, n: int) -> None:
+    self.done += n
+    now = time.monotonic()
+    if self.enabled and now - self.last >= self.every_s:
+      self.last = now
+      self._write(now)
+
+  def close(self) -> None:
+    if self.enabled:
+      self._write(time.monotonic())
+
+  def _write(self, now: float) -> None:
+    rate = self.done / max(now - self.start, 1e-9)
+    if self.total:
+      frac = self.done / self.total
+      width = 30
+      bar = '#' * int(width * frac) + '.' * (width - int(width * frac))
+      line = (f'{self.desc}: [{bar}] {self.done}/{self.total} '
+              f'({100 * frac:.1f}%) {rate:.0f} img/s')
+    else:
+      line = f'{self.desc}: {self.done} images, {rate:.0f} img/s'
+    print(line, file=sys.stderr, flush=True)
+
+
+def _chunks(images: np.ndarray | Iterable[np.ndarray]):
+  """Yields (n, H, W, 3) arrays from an array, single images or chunks."""
+  if isinstance(images, np.ndarray):
+    if images.ndim != 4:
+      raise ValueError(f'images must be (N, H, W, 3), got {images.shape}')
+    yield images
+    return
+  for item in images:
+    item = np.asarray(item)
+    if item.ndim == 3:
+      item = item[None]
+    if item.ndim != 4:
+      raise ValueError('each item must be an image (H, W, 3) or a chunk '
+                       f'(n, H, W, 3), got shape {item.shape}')
+    yield item
+
+
+def _fixed_batches(images, batch_size: int):
+  """Yields (batch (batch_size, H, W, 3), n_valid); the last one is padded.
+
+  Padding repeats the last real image rather than zeros so the padded rows
+  cannot produce zero norms; they are dropped afterwards anyway.
+  """
+  pending, count = [], 0
+  for chunk in _chunks(images):
+    start = 0
+    while start < len(chunk):
+      take = min(batch_size - count, len(chunk) - start)
+      pending.append(chunk[start:start + take])
+      count += take
+      start += take
+      if count == batch_size:
+        yield np.concatenate(pending), batch_size
+        pending, count = [], 0
+  if count:
+    batch = np.concatenate(pending)
+    pad = np.repeat(batch[-1:], batch_size - count, axis=0)
+    yield np.concatenate([batch, pad]), count
+
+
+def _length(images) -> int | None:
+  """Number of images when known without consuming an iterator."""
+  if isinstance(images, np.ndarray):
+    return images.shape[0]
+  if isinstance(images, (list, tuple)):
+    return sum(1 if np.ndim(x) == 3 else len(x) for x in images)
+  return None
+
+
+def extract_embeddings(
+    embed_fn: EmbedFn,
+    images: np.ndarray | Iterable[np.ndarray],
+    *,
+    batch_size: int,
+    flip: bool = True,
+    fusion: str | None = DEFAULT_FUSION,
+    progress: bool = True,
+    return_norms: bool = False,
+    total: int | None = None,
+    desc: str = 'embed',
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+  """Embeds every image, `batch_size` at a time, with optional flip fusion.
+
+  Args:
+    embed_fn: uint8 BGR (batch_size, H, W, 3) -> (unit (b, D), norms (b,)).
+      It may return device arrays: the next batch is dispatched before the
+      previous result is read, so an asynchronous embed_fn overlaps with the
+      host work.
+    images: a uint8 array (N, H, W, 3), or an iterable of single images
+      (H, W, 3) and/or chunks (n, H, W, 3) (e.g. a generator reading files).
+      N need not be a multiple of batch_size.
+    batch_size: the fixed batch size embed_fn expects.
+    flip: also embed the mirrored images and fuse (see module doc).
+    fusion: one of FUSIONS; None is the same as flip=False.
+    progress: print a progress line on stderr every 10 s and at the end.
+    return_norms: also return the fused norms.
+    total: number of images, for the progress line when `images` has no len.
+    desc: label of the progress line.
+
+  Returns:
+    float32 embeddings (N, D) (2D for 'concat'), and (N,) norms if
+    return_norms.
+  """
+  if batch_size < 1:
+    raise ValueError(f'batch_size must be positive, got {batch_size}')
+  if fusion is not None and fusion not in FUSIONS:
+    raise ValueError(f'unknown fusion {fusion!r}; expected one of {FUSIONS} '
+                     'or None')
+  use_flip = flip and fusion is not None
+  bar = Progress(total if total is not None else _length(images), desc,
+                 enabled=progress)
+  feats, norms = [], []
+
+  def collect(outputs, n_valid):
+    (e1, n1), flipped = outputs
+    e1, n1 = _check_output(e1, n1, batch_size)
+    if flipped is None:
+      fused, fused_norm = e1, n1
+    else:
+      e2, n2 = _check_output(*flipped, batch_size)
+      fused, fused_norm = fuse_flip(e1, n1, e2, n2, fusion)
+    feats.append(fused[:n_valid])
+    norms.append(fused_norm[:n_valid])
+    bar.update(n_valid)
+
+  in_flight = None
+  for batch, n_valid in _fixed_batches(images, batch_size):
+    outputs = (embed_fn(batch),
+               embed_fn(np.ascontiguousarray(batch[:, :, ::-1]))
+               if use_flip else None)
+    if in_flight is not None:
+      collect(*in_flight)
+    in_flight = (outputs, n_valid)
+  if in_flight is not None:
+    collect(*in_flight)
+  bar.close()
+  if not feats:
+    raise ValueError('no images to embed')
+  feats = np.concatenate(feats).astype(np.float32, copy=False)
+  norms = np.concatenate(norms).astype(np.float32, copy=False)
+  return (feats, norms) if return_norms else feats
+
+
+def _check_output(emb, norms, batch_size: int):
+  emb = np.asarray(emb, np.float32)
+  norms = np.asarray(norms, np.float32)
+  if emb.ndim != 2 or emb.shape[0] != batch_size:
+    raise ValueError(f'embed_fn returned embeddings of shape {emb.shape}; '
+                     f'expected ({batch_size}, D)')
+  if norms.size != batch_size:
+    raise ValueError(f'embed_fn returned norms of shape {norms.shape}; '
+                     f'expected ({batch_size},) or ({batch_size}, 1)')
+  return emb, norms.reshape(batch_size)

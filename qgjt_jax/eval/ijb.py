@@ -1,0 +1,266 @@
+"""IJB-B / IJB-C 1:1 template verification (TAR at FAR), insightface protocol.
+
+Layout of insightface's IJB release (recognition/_evaluation_/ijb), under
+`root`, for subset S in {IJBB, IJBC} and s its lower case:
+
+  S/loose_crop/<image>.jpg                  loosely cropped faces
+  S/meta/s_name_5pts_score.txt              "<image> x1 y1 ... x5 y5 score"
+  S/meta/s_face_tid_mid.txt                 "<image> <template> <media>"
+  S/meta/s_template_pair_label.txt          "<template1> <template2> <0|1>"
+
+Both per-image files list the images in the same order.
+
+Protocol (insightface ijb_11.py as used by AdaFace/QGFace):
+1. Align each loose crop to 112x112 with the similarity transform mapping its
+   5 landmarks onto the ArcFace template (least squares), bilinear warp,
+   black border.
+2. Embed with flip fusion. With 'pre_norm_add' and use_norm_score the image
+   feature is n1 e1 + n2 e2 (the un-normalised sum, insightface's "F2 N1");
+   use_detector_score further multiplies by the detector score ("D1", off in
+   the reference).
+3. Average the features of each (template, media), sum a template's media
+   features, L2-normalise; score = cosine of the two templates of each pair.
+4. ROC of the scores; TAR at each target FAR is the TPR of the ROC point
+   whose FPR is nearest the target, the largest TPR among equal FPRs
+   (insightface: roc_curve, flipud, nearest).
+"""
+import dataclasses
+import os
+import pathlib
+
+import cv2
+import numpy as np
+
+from qgjt_jax.eval import extract
+from qgjt_jax.eval import images as images_lib
+
+# ArcFace 5-point template for 112x112 crops (eyes, nose tip, mouth corners).
+ARCFACE_TEMPLATE = np.array(
+    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
+     [41.5493, 92.3655], [70.7299, 92.2041]], np.float64)
+FAR_TARGETS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+SUBSETS = ('IJBB', 'IJBC')
+
+
+def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+  """(2, 3) similarity (rotation, uniform scale, shift) taking src to dst.
+
+  Least squares over the points. With a = s cos(t) and b = s sin(t) the
+  model x' = a x - b y + tx, y' = b x + a y + ty is linear in (a, b, tx, ty),
+  so an ordinary linear solve gives the optimum; it coincides with Umeyama's
+  estimate (what skimage's SimilarityTransform computes) whenever the best
+  fit is not a reflection, which a similarity cannot express anyway.
+  """
+  src = np.asarray(src, np.float64).reshape(-1, 2)
+  dst = np.asarray(dst, np.float64).reshape(-1, 2)
+  if src.shape != dst.shape or len(src) < 2:
+    raise ValueError(f'need matching (n >= 2, 2) points, got {src.shape} and '
+                     f'{dst.shape}')
+  x, y = src[:, 0], src[:, 1]
+  ones, zeros = np.ones_like(x), np.zeros_like(x)
+  design = np.concatenate([
+      np.stack([x, -y, ones, zeros], axis=1),
+      np.stack([y, x, zeros, ones], axis=1)
+  ])
+  target = np.concatenate([dst[:, 0], dst[:, 1]])
+  (a, b, tx, ty), *_ = np.linalg.lstsq(design, target, rcond=None)
+  return np.array([[a, -b, tx], [b, a, ty]])
+
+
+def align_face(image: np.ndarray, landmarks: np.ndarray,
+               image_size: int = 112) -> np.ndarray:
+  """Warps `image` so its 5 landmarks land on the ArcFace template."""
+  template = ARCFACE_TEMPLATE * (image_size / 112.0)
+  matrix = similarity_transform(landmarks, template)
+  return cv2.warpAffine(image, matrix, (image_size, image_size),
+                        flags=cv2.INTER_LINEAR, borderValue=0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class IJBLayout:
+  image_paths: list[pathlib.Path]
+  landmarks: np.ndarray  # (N, 5, 2) float32
+  faceness: np.ndarray  # (N,) float32 detector scores
+  templates: np.ndarray  # (N,) int64
+  medias: np.ndarray  # (N,) int64
+  pairs: np.ndarray  # (P, 2) int64 template ids
+  labels: np.ndarray  # (P,) int64, 1 = same subject
+
+
+def _read_columns(path: pathlib.Path, ncols: int) -> list[list[str]]:
+  rows = []
+  with open(path) as f:
+    for number, line in enumerate(f, 1):
+      fields = line.split()
+      if not fields:
+        continue
+      if len(fields) != ncols:
+        raise ValueError(f'{path}:{number}: expected {ncols} fields, got '
+                         f'{len(fields)}')
+      rows.append(fields)
+  if not rows:
+    raise ValueError(f'{path} is empty')
+  return rows
+
+
+def ijb_layout(root: str | os.PathLike, subset: str = 'IJBC') -> IJBLayout:
+  """Reads the insightface IJB layout of `subset` under `root`."""
+  if subset not in SUBSETS:
+    raise ValueError(f'subset must be one of {SUBSETS}, got {subset!r}')
+  base = pathlib.Path(root) / subset
+  images_lib.require_dir(base, subset)
+  meta = images_lib.require_dir(base / 'meta', subset)
+  crops = images_lib.require_dir(base / 'loose_crop', subset)
+  s = subset.lower()
+  points_file = images_lib.require_file(meta / f'{s}_name_5pts_score.txt',
+                                        subset)
+  tid_mid_file = images_lib.require_file(meta / f'{s}_face_tid_mid.txt',
+                                         subset)
+  pair_file = images_lib.require_file(meta / f'{s}_template_pair_label.txt',
+                                      subset)
+
+  points = _read_columns(points_file, 12)
+  tid_mid = _read_columns(tid_mid_file, 3)
+  if len(points) != len(tid_mid):
+    raise ValueError(f'{points_file} lists {len(points)} images but '
+                     f'{tid_mid_file} lists {len(tid_mid)}')
+  for i, (p, t) in enumerate(zip(points, tid_mid)):
+    if p[0] != t[0]:
+      raise ValueError(f'line {i + 1}: {points_file} has {p[0]} where '
+                       f'{tid_mid_file} has {t[0]}')
+  numbers = np.array([p[1:] for p in points], np.float32)
+  pairs = np.loadtxt(pair_file, dtype=np.int64, ndmin=2)
+  if pairs.shape[1] != 3:
+    raise ValueError(f'{pair_file}: expected 3 columns, got {pairs.shape[1]}')
+  return IJBLayout(
+      image_paths=[crops / p[0] for p in points],
+      landmarks=numbers[:, :10].reshape(-1, 5, 2),
+      faceness=numbers[:, 10],
+      templates=np.array([int(t[1]) for t in tid_mid], np.int64),
+      medias=np.array([int(t[2]) for t in tid_mid], np.int64),
+      pairs=pairs[:, :2],
+      labels=pairs[:, 2])
+
+
+def template_features(image_feats: np.ndarray, templates: np.ndarray,
+                      medias: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Media-average then template-sum, L2-normalised.
+
+  Returns:
+    (sorted unique template ids (T,), unit template features (T, D)).
+  """
+  image_feats = np.asarray(image_feats, np.float64)
+  keys = np.stack([np.asarray(templates), np.asarray(medias)], axis=1)
+  media_keys, media_of_image = np.unique(keys, axis=0, return_inverse=True)
+  media_of_image = media_of_image.reshape(-1)
+  media_sum = np.zeros((len(media_keys), image_feats.shape[1]))
+  np.add.at(media_sum, media_of_image, image_feats)
+  media_mean = media_sum / np.bincount(media_of_image)[:, None]
+  unique_templates, template_of_media = np.unique(media_keys[:, 0],
+                                                  return_inverse=True)
+  template_sum = np.zeros((len(unique_templates), image_feats.shape[1]))
+  np.add.at(template_sum, template_of_media.reshape(-1), media_mean)
+  norm = np.linalg.norm(template_sum, axis=1, keepdims=True)
+  return unique_templates, template_sum / np.maximum(norm, 1e-12)
+
+
+def pair_scores(unique_templates: np.ndarray, template_feats: np.ndarray,
+                pairs: np.ndarray, chunk_size: int = 100_000) -> np.ndarray:
+  """Cosine score of each template pair (P,), in chunks to bound memory."""
+  pairs = np.asarray(pairs)
+  index = np.searchsorted(unique_templates, pairs)
+  index = np.minimum(index, len(unique_templates) - 1)
+  missing = unique_templates[index] != pairs
+  if missing.any():
+    raise ValueError(f'pairs refer to template ids without images, e.g. '
+                     f'{pairs[missing][0]}')
+  feats = np.asarray(template_feats, np.float32)
+  scores = np.empty(len(pairs), np.float64)
+  for start in range(0, len(pairs), chunk_size):
+    i = index[start:start + chunk_size]
+    scores[start:start + chunk_size] = np.einsum('pd,pd->p', feats[i[:, 0]],
+                                                 feats[i[:, 1]])
+  return scores
+
+
+def roc_curve(labels: np.ndarray, scores: np.ndarray
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(fpr, tpr, thresholds) with higher scores meaning "same".
+
+  One point per distinct score (accept score >= threshold), preceded by the
+  empty-acceptance point (threshold +inf), with interior collinear points
+  dropped: the same points scikit-learn's roc_curve returns by default, so
+  the nearest-FPR lookup below sees the points the published numbers saw.
+  """
+  labels = np.asarray(labels).reshape(-1) > 0
+  scores = np.asarray(scores, np.float64).reshape(-1)
+  order = np.argsort(-scores, kind='stable')
+  scores, labels = scores[order], labels[order]
+  last_of_value = np.r_[np.nonzero(np.diff(scores))[0], len(scores) - 1]
+  tps = np.cumsum(labels)[last_of_value]
+  fps = last_of_value + 1 - tps
+  thresholds = scores[last_of_value]
+  if len(tps) > 2:
+    keep = np.r_[True, (np.diff(fps, 2) != 0) | (np.diff(tps, 2) != 0), True]
+    tps, fps, thresholds = tps[keep], fps[keep], thresholds[keep]
+  tps, fps = np.r_[0, tps], np.r_[0, fps]
+  thresholds = np.r_[np.inf, thresholds]
+  if fps[-1] == 0 or tps[-1] == 0:
+    raise ValueError('the ROC needs both positive and negative pairs')
+  return fps / fps[-1], tps / tps[-1], thresholds
+
+
+def tar_at_far(labels: np.ndarray, scores: np.ndarray,
+               far_targets=FAR_TARGETS) -> dict[float, float]:
+  """{far: TAR} from the ROC point nearest each target (largest TPR on ties)."""
+  fpr, tpr, _ = roc_curve(labels, scores)
+  fpr, tpr = fpr[::-1], tpr[::-1]
+  out = {}
+  for far in far_targets:
+    out[far] = float(tpr[int(np.argmin(np.abs(fpr - far)))])
+  return out
+
+
+def far_key(far: float) -> str:
+  return f'tar@far={far:.0e}'
+
+
+def ijb_metrics(image_feats: np.ndarray, templates: np.ndarray,
+                medias: np.ndarray, pairs: np.ndarray, labels: np.ndarray,
+                far_targets=FAR_TARGETS) -> dict:
+  """TAR at each FAR ('tar@far=1e-04': ...) from per-image features."""
+  unique_templates, feats = template_features(image_feats, templates, medias)
+  scores = pair_scores(unique_templates, feats, pairs)
+  metrics = {far_key(f): v
+             for f, v in tar_at_far(labels, scores, far_targets).items()}
+  metrics.update(num_templates=int(len(unique_templates)),
+                 num_pairs=int(len(pairs)))
+  return metrics
+
+
+def evaluate_ijb(embed_fn: extract.EmbedFn, root: str | os.PathLike, *,
+                 batch_size: int, subset: str = 'IJBC', flip: bool = True,
+                 fusion: str | None = extract.DEFAULT_FUSION,
+                 use_norm_score: bool = True,
+                 use_detector_score: bool = False,
+                 far_targets=FAR_TARGETS, image_size: int = 112,
+                 num_threads: int = 8, progress: bool = True) -> dict:
+  """Aligns, embeds and scores IJB-B or IJB-C 1:1 (see module doc)."""
+  layout = ijb_layout(root, subset)
+
+  def load(i):
+    return align_face(images_lib.imread_bgr(layout.image_paths[i]),
+                      layout.landmarks[i], image_size)
+
+  feats, norms = extract.extract_embeddings(
+      embed_fn,
+      images_lib.load_in_chunks(load, len(layout.image_paths),
+                                num_threads=num_threads),
+      batch_size=batch_size, flip=flip, fusion=fusion, progress=progress,
+      return_norms=True, total=len(layout.image_paths), desc=subset)
+  if use_norm_score:
+    feats = feats * norms[:, None]
+  if use_detector_score:
+    feats = feats * layout.faceness[:, None]
+  return ijb_metrics(feats, layout.templates, layout.medias, layout.pairs,
+                     layout.labels, far_targets)

@@ -1,0 +1,94 @@
+"""Evaluation results as an aligned text table and as JSON in the workdir."""
+from collections.abc import Mapping
+import json
+import numbers
+import pathlib
+from typing import Any
+
+import numpy as np
+
+try:  # Handles gs:// workdirs; orbax depends on it, so it is normally present.
+  from etils import epath as _epath
+except ImportError:  # pragma: no cover
+  _epath = None
+
+
+def _flatten(results: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+  """{'set/metric': value} for every scalar leaf (numbers, not bools)."""
+  flat = {}
+  for key, value in results.items():
+    if isinstance(value, Mapping):
+      flat.update(_flatten(value, f'{prefix}{key}/'))
+    elif isinstance(value, (numbers.Number, np.number)) and not isinstance(
+        value, (bool, np.bool_)):
+      flat[f'{prefix}{key}'] = value
+  return flat
+
+
+def scalar_metrics(results: Mapping[str, Any]) -> dict[str, float]:
+  """Flattens {set: {metric: value}} to {'set/metric': float}, scalars only.
+
+  Lists and arrays (per-fold values, ROC curves) and None are left out, so
+  the result can go straight to a metric writer.
+  """
+  return {k: float(v) for k, v in _flatten(results).items()}
+
+
+def format_table(results: Mapping[str, Any], digits: int = 4) -> str:
+  """An aligned table: one row per evaluated set, one column per metric.
+
+  `results` maps set names to metric dicts ({'lfw': {'accuracy_mean': ...}});
+  a flat {metric: value} mapping becomes a single row named 'result'. Only
+  scalar metrics are shown; integers (counts) print as integers.
+  """
+  if not any(isinstance(v, Mapping) for v in results.values()):
+    results = {'result': results}
+  rows = {name: _flatten(m) for name, m in results.items()
+          if isinstance(m, Mapping)}
+  columns = []
+  for metrics in rows.values():
+    columns += [c for c in metrics if c not in columns]
+
+  def cell(value):
+    if value is None:
+      return '-'
+    if isinstance(value, (numbers.Integral, np.integer)):
+      return str(int(value))
+    return f'{float(value):.{digits}f}'
+
+  header = ['set'] + columns
+  body = [[name] + [cell(metrics.get(c)) for c in columns]
+          for name, metrics in rows.items()]
+  widths = [max(len(r[i]) for r in [header] + body)
+            for i in range(len(header))]
+  lines = ['  '.join(h.ljust(w) if i == 0 else h.rjust(w)
+                     for i, (h, w) in enumerate(zip(r, widths)))
+           for r in [header] + body]
+  lines.insert(1, '  '.join('-' * w for w in widths))
+  return '\n'.join(lines)
+
+
+def _jsonable(value):
+  if isinstance(value, Mapping):
+    return {str(k): _jsonable(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_jsonable(v) for v in value]
+  if isinstance(value, np.ndarray):
+    return _jsonable(value.tolist())
+  if isinstance(value, np.bool_):
+    return bool(value)
+  if isinstance(value, np.integer):
+    return int(value)
+  if isinstance(value, np.floating):
+    return float(value)
+  return value
+
+
+def write_results(workdir: str, name: str, results: Mapping[str, Any]) -> str:
+  """Writes `results` to <workdir>/eval/<name>.json; returns the path."""
+  path_cls = _epath.Path if _epath is not None else pathlib.Path
+  directory = path_cls(workdir) / 'eval'
+  directory.mkdir(parents=True, exist_ok=True)
+  path = directory / f'{name}.json'
+  path.write_text(json.dumps(_jsonable(results), indent=2, sort_keys=True))
+  return str(path)

@@ -1,0 +1,155 @@
+"""Pair verification on `.bin` sets: 10-fold accuracy (METHOD.md section 7).
+
+The protocol of insightface / AdaFace `calculate_roc`: squared L2 distance
+between the two (unit) embeddings of each pair, a pair is called "same" when
+the distance is strictly below the threshold; the pairs are cut into
+`nfolds` contiguous folds (KFold without shuffling: the first P % nfolds
+folds get one extra pair); for each fold the threshold on the grid with the
+best accuracy on the other folds (first one on ties) is applied to the fold.
+
+The low-resolution variant ("CRLFW", as in the reference's crlfw_helper)
+shrinks the FIRST image of every pair to low_res x low_res and enlarges it
+back, both with PIL's bilinear filter (torchvision's default Resize on PIL
+images), so each pair compares a low- and a high-resolution face.
+"""
+from collections.abc import Sequence
+import os
+
+import numpy as np
+from PIL import Image
+
+from qgjt_jax.eval import bin_sets
+from qgjt_jax.eval import extract
+
+DEFAULT_THRESHOLDS = np.arange(0, 4, 0.01)
+
+
+def fold_bounds(num: int, nfolds: int) -> list[tuple[int, int]]:
+  """[start, stop) of `nfolds` contiguous folds, larger folds first."""
+  if not 1 < nfolds <= num:
+    raise ValueError(f'need 2 <= nfolds <= number of pairs, got nfolds='
+                     f'{nfolds} for {num} pairs')
+  sizes = np.full(nfolds, num // nfolds)
+  sizes[:num % nfolds] += 1
+  stops = np.cumsum(sizes)
+  return [(int(b - s), int(b)) for b, s in zip(stops, sizes)]
+
+
+def pair_distances(embeddings: np.ndarray) -> np.ndarray:
+  """Squared L2 distance of rows 2i and 2i+1, (P,)."""
+  embeddings = np.asarray(embeddings, np.float64)
+  if embeddings.ndim != 2 or len(embeddings) % 2:
+    raise ValueError('embeddings must be (2P, D) with pairs on consecutive '
+                     f'rows, got {embeddings.shape}')
+  return np.sum(np.square(embeddings[0::2] - embeddings[1::2]), axis=1)
+
+
+def verification_metrics(embeddings: np.ndarray, issame: np.ndarray,
+                         nfolds: int = 10,
+                         thresholds: np.ndarray = DEFAULT_THRESHOLDS) -> dict:
+  """K-fold verification accuracy of consecutive-pair embeddings.
+
+  Args:
+    embeddings: (2P, D), normally unit rows; pair i is rows 2i, 2i+1.
+    issame: (P,) booleans.
+    nfolds: number of contiguous folds.
+    thresholds: grid of squared-distance thresholds.
+
+  Returns:
+    accuracy_mean, accuracy_std (population std over folds, as insightface),
+    best_threshold (mean of the per-fold thresholds), fold_accuracies,
+    fold_thresholds, num_pairs.
+  """
+  dist = pair_distances(embeddings)
+  issame = np.asarray(issame, bool).reshape(-1)
+  if len(issame) != len(dist):
+    raise ValueError(f'{len(dist)} pairs of embeddings but {len(issame)} '
+                     'issame flags')
+  thresholds = np.asarray(thresholds, np.float64)
+  # (T, P): whether each threshold predicts each pair correctly.
+  predict = dist[None, :] < thresholds[:, None]
+  correct = predict == issame[None, :]
+  bounds = fold_bounds(len(dist), nfolds)
+  starts = [b[0] for b in bounds]
+  fold_correct = np.add.reduceat(correct, starts, axis=1)  # (T, F)
+  total_correct = fold_correct.sum(axis=1)
+  accuracies, best = [], []
+  for k, (start, stop) in enumerate(bounds):
+    # Train accuracies share one denominator, so comparing counts picks the
+    # same (first) best threshold as comparing accuracies.
+    index = int(np.argmax(total_correct - fold_correct[:, k]))
+    best.append(float(thresholds[index]))
+    accuracies.append(float(fold_correct[index, k]) / (stop - start))
+  return {
+      'accuracy_mean': float(np.mean(accuracies)),
+      'accuracy_std': float(np.std(accuracies)),
+      'best_threshold': float(np.mean(best)),
+      'fold_accuracies': accuracies,
+      'fold_thresholds': best,
+      'num_pairs': int(len(dist)),
+  }
+
+
+def degrade_first_of_pairs(images: np.ndarray, low_res: int) -> np.ndarray:
+  """Copy of `images` with every even-indexed image shrunk to low_res px and
+  enlarged back (PIL bilinear both ways)."""
+  out = np.array(images, copy=True)
+  height, width = out.shape[1:3]
+  for i in range(0, len(out), 2):
+    small = Image.fromarray(out[i]).resize((low_res, low_res),
+                                           Image.Resampling.BILINEAR)
+    out[i] = np.asarray(small.resize((width, height),
+                                     Image.Resampling.BILINEAR))
+  return out
+
+
+def evaluate_pairs(embed_fn: extract.EmbedFn, images: np.ndarray,
+                   issame: np.ndarray, *, batch_size: int,
+                   low_res: int | None = None, flip: bool = True,
+                   fusion: str | None = extract.DEFAULT_FUSION,
+                   nfolds: int = 10, progress: bool = True,
+                   desc: str = 'verification') -> dict:
+  """Embeds decoded pair images (2P, H, W, 3) and scores them.
+
+  Decode a set once with `bin_sets` and call this per checkpoint (and per
+  `low_res`) to avoid decoding again. Adds 'mean_norm' (the average fused
+  feature norm, a cheap health check) and 'low_res' to the metrics.
+  """
+  if low_res is not None:
+    if low_res < 1:
+      raise ValueError(f'low_res must be a positive size, got {low_res}')
+    images = degrade_first_of_pairs(images, low_res)
+  feats, norms = extract.extract_embeddings(
+      embed_fn, images, batch_size=batch_size, flip=flip, fusion=fusion,
+      progress=progress, return_norms=True, desc=desc)
+  metrics = verification_metrics(feats, issame, nfolds=nfolds)
+  metrics['mean_norm'] = float(np.mean(norms))
+  metrics['low_res'] = low_res
+  return metrics
+
+
+def evaluate_bin(embed_fn: extract.EmbedFn, path: str | os.PathLike, *,
+                 batch_size: int, low_res: int | None = None,
+                 image_size: int = 112, flip: bool = True,
+                 fusion: str | None = extract.DEFAULT_FUSION,
+                 nfolds: int = 10, progress: bool = True) -> dict:
+  """Loads, decodes and evaluates one `.bin` set (see evaluate_pairs)."""
+  encoded, issame = bin_sets.load_bin(path)
+  images = bin_sets.decode_bin_images(encoded, image_size)
+  name = os.path.splitext(os.path.basename(os.fspath(path)))[0]
+  if low_res is not None:
+    name = f'{name}@{low_res}px'
+  return evaluate_pairs(embed_fn, images, issame, batch_size=batch_size,
+                        low_res=low_res, flip=flip, fusion=fusion,
+                        nfolds=nfolds, progress=progress, desc=name)
+
+
+def evaluate_bins(embed_fn: extract.EmbedFn,
+                  paths: Sequence[str | os.PathLike], *, batch_size: int,
+                  **kwargs) -> dict[str, dict]:
+  """evaluate_bin for several sets, keyed by file name without extension."""
+  return {
+      os.path.splitext(os.path.basename(os.fspath(p)))[0]:
+          evaluate_bin(embed_fn, p, batch_size=batch_size, **kwargs)
+      for p in paths
+  }
