@@ -24,6 +24,8 @@ _ALLOWED_GLOBALS = {
     ('numpy._core.multiarray', '_reconstruct'),
     ('numpy.core.multiarray', 'scalar'),
     ('numpy._core.multiarray', 'scalar'),
+    ('numpy.core.numeric', '_frombuffer'),  # arrays in protocol-5 pickles
+    ('numpy._core.numeric', '_frombuffer'),
     ('builtins', 'bytearray'),
     ('__builtin__', 'bytearray'),
 }
