@@ -157,6 +157,10 @@ class ArrayRecordSource:
   def __getitem__(self, index: int) -> dict[str, Any]:
     return self._record(self._source[int(index)])
 
+  def example(self, index: int) -> dict[str, Any]:
+    """The full stored example, with its origin ("key" or "path")."""
+    return self._source[int(index)]
+
   def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
     # ArrayRecord reads a batch of records in one call, cheaper than one by one.
     return [self._record(e)

@@ -1,0 +1,206 @@
+r"""Prepares a face training set as a TFDS ArrayRecord dataset.
+
+  python -m qgjt_jax.data.prepare --format=insightface_rec \
+      --src=/data/faces_emore --data_dir=/data/tfds --name=ms1mv2
+  python -m qgjt_jax.data.prepare --format=image_folder \
+      --src=/data/my_faces --data_dir=/data/tfds --name=my_faces --skip_bad
+
+The result is `data_dir/<builder>/<name>/1.0.0/`, read with
+`qgjt_jax.data.sources.ArrayRecordSource.from_name(data_dir,
+"<builder>/<name>")`; the last line printed says where and how many images and
+identities it holds. Progress lines are logged while it runs.
+
+Interrupting is safe: TFDS writes into a temporary `incomplete.*` directory and
+renames it only when everything is written, so a rerun starts afresh (a hard
+kill can leave that temporary directory behind; a warning names it). Running
+again on a prepared dataset reuses it; `--overwrite` rebuilds it. Run it on one
+host only when several share `data_dir`.
+
+Formats live in `FORMATS`; another module adds one with `register_format`
+and is listed in `_FORMAT_MODULES` so that this command imports it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+import pathlib
+from typing import Callable, Sequence
+
+from absl import app
+from absl import flags
+from absl import logging
+import tensorflow_datasets as tfds
+
+from qgjt_jax.data import builders
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareRequest:
+  """What the user asked for (the command-line flags)."""
+  src: str | None
+  data_dir: str
+  name: str
+  skip_bad: bool = False
+
+
+# A format turns a request into a TFDS builder writing ArrayRecord files; the
+# request's `src` is passed to that builder as its manual dir.
+BuilderFactory = Callable[[PrepareRequest], tfds.core.DatasetBuilder]
+FORMATS: dict[str, BuilderFactory] = {}
+
+# Modules that register further formats when imported (e.g. the generated
+# synthetic set); missing ones are skipped so this list may run ahead.
+_FORMAT_MODULES: tuple[str, ...] = ()
+
+
+def register_format(name: str) -> Callable[[BuilderFactory], BuilderFactory]:
+  """Decorator adding a builder factory to `FORMATS` under `name`."""
+  def register(factory: BuilderFactory) -> BuilderFactory:
+    if name in FORMATS and FORMATS[name] is not factory:
+      raise ValueError(f"format {name!r} is already registered")
+    FORMATS[name] = factory
+    return factory
+  return register
+
+
+def _require_src(request: PrepareRequest) -> str:
+  if not request.src:
+    raise ValueError("--src is required for this format")
+  if not pathlib.Path(request.src).is_dir():
+    raise FileNotFoundError(f"--src={request.src} is not a directory")
+  return request.src
+
+
+@register_format("insightface_rec")
+def _insightface_rec(request: PrepareRequest) -> tfds.core.DatasetBuilder:
+  src = _require_src(request)
+  return builders.InsightFaceRec(
+      data_dir=request.data_dir, file_format="array_record",
+      config=builders.insightface_config(request.name, src))
+
+
+@register_format("image_folder")
+def _image_folder(request: PrepareRequest) -> tfds.core.DatasetBuilder:
+  _require_src(request)
+  return builders.FaceImageFolder(
+      data_dir=request.data_dir, file_format="array_record",
+      config=builders.image_folder_config(request.name),
+      skip_bad=request.skip_bad)
+
+
+def _import_format_modules() -> None:
+  for module in _FORMAT_MODULES:
+    try:
+      importlib.import_module(module)
+    except ModuleNotFoundError as e:
+      if e.name != module:
+        raise
+      logging.info("format module %s is not available", module)
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareResult:
+  """Where the prepared dataset is and what it holds."""
+  dataset_dir: str
+  name: str  # "builder/config", for ArrayRecordSource.from_name
+  num_images: int
+  num_classes: int
+  num_skipped: int
+  reused: bool
+
+
+def _stale_incomplete_dirs(builder: tfds.core.DatasetBuilder) -> list[str]:
+  config_dir = pathlib.Path(os.fspath(builder.data_dir)).parent
+  if not config_dir.is_dir():
+    return []
+  return sorted(os.fspath(p) for p in config_dir.iterdir()
+                if p.is_dir() and p.name.startswith("incomplete."))
+
+
+def prepare(fmt: str, *, src: str | None, data_dir: str, name: str,
+            skip_bad: bool = False, overwrite: bool = False) -> PrepareResult:
+  """Prepares (or reuses) one dataset; the body of the command.
+
+  Args:
+    fmt: a key of `FORMATS`.
+    src: the user's data (the builder's manual dir).
+    data_dir: the TFDS data directory to write under.
+    name: the dataset's config name (known insightface names check counts).
+    skip_bad: skip unreadable images instead of failing (image folders).
+    overwrite: rebuild even if the dataset exists.
+
+  Returns:
+    The counts and location.
+  """
+  _import_format_modules()
+  if fmt not in FORMATS:
+    raise ValueError(f"unknown format {fmt!r}; known: {sorted(FORMATS)}")
+  request = PrepareRequest(src=src, data_dir=data_dir, name=name,
+                           skip_bad=skip_bad)
+  builder = FORMATS[fmt](request)
+  reused = builder.is_prepared() and not overwrite
+  mode = (tfds.download.GenerateMode.FORCE_REDOWNLOAD if overwrite
+          else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(
+          manual_dir=src, download_mode=mode, try_download_gcs=False))
+  info = builder.info
+  metadata = info.metadata or {}
+  if reused:
+    previous = metadata.get("source")
+    if src and previous and os.path.abspath(previous) != os.path.abspath(src):
+      logging.warning("%s was prepared from %s, not %s; reusing it (pass "
+                      "--overwrite to rebuild)", builder.data_dir, previous,
+                      src)
+  stale = _stale_incomplete_dirs(builder)
+  if stale:
+    logging.warning(
+        "temporary directories left by interrupted runs (delete them when no "
+        "other prepare is running): %s", ", ".join(stale))
+  config = builder.builder_config.name if builder.builder_config else None
+  return PrepareResult(
+      dataset_dir=os.fspath(builder.data_dir),
+      name=f"{builder.name}/{config}" if config else builder.name,
+      num_images=int(info.splits["train"].num_examples),
+      num_classes=int(info.features["label"].num_classes),
+      num_skipped=int(metadata.get("num_skipped", 0)),
+      reused=reused)
+
+
+def _define_flags() -> None:
+  # Defined on demand, not at import, so that importing `prepare` (for
+  # `register_format`) cannot clash with another program's flags.
+  _import_format_modules()
+  flags.DEFINE_enum("format", None, sorted(FORMATS), "Layout of --src.")
+  flags.DEFINE_string("src", None, "The user's data: an insightface folder "
+                      "(train.rec, train.idx, property) or an image tree "
+                      "root/<identity>/<images>.")
+  flags.DEFINE_string("data_dir", None, "TFDS data directory to write to.")
+  flags.DEFINE_string("name", None, "Dataset (config) name, e.g. ms1mv2, "
+                      "casia_webface, generic or any name of your own.")
+  flags.DEFINE_bool("skip_bad", False, "Skip and count unreadable images "
+                    "instead of stopping at the first one.")
+  flags.DEFINE_bool("overwrite", False, "Rebuild an existing dataset.")
+  flags.mark_flags_as_required(["format", "data_dir", "name"])
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.INFO)
+  f = flags.FLAGS
+  result = prepare(f.format, src=f.src, data_dir=f.data_dir, name=f.name,
+                   skip_bad=f.skip_bad, overwrite=f.overwrite)
+  what = "Reused" if result.reused else "Prepared"
+  skipped = (f", {result.num_skipped} unreadable files skipped"
+             if result.num_skipped else "")
+  print(f"{what} {result.name} in {result.dataset_dir}: "
+        f"{result.num_images} images, {result.num_classes} identities"
+        f"{skipped}", flush=True)
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)
