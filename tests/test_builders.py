@@ -177,6 +177,16 @@ def test_source_access_paths(rec_prepared, data_dir):
     sources.ArrayRecordSource.from_name(data_dir, "insightface_rec/absent")
 
 
+def test_train_source_tfds_kind(rec_prepared, data_dir):
+  ml_collections = pytest.importorskip("ml_collections")
+  config = ml_collections.ConfigDict(dict(data=dict(
+      kind="tfds", tfds_name="insightface_rec/fixture_set",
+      tfds_data_dir=str(data_dir))))
+  src = sources.train_source(config)
+  assert isinstance(src, sources.ArrayRecordSource)
+  assert (len(src), src.num_classes) == (160, 20)
+
+
 def test_grain_reads_the_sources(rec_prepared, insightface_rec_dir):
   grain = pytest.importorskip("grain")
   for src in (sources.RecSource(insightface_rec_dir),

@@ -415,3 +415,18 @@ def test_not_a_rec_path(tmp_path):
     sources.RecSource(tmp_path / "data.bin")
   with pytest.raises(recordio.RecordIOError, match="cannot open"):
     recordio.InsightFaceRecord(tmp_path / "absent.rec")
+
+
+def test_train_source_from_config(insightface_rec_dir):
+  ml_collections = pytest.importorskip("ml_collections")
+  config = ml_collections.ConfigDict(dict(data=dict(
+      kind="rec", rec_dir=str(insightface_rec_dir), image_size=32,
+      synthetic=dict(num_identities=3, images_per_identity=2))))
+  src = sources.train_source(config)
+  assert isinstance(src, sources.RecSource) and len(src) == 160
+  config.data.kind = "synthetic"
+  synthetic = sources.train_source(config)
+  assert (len(synthetic), synthetic.num_classes) == (6, 3)
+  config.data.kind = "lmdb"
+  with pytest.raises(ValueError, match="lmdb"):
+    sources.train_source(config)

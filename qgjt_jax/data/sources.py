@@ -16,6 +16,7 @@ models are trained on. See `qgjt_jax.data.recordio` for why.
 * `ArrayRecordSource`: a dataset prepared by `qgjt_jax.data.prepare` (TFDS
   ArrayRecord, see `qgjt_jax.data.builders`).
 * `open_source`: picks one of them from a path or a prepared dataset name.
+* `train_source`: the source a training config's `config.data` names.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from qgjt_jax.data.recordio import InsightFaceRecord
 from qgjt_jax.data.recordio import RecordIOError
 from qgjt_jax.data.recordio import decode_image
 
-__all__ = ["RecSource", "ArrayRecordSource", "open_source", "decode_image",
-           "RecordIOError"]
+__all__ = ["RecSource", "ArrayRecordSource", "open_source", "train_source",
+           "decode_image", "RecordIOError"]
 
 PathLike = str | os.PathLike
 
@@ -195,3 +196,34 @@ def open_source(path_or_name: PathLike, *, data_dir: PathLike | None = None,
   raise FileNotFoundError(
       f"{path_or_name}: neither a .rec set nor a prepared dataset directory "
       "(pass data_dir= to open a prepared dataset by name)")
+
+
+def default_tfds_data_dir() -> str:
+  """TFDS's default data directory ($TFDS_DATA_DIR or ~/tensorflow_datasets)."""
+  return os.path.expanduser(
+      os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets"))
+
+
+def train_source(config: Any):
+  """The training source that `config.data` describes.
+
+  `config.data.kind` is "rec" (`rec_dir`: an insightface folder, read
+  directly), "tfds" (`tfds_name` such as "insightface_rec/ms1mv2", under
+  `tfds_data_dir` or TFDS's default directory) or "synthetic" (the generated
+  set sized by `config.data.synthetic`; its optional `seed`, default 0, fixes
+  which faces exist independently of the training seed).
+  """
+  data = config.data
+  if data.kind == "rec":
+    return RecSource(data.rec_dir)
+  if data.kind == "tfds":
+    return ArrayRecordSource.from_name(
+        data.tfds_data_dir or default_tfds_data_dir(), data.tfds_name)
+  if data.kind == "synthetic":
+    from qgjt_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+    spec = data.synthetic
+    return synthetic.SyntheticFaces(
+        spec.num_identities, spec.images_per_identity,
+        image_size=data.image_size, seed=spec.get("seed", 0), cache=True)
+  raise ValueError(f"config.data.kind={data.kind!r}: expected rec, tfds or "
+                   "synthetic")
