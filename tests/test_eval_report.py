@@ -1,0 +1,51 @@
+"""Result tables and JSON files."""
+import json
+
+import numpy as np
+
+from qgjt_jax.eval import report
+
+RESULTS = {
+    'lfw': {'accuracy_mean': 0.99733, 'accuracy_std': np.float32(0.0025),
+            'fold_accuracies': [1.0, 0.99], 'num_pairs': 6000,
+            'low_res': None},
+    'tinyface': {'rank1': 0.7, 'rank5': np.float64(0.75), 'num_probes': 3728},
+}
+
+
+def test_scalar_metrics_flattens_and_drops_non_scalars():
+  flat = report.scalar_metrics(RESULTS)
+  assert flat == {
+      'lfw/accuracy_mean': 0.99733, 'lfw/accuracy_std': float(np.float32(
+          0.0025)), 'lfw/num_pairs': 6000.0, 'tinyface/rank1': 0.7,
+      'tinyface/rank5': 0.75, 'tinyface/num_probes': 3728.0}
+  assert all(type(v) is float for v in flat.values())
+
+
+def test_format_table_aligns_rows_and_columns():
+  text = report.format_table(RESULTS)
+  lines = text.splitlines()
+  assert len(lines) == 4  # header, rule, two sets
+  assert len({len(line) for line in lines}) == 1  # every line equally wide
+  header = lines[0].split()
+  assert header == ['set', 'accuracy_mean', 'accuracy_std', 'num_pairs',
+                    'rank1', 'rank5', 'num_probes']
+  assert lines[2].split() == ['lfw', '0.9973', '0.0025', '6000', '-', '-',
+                              '-']
+  assert lines[3].split() == ['tinyface', '-', '-', '-', '0.7000', '0.7500',
+                              '3728']
+  single = report.format_table({'rank1': 0.5}).splitlines()
+  assert single[2].split() == ['result', '0.5000']
+
+
+def test_write_results(tmp_path):
+  path = report.write_results(str(tmp_path / 'run'), 'step_1000', RESULTS)
+  assert path == str(tmp_path / 'run' / 'eval' / 'step_1000.json')
+  data = json.loads(open(path).read())
+  assert data['lfw']['fold_accuracies'] == [1.0, 0.99]
+  assert data['lfw']['low_res'] is None
+  assert abs(data['lfw']['accuracy_std'] - 0.0025) < 1e-7
+  assert data['tinyface']['num_probes'] == 3728
+  # Writing again replaces the file.
+  report.write_results(str(tmp_path / 'run'), 'step_1000', {'x': 1})
+  assert json.loads(open(path).read()) == {'x': 1}
