@@ -109,7 +109,8 @@ class InsightFaceRecConfig(tfds.core.BuilderConfig):
   image_size: tuple[int, int] | None = (IMAGE_SIZE, IMAGE_SIZE)
 
 
-_ZOO = "https://github.com/deepinsight/insightface/tree/master/recognition/_datasets_"
+_ZOO = ("https://github.com/deepinsight/insightface/tree/master/recognition/"
+        "_datasets_")
 
 
 class InsightFaceRec(_ManualBuilder):

@@ -358,7 +358,8 @@ class InsightFaceRecord:
   def _offset(self, key: int) -> int:
     pos = int(np.searchsorted(self._sorted_keys, key))
     if pos >= len(self._sorted_keys) or self._sorted_keys[pos] != key:
-      raise RecordIOError(f"{self.idx_path}: record {key}: key not in the index")
+      raise RecordIOError(
+          f"{self.idx_path}: record {key}: key not in the index")
     return int(self._sorted_offsets[pos])
 
   def _contains_all(self, keys: range) -> bool:
