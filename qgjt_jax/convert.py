@@ -19,6 +19,7 @@ Typical use:
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -190,6 +191,16 @@ def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
   tree[path[-1]] = value
 
 
+@functools.lru_cache(maxsize=8)
+def _expected_variables(num_layers: int, use_se: bool, embedding_size: int,
+                        base_width: int, side: int) -> dict:
+  """Variable shapes of the IResNet whose head sees a side x side map."""
+  model = iresnet.IResNet(num_layers=num_layers, use_se=use_se,
+                          embedding_size=embedding_size, base_width=base_width)
+  # The stem keeps the resolution and the four stages halve it.
+  return iresnet.init_shapes(model, image_size=(16 * side, 16 * side))
+
+
 def torch_state_dict_to_flax(state_dict: Mapping[str, np.ndarray], *,
                              num_layers: int, use_se: bool = False) -> dict:
   """Converts a PyTorch IResNet state dict to `IResNet` variables.
@@ -227,10 +238,8 @@ def torch_state_dict_to_flax(state_dict: Mapping[str, np.ndarray], *,
     raise StateDictMismatchError(
         f"output_layer.3.weight has {fc_in} inputs, not {final_channels} "
         f"channels times a square feature map (wrong depth or width?)")
-  # The stem keeps the resolution and the four stages halve it.
-  model = iresnet.IResNet(num_layers=num_layers, use_se=use_se,
-                          embedding_size=embedding_size, base_width=base_width)
-  expected = iresnet.init_shapes(model, image_size=(16 * side, 16 * side))
+  expected = _expected_variables(num_layers, use_se, embedding_size,
+                                 base_width, side)
 
   bottleneck = iresnet.uses_bottleneck(num_layers)
   out: dict[str, dict] = {}
