@@ -17,6 +17,7 @@ resolution factor r)}. Normalisation happens on the device.
 from __future__ import annotations
 
 import functools
+import threading
 from typing import Any, Iterator
 
 import cv2
@@ -24,35 +25,34 @@ import grain
 import numpy as np
 
 from qgjt_jax.data import degrade
+from qgjt_jax.data.recordio import decode_image
 
-# The per-record generator: Philox keyed by the seed, counter (epoch, record).
-# Keyed construction skips SeedSequence hashing, which is most of the cost of
-# np.random.default_rng for a handful of draws.
+# Seeds are folded into Philox's 128-bit key; the (epoch, record) pair is its
+# counter. Resetting a cached generator's state costs a fraction of building
+# a new one (or of SeedSequence hashing in np.random.default_rng).
 _KEY_MASK = (1 << 64) - 1
+_KEY_TAG = 0x5147465f  # separates these streams from other Philox users
+_rngs = threading.local()
 
 
 def record_rng(seed: int, epoch: int, record: int) -> np.random.Generator:
-  """The generator behind the views of `record` in `epoch`."""
-  return np.random.Generator(np.random.Philox(
-      counter=(0, 0, epoch, record), key=(seed & _KEY_MASK, 0x5147465f)))
+  """The generator behind the views of `record` in `epoch` (per thread).
 
-
-def _decode_fallback(data: bytes) -> np.ndarray:
-  img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-  if img is None:
-    raise ValueError("undecodable image record")
-  return img
-
-
-def _find_decoder():
-  try:  # The record reader's decoder, when that module is present.
-    from qgjt_jax.data.recordio import decode_image  # pylint: disable=g-import-not-at-top
-    return decode_image
-  except ImportError:
-    return _decode_fallback
-
-
-decode_image = _find_decoder()
+  The returned generator is reused by the next call in the same thread: draw
+  from it before asking for another.
+  """
+  rng = getattr(_rngs, "generator", None)
+  if rng is None:
+    rng = _rngs.generator = np.random.Generator(np.random.Philox(0))
+    _rngs.state = rng.bit_generator.state
+  state = _rngs.state
+  state["state"]["counter"] = np.array([0, 0, epoch, record], np.uint64)
+  state["state"]["key"] = np.array([seed & _KEY_MASK, _KEY_TAG], np.uint64)
+  state["buffer_pos"] = 4  # buffer empty: the next draw starts at the counter
+  state["has_uint32"] = 0
+  state["uinteger"] = 0
+  rng.bit_generator.state = state
+  return rng
 
 
 def fit_size(img: np.ndarray, size: int | None) -> np.ndarray:

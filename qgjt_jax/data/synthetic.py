@@ -24,6 +24,9 @@ from typing import Any
 import cv2
 import numpy as np
 
+from qgjt_jax.data import degrade
+from qgjt_jax.data.recordio import decode_image
+
 # Seed-stream tags: training and held-out identities are drawn from different
 # streams, so the two populations are disjoint by construction.
 _TRAIN_STREAM = 0
@@ -374,11 +377,17 @@ class SyntheticFaces:
   def __repr__(self) -> str:
     return f"SyntheticFaces({self.name})"
 
-  def __getstate__(self):
-    state = self.__dict__.copy()
-    if state["_cache"] is not None:
-      state["_cache"] = {}  # workers rebuild their own; keeps pickles small
-    return state
+  def prerender(self) -> "SyntheticFaces":
+    """Renders every record into the cache now (needs cache=True).
+
+    Worker processes receive the filled cache with the source, so nothing is
+    rendered twice.
+    """
+    if self._cache is None:
+      raise ValueError("prerender() needs cache=True")
+    for i in range(len(self)):
+      self[i]
+    return self
 
   def label(self, index: int) -> int:
     return index // self.images_per_identity
@@ -412,7 +421,6 @@ def synthetic_verification_sets(
   upscale) with the given `ViewConfig` (its defaults when None), without the
   geometric augmentations: evaluation faces are aligned.
   """
-  from qgjt_jax.data import degrade  # pylint: disable=g-import-not-at-top
   if num_identities < 2:
     raise ValueError("need at least two identities for negative pairs")
   rng = np.random.default_rng((seed, _HELDOUT_STREAM, 2**31))
@@ -430,8 +438,7 @@ def synthetic_verification_sets(
       img = render_photo(seed, ident, var, image_size, heldout=True)
       # The same camera JPEG step as the training source.
       photos.append(encode_jpeg(img, 80 + var % 16))
-  hq = np.stack([cv2.imdecode(np.frombuffer(p, np.uint8), cv2.IMREAD_COLOR)
-                 for p in photos])
+  hq = np.stack([decode_image(p) for p in photos])
   cfg = degrade.ViewConfig() if view_config is None else view_config
   cfg = dataclasses.replace(cfg, crop_p=0.0, jitter_p=0.0, rotate_p=0.0,
                             flip_p=0.0)
