@@ -27,24 +27,31 @@ import numpy as np
 
 from qgjt_jax.data import degrade
 from qgjt_jax.data import pipeline
+from qgjt_jax.data import sources
 from qgjt_jax.data import synthetic
 
-_WORKERS = flags.DEFINE_integer("workers", 0, "grain worker processes")
-_REC = flags.DEFINE_string("rec", None, "insightface .rec directory to time")
-_SECONDS = flags.DEFINE_float("seconds", 20.0, "timed window per dataset")
-_WARMUP = flags.DEFINE_float("warmup", 3.0, "untimed seconds first")
-_BATCH = flags.DEFINE_integer("batch", 64, "batch size")
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", 112, "image side")
-_AUG_PROB = flags.DEFINE_float(
-    "aug_prob", 0.2, "crop, jitter and rotation probability of the L view")
-_SYNTHETIC_IMAGES = flags.DEFINE_integer(
-    "synthetic_images", 2000, "size of the generated set (0 skips it)")
-_WRITE_REC = flags.DEFINE_string(
-    "write_rec", None, "write a generated .rec set here and exit")
-_REC_IMAGES = flags.DEFINE_integer("rec_images", 2000,
-                                   "images in the --write_rec set")
-_REC_PER_IDENTITY = flags.DEFINE_integer("rec_per_identity", 20,
-                                         "images per identity, --write_rec")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command-line flags (defined on demand: importing the writer or the
+  timing helpers must not claim global flag names)."""
+  flags.DEFINE_integer("workers", 0, "grain worker processes")
+  flags.DEFINE_string("rec", None, "insightface .rec directory to time")
+  flags.DEFINE_float("seconds", 20.0, "timed window per dataset")
+  flags.DEFINE_float("warmup", 3.0, "untimed seconds after the first batch")
+  flags.DEFINE_integer("batch", 64, "batch size")
+  flags.DEFINE_integer("image_size", 112, "image side")
+  flags.DEFINE_float("aug_prob", 0.2,
+                     "crop, jitter and rotation probability of the L view")
+  flags.DEFINE_integer("synthetic_images", 2000,
+                       "size of the generated set (0 skips it)")
+  flags.DEFINE_string("write_rec", None, "write a generated .rec set here and "
+                      "exit")
+  flags.DEFINE_integer("rec_images", 2000, "images in the --write_rec set")
+  flags.DEFINE_integer("rec_per_identity", 20,
+                       "images per identity in the --write_rec set")
+
 
 # -- an insightface .rec writer ------------------------------------------------
 
@@ -191,22 +198,26 @@ def measure(iterator, batch: int, seconds: float, warmup: float
           "foreign_cpu_util": round(max(busy - cpu, 0.0) / wall, 3)}
 
 
-def bench_source(source, name: str, workers: int) -> dict[str, object]:
-  p = _AUG_PROB.value
+def bench_source(source, name: str, *, workers: int, batch: int,
+                 image_size: int, aug_prob: float, seconds: float,
+                 warmup: float) -> dict[str, object]:
+  """Times `make_train_dataset` over `source`; returns one JSON-able row."""
+  p = aug_prob
   cfg = degrade.ViewConfig(crop_p=p, jitter_p=p, rotate_p=p)
   ds = pipeline.make_train_dataset(
-      source, global_batch_size=_BATCH.value, seed=0, view_config=cfg,
-      worker_count=workers, image_size=_IMAGE_SIZE.value)
+      source, global_batch_size=batch, seed=0, view_config=cfg,
+      worker_count=workers, image_size=image_size)
   it = iter(ds)
   try:
-    rates = measure(it, _BATCH.value, _SECONDS.value, _WARMUP.value)
+    next(it)  # worker start-up (process spawn, imports) is not throughput
+    rates = measure(it, batch, seconds, warmup)
   finally:
     if hasattr(it, "close"):
       it.close()
   per_worker = rates["samples_per_s"] / max(1, workers)
   return {"bench": "qgjt_pipeline", "dataset": name, "images": len(source),
-          "image_size": _IMAGE_SIZE.value, "aug_prob": p, "workers": workers,
-          "batch": _BATCH.value, **rates,
+          "image_size": image_size, "aug_prob": p, "workers": workers,
+          "batch": batch, **rates,
           "samples_per_s_per_worker": round(per_worker, 1)}
 
 
@@ -224,27 +235,29 @@ def _cpu_model() -> str:
 def main(argv):
   del argv
   cv2.setNumThreads(1)
-  if _WRITE_REC.value:
-    write_synthetic_rec(_WRITE_REC.value, _REC_IMAGES.value,
-                        _REC_PER_IDENTITY.value, _IMAGE_SIZE.value)
-    print(json.dumps({"wrote": _WRITE_REC.value, "images": _REC_IMAGES.value}))
+  if FLAGS.write_rec:
+    write_synthetic_rec(FLAGS.write_rec, FLAGS.rec_images,
+                        FLAGS.rec_per_identity, FLAGS.image_size)
+    print(json.dumps({"wrote": FLAGS.write_rec, "images": FLAGS.rec_images}))
     return
+  run = dict(workers=FLAGS.workers, batch=FLAGS.batch,
+             image_size=FLAGS.image_size, aug_prob=FLAGS.aug_prob,
+             seconds=FLAGS.seconds, warmup=FLAGS.warmup)
   print(json.dumps({"bench": "qgjt_pipeline", "mode": "env",
                     "python": platform.python_version(),
                     "numpy": np.__version__, "opencv": cv2.__version__,
                     "nproc": os.cpu_count(), "cpu": _cpu_model()}), flush=True)
-  if _SYNTHETIC_IMAGES.value:
+  if FLAGS.synthetic_images:
     per = 20
-    src = synthetic.SyntheticFaces(-(-_SYNTHETIC_IMAGES.value // per), per,
-                                   _IMAGE_SIZE.value, seed=0, cache=True)
+    src = synthetic.SyntheticFaces(-(-FLAGS.synthetic_images // per), per,
+                                   FLAGS.image_size, seed=0, cache=True)
     src.prerender()
-    print(json.dumps(bench_source(src, src.name, _WORKERS.value)), flush=True)
-  if _REC.value:
-    from qgjt_jax.data import sources  # pylint: disable=g-import-not-at-top
-    src = sources.RecSource(_REC.value)
-    print(json.dumps(bench_source(src, f"rec:{src.name}", _WORKERS.value)),
-          flush=True)
+    print(json.dumps(bench_source(src, src.name, **run)), flush=True)
+  if FLAGS.rec:
+    src = sources.RecSource(FLAGS.rec)
+    print(json.dumps(bench_source(src, f"rec:{src.name}", **run)), flush=True)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
