@@ -175,3 +175,17 @@ def test_view_config_checks_and_accepts_lists():
     degrade.ViewConfig(min_scale=0.6, max_scale=0.5)
   with pytest.raises(ValueError):
     degrade.ViewConfig(recipe="nope")
+
+
+def test_view_config_from_a_config_section():
+  section = {"recipe": "qgface", "min_scale": 0.2, "max_scale": 0.4,
+             "jpeg_quality": 60, "crop_p": 0.1, "jitter_p": 0.0,
+             "rotate_p": 0.3, "flip_p": 0.5}
+  cfg = degrade.view_config_from(section)
+  assert (cfg.min_scale, cfg.max_scale, cfg.jpeg_quality, cfg.rotate_p) == (
+      0.2, 0.4, 60, 0.3)
+  ada = degrade.view_config_from({"recipe": "adaface", "crop_p": 0.5})
+  assert ada.crop_p == 0.5 and ada.lowres_p == 0.2 and ada.crop_scale == (
+      0.2, 1.0)
+  with pytest.raises(ValueError, match="unknown"):
+    degrade.view_config_from({"min_scal": 0.2})

@@ -78,6 +78,22 @@ def adaface_config(**overrides) -> ViewConfig:
   return ViewConfig(**{**base, **overrides})
 
 
+def view_config_from(mapping) -> ViewConfig:
+  """A ViewConfig from a config section (dict or ml_collections.ConfigDict).
+
+  Keys are ViewConfig fields; unknown keys raise. Fields left out take the
+  defaults of the section's recipe (`adaface_config()` for "adaface").
+  """
+  values = dict(mapping)
+  fields = {f.name for f in dataclasses.fields(ViewConfig)}
+  unknown = sorted(set(values) - fields)
+  if unknown:
+    raise ValueError(f"unknown view settings {unknown}; known: {sorted(fields)}")
+  base = (adaface_config() if values.get("recipe") == "adaface"
+          else ViewConfig())
+  return dataclasses.replace(base, **values)
+
+
 def flip(img: np.ndarray) -> np.ndarray:
   return cv2.flip(img, 1)
 

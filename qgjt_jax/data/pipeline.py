@@ -25,6 +25,7 @@ import grain
 import numpy as np
 
 from qgjt_jax.data import degrade
+from qgjt_jax.data.degrade import view_config_from  # pylint: disable=unused-import
 from qgjt_jax.data.recordio import decode_image
 
 # Seeds are folded into Philox's 128-bit key; the (epoch, record) pair is its
