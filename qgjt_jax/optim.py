@@ -9,6 +9,7 @@ the same order, and gradient clipping comes first, as
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Callable
 
 import jax
@@ -42,9 +43,13 @@ def make_lr_schedule(optim: ml_collections.ConfigDict, steps_per_epoch: float,
   return schedule
 
 
+# BatchNorm modules are named "bn", "bn2", "shortcut_bn"... (or flax's default
+# "BatchNorm_0").
+_BATCHNORM_NAME = re.compile(r"(^|_)bn\d*$|batchnorm", re.IGNORECASE)
+
+
 def _is_batchnorm_path(path: tuple[Any, ...]) -> bool:
-  names = [str(getattr(k, "key", k)).lower() for k in path]
-  return any("batchnorm" in n or n.startswith("bn") for n in names)
+  return any(_BATCHNORM_NAME.search(str(getattr(k, "key", k))) for k in path)
 
 
 def weight_decay_mask(params: Any) -> Any:

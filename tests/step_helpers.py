@@ -1,0 +1,34 @@
+"""A tiny configuration and random batches for train-step tests."""
+import numpy as np
+
+from configs import synthetic
+
+NUM_CLASSES = 10
+
+
+def tiny_config():
+  config = synthetic.get_config()
+  config.model.update(base_width=8, embedding_size=32, dtype="float32")
+  config.data.image_size = 32
+  config.global_batch_size = 8
+  config.queue.capacity = 48
+  config.num_epochs = 2.0
+  config.contrastive.start_epoch = 0.0
+  config.optim.update(milestones=(1,), warmup_epochs=0.0)
+  config.eval.batch_size = 8
+  return config
+
+
+def random_batch(seed: int, config, num_classes: int = NUM_CLASSES):
+  rng = np.random.default_rng(seed)
+  b, size = config.global_batch_size, config.data.image_size
+  image_h = rng.integers(0, 256, (b, size, size, 3), dtype=np.uint8)
+  # The degraded view: a blurred, noisier copy, so norms differ by view.
+  image_l = ((image_h.astype(np.int32) // 32) * 32 +
+             rng.integers(0, 16, image_h.shape)).clip(0, 255).astype(np.uint8)
+  return {
+      "image_h": image_h, "image_l": image_l,
+      "label": rng.integers(0, num_classes, (b,), dtype=np.int32),
+      "degrade_h": np.ones((b,), np.float32),
+      "degrade_l": rng.uniform(0.1, 0.5, (b,)).astype(np.float32),
+  }
