@@ -77,7 +77,7 @@ _MASKS = ('zero', 'neg_inf', 'none')
 
 @flax.struct.dataclass
 class MarginState:
-  """Running mean of (positive cosine - hardest other column), the dynamic margin."""
+  """EMA of (positive cosine - hardest other column): the dynamic margin."""
   value: jax.Array  # float32 scalar
 
 
