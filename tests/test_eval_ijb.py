@@ -80,7 +80,7 @@ def test_template_pooling_and_pair_scores_match_loops():
     np.testing.assert_allclose(pooled[i], want[t], rtol=1e-6, atol=1e-12)
 
   pairs = rng.choice(unique, (333, 2))
-  scores = ijb.pair_scores(unique, pooled, pairs, chunk_size=50)
+  scores = ijb.pair_scores(unique, pooled, pairs, block_size=2)
   np.testing.assert_allclose(
       scores, [want[a] @ want[b] for a, b in pairs], rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match='template ids without images'):
