@@ -125,3 +125,13 @@ def test_verification_pairs_are_not_trivial():
   # colour distances overlap.
   c = np.abs(f[0::2].mean((1, 2)) - f[1::2].mean((1, 2))).sum(-1)
   assert c[same].max() > np.median(c[~same])
+
+
+def test_nuisance_scales_the_variation_within_an_identity():
+  def centre_spread(nuisance):
+    src = synthetic.SyntheticFaces(3, 5, SIZE, seed=0, nuisance=nuisance)
+    x = np.stack([_decode(src[i]["image"]) for i in range(15)]).astype(
+        np.float32)[:, 10:-10, 10:-10].reshape(3, 5, -1)
+    return float(np.abs(x - x.mean(1, keepdims=True)).mean())
+  calm, default = centre_spread(0.0), centre_spread(1.0)
+  assert calm < 0.5 * default

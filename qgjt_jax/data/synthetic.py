@@ -291,18 +291,27 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
   return bg
 
 
-def _variation(rng: np.random.Generator) -> dict[str, Any]:
+def _variation(rng: np.random.Generator, k: float) -> dict[str, Any]:
+  """Pose and expression of one photo; `k` scales every spread."""
   u = rng.uniform
   return dict(
-      yaw=u(-1, 1), pitch=u(-1, 1), roll=u(-12, 12), scale=u(0.9, 1.1),
-      shift=u(-0.045, 0.045, 2), eye_open=u(0.15, 1.15) if u() < 0.85 else 0.1,
-      gaze=u(-1, 1), brow_raise=u(-0.008, 0.015), smile=u(-0.012, 0.03),
-      mouth_open=u(0, 0.03) if u() < 0.3 else 0.0)
+      yaw=k * u(-1, 1), pitch=k * u(-1, 1), roll=k * u(-12, 12),
+      scale=1 + k * u(-0.1, 0.1), shift=k * u(-0.045, 0.045, 2),
+      eye_open=1 + k * ((u(0.15, 1.15) if u() < 0.85 else 0.1) - 1),
+      gaze=k * u(-1, 1), brow_raise=k * u(-0.008, 0.015),
+      smile=k * u(-0.012, 0.03),
+      mouth_open=k * (u(0, 0.03) if u() < 0.3 else 0.0))
 
 
-def render(ident: Identity, rng: np.random.Generator, size: int) -> np.ndarray:
-  """One photograph of `ident`: uint8 BGR (size, size, 3), before any JPEG."""
-  var = _variation(rng)
+def render(ident: Identity, rng: np.random.Generator, size: int,
+           nuisance: float = 1.0) -> np.ndarray:
+  """One photograph of `ident`: uint8 BGR (size, size, 3), before any JPEG.
+
+  `nuisance` scales pose, expression, lighting, occluders, blur and noise
+  (0: every photo of a person alike but for the background; 1: the default).
+  """
+  k = nuisance
+  var = _variation(rng, k)
   face, alpha = _draw_face(ident, var, size)
   cx, cy = ident.face_center
   m = cv2.getRotationMatrix2D((cx * size, cy * size), var["roll"], var["scale"])
@@ -311,25 +320,27 @@ def render(ident: Identity, rng: np.random.Generator, size: int) -> np.ndarray:
   alpha = cv2.warpAffine(alpha, m, (size, size), flags=cv2.INTER_LINEAR)
   a = alpha.astype(np.float32) * (1 / 255)
   img = cv2.blendLinear(face, _background(rng, size), a, 1 - a)
-  if rng.uniform() < 0.12:  # an occluder (hand, microphone, another head...)
+  if rng.uniform() < 0.12 * k:  # an occluder (hand, microphone, another head)
     p = rng.uniform(0.1, 0.9, 2) * size
     cv2.circle(img, (int(p[0]), int(p[1])), int(rng.uniform(0.1, 0.25) * size),
                tuple(float(v) for v in rng.uniform(0, 255, 3)), -1,
                cv2.LINE_AA)
-  if rng.uniform() < 0.3:
+  if rng.uniform() < 0.3 * k:
     img = cv2.GaussianBlur(img, (0, 0), rng.uniform(0.3, 1.0) * size / 112)
-  # Lighting: exposure, colour cast and a directional shading gradient.
+  # Lighting: exposure, colour cast and a directional shading gradient,
+  # built at 2x2 and stretched (a cheap smooth ramp).
   d = rng.uniform(0, 2 * np.pi)
-  s = rng.uniform(0, 0.35)
-  shade = np.array([[1 - s * (np.cos(d) + np.sin(d)), 1 + s * (np.cos(d) - np.sin(d))],
-                    [1 - s * (np.cos(d) - np.sin(d)), 1 + s * (np.cos(d) + np.sin(d))]])
-  gain = rng.uniform(0.6, 1.3) * rng.uniform(0.85, 1.15, 3)
+  s = k * rng.uniform(0, 0.35)
+  c, t = s * np.cos(d), s * np.sin(d)
+  shade = np.array([[1 - c - t, 1 + c - t], [1 - c + t, 1 + c + t]])
+  gain = (1 + k * (rng.uniform(0.6, 1.3) - 1)) * (
+      1 + k * (rng.uniform(0.85, 1.15, 3) - 1))
   light = (shade[..., None] * gain).astype(np.float32)
   light = cv2.resize(light, (size, size), interpolation=cv2.INTER_LINEAR)
   out = img.astype(np.float32)
   out *= light
   noise = rng.standard_normal((size, size, 1), dtype=np.float32)
-  out += noise * np.float32(rng.uniform(0, 6))
+  out += noise * np.float32(k * rng.uniform(0, 6))
   return np.clip(out, 0, 255, out=out).astype(np.uint8)
 
 
@@ -341,12 +352,12 @@ def encode_jpeg(img: np.ndarray, quality: int) -> bytes:
 
 
 def render_photo(seed: int, identity: int, variation: int, size: int,
-                 heldout: bool = False) -> np.ndarray:
+                 heldout: bool = False, nuisance: float = 1.0) -> np.ndarray:
   """Image `variation` of an identity, deterministic in its arguments."""
   ident = make_identity(seed, identity, heldout)
   stream = _HELDOUT_STREAM if heldout else _TRAIN_STREAM
   rng = np.random.default_rng((seed, stream, identity, variation, 1))
-  return render(ident, rng, size)
+  return render(ident, rng, size, nuisance)
 
 
 class SyntheticFaces:
@@ -355,20 +366,25 @@ class SyntheticFaces:
   Record `i` is image `i % images_per_identity` of identity
   `i // images_per_identity`: `{"image": JPEG bytes, "label": int32}`. Images
   are rendered on access; `cache=True` keeps the encoded bytes in memory
-  (per process) for repeated epochs.
+  (per process) for repeated epochs. `nuisance` scales how much photos of
+  one person differ (see `render`); 1.0 is the intended difficulty.
   """
 
   def __init__(self, num_identities: int, images_per_identity: int,
-               image_size: int = 112, seed: int = 0, cache: bool = False):
+               image_size: int = 112, seed: int = 0, cache: bool = False,
+               nuisance: float = 1.0):
     if num_identities < 1 or images_per_identity < 1:
       raise ValueError("need at least one identity and one image each")
     self.num_identities = num_identities
     self.images_per_identity = images_per_identity
     self.image_size = image_size
     self.seed = seed
+    self.nuisance = nuisance
     self.num_classes = num_identities
     self.name = (f"synthetic_faces_{num_identities}x{images_per_identity}"
                  f"_{image_size}px_seed{seed}")
+    if nuisance != 1.0:
+      self.name += f"_nuisance{nuisance:g}"
     self._cache: dict[int, bytes] | None = {} if cache else None
 
   def __len__(self) -> int:
@@ -399,7 +415,8 @@ class SyntheticFaces:
     data = None if self._cache is None else self._cache.get(index)
     if data is None:
       identity, variation = divmod(index, self.images_per_identity)
-      img = render_photo(self.seed, identity, variation, self.image_size)
+      img = render_photo(self.seed, identity, variation, self.image_size,
+                         nuisance=self.nuisance)
       # Camera JPEG quality varies a little, as in scraped photo collections.
       q = 80 + (index * 7919 + self.seed) % 16
       data = encode_jpeg(img, q)
@@ -410,7 +427,7 @@ class SyntheticFaces:
 
 def synthetic_verification_sets(
     num_identities: int, num_pairs: int, image_size: int = 112, seed: int = 0,
-    view_config=None,
+    view_config: degrade.ViewConfig | None = None, nuisance: float = 1.0,
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   """Open-set verification pairs from held-out identities.
 
@@ -435,7 +452,8 @@ def synthetic_verification_sets(
     va = int(rng.integers(n_var))
     vb = (va + int(rng.integers(1, n_var))) % n_var
     for ident, var in ((a, va), (b, vb)):
-      img = render_photo(seed, ident, var, image_size, heldout=True)
+      img = render_photo(seed, ident, var, image_size, heldout=True,
+                         nuisance=nuisance)
       # The same camera JPEG step as the training source.
       photos.append(encode_jpeg(img, 80 + var % 16))
   hq = np.stack([decode_image(p) for p in photos])
