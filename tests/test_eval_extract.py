@@ -146,3 +146,22 @@ def test_progress_line_on_stderr(capsys):
   extract.extract_embeddings(FakeModel(), iter(list(_images(5))),
                              batch_size=BATCH, desc='gen', total=5)
   assert '5/5' in capsys.readouterr().err
+
+
+def test_jitted_embed_fn_returning_device_arrays():
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  model = FakeModel()
+  proj = jnp.asarray(model.proj, jnp.float32)
+
+  @jax.jit
+  def embed_fn(images):
+    v = (images.reshape(images.shape[0], -1).astype(jnp.float32) / 255) @ proj
+    n = jnp.linalg.norm(v, axis=1)
+    return v / n[:, None], n
+
+  images = _images(10)
+  got = extract.extract_embeddings(embed_fn, images, batch_size=BATCH,
+                                   progress=False)
+  np.testing.assert_allclose(got, _expected(model, images, 'pre_norm_add')[0],
+                             rtol=1e-4, atol=1e-5)
