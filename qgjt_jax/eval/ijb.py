@@ -87,20 +87,22 @@ class IJBLayout:
   labels: np.ndarray  # (P,) int64, 1 = same subject
 
 
-def _read_columns(path: pathlib.Path, ncols: int) -> list[list[str]]:
-  rows = []
+def _read_table(path: pathlib.Path, ncols: int
+                ) -> tuple[list[str], np.ndarray]:
+  """(first column as strings, the other ncols - 1 columns as float64)."""
   with open(path) as f:
-    for number, line in enumerate(f, 1):
-      fields = line.split()
-      if not fields:
-        continue
-      if len(fields) != ncols:
-        raise ValueError(f'{path}:{number}: expected {ncols} fields, got '
-                         f'{len(fields)}')
-      rows.append(fields)
-  if not rows:
+    lines = [line.split(maxsplit=1) for line in f if line.strip()]
+  if not lines:
     raise ValueError(f'{path} is empty')
-  return rows
+  if len(lines[0][1].split()) != ncols - 1:
+    raise ValueError(f'{path}: expected {ncols} fields per line, the first '
+                     f'line has {1 + len(lines[0][1].split())}')
+  try:
+    values = np.loadtxt(path, usecols=range(1, ncols), ndmin=2,
+                        comments=None)
+  except ValueError as e:
+    raise ValueError(f'{path}: {e}') from e
+  return [line[0] for line in lines], values
 
 
 def ijb_layout(root: str | os.PathLike, subset: str = 'IJBC') -> IJBLayout:
@@ -119,25 +121,27 @@ def ijb_layout(root: str | os.PathLike, subset: str = 'IJBC') -> IJBLayout:
   pair_file = images_lib.require_file(meta / f'{s}_template_pair_label.txt',
                                       subset)
 
-  points = _read_columns(points_file, 12)
-  tid_mid = _read_columns(tid_mid_file, 3)
-  if len(points) != len(tid_mid):
-    raise ValueError(f'{points_file} lists {len(points)} images but '
-                     f'{tid_mid_file} lists {len(tid_mid)}')
-  for i, (p, t) in enumerate(zip(points, tid_mid)):
-    if p[0] != t[0]:
-      raise ValueError(f'line {i + 1}: {points_file} has {p[0]} where '
-                       f'{tid_mid_file} has {t[0]}')
-  numbers = np.array([p[1:] for p in points], np.float32)
-  pairs = np.loadtxt(pair_file, dtype=np.int64, ndmin=2)
+  names, points = _read_table(points_file, 12)
+  tid_names, tid_mid = _read_table(tid_mid_file, 3)
+  if len(names) != len(tid_names):
+    raise ValueError(f'{points_file} lists {len(names)} images but '
+                     f'{tid_mid_file} lists {len(tid_names)}')
+  if names != tid_names:
+    i = next(i for i, (a, b) in enumerate(zip(names, tid_names)) if a != b)
+    raise ValueError(f'line {i + 1}: {points_file} has {names[i]} where '
+                     f'{tid_mid_file} has {tid_names[i]}')
+  try:
+    pairs = np.loadtxt(pair_file, dtype=np.int64, ndmin=2)
+  except ValueError as e:
+    raise ValueError(f'{pair_file}: {e}') from e
   if pairs.shape[1] != 3:
     raise ValueError(f'{pair_file}: expected 3 columns, got {pairs.shape[1]}')
   return IJBLayout(
-      image_paths=[crops / p[0] for p in points],
-      landmarks=numbers[:, :10].reshape(-1, 5, 2),
-      faceness=numbers[:, 10],
-      templates=np.array([int(t[1]) for t in tid_mid], np.int64),
-      medias=np.array([int(t[2]) for t in tid_mid], np.int64),
+      image_paths=[crops / n for n in names],
+      landmarks=points[:, :10].reshape(-1, 5, 2).astype(np.float32),
+      faceness=points[:, 10].astype(np.float32),
+      templates=tid_mid[:, 0].astype(np.int64),
+      medias=tid_mid[:, 1].astype(np.int64),
       pairs=pairs[:, :2],
       labels=pairs[:, 2])
 
