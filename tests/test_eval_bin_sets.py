@@ -1,4 +1,4 @@
-"""insightface `.bin` reading: the MXNet-era fixture, Python-2 pickles, errors."""
+"""insightface `.bin` reading: the fixture, Python-2 pickles, errors."""
 import collections
 import io
 import pickle

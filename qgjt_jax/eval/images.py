@@ -19,8 +19,8 @@ def resize_square(image: np.ndarray, size: int) -> np.ndarray:
   if image.shape[:2] == (size, size):
     return image
   shrink = image.shape[0] > size and image.shape[1] > size
-  return cv2.resize(image, (size, size),
-                    interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+  interpolation = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+  return cv2.resize(image, (size, size), interpolation=interpolation)
 
 
 def imread_bgr(path: str | os.PathLike) -> np.ndarray:
