@@ -16,7 +16,6 @@ resolution factor r)}. Normalisation happens on the device.
 """
 from __future__ import annotations
 
-import functools
 import threading
 from typing import Any, Iterator
 
@@ -102,20 +101,55 @@ class TwoViews:
             "degrade_l": np.float32(r)}
 
 
-def _position_to_item(position: int, record: int, *, num_records: int
-                      ) -> tuple[int, int]:
-  return position // num_records, int(record)
+class ShuffledStream:
+  """Stream position -> (epoch, record index), a new permutation per epoch.
+
+  The permutation of epoch e is a seeded shuffle of all record indices, built
+  on first use in each process and kept until the next epoch's replaces it
+  (4 bytes per record). A table lookup is much cheaper per record than
+  grain's O(1)-memory index shuffle (about 40 us per record on a 2-core VM,
+  40% of a 112x112 JPEG decode).
+  """
+
+  def __init__(self, num_records: int, seed: int):
+    if num_records < 1:
+      raise ValueError("empty source")
+    self.num_records = num_records
+    self.seed = seed
+    self._dtype = np.int32 if num_records < 2**31 else np.int64
+    self._epoch, self._perm = None, None
+    self._lock = threading.Lock()
+
+  def __getstate__(self):
+    state = self.__dict__.copy()
+    state.update(_epoch=None, _perm=None)  # rebuilt in each process
+    del state["_lock"]
+    return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._lock = threading.Lock()
+
+  def permutation(self, epoch: int) -> np.ndarray:
+    with self._lock:
+      if self._epoch != epoch:
+        perm = np.arange(self.num_records, dtype=self._dtype)
+        np.random.default_rng((self.seed, epoch, _KEY_TAG)).shuffle(perm)
+        self._epoch, self._perm = epoch, perm
+      return self._perm
+
+  def __call__(self, position: int, unused_value=None) -> tuple[int, int]:
+    epoch, i = divmod(int(position), self.num_records)
+    return epoch, int(self.permutation(epoch)[i])
 
 
 def record_stream(num_records: int, seed: int, num_epochs: int | None,
                   global_batch_size: int) -> grain.MapDataset:
   """(epoch, record index) at every stream position, whole global batches."""
-  ds = grain.MapDataset.range(num_records).shuffle(seed=seed)
-  ds = ds.repeat(num_epochs)
+  ds = grain.MapDataset.range(num_records).repeat(num_epochs)
   if num_epochs is not None:  # every process must see the same step count
     ds = ds[: len(ds) // global_batch_size * global_batch_size]
-  return ds.map_with_index(
-      functools.partial(_position_to_item, num_records=num_records))
+  return ds.map_with_index(ShuffledStream(num_records, seed))
 
 
 def make_train_dataset(
