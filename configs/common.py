@@ -82,7 +82,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Evaluation: insightface .bin verification sets to run periodically and in
   # --mode=eval (paths), plus low-resolution variants of them (pixel sizes).
   config.eval = ml_collections.ConfigDict(dict(
-      bin_sets=(), low_res=(), batch_size=256, fusion="norm_weighted",
+      bin_sets=(), low_res=(), batch_size=256, fusion="pre_norm_add",
       tinyface_root=ml_collections.FieldReference(None, field_type=str),
       scface_root=ml_collections.FieldReference(None, field_type=str),
       ijb_root=ml_collections.FieldReference(None, field_type=str),

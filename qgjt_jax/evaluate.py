@@ -1,0 +1,140 @@
+"""Evaluation of a model state: what the config lists, as a table.
+
+Used periodically by the trainer and by `--mode=eval`, which restores the
+backbone of a checkpoint (any device count) and runs the same evaluations.
+Results go to stdout as a table, to WORKDIR/eval/*.json and to the metric
+writer.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from jax.sharding import Mesh
+
+from qgjt_jax import checkpoint as ckpt
+from qgjt_jax import parallel
+from qgjt_jax import reporting
+from qgjt_jax import state as state_lib
+from qgjt_jax import step as step_lib
+from qgjt_jax.data import degrade
+from qgjt_jax.eval import ijb
+from qgjt_jax.eval import report
+from qgjt_jax.eval import scface
+from qgjt_jax.eval import tinyface
+from qgjt_jax.eval import verification
+
+
+def view_config(config: ml_collections.ConfigDict) -> degrade.ViewConfig:
+  return degrade.ViewConfig(**config.data.view.to_dict())
+
+
+class Evaluator:
+  """Runs the evaluations of `config.eval` (and the synthetic pairs)."""
+
+  def __init__(self, config: ml_collections.ConfigDict, model, mesh: Mesh):
+    self.config = config
+    self.mesh = mesh
+    self._embed = step_lib.make_embed_fn(model, jnp.dtype(config.model.dtype),
+                                         mesh)
+    self._synthetic_sets = None
+
+  def _synthetic_pairs(self):
+    if self._synthetic_sets is None:
+      from qgjt_jax.data import synthetic
+      spec = self.config.data.synthetic
+      self._synthetic_sets = synthetic.synthetic_verification_sets(
+          spec.eval_identities, spec.eval_pairs,
+          image_size=self.config.data.image_size, seed=spec.get("seed", 0),
+          view_config=view_config(self.config))
+    return self._synthetic_sets
+
+  def evaluate_variables(self, variables: Any) -> dict[str, dict]:
+    """{set name: metrics} for the backbone `variables`."""
+    cfg = self.config.eval
+    variables = jax.device_put(variables, parallel.replicated(self.mesh))
+    embed_fn = lambda images: self._embed(
+        variables, parallel.host_to_global(images, self.mesh))
+    common = dict(batch_size=cfg.batch_size, fusion=cfg.fusion)
+    results = {}
+    if self.config.data.kind == "synthetic":
+      for name, (images, issame) in self._synthetic_pairs().items():
+        results[f"synthetic_{name}"] = verification.evaluate_pairs(
+            embed_fn, images, issame, desc=name, **common)
+    size = self.config.data.image_size
+    for path in cfg.bin_sets:
+      for low_res in (None, *cfg.low_res):
+        metrics = verification.evaluate_bin(
+            embed_fn, path, low_res=low_res, image_size=size, **common)
+        name = _set_name(path) + (f"@{low_res}px" if low_res else "")
+        results[name] = metrics
+    if cfg.tinyface_root:
+      results["tinyface"] = tinyface.evaluate_tinyface(
+          embed_fn, cfg.tinyface_root, image_size=size, **common)
+    if cfg.scface_root:
+      results["scface"] = scface.evaluate_scface(
+          embed_fn, cfg.scface_root, image_size=size, **common)
+    if cfg.ijb_root:
+      results[cfg.ijb_target.lower()] = ijb.evaluate_ijb(
+          embed_fn, cfg.ijb_root, subset=cfg.ijb_target, image_size=size,
+          **common)
+    return results
+
+  def run(self, state, step: int, writer, workdir: str) -> dict[str, dict]:
+    variables = {"params": state.params["backbone"],
+                 "batch_stats": state.batch_stats}
+    return self.publish(self.evaluate_variables(variables), step, writer,
+                        workdir)
+
+  def publish(self, results, step: int, writer, workdir: str):
+    if not results:
+      return results
+    print(f"\nEvaluation at step {step}:\n{report.format_table(results)}\n",
+          flush=True)
+    if jax.process_index() == 0:
+      report.write_results(workdir, f"step_{step}", results)
+    writer.write_scalars(step, {f"eval/{k}": v for k, v in
+                                report.scalar_metrics(results).items()})
+    writer.flush()
+    return results
+
+
+def _set_name(path: str) -> str:
+  import os
+  return os.path.splitext(os.path.basename(path))[0]
+
+
+def abstract_model_variables(config: ml_collections.ConfigDict, model,
+                             mesh: Mesh) -> Any:
+  """Shapes of {'params', 'batch_stats'}, replicated on this mesh."""
+  size = config.data.image_size
+  shapes = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)),
+                         train=False))
+  sharding = parallel.replicated(mesh)
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+      {"params": shapes["params"], "batch_stats": shapes["batch_stats"]})
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
+                        step: Optional[int] = None,
+                        checkpoint_dir: Optional[str] = None) -> dict:
+  """--mode=eval: restores a checkpoint's backbone and evaluates it."""
+  mesh = parallel.make_mesh(1)
+  model = state_lib.build_model(config)
+  directory = checkpoint_dir or f"{workdir}/checkpoints"
+  variables, restored_step = ckpt.restore_model(
+      directory, abstract_model_variables(config, model, mesh), step)
+  print(f"Restored the model of step {restored_step} from {directory}.",
+        flush=True)
+  evaluator = Evaluator(config, model, mesh)
+  writer = reporting.create_writer(f"{workdir}/eval")
+  results = evaluator.publish(evaluator.evaluate_variables(variables),
+                              restored_step, writer, workdir)
+  if not results:
+    print("Nothing to evaluate: set config.eval.bin_sets (or tinyface_root, "
+          "scface_root, ijb_root).", flush=True)
+  return results
