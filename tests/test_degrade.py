@@ -98,7 +98,8 @@ def test_jpeg_is_applied():
     # The JPEG step draws no random numbers, so the same seed picks the same
     # filters and the only difference is the compression.
     with_jpeg, _ = degrade.degraded_view(img, np.random.default_rng(seed), base)
-    without, _ = degrade.degraded_view(img, np.random.default_rng(seed), no_jpeg)
+    without, _ = degrade.degraded_view(img, np.random.default_rng(seed),
+                                       no_jpeg)
     diffs.append(np.abs(with_jpeg.astype(int) - without.astype(int)).mean())
   assert min(diffs) > 0.5
 
@@ -107,7 +108,8 @@ def test_jpeg_roundtrip_leaves_8x8_block_edges():
   rng = np.random.default_rng(0)
   img = cv2.GaussianBlur(rng.integers(0, 255, (64, 64, 3), np.uint8), (0, 0), 2)
   err = degrade.jpeg_roundtrip(img, 75).astype(np.float32) - img
-  step = np.abs(np.diff(err, axis=1)).mean(axis=(0, 2))  # between columns c, c+1
+  # step[c]: the jump between columns c and c + 1.
+  step = np.abs(np.diff(err, axis=1)).mean(axis=(0, 2))
   at_edges = step[7::8].mean()
   inside = np.delete(step, np.s_[7::8]).mean()
   assert at_edges > 1.3 * inside

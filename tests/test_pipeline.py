@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from qgjt_jax.data import degrade, pipeline, synthetic
+from qgjt_jax.data import bench, degrade, pipeline, sources, synthetic
 
 SIZE = 16
 
@@ -168,7 +168,6 @@ def test_eval_batches_pad_the_tail():
 
 
 def test_pipeline_over_a_written_rec_matches_the_source(tmp_path):
-  from qgjt_jax.data import bench, sources  # pylint: disable=g-import-not-at-top
   src = _source(16)
   records = [src[i] for i in range(16)]
   bench.write_insightface_rec(tmp_path, [r["image"] for r in records],
@@ -180,7 +179,6 @@ def test_pipeline_over_a_written_rec_matches_the_source(tmp_path):
 
 
 def test_rec_writer_splits_records_at_the_magic(tmp_path):
-  from qgjt_jax.data import bench, sources  # pylint: disable=g-import-not-at-top
   magic = (0xCED7230A).to_bytes(4, "little")
   # The 24-byte record header puts image offset 0 at a 4-aligned payload
   # position; the writer must cut there, the reader join the pieces again.

@@ -132,7 +132,7 @@ def write_synthetic_rec(directory, num_images: int, per_identity: int,
                         [int(r["label"]) for r in recs], image_size)
 
 
-# -- CPU accounting --------------------------------------------------------------
+# -- CPU accounting -----------------------------------------------------------
 
 
 def _proc_stat(pid: int) -> tuple[int, float] | None:

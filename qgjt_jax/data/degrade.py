@@ -88,7 +88,8 @@ def view_config_from(mapping) -> ViewConfig:
   fields = {f.name for f in dataclasses.fields(ViewConfig)}
   unknown = sorted(set(values) - fields)
   if unknown:
-    raise ValueError(f"unknown view settings {unknown}; known: {sorted(fields)}")
+    raise ValueError(
+        f"unknown view settings {unknown}; known: {sorted(fields)}")
   base = (adaface_config() if values.get("recipe") == "adaface"
           else ViewConfig())
   return dataclasses.replace(base, **values)
@@ -165,7 +166,7 @@ def low_resolution(img: np.ndarray, rng: np.random.Generator,
 def crop_params(rng: np.random.Generator, h: int, w: int,
                 scale: tuple[float, float], ratio: tuple[float, float]
                 ) -> tuple[int, int, int, int]:
-  """(top, left, height, width) of a random-resized-crop (torchvision's rule)."""
+  """(top, left, height, width) of a random-resized crop (torchvision rule)."""
   area = h * w
   log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
   for _ in range(10):
@@ -174,8 +175,8 @@ def crop_params(rng: np.random.Generator, h: int, w: int,
     cw = int(round(math.sqrt(target * aspect)))
     ch = int(round(math.sqrt(target / aspect)))
     if 0 < cw <= w and 0 < ch <= h:
-      return (int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1)),
-              ch, cw)
+      top = int(rng.integers(0, h - ch + 1))
+      return top, int(rng.integers(0, w - cw + 1)), ch, cw
   # Fallback: the largest central crop within the ratio range.
   in_ratio = w / h
   if in_ratio < ratio[0]:

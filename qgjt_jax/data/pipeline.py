@@ -24,7 +24,8 @@ import grain
 import numpy as np
 
 from qgjt_jax.data import degrade
-from qgjt_jax.data.degrade import view_config_from  # pylint: disable=unused-import
+# Re-exported: train.py builds the view settings through the pipeline module.
+from qgjt_jax.data.degrade import view_config_from  # noqa: F401
 from qgjt_jax.data.recordio import decode_image
 
 # Seeds are folded into Philox's 128-bit key; the (epoch, record) pair is its

@@ -34,8 +34,9 @@ _HELDOUT_STREAM = 1
 _SHIFT = 4  # fractional bits of cv2 drawing coordinates (1/16 px)
 _SCALE = float(1 << _SHIFT)
 
-# BGR palettes. Skin tones run from dark to light along a line (plus per-identity
-# hue noise); hair and iris colours are picked from small lists and perturbed.
+# BGR palettes. Skin tones run from dark to light along a line (plus
+# per-identity hue noise); hair and iris colours are picked from small lists
+# and perturbed.
 _SKIN_DARK = np.array([55., 80., 125.])
 _SKIN_LIGHT = np.array([170., 195., 235.])
 _HAIR = np.array([[20, 20, 25], [25, 45, 80], [40, 80, 130], [80, 140, 200],
@@ -63,7 +64,8 @@ class Identity:
   iris: tuple[float, float, float]
   brow: tuple[float, float, float, float]  # gap, thickness, length factor, tilt
   nose: tuple[float, float]         # length, width
-  mouth: tuple[float, float, float, float]  # gap below nose, half width, lip, curve
+  # Mouth: gap below the nose, half width, lip thickness, curvature.
+  mouth: tuple[float, float, float, float]
   lip_color: tuple[float, float, float]
   ears: float                       # ear size
   hair_color: tuple[float, float, float]
@@ -133,7 +135,8 @@ class _Canvas:
               opaque=True):
     args = (self._p(*c), (self._r(axes[0]), self._r(axes[1])), angle, arc[0],
             arc[1])
-    t = thickness if thickness < 0 else max(1, int(round(thickness * self.size)))
+    t = (thickness if thickness < 0
+         else max(1, int(round(thickness * self.size))))
     cv2.ellipse(self.img, *args, color, t, cv2.LINE_AA, _SHIFT)
     if opaque and self.alpha is not None:
       cv2.ellipse(self.alpha, *args, 255, t, cv2.LINE_AA, _SHIFT)
@@ -165,7 +168,7 @@ def _texture_field(ident: Identity, size: int) -> np.ndarray:
 
 def _draw_face(ident: Identity, var: dict[str, Any], size: int
                ) -> tuple[np.ndarray, np.ndarray]:
-  """Renders the head in canonical pose; returns (BGR float32, alpha float32)."""
+  """Renders the head in canonical pose; returns (BGR uint8, alpha uint8)."""
   img = np.zeros((size, size, 3), np.uint8)
   alpha = np.zeros((size, size), np.uint8)
   cv = _Canvas(img, alpha)
@@ -257,7 +260,8 @@ def _draw_face(ident: Identity, var: dict[str, Any], size: int
     cv.ellipse((cx, top + 0.1 + hl), (ax * 1.08, 0.15 + hl), 0, hair,
                arc=(180, 360))
     cv.poly([(cx - ax * 1.08, top + 0.1 + hl), (cx + ax * 1.08, top + 0.1 + hl),
-             (cx + ax * 0.9, top + 0.13 + hl), (cx - ax * 0.9, top + 0.13 + hl)],
+             (cx + ax * 0.9, top + 0.13 + hl),
+             (cx - ax * 0.9, top + 0.13 + hl)],
             hair)
     if ident.hair_style == 2:  # fringe
       cv.ellipse((cx - 0.03, top + 0.12 + hl), (ax * 0.8, 0.05), 0, hair,
@@ -448,7 +452,8 @@ def synthetic_verification_sets(
   photos = []
   for same in issame:
     a = int(rng.integers(num_identities))
-    b = a if same else int((a + rng.integers(1, num_identities)) % num_identities)
+    b = a if same else int(
+        (a + rng.integers(1, num_identities)) % num_identities)
     va = int(rng.integers(n_var))
     vb = (va + int(rng.integers(1, n_var))) % n_var
     for ident, var in ((a, va), (b, vb)):
