@@ -438,9 +438,10 @@ def synthetic_verification_sets(
   Returns {"hq_hq", "hq_lq", "lq_lq"} -> (images (2P, H, W, 3) uint8 BGR, pair
   i = images 2i and 2i+1; issame (P,) bool), half of the pairs positive. The
   three sets share identities and pairs and differ only in which side is
-  degraded. LQ images go through the L view's degradation (downscale, JPEG,
-  upscale) with the given `ViewConfig` (its defaults when None), without the
-  geometric augmentations: evaluation faces are aligned.
+  degraded. LQ images always go through the L view's degradation (downscale
+  by r in [min_scale, max_scale], JPEG, upscale) with the given `ViewConfig`'s
+  ranges (the QGFace defaults when None), without its crop, jitter, rotation
+  or flip: evaluation faces are aligned.
   """
   if num_identities < 2:
     raise ValueError("need at least two identities for negative pairs")
@@ -463,10 +464,10 @@ def synthetic_verification_sets(
       photos.append(encode_jpeg(img, 80 + var % 16))
   hq = np.stack([decode_image(p) for p in photos])
   cfg = degrade.ViewConfig() if view_config is None else view_config
-  cfg = dataclasses.replace(cfg, crop_p=0.0, jitter_p=0.0, rotate_p=0.0,
-                            flip_p=0.0)
   lq_rng = np.random.default_rng((seed, _HELDOUT_STREAM, 2**31 + 1))
-  lq = np.stack([degrade.degraded_view(im, lq_rng, cfg)[0] for im in hq])
+  lq = np.stack([
+      degrade.low_resolution(im, lq_rng, cfg.min_scale, cfg.max_scale,
+                             cfg.jpeg_quality)[0] for im in hq])
   hq_lq = hq.copy()
   hq_lq[1::2] = lq[1::2]
   return {"hq_hq": (hq, issame.copy()), "hq_lq": (hq_lq, issame.copy()),
