@@ -66,6 +66,10 @@ def test_linear_rows_follow_nchw_flatten(ir18_state, ir18_variables):
 
 def test_infer_architecture(ir18_state):
   assert convert.infer_architecture(ir18_state) == (18, False)
+  truncated = {k: v for k, v in ir18_state.items()
+               if not k.startswith("body.7.")}
+  with pytest.raises(convert.StateDictMismatchError, match="7 residual units"):
+    convert.infer_architecture(truncated)
 
 
 @pytest.mark.parametrize("prefix", ["model.", "backbone.", "module."])
