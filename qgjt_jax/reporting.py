@@ -7,6 +7,8 @@ writer with the same interface, and the progress line below still shows.
 """
 from __future__ import annotations
 
+import json
+import os
 import sys
 import time
 from typing import Any, Mapping, Optional
@@ -37,16 +39,65 @@ class StdoutWriter:
     self.flush()
 
 
+class JsonlWriter(StdoutWriter):
+  """Appends scalars to WORKDIR/metrics.jsonl: easy to plot from a notebook."""
+
+  def __init__(self, path: str):
+    self._path = path
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    record = {"step": int(step)}
+    record.update({k: float(v) for k, v in scalars.items()})
+    with open(self._path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+
+  def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+    pass
+
+
+class Writers(StdoutWriter):
+  """Forwards every call to several writers."""
+
+  def __init__(self, writers):
+    self._writers = list(writers)
+
+  def write_scalars(self, step, scalars):
+    for w in self._writers:
+      w.write_scalars(step, scalars)
+
+  def write_hparams(self, hparams):
+    for w in self._writers:
+      w.write_hparams(hparams)
+
+  def write_texts(self, step, texts):
+    for w in self._writers:
+      w.write_texts(step, texts)
+
+  def flush(self):
+    for w in self._writers:
+      w.flush()
+
+  def close(self):
+    for w in self._writers:
+      w.close()
+
+
 def create_writer(workdir: str, *, tensorboard: bool = True):
-  """TensorBoard + log writer via clu where TensorFlow is installed."""
+  """TensorBoard (via clu, where TensorFlow is installed) or stdout, plus
+  WORKDIR/metrics.jsonl on the first process."""
+  writer = None
   if tensorboard:
     try:
       from clu import metric_writers  # imports TensorFlow
-      return metric_writers.create_default_writer(
+      writer = metric_writers.create_default_writer(
           workdir, just_logging=jax.process_index() > 0, asynchronous=True)
     except ImportError as e:
       logging.info("TensorBoard writer unavailable (%s); logging to stdout.", e)
-  return StdoutWriter()
+  writer = writer or StdoutWriter()
+  if jax.process_index() != 0:
+    return writer
+  os.makedirs(workdir, exist_ok=True)
+  return Writers([writer, JsonlWriter(os.path.join(workdir, "metrics.jsonl"))])
 
 
 def create_report_progress(num_train_steps: int, writer: Any):
