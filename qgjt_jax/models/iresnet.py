@@ -106,6 +106,8 @@ class SqueezeExcite(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     channels = x.shape[-1]
+    # Real widths (>= 64) divide exactly; the floor of 1 only keeps very
+    # narrow demo models buildable.
     hidden = max(1, channels // self.reduction)
     s = jnp.mean(x, axis=(1, 2), dtype=jnp.float32).astype(self.dtype)
     s = nn.Dense(hidden, use_bias=False, dtype=self.dtype,
