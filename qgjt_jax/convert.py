@@ -1,4 +1,21 @@
-"""Imports PyTorch IResNet weights (AdaFace / QGFace `net.py` layout) into Flax.
+r"""Imports PyTorch IResNet weights (AdaFace/QGFace `net.py` layout) into Flax.
+
+Command line: turn a pretrained checkpoint into an orbax checkpoint of this
+project (step 0, the `model` item that `--mode=eval` and fine-tuning read):
+
+  python -m qgjt_jax.convert --src=adaface_ir101_ms1mv2.ckpt \
+      --workdir=runs/adaface_ir101 [--arch=auto|ir50|ir_se50|...] \
+      [--trust_pickle] [--overwrite]
+
+`--src` is a Lightning `.ckpt`, a `.pth`/`.pt` state dict (both need torch) or
+an `.npz` of name -> array (numpy only). The architecture, base width,
+embedding size and input size are read from the tensors (`--arch` names the
+depth instead); the program prints them, the parameter count and the
+`python -m qgjt_jax.main ... --mode=eval` command with the `--config.model.*`
+and `--config.data.image_size` overrides the config needs to rebuild the same
+model. It refuses to replace an existing WORKDIR/checkpoints unless
+`--overwrite`. `--trust_pickle` lets torch unpickle the arbitrary objects
+Lightning checkpoints often hold (only for files you trust).
 
 The PyTorch state dict names follow `input_layer.{0,1,2}`,
 `body.{i}.res_layer.{j}` / `body.{i}.shortcut_layer.{0,1}` /
@@ -8,7 +25,7 @@ abstractly with `jax.eval_shape`), derives the PyTorch name and layout of every
 leaf, and so reports missing, unexpected and mis-shaped tensors by name instead
 of failing somewhere inside the model.
 
-Typical use:
+Typical use from Python:
 
   state = load_torch_checkpoint("adaface_ir101_ms1mv2.ckpt")
   num_layers, use_se = infer_architecture(state)
@@ -19,15 +36,24 @@ Typical use:
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 import logging
 import math
 import os
 import re
+import shlex
+import sys
 from typing import Any, Callable, Mapping
 
+from absl import app
+from absl import flags
+from absl import logging as absl_logging
+from etils import epath
 import numpy as np
 
+from qgjt_jax import models
 from qgjt_jax.models import iresnet
 
 _ROOT_KEY = "input_layer.0.weight"
@@ -289,11 +315,23 @@ def load_torch_checkpoint(path: str | os.PathLike, *,
 
   Returns:
     name -> array; floating tensors become float32 numpy arrays.
+
+  Raises:
+    FileNotFoundError: `path` does not exist.
+    ValueError: the file cannot be read as a state dict (the message names
+      it).
+    ImportError: a torch file and no torch.
   """
   path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path}: no such file")
   if path.endswith(".npz"):
-    with np.load(path, allow_pickle=False) as data:
-      return {k: data[k] for k in data.files}
+    try:
+      with np.load(path, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+    except Exception as e:  # zipfile, zlib and numpy format errors alike
+      raise ValueError(f"cannot read {path} as an .npz of name -> array "
+                       f"({type(e).__name__}: {e})") from e
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:
@@ -304,11 +342,12 @@ def load_torch_checkpoint(path: str | os.PathLike, *,
   try:
     obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
   except Exception as e:  # pylint: disable=broad-except
-    if trust_pickle:
-      raise
-    raise ValueError(
-        f"torch's safe loader could not read {path} ({e}); if you trust the "
-        "file, pass trust_pickle=True") from e
+    hint = "" if trust_pickle else (
+        "; if the file is a checkpoint you trust that pickles other objects "
+        "(Lightning hyper-parameters...), pass trust_pickle=True "
+        "(--trust_pickle)")
+    raise ValueError(f"torch could not read {path} ({type(e).__name__}: "
+                     f"{_first_line(e)}){hint}") from e
   if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
     obj = obj["state_dict"]
   elif hasattr(obj, "state_dict") and callable(obj.state_dict):
@@ -324,3 +363,215 @@ def load_torch_checkpoint(path: str | os.PathLike, *,
       value = value.float()
     out[key] = value.numpy()
   return out
+
+
+def _first_line(e: Exception) -> str:
+  text = str(e).strip()
+  return text.splitlines()[0][:300] if text else ""
+
+
+# --- Command line: a pretrained checkpoint -> this project's orbax layout.
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvertedModel:
+  """Converted backbone variables and the settings that rebuild the model."""
+  variables: dict
+  num_layers: int
+  use_se: bool
+  base_width: int
+  embedding_size: int
+  image_size: int
+
+  @property
+  def name(self) -> str:
+    """The canonical `config.model.name` ("ir100", "ir_se50", ...)."""
+    return f"ir{'_se' if self.use_se else ''}{self.num_layers}"
+
+  @property
+  def num_params(self) -> int:
+    return iresnet.count_params(self.variables["params"])
+
+  def config_overrides(self) -> dict[str, Any]:
+    """config key -> the value a config needs to build this very model."""
+    return {"model.name": self.name,
+            "model.base_width": self.base_width,
+            "model.embedding_size": self.embedding_size,
+            "data.image_size": self.image_size}
+
+
+def parse_arch(name: str) -> tuple[int, bool]:
+  """(num_layers, use_se) of a backbone name such as "ir101" or "ir_se50"."""
+  model = models.build_backbone(name)
+  return model.num_layers, model.use_se
+
+
+def convert_state_dict(state_dict: Mapping[str, Any], arch: str = "auto"
+                       ) -> ConvertedModel:
+  """Converts a state dict for the named (or, with "auto", inferred) IResNet.
+
+  Raises:
+    StateDictMismatchError: the tensors do not fit (names listed); with an
+      explicit `arch` the message also says what the file looks like.
+    ValueError: an unknown `arch`.
+  """
+  if arch == "auto":
+    num_layers, use_se = infer_architecture(state_dict)
+  else:
+    num_layers, use_se = parse_arch(arch)
+  try:
+    variables = torch_state_dict_to_flax(state_dict, num_layers=num_layers,
+                                         use_se=use_se)
+  except StateDictMismatchError as e:
+    if arch == "auto":
+      raise
+    try:
+      depth, se = infer_architecture(state_dict)
+      hint = f"\nthe tensors look like ir{'_se' if se else ''}{depth}"
+    except StateDictMismatchError:
+      hint = ""
+    raise StateDictMismatchError(f"{e}{hint}") from e
+  params = variables["params"]
+  base_width = params["input_layer"]["conv"]["kernel"].shape[-1]
+  fc_in, embedding_size = params["output_layer"]["fc"]["kernel"].shape
+  final_channels = iresnet.unit_specs(num_layers, base_width)[-1].out_channels
+  # Four stride-2 stages: a side x side map before the head means input
+  # images of 16 * side pixels (112 -> 7 for the published models).
+  side = math.isqrt(fc_in // final_channels)
+  return ConvertedModel(variables=variables, num_layers=num_layers,
+                        use_se=use_se, base_width=int(base_width),
+                        embedding_size=int(embedding_size),
+                        image_size=16 * side)
+
+
+def checkpoint_dir(workdir: str) -> str:
+  """Where `--mode=eval` looks for the checkpoints of a workdir."""
+  return f"{workdir.rstrip('/')}/checkpoints"
+
+
+def check_writable(workdir: str, overwrite: bool = False) -> None:
+  """Refuses a workdir whose checkpoint folder is not empty (unless asked).
+
+  Raises:
+    FileExistsError: naming the folder and what is in it.
+  """
+  directory = epath.Path(checkpoint_dir(workdir))
+  if not directory.exists():
+    return
+  if not directory.is_dir():
+    raise FileExistsError(f"{directory} exists and is not a folder")
+  entries = sorted(p.name for p in directory.iterdir())
+  if entries and not overwrite:
+    shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+    raise FileExistsError(
+        f"{directory} already holds checkpoints ({shown}); choose another "
+        "--workdir, or pass --overwrite to delete them all and write the "
+        "converted model instead")
+
+
+def write_checkpoint(workdir: str, converted: ConvertedModel, *,
+                     source: str = "", overwrite: bool = False) -> str:
+  """Writes WORKDIR/checkpoints/0 holding the `model` item; returns the folder.
+
+  Also records the source file and the config overrides in
+  WORKDIR/converted_from.json, so they can be found again later.
+
+  Raises:
+    FileExistsError: the checkpoint folder is not empty and not `overwrite`.
+  """
+  from qgjt_jax import checkpoint  # orbax: only needed to write
+  check_writable(workdir, overwrite)
+  directory = epath.Path(checkpoint_dir(workdir))
+  if directory.exists():
+    # A step left beside step 0 would be "the latest" one --mode=eval reads.
+    directory.rmtree()
+  checkpoint.save_model_only(str(directory), converted.variables, step=0)
+  record = {"source": os.path.abspath(source) if source else "",
+            "architecture": converted.name,
+            "num_layers": converted.num_layers, "use_se": converted.use_se,
+            "base_width": converted.base_width,
+            "embedding_size": converted.embedding_size,
+            "image_size": converted.image_size,
+            "num_params": converted.num_params,
+            "config_overrides": converted.config_overrides()}
+  (epath.Path(workdir) / "converted_from.json").write_text(
+      json.dumps(record, indent=2) + "\n")
+  return str(directory)
+
+
+def eval_command(workdir: str, converted: ConvertedModel,
+                 config_file: str = "configs/ms1m.py") -> str:
+  """The `--mode=eval` command line for a converted workdir (shell quoted)."""
+  args = [f"--config={config_file}", f"--workdir={workdir}", "--mode=eval"]
+  args += [f"--config.{k}={v}" for k, v in converted.config_overrides().items()]
+  lines = ["python -m qgjt_jax.main " + shlex.quote(args[0])]
+  lines += [shlex.quote(a) for a in args[1:]]
+  return " \\\n    ".join(lines)
+
+
+def summary(src: str, workdir: str, converted: ConvertedModel,
+            config_file: str) -> str:
+  """What the program prints after a conversion."""
+  se = "with" if converted.use_se else "no"
+  size = converted.image_size
+  return "\n".join([
+      f"Converted {src}",
+      f"  architecture    {converted.name} ({converted.num_layers} layers, "
+      f"{se} SE)",
+      f"  base width      {converted.base_width}",
+      f"  embedding size  {converted.embedding_size}",
+      f"  input size      {size} x {size}",
+      f"  parameters      {converted.num_params:,}",
+      f"Wrote the model (step 0) to {checkpoint_dir(workdir)}.",
+      "Evaluate it with (the config's model must match: keep the "
+      "--config.model.* and --config.data.image_size overrides):",
+      "  " + eval_command(workdir, converted, config_file),
+      "and choose the sets with --config.eval.bin_sets=\"('/data/lfw.bin', "
+      "'/data/agedb_30.bin')\" (or eval.tinyface_root, scface_root, "
+      "ijb_root).",
+  ])
+
+
+def _define_flags() -> None:
+  flags.DEFINE_string("src", None, "The PyTorch checkpoint: .ckpt "
+                      "(Lightning), .pth/.pt (state dict) or .npz.")
+  flags.DEFINE_string("workdir", None, "Work directory to create; the model "
+                      "goes to WORKDIR/checkpoints (step 0).")
+  flags.DEFINE_string("arch", "auto", "auto (read from the tensors) or a "
+                      "backbone name: " + ", ".join(models.backbone_names()))
+  flags.DEFINE_bool("trust_pickle", False, "Let torch unpickle arbitrary "
+                    "objects (Lightning checkpoints often need it). Only for "
+                    "files you trust: unpickling can run code.")
+  flags.DEFINE_bool("overwrite", False, "Delete an existing "
+                    "WORKDIR/checkpoints and write the converted model.")
+  flags.DEFINE_string("eval_config", "configs/ms1m.py", "Config file named "
+                      "in the printed --mode=eval command.")
+  flags.mark_flags_as_required(["src", "workdir"])
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  cfg = flags.FLAGS
+  try:
+    # Before the (slow) read: a bad name or a workdir in use fails at once.
+    if cfg.arch != "auto":
+      parse_arch(cfg.arch)
+    check_writable(cfg.workdir, cfg.overwrite)
+    state = load_torch_checkpoint(cfg.src, trust_pickle=cfg.trust_pickle)
+    try:
+      converted = convert_state_dict(state, cfg.arch)
+    except ValueError as e:
+      raise ValueError(f"{cfg.src}: {e}") from e
+    write_checkpoint(cfg.workdir, converted, source=cfg.src,
+                     overwrite=cfg.overwrite)
+  except (OSError, ValueError, ImportError) as e:
+    # Expected failures with a message naming the file: no traceback.
+    sys.exit(f"ERROR: {e}")
+  print(summary(cfg.src, cfg.workdir, converted, cfg.eval_config), flush=True)
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)
