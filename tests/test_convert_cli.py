@@ -1,0 +1,197 @@
+"""The conversion program: a PyTorch IResNet file becomes a workdir whose
+checkpoint restores to the reference's outputs and evaluates with --mode=eval.
+"""
+import json
+import os
+import pathlib
+import shlex
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import synthetic
+from qgjt_jax import checkpoint
+from qgjt_jax import convert
+from qgjt_jax import evaluate
+from qgjt_jax import parallel
+from qgjt_jax import state as state_lib
+
+PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[1]
+WEIGHTS = "iresnet18_eval.weights.npz"
+
+
+def _run_cli(*args: str) -> subprocess.CompletedProcess:
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "qgjt_jax.convert", *args],
+                        cwd=PROJECT_ROOT, env=env, capture_output=True,
+                        text=True, timeout=300)
+
+
+def _printed_overrides(stdout: str) -> dict[str, str]:
+  """The --config.KEY=VALUE arguments of the printed --mode=eval command."""
+  start = stdout.index("python -m qgjt_jax.main")
+  lines = [stdout[start:].splitlines()[0]]
+  for line in stdout[start:].splitlines()[1:]:
+    if not lines[-1].endswith("\\"):
+      break
+    lines.append(line)
+  words = shlex.split(" ".join(line.rstrip("\\") for line in lines))
+  assert words[:3] == ["python", "-m", "qgjt_jax.main"]
+  assert "--mode=eval" in words
+  overrides = {}
+  for word in words[3:]:
+    if word.startswith("--config."):
+      key, value = word[len("--config."):].split("=", 1)
+      overrides[key] = value
+  return overrides
+
+
+def _apply(config, overrides: dict[str, str]):
+  for key, value in overrides.items():
+    section, name = key.split(".")
+    old = config[section][name]
+    config[section][name] = type(old)(value)
+  return config
+
+
+@pytest.fixture(scope="module")
+def converted(reference_dir, tmp_path_factory):
+  """(workdir, stdout) of one CLI run on the reference IR-18 weights."""
+  workdir = tmp_path_factory.mktemp("convert_cli") / "ir18"
+  result = _run_cli(f"--src={reference_dir / WEIGHTS}",
+                    f"--workdir={workdir}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir, result.stdout
+
+
+def _config(overrides, **eval_settings):
+  config = _apply(synthetic.get_config(), overrides)
+  config.model.dtype = "float32"
+  # Not "synthetic": evaluate_checkpoint would then also embed the generated
+  # pairs, at the imported model's 112 px.
+  config.data.kind = "rec"
+  config.eval.update(eval_settings)
+  return config
+
+
+def test_summary_describes_the_model(reference_dir, converted):
+  workdir, stdout = converted
+  assert "ir18 (18 layers, no SE)" in stdout
+  with np.load(reference_dir / WEIGHTS) as weights:
+    # Trainable tensors: everything but BatchNorm's running statistics.
+    num_params = sum(weights[k].size for k in weights.files
+                     if ".running_" not in k)
+    fc_rows, fc_inputs = weights["output_layer.3.weight"].shape
+  assert f"{num_params:,}" in stdout
+  assert _printed_overrides(stdout) == {
+      "model.name": "ir18", "model.base_width": "64",
+      "model.embedding_size": str(fc_rows), "data.image_size": "112"}
+  assert fc_inputs == 512 * 7 * 7
+  assert f"--workdir={workdir}" in stdout
+  record = json.loads((workdir / "converted_from.json").read_text())
+  assert record["source"] == str(reference_dir / WEIGHTS)
+
+
+def test_restored_model_reproduces_the_reference(reference_dir, converted):
+  workdir, stdout = converted
+  config = _config(_printed_overrides(stdout))
+  mesh = parallel.make_mesh(1)
+  model = state_lib.build_model(config)
+  variables, step = checkpoint.restore_model(
+      str(workdir / "checkpoints"),
+      evaluate.abstract_model_variables(config, model, mesh))
+  assert step == 0
+  with np.load(reference_dir / "iresnet18_eval.npz") as case:
+    images = case["in/images_nchw"].transpose(0, 2, 3, 1)
+    want_embedding = case["out/embedding"]
+    want_norm = case["out/norm"][:, 0]
+  embedding, norm = jax.jit(
+      lambda v, x: model.apply(v, x, train=False))(variables, images)
+  np.testing.assert_allclose(embedding, want_embedding, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(norm, want_norm, rtol=1e-4)
+
+
+def test_eval_mode_reads_the_converted_workdir(converted, insightface_rec_dir,
+                                               capsys):
+  workdir, stdout = converted
+  lfw = str(insightface_rec_dir / "lfw.bin")
+  # No flip fusion: half the forward passes, and the protocol is not what is
+  # tested here.
+  config = _config(_printed_overrides(stdout), bin_sets=(lfw,),
+                   batch_size=16, fusion=None)
+  results = evaluate.evaluate_checkpoint(config, str(workdir))
+  printed = capsys.readouterr().out
+  assert "Restored the model of step 0" in printed
+  rows = [line.split() for line in printed.splitlines()]
+  assert any(row and row[0] == "lfw" for row in rows), printed
+  assert results["lfw"]["num_pairs"] == 40
+  written = sorted((workdir / "eval").glob("*.json"))
+  assert [p.name for p in written] == ["step_0.json"]
+  saved = json.loads(written[0].read_text())
+  assert saved["lfw"]["accuracy_mean"] == pytest.approx(
+      results["lfw"]["accuracy_mean"])
+
+
+def test_existing_checkpoints_are_kept_unless_overwrite(reference_dir,
+                                                        tmp_path):
+  old_step = tmp_path / "checkpoints" / "1000"
+  old_step.mkdir(parents=True)
+  result = _run_cli(f"--src={reference_dir / WEIGHTS}",
+                    f"--workdir={tmp_path}")
+  assert result.returncode == 1
+  assert "--overwrite" in result.stderr
+  assert str(tmp_path / "checkpoints") in result.stderr
+  assert "Traceback" not in result.stderr
+  assert old_step.is_dir()
+
+  model = convert.convert_state_dict(
+      convert.load_torch_checkpoint(reference_dir / WEIGHTS))
+  with pytest.raises(FileExistsError, match="1000"):
+    convert.write_checkpoint(str(tmp_path), model)
+  convert.write_checkpoint(str(tmp_path), model, overwrite=True)
+  # The old step is gone, so it cannot pass for the latest one.
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["0"]
+
+
+def test_unreadable_input_is_named(tmp_path):
+  broken = tmp_path / "broken.npz"
+  broken.write_bytes(b"not a zip archive")
+  result = _run_cli(f"--src={broken}", f"--workdir={tmp_path / 'out'}")
+  assert result.returncode == 1
+  assert f"ERROR: cannot read {broken}" in result.stderr
+  assert "Traceback" not in result.stderr
+  assert not (tmp_path / "out" / "checkpoints").exists()
+
+  with pytest.raises(FileNotFoundError, match="missing.ckpt"):
+    convert.load_torch_checkpoint(tmp_path / "missing.ckpt")
+
+
+def test_not_a_backbone_is_named(tmp_path):
+  path = tmp_path / "head_only.npz"
+  np.savez(path, **{"head.kernel": np.zeros((4, 2), np.float32)})
+  with pytest.raises(convert.StateDictMismatchError, match="no IResNet"):
+    convert.convert_state_dict(convert.load_torch_checkpoint(path))
+
+
+def test_wrong_arch_says_what_the_file_holds(reference_dir):
+  state = convert.load_torch_checkpoint(reference_dir / WEIGHTS)
+  with pytest.raises(convert.StateDictMismatchError,
+                     match="the tensors look like ir18"):
+    convert.convert_state_dict(state, arch="ir_se50")
+  with pytest.raises(ValueError, match="unknown backbone"):
+    convert.convert_state_dict(state, arch="resnet50")
+
+
+def test_torch_formats_without_torch_name_the_file(tmp_path):
+  try:
+    import torch  # pylint: disable=unused-import
+    pytest.skip("torch is installed")
+  except ImportError:
+    pass
+  path = tmp_path / "model.ckpt"
+  path.write_bytes(b"\x80")
+  with pytest.raises(ImportError, match="model.ckpt needs PyTorch"):
+    convert.load_torch_checkpoint(path)
