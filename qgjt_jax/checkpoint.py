@@ -7,17 +7,22 @@ Each checkpoint step holds three items:
          fine-tuning need: restoring it does not depend on the class count,
          the optimiser or the device count that wrote it;
   data   the grain iterator's position (when there is one).
-Orbax writes each step to a temporary folder and renames it when complete, so
-an interrupted save never becomes the latest step; a latest step that fails to
-restore is reported and the one before it is used.
+Orbax writes each step to a temporary folder (`<step>.orbax-checkpoint-tmp-*`)
+and renames it when complete, so an interrupted save never becomes the latest
+step (and its leftovers are removed by the next manager). A latest step that
+fails to restore is reported, renamed to `<step>.damaged-<time>` (kept for
+inspection, ignored by orbax) and the one before it is used; when no step is
+readable the run stops instead of silently starting over.
 """
 from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any, Optional
 
 from absl import logging
+from etils import epath
 import jax
 import orbax.checkpoint as ocp
 
@@ -32,13 +37,26 @@ def _grain_checkpoint():
     return None
 
 
+class CheckpointError(RuntimeError):
+  """Checkpoints exist but none can be restored."""
+
+
+class IncompatibleRunError(ValueError):
+  """The workdir's checkpoints were written with an incompatible config."""
+
+
+def _absolute(directory: str) -> str:
+  return directory if "://" in directory else os.path.abspath(directory)
+
+
 def make_manager(directory: str, *, max_to_keep: int = 3,
                  asynchronous: bool = True) -> ocp.CheckpointManager:
-  directory = os.path.abspath(directory) if "://" not in directory else directory
+  # Leftovers of saves interrupted before their commit are only garbage (they
+  # never count as steps), so they are removed rather than accumulating.
   options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, create=True,
-      enable_async_checkpointing=asynchronous)
-  return ocp.CheckpointManager(directory, options=options)
+      enable_async_checkpointing=asynchronous, cleanup_tmp_directories=True)
+  return ocp.CheckpointManager(_absolute(directory), options=options)
 
 
 def model_item(state) -> dict[str, Any]:
@@ -47,8 +65,15 @@ def model_item(state) -> dict[str, Any]:
 
 def save(manager: ocp.CheckpointManager, state, data_iterator=None,
          *, force: bool = False) -> bool:
-  """Saves (asynchronously) state, model and iterator at state.step."""
+  """Saves (asynchronously) state, model and iterator at state.step.
+
+  Returns False when nothing was saved: `force=False` leaves the decision to
+  the manager, and a step that is already saved (a periodic save followed by
+  the stop's) is not written twice.
+  """
   step = int(jax.device_get(state.step))
+  if step in manager.all_steps():
+    return False
   items = {STATE: ocp.args.StandardSave(state),
            MODEL: ocp.args.StandardSave(model_item(state))}
   grain_ckpt = _grain_checkpoint()
@@ -68,32 +93,69 @@ def restore_latest(manager: ocp.CheckpointManager, state, shardings,
   """Restores the newest readable step into `state`'s layout, or None.
 
   The iterator is restored in place. A step that fails to restore (damaged or
-  partly deleted files) is reported and skipped in favour of the one before.
+  partly deleted files) is reported and the one before it is tried; once one
+  restores, the damaged newer steps are renamed aside, so the run can save
+  those step numbers again. If steps exist but none restores (damage, or a
+  layout this code cannot read), CheckpointError is raised: starting over
+  would bury the old run's checkpoints under new ones.
   """
   target = _abstract(state, shardings)
   grain_ckpt = _grain_checkpoint()
+  damaged, errors = [], []
   for step in sorted(manager.all_steps(), reverse=True):
     items = {STATE: ocp.args.StandardRestore(target)}
-    if data_iterator is not None and grain_ckpt is not None and (
-        DATA in _item_names(manager, step)):
+    has_data = DATA in _item_names(manager, step)
+    if data_iterator is not None and grain_ckpt is not None and has_data:
       items[DATA] = grain_ckpt.CheckpointRestore(data_iterator)
     try:
       restored = manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # orbax raises many types for damaged files
-      logging.error("Checkpoint step %d in %s could not be restored (%s: %s); "
-                    "trying the previous one.", step, manager.directory,
-                    type(e).__name__, e)
-      print(f"WARNING: checkpoint step {step} is damaged ({type(e).__name__}); "
-            "falling back to the previous step.", flush=True)
+      reason = f"{type(e).__name__}: {_first_line(e)}"
+      logging.error("Checkpoint step %d in %s could not be restored (%s); "
+                    "trying the previous one.", step, manager.directory, e)
+      print(f"WARNING: checkpoint step {step} in {manager.directory} could "
+            f"not be restored ({reason}); trying the previous step.",
+            flush=True)
+      damaged.append(step)
+      errors.append(f"step {step}: {reason}")
       continue
+    if data_iterator is not None and not has_data:
+      print(f"WARNING: checkpoint step {step} has no data iterator state; "
+            "the input order restarts from the beginning.", flush=True)
+    if damaged:
+      _set_aside(manager, damaged)
     return restored[STATE]
+  if errors:
+    raise CheckpointError(
+        f"No checkpoint in {manager.directory} can be restored:\n  " +
+        "\n  ".join(errors) + "\nMove the folder aside (or use another "
+        "--workdir) to start a new run, or fix the code/config mismatch.")
   return None
 
 
+def _first_line(e: Exception) -> str:
+  text = str(e).strip()
+  return text.splitlines()[0][:300] if text else ""
+
+
+def _set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
+  """Renames unreadable steps to `<step>.damaged-<time>` (orbax ignores it)."""
+  if jax.process_index() == 0:
+    root = epath.Path(manager.directory)
+    for step in steps:
+      target = root / f"{step}.damaged-{int(time.time())}"
+      (root / str(step)).rename(target)
+      print(f"Checkpoint step {step} was moved to {target}.", flush=True)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("qgjt_set_aside_damaged_steps")
+  manager.reload()
+
+
 def _item_names(manager: ocp.CheckpointManager, step: int) -> list[str]:
-  step_dir = os.path.join(str(manager.directory), str(step))
+  step_dir = epath.Path(manager.directory) / str(step)
   try:
-    return os.listdir(step_dir)
+    return [p.name for p in step_dir.iterdir()]
   except OSError:
     return []
 
@@ -106,7 +168,7 @@ def restore_model(directory: str, abstract_model: Any,
   written on any device count restores onto the current one.
   """
   manager = ocp.CheckpointManager(
-      os.path.abspath(directory) if "://" not in directory else directory,
+      _absolute(directory),
       options=ocp.CheckpointManagerOptions(create=False, read_only=True))
   steps = sorted(manager.all_steps(), reverse=True)
   if step is not None:
@@ -147,37 +209,75 @@ def record_config(workdir: str, config_dict: dict[str, Any],
   """Keeps the config and package version that wrote the workdir."""
   if jax.process_index() != 0:
     return
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, CONFIG_RECORD), "w") as f:
-    json.dump({"version": version, "config": config_dict}, f, indent=2,
-              sort_keys=True, default=str)
+  directory = epath.Path(workdir)
+  directory.mkdir(parents=True, exist_ok=True)
+  text = json.dumps({"version": version, "config": config_dict}, indent=2,
+                    sort_keys=True, default=str)
+  # Written beside and renamed, so a crash never leaves half a record.
+  tmp = directory / (CONFIG_RECORD + ".tmp")
+  tmp.write_text(text)
+  tmp.replace(directory / CONFIG_RECORD)
 
 
-# Keys whose change makes an existing checkpoint unusable for resuming.
+# Keys whose change makes an existing checkpoint unusable for resuming: they
+# change the shapes or the structure of the saved TrainState. For the
+# optimiser only switching a part on or off matters (it adds or removes
+# optimiser state), not its value.
+_ON_OFF = lambda v: bool(v)
 INCOMPATIBLE_KEYS = (
-    ("model", "name"), ("model", "base_width"), ("model", "embedding_size"),
-    ("data", "image_size"), ("num_classes",), ("queue", "kind"),
-    ("queue", "capacity"))
+    (("model", "name"), None),
+    (("model", "base_width"), None),
+    (("model", "embedding_size"), None),
+    (("data", "image_size"), None),
+    (("num_classes",), None),
+    (("queue", "kind"), None),
+    (("queue", "capacity"), None),
+    (("optim", "grad_clip_norm"), _ON_OFF),
+    (("optim", "weight_decay"), _ON_OFF),
+    (("optim", "momentum"), _ON_OFF),
+)
+_MISSING = object()
+
+
+def _lookup(tree: Any, key: tuple[str, ...]) -> Any:
+  for k in key:
+    if not isinstance(tree, dict) or k not in tree:
+      return _MISSING
+    tree = tree[k]
+  return tree
 
 
 def check_compatible(workdir: str, config_dict: dict[str, Any]) -> None:
-  """Stops with a message naming the keys that differ from the recorded run."""
-  path = os.path.join(workdir, CONFIG_RECORD)
-  if not os.path.exists(path):
+  """Stops with a message naming the keys that differ from the recorded run.
+
+  Raises:
+    IncompatibleRunError: the workdir's checkpoints were written with a different
+      class count, architecture, image size, queue or optimiser structure.
+  """
+  path = epath.Path(workdir) / CONFIG_RECORD
+  if not path.exists():
     return
-  with open(path) as f:
-    recorded = json.load(f)["config"]
+  record = json.loads(path.read_text())
+  recorded = record["config"]
   diffs = []
-  for key in INCOMPATIBLE_KEYS:
-    old, new = recorded, config_dict
-    for k in key:
-      old = old.get(k) if isinstance(old, dict) else None
-      new = new.get(k) if isinstance(new, dict) else None
-    if old is not None and new is not None and old != new:
-      diffs.append(f"config.{'.'.join(key)}: checkpoint has {old!r}, "
-                   f"this run asks for {new!r}")
+  for key, normalise in INCOMPATIBLE_KEYS:
+    old, new = _lookup(recorded, key), _lookup(config_dict, key)
+    if old is _MISSING or new is _MISSING:
+      continue
+    if (normalise(old) != normalise(new)) if normalise else (old != new):
+      name = ".".join(key)
+      if name == "num_classes":
+        diffs.append(f"the class count (identities in the training data): "
+                     f"the checkpoints have {old!r}, this run's data has "
+                     f"{new!r}")
+        continue
+      note = (" (switching it on or off changes the optimiser state)"
+              if normalise else "")
+      diffs.append(f"config.{name}: the checkpoints have {old!r}, this run "
+                   f"asks for {new!r}{note}")
   if diffs:
-    raise ValueError(
-        f"The checkpoints in {workdir} were written by an incompatible run:\n  "
-        + "\n  ".join(diffs) +
-        "\nUse another --workdir, or restore the recorded values.")
+    raise IncompatibleRunError(
+        f"The checkpoints in {workdir} were written by an incompatible run "
+        f"(qgjt_jax {record.get('version', '?')}):\n  " + "\n  ".join(diffs) +
+        "\nUse another --workdir, or set the recorded values again "
+        f"(all of them are in {path}).")
