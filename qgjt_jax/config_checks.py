@@ -1,11 +1,15 @@
 """Start-up checks of a config: one message naming the key and the fix.
 
 Run before anything expensive, so a typo or an impossible value fails in
-seconds instead of after compiling (or hours into a run).
+seconds instead of after compiling (or hours into a run). Each check raises
+ConfigError with the offending `config.KEY`, its value and what would work.
+Unknown keys given on the command line are refused by ml_collections while
+the flags are parsed (see main.py).
 """
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import jax
 import ml_collections
@@ -15,6 +19,7 @@ from qgjt_jax import parallel
 
 _CHOICES = {
     "data.kind": ("rec", "tfds", "synthetic"),
+    "data.view.recipe": ("qgface", "adaface"),
     "quality.partition": ("norm", "degradation"),
     "head.kind": ("adaface", "arcface", "cosface", "softmax"),
     "contrastive.gate": ("sgn", "cos", "linear"),
@@ -25,55 +30,129 @@ _CHOICES = {
     "queue.kind": ("proxy", "realtime", "moco", "none"),
     "optim.schedule": ("multistep", "cosine"),
     "model.dtype": ("float32", "bfloat16", "float16"),
+    "eval.fusion": ("pre_norm_add", "norm_weighted", "mean", "concat"),
+    "eval.ijb_target": ("IJBB", "IJBC"),
 }
+
+# (key, lowest, highest, what the key is): closed intervals, None = unbounded.
+_RANGES = (
+    ("head.b", 0.0, 1.0, "a quality threshold; 0 disables the gate"),
+    ("contrastive.b", 0.0, 1.0, "a quality threshold; 0 disables the gate"),
+    ("quality.alpha", 0.0, 1.0, "the running statistics' update rate"),
+    ("optim.momentum", 0.0, 0.999999, "SGD momentum"),
+    ("model.dropout_rate", 0.0, 0.999999, "a probability"),
+    ("queue.moco_momentum", 0.0, 1.0, "the momentum encoder's decay"),
+    ("contrastive.weight", 0.0, None, "lambda, the contrastive loss weight"),
+    ("contrastive.start_epoch", 0.0, None, "an epoch"),
+    ("contrastive.b_warmup_epochs", 0.0, None, "a number of epochs"),
+    ("optim.weight_decay", 0.0, None, "a decay factor"),
+    ("optim.warmup_epochs", 0.0, None, "a number of epochs"),
+    ("optim.grad_clip_norm", 0.0, None, "a norm; 0 disables clipping"),
+    ("data.worker_count", 0, None, "a process count; 0 reads in-process"),
+    ("eval_every_steps", 0, None, "a step count; 0 evaluates at the end only"),
+)
+
+# Keys that must be > 0 (counts, sizes, rates).
+_POSITIVE = (
+    "global_batch_size", "num_epochs", "optim.lr", "optim.gamma",
+    "model.base_width", "model.embedding_size", "data.image_size",
+    "eval.batch_size", "log_every_steps", "checkpoint_every_steps",
+    "keep_checkpoints", "max_consecutive_nonfinite", "model_parallelism",
+    "quality.h", "quality.eps", "head.s", "contrastive.s",
+)
 
 
 class ConfigError(ValueError):
   pass
 
 
-def _get(config: ml_collections.ConfigDict, dotted: str):
+def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
   value = config
   for part in dotted.split("."):
     value = value[part]
   return value
 
 
+def _is_number(value: Any) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def check_train_config(config: ml_collections.ConfigDict,
                        num_classes: int | None = None) -> None:
-  for key, allowed in _CHOICES.items():
-    value = _get(config, key)
-    if value not in allowed:
-      raise ConfigError(f"config.{key}={value!r} is not one of {allowed}.")
-  for key in ("head.b", "contrastive.b"):
-    value = _get(config, key)
-    if not 0.0 <= value <= 1.0:
-      raise ConfigError(f"config.{key}={value} must lie in [0, 1] (a quality "
-                        "threshold; 0 disables the gate).")
+  """Every check that needs neither data nor devices (and the class count)."""
+  check_values(config)
   batch = config.global_batch_size
-  if batch < 1:
-    raise ConfigError(f"config.global_batch_size={batch} must be positive.")
   if batch % jax.process_count():
     raise ConfigError(
         f"config.global_batch_size={batch} is not divisible by the "
-        f"{jax.process_count()} processes; use a multiple of it.")
+        f"{jax.process_count()} processes; use a multiple of "
+        f"{jax.process_count()}.")
   keys_per_step = batch if config.queue.kind == "moco" else 2 * batch
   if config.queue.kind != "none" and config.queue.capacity < keys_per_step:
+    what = ("global_batch_size" if config.queue.kind == "moco"
+            else "2 x global_batch_size")
     raise ConfigError(
         f"config.queue.capacity={config.queue.capacity} is smaller than the "
-        f"{keys_per_step} keys enqueued per step (2 x global_batch_size); "
-        f"use at least {keys_per_step}.")
-  if config.num_epochs <= 0:
-    raise ConfigError(f"config.num_epochs={config.num_epochs} must be > 0.")
-  if config.optim.lr <= 0:
-    raise ConfigError(f"config.optim.lr={config.optim.lr} must be > 0.")
-  if num_classes is not None and num_classes < 2:
-    raise ConfigError(f"The training set has {num_classes} identities; at "
-                      "least 2 are needed.")
+        f"{keys_per_step} keys enqueued per step ({what}); use at least "
+        f"{keys_per_step}, e.g. --config.queue.capacity={keys_per_step}.")
+  milestones = tuple(config.optim.milestones)
+  if list(milestones) != sorted(milestones) or any(
+      m <= 0 for m in milestones):
+    raise ConfigError(
+        f"config.optim.milestones={milestones} must be positive epochs in "
+        "increasing order, e.g. (12, 20, 24).")
+  if config.data.kind == "synthetic":
+    spec = config.data.synthetic
+    for key, least in (("num_identities", 2), ("images_per_identity", 1),
+                       ("eval_identities", 2), ("eval_pairs", 1)):
+      if spec[key] < least:
+        raise ConfigError(f"config.data.synthetic.{key}={spec[key]} must be "
+                          f"at least {least}.")
+  if num_classes is not None:
+    check_num_classes(num_classes)
   check_data_paths(config)
 
 
+def check_values(config: ml_collections.ConfigDict) -> None:
+  """Enumerations, ranges and positive sizes."""
+  for key, allowed in _CHOICES.items():
+    value = _get(config, key)
+    if value not in allowed:
+      raise ConfigError(f"config.{key}={value!r} is not one of {allowed}; "
+                        f"e.g. --config.{key}={allowed[0]}.")
+  from qgjt_jax.models import backbone_names, build_backbone
+  try:
+    build_backbone(config.model.name)
+  except (ValueError, TypeError, AttributeError):
+    raise ConfigError(
+        f"config.model.name={config.model.name!r} is not a known backbone; "
+        f"use one of {', '.join(backbone_names())}.") from None
+  for key in _POSITIVE:
+    value = _get(config, key)
+    if not _is_number(value) or value <= 0:
+      raise ConfigError(f"config.{key}={value!r} must be a positive number.")
+  for key, low, high, what in _RANGES:
+    value = _get(config, key)
+    if not _is_number(value) or (low is not None and value < low) or (
+        high is not None and value > high):
+      interval = (f"in [{low}, {high}]" if high is not None else f">= {low}")
+      raise ConfigError(f"config.{key}={value!r} must be {interval} "
+                        f"({what}).")
+  from qgjt_jax.data import degrade
+  try:
+    degrade.view_config_from(config.data.view)
+  except (ValueError, TypeError) as e:
+    raise ConfigError(f"config.data.view: {e}") from None
+
+
+def check_num_classes(num_classes: int) -> None:
+  if num_classes < 2:
+    raise ConfigError(f"The training set has {num_classes} identities; at "
+                      "least 2 are needed (check config.data).")
+
+
 def check_data_paths(config: ml_collections.ConfigDict) -> None:
+  """The training data and every evaluation set the config names exist."""
   data = config.data
   if data.kind == "rec":
     if not data.rec_dir:
@@ -81,26 +160,56 @@ def check_data_paths(config: ml_collections.ConfigDict) -> None:
           "config.data.rec_dir is not set: point it at the folder holding "
           "insightface's train.rec and train.idx, e.g. "
           "--config.data.rec_dir=/data/faces_emore.")
-    if "://" not in data.rec_dir and not os.path.isdir(data.rec_dir):
-      raise ConfigError(f"config.data.rec_dir={data.rec_dir!r} does not exist.")
-  if data.kind == "tfds" and not data.tfds_name:
-    raise ConfigError(
-        "config.data.tfds_name is not set: name a prepared set such as "
-        "'insightface_rec/ms1mv2' (see `python -m qgjt_jax.data.prepare`).")
+    if "://" not in data.rec_dir and not os.path.exists(data.rec_dir):
+      raise ConfigError(f"config.data.rec_dir={data.rec_dir!r} does not "
+                        "exist: point it at the folder holding train.rec "
+                        "and train.idx.")
+  if data.kind == "tfds":
+    if not data.tfds_name:
+      raise ConfigError(
+          "config.data.tfds_name is not set: name a prepared set such as "
+          "'insightface_rec/ms1mv2' (see `python -m qgjt_jax.data.prepare`).")
+    if data.tfds_data_dir and "://" not in data.tfds_data_dir and (
+        not os.path.isdir(data.tfds_data_dir)):
+      raise ConfigError(
+          f"config.data.tfds_data_dir={data.tfds_data_dir!r} does not exist: "
+          "use the --data_dir given to `python -m qgjt_jax.data.prepare`.")
+  check_eval_paths(config)
+
+
+def check_eval_paths(config: ml_collections.ConfigDict) -> None:
   for path in config.eval.bin_sets:
     if "://" not in path and not os.path.isfile(path):
       raise ConfigError(f"config.eval.bin_sets lists {path!r}, which does not "
-                        "exist.")
+                        "exist; fix the path or drop it from the list.")
+  for key in ("tinyface_root", "scface_root", "ijb_root"):
+    path = config.eval[key]
+    if path and "://" not in path and not os.path.isdir(path):
+      raise ConfigError(f"config.eval.{key}={path!r} does not exist; fix the "
+                        "path or leave the key unset.")
+  for size in config.eval.low_res:
+    if not _is_number(size) or size <= 0:
+      raise ConfigError(f"config.eval.low_res lists {size!r}; use positive "
+                        "pixel sizes such as (14, 28).")
 
 
-def check_mesh(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
+def check_eval_config(config: ml_collections.ConfigDict) -> None:
+  """What --mode=eval needs: valid values and existing evaluation sets."""
+  check_values(config)
+  check_eval_paths(config)
+
+
+def check_mesh(config: ml_collections.ConfigDict, mesh: Mesh, *,
+               train: bool = True) -> None:
+  """Batch sizes split evenly over the data-parallel devices."""
   data_devices = parallel.data_parallel_size(mesh)
-  if config.global_batch_size % data_devices:
+  if train and config.global_batch_size % data_devices:
     raise ConfigError(
         f"config.global_batch_size={config.global_batch_size} is not "
         f"divisible by the {data_devices} data-parallel devices; use a "
-        "multiple of it.")
+        f"multiple of {data_devices}.")
   if config.eval.batch_size % data_devices:
     raise ConfigError(
         f"config.eval.batch_size={config.eval.batch_size} is not divisible by "
-        f"the {data_devices} data-parallel devices.")
+        f"the {data_devices} data-parallel devices; use a multiple of "
+        f"{data_devices}.")
