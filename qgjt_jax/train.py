@@ -2,18 +2,23 @@
 
 The loop feeds host batches to the jitted step, logs, checkpoints (state,
 model and data iterator together) and evaluates. It stops cleanly on SIGTERM
-or SIGINT (finishing the step, checkpointing, exiting 0) and resumes from the
-newest readable checkpoint in the workdir when it is run again.
+or SIGINT (finishing the step, checkpointing, returning normally so the
+program exits 0; every process stops at the same step) and resumes from the
+newest readable checkpoint in the workdir when it is run again, with the same
+per-step losses as a run that was never stopped. A run of
+`config.max_consecutive_nonfinite` skipped (non-finite) steps stops it with a
+checkpoint of the last good state and NonFiniteError.
 """
 from __future__ import annotations
 
+import os
 import signal
+import threading
 import time
 from typing import Any
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -31,27 +36,47 @@ from qgjt_jax.data import sources
 
 
 class StopRequested:
-  """Turns SIGTERM/SIGINT into a flag the loop checks between steps."""
+  """Turns SIGTERM/SIGINT into a flag the loop checks between steps.
+
+  A second SIGINT aborts at once (KeyboardInterrupt), for a user who does not
+  want to wait for the step and the checkpoint. Outside the main thread
+  Python cannot install handlers; the loop then runs without them.
+  """
 
   def __init__(self):
     self.signal_name = None
     self._previous = {}
 
   def __enter__(self):
+    if threading.current_thread() is not threading.main_thread():
+      logging.warning("Not in the main thread: SIGTERM/SIGINT will not stop "
+                      "training cleanly.")
+      return self
     for sig in (signal.SIGTERM, signal.SIGINT):
       self._previous[sig] = signal.signal(sig, self._handle)
     return self
 
   def _handle(self, signum, frame):
     del frame
-    self.signal_name = signal.Signals(signum).name
+    name = signal.Signals(signum).name
+    if self.signal_name == "SIGINT" and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.signal_name = self.signal_name or name
+    # os.write, not print: a handler may interrupt a print in progress.
+    os.write(2, f"{name} received: stopping after the current step with a "
+                "checkpoint (press Ctrl-C again to abort now).\n".encode())
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
+    self._previous = {}
 
   def agreed(self) -> bool:
-    """True when any process was asked to stop (all processes agree)."""
+    """True when any process was asked to stop (all processes agree).
+
+    On one process this reads a Python flag; only multi-process runs pay for
+    the all-gather that makes every process stop after the same step.
+    """
     local = self.signal_name is not None
     if jax.process_count() == 1:
       return local
@@ -60,14 +85,28 @@ class StopRequested:
 
 
 class NonFiniteError(RuntimeError):
-  pass
+  """Too many consecutive steps had a non-finite loss or gradient."""
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains config's recipe in workdir; returns the final evaluation."""
+  """Trains config's recipe in workdir; returns the final evaluation.
+
+  Returns {} when stopped by a signal (after checkpointing). Raises
+  config_checks.ConfigError for a bad config, ValueError when the workdir
+  holds an incompatible run, checkpoint.CheckpointError when its checkpoints
+  are all unreadable and NonFiniteError (after checkpointing the last good
+  state) when the numerical guard gives up.
+  """
+  # Before building anything: a bad value fails in seconds.
+  config_checks.check_train_config(config)
+  with StopRequested() as stop:
+    return _train_and_evaluate(config, workdir, stop)
+
+
+def _train_and_evaluate(config, workdir, stop: StopRequested) -> dict:
   source = sources.train_source(config)
   num_classes = source.num_classes
-  config_checks.check_train_config(config, num_classes=num_classes)
+  config_checks.check_num_classes(num_classes)
   mesh = parallel.make_mesh(config.model_parallelism)
   config_checks.check_mesh(config, mesh)
   run_record = config.to_dict()
@@ -77,8 +116,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   global_batch = config.global_batch_size
   steps_per_epoch = len(source) // global_batch
   if steps_per_epoch < 1:
-    raise ValueError(f"The training set ({len(source)} images) is smaller than "
-                     f"config.global_batch_size={global_batch}.")
+    raise config_checks.ConfigError(
+        f"config.global_batch_size={global_batch} is larger than the training "
+        f"set ({len(source)} images); use at most {len(source)}.")
   num_train_steps = int(config.num_epochs * steps_per_epoch)
   schedule = optim.make_lr_schedule(config.optim, steps_per_epoch,
                                     config.num_epochs)
@@ -97,40 +137,44 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   manager = ckpt.make_manager(f"{workdir}/checkpoints",
                               max_to_keep=config.keep_checkpoints)
-  restored = ckpt.restore_latest(manager, state, shardings, data_iterator)
-  if restored is not None:
-    state = restored
-    print(f"Resumed from step {int(state.step)} in {workdir}.", flush=True)
-  ckpt.record_config(workdir, run_record, qgjt_jax.__version__)
+  writer = None
+  try:
+    restored = ckpt.restore_latest(manager, state, shardings, data_iterator)
+    if restored is not None:
+      state = restored
+      print(f"Resumed from step {int(state.step)} in {workdir}.", flush=True)
+    ckpt.record_config(workdir, run_record, qgjt_jax.__version__)
 
-  writer = reporting.create_writer(workdir)
-  writer.write_hparams({k: str(v) for k, v in run_record.items()})
-  reporting.log_parameter_overview(state.params)
-  report_progress = reporting.create_report_progress(num_train_steps, writer)
-  start_step = int(state.step)
-  progress = reporting.ProgressLine(num_train_steps, 2 * global_batch,
-                                    start_step)
-  train_step = step_lib.make_train_step(
-      model=model, tx=tx, config=config, lr_schedule=schedule,
-      steps_per_epoch=steps_per_epoch, mesh=mesh, state_shardings=shardings)
-  evaluator = evaluate_lib.Evaluator(config, model, mesh)
-  print(f"Training {config.model.name} on {source.name}: {len(source):,} "
-        f"images, {num_classes:,} identities, {num_train_steps:,} steps of "
-        f"{global_batch} x 2 views on {jax.device_count()} device(s).",
-        flush=True)
+    writer = reporting.create_writer(workdir)
+    writer.write_hparams({k: str(v) for k, v in run_record.items()})
+    reporting.log_parameter_overview(state.params)
+    report_progress = reporting.create_report_progress(num_train_steps,
+                                                       writer)
+    start_step = int(state.step)
+    progress = reporting.ProgressLine(num_train_steps, 2 * global_batch,
+                                      start_step)
+    train_step = step_lib.make_train_step(
+        model=model, tx=tx, config=config, lr_schedule=schedule,
+        steps_per_epoch=steps_per_epoch, mesh=mesh, state_shardings=shardings)
+    evaluator = evaluate_lib.Evaluator(config, model, mesh)
+    print(f"Training {config.model.name} on {source.name}: {len(source):,} "
+          f"images, {num_classes:,} identities, {num_train_steps:,} steps of "
+          f"{global_batch} x 2 views on {jax.device_count()} device(s).",
+          flush=True)
+    guard = _NonFiniteGuard(config.max_consecutive_nonfinite)
 
-  step = start_step
-  pending = None  # the previous step's metrics, read one step late
-  with StopRequested() as stop:
+    step = start_step
+    pending = None  # the previous step's metrics, read one step late
     while step < num_train_steps:
       batch = parallel.host_to_global(next(data_iterator), mesh)
       state, metrics = train_step(state, batch)
       step += 1
       if report_progress is not None:
         report_progress(step, time.time())
-      # Reading the previous step's streak keeps the device one step ahead.
-      if pending is not None and int(pending["nonfinite_streak"]) >= (
-          config.max_consecutive_nonfinite):
+      # The previous step's guard counters are read while this step runs: a
+      # host sync one step late instead of a device stall every step. So a
+      # streak reaching the limit at step s stops the run after step s + 1.
+      if pending is not None and guard.exhausted(pending, step - 1):
         _stop_nonfinite(manager, state, data_iterator, config)
       pending = metrics
       if step % config.log_every_steps == 0 or step == num_train_steps:
@@ -148,20 +192,47 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
               f"{step}; checkpoint written to {workdir}/checkpoints. Run the "
               "same command to resume.", flush=True)
         return {}
-  if int(manager.latest_step() or -1) != step:
+    if pending is not None and guard.exhausted(pending, step):
+      _stop_nonfinite(manager, state, data_iterator, config)
     ckpt.save(manager, state, data_iterator, force=True)
-  manager.wait_until_finished()
-  results = evaluator.run(state, step, writer, workdir)
-  writer.flush()
-  return results
+    manager.wait_until_finished()
+    results = evaluator.run(state, step, writer, workdir)
+    return results
+  finally:
+    # Pending asynchronous saves complete even when the loop raised.
+    manager.close()
+    if writer is not None:
+      writer.flush()
+      writer.close()
+
+
+class _NonFiniteGuard:
+  """Reports skipped steps and says when the streak reached the limit."""
+
+  def __init__(self, limit: int):
+    self.limit = limit
+
+  def exhausted(self, metrics: dict[str, Any], step: int) -> bool:
+    skipped, streak = jax.device_get((metrics["nonfinite"],
+                                      metrics["nonfinite_streak"]))
+    if skipped:
+      logging.warning("Step %d: non-finite loss or gradient; update skipped "
+                      "(%d in a row).", step, int(streak))
+      print(f"WARNING: step {step} had a non-finite loss or gradient; its "
+            f"update was skipped ({int(streak)} in a row, the limit is "
+            f"config.max_consecutive_nonfinite={self.limit}).", flush=True)
+    return int(streak) >= self.limit
 
 
 def _stop_nonfinite(manager, state, data_iterator, config) -> None:
   """The guard left the state at its last good values: keep them and stop."""
   ckpt.save(manager, state, data_iterator, force=True)
   manager.wait_until_finished()
+  total, step = jax.device_get((state.nonfinite_total, state.step))
   raise NonFiniteError(
       f"{config.max_consecutive_nonfinite} consecutive steps had a non-finite "
-      "loss or gradient (each was skipped); the last good state is "
-      f"checkpointed at step {int(state.step)}. Lower config.optim.lr, enable "
-      "config.optim.grad_clip_norm, or check the data.")
+      f"loss or gradient (config.max_consecutive_nonfinite; {int(total)} "
+      "skipped in all). Each was skipped, so the checkpoint written at step "
+      f"{int(step)} holds the last good parameters. Lower config.optim.lr, "
+      "set config.optim.grad_clip_norm, or check the data, then run the same "
+      "command to resume from it.")
