@@ -6,8 +6,14 @@ r"""Entry point: train or evaluate a recipe.
   python -m qgjt_jax.main --config=configs/ms1m.py --workdir=runs/ms1m \
       --mode=eval [--step=N]
 
-Any config key can be overridden with --config.KEY=VALUE.
+Any config key can be overridden with --config.KEY=VALUE; an unknown key, an
+impossible value or an incompatible workdir stops the program at start with
+one line naming the key (exit status 1). A run stopped by SIGTERM or SIGINT
+checkpoints and exits 0; the same command resumes it.
 """
+import re
+import sys
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -35,14 +41,49 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   parallel.maybe_initialize_distributed()
   # Imported here so that --help stays fast.
+  import jax
+  from qgjt_jax import checkpoint
+  from qgjt_jax import config_checks
   from qgjt_jax import evaluate
   from qgjt_jax import train
-  if _MODE.value == "train":
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  else:
-    evaluate.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value,
-                                 step=_STEP.value)
+  try:
+    if _MODE.value == "train":
+      train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    else:
+      config_checks.check_eval_config(_CONFIG.value)
+      config_checks.check_mesh(_CONFIG.value, parallel.make_mesh(1),
+                               train=False)
+      print(f"Evaluating a checkpoint of {_WORKDIR.value} on "
+            f"{jax.device_count()} device(s).", flush=True)
+      evaluate.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value,
+                                   step=_STEP.value)
+  except (config_checks.ConfigError, checkpoint.IncompatibleRunError,
+          checkpoint.CheckpointError, train.NonFiniteError) as e:
+    # Expected failures with a message that says what to do: no traceback.
+    sys.exit(f"ERROR: {e}")
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a clear message for an unknown config key.
+
+  ml_collections refuses `--config.nope=1` while parsing, but as a bare
+  AttributeError/KeyError traceback; this names the flag instead.
+  """
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:
+    text = (str(e.args[0]) if e.args else str(e)).replace("\\'", "'")
+    hint = re.search(r'Did you mean "[^"]+" instead of "([^"]+)"\?', text)
+    names = re.findall(r"'([\w-]+)'", text)
+    key = hint.group(1) if hint else (names[0] if names else "?")
+    overrides = [a for a in argv[1:] if a.startswith("--config.")]
+    culprit = next((a for a in overrides
+                    if key in a.split("=", 1)[0].split(".")), None)
+    what = culprit or f"--config.{key}"
+    sys.exit(f"FATAL Flags parsing error: {what}: unknown config key "
+             f"{key!r}." + (f" {hint.group(0)}" if hint else "") +
+             " Keys are listed in the --config file and configs/common.py.")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
