@@ -19,6 +19,7 @@ import pytest
 from qgjt_jax.data import builders
 from qgjt_jax.data import prepare
 from qgjt_jax.data import sources
+from qgjt_jax.data import synthetic
 
 PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -323,3 +324,124 @@ def test_bad_source_is_reported(tmp_path, data_dir):
   with pytest.raises(ValueError, match="unknown format"):
     prepare.prepare("nope", src=str(tmp_path), data_dir=str(data_dir),
                     name="x")
+
+
+# -- the generated set ---------------------------------------------------------
+
+TINY = dict(num_identities=3, images_per_identity=4, image_size=24, seed=5)
+
+
+@pytest.fixture(scope="module")
+def synthetic_prepared(data_dir):
+  return prepare.prepare("synthetic", data_dir=str(data_dir), name="tiny",
+                         **TINY)
+
+
+def test_synthetic_round_trip(synthetic_prepared, data_dir):
+  assert not synthetic_prepared.reused
+  assert synthetic_prepared.name == "synthetic_faces/tiny"
+  assert (synthetic_prepared.num_images,
+          synthetic_prepared.num_classes) == (12, 3)
+  stored = sources.ArrayRecordSource.from_name(data_dir, "synthetic_faces/tiny")
+  generated = synthetic.SyntheticFaces(3, 4, image_size=24, seed=5)
+  assert len(stored) == len(generated) and stored.num_classes == 3
+  seen = set()
+  for i in range(len(stored)):
+    index = int(stored.example(i)["index"])
+    record, expected = stored[i], generated[index]
+    assert record["image"] == expected["image"], index
+    assert record["label"] == expected["label"], index
+    assert record["label"].dtype == np.int32
+    seen.add(index)
+  assert seen == set(range(12))
+  assert stored.info.metadata["parameters"] == dict(TINY, nuisance=1.0)
+  # The stored JPEGs are the renderer's: another seed gives other bytes.
+  other = synthetic.SyntheticFaces(3, 4, image_size=24, seed=6)
+  assert other[0]["image"] != generated[0]["image"]
+
+
+def test_synthetic_rerun_reuses_only_the_same_set(synthetic_prepared,
+                                                  data_dir):
+  again = prepare.prepare("synthetic", data_dir=str(data_dir), name="tiny",
+                          **TINY)
+  assert again.reused and again.dataset_dir == synthetic_prepared.dataset_dir
+  with pytest.raises(ValueError, match=r"seed=5 \(requested 6\).*--overwrite"):
+    prepare.prepare("synthetic", data_dir=str(data_dir), name="tiny",
+                    **dict(TINY, seed=6))
+  # Defaults stand in for the flags left out; they differ from TINY's too.
+  with pytest.raises(ValueError, match="num_identities=3 .requested 1000."):
+    prepare.prepare("synthetic", data_dir=str(data_dir), name="tiny")
+
+
+def test_synthetic_overwrite_regenerates(tmp_path):
+  small = dict(num_identities=2, images_per_identity=2, image_size=16)
+  first = prepare.prepare("synthetic", data_dir=str(tmp_path), name="s",
+                          **small)
+  second = prepare.prepare("synthetic", data_dir=str(tmp_path), name="s",
+                           overwrite=True, **dict(small, seed=1))
+  assert not second.reused and second.dataset_dir == first.dataset_dir
+  stored = sources.ArrayRecordSource(second.dataset_dir)
+  generated = synthetic.SyntheticFaces(2, 2, image_size=16, seed=1)
+  for i in range(len(stored)):
+    assert stored[i]["image"] == generated[int(stored.example(i)["index"])][
+        "image"]
+
+
+def test_synthetic_registered_configs():
+  configs = {c.name: c for c in builders.SyntheticFacesBuilder.BUILDER_CONFIGS}
+  assert {"demo_40px", "faces_112px"} <= set(configs)
+  assert configs["faces_112px"].image_size == 112
+  assert builders.synthetic_config("demo_40px") == "demo_40px"
+  assert builders.synthetic_config("demo_40px", image_size=40) == "demo_40px"
+  with pytest.raises(ValueError, match="num_identities=10 .registered: 64."):
+    builders.synthetic_config("demo_40px", num_identities=10)
+  with pytest.raises(ValueError, match="must be positive"):
+    builders.synthetic_config("empty", num_identities=0)
+  custom = builders.synthetic_config("mine", image_size=64)
+  assert custom.parameters() == dict(num_identities=1000,
+                                     images_per_identity=20, image_size=64,
+                                     seed=0, nuisance=1.0)
+
+
+def test_synthetic_demo_config_is_the_demo_set():
+  pytest.importorskip("ml_collections")
+  sys.path.insert(0, str(PROJECT_ROOT))
+  from configs import synthetic as demo  # pylint: disable=g-import-not-at-top
+  data = demo.get_config().data
+  registered = {c.name: c for c in
+                builders.SyntheticFacesBuilder.BUILDER_CONFIGS}["demo_40px"]
+  assert registered.parameters() == dict(
+      num_identities=data.synthetic.num_identities,
+      images_per_identity=data.synthetic.images_per_identity,
+      image_size=data.image_size, seed=data.synthetic.get("seed", 0),
+      nuisance=1.0)
+
+
+def test_generation_flags_belong_to_synthetic(insightface_rec_dir, data_dir):
+  with pytest.raises(ValueError, match="--seed is for --format=synthetic"):
+    prepare.prepare("insightface_rec", src=str(insightface_rec_dir),
+                    data_dir=str(data_dir), name="generic", seed=1)
+  with pytest.raises(ValueError, match="--src is not used"):
+    prepare.prepare("synthetic", src=str(insightface_rec_dir),
+                    data_dir=str(data_dir), name="tiny")
+
+
+def test_cli_synthetic_twice_without_tensorflow(hide_dir, tmp_path):
+  args = ["--format=synthetic", f"--data_dir={tmp_path}", "--name=cli_synth",
+          "--num_identities=2", "--images_per_identity=3", "--image_size=16"]
+  version_dir = tmp_path / "synthetic_faces/cli_synth/1.0.0"
+  first = run_cli(args, hide_dir)
+  assert first.returncode == 0, first.stderr[-3000:]
+  assert first.stdout.strip().splitlines()[-1] == (
+      f"Prepared synthetic_faces/cli_synth in {version_dir}: 6 images, "
+      "2 identities")
+  assert "synthetic_faces/cli_synth: 6/6 (100.0%) images" in first.stderr
+  second = run_cli(args, hide_dir)
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert second.stdout.strip().splitlines()[-1] == (
+      f"Reused synthetic_faces/cli_synth in {version_dir}: 6 images, "
+      "2 identities")
+  stored = sources.ArrayRecordSource(version_dir)
+  generated = synthetic.SyntheticFaces(2, 3, image_size=16)
+  assert sorted(stored[i]["image"] for i in range(6)) == sorted(
+      generated[i]["image"] for i in range(6))

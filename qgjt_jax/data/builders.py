@@ -1,8 +1,9 @@
 """TFDS builders that turn users' face data into ArrayRecord datasets.
 
-Both builders store the images already encoded (the insightface payload as it
-is, or a 112x112 JPEG made here with OpenCV), so preparing a dataset needs
-neither TensorFlow nor TFDS's TensorFlow-based image encoder. They write
+The builders store the images already encoded (the insightface payload as it
+is, a 112x112 JPEG made here with OpenCV, or the generated set's own JPEGs), so
+preparing a dataset needs neither TensorFlow nor TFDS's TensorFlow-based image
+encoder. They write
 `file_format="array_record"`, read back with
 `qgjt_jax.data.sources.ArrayRecordSource`; decode with
 `qgjt_jax.data.recordio.decode_image` (BGR, see there).
@@ -13,10 +14,14 @@ neither TensorFlow nor TFDS's TensorFlow-based image encoder. They write
 * `face_image_folder`: `root/<identity>/<images>` of any format, size, depth
   or channel count, converted to 112x112 BGR-ordered JPEG. Identities are the
   sub-directory names (sorted numerically when all of them are integers).
+* `synthetic_faces`: the generated set of `qgjt_jax.data.synthetic`, written
+  once so that a run reads it like any prepared set (same JPEG bytes and
+  labels as `SyntheticFaces` with the same parameters).
 
-Features of both: "image" (encoded bytes, `tfds.features.Image` with the JPEG
+Features of all: "image" (encoded bytes, `tfds.features.Image` with the JPEG
 encoding declared), "label" (ClassLabel), plus where each example came from:
-"key" (the .rec record key) or "path" (relative to the root). TFDS shuffles the
+"key" (the .rec record key), "path" (relative to the root) or "index" (the
+`SyntheticFaces` record index). TFDS shuffles the
 example order when writing, which is why the origin is stored.
 """
 
@@ -36,6 +41,7 @@ from PIL import Image as PILImage
 import tensorflow_datasets as tfds
 
 from qgjt_jax.data import recordio
+from qgjt_jax.data import synthetic
 
 IMAGE_SIZE = 112
 JPEG_QUALITY = 95
@@ -84,7 +90,8 @@ class Progress:
 
 
 class _ManualBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """Base of builders whose data the user supplies (the manual dir)."""
+  """Base of builders that download nothing (user data in the manual dir, or
+  data generated here)."""
 
   # Nothing is downloaded, so there are no URL checksums to look up. Said
   # explicitly because TFDS 4.9's lookup locates the checksum file through the
@@ -462,3 +469,144 @@ def image_folder_config(name: str, image_size: int = IMAGE_SIZE
   return FaceImageFolderConfig(
       name=name, image_size=image_size,
       description="Prepared from an identity-per-folder image tree.")
+
+
+# -- the generated set ---------------------------------------------------------
+
+
+@dataclasses.dataclass(eq=False)
+class SyntheticFacesConfig(tfds.core.BuilderConfig):
+  """The parameters of `synthetic.SyntheticFaces` (see there).
+
+  Attributes:
+    num_identities: generated people.
+    images_per_identity: photos of each.
+    image_size: side of the square images.
+    seed: which people exist (and how each photo is taken).
+    nuisance: how much photos of one person differ (1.0: as intended).
+  """
+  num_identities: int = 1000
+  images_per_identity: int = 20
+  image_size: int = IMAGE_SIZE
+  seed: int = 0
+  nuisance: float = 1.0
+
+  def __post_init__(self):
+    if min(self.num_identities, self.images_per_identity,
+           self.image_size) < 1:
+      raise ValueError(
+          f"synthetic set {self.name!r}: num_identities, "
+          "images_per_identity and image_size must be positive, got "
+          f"{self.num_identities}, {self.images_per_identity}, "
+          f"{self.image_size}")
+
+  def parameters(self) -> dict[str, Any]:
+    """The generation parameters, as stored in the dataset metadata."""
+    return {"num_identities": int(self.num_identities),
+            "images_per_identity": int(self.images_per_identity),
+            "image_size": int(self.image_size), "seed": int(self.seed),
+            "nuisance": float(self.nuisance)}
+
+  def source(self) -> synthetic.SyntheticFaces:
+    return synthetic.SyntheticFaces(
+        self.num_identities, self.images_per_identity, self.image_size,
+        self.seed, nuisance=self.nuisance)
+
+
+class SyntheticFacesBuilder(_ManualBuilder):
+  """The embedded generated face set, written out as ArrayRecord."""
+
+  name = "synthetic_faces"
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "The JPEGs and labels of SyntheticFaces."}
+  BUILDER_CONFIGS = [
+      SyntheticFacesConfig(
+          name="demo_40px", num_identities=64, images_per_identity=32,
+          image_size=40,
+          description="The CPU demo's set (configs/synthetic.py): 64 ids x "
+          "32 images at 40x40."),
+      SyntheticFacesConfig(
+          name="faces_112px", num_identities=1000, images_per_identity=20,
+          image_size=IMAGE_SIZE,
+          description="1,000 ids x 20 images at 112x112, the size of the "
+          "real training sets' faces."),
+  ]
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    config: SyntheticFacesConfig = self.builder_config
+    size = config.image_size
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description="Generated face-like images (qgjt_jax.data.synthetic): "
+        "camera JPEGs of random identities, with pose, expression, lighting "
+        "and background varying per photo. Decode to BGR with "
+        "qgjt_jax.data.recordio.decode_image.",
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(size, size, 3),
+                                         encoding_format="jpeg"),
+            "label": tfds.features.ClassLabel(
+                num_classes=config.num_identities),
+            "index": tfds.features.Scalar(
+                np.int64, doc="record index in SyntheticFaces"),
+        }),
+        supervised_keys=("image", "label"),
+        metadata=tfds.core.MetadataDict(),
+    )
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    del dl_manager  # nothing to download or read
+    config: SyntheticFacesConfig = self.builder_config
+    source = config.source()
+    self.info.metadata.update(format="synthetic", num_images=len(source),
+                              parameters=config.parameters())
+    return {"train": self._generate_examples(source)}
+
+  def _generate_examples(self, source: synthetic.SyntheticFaces
+                         ) -> Iterator[tuple[int, dict[str, Any]]]:
+    progress = Progress(f"{self.name}/{self.builder_config.name}",
+                        len(source))
+    for index in range(len(source)):
+      record = source[index]
+      yield index, {"image": record["image"], "label": int(record["label"]),
+                    "index": index}
+      progress.update()
+    progress.done()
+
+
+def synthetic_config(name: str, *, num_identities: int | None = None,
+                     images_per_identity: int | None = None,
+                     image_size: int | None = None, seed: int | None = None,
+                     nuisance: float | None = None
+                     ) -> SyntheticFacesConfig | str:
+  """The config for generating the set `name`; None means "the default".
+
+  A registered name ("demo_40px", ...) stands for its parameters: given ones
+  must agree, so a name never describes two different sets. Any other name
+  gets a config of the given parameters (the `SyntheticFacesConfig` defaults
+  for those left out).
+
+  Raises:
+    ValueError: a registered name with different parameters.
+  """
+  given = {"num_identities": num_identities,
+           "images_per_identity": images_per_identity,
+           "image_size": image_size, "seed": seed, "nuisance": nuisance}
+  given = {k: v for k, v in given.items() if v is not None}
+  known = {c.name: c for c in SyntheticFacesBuilder.BUILDER_CONFIGS}
+  if name in known:
+    registered = known[name].parameters()
+    differ = {k: (v, registered[k]) for k, v in given.items()
+              if v != registered[k]}
+    if differ:
+      said = ", ".join(f"{k}={v} (registered: {r})"
+                       for k, (v, r) in differ.items())
+      raise ValueError(f"synthetic set {name!r} is registered with other "
+                       f"parameters: {said}; pick another name")
+    return name
+  config = SyntheticFacesConfig(name=name, **given)
+  p = config.parameters()
+  config.description = (
+      f"Generated: {p['num_identities']} ids x {p['images_per_identity']} "
+      f"images at {p['image_size']} px, seed {p['seed']}, nuisance "
+      f"{p['nuisance']:g}.")
+  return config

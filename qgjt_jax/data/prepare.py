@@ -4,6 +4,11 @@ r"""Prepares a face training set as a TFDS ArrayRecord dataset.
       --src=/data/faces_emore --data_dir=/data/tfds --name=ms1mv2
   python -m qgjt_jax.data.prepare --format=image_folder \
       --src=/data/my_faces --data_dir=/data/tfds --name=my_faces --skip_bad
+  python -m qgjt_jax.data.prepare --format=synthetic --data_dir=/data/tfds \
+      --name=demo_40px
+  python -m qgjt_jax.data.prepare --format=synthetic --data_dir=/data/tfds \
+      --name=my_synth --num_identities=500 --images_per_identity=40 \
+      --image_size=112 --seed=3
 
 The result is `data_dir/<builder>/<name>/1.0.0/`, read with
 `qgjt_jax.data.sources.ArrayRecordSource.from_name(data_dir,
@@ -13,7 +18,8 @@ identities it holds. Progress lines are logged while it runs.
 Interrupting is safe: TFDS writes into a temporary `incomplete.*` directory and
 renames it only when everything is written, so a rerun starts afresh (a hard
 kill can leave that temporary directory behind; a warning names it). Running
-again on a prepared dataset reuses it; `--overwrite` rebuilds it. Run it on one
+again on a prepared dataset reuses it; `--overwrite` rebuilds it. A generated
+set is reused only if it was made with the requested parameters. Run it on one
 host only when several share `data_dir`.
 
 Formats live in `FORMATS`; another module adds one with `register_format`
@@ -38,11 +44,19 @@ from qgjt_jax.data import builders
 
 @dataclasses.dataclass(frozen=True)
 class PrepareRequest:
-  """What the user asked for (the command-line flags)."""
+  """What the user asked for (the command-line flags).
+
+  The generation parameters (`num_identities`, ...; None: the named config's
+  or the default) concern the "synthetic" format only.
+  """
   src: str | None
   data_dir: str
   name: str
   skip_bad: bool = False
+  num_identities: int | None = None
+  images_per_identity: int | None = None
+  image_size: int | None = None
+  seed: int | None = None
 
 
 # A format turns a request into a TFDS builder writing ArrayRecord files; the
@@ -50,8 +64,8 @@ class PrepareRequest:
 BuilderFactory = Callable[[PrepareRequest], tfds.core.DatasetBuilder]
 FORMATS: dict[str, BuilderFactory] = {}
 
-# Modules that register further formats when imported (e.g. the generated
-# synthetic set); missing ones are skipped so this list may run ahead.
+# Modules that register further formats when imported; missing ones are
+# skipped so this list may run ahead.
 _FORMAT_MODULES: tuple[str, ...] = ()
 
 
@@ -65,7 +79,15 @@ def register_format(name: str) -> Callable[[BuilderFactory], BuilderFactory]:
   return register
 
 
+_GENERATION_PARAMETERS = ("num_identities", "images_per_identity",
+                          "image_size", "seed")
+
+
 def _require_src(request: PrepareRequest) -> str:
+  given = [k for k in _GENERATION_PARAMETERS
+           if getattr(request, k) is not None]
+  if given:
+    raise ValueError(f"--{given[0]} is for --format=synthetic only")
   if not request.src:
     raise ValueError("--src is required for this format")
   if not pathlib.Path(request.src).is_dir():
@@ -88,6 +110,35 @@ def _image_folder(request: PrepareRequest) -> tfds.core.DatasetBuilder:
       data_dir=request.data_dir, file_format="array_record",
       config=builders.image_folder_config(request.name),
       skip_bad=request.skip_bad)
+
+
+@register_format("synthetic")
+def _synthetic(request: PrepareRequest) -> tfds.core.DatasetBuilder:
+  if request.src:
+    raise ValueError("--src is not used by --format=synthetic (the set is "
+                     "generated)")
+  return builders.SyntheticFacesBuilder(
+      data_dir=request.data_dir, file_format="array_record",
+      config=builders.synthetic_config(
+          request.name, num_identities=request.num_identities,
+          images_per_identity=request.images_per_identity,
+          image_size=request.image_size, seed=request.seed))
+
+
+def _check_reused_parameters(builder: tfds.core.DatasetBuilder,
+                             metadata) -> None:
+  """A reused generated set must be the one asked for, not a namesake."""
+  config = builder.builder_config
+  stored = metadata.get("parameters")
+  if stored is None or not hasattr(config, "parameters"):
+    return
+  wanted = config.parameters()
+  differ = sorted(k for k in wanted if stored.get(k) != wanted[k])
+  if differ:
+    said = ", ".join(f"{k}={stored.get(k)} (requested {wanted[k]})"
+                     for k in differ)
+    raise ValueError(f"{builder.data_dir} was generated with {said}; pass "
+                     "--overwrite to regenerate it, or choose another --name")
 
 
 def _import_format_modules() -> None:
@@ -119,8 +170,9 @@ def _stale_incomplete_dirs(builder: tfds.core.DatasetBuilder) -> list[str]:
                 if p.is_dir() and p.name.startswith("incomplete."))
 
 
-def prepare(fmt: str, *, src: str | None, data_dir: str, name: str,
-            skip_bad: bool = False, overwrite: bool = False) -> PrepareResult:
+def prepare(fmt: str, *, src: str | None = None, data_dir: str, name: str,
+            skip_bad: bool = False, overwrite: bool = False,
+            **parameters: int | None) -> PrepareResult:
   """Prepares (or reuses) one dataset; the body of the command.
 
   Args:
@@ -130,6 +182,8 @@ def prepare(fmt: str, *, src: str | None, data_dir: str, name: str,
     name: the dataset's config name (known insightface names check counts).
     skip_bad: skip unreadable images instead of failing (image folders).
     overwrite: rebuild even if the dataset exists.
+    **parameters: the generated set's `num_identities`,
+      `images_per_identity`, `image_size`, `seed` ("synthetic" format).
 
   Returns:
     The counts and location.
@@ -138,9 +192,11 @@ def prepare(fmt: str, *, src: str | None, data_dir: str, name: str,
   if fmt not in FORMATS:
     raise ValueError(f"unknown format {fmt!r}; known: {sorted(FORMATS)}")
   request = PrepareRequest(src=src, data_dir=data_dir, name=name,
-                           skip_bad=skip_bad)
+                           skip_bad=skip_bad, **parameters)
   builder = FORMATS[fmt](request)
   reused = builder.is_prepared() and not overwrite
+  if reused:
+    _check_reused_parameters(builder, builder.info.metadata or {})
   mode = (tfds.download.GenerateMode.FORCE_REDOWNLOAD if overwrite
           else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
   builder.download_and_prepare(
@@ -173,7 +229,8 @@ def _define_flags() -> None:
   # Defined on demand, not at import, so that importing `prepare` (for
   # `register_format`) cannot clash with another program's flags.
   _import_format_modules()
-  flags.DEFINE_enum("format", None, sorted(FORMATS), "Layout of --src.")
+  flags.DEFINE_enum("format", None, sorted(FORMATS), "Layout of --src, or "
+                    "synthetic for the generated set.")
   flags.DEFINE_string("src", None, "The user's data: an insightface folder "
                       "(train.rec, train.idx, property) or an image tree "
                       "root/<identity>/<images>.")
@@ -183,6 +240,15 @@ def _define_flags() -> None:
   flags.DEFINE_bool("skip_bad", False, "Skip and count unreadable images "
                     "instead of stopping at the first one.")
   flags.DEFINE_bool("overwrite", False, "Rebuild an existing dataset.")
+  synthetic = " (--format=synthetic; default: the named set's or "
+  flags.DEFINE_integer("num_identities", None, "Generated identities"
+                       f"{synthetic}1000).", lower_bound=1)
+  flags.DEFINE_integer("images_per_identity", None, "Generated images per "
+                       f"identity{synthetic}20).", lower_bound=1)
+  flags.DEFINE_integer("image_size", None, "Side of the generated images"
+                       f"{synthetic}112).", lower_bound=1)
+  flags.DEFINE_integer("seed", None, f"Which faces are generated{synthetic}"
+                       "0).", lower_bound=0)
   flags.mark_flags_as_required(["format", "data_dir", "name"])
 
 
@@ -192,7 +258,10 @@ def main(argv: Sequence[str]) -> None:
   logging.set_verbosity(logging.INFO)
   f = flags.FLAGS
   result = prepare(f.format, src=f.src, data_dir=f.data_dir, name=f.name,
-                   skip_bad=f.skip_bad, overwrite=f.overwrite)
+                   skip_bad=f.skip_bad, overwrite=f.overwrite,
+                   num_identities=f.num_identities,
+                   images_per_identity=f.images_per_identity,
+                   image_size=f.image_size, seed=f.seed)
   what = "Reused" if result.reused else "Prepared"
   skipped = (f", {result.num_skipped} unreadable files skipped"
              if result.num_skipped else "")
