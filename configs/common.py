@@ -44,8 +44,14 @@ def get_base_config() -> ml_collections.ConfigDict:
       partition="norm"))
 
   # HQ branch: margin classifier (METHOD.md section 3). b = 0 disables the gate.
+  # sample_rate < 1 keeps only that share of the classes in each step's
+  # softmax (every class of the batch plus random others, per `model` shard:
+  # PartialFC), for millions of identities. logits_dtype "bfloat16" runs the
+  # (2B, C) cosine matmul on tensor cores (the target cosine stays float32);
+  # "float32" is the reference numerics.
   config.head = ml_collections.ConfigDict(dict(
-      kind="adaface", s=64.0, m=0.4, b=0.2))
+      kind="adaface", s=64.0, m=0.4, b=0.2, sample_rate=1.0,
+      logits_dtype="float32"))
 
   # LQ branch: contrastive loss (METHOD.md section 4). weight is lambda;
   # start_epoch is the "later joint" switch (lambda = 0 before it);
@@ -68,7 +74,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.num_epochs = 26.0
   config.global_batch_size = 512
   # Split the classifier's class axis over this many devices (>1 for very
-  # many identities).
+  # many identities; the batch is split over all devices either way). W gets
+  # zero columns up to a multiple of it, so resuming with another value
+  # needs the same padded width.
   config.model_parallelism = 1
 
   # Loop.

@@ -149,3 +149,42 @@ def proxy_update(queue: QueueState, kernel: jax.Array) -> jax.Array:
                     embed_norm / jnp.where(has_proxy, proxy_norm, 1.0), 0.0)
   corrected = queue.embeds + ratio * (current - queue.proxies)
   return jax.lax.stop_gradient(jnp.where(valid[:, None], corrected, 0.0))
+
+
+def sharded_class_proxies(kernel_block: jax.Array, labels: jax.Array, *,
+                          axis_name, num_classes: int) -> jax.Array:
+  """`class_proxies` with W's class axis split over `axis_name`.
+
+  Call inside `shard_map`, with the same labels on every device of the axis.
+  Each device copies the columns it holds (zeros elsewhere) and one (N, D)
+  sum over the axis assembles the rows, so W is never gathered. Labels
+  outside [0, num_classes) give NaN rows, as in `class_proxies`.
+  """
+  kernel_block = jax.lax.stop_gradient(jnp.asarray(kernel_block, jnp.float32))
+  labels = jnp.asarray(labels)
+  if not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise TypeError(f'labels must be integers, got {labels.dtype}')
+  num_local = kernel_block.shape[1]
+  local = labels.astype(jnp.int32) - jax.lax.axis_index(axis_name) * num_local
+  in_block = (local >= 0) & (local < num_local)
+  cols = jnp.take(kernel_block.T, jnp.where(in_block, local, 0), axis=0)
+  proxies = jax.lax.psum(jnp.where(in_block[:, None], cols, 0.0), axis_name)
+  valid = (labels >= 0) & (labels < num_classes)
+  return jnp.where(valid[:, None], proxies, jnp.nan)
+
+
+def corrected_negatives(queue: QueueState, current: jax.Array) -> jax.Array:
+  """`proxy_update` given the current proxies W[:, y_j] of the queue's rows.
+
+  `current` is (K, D), e.g. `sharded_class_proxies` of the queue's labels
+  with empty slots (-1) mapped to class 0; empty slots come out as zeros.
+  """
+  current = jax.lax.stop_gradient(jnp.asarray(current, jnp.float32))
+  valid = valid_mask(queue)
+  embed_norm = jnp.linalg.norm(queue.embeds, axis=1, keepdims=True)
+  proxy_norm = jnp.linalg.norm(queue.proxies, axis=1, keepdims=True)
+  has_proxy = proxy_norm > 0
+  ratio = jnp.where(has_proxy,
+                    embed_norm / jnp.where(has_proxy, proxy_norm, 1.0), 0.0)
+  corrected = queue.embeds + ratio * (current - queue.proxies)
+  return jax.lax.stop_gradient(jnp.where(valid[:, None], corrected, 0.0))

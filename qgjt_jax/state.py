@@ -6,21 +6,23 @@ this object is a complete snapshot and the train step has no hidden state.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, TYPE_CHECKING
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
 
 from qgjt_jax import parallel
 from qgjt_jax import queue as queue_lib
 from qgjt_jax.losses import contrastive
 from qgjt_jax.losses import margin
 from qgjt_jax.models import build_backbone
+
+if TYPE_CHECKING:  # configs need ml_collections; the benchmark runs without.
+  import ml_collections
 
 
 @flax.struct.dataclass
@@ -38,6 +40,15 @@ class TrainState:
   # Numerical guard: steps skipped for a non-finite loss or gradient.
   nonfinite_total: jax.Array = None
   nonfinite_streak: jax.Array = None
+  # The real class count C (static). The classifier may hold a few more,
+  # all-zero columns so that `model` devices split it evenly; the step keeps
+  # them out of the softmax. None: every column is a class.
+  num_classes: Optional[int] = flax.struct.field(pytree_node=False,
+                                                 default=None)
+
+  @property
+  def classifier_width(self) -> int:
+    return self.params["classifier"]["kernel"].shape[1]
 
 
 def build_model(config: ml_collections.ConfigDict) -> nn.Module:
@@ -54,10 +65,33 @@ def init_classifier(rng: jax.Array, dim: int, num_classes: int) -> jax.Array:
   return kernel / jnp.linalg.norm(kernel, axis=0, keepdims=True)
 
 
+def classifier_width(num_classes: int, model_parallelism: int = 1) -> int:
+  """Columns of W: C rounded up to a multiple of the `model` axis size.
+
+  jax shards only evenly divisible axes, and class counts rarely are
+  (MS1MV2's 85,742 = 2 x 42,871). The padding columns are zero, masked out
+  of the softmax and never a label, so they get no gradient, weight decay
+  keeps them at zero, and they change neither the loss nor the update.
+  """
+  if num_classes < 1 or model_parallelism < 1:
+    raise ValueError(f"num_classes={num_classes} and model_parallelism="
+                     f"{model_parallelism} must be positive.")
+  return -(-num_classes // model_parallelism) * model_parallelism
+
+
 def create_train_state(config: ml_collections.ConfigDict, model: nn.Module,
                        tx: optax.GradientTransformation, num_classes: int,
-                       rng: jax.Array) -> TrainState:
-  """Initialises every field; pure, so it can run under jit with shardings."""
+                       rng: jax.Array, model_parallelism: Optional[int] = None
+                       ) -> TrainState:
+  """Initialises every field; pure, so it can run under jit with shardings.
+
+  `model_parallelism` (default `config.model_parallelism`) only decides the
+  classifier's zero padding (`classifier_width`); the real columns are the
+  same for any value, so runs on different meshes start identically.
+  """
+  if model_parallelism is None:
+    model_parallelism = getattr(config, "model_parallelism", 1)
+  width = classifier_width(num_classes, model_parallelism)
   init_rng, cls_rng, state_rng = jax.random.split(rng, 3)
   size = config.data.image_size
   dummy = jnp.zeros((2, size, size, 3), jnp.float32)
@@ -65,8 +99,9 @@ def create_train_state(config: ml_collections.ConfigDict, model: nn.Module,
                          train=False)
   params = {
       "backbone": variables["params"],
-      "classifier": {"kernel": init_classifier(
-          cls_rng, config.model.embedding_size, num_classes)},
+      "classifier": {"kernel": jnp.pad(
+          init_classifier(cls_rng, config.model.embedding_size, num_classes),
+          ((0, 0), (0, width - num_classes)))},
   }
   batch_stats = variables.get("batch_stats", {})
   capacity = config.queue.capacity if config.queue.kind != "none" else 1
@@ -86,19 +121,37 @@ def create_train_state(config: ml_collections.ConfigDict, model: nn.Module,
       ema=ema,
       nonfinite_total=jnp.zeros((), jnp.int32),
       nonfinite_streak=jnp.zeros((), jnp.int32),
+      num_classes=num_classes,
   )
 
 
 def _leaf_sharding(mesh: Mesh, path: tuple[Any, ...], leaf: Any
                    ) -> NamedSharding:
-  """Class proxies (and their optimiser state) split over `model`."""
+  """Class proxies (W, its optimiser state, the EMA copy) split over `model`.
+
+  Everything else (backbone, BatchNorm statistics, queue) is replicated: the
+  backbone is data-parallel and the queue is small (K x D).
+  """
   keys = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
   if "classifier" in keys and getattr(leaf, "ndim", 0) == 2:
-    return NamedSharding(mesh, P(None, parallel.MODEL_AXIS))
+    return parallel.classifier_sharding(mesh)
   return parallel.replicated(mesh)
 
 
 def state_shardings(abstract_state: TrainState, mesh: Mesh) -> TrainState:
+  """Shardings of every leaf, computed from the current mesh.
+
+  A checkpoint restored with these lands in this mesh's layout whatever mesh
+  wrote it (orbax reshards on read), which is how a run resumes on another
+  device count.
+  """
+  width = abstract_state.classifier_width
+  shards = parallel.model_parallel_size(mesh)
+  if width % shards:
+    raise ValueError(
+        f"The classifier has {width} columns, which the {shards} devices of "
+        "the mesh's `model` axis cannot split evenly; build the state with "
+        f"model_parallelism={shards} (see classifier_width).")
   return jax.tree_util.tree_map_with_path(
       lambda path, leaf: _leaf_sharding(mesh, path, leaf), abstract_state)
 
@@ -107,7 +160,9 @@ def create_sharded_state(config, model, tx, num_classes, rng, mesh
                          ) -> tuple[TrainState, TrainState]:
   """Creates the state directly in its sharded layout; returns it and the
   shardings (for jit and checkpoint restore)."""
-  init = lambda r: create_train_state(config, model, tx, num_classes, r)
+  shards = parallel.model_parallel_size(mesh)
+  init = lambda r: create_train_state(config, model, tx, num_classes, r,
+                                      model_parallelism=shards)
   abstract = jax.eval_shape(init, rng)
   shardings = state_shardings(abstract, mesh)
   state = jax.jit(init, out_shardings=shardings)(rng)

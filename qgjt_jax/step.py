@@ -5,18 +5,42 @@ global batch: the backbone on both views (2B images), the quality statistics,
 the HQ-gated margin classifier, the enqueue + proxy update of the queue, the
 LQ-gated contrastive loss, and the optimiser update. It is jitted once with
 explicit shardings by `make_train_step`; everything it changes is in the state.
+
+Layout (see parallel.py): the backbone is data-parallel over every device; the
+classifier W is split over the mesh's `model` axis. The two places that touch
+W by class, the margin softmax and the proxy lookup of the queue, run under an
+explicit `shard_map` rather than being left to GSPMD's propagation:
+
+* each device scores its rows against its own block of classes and only
+  per-row numbers (target cosine, max, sum of exponentials) cross devices,
+  as in insightface's PartialFC; the proxy lookup copies the columns a device
+  holds and sums over `model`. W and the (2B, C) logits are never gathered,
+  whatever the compiler version decides (tests/test_sharding.py reads the
+  compiled HLO to check);
+* PartialFC's negative sampling is a per-block top-k, which under GSPMD
+  would gather the sharded class axis;
+* on one device the same code runs with no collectives at all.
+
+Speed notes (each keeps the float32 path's numerics):
+* images travel as uint8 and are normalised on the device, straight into the
+  compute dtype (the model casts them anyway), NHWC throughout;
+* the two views are concatenated and pinned to the batch sharding, so XLA does
+  not choose a replicated layout for the 2B-image forward pass;
+* the optional `head.logits_dtype="bfloat16"` runs the (2B, C) cosine matmul,
+  the one large float32 matmul of the step, on tensor cores, with the target
+  cosine (which the margin's arccos amplifies) still exact in float32;
+* the state is donated, and nothing in the step waits for the host.
 """
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Optional, TYPE_CHECKING
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from qgjt_jax import parallel
 from qgjt_jax import queue as queue_lib
@@ -25,7 +49,11 @@ from qgjt_jax.losses import margin
 from qgjt_jax.models.iresnet import normalize_images
 from qgjt_jax.state import TrainState
 
+if TYPE_CHECKING:  # configs need ml_collections; the benchmark runs without.
+  import ml_collections
+
 Batch = dict[str, jax.Array]
+_DATA, _MODEL = parallel.DATA_AXIS, parallel.MODEL_AXIS
 
 
 def _ramp(step: jax.Array, value: float, ramp_steps: float) -> jax.Array:
@@ -49,23 +77,89 @@ def _all_finite(tree: Any) -> jax.Array:
   return jnp.all(jnp.stack(leaves))
 
 
+def sharded_classifier_loss(
+    mesh: Mesh, embeddings: jax.Array, labels: jax.Array, kernel: jax.Array,
+    scaler: jax.Array, b: Any, *, num_classes: int, head: str, s: float,
+    m: float, eps: float, sample_rate: Optional[float] = None,
+    positives: Optional[jax.Array] = None, rng: Optional[jax.Array] = None,
+    logits_dtype: Any = jnp.float32) -> jax.Array:
+  """Mean gated margin cross-entropy over N rows, W split over `model`.
+
+  The rows are split over `data` (each `model` group sees its group's rows)
+  and W's columns over `model`; see `margin.sharded_classification_loss`.
+  Equal to `margin.classification_loss(..., reduction="mean")` on W's first
+  `num_classes` columns when `sample_rate` is None.
+  """
+  num_rows = embeddings.shape[0]
+  sampling = sample_rate is not None
+
+  def per_shard(emb, lab, w, scal, thr, pos, key):
+    per_example, _ = margin.sharded_classification_loss(
+        emb, lab, w, scal, axis_name=_MODEL, num_classes=num_classes,
+        head=head, s=s, m=m, eps=eps, b=thr, sample_rate=sample_rate,
+        positives=pos, rng=key, logits_dtype=logits_dtype)
+    return jax.lax.psum(jnp.sum(per_example), _DATA) / num_rows
+
+  if not sampling:
+    positives = jnp.zeros((1,), jnp.int32)
+    rng = jax.random.key(0)
+  fn = jax.shard_map(
+      per_shard, mesh=mesh,
+      in_specs=(P(_DATA), P(_DATA), P(None, _MODEL), P(_DATA), P(), P(),
+                P()),
+      out_specs=P())
+  return fn(embeddings, labels, kernel, scaler, jnp.asarray(b, jnp.float32),
+            positives, rng)
+
+
+def sharded_class_proxies(mesh: Mesh, kernel: jax.Array, labels: jax.Array,
+                          num_classes: int) -> jax.Array:
+  """(N, D) columns `labels` of W (split over `model`), replicated."""
+  fn = jax.shard_map(
+      functools.partial(queue_lib.sharded_class_proxies, axis_name=_MODEL,
+                        num_classes=num_classes),
+      mesh=mesh, in_specs=(P(None, _MODEL), P()), out_specs=P())
+  return fn(kernel, labels)
+
+
+def _single_device_mesh() -> Mesh:
+  return parallel.make_mesh(1, jax.devices()[:1])
+
+
 def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
                tx: optax.GradientTransformation,
                config: ml_collections.ConfigDict,
                lr_schedule: Callable[[jax.Array], jax.Array],
-               steps_per_epoch: float) -> tuple[TrainState, dict[str, Any]]:
-  """One update on a global batch; pure, shapes fixed, no host sync."""
+               steps_per_epoch: float, mesh: Optional[Mesh] = None
+               ) -> tuple[TrainState, dict[str, Any]]:
+  """One update on a global batch; pure, shapes fixed, no host sync.
+
+  `mesh` is the one the state is sharded over (default: one device).
+  """
+  mesh = mesh or _single_device_mesh()
   b = batch["label"].shape[0]
   labels = batch["label"].astype(jnp.int32)
   labels2 = jnp.concatenate([labels, labels])
-  images = normalize_images(
-      jnp.concatenate([batch["image_h"], batch["image_l"]]),
-      jnp.dtype(config.model.dtype))
-  rng, dropout_rng = jax.random.split(state.rng)
+  images = jnp.concatenate([batch["image_h"], batch["image_l"]])
+  images = jax.lax.with_sharding_constraint(
+      images, NamedSharding(mesh, P(parallel.BATCH_AXES)))
+  images = normalize_images(images, jnp.dtype(config.model.dtype))
+  hc = config.head
+  sample_rate = getattr(hc, "sample_rate", 1.0)
+  sample_rate = None if sample_rate is None or sample_rate >= 1.0 else float(
+      sample_rate)
+  logits_dtype = jnp.dtype(getattr(hc, "logits_dtype", "float32"))
+  num_classes = state.num_classes or state.classifier_width
+  if sample_rate is None:
+    rng, dropout_rng = jax.random.split(state.rng)
+    sample_rng = None
+  else:
+    rng, dropout_rng, sample_rng = jax.random.split(state.rng, 3)
+  proxies_of = functools.partial(sharded_class_proxies, mesh,
+                                 num_classes=num_classes)
   step = state.step
   epoch = step.astype(jnp.float32) / steps_per_epoch
-  qc, hc, cc, queue_kind = (config.quality, config.head, config.contrastive,
-                            config.queue.kind)
+  qc, cc, queue_kind = config.quality, config.contrastive, config.queue.kind
   b_ramp = cc.b_warmup_epochs * steps_per_epoch
   head_b = _ramp(step, hc.b, b_ramp)
   con_b = _ramp(step, cc.b, b_ramp)
@@ -79,8 +173,8 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
          "batch_stats": state.ema["batch_stats"]},
         images[:b], train=False)
     moco_keys = jax.lax.stop_gradient(ema_out[0])
-    moco_proxies = queue_lib.class_proxies(
-        state.ema["params"]["classifier"]["kernel"], labels)
+    moco_proxies = proxies_of(state.ema["params"]["classifier"]["kernel"],
+                              labels)
 
   def loss_fn(params):
     (embeddings, norms), updates = model.apply(
@@ -99,9 +193,11 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
     else:
       scaler = margin.margin_scaler(norms, quality_stats, qc.h, qc.eps)
 
-    loss_cls, cls_aux = margin.classification_loss(
-        embeddings, labels2, kernel, scaler, head=hc.kind, s=hc.s, m=hc.m,
-        eps=qc.eps, b=head_b)
+    loss_cls = sharded_classifier_loss(
+        mesh, embeddings, labels2, kernel, scaler, head_b,
+        num_classes=num_classes, head=hc.kind, s=hc.s, m=hc.m, eps=qc.eps,
+        sample_rate=sample_rate, positives=labels, rng=sample_rng,
+        logits_dtype=logits_dtype)
 
     queue, margin_state = state.queue, state.margin
     loss_con = jnp.zeros((), jnp.float32)
@@ -115,9 +211,12 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
       else:
         queue = queue_lib.enqueue(
             queue, jax.lax.stop_gradient(embeddings), labels2,
-            queue_lib.class_proxies(frozen_kernel, labels2))
+            proxies_of(frozen_kernel, labels2))
         if queue_kind == "proxy":
-          negatives = queue_lib.proxy_update(queue, frozen_kernel)
+          # Empty slots (label -1) look up class 0; their rows are zeroed.
+          current = proxies_of(frozen_kernel, jnp.where(
+              queue_lib.valid_mask(queue), queue.labels, 0))
+          negatives = queue_lib.corrected_negatives(queue, current)
         else:
           negatives = queue_lib.realtime_negatives(queue)
         k = embeddings[:b]
@@ -191,7 +290,7 @@ def make_train_step(*, model, tx, config, lr_schedule, steps_per_epoch,
   """Jits `train_step` once: state donated, batch split over `data`."""
   fn = functools.partial(train_step, model=model, tx=tx, config=config,
                          lr_schedule=lr_schedule,
-                         steps_per_epoch=steps_per_epoch)
+                         steps_per_epoch=steps_per_epoch, mesh=mesh)
   return jax.jit(fn,
                  in_shardings=(state_shardings, parallel.batch_sharding(mesh)),
                  out_shardings=(state_shardings, parallel.replicated(mesh)),

@@ -258,3 +258,197 @@ def adaface_loss(
   loss, _ = classification_loss(embeddings, labels, kernel, scaler, head=head,
                                 s=s, m=m, eps=eps, b=b, reduction=reduction)
   return loss, new_stats, scaler
+
+
+# ---------------------------------------------------------------------------
+# The classifier with its class axis split over devices (PartialFC-style).
+#
+# `sharded_classification_loss` runs inside `jax.shard_map` on one block of
+# W's columns: each device scores its rows against its own classes, and only
+# per-row numbers cross devices (the target cosine, the running max and the
+# sum of exponentials), so neither W nor the (N, C) logits are ever gathered.
+# With one block it computes what `classification_loss` computes.
+# ---------------------------------------------------------------------------
+
+
+def margin_target(cos_y: jax.Array, scaler: jax.Array, *,
+                  head: str = 'adaface', m: float = 0.4,
+                  eps: float = 1e-3) -> jax.Array:
+  """f(cos_y): the head's margin applied to the (N,) target cosines.
+
+  The unscaled target logit, as `margin_logits` puts it in the target column.
+  """
+  if head not in HEADS:
+    raise ValueError(f'unknown head {head!r}; expected one of {HEADS}')
+  scaler = jnp.asarray(scaler, jnp.float32).reshape(cos_y.shape)
+  if head == 'adaface':
+    theta = jnp.clip(jnp.arccos(cos_y) - m * scaler, eps, math.pi - eps)
+    return jnp.cos(theta) - (m + m * scaler)
+  if head == 'arcface':
+    return jnp.cos(jnp.clip(jnp.arccos(cos_y) + m, eps, math.pi - eps))
+  if head == 'cosface':
+    return cos_y - m
+  return cos_y
+
+
+def sample_classes(rng: jax.Array, num_local: int, num_sample: int,
+                   positives: jax.Array, class_offset: Any,
+                   num_classes: int) -> jax.Array:
+  """(num_sample,) sorted local column ids: every positive, random others.
+
+  PartialFC's negative sampling on one block of classes: the block's
+  positives (labels of the global batch that fall in it) are always kept and
+  the rest is a uniform draw without replacement among its other real
+  classes; padding columns come last. `num_sample` must be at least the
+  number of distinct positives in the block (the caller bounds it by the
+  batch size).
+  """
+  local = jnp.asarray(positives, jnp.int32) - class_offset
+  in_block = (local >= 0) & (local < num_local)
+  scores = jax.random.uniform(rng, (num_local,), jnp.float32)
+  real = class_offset + jnp.arange(num_local) < num_classes
+  scores = jnp.where(real, scores, -1.0)
+  scores = scores.at[jnp.where(in_block, local, num_local)].set(
+      2.0, mode='drop')
+  _, picked = jax.lax.top_k(scores, num_sample)
+  # Ascending ids: the column gather below reads W's rows in order.
+  return jnp.sort(picked)
+
+
+def num_sampled_classes(num_local: int, sample_rate: float,
+                        num_positives: int) -> int:
+  """Columns kept per block: rate x block, but room for every positive."""
+  wanted = int(math.ceil(sample_rate * num_local))
+  return min(num_local, max(wanted, num_positives, 1))
+
+
+def _block_cosines(embeddings: jax.Array, kernel_block: jax.Array,
+                   eps: float, logits_dtype: Any) -> jax.Array:
+  """(N, c) clamped cosines against one block of columns."""
+  if jnp.dtype(logits_dtype) == jnp.float32:
+    return cosine_logits(embeddings, kernel_block, eps)
+  # Tensor-core matmul with float32 accumulation; the target column, whose
+  # arccos amplifies errors, is recomputed in float32 by the caller.
+  kernel = jnp.asarray(kernel_block, jnp.float32)
+  col_norm = jnp.linalg.norm(kernel, axis=0, keepdims=True)
+  kernel_unit = kernel / jnp.maximum(col_norm, jnp.finfo(jnp.float32).tiny)
+  cos = jnp.matmul(embeddings.astype(logits_dtype),
+                   kernel_unit.astype(logits_dtype),
+                   preferred_element_type=jnp.float32)
+  return jnp.clip(cos, -1.0 + eps, 1.0 - eps)
+
+
+def _exact_target_cosines(embeddings: jax.Array, kernel_block: jax.Array,
+                          local_target: jax.Array, eps: float) -> jax.Array:
+  """(N,) float32 cos(e_i, w_{y_i}) for rows whose class is in this block."""
+  in_block = local_target >= 0
+  kernel = jnp.asarray(kernel_block, jnp.float32)
+  cols = jnp.take(kernel, jnp.where(in_block, local_target, 0), axis=1).T
+  norm = jnp.linalg.norm(cols, axis=1)
+  cos = jnp.sum(embeddings.astype(jnp.float32) * cols, axis=1) / jnp.maximum(
+      norm, jnp.finfo(jnp.float32).tiny)
+  return jnp.where(in_block, jnp.clip(cos, -1.0 + eps, 1.0 - eps), 0.0)
+
+
+def sharded_classification_loss(
+    embeddings: jax.Array, labels: jax.Array, kernel_block: jax.Array,
+    scaler: jax.Array, *, axis_name: Any, num_classes: int,
+    head: str = 'adaface', s: float = 64.0, m: float = 0.4,
+    eps: float = 1e-3, b: Any = 0.0, sample_rate: float | None = None,
+    positives: jax.Array | None = None, rng: jax.Array | None = None,
+    logits_dtype: Any = jnp.float32) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Per-row gated margin cross-entropy on one block of W's columns.
+
+  Call inside `shard_map`, with W's class axis split over `axis_name` (block
+  j holds global classes [j*c, (j+1)*c)) and the same rows on every device
+  of that axis. The outputs are identical across `axis_name`.
+
+  Args:
+    embeddings: (N, D) unit embeddings.
+    labels: (N,) global class ids; a label outside [0, num_classes) gives a
+      NaN loss, as in `margin_logits`.
+    kernel_block: (D, c) this device's columns of W (unnormalised).
+    scaler: (N,) margin scaler a_i.
+    axis_name: the mesh axis (or axes) W's columns are split over.
+    num_classes: real class count C; columns at or beyond it are padding and
+      take no part in the softmax.
+    head, s, m, eps, b: see `classification_loss`.
+    sample_rate: None uses every class. A rate r keeps, per block,
+      ceil(r*c) columns (at least the number of `positives`): every positive
+      class and uniformly drawn negatives (PartialFC); r = 1.0 keeps all.
+    positives: (P,) labels whose classes must be kept when sampling (the
+      whole global batch, so every device of a block draws the same set).
+    rng: PRNG key for the sampling, the same on every device; each block
+      folds in its index.
+    logits_dtype: float32 (the reference numerics) or bfloat16: the (N, c)
+      cosine matmul on tensor cores, the target cosine still in float32.
+
+  Returns:
+    (per_example_loss (N,), aux with 'gate', 'quality', 'cos_target').
+  """
+  embeddings = jnp.asarray(embeddings, jnp.float32)
+  num_rows = embeddings.shape[0]
+  labels = _check_labels(labels, num_rows)
+  scaler = jnp.asarray(scaler, jnp.float32).reshape(num_rows)
+  num_local = kernel_block.shape[1]
+  block = jax.lax.axis_index(axis_name)
+  offset = block * num_local
+  padded = num_local * jax.lax.axis_size(axis_name) != num_classes
+
+  local = labels - offset
+  in_block = (local >= 0) & (local < num_local)
+  columns = offset + jnp.arange(num_local)
+  if sample_rate is None:
+    kernel_used = kernel_block
+    local_target = jnp.where(in_block, local, -1)
+  else:
+    if positives is None or rng is None:
+      raise ValueError('sampling needs the positives and an rng')
+    num_sample = num_sampled_classes(num_local, sample_rate,
+                                     jnp.shape(positives)[0])
+    picked = sample_classes(jax.random.fold_in(rng, block), num_local,
+                            num_sample, positives, offset, num_classes)
+    kernel_used = jnp.take(kernel_block, picked, axis=1)
+    columns = offset + picked
+    position = jnp.full((num_local,), -1, jnp.int32).at[picked].set(
+        jnp.arange(num_sample, dtype=jnp.int32))
+    local_target = jnp.where(in_block, position[jnp.where(in_block, local, 0)],
+                             -1)
+
+  if padded:
+    # Padding columns are zero, and the gradient of a zero column's norm is
+    # NaN even where the result is masked; give them a harmless value.
+    kernel_used = jnp.where((columns < num_classes)[None, :], kernel_used, 1.0)
+  cos = _block_cosines(embeddings, kernel_used, eps, logits_dtype)
+  target_mask = local_target[:, None] == jnp.arange(cos.shape[1])[None, :]
+  if jnp.dtype(logits_dtype) == jnp.float32:
+    cos_y_local = jnp.sum(jnp.where(target_mask, cos, 0.0), axis=1)
+  else:
+    cos_y_local = _exact_target_cosines(embeddings, kernel_used, local_target,
+                                        eps)
+  # Exactly one block holds each row's class: the sum is that block's value.
+  cos_y = jax.lax.psum(cos_y_local, axis_name)
+  valid = (labels >= 0) & (labels < num_classes)
+
+  target = margin_target(cos_y, scaler, head=head, m=m, eps=eps)
+  quality = quality_from_scaler(scaler)
+  gate = hq_gate(quality, b, s)
+  logits = s * jnp.where(target_mask, target[:, None], cos) * gate[:, None]
+  if padded:
+    # After the gate: a gate of 0 times -inf would be NaN.
+    logits = jnp.where((columns < num_classes)[None, :], logits, -jnp.inf)
+  target_logit = s * target * gate
+
+  # log-sum-exp over all blocks: a shared max, then one sum of exponentials.
+  row_max = jax.lax.pmax(
+      jax.lax.stop_gradient(jnp.max(logits, axis=1)), axis_name)
+  sum_exp = jax.lax.psum(
+      jnp.sum(jnp.exp(logits - row_max[:, None]), axis=1), axis_name)
+  per_example = row_max + jnp.log(sum_exp) - target_logit
+  per_example = jnp.where(valid, per_example, jnp.nan)
+  aux = {
+      'gate': gate,
+      'quality': quality,
+      'cos_target': jax.lax.stop_gradient(cos_y),
+  }
+  return per_example, aux
