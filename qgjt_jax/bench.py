@@ -1,0 +1,340 @@
+r"""Throughput of the full QGFace train step on synthetic, device-resident data.
+
+  python -m qgjt_jax.bench --arch=ir50 --batch=256
+  python -m qgjt_jax.bench --arch=ir50 --batch=256 --no_qgface
+  python -m qgjt_jax.bench --arch=ir100 --batch=256 --dtype=bfloat16
+
+Times `step.train_step` exactly as training jits it (both views, 2 x batch
+images; a classifier of --classes identities; the proxy-updated queue of
+--queue rows; the optimiser update; state donated) after --warmup steps, with
+no host synchronisation inside the timed loop, and prints one JSON line:
+device kind, arch, batch, dtype, step_ms, samples/s, images/s, the XLA cost
+analysis's FLOPs per step, the model FLOPs utilisation against the device's
+peak bf16 rate (null for devices not in `PEAK_BF16_FLOPS`) and the peak device
+memory. `--no_qgface` times the same step without the QGFace extras (no
+queue, no contrastive loss, no quality gate: queue kind "none", b = 0), so the
+extras' overhead is the ratio of two runs of one process.
+
+Runs with jax, flax, optax and numpy alone (accelerator machines often lack
+TensorFlow, grain, clu and ml_collections): the recipe is a plain namespace
+with the config's attribute names (`recipe_config`), and nothing here imports
+the data pipeline, the checkpointer or the config files.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import sys
+import time
+import types
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qgjt_jax import parallel
+from qgjt_jax import state as state_lib
+from qgjt_jax import step as step_lib
+
+# Dense bf16 peak FLOP/s of one device, by `device_kind` (datasheet values).
+# Matched in order, first hit wins; unknown kinds report a null utilisation.
+PEAK_BF16_FLOPS: tuple[tuple[str, Optional[float]], ...] = (
+    ("H200", 989e12),          # same chip as the H100 SXM
+    ("H100 PCIe", None),       # lower clocks; not tabulated here
+    ("H100 NVL", None),
+    ("H100", 989e12),          # SXM
+    ("A100", 312e12),
+    ("TPU v4", 275e12),
+    ("TPU v5 lite", 197e12),   # v5e
+    ("TPU v5e", 197e12),
+    ("TPU v5p", 459e12),
+    ("TPU v5", 459e12),        # v5p reports itself as "TPU v5"
+)
+
+# MS1MV2 (insightface's faces_emore): the identity count of the paper's runs.
+MS1MV2_CLASSES = 85742
+
+
+def peak_flops(device_kind: str) -> Optional[float]:
+  """Peak dense bf16 FLOP/s for a device kind, or None when unknown."""
+  for pattern, peak in PEAK_BF16_FLOPS:
+    if pattern.lower() in device_kind.lower():
+      return peak
+  return None
+
+
+def _ns(**kwargs) -> types.SimpleNamespace:
+  return types.SimpleNamespace(**kwargs)
+
+
+def recipe_config(*, arch: str = "ir50", batch: int = 256,
+                  dtype: str = "bfloat16", queue: int = 8192,
+                  qgface: bool = True, image_size: int = 112,
+                  base_width: int = 64, embedding_size: int = 512,
+                  model_parallelism: int = 1, sample_rate: float = 1.0,
+                  logits_dtype: str = "float32") -> types.SimpleNamespace:
+  """The train-step settings of configs/ms1m.py, as a plain namespace.
+
+  Same attribute names and values as the ConfigDict (tests/test_bench.py
+  checks every one against configs/ms1m.py), except what the arguments set
+  and `contrastive.start_epoch = 0`: the benchmark times the joint phase,
+  where both losses are live. `qgface=False` removes the extras: no queue
+  (so no contrastive loss) and b = 0 (no quality gate).
+  """
+  return _ns(
+      seed=0,
+      model=_ns(name=arch, base_width=base_width,
+                embedding_size=embedding_size, dropout_rate=0.4, dtype=dtype),
+      data=_ns(image_size=image_size),
+      quality=_ns(alpha=0.01, h=0.333, eps=1e-3, init_mean=0.0, init_std=0.0,
+                  partition="norm"),
+      head=_ns(kind="adaface", s=64.0, m=0.4, b=0.2 if qgface else 0.0,
+               sample_rate=sample_rate, logits_dtype=logits_dtype),
+      contrastive=_ns(weight=1.0, start_epoch=0.0, b=0.2, b_warmup_epochs=0.0,
+                      s=64.0, m=0.4, gate="sgn", gate_range="half",
+                      pair_quality="low", margin="static", mask="zero",
+                      rescale=True, rescale_reference=129),
+      queue=_ns(kind="proxy" if qgface else "none", capacity=queue,
+                moco_momentum=0.999),
+      optim=_ns(lr=0.1, momentum=0.9, weight_decay=5e-4,
+                schedule="multistep", milestones=(12, 20, 24), gamma=0.1,
+                warmup_epochs=0.0, grad_clip_norm=0.0),
+      num_epochs=26.0,
+      global_batch_size=batch,
+      model_parallelism=model_parallelism,
+  )
+
+
+def _import_optim():
+  """qgjt_jax.optim, also where ml_collections is not installed.
+
+  optim.py names ml_collections only in annotations, which its
+  `from __future__ import annotations` never evaluates; an empty stand-in
+  module satisfies its import statement and is removed again afterwards.
+  """
+  try:
+    return importlib.import_module("qgjt_jax.optim")
+  except ImportError as e:
+    if e.name != "ml_collections":
+      raise
+  previous = sys.modules.get("ml_collections", None)
+  sys.modules["ml_collections"] = types.ModuleType("ml_collections")
+  try:
+    return importlib.import_module("qgjt_jax.optim")
+  finally:
+    if previous is None:
+      sys.modules.pop("ml_collections", None)
+    else:
+      sys.modules["ml_collections"] = previous
+
+
+def synthetic_batches(num: int, batch: int, image_size: int,
+                      num_classes: int, seed: int = 0) -> list[dict]:
+  """Host batches shaped like the input pipeline's (uint8 images)."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for _ in range(num):
+    shape = (batch, image_size, image_size, 3)
+    out.append({
+        "image_h": rng.integers(0, 256, shape, dtype=np.uint8),
+        "image_l": rng.integers(0, 256, shape, dtype=np.uint8),
+        "label": rng.integers(0, num_classes, (batch,), dtype=np.int32),
+        "degrade_h": np.ones((batch,), np.float32),
+        "degrade_l": rng.uniform(0.1, 0.5, (batch,)).astype(np.float32),
+    })
+  return out
+
+
+def _cost_flops(compiled: Any) -> Optional[float]:
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # not every backend implements it
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  if not cost or "flops" not in cost:
+    return None
+  return float(cost["flops"])
+
+
+def _compiled_memory(compiled: Any) -> dict[str, Optional[float]]:
+  try:
+    mem = compiled.memory_analysis()
+  except Exception:
+    mem = None
+  gib = lambda n: round(n / 2**30, 3)
+  if mem is None:
+    return {"compiled_temp_gib": None, "compiled_args_gib": None}
+  return {"compiled_temp_gib": gib(mem.temp_size_in_bytes),
+          "compiled_args_gib": gib(mem.argument_size_in_bytes)}
+
+
+def _peak_memory_gib(devices: Sequence[Any]) -> Optional[float]:
+  peaks = []
+  for d in devices:
+    try:
+      stats = d.memory_stats()
+    except Exception:
+      stats = None
+    if stats and "peak_bytes_in_use" in stats:
+      peaks.append(stats["peak_bytes_in_use"])
+  return round(max(peaks) / 2**30, 3) if peaks else None
+
+
+def run(*, arch: str = "ir50", batch: int = 256, dtype: str = "bfloat16",
+        classes: int = MS1MV2_CLASSES, queue: int = 8192, steps: int = 20,
+        warmup: int = 3, repeats: int = 3, qgface: bool = True,
+        image_size: int = 112, base_width: int = 64,
+        embedding_size: int = 512, model_parallelism: int = 1,
+        sample_rate: float = 1.0, logits_dtype: str = "float32",
+        trace_dir: Optional[str] = None, dump_hlo: Optional[str] = None
+        ) -> dict[str, Any]:
+  """Builds, warms up and times the step; returns the JSON record."""
+  if steps < 1 or warmup < 1 or repeats < 1:
+    raise ValueError("steps, warmup and repeats must be >= 1")
+  optim = _import_optim()
+  config = recipe_config(
+      arch=arch, batch=batch, dtype=dtype, queue=queue, qgface=qgface,
+      image_size=image_size, base_width=base_width,
+      embedding_size=embedding_size, model_parallelism=model_parallelism,
+      sample_rate=sample_rate, logits_dtype=logits_dtype)
+  mesh = parallel.make_mesh(model_parallelism)
+  # A long epoch: the lr milestones and the ramps stay put while timing.
+  steps_per_epoch = 10_000.0
+  schedule = optim.make_lr_schedule(config.optim, steps_per_epoch,
+                                    config.num_epochs)
+  tx = optim.make_optimizer(config.optim, schedule)
+  model = state_lib.build_model(config)
+  state, shardings = state_lib.create_sharded_state(
+      config, model, tx, classes, jax.random.key(config.seed), mesh)
+  train_step = step_lib.make_train_step(
+      model=model, tx=tx, config=config, lr_schedule=schedule,
+      steps_per_epoch=steps_per_epoch, mesh=mesh, state_shardings=shardings)
+  # Two batches in turn, already on the device: the loop times the step only.
+  batches = [parallel.host_to_global(b, mesh) for b in synthetic_batches(
+      2, batch, image_size, classes)]
+
+  t0 = time.perf_counter()
+  compiled = train_step.lower(state, batches[0]).compile()
+  compile_s = time.perf_counter() - t0
+  if dump_hlo:
+    with open(dump_hlo, "w") as f:
+      f.write(compiled.as_text())
+
+  metrics = None
+  for i in range(warmup):
+    state, metrics = compiled(state, batches[i % 2])
+  jax.block_until_ready((state, metrics))
+
+  windows = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    for i in range(steps):
+      state, metrics = compiled(state, batches[i % 2])
+    jax.block_until_ready((state, metrics))
+    windows.append((time.perf_counter() - t0) / steps)
+  step_s = float(np.median(windows))
+
+  if trace_dir:
+    jax.profiler.start_trace(trace_dir)
+    for i in range(3):
+      state, metrics = compiled(state, batches[i % 2])
+    jax.block_until_ready((state, metrics))
+    jax.profiler.stop_trace()
+
+  device = jax.devices()[0]
+  flops = _cost_flops(compiled)
+  peak = peak_flops(device.device_kind)
+  num_devices = mesh.devices.size
+  record = {
+      "device": device.device_kind,
+      "platform": device.platform,
+      "devices": num_devices,
+      "jax": jax.__version__,
+      "arch": arch,
+      "batch": batch,
+      "images": 2 * batch,
+      "dtype": dtype,
+      "qgface": qgface,
+      "classes": classes,
+      "queue": queue if qgface else 0,
+      "model_parallelism": model_parallelism,
+      "sample_rate": sample_rate,
+      "logits_dtype": logits_dtype,
+      "steps": steps,
+      "repeats": repeats,
+      "step_ms": round(step_s * 1e3, 3),
+      "step_ms_min": round(min(windows) * 1e3, 3),
+      "step_ms_max": round(max(windows) * 1e3, 3),
+      "samples_per_s": round(batch / step_s, 1),
+      "images_per_s": round(2 * batch / step_s, 1),
+      # Per device: the compiled module is the SPMD-partitioned one.
+      "xla_flops_per_step": flops,
+      "xla_gflops_per_image": (round(flops * num_devices / (2 * batch) / 1e9,
+                                     3) if flops else None),
+      "tflops_per_s": round(flops / step_s / 1e12, 2) if flops else None,
+      "peak_bf16_tflops": peak / 1e12 if peak else None,
+      "mfu": round(flops / step_s / peak, 4) if flops and peak else None,
+      "peak_memory_gib": _peak_memory_gib(mesh.devices.flat),
+      "compile_s": round(compile_s, 1),
+      "loss": float(metrics["loss"]),
+      "finite": bool(math.isfinite(float(metrics["loss"]))),
+  }
+  record.update(_compiled_memory(compiled))
+  return record
+
+
+def _parse(argv: Sequence[str]) -> argparse.Namespace:
+  p = argparse.ArgumentParser(
+      prog="python -m qgjt_jax.bench",
+      description="Time the QGFace train step; prints one JSON line.")
+  p.add_argument("--arch", default="ir50", help="ir18 .. ir200, ir_se50 ...")
+  p.add_argument("--batch", type=int, default=256,
+                 help="samples per step (each gives 2 images)")
+  p.add_argument("--dtype", default="bfloat16",
+                 choices=("bfloat16", "float32", "float16"),
+                 help="backbone compute dtype")
+  p.add_argument("--classes", type=int, default=MS1MV2_CLASSES)
+  p.add_argument("--queue", type=int, default=8192, help="queue capacity K")
+  p.add_argument("--steps", type=int, default=20, help="timed steps per window")
+  p.add_argument("--warmup", type=int, default=3)
+  p.add_argument("--repeats", type=int, default=3,
+                 help="timed windows; step_ms is their median")
+  p.add_argument("--no_qgface", action="store_true",
+                 help="no queue, contrastive loss or quality gate")
+  p.add_argument("--image_size", type=int, default=112)
+  p.add_argument("--base_width", type=int, default=64)
+  p.add_argument("--embedding_size", type=int, default=512)
+  p.add_argument("--model_parallelism", type=int, default=1)
+  p.add_argument("--sample_rate", type=float, default=1.0,
+                 help="PartialFC share of classes per step (1.0: all)")
+  p.add_argument("--logits_dtype", default="float32",
+                 choices=("float32", "bfloat16"),
+                 help="dtype of the (2B, C) cosine matmul")
+  p.add_argument("--trace_dir", default=None,
+                 help="also write a jax.profiler trace of 3 steps here")
+  p.add_argument("--dump_hlo", default=None,
+                 help="write the compiled step's HLO text to this file")
+  return p.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+  a = _parse(sys.argv[1:] if argv is None else argv)
+  parallel.maybe_initialize_distributed()
+  record = run(arch=a.arch, batch=a.batch, dtype=a.dtype, classes=a.classes,
+               queue=a.queue, steps=a.steps, warmup=a.warmup,
+               repeats=a.repeats, qgface=not a.no_qgface,
+               image_size=a.image_size, base_width=a.base_width,
+               embedding_size=a.embedding_size,
+               model_parallelism=a.model_parallelism,
+               sample_rate=a.sample_rate, logits_dtype=a.logits_dtype,
+               trace_dir=a.trace_dir, dump_hlo=a.dump_hlo)
+  if jax.process_index() == 0:
+    print(json.dumps(record), flush=True)
+
+
+if __name__ == "__main__":
+  main()
