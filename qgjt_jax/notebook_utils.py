@@ -269,9 +269,11 @@ def plot_norms(clean_norms: np.ndarray, degraded_norms: np.ndarray,
   axes[0].set_xlabel("feature norm |z|")
   axes[0].set_ylabel("faces")
   axes[0].set_title("feature norm distribution")
+  axes[1].scatter(np.ones_like(clean_norms), clean_norms, s=10,
+                  color="tab:blue", label="H view (r = 1)")
   axes[1].scatter(scales, degraded_norms, s=10, color="tab:orange",
                   label="L view")
-  axes[1].set_xlabel("resolution factor r of the L view")
+  axes[1].set_xlabel("resolution factor r")
   axes[1].set_ylabel("feature norm |z|")
   axes[1].set_title("norm vs degradation")
   if threshold is not None and np.isfinite(threshold):
@@ -286,14 +288,19 @@ def plot_norms(clean_norms: np.ndarray, degraded_norms: np.ndarray,
 
 def plot_views(clean: np.ndarray, degraded: np.ndarray, scales: np.ndarray,
                columns: int = 8):
-  """Two rows: H views above, their L views (with r) below."""
+  """Two rows: H views above, their L views (with r) below.
+
+  The columns are spread over the given faces (different identities when the
+  faces come from `training_views`).
+  """
   columns = min(columns, len(clean))
+  picks = np.linspace(0, len(clean) - 1, columns).round().astype(int)
   fig, axes = _figure(2, columns, figsize=(1.6 * columns, 3.6),
                       squeeze=False)
-  for j in range(columns):
-    axes[0, j].imshow(_rgb(clean[j]))
-    axes[1, j].imshow(_rgb(degraded[j]))
-    axes[1, j].set_title(f"r = {scales[j]:.2f}", fontsize=8)
+  for j, i in enumerate(picks):
+    axes[0, j].imshow(_rgb(clean[i]))
+    axes[1, j].imshow(_rgb(degraded[i]))
+    axes[1, j].set_title(f"r = {scales[i]:.2f}", fontsize=8)
     for ax in axes[:, j]:
       ax.set_xticks([])
       ax.set_yticks([])
