@@ -111,8 +111,9 @@ def restore_latest(manager: ocp.CheckpointManager, state, shardings,
       restored = manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # orbax raises many types for damaged files
       reason = f"{type(e).__name__}: {_first_line(e)}"
-      logging.error("Checkpoint step %d in %s could not be restored (%s); "
-                    "trying the previous one.", step, manager.directory, e)
+      # The full text (tensorstore adds kilobytes of spec) only at INFO.
+      logging.info("Checkpoint step %d in %s could not be restored: %r",
+                   step, manager.directory, e)
       print(f"WARNING: checkpoint step {step} in {manager.directory} could "
             f"not be restored ({reason}); trying the previous step.",
             flush=True)

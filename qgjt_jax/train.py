@@ -171,16 +171,16 @@ def _train_and_evaluate(config, workdir, stop: StopRequested) -> dict:
       step += 1
       if report_progress is not None:
         report_progress(step, time.time())
+      if step % config.log_every_steps == 0 or step == num_train_steps:
+        scalars = jax.device_get(metrics)
+        scalars.update(progress(step, scalars))
+        writer.write_scalars(step, scalars)
       # The previous step's guard counters are read while this step runs: a
       # host sync one step late instead of a device stall every step. So a
       # streak reaching the limit at step s stops the run after step s + 1.
       if pending is not None and guard.exhausted(pending, step - 1):
         _stop_nonfinite(manager, state, data_iterator, config)
       pending = metrics
-      if step % config.log_every_steps == 0 or step == num_train_steps:
-        scalars = jax.device_get(metrics)
-        scalars.update(progress(step, scalars))
-        writer.write_scalars(step, scalars)
       if step % config.checkpoint_every_steps == 0:
         ckpt.save(manager, state, data_iterator)
       if config.eval_every_steps and step % config.eval_every_steps == 0:
