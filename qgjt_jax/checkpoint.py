@@ -166,7 +166,11 @@ def restore_model(directory: str, abstract_model: Any,
   """Backbone {'params', 'batch_stats'} of a step (default the latest).
 
   `abstract_model` carries the target shapes and shardings, so a checkpoint
-  written on any device count restores onto the current one.
+  written on any device count restores onto the current one. Without `step`,
+  a damaged latest step is reported and an older one used.
+
+  Raises:
+    CheckpointError: no checkpoint, no such step, or none readable.
   """
   manager = ocp.CheckpointManager(
       _absolute(directory),
@@ -174,11 +178,12 @@ def restore_model(directory: str, abstract_model: Any,
   steps = sorted(manager.all_steps(), reverse=True)
   if step is not None:
     if step not in steps:
-      raise FileNotFoundError(
-          f"No checkpoint step {step} in {directory}; available: {steps}")
+      raise CheckpointError(
+          f"No checkpoint step {step} in {directory}; available: "
+          f"{sorted(steps)}.")
     steps = [step]
   if not steps:
-    raise FileNotFoundError(f"No checkpoint in {directory}.")
+    raise CheckpointError(f"No checkpoint in {directory}.")
   errors = []
   for s in steps:
     try:
@@ -186,10 +191,12 @@ def restore_model(directory: str, abstract_model: Any,
           **{MODEL: ocp.args.StandardRestore(abstract_model)}))
       return restored[MODEL], s
     except Exception as e:  # damaged step: report, try an older one
-      errors.append(f"step {s}: {type(e).__name__}: {e}")
-      logging.error("Could not restore the model of step %d: %s", s, e)
-  raise ValueError(f"No readable checkpoint in {directory}:\n" +
-                   "\n".join(errors))
+      errors.append(f"step {s}: {type(e).__name__}: {_first_line(e)}")
+      logging.info("Could not restore the model of step %d: %r", s, e)
+      print(f"WARNING: the model of checkpoint step {s} in {directory} could "
+            f"not be restored ({errors[-1]}).", flush=True)
+  raise CheckpointError(f"No readable checkpoint in {directory}:\n  " +
+                        "\n  ".join(errors))
 
 
 def save_model_only(directory: str, model: dict[str, Any], step: int = 0
@@ -248,8 +255,18 @@ def _lookup(tree: Any, key: tuple[str, ...]) -> Any:
   return tree
 
 
-def check_compatible(workdir: str, config_dict: dict[str, Any]) -> None:
+# What restoring the backbone alone (evaluation) depends on.
+MODEL_KEYS = (("model", "name"), ("model", "base_width"),
+              ("model", "embedding_size"), ("data", "image_size"))
+
+
+def check_compatible(workdir: str, config_dict: dict[str, Any],
+                     keys: Optional[tuple[tuple[str, ...], ...]] = None
+                     ) -> None:
   """Stops with a message naming the keys that differ from the recorded run.
+
+  `keys` limits the comparison (MODEL_KEYS for evaluation); by default every
+  key of INCOMPATIBLE_KEYS is compared.
 
   Raises:
     IncompatibleRunError: the workdir's checkpoints were written with a different
@@ -262,6 +279,8 @@ def check_compatible(workdir: str, config_dict: dict[str, Any]) -> None:
   recorded = record["config"]
   diffs = []
   for key, normalise in INCOMPATIBLE_KEYS:
+    if keys is not None and key not in keys:
+      continue
     old, new = _lookup(recorded, key), _lookup(config_dict, key)
     if old is _MISSING or new is _MISSING:
       continue

@@ -53,6 +53,8 @@ def main(argv):
       config_checks.check_eval_config(_CONFIG.value)
       config_checks.check_mesh(_CONFIG.value, parallel.make_mesh(1),
                                train=False)
+      checkpoint.check_compatible(_WORKDIR.value, _CONFIG.value.to_dict(),
+                                  keys=checkpoint.MODEL_KEYS)
       print(f"Evaluating a checkpoint of {_WORKDIR.value} on "
             f"{jax.device_count()} device(s).", flush=True)
       evaluate.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value,

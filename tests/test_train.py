@@ -397,3 +397,12 @@ def test_eval_mode_restores_the_model_on_another_device_count(tmp_path):
     # Two devices may round differently; a pair may flip at the threshold.
     assert abs(evaluated[name]["accuracy_mean"] -
                metrics["accuracy_mean"]) <= 1.0 / metrics["num_pairs"], name
+
+  # Another architecture than the workdir's: one line naming the key.
+  result = subprocess.run(cli_command(workdir, "--mode=eval",
+                                      **{"model.base_width": 16}),
+                          capture_output=True, text=True, cwd=ROOT,
+                          env=subprocess_env(), timeout=600)
+  assert result.returncode == 1, result.stdout + result.stderr
+  assert "config.model.base_width: the checkpoints have 8" in result.stderr
+  assert "Traceback" not in result.stderr, result.stderr
