@@ -122,7 +122,8 @@ def test_nonfinite_batch_is_skipped():
 
 _EQUIVALENCE_SCRIPT = textwrap.dedent("""
     import os, sys
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               " --xla_force_host_platform_device_count=8")
     sys.path[:0] = [{root!r}]
     import jax, numpy as np
     from qgjt_jax import parallel
