@@ -350,6 +350,19 @@ def _exact_target_cosines(embeddings: jax.Array, kernel_block: jax.Array,
   return jnp.where(in_block, jnp.clip(cos, -1.0 + eps, 1.0 - eps), 0.0)
 
 
+def _varying(x: jax.Array, axis_name: Any) -> jax.Array:
+  """Marks a per-row value, equal on every device of the axis, as varying.
+
+  Inside `shard_map`, combining such a value with a device's own block makes
+  jax insert this cast implicitly, on the broadcast (N, c) array, and the
+  backward pass then sums an (N, c) cotangent over the axis. Casting the (N,)
+  vector first keeps that sum at N numbers.
+  """
+  if hasattr(jax.lax, 'pcast'):
+    return jax.lax.pcast(x, axis_name, to='varying')
+  return jax.lax.pvary(x, axis_name)
+
+
 def sharded_classification_loss(
     embeddings: jax.Array, labels: jax.Array, kernel_block: jax.Array,
     scaler: jax.Array, *, axis_name: Any, num_classes: int,
@@ -433,7 +446,8 @@ def sharded_classification_loss(
   target = margin_target(cos_y, scaler, head=head, m=m, eps=eps)
   quality = quality_from_scaler(scaler)
   gate = hq_gate(quality, b, s)
-  logits = s * jnp.where(target_mask, target[:, None], cos) * gate[:, None]
+  target_v, gate_v = _varying(target, axis_name), _varying(gate, axis_name)
+  logits = s * jnp.where(target_mask, target_v[:, None], cos) * gate_v[:, None]
   if padded:
     # After the gate: a gate of 0 times -inf would be NaN.
     logits = jnp.where((columns < num_classes)[None, :], logits, -jnp.inf)
@@ -442,8 +456,9 @@ def sharded_classification_loss(
   # log-sum-exp over all blocks: a shared max, then one sum of exponentials.
   row_max = jax.lax.pmax(
       jax.lax.stop_gradient(jnp.max(logits, axis=1)), axis_name)
-  sum_exp = jax.lax.psum(
-      jnp.sum(jnp.exp(logits - row_max[:, None]), axis=1), axis_name)
+  sum_exp = jax.lax.psum(jnp.sum(
+      jnp.exp(logits - _varying(row_max, axis_name)[:, None]), axis=1),
+                         axis_name)
   per_example = row_max + jnp.log(sum_exp) - target_logit
   per_example = jnp.where(valid, per_example, jnp.nan)
   aux = {
