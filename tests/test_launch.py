@@ -1,7 +1,9 @@
 """Launch scripts (dry runs print what they would run) and cluster detection."""
+import json
 import os
 import shlex
 import subprocess
+import textwrap
 
 import pytest
 
@@ -155,3 +157,37 @@ def test_detect_cluster(environ, expected):
 
 def test_single_process_does_not_start_distributed():
   assert parallel.maybe_initialize_distributed({}) is False
+
+
+def test_gpu_bench_collects_json_lines_and_survives_a_failure(tmp_path):
+  # A stand-in interpreter: prints a JSON line naming its arguments, except
+  # for IR-100, which fails.
+  fake = tmp_path / "python3"
+  fake.write_text(textwrap.dedent("""\
+      #!/usr/bin/env bash
+      case "$*" in
+        *import*) echo versions; exit 0 ;;
+        *ir100*) echo "out of memory" >&2; exit 3 ;;
+      esac
+      echo "some log line"
+      echo "{\\"args\\": \\"$*\\"}"
+      """))
+  fake.chmod(0o755)
+  out = tmp_path / "out"
+  out.mkdir()
+  env = {k: v for k, v in os.environ.items() if k != "DRY_RUN"}
+  env.update(PYTHON=str(fake), OUT=str(out), STAGES="core",
+             CALIB="calib_step.py", PATH=os.environ["PATH"])
+  result = subprocess.run(["bash", os.path.join(LAUNCH, "gpu_bench.sh")],
+                          capture_output=True, text=True, timeout=60,
+                          cwd=ROOT, env=env)
+  assert result.returncode == 0, result.stderr
+  printed = [json.loads(l) for l in result.stdout.splitlines()
+             if l.startswith("{")]
+  saved = [json.loads(l) for l in (out / "bench.jsonl").read_text()
+           .splitlines()]
+  assert printed == saved and len(saved) == 4
+  assert saved[0]["args"] == "calib_step.py --arch=50 --batch=512"
+  assert saved[2]["args"].endswith("--arch=ir50 --batch=256 --no_qgface")
+  assert saved[3] == {"failed": "qgface_ir100", "rc": 3}
+  assert "out of memory" in (out / "bench.log").read_text()
