@@ -22,6 +22,7 @@ _CHOICES = {
     "data.view.recipe": ("qgface", "adaface"),
     "quality.partition": ("norm", "degradation"),
     "head.kind": ("adaface", "arcface", "cosface", "softmax"),
+    "head.logits_dtype": ("float32", "bfloat16"),
     "contrastive.gate": ("sgn", "cos", "linear"),
     "contrastive.gate_range": ("half", "whole"),
     "contrastive.pair_quality": ("low", "mean", "high"),
@@ -37,6 +38,7 @@ _CHOICES = {
 # (key, lowest, highest, what the key is): closed intervals, None = unbounded.
 _RANGES = (
     ("head.b", 0.0, 1.0, "a quality threshold; 0 disables the gate"),
+    ("head.sample_rate", 1e-6, 1.0, "the share of classes kept per step"),
     ("contrastive.b", 0.0, 1.0, "a quality threshold; 0 disables the gate"),
     ("quality.alpha", 0.0, 1.0, "the running statistics' update rate"),
     ("optim.momentum", 0.0, 0.999999, "SGD momentum"),

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
+
+if TYPE_CHECKING:  # configs only at type-check time: the benchmark runs
+  import ml_collections  # where ml_collections is not installed
 
 
 def make_lr_schedule(optim: ml_collections.ConfigDict, steps_per_epoch: float,
