@@ -26,8 +26,8 @@ def get_config():
   config.contrastive.update(b=0.4, start_epoch=2.0)
   config.queue.capacity = 1024
   config.global_batch_size = 64
-  config.num_epochs = 12.0
-  config.optim.update(lr=0.1, milestones=(8, 11), warmup_epochs=0.5)
+  config.num_epochs = 10.0
+  config.optim.update(lr=0.1, milestones=(7, 9), warmup_epochs=0.5)
   config.log_every_steps = 20
   config.checkpoint_every_steps = 100
   config.eval_every_steps = 0  # evaluate at the end only
