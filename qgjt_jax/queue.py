@@ -142,13 +142,7 @@ def proxy_update(queue: QueueState, kernel: jax.Array) -> jax.Array:
   # >= C (a bug upstream) becomes NaN rather than another class's proxy.
   current = jnp.take(kernel.T, jnp.where(valid, queue.labels, 0), axis=0,
                      mode='fill', fill_value=jnp.nan)
-  embed_norm = jnp.linalg.norm(queue.embeds, axis=1, keepdims=True)
-  proxy_norm = jnp.linalg.norm(queue.proxies, axis=1, keepdims=True)
-  has_proxy = proxy_norm > 0
-  ratio = jnp.where(has_proxy,
-                    embed_norm / jnp.where(has_proxy, proxy_norm, 1.0), 0.0)
-  corrected = queue.embeds + ratio * (current - queue.proxies)
-  return jax.lax.stop_gradient(jnp.where(valid[:, None], corrected, 0.0))
+  return corrected_negatives(queue, current)
 
 
 def sharded_class_proxies(kernel_block: jax.Array, labels: jax.Array, *,
