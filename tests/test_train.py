@@ -145,9 +145,13 @@ def subprocess_env(devices: int | None = None) -> dict[str, str]:
           [str(shim), str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p]),
       PYTHONUNBUFFERED="1",
   )
-  env.pop("XLA_FLAGS", None)
+  # The parent's XLA flags are kept (they are part of the cache key); only
+  # the device count is ours to set.
+  flags = [f for f in env.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
   if devices:
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    flags.append(f"--xla_force_host_platform_device_count={devices}")
+  env["XLA_FLAGS"] = " ".join(flags)
   return env
 
 
