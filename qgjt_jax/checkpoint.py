@@ -269,8 +269,9 @@ def check_compatible(workdir: str, config_dict: dict[str, Any],
   key of INCOMPATIBLE_KEYS is compared.
 
   Raises:
-    IncompatibleRunError: the workdir's checkpoints were written with a different
-      class count, architecture, image size, queue or optimiser structure.
+    IncompatibleRunError: the workdir's checkpoints were written with a
+      different class count, architecture, image size, queue or optimiser
+      structure.
   """
   path = epath.Path(workdir) / CONFIG_RECORD
   if not path.exists():
