@@ -23,7 +23,6 @@ the data pipeline, the checkpointer or the config files.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import math
 import sys
@@ -108,29 +107,6 @@ def recipe_config(*, arch: str = "ir50", batch: int = 256,
   )
 
 
-def _import_optim():
-  """qgjt_jax.optim, also where ml_collections is not installed.
-
-  optim.py names ml_collections only in annotations, which its
-  `from __future__ import annotations` never evaluates; an empty stand-in
-  module satisfies its import statement and is removed again afterwards.
-  """
-  try:
-    return importlib.import_module("qgjt_jax.optim")
-  except ImportError as e:
-    if e.name != "ml_collections":
-      raise
-  previous = sys.modules.get("ml_collections", None)
-  sys.modules["ml_collections"] = types.ModuleType("ml_collections")
-  try:
-    return importlib.import_module("qgjt_jax.optim")
-  finally:
-    if previous is None:
-      sys.modules.pop("ml_collections", None)
-    else:
-      sys.modules["ml_collections"] = previous
-
-
 def synthetic_batches(num: int, batch: int, image_size: int,
                       num_classes: int, seed: int = 0) -> list[dict]:
   """Host batches shaped like the input pipeline's (uint8 images)."""
@@ -195,7 +171,7 @@ def run(*, arch: str = "ir50", batch: int = 256, dtype: str = "bfloat16",
   """Builds, warms up and times the step; returns the JSON record."""
   if steps < 1 or warmup < 1 or repeats < 1:
     raise ValueError("steps, warmup and repeats must be >= 1")
-  optim = _import_optim()
+  from qgjt_jax import optim  # ml_collections only for type checking
   config = recipe_config(
       arch=arch, batch=batch, dtype=dtype, queue=queue, qgface=qgface,
       image_size=image_size, base_width=base_width,

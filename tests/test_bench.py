@@ -61,7 +61,7 @@ def test_no_qgface_step_has_no_queue_or_contrastive_term():
   """The --no_qgface step, traced (not compiled): no queue, loss_con 0."""
   from qgjt_jax import state as state_lib
   from qgjt_jax import step as step_lib
-  optim = bench._import_optim()
+  from qgjt_jax import optim
   config = bench.recipe_config(arch="ir18", batch=4, dtype="float32",
                                queue=16, qgface=False, image_size=16,
                                base_width=4, embedding_size=16)
