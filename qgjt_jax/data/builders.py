@@ -272,17 +272,12 @@ def convert_face_image(data: bytes, size: int = IMAGE_SIZE,
   Raises:
     BadImageError: not a readable image.
   """
-  buf = np.frombuffer(data, np.uint8)
-  image = None
-  if buf.size:
-    try:
-      image = cv2.imdecode(buf, cv2.IMREAD_COLOR)
-    except cv2.error:
-      image = None
+  image = recordio.imdecode_or_none(data)
   if image is None:
     image = _decode_with_pillow(data, where)
   if image.shape[:2] == (size, size) and data.startswith(_JPEG_SOI):
-    native = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    native = cv2.imdecode(np.frombuffer(data, np.uint8),
+                          cv2.IMREAD_UNCHANGED)
     if native is not None and np.array_equal(native, image):
       return data
   if image.shape[:2] != (size, size):

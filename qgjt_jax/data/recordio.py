@@ -117,6 +117,17 @@ def class_id(header: IRHeader, where: str = "<record>") -> int:
   return int(value)
 
 
+def imdecode_or_none(data: bytes) -> np.ndarray | None:
+  """`cv2.imdecode(IMREAD_COLOR)` of the bytes, or None where OpenCV can't."""
+  buf = np.frombuffer(data, np.uint8)
+  if not buf.size:
+    return None
+  try:
+    return cv2.imdecode(buf, cv2.IMREAD_COLOR)
+  except cv2.error:
+    return None
+
+
 def decode_image(data: bytes, where: str = "<image>") -> np.ndarray:
   """Decodes an encoded face image to uint8 (H, W, 3) in **BGR** order.
 
@@ -136,13 +147,7 @@ def decode_image(data: bytes, where: str = "<image>") -> np.ndarray:
   Raises:
     RecordIOError: the bytes are not an image OpenCV can decode.
   """
-  buf = np.frombuffer(data, np.uint8)
-  image = None
-  if buf.size:
-    try:
-      image = cv2.imdecode(buf, cv2.IMREAD_COLOR)
-    except cv2.error:
-      image = None
+  image = imdecode_or_none(data)
   if image is None or image.ndim != 3 or image.shape[2] != 3:
     raise RecordIOError(f"{where}: {len(data)} bytes that are not a decodable "
                         "image")
