@@ -18,17 +18,40 @@ from qgjt_jax import checkpoint as ckpt
 from qgjt_jax import parallel
 from qgjt_jax import reporting
 from qgjt_jax import state as state_lib
-from qgjt_jax import step as step_lib
 from qgjt_jax.data import degrade
+from qgjt_jax.eval import extract
 from qgjt_jax.eval import ijb
 from qgjt_jax.eval import report
 from qgjt_jax.eval import scface
 from qgjt_jax.eval import tinyface
 from qgjt_jax.eval import verification
+from qgjt_jax.models.iresnet import normalize_images
 
 
 def view_config(config: ml_collections.ConfigDict) -> degrade.ViewConfig:
   return degrade.ViewConfig(**config.data.view.to_dict())
+
+
+def make_embed_fn(model, dtype: Any, mesh: Mesh,
+                  variables: Any) -> extract.ShardedEmbedFn:
+  """The eval forward pass of `variables`, for `extract.extract_embeddings`.
+
+  Each process passes its rows of a global batch (split over every device of
+  the mesh, as in training); the embeddings and norms of the whole batch come
+  back to every process, replicated (B x D floats: a small all-gather).
+  """
+  def forward(variables, images):
+    emb, norms = model.apply(variables, normalize_images(images, dtype),
+                             train=False)
+    return emb.astype(jnp.float32), norms.astype(jnp.float32)
+
+  forward = jax.jit(forward, in_shardings=(parallel.replicated(mesh),
+                                           parallel.batch_sharding(mesh)),
+                    out_shardings=parallel.replicated(mesh))
+  variables = jax.device_put(variables, parallel.replicated(mesh))
+  return extract.ShardedEmbedFn(
+      lambda local: forward(variables, parallel.host_to_global(local, mesh)),
+      extract.HostShard(jax.process_index(), jax.process_count()))
 
 
 class Evaluator:
@@ -37,8 +60,7 @@ class Evaluator:
   def __init__(self, config: ml_collections.ConfigDict, model, mesh: Mesh):
     self.config = config
     self.mesh = mesh
-    self._embed = step_lib.make_embed_fn(model, jnp.dtype(config.model.dtype),
-                                         mesh)
+    self.model = model
     self._synthetic_sets = None
 
   def _synthetic_pairs(self):
@@ -54,9 +76,8 @@ class Evaluator:
   def evaluate_variables(self, variables: Any) -> dict[str, dict]:
     """{set name: metrics} for the backbone `variables`."""
     cfg = self.config.eval
-    variables = jax.device_put(variables, parallel.replicated(self.mesh))
-    embed_fn = lambda images: self._embed(
-        variables, parallel.host_to_global(images, self.mesh))
+    embed_fn = make_embed_fn(self.model, jnp.dtype(self.config.model.dtype),
+                             self.mesh, variables)
     common = dict(batch_size=cfg.batch_size, fusion=cfg.fusion)
     results = {}
     if self.config.data.kind == "synthetic":
@@ -91,8 +112,8 @@ class Evaluator:
   def publish(self, results, step: int, writer, workdir: str):
     if not results:
       return results
-    print(f"\nEvaluation at step {step}:\n{report.format_table(results)}\n",
-          flush=True)
+    reporting.note(
+        f"\nEvaluation at step {step}:\n{report.format_table(results)}\n")
     if jax.process_index() == 0:
       report.write_results(workdir, f"step_{step}", results)
     writer.write_scalars(step, {f"eval/{k}": v for k, v in
@@ -128,13 +149,13 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   directory = checkpoint_dir or f"{workdir}/checkpoints"
   variables, restored_step = ckpt.restore_model(
       directory, abstract_model_variables(config, model, mesh), step)
-  print(f"Restored the model of step {restored_step} from {directory}.",
-        flush=True)
+  reporting.note(
+      f"Restored the model of step {restored_step} from {directory}.")
   evaluator = Evaluator(config, model, mesh)
   writer = reporting.create_writer(f"{workdir}/eval")
   results = evaluator.publish(evaluator.evaluate_variables(variables),
                               restored_step, writer, workdir)
   if not results:
-    print("Nothing to evaluate: set config.eval.bin_sets (or tinyface_root, "
-          "scface_root, ijb_root).", flush=True)
+    reporting.note("Nothing to evaluate: set config.eval.bin_sets (or "
+                   "tinyface_root, scface_root, ijb_root).")
   return results

@@ -21,7 +21,6 @@ from qgjt_jax import checkpoint as ckpt
 from qgjt_jax import evaluate as evaluate_lib
 from qgjt_jax import parallel
 from qgjt_jax import state as state_lib
-from qgjt_jax import step as step_lib
 from qgjt_jax.data import degrade
 from qgjt_jax.data import recordio
 from qgjt_jax.data import synthetic
@@ -132,12 +131,9 @@ class Embedder:
 
   def __init__(self, config: ml_collections.ConfigDict, variables: Any,
                batch_size: Optional[int] = None):
-    self.mesh = parallel.make_mesh(1)
-    model = state_lib.build_model(config)
-    self._embed = step_lib.make_embed_fn(model, jnp.dtype(config.model.dtype),
-                                         self.mesh)
-    self.variables = jax.device_put(variables,
-                                    parallel.replicated(self.mesh))
+    self._embed = evaluate_lib.make_embed_fn(
+        state_lib.build_model(config), jnp.dtype(config.model.dtype),
+        parallel.make_mesh(1), variables)
     self.batch_size = batch_size or config.eval.batch_size
     self.image_size = config.data.image_size
     self.step = None  # the checkpoint step, when restored from one
@@ -158,10 +154,8 @@ class Embedder:
 
   def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """images (N, S, S, 3) uint8 BGR -> (embeddings (N, D), norms (N,))."""
-    embed_fn = lambda batch: self._embed(
-        self.variables, parallel.host_to_global(batch, self.mesh))
     return extract.extract_embeddings(
-        embed_fn, np.asarray(images, np.uint8), batch_size=self.batch_size,
+        self._embed, np.asarray(images, np.uint8), batch_size=self.batch_size,
         flip=False, progress=False, return_norms=True)
 
 

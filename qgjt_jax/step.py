@@ -5,6 +5,7 @@ global batch: the backbone on both views (2B images), the quality statistics,
 the HQ-gated margin classifier, the enqueue + proxy update of the queue, the
 LQ-gated contrastive loss, and the optimiser update. It is jitted once with
 explicit shardings by `make_train_step`; everything it changes is in the state.
+(The evaluation forward pass is `evaluate.make_embed_fn`.)
 
 Layout (see parallel.py): the backbone is data-parallel over every device; the
 classifier W is split over the mesh's `model` axis. The two places that touch
@@ -295,14 +296,3 @@ def make_train_step(*, model, tx, config, lr_schedule, steps_per_epoch,
                  in_shardings=(state_shardings, parallel.batch_sharding(mesh)),
                  out_shardings=(state_shardings, parallel.replicated(mesh)),
                  donate_argnums=0)
-
-
-def make_embed_fn(model: nn.Module, dtype: Any, mesh: Mesh):
-  """Jitted eval forward: (variables, uint8 images) -> (embeddings, norms)."""
-  def embed(variables, images):
-    emb, norms = model.apply(variables, normalize_images(images, dtype),
-                             train=False)
-    return emb.astype(jnp.float32), norms.astype(jnp.float32)
-  return jax.jit(embed, in_shardings=(parallel.replicated(mesh),
-                                      parallel.batch_sharding(mesh)),
-                 out_shardings=parallel.batch_sharding(mesh))

@@ -144,24 +144,63 @@ def test_progress_line_on_stderr(capsys):
   err = capsys.readouterr().err
   assert 'lfw:' in err and '7/7' in err and '100.0%' in err
   extract.extract_embeddings(FakeModel(), iter(list(_images(5))),
-                             batch_size=BATCH, desc='gen', total=5)
+                             batch_size=BATCH, desc='gen')
   assert '5/5' in capsys.readouterr().err
+  # Only the first of several processes shows progress.
+  images = _images(7)
+  extract.extract_embeddings(_OtherProcess(images, 1), images,
+                             batch_size=BATCH, flip=False)
+  assert 'embed:' not in capsys.readouterr().err
 
 
-def test_jitted_embed_fn_returning_device_arrays():
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  model = FakeModel()
-  proj = jnp.asarray(model.proj, jnp.float32)
+class _OtherProcess(extract.ShardedEmbedFn):
+  """Process `index` of 2, with the gather done by looking the batch up.
 
-  @jax.jit
-  def embed_fn(images):
-    v = (images.reshape(images.shape[0], -1).astype(jnp.float32) / 255) @ proj
-    n = jnp.linalg.norm(v, axis=1)
-    return v / n[:, None], n
+  Checks that each call brings this process's block of the global batch, and
+  returns what a real gather would: the whole batch's embeddings.
+  """
 
-  images = _images(10)
-  got = extract.extract_embeddings(embed_fn, images, batch_size=BATCH,
-                                   progress=False)
-  np.testing.assert_allclose(got, _expected(model, images, 'pre_norm_add')[0],
-                             rtol=1e-4, atol=1e-5)
+  def __init__(self, images, index, flip=False):
+    super().__init__(FakeModel(), extract.HostShard(index, 2))
+    self.images, self.calls, self.flip = images, 0, flip
+
+  def __call__(self, local):
+    k = self.calls // (2 if self.flip else 1)
+    mirrored = self.flip and self.calls % 2
+    self.calls += 1
+    rows = np.minimum(np.arange(k * BATCH, (k + 1) * BATCH),
+                      len(self.images) - 1)
+    batch = self.images[rows]
+    if mirrored:
+      batch = np.ascontiguousarray(batch[:, :, ::-1])
+    half = BATCH // 2
+    block = batch[self.shard.index * half:(self.shard.index + 1) * half]
+    np.testing.assert_array_equal(local, block)
+    return self.fn(batch)
+
+
+def test_each_process_reads_its_block_of_every_global_batch():
+  # 11 images, global batches of 4 over 2 processes: blocks of 2 rows.
+  rows = [extract._local_rows(11, 4, extract.HostShard(p, 2))
+          for p in range(2)]
+  np.testing.assert_array_equal(rows[0], [0, 1, 4, 5, 8, 9])
+  np.testing.assert_array_equal(rows[1], [2, 3, 6, 7, 10, 10])  # padded
+  one = extract._local_rows(11, 4, extract.HostShard())
+  np.testing.assert_array_equal(one, list(range(11)) + [10])
+
+
+def test_lazy_images_are_read_only_where_this_process_embeds():
+  images = _images(11)
+  read = []
+
+  def load(i):
+    read.append(i)
+    return images[i]
+
+  lazy = extract.images_lib.LazyImages(load, len(images), num_threads=1)
+  got = extract.extract_embeddings(_OtherProcess(images, 1, flip=True), lazy,
+                                   batch_size=BATCH, progress=False)
+  want = extract.extract_embeddings(FakeModel(), images, batch_size=BATCH,
+                                    progress=False)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  assert sorted(set(read)) == [2, 3, 6, 7, 10]

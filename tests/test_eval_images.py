@@ -17,7 +17,7 @@ def test_load_in_chunks_keeps_order_and_bounds_prefetch():
       loaded.append(i)
     return np.full((2, 2, 3), i, np.uint8)
 
-  chunks = images.load_in_chunks(load, 17, chunk_size=3, num_threads=2)
+  chunks = images.load_in_chunks(load, range(17), chunk_size=3, num_threads=2)
   first = next(chunks)
   np.testing.assert_array_equal(first[:, 0, 0, 0], [0, 1, 2])
   # At most 2 * num_threads chunks were requested ahead of the consumer.
@@ -26,6 +26,18 @@ def test_load_in_chunks_keeps_order_and_bounds_prefetch():
   assert [len(c) for c in rest] == [3, 3, 3, 3, 2]
   values = np.concatenate([first, *rest])[:, 0, 0, 0]
   np.testing.assert_array_equal(values, np.arange(17))
+
+
+def test_lazy_images_read_only_the_rows_asked_for(tmp_path):
+  paths = []
+  for i in range(5):
+    paths.append(tmp_path / f'{i}.png')
+    cv2.imwrite(str(paths[-1]), np.full((10, 10, 3), 40 * i, np.uint8))
+  lazy = images.image_files(paths, 4, num_threads=2)
+  assert len(lazy) == 5
+  (chunk,) = list(lazy.chunks([4, 1, 1], chunk_size=3))
+  assert chunk.shape == (3, 4, 4, 3)
+  np.testing.assert_array_equal(chunk[:, 0, 0, 0], [160, 40, 40])
 
 
 def test_read_image_resizes_and_names_bad_files(tmp_path):

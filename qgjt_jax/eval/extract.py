@@ -25,11 +25,14 @@ the AdaFace/QGFace evaluation scripts' names):
   None             no flip: f = e1, norm n1 (same as flip=False).
 """
 from collections.abc import Callable, Iterable
+import dataclasses
 import sys
 import time
 from typing import Any
 
 import numpy as np
+
+from qgjt_jax.eval import images as images_lib
 
 EmbedFn = Callable[[np.ndarray], tuple[Any, Any]]
 FUSIONS = ('pre_norm_add', 'norm_weighted', 'mean', 'concat')
@@ -111,13 +114,61 @@ class Progress:
     print(line, file=sys.stderr, flush=True)
 
 
-def _chunks(images: np.ndarray | Iterable[np.ndarray]):
-  """Yields (n, H, W, 3) arrays from an array, single images or chunks."""
-  if isinstance(images, np.ndarray):
-    if images.ndim != 4:
-      raise ValueError(f'images must be (N, H, W, 3), got {images.shape}')
-    yield images
-    return
+@dataclasses.dataclass(frozen=True)
+class HostShard:
+  """Which rows of every global batch this process embeds.
+
+  A global batch of B images is cut into `count` consecutive blocks of
+  B / count rows; process `index` reads and embeds block `index` (the mesh
+  orders devices by process, so that block lands on this process's
+  devices), and the embed function returns the whole batch's embeddings to
+  every process. Images are read once in all, and every process ends with
+  every embedding, so the scores are computed alike everywhere.
+  """
+  index: int = 0
+  count: int = 1
+
+
+class ShardedEmbedFn:
+  """An embed function over several processes (see HostShard).
+
+  Called with this process's (B / count, H, W, 3) rows of a global batch,
+  it returns the (B, D) embeddings and (B,) norms of the whole batch.
+  """
+
+  def __init__(self, fn: EmbedFn, shard: HostShard):
+    self.fn, self.shard = fn, shard
+
+  def __call__(self, local_images: np.ndarray):
+    return self.fn(local_images)
+
+
+def _local_rows(num_images: int, batch_size: int,
+                shard: HostShard) -> np.ndarray:
+  """Indices of the images this process embeds, in global-batch order.
+
+  The last global batch is padded with the last image (repeated rather
+  than zeros, so padded rows cannot produce zero norms); its padded rows are
+  dropped after the gather.
+  """
+  num_batches = -(-num_images // batch_size)
+  rows = np.arange(num_batches * batch_size).reshape(
+      num_batches, shard.count, batch_size // shard.count)[:, shard.index]
+  return np.minimum(rows.reshape(-1), num_images - 1)
+
+
+def _as_random_access(images):
+  """An array or LazyImages as is; any other iterable collected in memory."""
+  if isinstance(images, (np.ndarray, images_lib.LazyImages)):
+    return images
+  chunks = list(_chunks(images))
+  if not chunks:
+    raise ValueError('no images to embed')
+  return np.concatenate(chunks)
+
+
+def _chunks(images: Iterable[np.ndarray]):
+  """Yields (n, H, W, 3) arrays from an iterable of images or chunks."""
   for item in images:
     item = np.asarray(item)
     if item.ndim == 3:
@@ -128,80 +179,71 @@ def _chunks(images: np.ndarray | Iterable[np.ndarray]):
     yield item
 
 
-def _fixed_batches(images, batch_size: int):
-  """Yields (batch (batch_size, H, W, 3), n_valid); the last one is padded.
-
-  Padding repeats the last real image rather than zeros so the padded rows
-  cannot produce zero norms; they are dropped afterwards anyway.
-  """
-  pending, count = [], 0
-  for chunk in _chunks(images):
-    start = 0
-    while start < len(chunk):
-      take = min(batch_size - count, len(chunk) - start)
-      pending.append(chunk[start:start + take])
-      count += take
-      start += take
-      if count == batch_size:
-        yield np.concatenate(pending), batch_size
-        pending, count = [], 0
-  if count:
-    batch = np.concatenate(pending)
-    pad = np.repeat(batch[-1:], batch_size - count, axis=0)
-    yield np.concatenate([batch, pad]), count
-
-
-def _length(images) -> int | None:
-  """Number of images when known without consuming an iterator."""
-  if isinstance(images, np.ndarray):
-    return images.shape[0]
-  if isinstance(images, (list, tuple)):
-    return sum(1 if np.ndim(x) == 3 else len(x) for x in images)
-  return None
+def _local_batches(images, batch_size: int, shard: HostShard):
+  """Yields (this process's rows of a global batch, real rows in it)."""
+  if isinstance(images, np.ndarray) and images.ndim != 4:
+    raise ValueError(f'images must be (N, H, W, 3), got {images.shape}')
+  num_images = len(images)
+  if not num_images:
+    raise ValueError('no images to embed')
+  rows = _local_rows(num_images, batch_size, shard)
+  local = batch_size // shard.count
+  if isinstance(images, images_lib.LazyImages):
+    stream = images.chunks(rows, chunk_size=local)
+  else:
+    stream = (images[rows[i:i + local]] for i in range(0, len(rows), local))
+  for k, batch in enumerate(stream):
+    yield batch, min(batch_size, num_images - k * batch_size)
 
 
 def extract_embeddings(
-    embed_fn: EmbedFn,
-    images: np.ndarray | Iterable[np.ndarray],
+    embed_fn: EmbedFn | ShardedEmbedFn,
+    images: np.ndarray | images_lib.LazyImages | Iterable[np.ndarray],
     *,
     batch_size: int,
     flip: bool = True,
     fusion: str | None = DEFAULT_FUSION,
     progress: bool = True,
     return_norms: bool = False,
-    total: int | None = None,
     desc: str = 'embed',
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
   """Embeds every image, `batch_size` at a time, with optional flip fusion.
 
   Args:
-    embed_fn: uint8 BGR (batch_size, H, W, 3) -> (unit (b, D), norms (b,)).
-      It may return device arrays: the next batch is dispatched before the
-      previous result is read, so an asynchronous embed_fn overlaps with the
-      host work.
-    images: a uint8 array (N, H, W, 3), or an iterable of single images
-      (H, W, 3) and/or chunks (n, H, W, 3) (e.g. a generator reading files).
+    embed_fn: uint8 BGR (batch_size, H, W, 3) -> (unit (b, D), norms (b,)),
+      or a ShardedEmbedFn, which each process calls with its share of every
+      batch. It may return device arrays: the next batch is dispatched before
+      the previous result is read, so an asynchronous embed_fn overlaps with
+      the host work.
+    images: a uint8 array (N, H, W, 3), images_lib.LazyImages (read on
+      demand, only the rows this process embeds), or an iterable of single
+      images (H, W, 3) and/or chunks (n, H, W, 3), which is read whole first.
       N need not be a multiple of batch_size.
-    batch_size: the fixed batch size embed_fn expects.
+    batch_size: the fixed (global) batch size embed_fn works on.
     flip: also embed the mirrored images and fuse (see module doc).
     fusion: one of FUSIONS; None is the same as flip=False.
-    progress: print a progress line on stderr every 10 s and at the end.
+    progress: print a progress line on stderr every 10 s and at the end (on
+      the first process only).
     return_norms: also return the fused norms.
-    total: number of images, for the progress line when `images` has no len.
     desc: label of the progress line.
 
   Returns:
     float32 embeddings (N, D) (2D for 'concat'), and (N,) norms if
-    return_norms.
+    return_norms; the same on every process.
   """
   if batch_size < 1:
     raise ValueError(f'batch_size must be positive, got {batch_size}')
   if fusion is not None and fusion not in FUSIONS:
     raise ValueError(f'unknown fusion {fusion!r}; expected one of {FUSIONS} '
                      'or None')
+  shard = (embed_fn.shard if isinstance(embed_fn, ShardedEmbedFn)
+           else HostShard())
+  if batch_size % shard.count:
+    raise ValueError(f'batch_size {batch_size} does not split over '
+                     f'{shard.count} processes')
   use_flip = flip and fusion is not None
-  bar = Progress(total if total is not None else _length(images), desc,
-                 enabled=progress)
+  images = _as_random_access(images)
+  bar = Progress(len(images), desc, enabled=progress and shard.index == 0)
   feats, norms = [], []
 
   def collect(outputs, n_valid):
@@ -217,18 +259,15 @@ def extract_embeddings(
     bar.update(n_valid)
 
   in_flight = None
-  for batch, n_valid in _fixed_batches(images, batch_size):
+  for batch, n_valid in _local_batches(images, batch_size, shard):
     outputs = (embed_fn(batch),
                embed_fn(np.ascontiguousarray(batch[:, :, ::-1]))
                if use_flip else None)
     if in_flight is not None:
       collect(*in_flight)
     in_flight = (outputs, n_valid)
-  if in_flight is not None:
-    collect(*in_flight)
+  collect(*in_flight)
   bar.close()
-  if not feats:
-    raise ValueError('no images to embed')
   feats = np.concatenate(feats).astype(np.float32, copy=False)
   norms = np.concatenate(norms).astype(np.float32, copy=False)
   return (feats, norms) if return_norms else feats

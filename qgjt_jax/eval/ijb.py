@@ -279,10 +279,9 @@ def evaluate_ijb(embed_fn: extract.EmbedFn, root: str | os.PathLike, *,
 
   feats, norms = extract.extract_embeddings(
       embed_fn,
-      images_lib.load_in_chunks(load, len(layout.image_paths),
-                                num_threads=num_threads),
+      images_lib.LazyImages(load, len(layout.image_paths), num_threads),
       batch_size=batch_size, flip=flip, fusion=fusion, progress=progress,
-      return_norms=True, total=len(layout.image_paths), desc=subset)
+      return_norms=True, desc=subset)
   if use_norm_score:
     feats = feats * norms[:, None]
   if use_detector_score:

@@ -5,6 +5,7 @@ releases the GIL while decoding, so a small thread pool keeps a device fed.
 """
 from collections.abc import Callable, Iterator, Sequence
 import concurrent.futures
+import dataclasses
 import os
 import pathlib
 
@@ -38,19 +39,18 @@ def read_image(path: str | os.PathLike, image_size: int = 112) -> np.ndarray:
   return resize_square(imread_bgr(path), image_size)
 
 
-def load_in_chunks(load: Callable[[int], np.ndarray], count: int, *,
-                   chunk_size: int = 256,
+def load_in_chunks(load: Callable[[int], np.ndarray], indices: Sequence[int],
+                   *, chunk_size: int = 256,
                    num_threads: int = 8) -> Iterator[np.ndarray]:
-  """Yields stacked chunks of load(0), load(1), ... load(count - 1), in order.
+  """Yields stacked chunks of load(i) for i in `indices`, in order.
 
   At most 2 * num_threads chunks are in flight, so memory stays bounded
   however many images there are.
   """
-  starts = range(0, count, chunk_size)
+  starts = range(0, len(indices), chunk_size)
 
   def load_chunk(start):
-    return np.stack([load(i) for i in range(start, min(start + chunk_size,
-                                                       count))])
+    return np.stack([load(int(i)) for i in indices[start:start + chunk_size]])
 
   with concurrent.futures.ThreadPoolExecutor(max(1, num_threads)) as pool:
     pending = []
@@ -66,12 +66,31 @@ def load_in_chunks(load: Callable[[int], np.ndarray], count: int, *,
         pending.append(pool.submit(load_chunk, start))
 
 
-def read_images(paths: Sequence[str | os.PathLike], image_size: int = 112, *,
-                chunk_size: int = 256,
-                num_threads: int = 8) -> Iterator[np.ndarray]:
-  """Yields uint8 BGR chunks (n, image_size, image_size, 3) of `paths`."""
-  return load_in_chunks(lambda i: read_image(paths[i], image_size), len(paths),
-                        chunk_size=chunk_size, num_threads=num_threads)
+@dataclasses.dataclass(frozen=True)
+class LazyImages:
+  """`count` images read on demand by `load(i)`, in threads.
+
+  What the evaluators hand to extraction, so that each process of a
+  multi-host run reads only the images it embeds.
+  """
+  load: Callable[[int], np.ndarray]
+  count: int
+  num_threads: int = 8
+
+  def __len__(self) -> int:
+    return self.count
+
+  def chunks(self, indices: Sequence[int], chunk_size: int = 256
+             ) -> Iterator[np.ndarray]:
+    return load_in_chunks(self.load, indices, chunk_size=chunk_size,
+                          num_threads=self.num_threads)
+
+
+def image_files(paths: Sequence[str | os.PathLike], image_size: int = 112, *,
+                num_threads: int = 8) -> LazyImages:
+  """The images at `paths` as uint8 BGR (image_size, image_size, 3)."""
+  return LazyImages(lambda i: read_image(paths[i], image_size), len(paths),
+                    num_threads)
 
 
 def list_images(directory: pathlib.Path) -> list[pathlib.Path]:

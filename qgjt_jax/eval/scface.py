@@ -124,10 +124,10 @@ def evaluate_scface(embed_fn: extract.EmbedFn, root: str | os.PathLike, *,
     offsets[d] = (len(paths), len(paths) + len(layout.probe_paths[d]))
     paths += layout.probe_paths[d]
   feats = extract.extract_embeddings(
-      embed_fn, images_lib.read_images(paths, image_size,
+      embed_fn, images_lib.image_files(paths, image_size,
                                        num_threads=num_threads),
       batch_size=batch_size, flip=flip, fusion=fusion, progress=progress,
-      total=len(paths), desc='scface')
+      desc='scface')
   n_gallery = len(layout.gallery_paths)
   return scface_metrics(feats[:n_gallery], layout.gallery_labels,
                         {d: feats[a:b] for d, (a, b) in offsets.items()},

@@ -147,10 +147,10 @@ def evaluate_tinyface(embed_fn: extract.EmbedFn, root: str | os.PathLike, *,
   layout = tinyface_layout(root, aligned_dir)
   paths = layout.probe_paths + layout.match_paths + layout.distractor_paths
   feats = extract.extract_embeddings(
-      embed_fn, images_lib.read_images(paths, image_size,
+      embed_fn, images_lib.image_files(paths, image_size,
                                        num_threads=num_threads),
       batch_size=batch_size, flip=flip, fusion=fusion, progress=progress,
-      total=len(paths), desc='tinyface')
+      desc='tinyface')
   n_probe, n_match = len(layout.probe_paths), len(layout.match_paths)
   return tinyface_metrics(feats[:n_probe], layout.probe_labels,
                           feats[n_probe:n_probe + n_match], layout.match_labels,
