@@ -1,12 +1,14 @@
-"""Orbax checkpoints: the full train state, the data iterator, and the model.
+"""Orbax checkpoints: the full train state and the model.
 
-Each checkpoint step holds three items:
+Each checkpoint step holds two items:
   state  the whole TrainState (queue, quality statistics, optimiser...) to
          resume training exactly;
   model  {'params', 'batch_stats'} of the backbone alone, what evaluation and
          fine-tuning need: restoring it does not depend on the class count,
-         the optimiser or the device count that wrote it;
-  data   the grain iterator's position (when there is one).
+         the optimiser or the device count that wrote it.
+The input pipeline needs no item of its own: its batches are a pure function
+of the seed and the step (data/pipeline.py), so the restored `state.step` is
+its position, whatever the process or worker count of the resumed run.
 Orbax writes each step to a temporary folder (`<step>.orbax-checkpoint-tmp-*`)
 and renames it when complete, so an interrupted save never becomes the latest
 step (and its leftovers are removed by the next manager). A latest step that
@@ -26,15 +28,9 @@ from etils import epath
 import jax
 import orbax.checkpoint as ocp
 
-STATE, MODEL, DATA = "state", "model", "data"
+from qgjt_jax import reporting
 
-
-def _grain_checkpoint():
-  try:
-    import grain.checkpoint as grain_ckpt
-    return grain_ckpt
-  except ImportError:
-    return None
+STATE, MODEL = "state", "model"
 
 
 class CheckpointError(RuntimeError):
@@ -63,9 +59,9 @@ def model_item(state) -> dict[str, Any]:
   return {"params": state.params["backbone"], "batch_stats": state.batch_stats}
 
 
-def save(manager: ocp.CheckpointManager, state, data_iterator=None,
-         *, force: bool = False) -> bool:
-  """Saves (asynchronously) state, model and iterator at state.step.
+def save(manager: ocp.CheckpointManager, state, *, force: bool = False
+         ) -> bool:
+  """Saves (asynchronously) state and model at state.step.
 
   Returns False when nothing was saved: `force=False` leaves the decision to
   the manager, and a step that is already saved (a periodic save followed by
@@ -76,9 +72,6 @@ def save(manager: ocp.CheckpointManager, state, data_iterator=None,
     return False
   items = {STATE: ocp.args.StandardSave(state),
            MODEL: ocp.args.StandardSave(model_item(state))}
-  grain_ckpt = _grain_checkpoint()
-  if data_iterator is not None and grain_ckpt is not None:
-    items[DATA] = grain_ckpt.CheckpointSave(data_iterator)
   return manager.save(step, args=ocp.args.Composite(**items), force=force)
 
 
@@ -88,11 +81,11 @@ def _abstract(tree: Any, shardings: Any) -> Any:
       tree, shardings)
 
 
-def restore_latest(manager: ocp.CheckpointManager, state, shardings,
-                   data_iterator=None) -> Optional[Any]:
+def restore_latest(manager: ocp.CheckpointManager, state, shardings
+                   ) -> Optional[Any]:
   """Restores the newest readable step into `state`'s layout, or None.
 
-  The iterator is restored in place. A step that fails to restore (damaged or
+  A step that fails to restore (damaged or
   partly deleted files) is reported and the one before it is tried; once one
   restores, the damaged newer steps are renamed aside, so the run can save
   those step numbers again. If steps exist but none restores (damage, or a
@@ -100,29 +93,22 @@ def restore_latest(manager: ocp.CheckpointManager, state, shardings,
   would bury the old run's checkpoints under new ones.
   """
   target = _abstract(state, shardings)
-  grain_ckpt = _grain_checkpoint()
   damaged, errors = [], []
   for step in sorted(manager.all_steps(), reverse=True):
-    items = {STATE: ocp.args.StandardRestore(target)}
-    has_data = DATA in _item_names(manager, step)
-    if data_iterator is not None and grain_ckpt is not None and has_data:
-      items[DATA] = grain_ckpt.CheckpointRestore(data_iterator)
     try:
-      restored = manager.restore(step, args=ocp.args.Composite(**items))
+      restored = manager.restore(step, args=ocp.args.Composite(
+          **{STATE: ocp.args.StandardRestore(target)}))
     except Exception as e:  # orbax raises many types for damaged files
       reason = f"{type(e).__name__}: {_first_line(e)}"
       # The full text (tensorstore adds kilobytes of spec) only at INFO.
       logging.info("Checkpoint step %d in %s could not be restored: %r",
                    step, manager.directory, e)
-      print(f"WARNING: checkpoint step {step} in {manager.directory} could "
-            f"not be restored ({reason}); trying the previous step.",
-            flush=True)
+      reporting.note(
+          f"WARNING: checkpoint step {step} in {manager.directory} could "
+          f"not be restored ({reason}); trying the previous step.")
       damaged.append(step)
       errors.append(f"step {step}: {reason}")
       continue
-    if data_iterator is not None and not has_data:
-      print(f"WARNING: checkpoint step {step} has no data iterator state; "
-            "the input order restarts from the beginning.", flush=True)
     if damaged:
       _set_aside(manager, damaged)
     return restored[STATE]
@@ -146,19 +132,11 @@ def _set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
     for step in steps:
       target = root / f"{step}.damaged-{int(time.time())}"
       (root / str(step)).rename(target)
-      print(f"Checkpoint step {step} was moved to {target}.", flush=True)
+      reporting.note(f"Checkpoint step {step} was moved to {target}.")
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("qgjt_set_aside_damaged_steps")
   manager.reload()
-
-
-def _item_names(manager: ocp.CheckpointManager, step: int) -> list[str]:
-  step_dir = epath.Path(manager.directory) / str(step)
-  try:
-    return [p.name for p in step_dir.iterdir()]
-  except OSError:
-    return []
 
 
 def restore_model(directory: str, abstract_model: Any,
@@ -193,8 +171,9 @@ def restore_model(directory: str, abstract_model: Any,
     except Exception as e:  # damaged step: report, try an older one
       errors.append(f"step {s}: {type(e).__name__}: {_first_line(e)}")
       logging.info("Could not restore the model of step %d: %r", s, e)
-      print(f"WARNING: the model of checkpoint step {s} in {directory} could "
-            f"not be restored ({errors[-1]}).", flush=True)
+      reporting.note(
+          f"WARNING: the model of checkpoint step {s} in {directory} could "
+          f"not be restored ({errors[-1]}).")
   raise CheckpointError(f"No readable checkpoint in {directory}:\n  " +
                         "\n  ".join(errors))
 

@@ -45,7 +45,9 @@ def main(argv):
   from qgjt_jax import checkpoint
   from qgjt_jax import config_checks
   from qgjt_jax import evaluate
+  from qgjt_jax import reporting
   from qgjt_jax import train
+  reporting.open_process_log(_WORKDIR.value)
   try:
     if _MODE.value == "train":
       train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
@@ -55,14 +57,16 @@ def main(argv):
                                train=False)
       checkpoint.check_compatible(_WORKDIR.value, _CONFIG.value.to_dict(),
                                   keys=checkpoint.MODEL_KEYS)
-      print(f"Evaluating a checkpoint of {_WORKDIR.value} on "
-            f"{jax.device_count()} device(s).", flush=True)
+      reporting.note(f"Evaluating a checkpoint of {_WORKDIR.value} on "
+                     f"{jax.device_count()} device(s).")
       evaluate.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value,
                                    step=_STEP.value)
   except (config_checks.ConfigError, checkpoint.IncompatibleRunError,
           checkpoint.CheckpointError, train.NonFiniteError) as e:
-    # Expected failures with a message that says what to do: no traceback.
-    sys.exit(f"ERROR: {e}")
+    # Expected failures with a message that says what to do: no traceback,
+    # and one copy of it however many processes hit it.
+    reporting.note(f"ERROR: {e}", error=True)
+    sys.exit(1)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

@@ -32,6 +32,10 @@ BATCH_AXES = (DATA_AXIS, MODEL_AXIS)
 # Set to 0 to never start jax.distributed (e.g. one process per node in a
 # SLURM allocation used as independent jobs), to 1 to always start it.
 DISTRIBUTED_ENV = "QGJT_DISTRIBUTED"
+# Seconds without a heartbeat after which the processes of a run decide a
+# peer is lost and stop with an error naming it (instead of hanging in the
+# next collective); jax's default is 100.
+HEARTBEAT_ENV = "QGJT_HEARTBEAT_TIMEOUT_S"
 
 
 def detect_cluster(environ: Mapping[str, str]) -> Optional[dict[str, Any]]:
@@ -81,9 +85,17 @@ def maybe_initialize_distributed(environ: Optional[Mapping[str, str]] = None
   """
   if jax.distributed.is_initialized():
     return True
-  kwargs = detect_cluster(os.environ if environ is None else environ)
+  environ = os.environ if environ is None else environ
+  kwargs = detect_cluster(environ)
   if kwargs is None:
     return False
+  if environ.get(HEARTBEAT_ENV):
+    kwargs["heartbeat_timeout_seconds"] = int(environ[HEARTBEAT_ENV])
+  # XLA's CPU client has no cross-process collectives unless told which to
+  # use; a CPU cluster (tests, a laptop, CPU-only nodes) would fail at the
+  # first reduction. GPU and TPU clients ignore the setting.
+  if not environ.get("JAX_CPU_COLLECTIVES_IMPLEMENTATION"):
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
   logging.info("Multi-process launch detected; jax.distributed.initialize(%s)",
                kwargs)
   jax.distributed.initialize(**kwargs)

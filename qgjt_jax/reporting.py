@@ -1,4 +1,8 @@
-"""Metric writers and progress lines that work with or without TensorFlow.
+"""What a run tells its user: notes, progress lines and metric writers.
+
+One voice: in a multi-process run, process 0 prints (`note`); every other
+process writes the same lines to its own WORKDIR/logs/process_I.log, so a
+pod or a SLURM job shows one progress line per step, not one per host.
 
 clu's metric writers (and its periodic actions, which import them) pull in
 TensorFlow for TensorBoard summaries. Where TensorFlow or clu is absent (the
@@ -18,19 +22,50 @@ import jax
 import numpy as np
 
 
+_process_log = None  # this process's log file, on processes other than 0
+
+
+def open_process_log(workdir: str) -> None:
+  """Sends this process's notes to WORKDIR/logs/process_I.log (I > 0).
+
+  Process 0 keeps printing. A workdir on object storage (gs://) cannot be
+  appended to; the notes of the other processes then go to absl's log.
+  """
+  global _process_log
+  index = jax.process_index()
+  if index == 0 or _process_log is not None or "://" in workdir:
+    return
+  os.makedirs(os.path.join(workdir, "logs"), exist_ok=True)
+  _process_log = open(os.path.join(workdir, "logs", f"process_{index}.log"),
+                      "a", buffering=1)
+
+
+def note(message: str, *, error: bool = False) -> None:
+  """A line for the user: printed by process 0, logged by the others.
+
+  `error` sends it to stderr (on process 0).
+  """
+  if jax.process_index() == 0:
+    print(message, file=sys.stderr if error else sys.stdout, flush=True)
+  elif _process_log is not None:
+    _process_log.write(message + "\n")
+  else:
+    logging.info("%s", message)
+
+
 class StdoutWriter:
   """The subset of clu's MetricWriter interface the trainer uses."""
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     text = ", ".join(f"{k}={float(v):.4g}" for k, v in sorted(scalars.items()))
-    print(f"[{step}] {text}", flush=True)
+    note(f"[{step}] {text}")
 
   def write_hparams(self, hparams: Mapping[str, Any]) -> None:
     logging.info("Hyperparameters: %s", dict(hparams))
 
   def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
     for k, v in texts.items():
-      print(f"[{step}] {k}:\n{v}", flush=True)
+      note(f"[{step}] {k}:\n{v}")
 
   def flush(self) -> None:
     sys.stdout.flush()
@@ -117,7 +152,7 @@ def log_parameter_overview(params: Any) -> None:
     count = parameter_overview.count_parameters(params)
   except ImportError:
     count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-  print(f"Parameters: {count:,}", flush=True)
+  note(f"Parameters: {count:,}")
 
 
 class ProgressLine:
@@ -137,7 +172,7 @@ class ProgressLine:
     self._last_step, self._last_time = step, now
     images_per_sec = steps * self.images_per_step / seconds
     eta = (self.total_steps - step) * seconds / steps
-    print(f"step {step}/{self.total_steps} "
+    note(f"step {step}/{self.total_steps} "
           f"loss_cls {metrics['loss_cls']:.3f} "
           f"loss_con {metrics['loss_con']:.3f} "
           f"hq {metrics['hq_fraction']:.2f} "
@@ -145,7 +180,7 @@ class ProgressLine:
           f"queue {metrics['queue_fill']:.2f} "
           f"lr {metrics['lr']:.4g} "
           f"{images_per_sec:,.0f} img/s "
-          f"ETA {_format_seconds(eta)}", flush=True)
+          f"ETA {_format_seconds(eta)}")
     return {"images_per_sec": images_per_sec}
 
 

@@ -31,6 +31,7 @@ from qgjt_jax import parallel
 from qgjt_jax import reporting
 from qgjt_jax import state as state_lib
 from qgjt_jax import step as step_lib
+from qgjt_jax.data import degrade
 from qgjt_jax.data import pipeline
 from qgjt_jax.data import sources
 
@@ -44,8 +45,10 @@ class StopRequested:
   """
 
   def __init__(self):
-    self.signal_name = None
+    self.signal_name = None  # the signal this process received
+    self.stopped_by = None   # which process got which signal (several)
     self._previous = {}
+    self._share = self._in_flight = None
 
   def __enter__(self):
     if threading.current_thread() is not threading.main_thread():
@@ -72,16 +75,51 @@ class StopRequested:
     self._previous = {}
 
   def agreed(self) -> bool:
-    """True when any process was asked to stop (all processes agree).
+    """True when the run should stop after this step, on every process.
 
-    On one process this reads a Python flag; only multi-process runs pay for
-    the all-gather that makes every process stop after the same step.
+    On one process this reads the flag. With several, each call sends this
+    process's signal to all of them (a tiny all-gather, dispatched without
+    waiting) and reads the answer sent by the previous call: every process
+    reads the same answer, so all stop after the same step (a preempted
+    node's SIGTERM stops the whole run, with one checkpoint), one step later
+    than a single process would, and the loop never waits on the device.
     """
-    local = self.signal_name is not None
     if jax.process_count() == 1:
-      return local
-    from jax.experimental import multihost_utils
-    return bool(np.any(multihost_utils.process_allgather(np.array(local))))
+      return self.signal_name is not None
+    previous, self._in_flight = self._in_flight, self._share_signal()
+    if previous is None:
+      return False
+    codes = np.asarray(previous)  # replicated: readable on every process
+    senders = np.flatnonzero(codes)
+    if not len(senders):
+      return False
+    first = jax.devices()[int(senders[0])]
+    self.stopped_by = (f"{signal.Signals(int(codes[senders[0]])).name} to "
+                       f"process {first.process_index}")
+    return True
+
+  def _share_signal(self) -> jax.Array:
+    """(devices,) signal numbers, each device holding its process's."""
+    if self._share is None:
+      mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("all",))
+      self._sharding = jax.sharding.NamedSharding(
+          mesh, jax.sharding.PartitionSpec("all"))
+      self._share = jax.jit(lambda codes: codes, out_shardings=(
+          jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())))
+    code = signal.Signals[self.signal_name].value if self.signal_name else 0
+    local = np.full((jax.local_device_count(),), code, np.int32)
+    return self._share(jax.make_array_from_process_local_data(
+        self._sharding, local))
+
+  @property
+  def description(self) -> str:
+    """What stopped the run, for the final message."""
+    return self.stopped_by or self.signal_name
+
+
+def _processes_text() -> str:
+  count = jax.process_count()
+  return f" in {count} processes" if count > 1 else ""
 
 
 class NonFiniteError(RuntimeError):
@@ -127,22 +165,24 @@ def _train_and_evaluate(config, workdir, stop: StopRequested) -> dict:
   state, shardings = state_lib.create_sharded_state(
       config, model, tx, num_classes, jax.random.key(config.seed), mesh)
 
-  dataset = pipeline.make_train_dataset(
-      source, global_batch_size=global_batch, seed=config.seed,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      view_config=evaluate_lib.view_config(config),
-      worker_count=config.data.worker_count,
-      image_size=config.data.image_size)
-  data_iterator = iter(dataset)
-
   manager = ckpt.make_manager(f"{workdir}/checkpoints",
                               max_to_keep=config.keep_checkpoints)
   writer = None
   try:
-    restored = ckpt.restore_latest(manager, state, shardings, data_iterator)
+    restored = ckpt.restore_latest(manager, state, shardings)
     if restored is not None:
       state = restored
-      print(f"Resumed from step {int(state.step)} in {workdir}.", flush=True)
+      reporting.note(f"Resumed from step {int(state.step)} in {workdir}.")
+    start_step = int(state.step)
+    # The input stream is a function of (seed, step): resuming at the
+    # restored step needs no saved iterator, whatever the process count.
+    data_iterator = iter(pipeline.make_train_dataset(
+        source, global_batch_size=global_batch, seed=config.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        view_config=degrade.view_config_from(config.data.view),
+        worker_count=config.data.worker_count,
+        image_size=config.data.image_size, start_step=start_step))
     ckpt.record_config(workdir, run_record, qgjt_jax.__version__)
 
     writer = reporting.create_writer(workdir)
@@ -150,21 +190,22 @@ def _train_and_evaluate(config, workdir, stop: StopRequested) -> dict:
     reporting.log_parameter_overview(state.params)
     report_progress = reporting.create_report_progress(num_train_steps,
                                                        writer)
-    start_step = int(state.step)
     progress = reporting.ProgressLine(num_train_steps, 2 * global_batch,
                                       start_step)
     train_step = step_lib.make_train_step(
         model=model, tx=tx, config=config, lr_schedule=schedule,
         steps_per_epoch=steps_per_epoch, mesh=mesh, state_shardings=shardings)
     evaluator = evaluate_lib.Evaluator(config, model, mesh)
-    print(f"Training {config.model.name} on {source.name}: {len(source):,} "
-          f"images, {num_classes:,} identities, {num_train_steps:,} steps of "
-          f"{global_batch} x 2 views on {jax.device_count()} device(s).",
-          flush=True)
+    reporting.note(
+        f"Training {config.model.name} on {source.name}: {len(source):,} "
+        f"images, {num_classes:,} identities, {num_train_steps:,} steps of "
+        f"{global_batch} x 2 views on {jax.device_count()} device(s)"
+        f"{_processes_text()}.")
     guard = _NonFiniteGuard(config.max_consecutive_nonfinite)
 
     step = start_step
     pending = None  # the previous step's metrics, read one step late
+    evaluated = (None, {})  # (step, results) of the last evaluation
     while step < num_train_steps:
       batch = parallel.host_to_global(next(data_iterator), mesh)
       state, metrics = train_step(state, batch)
@@ -179,25 +220,27 @@ def _train_and_evaluate(config, workdir, stop: StopRequested) -> dict:
       # host sync one step late instead of a device stall every step. So a
       # streak reaching the limit at step s stops the run after step s + 1.
       if pending is not None and guard.exhausted(pending, step - 1):
-        _stop_nonfinite(manager, state, data_iterator, config)
+        _stop_nonfinite(manager, state, config)
       pending = metrics
       if step % config.checkpoint_every_steps == 0:
-        ckpt.save(manager, state, data_iterator)
+        ckpt.save(manager, state)
       if config.eval_every_steps and step % config.eval_every_steps == 0:
-        evaluator.run(state, step, writer, workdir)
+        evaluated = step, evaluator.run(state, step, writer, workdir)
       if stop.agreed():
-        ckpt.save(manager, state, data_iterator, force=True)
+        ckpt.save(manager, state, force=True)
         manager.wait_until_finished()
-        print(f"Stopped by {stop.signal_name or 'a peer process'} at step "
-              f"{step}; checkpoint written to {workdir}/checkpoints. Run the "
-              "same command to resume.", flush=True)
+        reporting.note(
+            f"Stopped by {stop.description} at step "
+            f"{step}; checkpoint written to {workdir}/checkpoints. Run the "
+            "same command to resume.")
         return {}
     if pending is not None and guard.exhausted(pending, step):
-      _stop_nonfinite(manager, state, data_iterator, config)
-    ckpt.save(manager, state, data_iterator, force=True)
+      _stop_nonfinite(manager, state, config)
+    ckpt.save(manager, state, force=True)
     manager.wait_until_finished()
-    results = evaluator.run(state, step, writer, workdir)
-    return results
+    if evaluated[0] == step:  # the periodic evaluation was of this step
+      return evaluated[1]
+    return evaluator.run(state, step, writer, workdir)
   finally:
     # Pending asynchronous saves complete even when the loop raised.
     manager.close()
@@ -218,15 +261,16 @@ class _NonFiniteGuard:
     if skipped:
       logging.warning("Step %d: non-finite loss or gradient; update skipped "
                       "(%d in a row).", step, int(streak))
-      print(f"WARNING: step {step} had a non-finite loss or gradient; its "
-            f"update was skipped ({int(streak)} in a row, the limit is "
-            f"config.max_consecutive_nonfinite={self.limit}).", flush=True)
+      reporting.note(
+          f"WARNING: step {step} had a non-finite loss or gradient; its "
+          f"update was skipped ({int(streak)} in a row, the limit is "
+          f"config.max_consecutive_nonfinite={self.limit}).")
     return int(streak) >= self.limit
 
 
-def _stop_nonfinite(manager, state, data_iterator, config) -> None:
+def _stop_nonfinite(manager, state, config) -> None:
   """The guard left the state at its last good values: keep them and stop."""
-  ckpt.save(manager, state, data_iterator, force=True)
+  ckpt.save(manager, state, force=True)
   manager.wait_until_finished()
   total, step = jax.device_get((state.nonfinite_total, state.step))
   raise NonFiniteError(

@@ -122,6 +122,22 @@ def test_iterator_state_resumes_mid_epoch():
   _assert_same([next(fresh) for _ in range(4)], expected)
 
 
+@pytest.mark.parametrize("process_count", [1, 2])
+def test_starting_at_a_step_continues_the_stream(process_count):
+  # What a resumed run does: the batches from global step 3 on, across the
+  # epoch boundary, are those an uninterrupted iterator gives after 3 steps.
+  kwargs = dict(global_batch_size=4, seed=1, process_count=process_count)
+  for index in range(process_count):
+    it = iter(pipeline.make_train_dataset(_source(24), process_index=index,
+                                          **kwargs))
+    for _ in range(3):
+      next(it)
+    expected = [next(it) for _ in range(5)]
+    resumed = iter(pipeline.make_train_dataset(
+        _source(24), process_index=index, start_step=3, **kwargs))
+    _assert_same([next(resumed) for _ in range(5)], expected)
+
+
 def test_iterator_survives_an_orbax_checkpoint(tmp_path):
   grain = pytest.importorskip("grain")
   ocp = pytest.importorskip("orbax.checkpoint")

@@ -33,7 +33,6 @@ from qgjt_jax import parallel
 from qgjt_jax import state as state_lib
 from qgjt_jax import train
 from qgjt_jax.data import pipeline
-from qgjt_jax.data import synthetic as synthetic_data
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -296,14 +295,7 @@ def _new_state(config, mesh):
       config, model, tx, NUM_CLASSES, jax.random.key(0), mesh)
 
 
-def _tiny_dataset(config):
-  source = synthetic_data.SyntheticFaces(8, 4, image_size=32, cache=True)
-  return pipeline.make_train_dataset(
-      source, global_batch_size=config.global_batch_size, seed=1)
-
-
-def test_checkpoint_round_trip_keeps_every_field_and_the_data_position(
-    tmp_path):
+def test_checkpoint_round_trip_keeps_every_field(tmp_path):
   config = tiny_config()
   mesh = parallel.make_mesh(1)
   with compile_cache():
@@ -313,28 +305,22 @@ def test_checkpoint_round_trip_keeps_every_field_and_the_data_position(
   rng = np.random.default_rng(0)
   state = jax.tree.map(lambda x: _random_like(rng, x), template)
   state = jax.device_put(state, shardings)
-  iterator = iter(_tiny_dataset(config))
-  next(iterator), next(iterator)
 
   manager = ckpt.make_manager(str(tmp_path / "checkpoints"))
-  assert ckpt.save(manager, state, iterator, force=True)
+  assert ckpt.save(manager, state, force=True)
   manager.wait_until_finished()
   # A second save of the same step (periodic save, then the stop's) is a
   # no-op rather than orbax's StepAlreadyExistsError.
-  assert not ckpt.save(manager, state, iterator, force=True)
-  expected_batch = next(iterator)
+  assert not ckpt.save(manager, state, force=True)
   manager.close()
 
-  fresh_iterator = iter(_tiny_dataset(config))
   restored = ckpt.restore_latest(ckpt.make_manager(str(tmp_path /
                                                        "checkpoints")),
-                                 template, shardings, fresh_iterator)
+                                 template, shardings)
   unwrap = lambda s: s.replace(rng=jax.random.key_data(s.rng))
   assert_trees_equal(jax.device_get(unwrap(restored)),
                      jax.device_get(unwrap(state)))
   assert restored.rng.dtype == state.rng.dtype  # still a typed key
-  for name, array in next(fresh_iterator).items():
-    np.testing.assert_array_equal(array, expected_batch[name], err_msg=name)
 
   # The `model` item alone restores without the train state's layout.
   abstract = jax.tree.map(

@@ -7,8 +7,11 @@ endless (or `num_epochs` long) stream is record `perm_e(p mod N)` of epoch
 so the processes' batches are disjoint and together make the global batch.
 The views of a record are drawn from a generator keyed by (seed, epoch,
 record), never from global state, and the batch is the unit of work of the
-worker processes, so the batches are identical whatever the worker count and
-an iterator restored from `get_state()` continues exactly.
+worker processes, so the batches are identical whatever the worker count.
+The stream from global batch s on is `make_train_dataset(...,
+start_step=s)`: a resumed run restarts its input at the restored step, with
+any process or worker count (an iterator's `get_state()` also works, but
+only for the same counts).
 
 Batches: {"image_h", "image_l": (b, H, W, 3) uint8 BGR, "label": (b,) int32,
 "degrade_h": (b,) float32 (1.0), "degrade_l": (b,) float32 (the L view's
@@ -16,6 +19,7 @@ resolution factor r)}. Normalisation happens on the device.
 """
 from __future__ import annotations
 
+import signal
 import threading
 from typing import Any, Iterator
 
@@ -73,9 +77,18 @@ def ensure_absl_flags_parsed() -> None:
 
 
 def _init_worker(worker_index: int, worker_count: int) -> None:
-  """One OpenCV thread per worker: the workers are the parallelism, and
-  OpenCV's pool only adds contention on images this small."""
+  """Set-up of each grain worker process.
+
+  SIGINT and SIGTERM are ignored: the main process owns the workers and
+  stops them itself after its checkpoint. (A Ctrl-C reaches the whole
+  process group; without this every worker would die with a traceback
+  while the main process still needs its batches.) One OpenCV thread per
+  worker: the workers are the parallelism, and OpenCV's pool only adds
+  contention on images this small.
+  """
   del worker_index, worker_count
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
   cv2.setNumThreads(1)
 
 
@@ -166,6 +179,7 @@ def make_train_dataset(
     image_size: int | None = None,
     read_threads: int = 0,
     worker_buffer_size: int = 2,
+    start_step: int = 0,
 ) -> grain.IterDataset:
   """The training batches of this process, as a grain IterDataset.
 
@@ -187,6 +201,7 @@ def make_train_dataset(
     read_threads: threads per process computing batches (0 = none; threads
       only help where the GIL is released, i.e. inside OpenCV).
     worker_buffer_size: batches each worker prepares ahead.
+    start_step: the first global batch to produce (a resumed run's step).
   """
   if global_batch_size % process_count:
     raise ValueError(f"global batch {global_batch_size} does not split over "
@@ -196,7 +211,7 @@ def make_train_dataset(
                      f"{process_count})")
   batch = global_batch_size // process_count
   ds = record_stream(len(source), seed, num_epochs, global_batch_size)
-  ds = ds[process_index::process_count]
+  ds = ds[start_step * global_batch_size + process_index::process_count]
   ds = ds.map(TwoViews(source, seed, view_config, image_size))
   ds = ds.batch(batch, drop_remainder=True)
   ds = ds.to_iter_dataset(grain.ReadOptions(
