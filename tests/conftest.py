@@ -35,6 +35,46 @@ def _fixture_dir(env_var: str, default: pathlib.Path) -> pathlib.Path:
   return default
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_folders(tmp_path_factory):
+  """One compilation cache for every run of the session (unless
+  JAX_COMPILATION_CACHE_DIR names one to keep), and a folder that hides
+  TensorFlow from the command-line runs (they then log without it, as on
+  machines that lack it, and start faster)."""
+  saved = {k: os.environ.get(k) for k in ("JAX_COMPILATION_CACHE_DIR",
+                                          "QGJT_TEST_NO_TENSORFLOW")}
+  if not saved["JAX_COMPILATION_CACHE_DIR"]:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = str(
+        tmp_path_factory.mktemp("jax_cache"))
+  shim = tmp_path_factory.mktemp("no_tensorflow")
+  (shim / "tensorflow").mkdir()
+  (shim / "tensorflow" / "__init__.py").write_text(
+      "raise ImportError('TensorFlow is hidden in this test')\n")
+  os.environ["QGJT_TEST_NO_TENSORFLOW"] = str(shim)
+  yield
+  for key, value in saved.items():
+    if value is None:
+      os.environ.pop(key, None)
+    else:
+      os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory):
+  """The uninterrupted tiny run (tests/tiny_runs.py): (workdir, step
+  records). Do not write into the workdir; copy it."""
+  from tests import tiny_runs
+  return tiny_runs.make_reference_run(tmp_path_factory.mktemp("reference"))
+
+
+@pytest.fixture(scope="session")
+def stopped_run(tmp_path_factory):
+  """The tiny run stopped by SIGTERM at tiny_runs.STOP_STEP: (workdir,
+  output). Do not write into the workdir; copy it."""
+  from tests import tiny_runs
+  return tiny_runs.make_stopped_run(tmp_path_factory.mktemp("stopped"))
+
+
 @pytest.fixture(scope="session")
 def reference_dir() -> pathlib.Path:
   """The authors' PyTorch outputs (QGJT_REFERENCE_FIXTURES overrides)."""

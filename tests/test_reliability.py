@@ -1,6 +1,6 @@
 """Preemption, checkpoint integrity, incompatible resumes, the numerical guard.
 
-Runs the tiny recipe of tests/test_train.py and reuses its reference run and
+Runs the tiny recipe of tests/tiny_runs.py and reuses its reference run and
 compilation cache (made once per test process).
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ from qgjt_jax import train
 from qgjt_jax.data import pipeline
 from qgjt_jax.losses import contrastive
 from qgjt_jax.losses import margin
-from tests import test_train as runs
+from tests import tiny_runs as runs
 
 TIMEOUT = 600
 
@@ -63,8 +63,9 @@ class _Reader:
     return "".join(self.lines)
 
 
-def test_sigterm_mid_run_checkpoints_exits_0_and_resumes_exactly(tmp_path):
-  _, ref = runs.reference_run()
+def test_sigterm_mid_run_checkpoints_exits_0_and_resumes_exactly(
+    tmp_path, reference_run):
+  _, ref = reference_run
   workdir = tmp_path / "run"
   command = runs.cli_command(workdir)
   env = runs.subprocess_env()
@@ -94,7 +95,7 @@ def test_sigterm_mid_run_checkpoints_exits_0_and_resumes_exactly(tmp_path):
   # The same recipe as the in-process reference, or the comparison is moot.
   recorded = lambda d: json.loads((d / ckpt.CONFIG_RECORD).read_text())[
       "config"]
-  assert recorded(workdir) == recorded(runs.reference_run()[0])
+  assert recorded(workdir) == recorded(reference_run[0])
 
   result = subprocess.run(command, capture_output=True, text=True,
                           cwd=runs.ROOT, env=env, timeout=TIMEOUT)
@@ -263,12 +264,12 @@ def test_an_empty_workdir_starts_fresh(tmp_path):
 
 
 def test_training_falls_back_past_a_damaged_latest_and_resumes_exactly(
-    tmp_path):
+    tmp_path, reference_run, stopped_run):
   """The stopped run's newest step (16) is damaged: the resumed run reports
   it, restarts from step 8 (state and data position), saves step 16 again on
   its way and ends exactly as the run that was never stopped."""
-  ref_dir, ref = runs.reference_run()
-  stopped_dir, _ = runs.stopped_run()
+  ref_dir, ref = reference_run
+  stopped_dir, _ = stopped_run
   workdir = tmp_path / "run"
   shutil.copytree(stopped_dir, workdir)
   _truncate_data(workdir / "checkpoints" / str(runs.STOP_STEP))
@@ -339,8 +340,8 @@ def test_compatible_changes_resume(tmp_path):
 
 
 def test_training_refuses_an_incompatible_workdir_before_touching_it(
-    tmp_path):
-  ref_dir, _ = runs.reference_run()
+    tmp_path, reference_run):
+  ref_dir, _ = reference_run
   workdir = tmp_path / "run"
   shutil.copytree(ref_dir, workdir)
   before = sorted(p.name for p in (workdir / "checkpoints").iterdir())
@@ -358,11 +359,12 @@ def test_training_refuses_an_incompatible_workdir_before_touching_it(
 # Numerical guard in the loop.
 
 
-def test_nonfinite_batches_are_skipped_then_stop_the_run(tmp_path):
+def test_nonfinite_batches_are_skipped_then_stop_the_run(tmp_path,
+                                                         reference_run):
   """Batch 4 is bad once; from batch 9 on every batch is bad. With a limit of
   3, steps 9, 10, 11 make the streak; the loop reads each step's counters
   one step late, so it stops after step 12 with the state of step 8."""
-  _, ref = runs.reference_run()
+  _, ref = reference_run
 
   def poison(n, batch):
     if n == 4 or n >= 9:
