@@ -31,7 +31,6 @@ import types
 from typing import Any, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from qgjt_jax import parallel

@@ -12,7 +12,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
 import cv2
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np

@@ -15,7 +15,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 from absl import logging
 import jax

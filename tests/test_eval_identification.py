@@ -1,17 +1,16 @@
 """Rank-k identification, TinyFace and SCface: brute-force oracles and readers
 on small trees in the public layouts."""
-import pathlib
 
-import cv2
 import numpy as np
 import pytest
 
 from qgjt_jax.eval import identification
 from qgjt_jax.eval import scface
 from qgjt_jax.eval import tinyface
+from tests.eval_trees import (SIZE, embed_fn, scface_tree, stored_feature,
+                              tinyface_tree)
 
 BATCH = 4
-SIZE = 16
 
 
 def brute_force_rank_k(probe, probe_labels, gallery, gallery_labels, ks):
@@ -59,72 +58,13 @@ def test_rank_k_without_any_mate_is_an_error():
 # ---- Readers: tiny JPEGs whose 2x2 quadrant colours carry a 12-d feature.
 
 
-def quadrant_features(images):
-  """(n, 12) quadrant mean colours, centred on 128."""
-  n, h, w, _ = images.shape
-  blocks = images.reshape(n, 2, h // 2, 2, w // 2, 3).astype(np.float64)
-  return blocks.mean(axis=(2, 4)).reshape(n, 12) - 128
-
-
-def embed_fn(images):
-  assert len(images) == BATCH
-  v = quadrant_features(images)
-  n = np.linalg.norm(v, axis=1)
-  return v / n[:, None], n
-
-
-def design_image(feature):
-  """A SIZE x SIZE image whose quadrant colours are 128 + feature."""
-  colours = np.clip(np.round(128 + feature.reshape(2, 2, 3)), 0, 255)
-  image = np.repeat(np.repeat(colours, SIZE // 2, 0), SIZE // 2, 1)
-  return image.astype(np.uint8)
-
-
-def write_jpeg(path: pathlib.Path, feature):
-  path.parent.mkdir(parents=True, exist_ok=True)
-  assert cv2.imwrite(str(path), design_image(feature),
-                     [cv2.IMWRITE_JPEG_QUALITY, 100])
-
-
-def _feature(rng, centre=None, noise=0.0):
-  f = rng.uniform(-90, 90, 12) if centre is None else centre
-  return np.clip(f + noise * rng.normal(size=12), -100, 100)
-
-
-def _stored_feature(path: pathlib.Path):
-  """The unit feature of a written file, read back with plain OpenCV (the
-  JPEG round trip moves colours by a level or two, enough to swap near
-  ties, so the oracle scores what is on disk)."""
-  return _unit(quadrant_features(cv2.imread(str(path))[None]))[0]
-
-
 # ---- TinyFace
-
-
-def _tinyface_tree(root: pathlib.Path, rng, prefix=''):
-  """Writes the three TinyFace folders; returns the design features."""
-  centres = {i: _feature(rng) for i in range(1, 7)}
-  probes, matches, distractors = {}, {}, {}
-  for i in range(1, 7):
-    matches[f'{i}_10.jpg'] = centres[i]
-    for j in (1, 2):
-      probes[f'{i}_{j}.jpg'] = _feature(rng, centres[i], noise=45)
-  probes['9_1.jpg'] = _feature(rng)  # identity 9 has no mate
-  for j in range(12):
-    distractors[f'{j}_0.jpg'] = _feature(rng)  # names with a prefix, too
-  distractors['copy_3_1.jpg'] = probes['3_1.jpg']  # beats probe 3_1's mate
-  for folder, files in (('Probe', probes), ('Gallery_Match', matches),
-                        ('Gallery_Distractor', distractors)):
-    for name, f in files.items():
-      files[name] = root / folder / (prefix + name)
-      write_jpeg(files[name], f)
-  return probes, matches, distractors
 
 
 def _tinyface_oracle(probes, matches, distractors, ks=(1, 5, 20)):
   label = lambda name: int(name.split('_')[0])
-  p = np.stack([_stored_feature(f) for f in probes.values()])
-  g = np.stack([_stored_feature(f) for f in [*matches.values(),
+  p = np.stack([stored_feature(f) for f in probes.values()])
+  g = np.stack([stored_feature(f) for f in [*matches.values(),
                                                *distractors.values()]])
   gl = np.r_[[label(n) for n in matches], np.full(len(distractors), -100)]
   pl = np.array([label(n) for n in probes])
@@ -133,7 +73,7 @@ def _tinyface_oracle(probes, matches, distractors, ks=(1, 5, 20)):
 
 def test_tinyface_public_layout(tmp_path):
   rng = np.random.default_rng(1)
-  design = _tinyface_tree(tmp_path / 'tinyface' / 'Testing_Set', rng)
+  design = tinyface_tree(tmp_path / 'tinyface' / 'Testing_Set', rng)
   got = tinyface.evaluate_tinyface(embed_fn, tmp_path, batch_size=BATCH,
                                    flip=False, image_size=SIZE,
                                    progress=False)
@@ -153,8 +93,8 @@ def test_tinyface_public_layout(tmp_path):
 def test_tinyface_reads_aligned_copies(tmp_path):
   rng = np.random.default_rng(2)
   # Raw protocol files hold one design, the aligned copies another.
-  _tinyface_tree(tmp_path / 'Testing_Set', rng)
-  design = _tinyface_tree(tmp_path / 'aligned', np.random.default_rng(3))
+  tinyface_tree(tmp_path / 'Testing_Set', rng)
+  design = tinyface_tree(tmp_path / 'aligned', np.random.default_rng(3))
   got = tinyface.evaluate_tinyface(embed_fn, tmp_path, batch_size=BATCH,
                                    aligned_dir='aligned', flip=False,
                                    image_size=SIZE, progress=False)
@@ -167,7 +107,7 @@ def test_tinyface_missing_parts_are_named(tmp_path):
   with pytest.raises(FileNotFoundError, match='Testing_Set'):
     tinyface.tinyface_layout(tmp_path)
   rng = np.random.default_rng(4)
-  _tinyface_tree(tmp_path / 'Testing_Set', rng)
+  tinyface_tree(tmp_path / 'Testing_Set', rng)
   for p in (tmp_path / 'Testing_Set' / 'Gallery_Distractor').iterdir():
     p.unlink()
   (tmp_path / 'Testing_Set' / 'Gallery_Distractor').rmdir()
@@ -175,8 +115,8 @@ def test_tinyface_missing_parts_are_named(tmp_path):
     tinyface.tinyface_layout(tmp_path)
 
   other = tmp_path / 'b'
-  _tinyface_tree(other / 'Testing_Set', rng)
-  _tinyface_tree(other / 'aligned', rng)
+  tinyface_tree(other / 'Testing_Set', rng)
+  tinyface_tree(other / 'aligned', rng)
   (other / 'aligned' / 'Probe' / '2_1.jpg').unlink()
   with pytest.raises(FileNotFoundError, match='2_1.jpg has no aligned copy'):
     tinyface.tinyface_layout(other, aligned_dir='aligned')
@@ -185,34 +125,13 @@ def test_tinyface_missing_parts_are_named(tmp_path):
 # ---- SCface
 
 
-def _scface_tree(folder: pathlib.Path, rng):
-  """Aligned SCface-named images; returns (gallery, probes by distance)."""
-  centres = {i: _feature(rng) for i in range(1, 7)}
-  gallery = {f'{i:03d}_frontal': centres[i] for i in range(1, 7)}
-  probes = {d: {} for d in (1, 2, 3)}
-  files = dict(gallery)
-  for i in range(1, 7):
-    for cam in range(1, 9):
-      for d in (1, 2, 3):
-        name = f'{i:03d}_cam{cam}_{d}'
-        noise = {1: 70, 2: 50, 3: 20}[d]  # farther is harder
-        files[name] = _feature(rng, centres[i], noise)
-        if cam <= 5:
-          probes[d][name] = files[name]
-  files['001_L1'] = centres[2]  # rotated mugshots are not in the protocol
-  for name, f in files.items():
-    write_jpeg(folder / f'{name}.jpg', f)
-  path = lambda files: {n: folder / f'{n}.jpg' for n in files}
-  return path(gallery), {d: path(files) for d, files in probes.items()}
-
-
 def _scface_oracle(gallery, probes):
   label = lambda name: int(name.split('_')[0])
-  g = np.stack([_stored_feature(f) for f in gallery.values()])
+  g = np.stack([stored_feature(f) for f in gallery.values()])
   gl = np.array([label(n) for n in gallery])
   out = {}
   for d, files in probes.items():
-    p = np.stack([_stored_feature(f) for f in files.values()])
+    p = np.stack([stored_feature(f) for f in files.values()])
     pl = np.array([label(n) for n in files])
     out[d] = brute_force_rank_k(p, pl, g, gl, (1,))[1]
   return out
@@ -221,7 +140,7 @@ def _scface_oracle(gallery, probes):
 @pytest.mark.parametrize('with_listing', [True, False])
 def test_scface_layouts(tmp_path, with_listing):
   rng = np.random.default_rng(5)
-  gallery, probes = _scface_tree(tmp_path / 'aligned', rng)
+  gallery, probes = scface_tree(tmp_path / 'aligned', rng)
   if with_listing:
     # The reference's all.txt: name, then landmarks, tab-separated. Leave one
     # probe out of the list: it must then not be used.
@@ -245,7 +164,7 @@ def test_scface_missing_parts_are_named(tmp_path):
   with pytest.raises(FileNotFoundError, match='aligned'):
     scface.scface_layout(tmp_path, 'aligned')
   rng = np.random.default_rng(6)
-  _scface_tree(tmp_path / 'aligned', rng)
+  scface_tree(tmp_path / 'aligned', rng)
   (tmp_path / 'all.txt').write_text('001_frontal\t0\n005_cam3_2\t0\n'
                                     '099_cam1_1\t0\n')
   with pytest.raises(FileNotFoundError, match='099_cam1_1.jpg does not exist'):

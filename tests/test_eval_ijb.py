@@ -1,8 +1,6 @@
 """IJB-B/C 1:1: ROC and TAR@FAR against scikit-learn, template pooling against
 the per-template loops of the insightface script, alignment, and the reader on
 a small tree in the insightface layout."""
-import itertools
-import pathlib
 
 import cv2
 import numpy as np
@@ -10,6 +8,7 @@ import pytest
 from sklearn.metrics import roc_curve as sk_roc_curve
 
 from qgjt_jax.eval import ijb
+from tests.eval_trees import embed_fn, ijb_tree, quadrant_features
 
 BATCH = 4
 
@@ -132,63 +131,6 @@ def test_align_face_puts_landmarks_on_the_template():
 # ---- The reader on a small tree in the insightface layout.
 
 
-def quadrant_features(images):
-  n, h, w, _ = images.shape
-  blocks = images.reshape(n, 2, h // 2, 2, w // 2, 3).astype(np.float64)
-  return blocks.mean(axis=(2, 4)).reshape(n, 12) - 128
-
-
-def embed_fn(images):
-  assert len(images) == BATCH
-  v = quadrant_features(images)
-  n = np.linalg.norm(v, axis=1)
-  return v / n[:, None], n
-
-
-HALF_TEMPLATE = ijb.ARCFACE_TEMPLATE / 2  # landmarks of a 56 px loose crop
-
-
-def _ijb_tree(root: pathlib.Path, subset='IJBC'):
-  """4 subjects x 2 templates, 1-3 medias each, 56 px crops. Template 32
-  looks like nobody else, so subject 3's genuine pair scores low."""
-  rng = np.random.default_rng(7)
-  meta = root / subset / 'meta'
-  crops = root / subset / 'loose_crop'
-  meta.mkdir(parents=True)
-  crops.mkdir(parents=True)
-  points, tid_mid, rows = [], [], []
-  number, media = 0, 500
-  for subject in range(4):
-    centre = rng.uniform(-80, 80, 12)
-    for template in (10 * subject + 1, 10 * subject + 2):
-      if template == 32:
-        centre = rng.uniform(-80, 80, 12)
-      for _ in range(rng.integers(1, 4)):
-        media += 1
-        for _ in range(rng.integers(1, 3)):
-          number += 1
-          f = np.clip(centre + rng.normal(0, 60, 12), -100, 100)
-          colours = np.round(128 + f.reshape(2, 2, 3)).astype(np.uint8)
-          image = np.repeat(np.repeat(colours, 28, 0), 28, 1)
-          name = f'{number}.jpg'
-          cv2.imwrite(str(crops / name), image,
-                      [cv2.IMWRITE_JPEG_QUALITY, 100])
-          score = rng.uniform(0.5, 1.0)
-          coords = ' '.join(f'{v:.4f}' for v in HALF_TEMPLATE.reshape(-1))
-          points.append(f'{name} {coords} {score:.4f}')
-          tid_mid.append(f'{name} {template} {media}')
-          rows.append((crops / name, template, media, score))
-  s = subset.lower()
-  (meta / f'{s}_name_5pts_score.txt').write_text('\n'.join(points) + '\n')
-  (meta / f'{s}_face_tid_mid.txt').write_text('\n'.join(tid_mid) + '\n')
-  templates = sorted({r[1] for r in rows})
-  pairs = [(a, b, int(a // 10 == b // 10))
-           for a, b in itertools.combinations(templates, 2)]
-  (meta / f'{s}_template_pair_label.txt').write_text(
-      ''.join(f'{a} {b} {l}\n' for a, b, l in pairs))
-  return rows, pairs
-
-
 def _oracle(rows, pairs, use_detector_score):
   """Aligned by the exact 2x scaling, flip-summed pre-norm features, the
   template loops, cosine, the insightface TAR table."""
@@ -208,7 +150,7 @@ def _oracle(rows, pairs, use_detector_score):
 
 @pytest.mark.parametrize('use_detector_score', [False, True])
 def test_evaluate_ijb_on_the_insightface_layout(tmp_path, use_detector_score):
-  rows, pairs = _ijb_tree(tmp_path)
+  rows, pairs = ijb_tree(tmp_path)
   got = ijb.evaluate_ijb(embed_fn, tmp_path, subset='IJBC', batch_size=BATCH,
                          use_detector_score=use_detector_score,
                          progress=False)
@@ -222,7 +164,7 @@ def test_evaluate_ijb_on_the_insightface_layout(tmp_path, use_detector_score):
 def test_ijb_reader_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match='IJBB'):
     ijb.ijb_layout(tmp_path, 'IJBB')
-  _ijb_tree(tmp_path)
+  ijb_tree(tmp_path)
   meta = tmp_path / 'IJBC' / 'meta'
   pair_file = meta / 'ijbc_template_pair_label.txt'
   saved = pair_file.read_text()

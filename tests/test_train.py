@@ -6,25 +6,22 @@ runs are session fixtures (conftest.py), shared with test_reliability.py.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from qgjt_jax import checkpoint as ckpt
 from qgjt_jax import optim
 from qgjt_jax import parallel
 from qgjt_jax import state as state_lib
-from qgjt_jax import train
-from tests.tiny_runs import (LOSSES, NUM_CLASSES, ROOT, STEPS, STOP_STEP,
-                             assert_same_losses, assert_trees_equal,
-                             cli_command, compile_cache, load_state,
-                             run_in_process, step_metrics, subprocess_env,
+from tests.tiny_runs import (NUM_CLASSES, ROOT, STEPS, STOP_STEP,
+                             assert_trees_equal, cli_command, compile_cache,
+                             load_state, step_metrics, subprocess_env,
                              tiny_config)
+
 
 # ---------------------------------------------------------------------------
 # Checkpoint round trip (no training).
