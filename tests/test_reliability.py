@@ -12,7 +12,6 @@ import re
 import shutil
 import signal
 import subprocess
-import threading
 
 import jax
 import jax.numpy as jnp
@@ -42,27 +41,6 @@ pytestmark = pytest.mark.filterwarnings(
 # Preemption of a real training process.
 
 
-class _Reader:
-  """Collects a process's output lines in a thread; waits for a marker."""
-
-  def __init__(self, proc: subprocess.Popen, marker: re.Pattern):
-    self.lines, self.seen = [], threading.Event()
-    self._proc, self._marker = proc, marker
-    self._thread = threading.Thread(target=self._read, daemon=True)
-    self._thread.start()
-
-  def _read(self):
-    for line in self._proc.stdout:
-      self.lines.append(line)
-      if self._marker.match(line):
-        self.seen.set()
-    self.seen.set()  # end of output: stop waiting either way
-
-  def output(self) -> str:
-    self._thread.join(timeout=TIMEOUT)
-    return "".join(self.lines)
-
-
 def test_sigterm_mid_run_checkpoints_exits_0_and_resumes_exactly(
     tmp_path, reference_run):
   _, ref = reference_run
@@ -73,7 +51,7 @@ def test_sigterm_mid_run_checkpoints_exits_0_and_resumes_exactly(
                           stderr=subprocess.STDOUT, text=True, cwd=runs.ROOT,
                           env=env)
   # Step 3's progress line: training is under way, with steps to spare.
-  reader = _Reader(proc, re.compile(rf"step 3/{runs.STEPS} "))
+  reader = runs.OutputReader(proc, re.compile(rf"step 3/{runs.STEPS} "))
   try:
     assert reader.seen.wait(TIMEOUT), "no progress line"
     if proc.poll() is None:

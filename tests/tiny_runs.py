@@ -12,8 +12,11 @@ import io
 import json
 import os
 import pathlib
+import re
 import signal
+import subprocess
 import sys
+import threading
 
 import jax
 import numpy as np
@@ -251,3 +254,25 @@ def poisoned_dataset(hook):
   return make
 
 
+
+
+class OutputReader:
+  """Collects a process's output lines in a thread; waits for a marker."""
+
+  def __init__(self, proc: subprocess.Popen, marker: re.Pattern,
+               timeout: float = 600):
+    self.lines, self.seen = [], threading.Event()
+    self._proc, self._marker, self._timeout = proc, marker, timeout
+    self._thread = threading.Thread(target=self._read, daemon=True)
+    self._thread.start()
+
+  def _read(self):
+    for line in self._proc.stdout:
+      self.lines.append(line)
+      if self._marker.search(line):
+        self.seen.set()
+    self.seen.set()  # end of output: stop waiting either way
+
+  def output(self) -> str:
+    self._thread.join(timeout=self._timeout)
+    return "".join(self.lines)
