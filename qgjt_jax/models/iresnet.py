@@ -77,9 +77,60 @@ def normalize_images(images_uint8: jax.Array, dtype: Any = jnp.float32
   return (x * (2.0 / 255.0) - 1.0).astype(dtype)
 
 
-def _batch_norm(train: bool, dtype: Any, name: str) -> nn.BatchNorm:
-  return nn.BatchNorm(use_running_average=not train, momentum=_BN_MOMENTUM,
-                      epsilon=_BN_EPSILON, dtype=dtype, name=name)
+class BatchNorm(nn.Module):
+  """BatchNorm as PyTorch computes it, over every axis but the last.
+
+  Training normalises with the batch's biased variance (as flax does) but
+  keeps the *unbiased* one, n / (n - 1) times larger, in the running
+  average, as torch.nn.BatchNorm does; flax keeps the biased one. The
+  running statistics are what evaluation normalises with, so with flax's
+  rule every eval-mode feature norm (the quality indicator at test time)
+  would drift from the reference's (by sqrt(16/15) for a batch of 16 at the
+  last BatchNorm1d). Statistics are in float32 whatever the compute dtype.
+  Variable names are flax's ('scale', 'bias'; 'mean', 'var').
+  """
+  use_running_average: bool
+  momentum: float = _BN_MOMENTUM
+  epsilon: float = _BN_EPSILON
+  dtype: Any = jnp.float32
+  use_scale: bool = True
+  use_bias: bool = True
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    features = x.shape[-1]
+    running_mean = self.variable("batch_stats", "mean", jnp.zeros,
+                                 (features,), jnp.float32)
+    running_var = self.variable("batch_stats", "var", jnp.ones, (features,),
+                                jnp.float32)
+    x32 = x.astype(jnp.float32)
+    if self.use_running_average:
+      mean, var = running_mean.value, running_var.value
+    else:
+      axes = tuple(range(x.ndim - 1))
+      # One pass (E[x], E[x^2]), as flax: the two reductions fuse into one
+      # read of x, and under a data-parallel mesh into one all-reduce.
+      mean = jnp.mean(x32, axis=axes)
+      var = jnp.maximum(jnp.mean(jnp.square(x32), axis=axes) -
+                        jnp.square(mean), 0.0)
+      if not self.is_initializing():
+        count = x.size // features
+        unbiased = var * (count / max(count - 1, 1))
+        m = self.momentum
+        running_mean.value = m * running_mean.value + (1 - m) * mean
+        running_var.value = m * running_var.value + (1 - m) * unbiased
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
+    if self.use_scale:
+      y = y * self.param("scale", nn.initializers.ones, (features,),
+                         jnp.float32)
+    if self.use_bias:
+      y = y + self.param("bias", nn.initializers.zeros, (features,),
+                         jnp.float32)
+    return y.astype(self.dtype)
+
+
+def _batch_norm(train: bool, dtype: Any, name: str) -> BatchNorm:
+  return BatchNorm(use_running_average=not train, dtype=dtype, name=name)
 
 
 class PReLU(nn.Module):
@@ -204,10 +255,9 @@ class OutputLayer(nn.Module):
     x = x.reshape(x.shape[0], -1)
     z = nn.Dense(self.embedding_size, dtype=self.dtype,
                  kernel_init=_kaiming_fan_out, name="fc")(x)
-    return nn.BatchNorm(use_running_average=not train, momentum=_BN_MOMENTUM,
-                        epsilon=_BN_EPSILON, dtype=jnp.float32,
-                        use_scale=False, use_bias=False,
-                        name="feature_bn")(z.astype(jnp.float32))
+    return BatchNorm(use_running_average=not train, dtype=jnp.float32,
+                     use_scale=False, use_bias=False,
+                     name="feature_bn")(z.astype(jnp.float32))
 
 
 class IResNet(nn.Module):
@@ -224,6 +274,11 @@ class IResNet(nn.Module):
       drawing from the 'dropout' rng).
     dtype: compute dtype of the convolutions (bfloat16 on accelerators).
       Parameters stay float32; the embedding head and the norm run in float32.
+    remat: recompute each residual unit's activations in the backward pass
+      instead of keeping them (jax.checkpoint per unit): the activation
+      memory of a deep model drops to about one unit's plus the unit
+      inputs, for one more forward pass of compute. Same parameters, same
+      numbers.
   """
   num_layers: int
   use_se: bool = False
@@ -231,6 +286,7 @@ class IResNet(nn.Module):
   base_width: int = 64
   dropout_rate: float = 0.4
   dtype: Any = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool
@@ -249,10 +305,13 @@ class IResNet(nn.Module):
     x = InputLayer(self.base_width, dtype=self.dtype, name="input_layer")(
         x, train)
     bottleneck = uses_bottleneck(self.num_layers)
+    # `train` (argument 2, after self and x) selects Python branches.
+    unit = (nn.remat(ResidualUnit, static_argnums=(2,)) if self.remat
+            else ResidualUnit)
     for i, spec in enumerate(unit_specs(self.num_layers, self.base_width)):
-      x = ResidualUnit(spec.out_channels, spec.stride, bottleneck=bottleneck,
-                       use_se=self.use_se, dtype=self.dtype,
-                       name=f"body_{i}")(x, train)
+      x = unit(spec.out_channels, spec.stride, bottleneck=bottleneck,
+               use_se=self.use_se, dtype=self.dtype, name=f"body_{i}")(
+                   x, train)
     z = OutputLayer(self.embedding_size, self.dropout_rate, dtype=self.dtype,
                     name="output_layer")(x, train)
     # The norm is the quality signal the losses read: float32, like z.
