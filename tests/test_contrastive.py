@@ -32,8 +32,8 @@ _GATES = {'sgn': 'sgn', 'cos': 'cos', 'linear': 'linear'}
 _RANGES = {'half': 'half', 'whole': 'whole'}
 _PAIR_QUALITIES = {'low': 'low', 'mean': 'mean', 'high': 'high'}
 _MARGINS = {'static': 'static', 'dynamic': 'dynamic', None: 'none'}
-# mask_same_class=False selects the reference's positional own-instance mask,
-# which is not ported (see the module docstring).
+# mask_same_class=False is the reference's positional own-instance mask:
+# 'own', which needs the slots of the pairs' copies (no fixture has it).
 _MASKS = {True: 'zero'}
 
 
@@ -49,7 +49,6 @@ def loss_kwargs(settings: dict) -> dict:
   if unknown:
     raise ValueError(f'unknown settings {sorted(unknown)}')
   _lookup({'qgface': None}, settings['head'], 'head')
-  _lookup({'D2N': None}, settings['pair_coupling'], 'pair_coupling')
   # queue_chunk_size only matters without same-class masking (not ported);
   # queue_filled is the number of fixture queue rows, checked by the caller.
   return dict(
@@ -68,6 +67,8 @@ def loss_kwargs(settings: dict) -> dict:
       rescale=_lookup({True: True, False: False}, settings['rescale'],
                       'rescale'),
       rescale_reference=int(settings['rescale_reference_logits']),
+      coupling=_lookup({'D2N': 'D2N', 'S2N': 'S2N'}, settings['pair_coupling'],
+                       'pair_coupling'),
   )
 
 
@@ -88,15 +89,20 @@ def _padded_queue(queue, queue_labels, capacity, seed=0):
   buf[slots] = queue
   buf_labels[slots] = queue_labels
   valid[slots] = True
-  return buf, buf_labels, valid
+  return buf, buf_labels, valid, slots
 
 
-def _inputs(inputs, capacity, seed=0):
-  """Fixture inputs as float32 arguments of contrastive_loss."""
+def _inputs(inputs, capacity, seed=0, own_rows=None):
+  """Fixture inputs as float32 arguments of contrastive_loss.
+
+  `own_rows` (B, n): queue rows (of the K' filled ones) holding each pair's
+  own copies, passed as their buffer slots for mask='own'.
+  """
   f32 = lambda x: np.asarray(x, np.float32)
-  queue, queue_labels, valid = _padded_queue(
+  queue, queue_labels, valid, slots = _padded_queue(
       f32(inputs['queue']), inputs['queue_labels'], capacity, seed)
-  return dict(
+  extra = {} if own_rows is None else {'own_slots': slots[own_rows]}
+  return dict(**extra,
       q=f32(inputs['q']), k=f32(inputs['k']), labels=inputs['q_labels'],
       negatives=queue, negative_labels=queue_labels, negative_valid=valid,
       q_scaler=f32(inputs['q_margin_scaler']),
@@ -149,17 +155,23 @@ def _numpy_gate(t, b, gate, gate_range, eps=1e-3):
 def numpy_loss(q, k, labels, negatives, negative_labels, q_scaler, k_scaler,
                margin_before, *, s, m, b, alpha, gate, gate_range,
                pair_quality, margin, mask, rescale, rescale_reference,
-               frozen_margin=None):
+               coupling='D2N', detach_pos=False, own_rows=None,
+               frozen_margin=None, frozen_positives=None):
   """Returns (loss, margin after); the queue is the K' filled rows only.
 
-  `frozen_margin` replaces the positive margin, for finite differences: the
-  dynamic margin is a constant to the gradient.
+  For finite differences: `frozen_margin` replaces the positive margin (the
+  dynamic margin is a constant to the gradient), and with detach_pos
+  `frozen_positives` = (q, k) are the positives, constants too.
+  `own_rows[i]` lists the queue rows holding pair i's own views (mask
+  'own').
   """
-  q = np.asarray(q, np.float64)
-  k = np.asarray(k, np.float64)
+  unit = lambda x: (np.asarray(x, np.float64) /
+                    np.linalg.norm(np.asarray(x, np.float64), axis=1,
+                                   keepdims=True))
+  q, k = unit(q), unit(k)
+  pos_q, pos_k = (q, k) if frozen_positives is None else map(
+      unit, frozen_positives)
   negatives = np.asarray(negatives, np.float64)
-  q = q / np.linalg.norm(q, axis=1, keepdims=True)
-  k = k / np.linalg.norm(k, axis=1, keepdims=True)
   clamp = lambda x: min(max(float(x), -1.0), 1.0)
   tq = (np.ravel(q_scaler) + 1.0) / 2.0
   tk = (np.ravel(k_scaler) + 1.0) / 2.0
@@ -168,12 +180,16 @@ def numpy_loss(q, k, labels, negatives, negative_labels, q_scaler, k_scaler,
              for a, c in zip(tq, tk)]
 
   rows = []  # (positive cos, [negative cos or None when excluded], weight)
-  for anchors, positives in ((q, k), (k, q)):
+  couples = ((q, pos_k), (k, pos_q)) if coupling == 'D2N' else ((q, pos_k),)
+  for anchors, positives in couples:
     for i in range(len(q)):
       pos = clamp(anchors[i] @ positives[i])
       negs = []
       for j in range(len(negatives)):
-        same = negative_labels[j] == labels[i] and mask != 'none'
+        if mask == 'own':
+          same = j in own_rows[i]
+        else:
+          same = negative_labels[j] == labels[i]
         if same and mask == 'neg_inf':
           negs.append(None)
         elif same:
@@ -254,9 +270,8 @@ def test_numpy_transcription_matches_reference(reference_dir, name):
     {'quality_scale_range': 'third'},
     {'quality_select_method': 'median'},
     {'margin_method': 'adaptive'},
-    {'mask_same_class': False},
-    {'pair_coupling': 'S2N'},
-    {'detach_pos': True},
+    {'pair_coupling': 'D2D'},
+    {'detach_pos': True},  # a key this mapping does not know
 ])
 def test_unknown_settings_raise(reference_dir, settings):
   name = reference_cases('qgface')[0]
@@ -270,7 +285,8 @@ def test_unknown_arguments_raise():
   common = (x, x, jnp.zeros(2, int), x, jnp.zeros(2, int), jnp.ones(2, bool),
             jnp.zeros(2), jnp.zeros(2), contrastive.init_margin_state())
   for bad in ({'gate': 'tanh'}, {'gate_range': 'x'}, {'pair_quality': 'x'},
-              {'margin': 'x'}, {'mask': 'x'}):
+              {'margin': 'x'}, {'mask': 'x'}, {'mask': 'none'},
+              {'mask': 'own'}, {'coupling': 'x'}):
     with pytest.raises(ValueError):
       contrastive.contrastive_loss(*common, **bad)
 
@@ -286,7 +302,11 @@ def test_init_margin_state_starts_at_zero():
 _VARIANTS = [
     dict(mask='neg_inf'),
     dict(mask='neg_inf', margin='dynamic', gate='cos', gate_range='half'),
-    dict(mask='none', margin='none'),
+    dict(mask='own', margin='none'),
+    dict(mask='own', coupling='S2N', margin='dynamic'),
+    dict(coupling='S2N', gate='cos', gate_range='whole'),
+    dict(detach_pos=True),
+    dict(detach_pos=True, coupling='S2N', mask='neg_inf'),
     dict(gate='linear', gate_range='whole', pair_quality='mean'),
     dict(gate='sgn', gate_range='whole', pair_quality='high'),
     dict(gate='cos', gate_range='half', b=0.3),
@@ -308,10 +328,19 @@ def test_variants_match_numpy(reference_dir, variant):
   _check_against_numpy(inputs, {**loss_kwargs(settings), **variant})
 
 
+def _own_rows(inputs):
+  """Two queue rows per pair as its "own copies" (rows i and B + i)."""
+  b = len(inputs['q'])
+  return np.stack([np.arange(b), b + np.arange(b)], axis=1) % len(
+      inputs['queue'])
+
+
 def _check_against_numpy(inputs, kwargs):
   """Loss, margin state and gradient against the float64 transcription."""
-  expected, margin_after = numpy_loss(**_numpy_args(inputs), **kwargs)
-  args = _inputs(inputs, _CAPACITY, seed=1)
+  own_rows = _own_rows(inputs) if kwargs.get('mask') == 'own' else None
+  numpy_kwargs = dict(kwargs, own_rows=own_rows)
+  expected, margin_after = numpy_loss(**_numpy_args(inputs), **numpy_kwargs)
+  args = _inputs(inputs, _CAPACITY, seed=1, own_rows=own_rows)
 
   loss, state, _, grad_q, grad_k = _loss_and_grads(args, **kwargs)
 
@@ -325,9 +354,12 @@ def _check_against_numpy(inputs, kwargs):
   dq = rng.normal(size=inputs['q'].shape)
   dk = rng.normal(size=inputs['k'].shape)
   h = 1e-6
+  frozen_positives = ((inputs['q'], inputs['k']) if kwargs.get('detach_pos')
+                      else None)
   shifted = lambda sign: numpy_loss(**{
       **_numpy_args(inputs), 'q': inputs['q'] + sign * h * dq,
-      'k': inputs['k'] + sign * h * dk}, **kwargs, frozen_margin=frozen)[0]
+      'k': inputs['k'] + sign * h * dk}, **numpy_kwargs,
+      frozen_margin=frozen, frozen_positives=frozen_positives)[0]
   numeric = (shifted(1) - shifted(-1)) / (2 * h)
   analytic = float(np.sum(grad_q * dq) + np.sum(grad_k * dk))
   np.testing.assert_allclose(analytic, numeric, rtol=1e-3, atol=1e-4)

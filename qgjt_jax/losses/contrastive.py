@@ -1,9 +1,9 @@
 """The QGFace contrastive loss for low-quality pairs (METHOD.md section 4).
 
 Each sample contributes two anchor rows ("D2N", symmetric coupling): the
-degraded view q_i with positive k_i, and the clean view k_i with positive q_i.
-Every row is scored against the same negatives, the proxy-updated queue
-(METHOD.md section 5). Logits are `s * w_i * (cos - m_pos * [column 0])`,
+view q_i with positive k_i, and the view k_i with positive q_i ("S2N" keeps
+the q rows only). Every row is scored against the same negatives, the
+proxy-updated queue (METHOD.md section 5). Logits are `s * w_i * (cos - m_pos * [column 0])`,
 where w_i is the quality gate of the pair, and the loss is the mean
 cross-entropy over the 2B rows with target column 0, rescaled by
 `log(129) / log(K' + 1)` so its size does not depend on the number K' of
@@ -18,8 +18,12 @@ Where this follows the reference (the authors' `head.QGFace`) on purpose:
 - Same-class queue entries are masked by setting their cosine to 0 (`mask=
   'zero'`). They stay in the softmax denominator as exp(0) = 1 per entry, so
   a row with many same-class entries has a larger loss floor. `mask='neg_inf'`
-  removes them from the softmax instead (the cleaner choice); `mask='none'`
-  does not mask.
+  removes them from the softmax instead (the cleaner choice). `mask='own'`
+  is the reference's `mask_same_class=False`: only the anchor's own views
+  enqueued this step are zeroed (the caller names their slots), so other
+  samples of its class stay negatives. Not masking at all would score every
+  anchor against its own just-enqueued copy (cosine 1), so it is not
+  offered.
 - Rows whose gate weight is 0 (pairs of high quality under the "sgn"/"half"
   gate) have all-zero logits. They stay in the mean with the constant loss
   log(K'+1) and no gradient, so the loss value depends on how many pairs are
@@ -46,14 +50,16 @@ What the reference takes and this does not need:
 - `q_norms`/`k_norms` only fill a logging attribute (the pair's norm for
   histograms); they never enter the loss.
 - `queue_chunk_size` is only read when same-class masking is off, where the
-  reference instead masks each anchor's own instance by its position among the
-  newest queue rows (a MoCo-style layout). With same-class masking on (every
-  fixture, and the only way the reference's D2N path runs: its instance mask
-  has B columns where the slice has min(2B, K'), which does not broadcast) it
-  is overwritten by K' and has no effect. A ring buffer has no "newest rows"
-  position, so the instance mask is not offered; same-class masking covers
-  the anchor's own views anyway, since they are enqueued with its label.
-- `detach_pos` (default off in the reference) is not ported.
+  reference masks each anchor's own instance by its position among the
+  newest queue rows. It does so for the first B of them, which is right for
+  the MoCo queue (B keys per step) and does not broadcast for the D2N
+  real-time and proxy queues (2B keys: a B-column mask for a 2B-column
+  slice). `mask='own'` takes the slots of the anchor's own copies from the
+  caller instead (`queue.last_slots`): the MoCo case is the reference's, and
+  the other queues get the same meaning, both views of the pair.
+- `detach_pos` (reference default off): the positive cosine of a q row is
+  taken against a detached k, and that of a k row against a detached q, so
+  each view learns only from its own row.
 """
 from __future__ import annotations
 
@@ -72,7 +78,8 @@ _GATES = ('sgn', 'cos', 'linear')
 _GATE_RANGES = ('half', 'whole')
 _PAIR_QUALITIES = ('low', 'mean', 'high')
 _MARGINS = ('static', 'dynamic', 'none')
-_MASKS = ('zero', 'neg_inf', 'none')
+_MASKS = ('zero', 'neg_inf', 'own')
+COUPLINGS = ('D2N', 'S2N')
 
 
 @flax.struct.dataclass
@@ -167,26 +174,33 @@ def quality_gate(quality: jax.Array, b: float | jax.Array, gate: str = 'sgn',
 def contrastive_cosines(
     q: jax.Array, k: jax.Array, labels: jax.Array, negatives: jax.Array,
     negative_labels: jax.Array, negative_valid: jax.Array, *,
-    mask: str = 'zero') -> tuple[jax.Array, jax.Array]:
-  """Cosine table of the 2B anchor rows and the columns their softmax uses.
+    mask: str = 'zero', own_slots: jax.Array | None = None,
+    coupling: str = 'D2N', detach_pos: bool = False
+) -> tuple[jax.Array, jax.Array]:
+  """Cosine table of the anchor rows and the columns their softmax uses.
 
   Args:
-    q: (B, D) degraded-view features, any scale and float dtype.
-    k: (B, D) clean-view features.
+    q: (B, D) features of one view, any scale and float dtype.
+    k: (B, D) features of the other view.
     labels: (B,) int class of each pair.
     negatives: (K, D) queue rows, used as they are (not re-normalised).
     negative_labels: (K,) int class of each queue row.
     negative_valid: (K,) bool, True for filled slots.
-    mask: 'zero', 'neg_inf' or 'none' (see the module docstring).
+    mask: 'zero', 'neg_inf' or 'own' (see the module docstring).
+    own_slots: (B, n) int, for mask='own': the queue slots holding pair i's
+      own views, enqueued this step.
+    coupling: 'D2N' (q and k rows) or 'S2N' (q rows only).
+    detach_pos: the positive cosine of a row sees its positive detached.
 
   Returns:
-    cos: (2B, 1 + K) float32; rows are [q anchors; k anchors], column 0 the
-      positive, columns 1.. the queue, all clamped to [-1, 1]. Masked and
-      unfilled columns hold 0 and carry no gradient.
-    keep: (2B, 1 + K) bool, the columns that enter the softmax (column 0,
+    cos: (R, 1 + K) float32, R = 2B rows [q anchors; k anchors] (B for
+      S2N), column 0 the positive, columns 1.. the queue, all clamped to
+      [-1, 1]. Masked and unfilled columns hold 0 and carry no gradient.
+    keep: (R, 1 + K) bool, the columns that enter the softmax (column 0,
       filled slots, and masked slots unless mask == 'neg_inf').
   """
   _check('mask', mask, _MASKS)
+  _check('coupling', coupling, COUPLINGS)
   q = _l2_normalize(q)
   k = _l2_normalize(k)
   valid = jnp.asarray(negative_valid, bool)
@@ -196,21 +210,27 @@ def contrastive_cosines(
   negatives = jnp.where(valid[:, None], negatives.astype(jnp.float32), 0.0)
   negatives = jax.lax.stop_gradient(negatives)
 
-  anchors = jnp.concatenate([q, k], axis=0)
-  positives = jnp.concatenate([k, q], axis=0)
+  positive_of = jax.lax.stop_gradient if detach_pos else (lambda x: x)
+  if coupling == 'D2N':
+    anchors = jnp.concatenate([q, k], axis=0)
+    positives = jnp.concatenate([positive_of(k), positive_of(q)], axis=0)
+  else:
+    anchors, positives = q, positive_of(k)
   cos_pos = jnp.sum(anchors * positives, axis=-1, keepdims=True)
   cos_neg = anchors @ negatives.T
   cos = _clamp(jnp.concatenate([cos_pos, cos_neg], axis=1), -1.0, 1.0)
 
-  num_rows = anchors.shape[0]
-  if mask == 'none':
-    masked = jnp.zeros((num_rows, negatives.shape[0]), bool)
+  if mask == 'own':
+    if own_slots is None:
+      raise ValueError("mask='own' needs the slots of the pairs' own copies")
+    slots = jnp.arange(negatives.shape[0])
+    masked = jnp.any(jnp.asarray(own_slots)[:, :, None] == slots, axis=1)
   else:
-    same = labels[:, None] == negative_labels[None, :]
-    masked = jnp.concatenate([same, same], axis=0)
+    masked = labels[:, None] == negative_labels[None, :]
+  num_rows = anchors.shape[0]
+  masked = jnp.tile(masked, (num_rows // masked.shape[0], 1))
   # Column 0 is never masked or invalid.
-  zero_col = jnp.zeros((num_rows, 1), bool)
-  masked = jnp.concatenate([zero_col, masked], axis=1)
+  masked = jnp.concatenate([jnp.zeros((num_rows, 1), bool), masked], axis=1)
   valid_cols = jnp.concatenate(
       [jnp.ones((1,), bool), valid])[None, :].repeat(num_rows, axis=0)
   cos = jnp.where(valid_cols & ~masked, cos, 0.0)
@@ -231,8 +251,11 @@ def positive_gap(cos: jax.Array) -> jax.Array:
 
 def contrastive_logits(cos: jax.Array, weight: jax.Array,
                        margin: float | jax.Array, *, s: float) -> jax.Array:
-  """`s * w_row * (cos - margin on column 0)`; weight is per pair, (B,)."""
-  rows_weight = jnp.concatenate([weight, weight], axis=0)[:, None]
+  """`s * w_row * (cos - margin on column 0)`; weight is per pair, (B,).
+
+  The rows are the pairs' (B, S2N) or twice over (2B, D2N).
+  """
+  rows_weight = jnp.tile(weight, cos.shape[0] // weight.shape[0])[:, None]
   cos = cos.at[:, 0].add(-margin)
   return s * rows_weight * cos
 
@@ -245,12 +268,16 @@ def contrastive_loss(
     alpha: float = 0.01, gate: str = 'sgn', gate_range: str = 'half',
     pair_quality: str = 'low', margin: str = 'static', mask: str = 'zero',
     rescale: bool = True, rescale_reference: int = 129,
+    coupling: str = 'D2N', detach_pos: bool = False,
+    own_slots: jax.Array | None = None,
 ) -> tuple[jax.Array, MarginState, dict[str, Any]]:
   """QGFace contrastive loss of one step (METHOD.md section 4).
 
   Args:
-    q: (B, D) degraded-view features (normalised here, in float32).
-    k: (B, D) clean-view features.
+    q: (B, D) features of one view (normalised here, in float32): the
+      degraded view, or the online encoder's clean view (MoCo).
+    k: (B, D) features of the other view: the clean view, or the momentum
+      encoder's degraded view (MoCo).
     labels: (B,) int classes of the pairs.
     negatives: (K, D) proxy-updated queue, fixed capacity K.
     negative_labels: (K,) int classes of the queue rows.
@@ -266,23 +293,30 @@ def contrastive_loss(
     gate_range: 'half' or 'whole'.
     pair_quality: 'low', 'mean' or 'high' (see `pair_quality_score`).
     margin: 'static' (m), 'dynamic' (the updated state) or 'none'.
-    mask: same-class queue entries: 'zero', 'neg_inf' or 'none'.
+    mask: 'zero' or 'neg_inf' (same-class queue entries) or 'own' (the
+      pair's own copies, at `own_slots`).
     rescale: multiply by log(rescale_reference) / log(K' + 1).
     rescale_reference: number of logits at which the rescale factor is 1.
+    coupling: 'D2N' (q and k anchor rows) or 'S2N' (q rows only).
+    detach_pos: positives detached in each row (see the module doc).
+    own_slots: (B, n) queue slots of each pair's own views, for 'own'.
 
   Returns:
     (loss, new margin state, metrics): the float32 scalar loss, the state
     after this step's update, and float32 scalars `lq_fraction` (pairs below
     the threshold), `gate_mean` (mean pair weight), `positive_cos` (mean
     positive cosine), `positive_gap` (this step's margin statistic),
-    `margin` (the positive margin used) and `num_negatives` (K').
+    `margin` (the positive margin used), `margin_state` (the running value
+    after the update) and `num_negatives` (K').
   """
   _check('margin', margin, _MARGINS)
   quality = pair_quality_score(q_scaler, k_scaler, pair_quality)
   weight = quality_gate(quality, b, gate, gate_range)
 
   cos, keep = contrastive_cosines(q, k, labels, negatives, negative_labels,
-                                  negative_valid, mask=mask)
+                                  negative_valid, mask=mask,
+                                  own_slots=own_slots, coupling=coupling,
+                                  detach_pos=detach_pos)
   gap = positive_gap(cos)
   new_value = (alpha * gap + (1.0 - alpha) *
                jnp.asarray(margin_state.value, jnp.float32))
@@ -315,6 +349,7 @@ def contrastive_loss(
       'positive_cos': jnp.mean(jax.lax.stop_gradient(cos[:, 0])),
       'positive_gap': gap,
       'margin': m_pos,
+      'margin_state': new_value,
       'num_negatives': num_negatives.astype(jnp.float32),
   }
   return loss, new_state, metrics
