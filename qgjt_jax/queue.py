@@ -125,6 +125,27 @@ def from_newest_first(capacity: int, embeds: jax.Array, labels: jax.Array,
   return enqueue(queue, embeds, labels, proxies)
 
 
+def last_slots(queue: QueueState, num: int) -> jax.Array:
+  """(num,) slots of the rows of the last `enqueue` of `num` rows, in row
+  order (row i of that batch is at slot ptr - 1 - i)."""
+  return (queue.ptr - 1 - jnp.arange(num, dtype=jnp.int32)) % queue.capacity
+
+
+def keep_newest(queue: QueueState, size: jax.Array) -> QueueState:
+  """Evicts every row but the `size` newest (the progressive queue).
+
+  The reference truncates its newest-first list to the current size each
+  step, so rows beyond it are gone for good even when the size grows later;
+  here they are marked empty (label -1) the same way. `size` may be traced.
+  """
+  age = (queue.ptr - 1 - jnp.arange(queue.capacity, dtype=jnp.int32)) % (
+      queue.capacity)
+  keep = age < size
+  return queue.replace(
+      labels=jnp.where(keep, queue.labels, -1),
+      count=jnp.minimum(queue.count, size).astype(jnp.int32))
+
+
 def realtime_negatives(queue: QueueState) -> jax.Array:
   """(K, D) stored embeddings without correction ("realtime" variant)."""
   return jax.lax.stop_gradient(queue.embeds)

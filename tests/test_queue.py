@@ -165,3 +165,33 @@ def test_state_is_a_pytree_with_fixed_shapes():
                                 jnp.zeros((3,), jnp.int32), jnp.ones((3, 3)))
   assert jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), after) == \
       jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), queue)
+
+
+def test_last_slots_are_where_the_last_batch_went():
+  queue = qlib.init_queue(7, 2)
+  for start in (0, 5):  # the second batch wraps around the end
+    keys = np.arange(start, start + 5, dtype=np.float32)[:, None].repeat(2, 1)
+    queue = qlib.enqueue(queue, keys, np.arange(5), np.zeros((5, 2)))
+    slots = np.asarray(qlib.last_slots(queue, 5))
+    np.testing.assert_array_equal(np.asarray(queue.embeds)[slots, 0],
+                                  keys[:, 0])
+
+
+def test_keep_newest_evicts_for_good_as_the_reference_truncation():
+  """The reference keeps `list[:size]` of its newest-first queue each step:
+  rows past the size are gone, also when the size grows later."""
+  reference = []  # newest first
+  queue = qlib.init_queue(12, 1)
+  rng = np.random.default_rng(0)
+  for size in (3, 5, 5, 9, 12, 12):
+    keys = rng.normal(size=(2, 1)).astype(np.float32)
+    labels = rng.integers(0, 4, 2)
+    reference = ([(k[0], l) for k, l in zip(keys, labels)] + reference)[:size]
+    queue = qlib.enqueue(queue, keys, labels, np.zeros((2, 1)))
+    queue = qlib.keep_newest(queue, jnp.int32(size))
+    order = np.asarray(qlib.newest_first_order(queue))
+    valid = np.asarray(qlib.valid_mask(queue))[order]
+    got = [(float(queue.embeds[i, 0]), int(queue.labels[i]))
+           for i, v in zip(order, valid) if v]
+    assert got == [(float(k), int(l)) for k, l in reference], size
+    assert int(queue.count) == len(reference)
