@@ -163,8 +163,6 @@ def margin_logits(cos: jax.Array, labels: jax.Array, scaler: jax.Array, *,
   Returns:
     (N, C) float32 logits, before the quality gate.
   """
-  if head not in HEADS:
-    raise ValueError(f'unknown head {head!r}; expected one of {HEADS}')
   cos = jnp.asarray(cos, jnp.float32)
   num_rows, num_classes = cos.shape
   labels = _check_labels(labels, num_rows)
@@ -174,17 +172,7 @@ def margin_logits(cos: jax.Array, labels: jax.Array, scaler: jax.Array, *,
   # avoids an acos/cos round trip over all C columns.
   cos_y = jnp.sum(jnp.where(target_mask, cos, 0.0), axis=1)
   scaler = jnp.asarray(scaler, jnp.float32).reshape(num_rows)
-
-  if head == 'adaface':
-    theta = jnp.clip(jnp.arccos(cos_y) - m * scaler, eps, math.pi - eps)
-    target = jnp.cos(theta) - (m + m * scaler)
-  elif head == 'arcface':
-    target = jnp.cos(jnp.clip(jnp.arccos(cos_y) + m, eps, math.pi - eps))
-  elif head == 'cosface':
-    target = cos_y - m
-  else:
-    target = cos_y
-
+  target = margin_target(cos_y, scaler, head=head, m=m, eps=eps)
   logits = s * jnp.where(target_mask, target[:, None], cos)
   return jnp.where(valid[:, None], logits, jnp.nan)
 
@@ -369,7 +357,8 @@ def sharded_classification_loss(
     head: str = 'adaface', s: float = 64.0, m: float = 0.4,
     eps: float = 1e-3, b: Any = 0.0, sample_rate: float | None = None,
     positives: jax.Array | None = None, rng: jax.Array | None = None,
-    logits_dtype: Any = jnp.float32) -> tuple[jax.Array, dict[str, jax.Array]]:
+    logits_dtype: Any = jnp.float32, gate_quality: jax.Array | None = None
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Per-row gated margin cross-entropy on one block of W's columns.
 
   Call inside `shard_map`, with W's class axis split over `axis_name` (block
@@ -395,6 +384,9 @@ def sharded_classification_loss(
       folds in its index.
     logits_dtype: float32 (the reference numerics) or bfloat16: the (N, c)
       cosine matmul on tensor cores, the target cosine still in float32.
+    gate_quality: (N,) quality in [0, 1] for the gate, when it is not the
+      margin scaler's (the partition by known degradation); default
+      `quality_from_scaler(scaler)`.
 
   Returns:
     (per_example_loss (N,), aux with 'gate', 'quality', 'cos_target').
@@ -444,7 +436,8 @@ def sharded_classification_loss(
   valid = (labels >= 0) & (labels < num_classes)
 
   target = margin_target(cos_y, scaler, head=head, m=m, eps=eps)
-  quality = quality_from_scaler(scaler)
+  quality = (quality_from_scaler(scaler) if gate_quality is None
+             else jnp.asarray(gate_quality, jnp.float32).reshape(num_rows))
   gate = hq_gate(quality, b, s)
   target_v, gate_v = _varying(target, axis_name), _varying(gate, axis_name)
   logits = s * jnp.where(target_mask, target_v[:, None], cos) * gate_v[:, None]
