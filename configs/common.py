@@ -11,10 +11,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.seed = 0
 
   # Encoder (METHOD.md section 1). dtype is the compute dtype; parameters and
-  # the loss math stay float32.
+  # the loss math stay float32. remat: "none", or "block" to recompute each
+  # residual unit's activations in the backward pass (less memory for deep
+  # models or big batches, about a third more compute).
   config.model = ml_collections.ConfigDict(dict(
       name="ir50", base_width=64, embedding_size=512, dropout_rate=0.4,
-      dtype="bfloat16"))
+      dtype="bfloat16", remat="none"))
 
   # Where the training images come from. kind: "rec" (insightface
   # train.rec/train.idx read directly), "tfds" (a prepared ArrayRecord set) or
@@ -26,19 +28,31 @@ def get_base_config() -> ml_collections.ConfigDict:
       tfds_data_dir=ml_collections.FieldReference(None, field_type=str),
       image_size=112,
       worker_count=8,
-      # The degraded (L) view, METHOD.md section 6.
-      view=ml_collections.ConfigDict(dict(
-          recipe="qgface", min_scale=0.1, max_scale=0.5, jpeg_quality=75,
-          crop_p=0.0, jitter_p=0.0, rotate_p=0.0, flip_p=0.5)),
+      # The degraded (L) view, METHOD.md section 6 (data/degrade.py). Every
+      # field of degrade.ViewConfig; None takes the recipe's value
+      # ("qgface": always downscaled, JPEG'd and upscaled; "adaface":
+      # AdaFace's augmenter, each step with its probability).
+      view=ml_collections.ConfigDict(
+          {"recipe": "qgface",
+           **{name: ml_collections.FieldReference(None, field_type=kind)
+              for name, kind in (
+                  ("min_scale", float), ("max_scale", float),
+                  ("jpeg_quality", int), ("crop_p", float),
+                  ("crop_scale", tuple), ("crop_ratio", tuple),
+                  ("jitter_p", float), ("jitter", float),
+                  ("rotate_p", float), ("max_rotation", float),
+                  ("flip_p", float), ("lowres_p", float))}}),
   ))
   # Synthetic set sizes (used when data.kind == "synthetic").
   config.data.synthetic = ml_collections.ConfigDict(dict(
       num_identities=100, images_per_identity=40, eval_identities=40,
-      eval_pairs=300))
+      eval_pairs=300, seed=0))
 
   # Quality indicator (METHOD.md section 2). The reference starts its running
-  # statistics at 0; AdaFace at 20/100. partition: "norm" (feature norm, the
-  # method) or "degradation" (known downscale factor, for ablations).
+  # statistics at 0; AdaFace at 20/100. partition: which images count as HQ
+  # or LQ for both gates: "norm" (feature norm, the method) or "degradation"
+  # (the known downscale factor r, q = r: an ablation). The AdaFace margin
+  # always reads the feature norm.
   config.quality = ml_collections.ConfigDict(dict(
       alpha=0.01, h=0.333, eps=1e-3, init_mean=0.0, init_std=0.0,
       partition="norm"))
@@ -53,17 +67,37 @@ def get_base_config() -> ml_collections.ConfigDict:
       kind="adaface", s=64.0, m=0.4, b=0.2, sample_rate=1.0,
       logits_dtype="float32"))
 
-  # LQ branch: contrastive loss (METHOD.md section 4). weight is lambda;
-  # start_epoch is the "later joint" switch (lambda = 0 before it);
-  # b_warmup_epochs ramps both thresholds up from 0.
+  # LQ branch: contrastive loss (METHOD.md section 4).
+  # weight: lambda, nonzero from start_epoch on (the authors' "later joint")
+  #   and until end_epoch (0 = never; the authors' "later detach" is
+  #   end_epoch = their joint point).
+  # b_warmup_epochs > 0 ramps the thresholds up from 0 (the authors' warm-up
+  #   with joint point = b_warmup_epochs): b_warmup "epoch" is their rule,
+  #   b x min(1, epoch / b_warmup_epochs) per whole epoch, one threshold
+  #   (contrastive.b) shared by both gates, so epoch 0 trains without gates;
+  #   "step" ramps each gate's own b linearly per step.
+  # margin: positive margin; "none" is the authors' code default (their
+  #   QGFace head's margin_method=None), "static" m, "dynamic" the running
+  #   positive gap.
+  # mask: "zero" sets same-class queue entries' cosines to 0 (the authors'
+  #   mask_same_class=True), "neg_inf" drops them from the softmax, "own"
+  #   zeroes only the anchor's own views enqueued this step (their
+  #   mask_same_class=False).
+  # coupling: "D2N" (both views anchor a row) or "S2N" (the degraded view
+  #   only; for MoCo, the online encoder's view). detach_pos: each row's
+  #   positive is detached.
   config.contrastive = ml_collections.ConfigDict(dict(
-      weight=1.0, start_epoch=0.0, b=0.2, b_warmup_epochs=0.0,
-      s=64.0, m=0.4, gate="sgn", gate_range="half", pair_quality="low",
-      margin="static", mask="zero", rescale=True, rescale_reference=129))
+      weight=1.0, start_epoch=0.0, end_epoch=0.0, b=0.2, b_warmup_epochs=0.0,
+      b_warmup="epoch", s=64.0, m=0.4, gate="sgn", gate_range="half",
+      pair_quality="low", margin="none", mask="zero", rescale=True,
+      rescale_reference=129, coupling="D2N", detach_pos=False))
 
   # Negatives queue (METHOD.md section 5): proxy | realtime | moco | none.
+  # progressive: the authors' growing queue, from global_batch_size rows when
+  # the contrastive loss joins to `capacity` at the last epoch, one step per
+  # epoch (rows beyond the current size are evicted).
   config.queue = ml_collections.ConfigDict(dict(
-      kind="proxy", capacity=8192, moco_momentum=0.999))
+      kind="proxy", capacity=8192, moco_momentum=0.999, progressive=False))
 
   # Optimiser: SGD with momentum, coupled weight decay (PyTorch order) on
   # everything but BatchNorm parameters.
@@ -89,10 +123,18 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   # Evaluation: insightface .bin verification sets to run periodically and in
   # --mode=eval (paths), plus low-resolution variants of them (pixel sizes).
+  # TinyFace and SCface are scored on the aligned copies under their roots,
+  # as the authors do (tinyface_aligned_dir is their TinyFace default; an
+  # empty name means the raw images, which the table then says). dtype: the
+  # compute dtype of evaluation, float32 as the authors' (whatever the
+  # training dtype).
   config.eval = ml_collections.ConfigDict(dict(
       bin_sets=(), low_res=(), batch_size=256, fusion="pre_norm_add",
+      dtype="float32",
       tinyface_root=ml_collections.FieldReference(None, field_type=str),
+      tinyface_aligned_dir="aligned_pad_0.1_pad_high",
       scface_root=ml_collections.FieldReference(None, field_type=str),
+      scface_aligned_dir="",
       ijb_root=ml_collections.FieldReference(None, field_type=str),
       ijb_target="IJBC"))
   return config

@@ -28,10 +28,6 @@ from qgjt_jax.eval import verification
 from qgjt_jax.models.iresnet import normalize_images
 
 
-def view_config(config: ml_collections.ConfigDict) -> degrade.ViewConfig:
-  return degrade.ViewConfig(**config.data.view.to_dict())
-
-
 def make_embed_fn(model, dtype: Any, mesh: Mesh,
                   variables: Any) -> extract.ShardedEmbedFn:
   """The eval forward pass of `variables`, for `extract.extract_embeddings`.
@@ -69,15 +65,18 @@ class Evaluator:
       spec = self.config.data.synthetic
       self._synthetic_sets = synthetic.synthetic_verification_sets(
           spec.eval_identities, spec.eval_pairs,
-          image_size=self.config.data.image_size, seed=spec.get("seed", 0),
-          view_config=view_config(self.config))
+          image_size=self.config.data.image_size, seed=spec.seed,
+          view_config=degrade.view_config_from(self.config.data.view))
     return self._synthetic_sets
 
   def evaluate_variables(self, variables: Any) -> dict[str, dict]:
     """{set name: metrics} for the backbone `variables`."""
     cfg = self.config.eval
-    embed_fn = make_embed_fn(self.model, jnp.dtype(self.config.model.dtype),
-                             self.mesh, variables)
+    # Evaluation has its own compute dtype (float32 by default, as the
+    # authors evaluate), whatever the dtype the model was trained in.
+    dtype = jnp.dtype(cfg.dtype)
+    embed_fn = make_embed_fn(self.model.clone(dtype=dtype), dtype, self.mesh,
+                             variables)
     common = dict(batch_size=cfg.batch_size, fusion=cfg.fusion)
     results = {}
     if self.config.data.kind == "synthetic":
@@ -92,11 +91,16 @@ class Evaluator:
         name = _set_name(path) + (f"@{low_res}px" if low_res else "")
         results[name] = metrics
     if cfg.tinyface_root:
+      aligned = cfg.tinyface_aligned_dir or None
       results["tinyface"] = tinyface.evaluate_tinyface(
-          embed_fn, cfg.tinyface_root, image_size=size, **common)
+          embed_fn, cfg.tinyface_root, aligned_dir=aligned, image_size=size,
+          **common)
+      results["tinyface"]["images"] = aligned or "raw Testing_Set"
     if cfg.scface_root:
       results["scface"] = scface.evaluate_scface(
-          embed_fn, cfg.scface_root, image_size=size, **common)
+          embed_fn, cfg.scface_root, aligned_dir=cfg.scface_aligned_dir,
+          image_size=size, **common)
+      results["scface"]["images"] = cfg.scface_aligned_dir or "the root"
     if cfg.ijb_root:
       results[cfg.ijb_target.lower()] = ijb.evaluate_ijb(
           embed_fn, cfg.ijb_root, subset=cfg.ijb_target, image_size=size,
@@ -113,7 +117,8 @@ class Evaluator:
     if not results:
       return results
     reporting.note(
-        f"\nEvaluation at step {step}:\n{report.format_table(results)}\n")
+        f"\nEvaluation at step {step} (computed in {self.config.eval.dtype}):"
+        f"\n{report.format_table(results)}\n")
     if jax.process_index() == 0:
       report.write_results(workdir, f"step_{step}", results)
     writer.write_scalars(step, {f"eval/{k}": v for k, v in

@@ -191,3 +191,19 @@ def test_view_config_from_a_config_section():
       0.2, 1.0)
   with pytest.raises(ValueError, match="unknown"):
     degrade.view_config_from({"min_scal": 0.2})
+
+
+def test_the_config_names_every_view_setting_and_the_recipe_fills_the_rest():
+  """configs/common.py has every ViewConfig field (a locked config can set
+  each); unset ones (None) take the recipe's values, so "adaface" views are
+  AdaFace's, low resolution included."""
+  from configs import common
+  section = common.get_base_config().data.view
+  fields = {f.name for f in dataclasses.fields(degrade.ViewConfig)}
+  assert set(section.keys()) == fields
+  section.recipe = "adaface"
+  assert degrade.view_config_from(section) == degrade.adaface_config()
+  assert degrade.view_config_from(section).lowres_p > 0
+  section.recipe = "qgface"
+  section.crop_p = 0.3
+  assert degrade.view_config_from(section) == degrade.ViewConfig(crop_p=0.3)

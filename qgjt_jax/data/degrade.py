@@ -79,12 +79,14 @@ def adaface_config(**overrides) -> ViewConfig:
 
 
 def view_config_from(mapping) -> ViewConfig:
-  """A ViewConfig from a config section (dict or ml_collections.ConfigDict).
+  """The one builder of a ViewConfig from a config section (`config.data.view`,
+  a dict or an ml_collections.ConfigDict): training, the config checks and the
+  notebooks all call it.
 
-  Keys are ViewConfig fields; unknown keys raise. Fields left out take the
-  defaults of the section's recipe (`adaface_config()` for "adaface").
+  Keys are ViewConfig fields; unknown keys raise. Fields left out or None take
+  the defaults of the section's recipe (`adaface_config()` for "adaface").
   """
-  values = dict(mapping)
+  values = {k: v for k, v in dict(mapping).items() if v is not None}
   fields = {f.name for f in dataclasses.fields(ViewConfig)}
   unknown = sorted(set(values) - fields)
   if unknown:

@@ -38,8 +38,9 @@ def format_table(results: Mapping[str, Any], digits: int = 4) -> str:
   """An aligned table: one row per evaluated set, one column per metric.
 
   `results` maps set names to metric dicts ({'lfw': {'accuracy_mean': ...}});
-  a flat {metric: value} mapping becomes a single row named 'result'. Only
-  scalar metrics are shown; integers (counts) print as integers.
+  a flat {metric: value} mapping becomes a single row named 'result'. Scalar
+  metrics are columns; integers (counts) print as integers. Text entries
+  (which images a set was scored on) follow the table, one line each.
   """
   if not any(isinstance(v, Mapping) for v in results.values()):
     results = {'result': results}
@@ -65,6 +66,10 @@ def format_table(results: Mapping[str, Any], digits: int = 4) -> str:
                      for i, (h, w) in enumerate(zip(r, widths)))
            for r in [header] + body]
   lines.insert(1, '  '.join('-' * w for w in widths))
+  for name, metrics in results.items():
+    if isinstance(metrics, Mapping):
+      lines += [f'{name} {key}: {value}' for key, value in metrics.items()
+                if isinstance(value, str)]
   return '\n'.join(lines)
 
 
