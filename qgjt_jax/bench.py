@@ -4,38 +4,41 @@ r"""Throughput of the full QGFace train step on synthetic, device-resident data.
   python -m qgjt_jax.bench --arch=ir50 --batch=256 --no_qgface
   python -m qgjt_jax.bench --arch=ir100 --batch=256 --dtype=bfloat16
 
-Times `step.train_step` exactly as training jits it (both views, 2 x batch
-images; a classifier of --classes identities; the proxy-updated queue of
---queue rows; the optimiser update; state donated) after --warmup steps, with
-no host synchronisation inside the timed loop, and prints one JSON line:
-device kind, arch, batch, dtype, step_ms, samples/s, images/s, the XLA cost
-analysis's FLOPs per step, the model FLOPs utilisation against the device's
-peak bf16 rate (null for devices not in `PEAK_BF16_FLOPS`) and the peak device
+Times the train step of a recipe (`--config`, default configs/ms1m.py)
+exactly as training builds and jits it (`stack.build_stack`: both views, 2 x
+batch images; a classifier of --classes identities; the proxy-updated queue
+of --queue rows; the optimiser update; state donated) after --warmup steps,
+with no host synchronisation inside the timed loop, and prints one JSON
+line: device kind, arch, batch, dtype, step_ms, samples/s, images/s, the XLA
+cost analysis's FLOPs per step, the model FLOPs utilisation against the
+device's peak bf16 rate (null for devices not in `PEAK_BF16_FLOPS`), compile
+time, XLA's memory analysis of the compiled step (argument, output and
+temporary bytes, known on any host before running) and the peak device
 memory. `--no_qgface` times the same step without the QGFace extras (no
 queue, no contrastive loss, no quality gate: queue kind "none", b = 0), so the
 extras' overhead is the ratio of two runs of one process.
 
-Runs with jax, flax, optax and numpy alone (accelerator machines often lack
-TensorFlow, grain, clu and ml_collections): the recipe is a plain namespace
-with the config's attribute names (`recipe_config`), and nothing here imports
-the data pipeline, the checkpointer or the config files.
+Needs jax, flax, optax, numpy and ml_collections; not TensorFlow, grain, clu
+or orbax (nothing here imports the data pipeline or the checkpointer), which
+accelerator images often lack.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
+import pathlib
 import sys
 import time
-import types
 from typing import Any, Optional, Sequence
 
 import jax
+import ml_collections
 import numpy as np
 
 from qgjt_jax import parallel
-from qgjt_jax import state as state_lib
-from qgjt_jax import step as step_lib
+from qgjt_jax import stack as stack_lib
 
 # Dense bf16 peak FLOP/s of one device, by `device_kind` (datasheet values).
 # Matched in order, first hit wins; unknown kinds report a null utilisation.
@@ -64,46 +67,46 @@ def peak_flops(device_kind: str) -> Optional[float]:
   return None
 
 
-def _ns(**kwargs) -> types.SimpleNamespace:
-  return types.SimpleNamespace(**kwargs)
+DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / (
+    "ms1m.py")
 
 
-def recipe_config(*, arch: str = "ir50", batch: int = 256,
-                  dtype: str = "bfloat16", queue: int = 8192,
-                  qgface: bool = True, image_size: int = 112,
-                  base_width: int = 64, embedding_size: int = 512,
-                  model_parallelism: int = 1, sample_rate: float = 1.0,
-                  logits_dtype: str = "float32") -> types.SimpleNamespace:
-  """The train-step settings of configs/ms1m.py, as a plain namespace.
+def load_config(path: str | pathlib.Path) -> ml_collections.ConfigDict:
+  """`get_config()` of a recipe file (configs/*.py)."""
+  path = pathlib.Path(path)
+  root = str(path.resolve().parents[1])
+  if root not in sys.path:  # recipes import `configs.common`
+    sys.path.insert(0, root)
+  spec = importlib.util.spec_from_file_location(f"_recipe_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
 
-  Same attribute names and values as the ConfigDict (tests/test_bench.py
-  checks every one against configs/ms1m.py), except what the arguments set
-  and `contrastive.start_epoch = 0`: the benchmark times the joint phase,
-  where both losses are live. `qgface=False` removes the extras: no queue
-  (so no contrastive loss) and b = 0 (no quality gate).
+
+def bench_config(config: ml_collections.ConfigDict, *, arch: str,
+                 batch: int, dtype: str, queue: int, qgface: bool,
+                 image_size: int, base_width: int, embedding_size: int,
+                 model_parallelism: int, sample_rate: float,
+                 logits_dtype: str, remat: str) -> ml_collections.ConfigDict:
+  """The recipe with the benchmark's settings.
+
+  `contrastive.start_epoch = 0`: the benchmark times the joint phase, where
+  both losses are live. `qgface=False` removes the extras: no queue (so no
+  contrastive loss) and b = 0 (no quality gate).
   """
-  return _ns(
-      seed=0,
-      model=_ns(name=arch, base_width=base_width,
-                embedding_size=embedding_size, dropout_rate=0.4, dtype=dtype),
-      data=_ns(image_size=image_size),
-      quality=_ns(alpha=0.01, h=0.333, eps=1e-3, init_mean=0.0, init_std=0.0,
-                  partition="norm"),
-      head=_ns(kind="adaface", s=64.0, m=0.4, b=0.2 if qgface else 0.0,
-               sample_rate=sample_rate, logits_dtype=logits_dtype),
-      contrastive=_ns(weight=1.0, start_epoch=0.0, b=0.2, b_warmup_epochs=0.0,
-                      s=64.0, m=0.4, gate="sgn", gate_range="half",
-                      pair_quality="low", margin="static", mask="zero",
-                      rescale=True, rescale_reference=129),
-      queue=_ns(kind="proxy" if qgface else "none", capacity=queue,
-                moco_momentum=0.999),
-      optim=_ns(lr=0.1, momentum=0.9, weight_decay=5e-4,
-                schedule="multistep", milestones=(12, 20, 24), gamma=0.1,
-                warmup_epochs=0.0, grad_clip_norm=0.0),
-      num_epochs=26.0,
-      global_batch_size=batch,
-      model_parallelism=model_parallelism,
-  )
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.model.update(name=arch, dtype=dtype, base_width=base_width,
+                      embedding_size=embedding_size, remat=remat)
+  config.data.image_size = image_size
+  config.global_batch_size = batch
+  config.model_parallelism = model_parallelism
+  config.head.update(sample_rate=sample_rate, logits_dtype=logits_dtype)
+  config.contrastive.start_epoch = 0.0
+  config.queue.capacity = queue
+  if not qgface:
+    config.queue.kind = "none"
+    config.head.b = 0.0
+  return config
 
 
 def synthetic_batches(num: int, batch: int, image_size: int,
@@ -136,15 +139,18 @@ def _cost_flops(compiled: Any) -> Optional[float]:
 
 
 def _compiled_memory(compiled: Any) -> dict[str, Optional[float]]:
+  """XLA's memory analysis of the compiled step, per device, in GiB."""
+  names = ("argument", "output", "temp", "alias", "generated_code")
   try:
     mem = compiled.memory_analysis()
-  except Exception:
+  except Exception:  # not every backend implements it
     mem = None
-  gib = lambda n: round(n / 2**30, 3)
-  if mem is None:
-    return {"compiled_temp_gib": None, "compiled_args_gib": None}
-  return {"compiled_temp_gib": gib(mem.temp_size_in_bytes),
-          "compiled_args_gib": gib(mem.argument_size_in_bytes)}
+  record = {}
+  for name in names:
+    size = getattr(mem, f"{name}_size_in_bytes", None)
+    record[f"compiled_{name}_gib"] = (round(size / 2**30, 3)
+                                      if size is not None else None)
+  return record
 
 
 def _peak_memory_gib(devices: Sequence[Any]) -> Optional[float]:
@@ -165,29 +171,23 @@ def run(*, arch: str = "ir50", batch: int = 256, dtype: str = "bfloat16",
         image_size: int = 112, base_width: int = 64,
         embedding_size: int = 512, model_parallelism: int = 1,
         sample_rate: float = 1.0, logits_dtype: str = "float32",
+        remat: str = "none", config_path: str | pathlib.Path = DEFAULT_CONFIG,
         trace_dir: Optional[str] = None, dump_hlo: Optional[str] = None
         ) -> dict[str, Any]:
   """Builds, warms up and times the step; returns the JSON record."""
   if steps < 1 or warmup < 1 or repeats < 1:
     raise ValueError("steps, warmup and repeats must be >= 1")
-  from qgjt_jax import optim  # ml_collections only for type checking
-  config = recipe_config(
-      arch=arch, batch=batch, dtype=dtype, queue=queue, qgface=qgface,
-      image_size=image_size, base_width=base_width,
-      embedding_size=embedding_size, model_parallelism=model_parallelism,
-      sample_rate=sample_rate, logits_dtype=logits_dtype)
-  mesh = parallel.make_mesh(model_parallelism)
+  config = bench_config(
+      load_config(config_path), arch=arch, batch=batch, dtype=dtype,
+      queue=queue, qgface=qgface, image_size=image_size,
+      base_width=base_width, embedding_size=embedding_size,
+      model_parallelism=model_parallelism, sample_rate=sample_rate,
+      logits_dtype=logits_dtype, remat=remat)
   # A long epoch: the lr milestones and the ramps stay put while timing.
-  steps_per_epoch = 10_000.0
-  schedule = optim.make_lr_schedule(config.optim, steps_per_epoch,
-                                    config.num_epochs)
-  tx = optim.make_optimizer(config.optim, schedule)
-  model = state_lib.build_model(config)
-  state, shardings = state_lib.create_sharded_state(
-      config, model, tx, classes, jax.random.key(config.seed), mesh)
-  train_step = step_lib.make_train_step(
-      model=model, tx=tx, config=config, lr_schedule=schedule,
-      steps_per_epoch=steps_per_epoch, mesh=mesh, state_shardings=shardings)
+  stack = stack_lib.build_stack(config, num_classes=classes,
+                                steps_per_epoch=10_000.0)
+  mesh, train_step = stack.mesh, stack.train_step
+  state = stack.init_state(jax.random.key(config.seed))
   # Two batches in turn, already on the device: the loop times the step only.
   batches = [parallel.host_to_global(b, mesh) for b in synthetic_batches(
       2, batch, image_size, classes)]
@@ -239,6 +239,7 @@ def run(*, arch: str = "ir50", batch: int = 256, dtype: str = "bfloat16",
       "model_parallelism": model_parallelism,
       "sample_rate": sample_rate,
       "logits_dtype": logits_dtype,
+      "remat": remat,
       "steps": steps,
       "repeats": repeats,
       "step_ms": round(step_s * 1e3, 3),
@@ -266,6 +267,8 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
   p = argparse.ArgumentParser(
       prog="python -m qgjt_jax.bench",
       description="Time the QGFace train step; prints one JSON line.")
+  p.add_argument("--config", default=str(DEFAULT_CONFIG),
+                 help="the recipe whose step is timed (configs/*.py)")
   p.add_argument("--arch", default="ir50", help="ir18 .. ir200, ir_se50 ...")
   p.add_argument("--batch", type=int, default=256,
                  help="samples per step (each gives 2 images)")
@@ -289,6 +292,8 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
   p.add_argument("--logits_dtype", default="float32",
                  choices=("float32", "bfloat16"),
                  help="dtype of the (2B, C) cosine matmul")
+  p.add_argument("--remat", default="none", choices=("none", "block"),
+                 help="recompute each residual unit in the backward pass")
   p.add_argument("--trace_dir", default=None,
                  help="also write a jax.profiler trace of 3 steps here")
   p.add_argument("--dump_hlo", default=None,
@@ -306,7 +311,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                embedding_size=a.embedding_size,
                model_parallelism=a.model_parallelism,
                sample_rate=a.sample_rate, logits_dtype=a.logits_dtype,
-               trace_dir=a.trace_dir, dump_hlo=a.dump_hlo)
+               remat=a.remat, config_path=a.config, trace_dir=a.trace_dir,
+               dump_hlo=a.dump_hlo)
   if jax.process_index() == 0:
     print(json.dumps(record), flush=True)
 

@@ -27,7 +27,11 @@ _CHOICES = {
     "contrastive.gate_range": ("half", "whole"),
     "contrastive.pair_quality": ("low", "mean", "high"),
     "contrastive.margin": ("static", "dynamic", "none"),
-    "contrastive.mask": ("zero", "neg_inf", "none"),
+    "contrastive.mask": ("zero", "neg_inf", "own"),
+    "contrastive.coupling": ("D2N", "S2N"),
+    "contrastive.b_warmup": ("epoch", "step"),
+    "model.remat": ("none", "block"),
+    "eval.dtype": ("float32", "bfloat16", "float16"),
     "queue.kind": ("proxy", "realtime", "moco", "none"),
     "optim.schedule": ("multistep", "cosine"),
     "model.dtype": ("float32", "bfloat16", "float16"),
@@ -46,6 +50,7 @@ _RANGES = (
     ("queue.moco_momentum", 0.0, 1.0, "the momentum encoder's decay"),
     ("contrastive.weight", 0.0, None, "lambda, the contrastive loss weight"),
     ("contrastive.start_epoch", 0.0, None, "an epoch"),
+    ("contrastive.end_epoch", 0.0, None, "an epoch; 0 never ends the loss"),
     ("contrastive.b_warmup_epochs", 0.0, None, "a number of epochs"),
     ("optim.weight_decay", 0.0, None, "a decay factor"),
     ("optim.warmup_epochs", 0.0, None, "a number of epochs"),
@@ -97,6 +102,20 @@ def check_train_config(config: ml_collections.ConfigDict,
         f"config.queue.capacity={config.queue.capacity} is smaller than the "
         f"{keys_per_step} keys enqueued per step ({what}); use at least "
         f"{keys_per_step}, e.g. --config.queue.capacity={keys_per_step}.")
+  cc = config.contrastive
+  if cc.b_warmup_epochs > 0 and cc.b_warmup == "epoch" and (
+      config.head.b != cc.b):
+    raise ConfigError(
+        f"config.head.b={config.head.b} differs from config.contrastive.b="
+        f"{cc.b}, but config.contrastive.b_warmup='epoch' (the authors' "
+        "warm-up) gives both gates the one threshold contrastive.b; set "
+        f"--config.head.b={cc.b}, or --config.contrastive.b_warmup=step to "
+        "ramp each gate's own b.")
+  if cc.end_epoch and cc.end_epoch <= cc.start_epoch:
+    raise ConfigError(
+        f"config.contrastive.end_epoch={cc.end_epoch} is not after "
+        f"config.contrastive.start_epoch={cc.start_epoch}: the contrastive "
+        "loss would never be on; use 0 for no end.")
   milestones = tuple(config.optim.milestones)
   if list(milestones) != sorted(milestones) or any(
       m <= 0 for m in milestones):
@@ -189,6 +208,17 @@ def check_eval_paths(config: ml_collections.ConfigDict) -> None:
     if path and "://" not in path and not os.path.isdir(path):
       raise ConfigError(f"config.eval.{key}={path!r} does not exist; fix the "
                         "path or leave the key unset.")
+  for dataset in ("tinyface", "scface"):
+    root = config.eval[f"{dataset}_root"]
+    aligned = config.eval[f"{dataset}_aligned_dir"]
+    if root and aligned and "://" not in root and not os.path.isdir(
+        os.path.join(root, aligned)):
+      raise ConfigError(
+          f"config.eval.{dataset}_aligned_dir={aligned!r}: there is no "
+          f"{os.path.join(root, aligned)}. The authors score the aligned "
+          "copies there; point the key at them, or set "
+          f"--config.eval.{dataset}_aligned_dir='' to score the raw images "
+          "(not comparable with the paper).")
   for size in config.eval.low_res:
     if not _is_number(size) or size <= 0:
       raise ConfigError(f"config.eval.low_res lists {size!r}; use positive "

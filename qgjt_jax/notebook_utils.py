@@ -173,7 +173,7 @@ def training_views(config: ml_collections.ConfigDict, count: int,
   count = min(count, len(source))
   rng = np.random.default_rng(seed)
   indices = np.linspace(0, len(source) - 1, count).round().astype(int)
-  view_cfg = evaluate_lib.view_config(config)
+  view_cfg = degrade.view_config_from(config.data.view)
   clean, degraded, scales = [], [], []
   for i in indices:
     img = recordio.decode_image(source[int(i)]["image"])
@@ -197,7 +197,7 @@ def heldout_faces(config: ml_collections.ConfigDict, identity: int,
 def low_quality(config: ml_collections.ConfigDict, images: np.ndarray,
                 seed: int = 0) -> np.ndarray:
   """The evaluation's LQ version of faces: downscaled, JPEG, upscaled."""
-  cfg = evaluate_lib.view_config(config)
+  cfg = degrade.view_config_from(config.data.view)
   rng = np.random.default_rng(seed)
   return np.stack([
       degrade.low_resolution(im, rng, cfg.min_scale, cfg.max_scale,

@@ -6,7 +6,7 @@ this object is a complete snapshot and the train step has no hidden state.
 """
 from __future__ import annotations
 
-from typing import Any, Optional, TYPE_CHECKING
+from typing import Any, Optional
 
 import flax
 import flax.linen as nn
@@ -20,9 +20,20 @@ from qgjt_jax import queue as queue_lib
 from qgjt_jax.losses import contrastive
 from qgjt_jax.losses import margin
 from qgjt_jax.models import build_backbone
+import ml_collections
 
-if TYPE_CHECKING:  # configs need ml_collections; the benchmark runs without.
-  import ml_collections
+
+@flax.struct.dataclass
+class MomentumEncoder:
+  """The key encoder of the "moco" queue, as the authors keep it.
+
+  `params` ({'backbone', 'classifier'}) follow the online ones by momentum;
+  `batch_stats` are its own, from its train-mode forward passes on the
+  degraded views; `quality` are its head's own feature-norm statistics.
+  """
+  params: Any
+  batch_stats: Any
+  quality: margin.QualityStats
 
 
 @flax.struct.dataclass
@@ -35,8 +46,8 @@ class TrainState:
   queue: queue_lib.QueueState
   margin: contrastive.MarginState
   rng: jax.Array
-  # Momentum encoder ({'params', 'batch_stats'}) of the "moco" queue variant.
-  ema: Optional[Any] = None
+  # The momentum encoder of the "moco" queue variant.
+  moco: Optional[MomentumEncoder] = None
   # Numerical guard: steps skipped for a non-finite loss or gradient.
   nonfinite_total: jax.Array = None
   nonfinite_streak: jax.Array = None
@@ -56,7 +67,8 @@ def build_model(config: ml_collections.ConfigDict) -> nn.Module:
   return build_backbone(m.name, dtype=jnp.dtype(m.dtype),
                         base_width=m.base_width,
                         embedding_size=m.embedding_size,
-                        dropout_rate=m.dropout_rate)
+                        dropout_rate=m.dropout_rate,
+                        remat=m.remat == "block")
 
 
 def init_classifier(rng: jax.Array, dim: int, num_classes: int) -> jax.Array:
@@ -90,7 +102,7 @@ def create_train_state(config: ml_collections.ConfigDict, model: nn.Module,
   same for any value, so runs on different meshes start identically.
   """
   if model_parallelism is None:
-    model_parallelism = getattr(config, "model_parallelism", 1)
+    model_parallelism = config.model_parallelism
   width = classifier_width(num_classes, model_parallelism)
   init_rng, cls_rng, state_rng = jax.random.split(rng, 3)
   size = config.data.image_size
@@ -105,20 +117,22 @@ def create_train_state(config: ml_collections.ConfigDict, model: nn.Module,
   }
   batch_stats = variables.get("batch_stats", {})
   capacity = config.queue.capacity if config.queue.kind != "none" else 1
-  ema = None
-  if config.queue.kind == "moco":
-    ema = {"params": params, "batch_stats": batch_stats}
+  quality = margin.init_quality_stats(config.quality.init_mean,
+                                      config.quality.init_std)
+  moco = None
+  if config.queue.kind == "moco":  # starts as a copy of the online encoder
+    moco = MomentumEncoder(params=params, batch_stats=batch_stats,
+                           quality=quality)
   return TrainState(
       step=jnp.zeros((), jnp.int32),
       params=params,
       batch_stats=batch_stats,
       opt_state=tx.init(params),
-      quality=margin.init_quality_stats(config.quality.init_mean,
-                                        config.quality.init_std),
+      quality=quality,
       queue=queue_lib.init_queue(capacity, config.model.embedding_size),
       margin=contrastive.init_margin_state(),
       rng=state_rng,
-      ema=ema,
+      moco=moco,
       nonfinite_total=jnp.zeros((), jnp.int32),
       nonfinite_streak=jnp.zeros((), jnp.int32),
       num_classes=num_classes,
@@ -127,7 +141,8 @@ def create_train_state(config: ml_collections.ConfigDict, model: nn.Module,
 
 def _leaf_sharding(mesh: Mesh, path: tuple[Any, ...], leaf: Any
                    ) -> NamedSharding:
-  """Class proxies (W, its optimiser state, the EMA copy) split over `model`.
+  """Class proxies (W, its optimiser state, the momentum copy) split over
+  `model`.
 
   Everything else (backbone, BatchNorm statistics, queue) is replicated: the
   backbone is data-parallel and the queue is small (K x D).
@@ -154,16 +169,3 @@ def state_shardings(abstract_state: TrainState, mesh: Mesh) -> TrainState:
         f"model_parallelism={shards} (see classifier_width).")
   return jax.tree_util.tree_map_with_path(
       lambda path, leaf: _leaf_sharding(mesh, path, leaf), abstract_state)
-
-
-def create_sharded_state(config, model, tx, num_classes, rng, mesh
-                         ) -> tuple[TrainState, TrainState]:
-  """Creates the state directly in its sharded layout; returns it and the
-  shardings (for jit and checkpoint restore)."""
-  shards = parallel.model_parallel_size(mesh)
-  init = lambda r: create_train_state(config, model, tx, num_classes, r,
-                                      model_parallelism=shards)
-  abstract = jax.eval_shape(init, rng)
-  shardings = state_shardings(abstract, mesh)
-  state = jax.jit(init, out_shardings=shardings)(rng)
-  return state, shardings

@@ -26,11 +26,9 @@ import qgjt_jax
 from qgjt_jax import checkpoint as ckpt
 from qgjt_jax import config_checks
 from qgjt_jax import evaluate as evaluate_lib
-from qgjt_jax import optim
 from qgjt_jax import parallel
 from qgjt_jax import reporting
-from qgjt_jax import state as state_lib
-from qgjt_jax import step as step_lib
+from qgjt_jax import stack as stack_lib
 from qgjt_jax.data import degrade
 from qgjt_jax.data import pipeline
 from qgjt_jax.data import sources
@@ -158,18 +156,15 @@ def _train_and_evaluate(config, workdir, stop: StopRequested) -> dict:
         f"config.global_batch_size={global_batch} is larger than the training "
         f"set ({len(source)} images); use at most {len(source)}.")
   num_train_steps = int(config.num_epochs * steps_per_epoch)
-  schedule = optim.make_lr_schedule(config.optim, steps_per_epoch,
-                                    config.num_epochs)
-  tx = optim.make_optimizer(config.optim, schedule)
-  model = state_lib.build_model(config)
-  state, shardings = state_lib.create_sharded_state(
-      config, model, tx, num_classes, jax.random.key(config.seed), mesh)
+  stack = stack_lib.build_stack(config, num_classes=num_classes,
+                                steps_per_epoch=steps_per_epoch, mesh=mesh)
+  state = stack.init_state(jax.random.key(config.seed))
 
   manager = ckpt.make_manager(f"{workdir}/checkpoints",
                               max_to_keep=config.keep_checkpoints)
   writer = None
   try:
-    restored = ckpt.restore_latest(manager, state, shardings)
+    restored = ckpt.restore_latest(manager, state, stack.state_shardings)
     if restored is not None:
       state = restored
       reporting.note(f"Resumed from step {int(state.step)} in {workdir}.")
@@ -192,10 +187,8 @@ def _train_and_evaluate(config, workdir, stop: StopRequested) -> dict:
                                                        writer)
     progress = reporting.ProgressLine(num_train_steps, 2 * global_batch,
                                       start_step)
-    train_step = step_lib.make_train_step(
-        model=model, tx=tx, config=config, lr_schedule=schedule,
-        steps_per_epoch=steps_per_epoch, mesh=mesh, state_shardings=shardings)
-    evaluator = evaluate_lib.Evaluator(config, model, mesh)
+    train_step = stack.train_step
+    evaluator = evaluate_lib.Evaluator(config, stack.model, mesh)
     reporting.note(
         f"Training {config.model.name} on {source.name}: {len(source):,} "
         f"images, {num_classes:,} identities, {num_train_steps:,} steps of "

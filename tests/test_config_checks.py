@@ -85,6 +85,20 @@ BAD = [
      ["config.eval.bin_sets", "'/no/such/lfw.bin'", "does not exist"]),
     ({"eval.tinyface_root": "/no/such/tinyface"},
      ["config.eval.tinyface_root='/no/such/tinyface'", "does not exist"]),
+    ({"eval.tinyface_root": str(ROOT)},
+     ["config.eval.tinyface_aligned_dir='aligned_pad_0.1_pad_high'",
+      "--config.eval.tinyface_aligned_dir=''"]),
+    # An anchor would meet its own just-enqueued copy (cosine 1) unmasked.
+    ({"contrastive.mask": "none"}, ["config.contrastive.mask='none'",
+                                    "'own'"]),
+    ({"contrastive.coupling": "D2D"}, ["config.contrastive.coupling='D2D'"]),
+    ({"contrastive.b_warmup_epochs": 2.0, "head.b": 0.3},
+     ["config.head.b=0.3", "--config.head.b=0.4",
+      "--config.contrastive.b_warmup=step"]),
+    ({"contrastive.start_epoch": 3.0, "contrastive.end_epoch": 2.0},
+     ["config.contrastive.end_epoch=2.0", "0 for no end"]),
+    ({"model.remat": "layer"}, ["config.model.remat='layer'", "'block'"]),
+    ({"eval.dtype": "float64"}, ["config.eval.dtype='float64'"]),
 ]
 
 

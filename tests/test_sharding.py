@@ -6,6 +6,7 @@ data 4 x model 2 and data 2 x model 4 against the dense, unsharded loss,
 gradients and train step, read the compiled HLO for gathers of W or of the
 logits, and restore a checkpoint onto other device counts.
 """
+import dataclasses
 import os
 import re
 import subprocess
@@ -18,12 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qgjt_jax import optim
 from qgjt_jax import parallel
 from qgjt_jax import queue as queue_lib
+from qgjt_jax import stack as stack_lib
 from qgjt_jax import state as state_lib
 from qgjt_jax import step as step_lib
 from qgjt_jax.losses import margin
+from tests import step_helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -59,17 +61,28 @@ class TinyEncoder(nn.Module):
 
 def setup_step(config, mesh, num_classes, model=None, steps_per_epoch=4.0):
   """State, shardings and jitted step of `config` on `mesh`."""
-  schedule = optim.make_lr_schedule(config.optim, steps_per_epoch,
-                                    config.num_epochs)
-  tx = optim.make_optimizer(config.optim, schedule)
-  model = model or state_lib.build_model(config)
-  state, shardings = state_lib.create_sharded_state(
-      config, model, tx, num_classes, jax.random.key(0), mesh)
-  fn = step_lib.make_train_step(model=model, tx=tx, config=config,
-                                lr_schedule=schedule,
+  stack = stack_lib.build_stack(config, num_classes=num_classes,
                                 steps_per_epoch=steps_per_epoch, mesh=mesh,
-                                state_shardings=shardings)
-  return state, shardings, fn
+                                model=model)
+  return (stack.init_state(jax.random.key(0)), stack.state_shardings,
+          stack.train_step)
+
+
+def sharded_loss(mesh, embeddings, labels, kernel, scaler, b, *,
+                 num_classes, head="adaface", s=64.0, m=0.4, eps=1e-3,
+                 sample_rate=None, positives=None, rng=None,
+                 logits_dtype=jnp.float32):
+  """`step.classification_loss` with these head settings; the gate reads
+  the margin scaler."""
+  settings = dataclasses.replace(
+      step_lib.StepSettings.from_config(step_helpers.tiny_config(), 4.0),
+      head=head, head_s=s, head_m=m, eps=eps, sample_rate=sample_rate,
+      logits_dtype=jnp.dtype(logits_dtype))
+  if positives is None:
+    positives = labels
+  return step_lib.classification_loss(
+      mesh, settings, embeddings, labels, kernel, scaler, scaler, b,
+      num_classes=num_classes, positives=positives, rng=rng)
 
 
 def _one_device_mesh():
@@ -86,7 +99,7 @@ def test_one_block_equals_classification_loss(head, b):
     return margin.classification_loss(e, labels, w, scaler, head=head, b=b)[0]
 
   def sharded(e, w):
-    return step_lib.sharded_classifier_loss(
+    return sharded_loss(
         mesh, e, labels, w, scaler, b, num_classes=37, head=head, s=64.0,
         m=0.4, eps=1e-3)
 
@@ -104,7 +117,7 @@ def test_padding_columns_take_no_part():
       emb, labels, w, scaler, b=0.2)[0])(kernel[:, :37])
 
   def sharded(w):
-    return step_lib.sharded_classifier_loss(
+    return sharded_loss(
         mesh, emb, labels, w, scaler, 0.2, num_classes=37, head="adaface",
         s=64.0, m=0.4, eps=1e-3)
 
@@ -116,7 +129,7 @@ def test_padding_columns_take_no_part():
 def test_label_outside_the_classes_gives_nan():
   emb, labels, kernel, scaler = _problem(2, width=40)
   labels[3] = 37  # a padding column, not a class
-  loss = jax.jit(lambda w: step_lib.sharded_classifier_loss(
+  loss = jax.jit(lambda w: sharded_loss(
       _one_device_mesh(), emb, labels, w, scaler, 0.0, num_classes=37,
       head="adaface", s=64.0, m=0.4, eps=1e-3))(kernel)
   assert np.isnan(loss)
@@ -126,7 +139,7 @@ def test_bfloat16_logits_stay_close_and_keep_the_exact_target():
   emb, labels, kernel, scaler = _problem(3)
   mesh = _one_device_mesh()
   kwargs = dict(num_classes=37, head="adaface", s=64.0, m=0.4, eps=1e-3)
-  loss = jax.jit(lambda w, dtype: step_lib.sharded_classifier_loss(
+  loss = jax.jit(lambda w, dtype: sharded_loss(
       mesh, emb, labels, w, scaler, 0.0, logits_dtype=dtype, **kwargs),
                  static_argnums=1)
   full = loss(kernel, jnp.float32)
@@ -165,16 +178,16 @@ def test_num_sampled_classes_leaves_room_for_positives():
 def test_proxy_lookup_and_update_on_one_block():
   emb, labels, kernel, _ = _problem(4)
   mesh = _one_device_mesh()
-  got = step_lib.sharded_class_proxies(mesh, kernel, labels, 37)
+  got = step_lib.class_proxies(mesh, kernel, labels, 37)
   np.testing.assert_array_equal(got, queue_lib.class_proxies(kernel, labels))
-  bad = step_lib.sharded_class_proxies(mesh, kernel, jnp.array([37, -1]), 37)
+  bad = step_lib.class_proxies(mesh, kernel, jnp.array([37, -1]), 37)
   assert np.all(np.isnan(bad))
 
   queue = queue_lib.init_queue(20, 16)
   queue = queue_lib.enqueue(queue, emb, labels,
                             queue_lib.class_proxies(kernel, labels))
   moved = kernel * 1.5 + 0.1
-  current = step_lib.sharded_class_proxies(
+  current = step_lib.class_proxies(
       mesh, moved, jnp.where(queue_lib.valid_mask(queue), queue.labels, 0), 37)
   np.testing.assert_array_equal(queue_lib.corrected_negatives(queue, current),
                                 queue_lib.proxy_update(queue, moved))
@@ -221,7 +234,7 @@ _LOSS_SCRIPT = """
           return margin.classification_loss(e, labels, w[:, :C], scaler,
                                             head=head, b=0.2)[0]
         def sharded(e, w, rate=None):
-          return step_lib.sharded_classifier_loss(
+          return t.sharded_loss(
               mesh, e, labels, w, scaler, 0.2, num_classes=C, head=head,
               s=64.0, m=0.4, eps=1e-3, sample_rate=rate,
               positives=labels, rng=jax.random.key(5))
@@ -245,7 +258,7 @@ _LOSS_SCRIPT = """
       emb2, labels2, kernel2, scaler2 = t._problem(9, num_rows=16,
                                                    num_classes=150, width=wide)
       def sampled(w, rate):
-        return step_lib.sharded_classifier_loss(
+        return t.sharded_loss(
             mesh, put(emb2, P(parallel.BATCH_AXES)), labels2, w, scaler2, 0.2,
             num_classes=150, head="adaface", s=64.0, m=0.4, eps=1e-3,
             sample_rate=rate, positives=labels2, rng=jax.random.key(7))
@@ -262,7 +275,7 @@ _LOSS_SCRIPT = """
       assert touched[np.unique(labels2)].all()
       print("SAMPLED", model, per_block.tolist())
 
-      got_p = step_lib.sharded_class_proxies(
+      got_p = step_lib.class_proxies(
           mesh, kernel_s, jnp.asarray(labels), C)
       np.testing.assert_array_equal(got_p, kernel[:, labels].T)
       print("PROXIES_EQUAL", model)
@@ -374,6 +387,9 @@ def collective_shapes(hlo_text):
   pattern = (r"=\s*(\(?[^=]*?\)?)\s*(all-gather|all-reduce|all-to-all|"
              r"collective-permute|reduce-scatter)(-start)?\(")
   for line in hlo_text.splitlines():
+    # Long tuple results carry "/*index=5*/" markers, whose "=" would end
+    # the match early.
+    line = re.sub(r"/\*index=\d+\*/", "", line)
     m = re.search(pattern, line)
     if m:
       shapes = [tuple(int(d) for d in dims.split(",") if d)

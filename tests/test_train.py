@@ -12,11 +12,12 @@ import subprocess
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from qgjt_jax import checkpoint as ckpt
-from qgjt_jax import optim
 from qgjt_jax import parallel
-from qgjt_jax import state as state_lib
+from qgjt_jax import stack as stack_lib
+from qgjt_jax import train
 from tests.tiny_runs import (NUM_CLASSES, ROOT, STEPS, STOP_STEP,
                              assert_trees_equal, cli_command, compile_cache,
                              load_state, step_metrics, subprocess_env,
@@ -36,11 +37,9 @@ def _random_like(rng: np.random.Generator, x):
 
 
 def _new_state(config, mesh):
-  schedule = optim.make_lr_schedule(config.optim, 8, config.num_epochs)
-  tx = optim.make_optimizer(config.optim, schedule)
-  model = state_lib.build_model(config)
-  return state_lib.create_sharded_state(
-      config, model, tx, NUM_CLASSES, jax.random.key(0), mesh)
+  stack = stack_lib.build_stack(config, num_classes=NUM_CLASSES,
+                                steps_per_epoch=8, mesh=mesh)
+  return stack.init_state(jax.random.key(0)), stack.state_shardings
 
 
 def test_checkpoint_round_trip_keeps_every_field(tmp_path):
@@ -146,3 +145,25 @@ def test_eval_mode_restores_the_model_on_another_device_count(
   assert result.returncode == 1, result.stdout + result.stderr
   assert "config.model.base_width: the checkpoints have 8" in result.stderr
   assert "Traceback" not in result.stderr, result.stderr
+
+
+def test_training_builds_its_views_with_the_recipe_defaults(tmp_path,
+                                                            monkeypatch):
+  """`data.view.recipe=adaface` trains on AdaFace's views (low resolution
+  included), through the one builder the config checks use."""
+  from qgjt_jax.data import degrade
+  from qgjt_jax.data import pipeline
+  seen = {}
+
+  class Captured(Exception):
+    pass
+
+  def capture(*args, **kwargs):
+    seen.update(kwargs)
+    raise Captured
+  monkeypatch.setattr(pipeline, "make_train_dataset", capture)
+  with compile_cache(), pytest.raises(Captured):
+    train.train_and_evaluate(tiny_config(**{"data.view.recipe": "adaface"}),
+                             str(tmp_path))
+  assert seen["view_config"] == degrade.adaface_config()
+  assert seen["view_config"].lowres_p > 0
