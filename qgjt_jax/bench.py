@@ -138,19 +138,15 @@ def _cost_flops(compiled: Any) -> Optional[float]:
   return float(cost["flops"])
 
 
-def _compiled_memory(compiled: Any) -> dict[str, Optional[float]]:
-  """XLA's memory analysis of the compiled step, per device, in GiB."""
+def _compiled_memory(compiled: Any) -> dict[str, Optional[int]]:
+  """XLA's memory analysis of the compiled step, per device, in bytes."""
   names = ("argument", "output", "temp", "alias", "generated_code")
   try:
     mem = compiled.memory_analysis()
   except Exception:  # not every backend implements it
     mem = None
-  record = {}
-  for name in names:
-    size = getattr(mem, f"{name}_size_in_bytes", None)
-    record[f"compiled_{name}_gib"] = (round(size / 2**30, 3)
-                                      if size is not None else None)
-  return record
+  return {f"compiled_{name}_bytes": getattr(mem, f"{name}_size_in_bytes",
+                                            None) for name in names}
 
 
 def _peak_memory_gib(devices: Sequence[Any]) -> Optional[float]:
