@@ -4,10 +4,10 @@ One voice: in a multi-process run, process 0 prints (`note`); every other
 process writes the same lines to its own WORKDIR/logs/process_I.log, so a
 pod or a SLURM job shows one progress line per step, not one per host.
 
-clu's metric writers (and its periodic actions, which import them) pull in
-TensorFlow for TensorBoard summaries. Where TensorFlow or clu is absent (the
-GPU images we target have neither), metrics go to stdout through a small
-writer with the same interface, and the progress line below still shows.
+TensorBoard event files come from clu's writer where TensorFlow is installed
+(Colab, TPU VMs), and from tensorboardX everywhere else: TensorFlow is not a
+dependency. Every writer here has the subset of clu's MetricWriter interface
+the trainer uses; with neither library, metrics go to stdout.
 """
 from __future__ import annotations
 
@@ -90,6 +90,32 @@ class JsonlWriter(StdoutWriter):
     pass
 
 
+class TensorBoardXWriter(StdoutWriter):
+  """TensorBoard event files without TensorFlow (tensorboardX)."""
+
+  def __init__(self, logdir: str):
+    from tensorboardX import SummaryWriter
+    self._writer = SummaryWriter(logdir)
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    for key, value in scalars.items():
+      self._writer.add_scalar(key, float(value), int(step))
+
+  def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+    self._writer.add_text("hparams", json.dumps(dict(hparams), indent=1,
+                                                default=str))
+
+  def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+    for key, value in texts.items():
+      self._writer.add_text(key, value, int(step))
+
+  def flush(self) -> None:
+    self._writer.flush()
+
+  def close(self) -> None:
+    self._writer.close()
+
+
 class Writers(StdoutWriter):
   """Forwards every call to several writers."""
 
@@ -117,21 +143,30 @@ class Writers(StdoutWriter):
       w.close()
 
 
+def _tensorboard_writer(workdir: str):
+  """clu's writer where TensorFlow imports, else tensorboardX's; or None."""
+  try:
+    # TensorFlow's C++ start-up notices (oneDNN...) are INFO lines.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    from clu import metric_writers  # imports TensorFlow
+    return metric_writers.create_default_writer(workdir, asynchronous=True)
+  except ImportError as e:
+    logging.info("clu's TensorBoard writer unavailable (%s).", e)
+  try:
+    return TensorBoardXWriter(workdir)
+  except ImportError as e:
+    logging.info("tensorboardX unavailable (%s); metrics go to stdout.", e)
+  return None
+
+
 def create_writer(workdir: str, *, tensorboard: bool = True):
-  """TensorBoard (via clu, where TensorFlow is installed) or stdout, plus
-  WORKDIR/metrics.jsonl on the first process."""
-  writer = None
-  if tensorboard:
-    try:
-      from clu import metric_writers  # imports TensorFlow
-      writer = metric_writers.create_default_writer(
-          workdir, just_logging=jax.process_index() > 0, asynchronous=True)
-    except ImportError as e:
-      logging.info("TensorBoard writer unavailable (%s); logging to stdout.", e)
-  writer = writer or StdoutWriter()
+  """Process 0: TensorBoard event files (or stdout without any writer) plus
+  WORKDIR/metrics.jsonl. Other processes: their log (see `note`)."""
   if jax.process_index() != 0:
-    return writer
+    return StdoutWriter()
   os.makedirs(workdir, exist_ok=True)
+  writer = (_tensorboard_writer(workdir) if tensorboard else None) or (
+      StdoutWriter())
   return Writers([writer, JsonlWriter(os.path.join(workdir, "metrics.jsonl"))])
 
 

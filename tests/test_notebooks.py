@@ -20,6 +20,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
+pytestmark = [pytest.mark.notebook, pytest.mark.slow]
 QUICKSTART = NOTEBOOKS / "quickstart.ipynb"
 EVALUATE = NOTEBOOKS / "evaluate_checkpoint.ipynb"
 

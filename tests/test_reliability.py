@@ -82,6 +82,11 @@ def test_sigterm_mid_run_checkpoints_exits_0_and_resumes_exactly(
   assert "synthetic_lq_lq" in result.stdout  # finished and evaluated
   runs.assert_same_losses(runs.step_metrics(workdir), ref,
                           range(1, runs.STEPS + 1))
+  # TensorFlow is hidden from these runs: TensorBoard events come from
+  # tensorboardX, one file per run (the stopped one and its resume).
+  events = sorted(workdir.glob("events.out.tfevents.*"))
+  assert len(events) == 2, sorted(p.name for p in workdir.iterdir())
+  assert all(b"loss_cls" in e.read_bytes() for e in events)
 
 
 class TestStopRequested:
