@@ -45,13 +45,22 @@ def _absolute(directory: str) -> str:
   return directory if "://" in directory else os.path.abspath(directory)
 
 
+def _keep_latest(count: int) -> dict[str, Any]:
+  """Options keeping the newest `count` steps: a preservation policy where
+  orbax has them (its `max_to_keep` is deprecated there), else max_to_keep."""
+  managers = getattr(ocp, "checkpoint_managers", None)
+  if managers is not None and hasattr(managers, "LatestN"):
+    return {"preservation_policy": managers.LatestN(n=count)}
+  return {"max_to_keep": count}
+
+
 def make_manager(directory: str, *, max_to_keep: int = 3,
                  asynchronous: bool = True) -> ocp.CheckpointManager:
   # Leftovers of saves interrupted before their commit are only garbage (they
   # never count as steps), so they are removed rather than accumulating.
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep, create=True,
-      enable_async_checkpointing=asynchronous, cleanup_tmp_directories=True)
+      create=True, enable_async_checkpointing=asynchronous,
+      cleanup_tmp_directories=True, **_keep_latest(max_to_keep))
   return ocp.CheckpointManager(_absolute(directory), options=options)
 
 

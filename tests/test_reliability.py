@@ -147,6 +147,15 @@ def _saved_steps(directory, *steps):
   manager.close()
 
 
+def test_the_manager_keeps_the_newest_steps(tmp_path):
+  manager = ckpt.make_manager(str(tmp_path), max_to_keep=2)
+  for step in (1, 2, 3):
+    assert ckpt.save(manager, _state(step, float(step)))
+    manager.wait_until_finished()
+  assert manager.all_steps() == [2, 3]
+  manager.close()
+
+
 def _restore(directory):
   template = _state(0, 0.0)
   manager = ckpt.make_manager(str(directory))
