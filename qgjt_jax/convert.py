@@ -5,17 +5,16 @@ project (step 0, the `model` item that `--mode=eval` and fine-tuning read):
 
   python -m qgjt_jax.convert --src=adaface_ir101_ms1mv2.ckpt \
       --workdir=runs/adaface_ir101 [--arch=auto|ir50|ir_se50|...] \
-      [--trust_pickle] [--overwrite]
+      [--overwrite]
 
-`--src` is a Lightning `.ckpt`, a `.pth`/`.pt` state dict (both need torch) or
-an `.npz` of name -> array (numpy only). The architecture, base width,
+`--src` is a Lightning `.ckpt`, a `.pth`/`.pt` state dict or an `.npz` of
+name -> array, all read without torch (`torch_files`). The architecture, base width,
 embedding size and input size are read from the tensors (`--arch` names the
 depth instead); the program prints them, the parameter count and the
 `python -m qgjt_jax.main ... --mode=eval` command with the `--config.model.*`
 and `--config.data.image_size` overrides the config needs to rebuild the same
 model. It refuses to replace an existing WORKDIR/checkpoints unless
-`--overwrite`. `--trust_pickle` lets torch unpickle the arbitrary objects
-Lightning checkpoints often hold (only for files you trust).
+`--overwrite`.
 
 The PyTorch state dict names follow `input_layer.{0,1,2}`,
 `body.{i}.res_layer.{j}` / `body.{i}.shortcut_layer.{0,1}` /
@@ -54,6 +53,7 @@ from etils import epath
 import numpy as np
 
 from qgjt_jax import models
+from qgjt_jax import torch_files
 from qgjt_jax.models import iresnet
 
 _ROOT_KEY = "input_layer.0.weight"
@@ -299,19 +299,13 @@ def torch_state_dict_to_flax(state_dict: Mapping[str, np.ndarray], *,
   return out
 
 
-def load_torch_checkpoint(path: str | os.PathLike, *,
-                          trust_pickle: bool = False) -> dict[str, np.ndarray]:
-  """Reads a state dict as name -> numpy array.
+def load_torch_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """Reads a state dict as name -> numpy array, without torch.
 
-  `.npz` files (name -> array) need only numpy. `.ckpt` (PyTorch Lightning: the
-  weights sit under 'state_dict') and `.pth`/`.pt` (a bare state dict, or a
-  dict holding one under 'state_dict') need torch, imported only here.
-
-  Args:
-    path: the checkpoint file.
-    trust_pickle: let torch unpickle arbitrary objects. Lightning checkpoints
-      often store hyper-parameter objects that torch's safe loader refuses;
-      only enable this for files you trust, since unpickling can run code.
+  `.npz` files hold name -> array; `.ckpt` (PyTorch Lightning: the weights
+  sit under 'state_dict') and `.pth`/`.pt` (a state dict, or a dict holding
+  one under 'state_dict') are read by `torch_files`, which rebuilds tensors
+  only and never runs code from the file.
 
   Returns:
     name -> array; floating tensors become float32 numpy arrays.
@@ -319,50 +313,19 @@ def load_torch_checkpoint(path: str | os.PathLike, *,
   Raises:
     FileNotFoundError: `path` does not exist.
     ValueError: the file cannot be read as a state dict (the message names
-      it).
-    ImportError: a torch file and no torch.
+      it, and what stands where tensors should).
   """
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path}: no such file")
-  if path.endswith(".npz"):
-    try:
-      with np.load(path, allow_pickle=False) as data:
-        return {k: data[k] for k in data.files}
-    except Exception as e:  # zipfile, zlib and numpy format errors alike
-      raise ValueError(f"cannot read {path} as an .npz of name -> array "
-                       f"({type(e).__name__}: {e})") from e
+  if not path.endswith(".npz"):
+    return torch_files.state_dict(path)
   try:
-    import torch  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise ImportError(
-        f"reading {path} needs PyTorch, which is not installed. Install it, "
-        "or save the state dict elsewhere as .npz (name -> array) and load "
-        "that instead.") from e
-  try:
-    obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
-  except Exception as e:  # pylint: disable=broad-except
-    hint = "" if trust_pickle else (
-        "; if the file is a checkpoint you trust that pickles other objects "
-        "(Lightning hyper-parameters...), pass trust_pickle=True "
-        "(--trust_pickle)")
-    raise ValueError(f"torch could not read {path} ({type(e).__name__}: "
-                     f"{_first_line(e)}){hint}") from e
-  if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-    obj = obj["state_dict"]
-  elif hasattr(obj, "state_dict") and callable(obj.state_dict):
-    obj = obj.state_dict()  # A whole pickled nn.Module.
-  if not isinstance(obj, Mapping):
-    raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict")
-  out = {}
-  for key, value in obj.items():
-    if not isinstance(value, torch.Tensor):
-      continue
-    value = value.detach().cpu()
-    if value.is_floating_point():
-      value = value.float()
-    out[key] = value.numpy()
-  return out
+    with np.load(path, allow_pickle=False) as data:
+      return {k: data[k] for k in data.files}
+  except Exception as e:  # zipfile, zlib and numpy format errors alike
+    raise ValueError(f"cannot read {path} as an .npz of name -> array "
+                     f"({type(e).__name__}: {e})") from e
 
 
 def _first_line(e: Exception) -> str:
@@ -539,9 +502,6 @@ def _define_flags() -> None:
                       "goes to WORKDIR/checkpoints (step 0).")
   flags.DEFINE_string("arch", "auto", "auto (read from the tensors) or a "
                       "backbone name: " + ", ".join(models.backbone_names()))
-  flags.DEFINE_bool("trust_pickle", False, "Let torch unpickle arbitrary "
-                    "objects (Lightning checkpoints often need it). Only for "
-                    "files you trust: unpickling can run code.")
   flags.DEFINE_bool("overwrite", False, "Delete an existing "
                     "WORKDIR/checkpoints and write the converted model.")
   flags.DEFINE_string("eval_config", "configs/ms1m.py", "Config file named "
@@ -559,14 +519,14 @@ def main(argv: list[str]) -> None:
     if cfg.arch != "auto":
       parse_arch(cfg.arch)
     check_writable(cfg.workdir, cfg.overwrite)
-    state = load_torch_checkpoint(cfg.src, trust_pickle=cfg.trust_pickle)
+    state = load_torch_checkpoint(cfg.src)
     try:
       converted = convert_state_dict(state, cfg.arch)
     except ValueError as e:
       raise ValueError(f"{cfg.src}: {e}") from e
     write_checkpoint(cfg.workdir, converted, source=cfg.src,
                      overwrite=cfg.overwrite)
-  except (OSError, ValueError, ImportError) as e:
+  except (OSError, ValueError) as e:
     # Expected failures with a message naming the file: no traceback.
     sys.exit(f"ERROR: {e}")
   print(summary(cfg.src, cfg.workdir, converted, cfg.eval_config), flush=True)

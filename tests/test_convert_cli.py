@@ -185,13 +185,9 @@ def test_wrong_arch_says_what_the_file_holds(reference_dir):
     convert.convert_state_dict(state, arch="resnet50")
 
 
-def test_torch_formats_without_torch_name_the_file(tmp_path):
-  try:
-    import torch  # pylint: disable=unused-import
-    pytest.skip("torch is installed")
-  except ImportError:
-    pass
-  path = tmp_path / "model.ckpt"
-  path.write_bytes(b"\x80")
-  with pytest.raises(ImportError, match="model.ckpt needs PyTorch"):
+def test_a_file_that_is_no_checkpoint_is_named_as_such(tmp_path):
+  path = tmp_path / "garbage.pth"
+  path.write_text("not a checkpoint\n")
+  with pytest.raises(ValueError, match="garbage.pth is not a PyTorch "
+                                       "checkpoint"):
     convert.load_torch_checkpoint(path)
