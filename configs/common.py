@@ -10,13 +10,16 @@ def get_base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
 
-  # Encoder (METHOD.md section 1). dtype is the compute dtype; parameters and
-  # the loss math stay float32. remat: "none", or "block" to recompute each
-  # residual unit's activations in the backward pass (less memory for deep
-  # models or big batches, about a third more compute).
+  # Encoder (METHOD.md section 1): "ir18" .. "ir200", "ir_se50"... (AdaFace/
+  # QGFace layout) or "r18" .. "r200" (insightface arcface_torch). dtype is
+  # the compute dtype; parameters and the loss math stay float32. remat:
+  # "none", or "block" to recompute each residual unit's activations in the
+  # backward pass (less memory for deep models or big batches, about a third
+  # more compute). input_order: the channel order the weights expect ("RGB"
+  # for insightface's published models); images are BGR everywhere else.
   config.model = ml_collections.ConfigDict(dict(
       name="ir50", base_width=64, embedding_size=512, dropout_rate=0.4,
-      dtype="bfloat16", remat="none"))
+      dtype="bfloat16", remat="none", input_order="BGR"))
 
   # Where the training images come from. kind: "rec" (insightface
   # train.rec/train.idx read directly), "tfds" (a prepared ArrayRecord set) or

@@ -31,6 +31,7 @@ _CHOICES = {
     "contrastive.coupling": ("D2N", "S2N"),
     "contrastive.b_warmup": ("epoch", "step"),
     "model.remat": ("none", "block"),
+    "model.input_order": ("BGR", "RGB"),
     "eval.dtype": ("float32", "bfloat16", "float16"),
     "queue.kind": ("proxy", "realtime", "moco", "none"),
     "optim.schedule": ("multistep", "cosine"),

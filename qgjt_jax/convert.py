@@ -1,4 +1,6 @@
-r"""Imports PyTorch IResNet weights (AdaFace/QGFace `net.py` layout) into Flax.
+r"""Imports PyTorch IResNet weights into Flax: AdaFace/QGFace `net.py`
+models and insightface arcface_torch backbones (`backbone.pth` of their model
+zoo).
 
 Command line: turn a pretrained checkpoint into an orbax checkpoint of this
 project (step 0, the `model` item that `--mode=eval` and fine-tuning read):
@@ -16,9 +18,13 @@ and `--config.data.image_size` overrides the config needs to rebuild the same
 model. It refuses to replace an existing WORKDIR/checkpoints unless
 `--overwrite`.
 
-The PyTorch state dict names follow `input_layer.{0,1,2}`,
+The AdaFace/QGFace names follow `input_layer.{0,1,2}`,
 `body.{i}.res_layer.{j}` / `body.{i}.shortcut_layer.{0,1}` /
-`body.{i}.res_layer.se_block.fc{1,2}` and `output_layer.{0,3,4}`. The
+`body.{i}.res_layer.se_block.fc{1,2}` and `output_layer.{0,3,4}`;
+insightface's follow `conv1`, `bn1`, `prelu`, `layer{1-4}.{j}.{bn1, conv1,
+bn2, prelu, conv2, bn3, downsample.{0,1}}`, `bn2`, `fc`, `features`. Their
+models take RGB input where AdaFace's take BGR: the converted workdir records
+`model.input_order`, which evaluation and fine-tuning follow. The
 converter walks the Flax variable tree of the matching `IResNet` (built
 abstractly with `jax.eval_shape`), derives the PyTorch name and layout of every
 leaf, and so reports missing, unexpected and mis-shaped tensors by name instead
@@ -57,6 +63,9 @@ from qgjt_jax import torch_files
 from qgjt_jax.models import iresnet
 
 _ROOT_KEY = "input_layer.0.weight"
+# insightface's stem conv, told from a unit's `layer1.0.conv1` by its
+# neighbours.
+_INSIGHTFACE_ROOT_KEY = "conv1.weight"
 # Prefixes a backbone carries in the wild, most specific first: Lightning
 # modules (QGFace `backbone.`, AdaFace `model.`) and DataParallel (`module.`).
 _KNOWN_PREFIXES = ("", "backbone.", "model.", "module.", "model.module.",
@@ -87,8 +96,43 @@ _LEAF_NAMES = {
 _IGNORED = re.compile(r"(^head\.|\.num_batches_tracked$)")
 
 
+# insightface module -> Flax module (the same modules, their names).
+_INSIGHTFACE_FIXED = {
+    ("input_layer", "conv"): "conv1", ("input_layer", "bn"): "bn1",
+    ("input_layer", "prelu"): "prelu", ("output_layer", "bn"): "bn2",
+    ("output_layer", "fc"): "fc", ("output_layer", "feature_bn"): "features",
+}
+_INSIGHTFACE_UNIT = {"bn1": "bn1", "conv1": "conv1", "bn2": "bn2",
+                     "prelu1": "prelu", "conv2": "conv2", "bn3": "bn3",
+                     "shortcut_conv": "downsample.0",
+                     "shortcut_bn": "downsample.1"}
+
+
 class StateDictMismatchError(ValueError):
   """A state dict does not fit the requested architecture (names listed)."""
+
+
+def detect_layout(state_dict: Mapping[str, Any]) -> tuple[str, str]:
+  """(layout, prefix) of the backbone a state dict holds: "adaface" or
+  "insightface", and the prefix in front of its names.
+
+  Raises:
+    StateDictMismatchError: when no key looks like an IResNet stem.
+  """
+  keys = set(state_dict)
+  if any(k.endswith(_ROOT_KEY) for k in keys):
+    return "adaface", backbone_prefix(state_dict)
+  prefixes = sorted(
+      k[:-len(_INSIGHTFACE_ROOT_KEY)] for k in keys
+      if k.endswith(_INSIGHTFACE_ROOT_KEY) and
+      f"{k[:-len(_INSIGHTFACE_ROOT_KEY)]}layer1.0.bn1.weight" in keys)
+  known = [p for p in _KNOWN_PREFIXES if p in prefixes]
+  if known or len(prefixes) == 1:
+    return "insightface", (known or prefixes)[0]
+  raise StateDictMismatchError(
+      "no IResNet backbone found: neither AdaFace/QGFace names (a key ending "
+      f"with {_ROOT_KEY!r}) nor insightface ones ('conv1.weight' beside "
+      f"'layer1.0.bn1.weight'); first keys: {sorted(keys)[:5]}")
 
 
 def backbone_prefix(state_dict: Mapping[str, Any]) -> str:
@@ -119,7 +163,7 @@ def backbone_state(state_dict: Mapping[str, Any]) -> dict[str, Any]:
   queue buffers...), `head.*` and BatchNorm's `num_batches_tracked` counters
   are dropped.
   """
-  prefix = backbone_prefix(state_dict)
+  _, prefix = detect_layout(state_dict)
   out = {}
   for key, value in state_dict.items():
     if not key.startswith(prefix):
@@ -137,10 +181,22 @@ def backbone_state(state_dict: Mapping[str, Any]) -> dict[str, Any]:
 def infer_architecture(state_dict: Mapping[str, Any]) -> tuple[int, bool]:
   """(num_layers, use_se) of the IResNet whose weights `state_dict` holds.
 
-  The depth follows from the number of residual units (unique per depth), SE
-  from the presence of `se_block` tensors.
+  The depth follows from the number of residual units (per stage for the
+  insightface layout), SE from the presence of `se_block` tensors.
   """
+  layout, _ = detect_layout(state_dict)
   names = backbone_state(state_dict)
+  if layout == "insightface":
+    per_stage = tuple(
+        len({m[1] for k in names
+             if (m := re.match(rf"layer{stage}\.(\d+)\.", k))})
+        for stage in range(1, 5))
+    by_units = {v: d for d, v in iresnet.INSIGHTFACE_STAGE_UNITS.items()}
+    if per_stage not in by_units:
+      raise StateDictMismatchError(
+          f"cannot infer the depth: {per_stage} units per stage; insightface "
+          f"depths have {sorted(by_units)}")
+    return by_units[per_stage], False
   units = {int(m[1]) for k in names if (m := re.match(r"body\.(\d+)\.", k))}
   num_units = max(units) + 1 if units else 0
   by_units = {sum(v): depth for depth, v in iresnet.STAGE_UNITS.items()}
@@ -150,6 +206,26 @@ def infer_architecture(state_dict: Mapping[str, Any]) -> tuple[int, bool]:
         f"{num_units - 1}); known depths have {sorted(by_units)} units")
   use_se = any(".se_block." in k for k in names)
   return by_units[num_units], use_se
+
+
+def _insightface_name(collection: str, path: tuple[str, ...],
+                      num_layers: int) -> str:
+  """insightface name of the Flax leaf `collection/path`."""
+  *module, leaf = path
+  module = tuple(module)
+  if module in _INSIGHTFACE_FIXED:
+    torch_module = _INSIGHTFACE_FIXED[module]
+  else:
+    unit = re.fullmatch(r"body_(\d+)", module[0])
+    if unit is None or len(module) != 2 or module[1] not in _INSIGHTFACE_UNIT:
+      raise KeyError(f"unmapped Flax module {'/'.join(module)}")
+    index = int(unit[1])
+    for stage, count in enumerate(iresnet.INSIGHTFACE_STAGE_UNITS[num_layers]):
+      if index < count:
+        break
+      index -= count
+    torch_module = f"layer{stage + 1}.{index}.{_INSIGHTFACE_UNIT[module[1]]}"
+  return f"{torch_module}.{_LEAF_NAMES[(collection, leaf)]}"
 
 
 def _torch_name(collection: str, path: tuple[str, ...], bottleneck: bool
@@ -219,10 +295,11 @@ def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
 
 @functools.lru_cache(maxsize=8)
 def _expected_variables(num_layers: int, use_se: bool, embedding_size: int,
-                        base_width: int, side: int) -> dict:
+                        base_width: int, side: int, layout: str) -> dict:
   """Variable shapes of the IResNet whose head sees a side x side map."""
   model = iresnet.IResNet(num_layers=num_layers, use_se=use_se,
-                          embedding_size=embedding_size, base_width=base_width)
+                          embedding_size=embedding_size, base_width=base_width,
+                          layout=layout)
   # The stem keeps the resolution and the four stages halve it.
   return iresnet.init_shapes(model, image_size=(16 * side, 16 * side))
 
@@ -236,43 +313,50 @@ def torch_state_dict_to_flax(state_dict: Mapping[str, np.ndarray], *,
   ones; build the `IResNet` with the matching `base_width`/`embedding_size`.
 
   Args:
-    state_dict: name -> array (numpy, or anything `np.asarray` accepts). Names
-      may carry a `backbone.`/`model.`/`module.` prefix; `head.*` and
-      `num_batches_tracked` entries are ignored.
+    state_dict: name -> array (numpy, or anything `np.asarray` accepts), in
+      either layout (`detect_layout`). Names may carry a `backbone.`/
+      `model.`/`module.` prefix; `head.*` and `num_batches_tracked` entries
+      are ignored.
     num_layers: IResNet depth (see `infer_architecture`).
     use_se: whether the units have squeeze-excitation gates.
 
   Returns:
     {'params': ..., 'batch_stats': ...}: nested dicts of float32 numpy arrays
-    with exactly the structure `IResNet(num_layers, use_se).init` produces.
+    with exactly the structure `IResNet(num_layers, use_se, layout=...)` has.
 
   Raises:
     StateDictMismatchError: listing missing, unexpected and mis-shaped
       tensors by name.
   """
+  layout, _ = detect_layout(state_dict)
   names = backbone_state(state_dict)
-  if _ROOT_KEY not in names or "output_layer.3.weight" not in names:
+  root, fc = ((_ROOT_KEY, "output_layer.3.weight") if layout == "adaface"
+              else (_INSIGHTFACE_ROOT_KEY, "fc.weight"))
+  if root not in names or fc not in names:
     raise StateDictMismatchError(
-        f"missing stem or head tensors: need {_ROOT_KEY!r} and "
-        "'output_layer.3.weight' to size the model")
-  base_width = np.shape(names[_ROOT_KEY])[0]
-  embedding_size, fc_in = np.shape(names["output_layer.3.weight"])
-  specs = iresnet.unit_specs(num_layers, base_width)
+        f"missing stem or head tensors: need {root!r} and {fc!r} to size "
+        "the model")
+  base_width = np.shape(names[root])[0]
+  embedding_size, fc_in = np.shape(names[fc])
+  specs = iresnet.unit_specs(num_layers, base_width, layout)
   final_channels = specs[-1].out_channels
   side = math.isqrt(max(fc_in // final_channels, 0))
   if side < 1 or side * side * final_channels != fc_in:
     raise StateDictMismatchError(
-        f"output_layer.3.weight has {fc_in} inputs, not {final_channels} "
-        f"channels times a square feature map (wrong depth or width?)")
+        f"{fc} has {fc_in} inputs, not {final_channels} channels times a "
+        f"square feature map (wrong depth or width?)")
   expected = _expected_variables(num_layers, use_se, embedding_size,
-                                 base_width, side)
+                                 base_width, side, layout)
 
-  bottleneck = iresnet.uses_bottleneck(num_layers)
+  bottleneck = iresnet.uses_bottleneck(num_layers, layout)
+  torch_name = (functools.partial(_torch_name, bottleneck=bottleneck)
+                if layout == "adaface" else
+                functools.partial(_insightface_name, num_layers=num_layers))
   out: dict[str, dict] = {}
   missing, mismatched, used = [], [], set()
   for collection in ("params", "batch_stats"):
     for path, leaf in _flatten(expected[collection]).items():
-      name = _torch_name(collection, path, bottleneck)
+      name = torch_name(collection, path)
       torch_shape, transform = _layout(collection, path, tuple(leaf.shape),
                                        final_channels)
       if name not in names:
@@ -288,7 +372,8 @@ def torch_state_dict_to_flax(state_dict: Mapping[str, np.ndarray], *,
   unexpected = sorted(set(names) - used)
 
   if missing or unexpected or mismatched:
-    arch = f"ir{'_se' if use_se else ''}{num_layers}"
+    arch = (f"ir{'_se' if use_se else ''}{num_layers}" if layout == "adaface"
+            else f"insightface r{num_layers}")
     problems = [f"state dict does not match {arch} "
                 f"(base width {base_width}):"]
     for title, items in (("missing", missing), ("unexpected", unexpected),
@@ -345,10 +430,14 @@ class ConvertedModel:
   base_width: int
   embedding_size: int
   image_size: int
+  layout: str = "adaface"
+  input_order: str = "BGR"
 
   @property
   def name(self) -> str:
-    """The canonical `config.model.name` ("ir100", "ir_se50", ...)."""
+    """The canonical `config.model.name` ("ir100", "ir_se50", "r50", ...)."""
+    if self.layout == "insightface":
+      return f"r{self.num_layers}"
     return f"ir{'_se' if self.use_se else ''}{self.num_layers}"
 
   @property
@@ -360,29 +449,47 @@ class ConvertedModel:
     return {"model.name": self.name,
             "model.base_width": self.base_width,
             "model.embedding_size": self.embedding_size,
+            "model.input_order": self.input_order,
             "data.image_size": self.image_size}
 
 
-def parse_arch(name: str) -> tuple[int, bool]:
-  """(num_layers, use_se) of a backbone name such as "ir101" or "ir_se50"."""
+# The channel order each layout's published models were trained on.
+DEFAULT_INPUT_ORDER = {"adaface": "BGR", "insightface": "RGB"}
+
+
+def parse_arch(name: str) -> tuple[str, int, bool]:
+  """(layout, num_layers, use_se) of a backbone name ("ir101", "r50")."""
   model = models.build_backbone(name)
-  return model.num_layers, model.use_se
+  return model.layout, model.num_layers, model.use_se
 
 
-def convert_state_dict(state_dict: Mapping[str, Any], arch: str = "auto"
-                       ) -> ConvertedModel:
+def convert_state_dict(state_dict: Mapping[str, Any], arch: str = "auto",
+                       input_order: str = "auto") -> ConvertedModel:
   """Converts a state dict for the named (or, with "auto", inferred) IResNet.
+
+  `input_order` "auto" takes the layout's convention (AdaFace/QGFace models
+  read BGR, insightface's RGB).
 
   Raises:
     StateDictMismatchError: the tensors do not fit (names listed); with an
       explicit `arch` the message also says what the file looks like.
-    ValueError: an unknown `arch`.
+    ValueError: an unknown `arch` or `input_order`.
   """
+  found, _ = detect_layout(state_dict)
   if arch == "auto":
+    layout = found
     num_layers, use_se = infer_architecture(state_dict)
   else:
-    num_layers, use_se = parse_arch(arch)
+    layout, num_layers, use_se = parse_arch(arch)
+  if input_order == "auto":
+    input_order = DEFAULT_INPUT_ORDER[layout]
+  if input_order not in ("BGR", "RGB"):
+    raise ValueError(f"input order {input_order!r}: use BGR, RGB or auto")
   try:
+    if layout != found:
+      raise StateDictMismatchError(
+          f"{arch} is an {layout}-layout backbone; the state dict has "
+          f"{found} names")
     variables = torch_state_dict_to_flax(state_dict, num_layers=num_layers,
                                          use_se=use_se)
   except StateDictMismatchError as e:
@@ -390,21 +497,25 @@ def convert_state_dict(state_dict: Mapping[str, Any], arch: str = "auto"
       raise
     try:
       depth, se = infer_architecture(state_dict)
-      hint = f"\nthe tensors look like ir{'_se' if se else ''}{depth}"
+      name = (f"r{depth}" if found == "insightface" else
+              f"ir{'_se' if se else ''}{depth}")
+      hint = f"\nthe tensors look like {name}"
     except StateDictMismatchError:
       hint = ""
     raise StateDictMismatchError(f"{e}{hint}") from e
   params = variables["params"]
   base_width = params["input_layer"]["conv"]["kernel"].shape[-1]
   fc_in, embedding_size = params["output_layer"]["fc"]["kernel"].shape
-  final_channels = iresnet.unit_specs(num_layers, base_width)[-1].out_channels
+  final_channels = iresnet.unit_specs(num_layers, base_width,
+                                      layout)[-1].out_channels
   # Four stride-2 stages: a side x side map before the head means input
   # images of 16 * side pixels (112 -> 7 for the published models).
   side = math.isqrt(fc_in // final_channels)
   return ConvertedModel(variables=variables, num_layers=num_layers,
                         use_se=use_se, base_width=int(base_width),
                         embedding_size=int(embedding_size),
-                        image_size=16 * side)
+                        image_size=16 * side, layout=layout,
+                        input_order=input_order)
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -450,7 +561,8 @@ def write_checkpoint(workdir: str, converted: ConvertedModel, *,
     directory.rmtree()
   checkpoint.save_model_only(str(directory), converted.variables, step=0)
   record = {"source": os.path.abspath(source) if source else "",
-            "architecture": converted.name,
+            "architecture": converted.name, "layout": converted.layout,
+            "input_order": converted.input_order,
             "num_layers": converted.num_layers, "use_se": converted.use_se,
             "base_width": converted.base_width,
             "embedding_size": converted.embedding_size,
@@ -483,6 +595,8 @@ def summary(src: str, workdir: str, converted: ConvertedModel,
       f"{se} SE)",
       f"  base width      {converted.base_width}",
       f"  embedding size  {converted.embedding_size}",
+      f"  input           {converted.input_order} ({converted.layout} "
+      "layout)",
       f"  input size      {size} x {size}",
       f"  parameters      {converted.num_params:,}",
       f"Wrote the model (step 0) to {checkpoint_dir(workdir)}.",
@@ -497,11 +611,15 @@ def summary(src: str, workdir: str, converted: ConvertedModel,
 
 def _define_flags() -> None:
   flags.DEFINE_string("src", None, "The PyTorch checkpoint: .ckpt "
-                      "(Lightning), .pth/.pt (state dict) or .npz.")
+                      "(Lightning), .pth/.pt (state dict; AdaFace/QGFace or "
+                      "insightface arcface_torch) or .npz.")
   flags.DEFINE_string("workdir", None, "Work directory to create; the model "
                       "goes to WORKDIR/checkpoints (step 0).")
   flags.DEFINE_string("arch", "auto", "auto (read from the tensors) or a "
                       "backbone name: " + ", ".join(models.backbone_names()))
+  flags.DEFINE_enum("input_order", "auto", ["auto", "BGR", "RGB"],
+                    "The channel order the weights were trained on: auto "
+                    "(AdaFace/QGFace BGR, insightface RGB) or as given.")
   flags.DEFINE_bool("overwrite", False, "Delete an existing "
                     "WORKDIR/checkpoints and write the converted model.")
   flags.DEFINE_string("eval_config", "configs/ms1m.py", "Config file named "
@@ -521,7 +639,7 @@ def main(argv: list[str]) -> None:
     check_writable(cfg.workdir, cfg.overwrite)
     state = load_torch_checkpoint(cfg.src)
     try:
-      converted = convert_state_dict(state, cfg.arch)
+      converted = convert_state_dict(state, cfg.arch, cfg.input_order)
     except ValueError as e:
       raise ValueError(f"{cfg.src}: {e}") from e
     write_checkpoint(cfg.workdir, converted, source=cfg.src,

@@ -68,7 +68,7 @@ def build_model(config: ml_collections.ConfigDict) -> nn.Module:
                         base_width=m.base_width,
                         embedding_size=m.embedding_size,
                         dropout_rate=m.dropout_rate,
-                        remat=m.remat == "block")
+                        remat=m.remat == "block", input_order=m.input_order)
 
 
 def init_classifier(rng: jax.Array, dim: int, num_classes: int) -> jax.Array:

@@ -88,7 +88,8 @@ def test_summary_describes_the_model(reference_dir, converted):
   assert f"{num_params:,}" in stdout
   assert _printed_overrides(stdout) == {
       "model.name": "ir18", "model.base_width": "64",
-      "model.embedding_size": str(fc_rows), "data.image_size": "112"}
+      "model.embedding_size": str(fc_rows), "model.input_order": "BGR",
+      "data.image_size": "112"}
   assert fc_inputs == 512 * 7 * 7
   assert f"--workdir={workdir}" in stdout
   record = json.loads((workdir / "converted_from.json").read_text())

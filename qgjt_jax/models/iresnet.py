@@ -1,7 +1,15 @@
 """IResNet face encoder (the "IR" backbones of ArcFace/AdaFace/QGFace).
 
-Layout follows the PyTorch reference (`input_layer`, `body`, `output_layer`) so
-that `qgjt_jax.convert` can map its state dicts one to one. Everything runs in
+Two layouts of the same pre-activation ResNet:
+* "adaface": AdaFace/QGFace `net.py` (IR-18 .. IR-200, optional SE). A
+  stage's first unit subsamples its shortcut when the width is kept; the
+  final BatchNorm1d has neither scale nor offset; BGR input.
+* "insightface": insightface arcface_torch `iresnet.py` (r18 .. r200). Every
+  stride-2 unit has a conv1x1 + BN shortcut; the final BatchNorm1d has a
+  scale (fixed to 1 there) and an offset; r200 is 6/26/60/6 basic units;
+  their models were trained on RGB input (`input_order`).
+Module names follow the PyTorch modules so that `qgjt_jax.convert` maps
+either state dict one to one. Everything runs in
 NHWC, the layout XLA prefers on TPU and GPU. The only place where the PyTorch
 NCHW layout leaks into the math is the flatten before the final Linear; we
 flatten in NHWC order and let the weight converter permute the Linear rows
@@ -36,9 +44,29 @@ STAGE_UNITS: dict[int, tuple[int, int, int, int]] = {
 }
 
 
-def uses_bottleneck(num_layers: int) -> bool:
+# insightface arcface_torch: basic units only.
+INSIGHTFACE_STAGE_UNITS: dict[int, tuple[int, int, int, int]] = {
+    18: (2, 2, 2, 2),
+    34: (3, 4, 6, 3),
+    50: (3, 4, 14, 3),
+    100: (3, 13, 30, 3),
+    200: (6, 26, 60, 6),
+}
+LAYOUTS = ("adaface", "insightface")
+
+
+def stage_units(num_layers: int, layout: str = "adaface"
+                ) -> tuple[int, int, int, int]:
+  table = INSIGHTFACE_STAGE_UNITS if layout == "insightface" else STAGE_UNITS
+  if layout not in LAYOUTS or num_layers not in table:
+    raise ValueError(f"no {layout} IResNet of depth {num_layers}; depths: "
+                     f"{sorted(table)}")
+  return table[num_layers]
+
+
+def uses_bottleneck(num_layers: int, layout: str = "adaface") -> bool:
   """Whether a depth is built from bottleneck units (as in the reference)."""
-  return num_layers >= 152
+  return layout == "adaface" and num_layers >= 152
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,15 +77,14 @@ class UnitSpec:
   stride: int
 
 
-def unit_specs(num_layers: int, base_width: int = 64) -> list[UnitSpec]:
+def unit_specs(num_layers: int, base_width: int = 64,
+               layout: str = "adaface") -> list[UnitSpec]:
   """The residual units of an IResNet, in order (the reference's `body`)."""
-  if num_layers not in STAGE_UNITS:
-    raise ValueError(f"num_layers must be one of {sorted(STAGE_UNITS)}, "
-                     f"got {num_layers}")
-  expansion = 4 if uses_bottleneck(num_layers) else 1
+  units = stage_units(num_layers, layout)
+  expansion = 4 if uses_bottleneck(num_layers, layout) else 1
   specs = []
   in_channels = base_width
-  for stage, num_units in enumerate(STAGE_UNITS[num_layers]):
+  for stage, num_units in enumerate(units):
     out_channels = base_width * expansion * 2**stage
     # Every stage halves the resolution in its first unit.
     specs.append(UnitSpec(in_channels, out_channels, 2))
@@ -183,6 +210,8 @@ class ResidualUnit(nn.Module):
   bottleneck: bool = False
   use_se: bool = False
   dtype: Any = jnp.float32
+  # insightface: a strided unit projects its shortcut even at equal width.
+  project_strided_shortcut: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -193,7 +222,8 @@ class ResidualUnit(nn.Module):
     norm = lambda name: _batch_norm(train, self.dtype, name)
     s = self.stride
 
-    if x.shape[-1] == self.out_channels:
+    if x.shape[-1] == self.out_channels and not (
+        self.project_strided_shortcut and s > 1):
       # MaxPool2d(kernel 1, stride s) is plain subsampling.
       shortcut = x[:, ::s, ::s, :] if s > 1 else x
     else:
@@ -237,7 +267,8 @@ class InputLayer(nn.Module):
 
 
 class OutputLayer(nn.Module):
-  """Head: BN2d, dropout, flatten, Linear, BN1d without scale/offset.
+  """Head: BN2d, dropout, flatten, Linear, BN1d (without scale and offset;
+  with both in the insightface layout).
 
   Returns the float32 feature z; BN1d runs in float32 whatever the compute
   dtype, since z's norm is the quality signal.
@@ -245,6 +276,7 @@ class OutputLayer(nn.Module):
   embedding_size: int
   dropout_rate: float
   dtype: Any = jnp.float32
+  affine_features: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -256,7 +288,8 @@ class OutputLayer(nn.Module):
     z = nn.Dense(self.embedding_size, dtype=self.dtype,
                  kernel_init=_kaiming_fan_out, name="fc")(x)
     return BatchNorm(use_running_average=not train, dtype=jnp.float32,
-                     use_scale=False, use_bias=False,
+                     use_scale=self.affine_features,
+                     use_bias=self.affine_features,
                      name="feature_bn")(z.astype(jnp.float32))
 
 
@@ -279,6 +312,10 @@ class IResNet(nn.Module):
       memory of a deep model drops to about one unit's plus the unit
       inputs, for one more forward pass of compute. Same parameters, same
       numbers.
+    layout: "adaface" or "insightface" (see the module doc).
+    input_order: "BGR" or "RGB", the channel order the weights were trained
+      on. Callers always pass BGR (the data pipeline's and OpenCV's order);
+      an "RGB" model swaps the channels first.
   """
   num_layers: int
   use_se: bool = False
@@ -287,6 +324,8 @@ class IResNet(nn.Module):
   dropout_rate: float = 0.4
   dtype: Any = jnp.float32
   remat: bool = False
+  layout: str = "adaface"
+  input_order: str = "BGR"
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool
@@ -301,19 +340,26 @@ class IResNet(nn.Module):
     Returns:
       (unit embeddings (N, D) float32, norms (N,) float32).
     """
+    if self.input_order not in ("BGR", "RGB"):
+      raise ValueError(f"input_order={self.input_order!r}: 'BGR' or 'RGB'")
     x = images.astype(self.dtype)
+    if self.input_order == "RGB":
+      x = x[..., ::-1]
     x = InputLayer(self.base_width, dtype=self.dtype, name="input_layer")(
         x, train)
-    bottleneck = uses_bottleneck(self.num_layers)
+    bottleneck = uses_bottleneck(self.num_layers, self.layout)
+    insightface = self.layout == "insightface"
     # `train` (argument 2, after self and x) selects Python branches.
     unit = (nn.remat(ResidualUnit, static_argnums=(2,)) if self.remat
             else ResidualUnit)
-    for i, spec in enumerate(unit_specs(self.num_layers, self.base_width)):
+    for i, spec in enumerate(unit_specs(self.num_layers, self.base_width,
+                                        self.layout)):
       x = unit(spec.out_channels, spec.stride, bottleneck=bottleneck,
-               use_se=self.use_se, dtype=self.dtype, name=f"body_{i}")(
+               use_se=self.use_se, dtype=self.dtype,
+               project_strided_shortcut=insightface, name=f"body_{i}")(
                    x, train)
     z = OutputLayer(self.embedding_size, self.dropout_rate, dtype=self.dtype,
-                    name="output_layer")(x, train)
+                    affine_features=insightface, name="output_layer")(x, train)
     # The norm is the quality signal the losses read: float32, like z.
     norms = jnp.sqrt(jnp.sum(z * z, axis=-1))
     return z / norms[:, None], norms

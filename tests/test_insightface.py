@@ -1,0 +1,181 @@
+"""insightface arcface_torch backbones: their layout, names and RGB input.
+
+The oracle is their `iresnet.py` forward pass written out in numpy (NCHW,
+their module names), on a narrow r18 with random weights and BatchNorm
+statistics saved in torch.save's layout (tests/torch_writer.py); the
+converted model, fed the same faces in BGR, must give the same features.
+(Checked once against their own PyTorch code as well: r18 and r50 agree to
+4e-6 relative.)
+"""
+import json
+
+import numpy as np
+import pytest
+
+from qgjt_jax import convert
+from qgjt_jax import torch_files
+from qgjt_jax.models import build_backbone
+from qgjt_jax.models import normalize_images
+from tests.torch_writer import write_torch_file
+
+WIDTH, SIZE, EMBEDDING = 4, 32, 8
+
+
+def _conv(x, w, stride=1):
+  """NCHW convolution with padding k // 2, by patches."""
+  k = w.shape[-1]
+  pad = k // 2
+  x = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+  n, c, h, width = x.shape
+  out_h, out_w = (h - k) // stride + 1, (width - k) // stride + 1
+  out = np.zeros((n, w.shape[0], out_h, out_w))
+  for i in range(k):
+    for j in range(k):
+      patch = x[:, :, i:i + stride * out_h:stride, j:j + stride * out_w:stride]
+      out += np.einsum("nchw,oc->nohw", patch, w[:, :, i, j])
+  return out
+
+
+def _bn(x, state, name):
+  shape = (1, -1) + (1,) * (x.ndim - 2)
+  mean, var = state[f"{name}.running_mean"], state[f"{name}.running_var"]
+  scale, bias = state[f"{name}.weight"], state[f"{name}.bias"]
+  return ((x - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + 1e-5) *
+          scale.reshape(shape) + bias.reshape(shape))
+
+
+def _prelu(x, slope):
+  return np.where(x >= 0, x, slope.reshape(1, -1, 1, 1) * x)
+
+
+def oracle(state, rgb_nchw, units=(2, 2, 2, 2)):
+  """insightface IResNet.forward (eval mode), in float64."""
+  x = _prelu(_bn(_conv(rgb_nchw, state["conv1.weight"]), state, "bn1"),
+             state["prelu.weight"])
+  for stage, count in enumerate(units, start=1):
+    for j in range(count):
+      p = f"layer{stage}.{j}"
+      stride = 2 if j == 0 else 1
+      out = _bn(x, state, f"{p}.bn1")
+      out = _bn(_conv(out, state[f"{p}.conv1.weight"]), state, f"{p}.bn2")
+      out = _prelu(out, state[f"{p}.prelu.weight"])
+      out = _bn(_conv(out, state[f"{p}.conv2.weight"], stride), state,
+                f"{p}.bn3")
+      identity = x
+      if f"{p}.downsample.0.weight" in state:
+        identity = _bn(_conv(x, state[f"{p}.downsample.0.weight"], stride),
+                       state, f"{p}.downsample.1")
+      x = out + identity
+  x = _bn(x, state, "bn2").reshape(len(x), -1)  # NCHW flatten
+  x = x @ state["fc.weight"].T + state["fc.bias"]
+  return _bn(x, state, "features")
+
+
+def random_state(seed=0, units=(2, 2, 2, 2)):
+  """An r18 state dict in insightface's names, narrow, random."""
+  rng = np.random.default_rng(seed)
+  state = {}
+
+  def conv(name, cout, cin, k):
+    state[name] = rng.normal(0, np.sqrt(1 / (cin * k * k)), (cout, cin, k, k))
+
+  def bn(name, c):
+    state[f"{name}.weight"] = rng.uniform(0.5, 1.5, c)
+    state[f"{name}.bias"] = rng.uniform(-0.1, 0.1, c)
+    state[f"{name}.running_mean"] = rng.uniform(-0.1, 0.1, c)
+    state[f"{name}.running_var"] = rng.uniform(0.5, 1.5, c)
+    state[f"{name}.num_batches_tracked"] = np.array(5, np.int64)
+
+  conv("conv1.weight", WIDTH, 3, 3)
+  bn("bn1", WIDTH)
+  state["prelu.weight"] = rng.uniform(0, 0.5, WIDTH)
+  cin = WIDTH
+  for stage, count in enumerate(units, start=1):
+    cout = WIDTH * 2 ** (stage - 1)
+    for j in range(count):
+      p = f"layer{stage}.{j}"
+      bn(f"{p}.bn1", cin)
+      conv(f"{p}.conv1.weight", cout, cin, 3)
+      bn(f"{p}.bn2", cout)
+      state[f"{p}.prelu.weight"] = rng.uniform(0, 0.5, cout)
+      conv(f"{p}.conv2.weight", cout, cout, 3)
+      bn(f"{p}.bn3", cout)
+      if j == 0:  # every stage starts with a stride-2 projection
+        conv(f"{p}.downsample.0.weight", cout, cin, 1)
+        bn(f"{p}.downsample.1", cout)
+      cin = cout
+  side = SIZE // 16
+  bn("bn2", cin)
+  state["fc.weight"] = rng.normal(0, np.sqrt(1 / (cin * side * side)),
+                                  (EMBEDDING, cin * side * side))
+  state["fc.bias"] = rng.normal(0, 0.1, EMBEDDING)
+  bn("features", EMBEDDING)
+  state["features.weight"] = np.ones(EMBEDDING)  # fixed to 1 in theirs
+  return {k: v.astype(np.float32) if v.dtype == np.float64 else v
+          for k, v in state.items()}
+
+
+@pytest.fixture(scope="module")
+def backbone_pth(tmp_path_factory):
+  path = tmp_path_factory.mktemp("insightface") / "backbone.pth"
+  write_torch_file(path, random_state())
+  return path
+
+
+def test_an_insightface_backbone_converts_and_reads_rgb(backbone_pth):
+  state = torch_files.state_dict(backbone_pth)
+  converted = convert.convert_state_dict(state)
+  assert (converted.name, converted.layout, converted.input_order) == (
+      "r18", "insightface", "RGB")
+  assert converted.image_size == SIZE
+  assert converted.config_overrides()["model.input_order"] == "RGB"
+  rgb = np.random.default_rng(1).integers(0, 256, (3, SIZE, SIZE, 3),
+                                          np.uint8)
+  nchw = (rgb.transpose(0, 3, 1, 2).astype(np.float64) / 255 - 0.5) / 0.5
+  want = oracle({k: v.astype(np.float64) for k, v in state.items()}, nchw)
+  model = build_backbone("r18", base_width=WIDTH, embedding_size=EMBEDDING,
+                         input_order="RGB")
+  bgr = np.ascontiguousarray(rgb[..., ::-1])  # what our pipeline feeds
+  emb, norms = model.apply(converted.variables, normalize_images(bgr),
+                           train=False)
+  got = np.asarray(emb) * np.asarray(norms)[:, None]
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  # Fed as BGR, the same weights see other faces.
+  wrong = build_backbone("r18", base_width=WIDTH, embedding_size=EMBEDDING)
+  emb2, norms2 = wrong.apply(converted.variables, normalize_images(bgr),
+                             train=False)
+  assert np.abs(np.asarray(emb2) * np.asarray(norms2)[:, None] -
+                want).max() > 1e-2
+
+
+def test_names_and_depths_of_their_layout():
+  assert build_backbone("r100").layout == "insightface"
+  assert build_backbone("ir100").layout == "adaface"
+  for depth, units in ((34, (3, 4, 6, 3)), (200, (6, 26, 60, 6))):
+    state = {f"backbone.layer{s + 1}.{j}.bn1.weight": np.ones(1)
+             for s, count in enumerate(units) for j in range(count)}
+    state.update({"backbone.conv1.weight": np.ones(1),
+                  "backbone.layer1.0.bn1.weight": np.ones(1)})
+    assert convert.detect_layout(state) == ("insightface", "backbone.")
+    assert convert.infer_architecture(state) == (depth, False)
+
+
+def test_a_mismatched_architecture_names_what_the_file_holds(backbone_pth):
+  state = torch_files.state_dict(backbone_pth)
+  with pytest.raises(convert.StateDictMismatchError, match="look like r18"):
+    convert.convert_state_dict(state, arch="ir18")
+  del state["layer2.0.downsample.1.running_var"]
+  with pytest.raises(convert.StateDictMismatchError,
+                     match="layer2.0.downsample.1.running_var"):
+    convert.convert_state_dict(state)
+
+
+def test_the_converted_workdir_records_the_input_order(backbone_pth,
+                                                       tmp_path):
+  converted = convert.convert_state_dict(
+      torch_files.state_dict(backbone_pth))
+  convert.write_checkpoint(str(tmp_path), converted,
+                           source=str(backbone_pth))
+  record = json.loads((tmp_path / "converted_from.json").read_text())
+  assert record["input_order"] == "RGB" and record["layout"] == "insightface"
+  assert record["config_overrides"]["model.name"] == "r18"
