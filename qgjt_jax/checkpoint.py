@@ -221,36 +221,58 @@ def record_config(workdir: str, config_dict: dict[str, Any],
 # optimiser state), not its value.
 _ON_OFF = lambda v: bool(v)
 INCOMPATIBLE_KEYS = (
-    (("model", "name"), None),
-    (("model", "base_width"), None),
-    (("model", "embedding_size"), None),
-    (("data", "image_size"), None),
-    (("num_classes",), None),
-    (("queue", "kind"), None),
-    (("queue", "capacity"), None),
-    (("optim", "grad_clip_norm"), _ON_OFF),
-    (("optim", "weight_decay"), _ON_OFF),
-    (("optim", "momentum"), _ON_OFF),
+    ("model.name", None),
+    ("model.base_width", None),
+    ("model.embedding_size", None),
+    ("data.image_size", None),
+    ("num_classes", None),
+    ("queue.kind", None),
+    ("queue.capacity", None),
+    ("optim.grad_clip_norm", _ON_OFF),
+    ("optim.weight_decay", _ON_OFF),
+    ("optim.momentum", _ON_OFF),
 )
-_MISSING = object()
+MISSING = object()
 
 
-def _lookup(tree: Any, key: tuple[str, ...]) -> Any:
-  for k in key:
-    if not isinstance(tree, dict) or k not in tree:
-      return _MISSING
-    tree = tree[k]
+def lookup(tree: Any, dotted: str) -> Any:
+  """`tree["a"]["b"]` for "a.b" in nested dicts or ConfigDicts; MISSING if
+  a part is absent."""
+  for key in dotted.split("."):
+    try:
+      tree = tree[key]
+    except (KeyError, TypeError, AttributeError):
+      return MISSING
   return tree
 
 
-# What restoring the backbone alone (evaluation) depends on.
-MODEL_KEYS = (("model", "name"), ("model", "base_width"),
-              ("model", "embedding_size"), ("data", "image_size"))
+# What rebuilding the backbone alone (evaluation, fine-tuning) depends on.
+MODEL_KEYS = ("model.name", "model.base_width", "model.embedding_size",
+              "data.image_size")
+# ... and what feeding it right does: the channel order its weights expect.
+MODEL_INPUT_KEYS = ("model.input_order",)
+CONVERTED_RECORD = "converted_from.json"
+
+
+def recorded_model_settings(workdir: str) -> dict[str, Any]:
+  """{dotted key: value} of MODEL_KEYS and MODEL_INPUT_KEYS as the workdir
+  recorded them: config.json of a training run, or converted_from.json of a
+  converted model; {} without either."""
+  directory = epath.Path(workdir)
+  if (directory / CONFIG_RECORD).exists():
+    recorded = json.loads((directory / CONFIG_RECORD).read_text())["config"]
+    values = {k: lookup(recorded, k) for k in MODEL_KEYS + MODEL_INPUT_KEYS}
+  elif (directory / CONVERTED_RECORD).exists():
+    values = json.loads((directory / CONVERTED_RECORD).read_text()).get(
+        "config_overrides", {})
+  else:
+    return {}
+  return {k: v for k, v in values.items()
+          if k in MODEL_KEYS + MODEL_INPUT_KEYS and v is not MISSING}
 
 
 def check_compatible(workdir: str, config_dict: dict[str, Any],
-                     keys: Optional[tuple[tuple[str, ...], ...]] = None
-                     ) -> None:
+                     keys: Optional[tuple[str, ...]] = None) -> None:
   """Stops with a message naming the keys that differ from the recorded run.
 
   `keys` limits the comparison (MODEL_KEYS for evaluation); by default every
@@ -270,11 +292,11 @@ def check_compatible(workdir: str, config_dict: dict[str, Any],
   for key, normalise in INCOMPATIBLE_KEYS:
     if keys is not None and key not in keys:
       continue
-    old, new = _lookup(recorded, key), _lookup(config_dict, key)
-    if old is _MISSING or new is _MISSING:
+    old, new = lookup(recorded, key), lookup(config_dict, key)
+    if old is MISSING or new is MISSING:
       continue
     if (normalise(old) != normalise(new)) if normalise else (old != new):
-      name = ".".join(key)
+      name = key
       if name == "num_classes":
         diffs.append(f"the class count (identities in the training data): "
                      f"the checkpoints have {old!r}, this run's data has "

@@ -569,7 +569,7 @@ def write_checkpoint(workdir: str, converted: ConvertedModel, *,
             "image_size": converted.image_size,
             "num_params": converted.num_params,
             "config_overrides": converted.config_overrides()}
-  (epath.Path(workdir) / "converted_from.json").write_text(
+  (epath.Path(workdir) / checkpoint.CONVERTED_RECORD).write_text(
       json.dumps(record, indent=2) + "\n")
   return str(directory)
 

@@ -132,6 +132,21 @@ def _set_name(path: str) -> str:
   return os.path.splitext(os.path.basename(path))[0]
 
 
+def with_recorded_input_order(config: ml_collections.ConfigDict,
+                              workdir: str) -> ml_collections.ConfigDict:
+  """`config` with the model.input_order the workdir recorded, if any."""
+  recorded = ckpt.recorded_model_settings(workdir).get("model.input_order")
+  if not recorded or recorded == config.model.input_order:
+    return config
+  reporting.note(f"The model in {workdir} reads {recorded} images (its "
+                 f"record says so): config.model.input_order="
+                 f"{config.model.input_order!r} is overridden.")
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.model.input_order = recorded
+  return config
+
+
 def abstract_model_variables(config: ml_collections.ConfigDict, model,
                              mesh: Mesh) -> Any:
   """Shapes of {'params', 'batch_stats'}, replicated on this mesh."""
@@ -148,7 +163,12 @@ def abstract_model_variables(config: ml_collections.ConfigDict, model,
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                         step: Optional[int] = None,
                         checkpoint_dir: Optional[str] = None) -> dict:
-  """--mode=eval: restores a checkpoint's backbone and evaluates it."""
+  """--mode=eval: restores a checkpoint's backbone and evaluates it.
+
+  The channel order the weights expect comes from the workdir's record (a
+  converted insightface model reads RGB), whatever the config says.
+  """
+  config = with_recorded_input_order(config, workdir)
   mesh = parallel.make_mesh(1)
   model = state_lib.build_model(config)
   directory = checkpoint_dir or f"{workdir}/checkpoints"

@@ -25,12 +25,6 @@ from qgjt_jax.data import recordio
 from qgjt_jax.data import synthetic
 from qgjt_jax.eval import extract
 
-# What a checkpoint's backbone shape depends on: the keys read back from the
-# config.json that training leaves in its workdir.
-MODEL_KEYS = ("model.name", "model.base_width", "model.embedding_size",
-              "model.dtype", "data.image_size")
-
-
 def apply_overrides(config: ml_collections.ConfigDict,
                     overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
   """Sets dotted keys ({'model.base_width': 8}) in place; returns config.
@@ -64,25 +58,12 @@ def round_batch_sizes(config: ml_collections.ConfigDict,
 
 
 def recorded_model_settings(checkpoint_dir: str) -> dict[str, Any]:
-  """{dotted key: value} of MODEL_KEYS from the run that wrote checkpoint_dir.
-
-  Training records its config in WORKDIR/config.json, next to
-  WORKDIR/checkpoints; returns {} when there is no such record (converted
-  weights, a copied checkpoint folder).
-  """
+  """{dotted key: value} of what rebuilds and feeds the model whose
+  checkpoints are in checkpoint_dir, from the record beside it (a training
+  run's config.json or a converted model's converted_from.json); {} when
+  there is none (a copied checkpoint folder)."""
   from etils import epath
-  path = epath.Path(checkpoint_dir).parent / ckpt.CONFIG_RECORD
-  if not path.exists():
-    return {}
-  recorded = json.loads(path.read_text())["config"]
-  settings = {}
-  for dotted in MODEL_KEYS:
-    node = recorded
-    for name in dotted.split("."):
-      node = node.get(name) if isinstance(node, dict) else None
-    if node is not None:
-      settings[dotted] = node
-  return settings
+  return ckpt.recorded_model_settings(str(epath.Path(checkpoint_dir).parent))
 
 
 def read_metrics(workdir: str) -> dict[str, np.ndarray]:

@@ -6,6 +6,7 @@ a test can score a tree with a pixel model and compare with an oracle.
 """
 import itertools
 import pathlib
+import pickle
 
 import cv2
 import numpy as np
@@ -142,3 +143,17 @@ def ijb_tree(root: pathlib.Path, subset='IJBC'):
   return rows, pairs
 
 
+def write_bin(path: pathlib.Path, pairs: int = 20) -> None:
+  """A verification set in the insightface .bin layout (pickled JPEGs)."""
+  rng = np.random.default_rng(0)
+  images, issame = [], []
+  for i in range(pairs):
+    a = feature(rng)
+    b = feature(rng, a, noise=30) if i % 2 else feature(
+        rng)
+    for f in (a, b):
+      ok, buf = cv2.imencode(".jpg", design_image(f))
+      assert ok
+      images.append(buf.tobytes())
+    issame.append(bool(i % 2))
+  path.write_bytes(pickle.dumps((images, issame)))

@@ -179,3 +179,36 @@ def test_the_converted_workdir_records_the_input_order(backbone_pth,
   record = json.loads((tmp_path / "converted_from.json").read_text())
   assert record["input_order"] == "RGB" and record["layout"] == "insightface"
   assert record["config_overrides"]["model.name"] == "r18"
+
+
+def test_evaluation_feeds_what_the_converted_model_expects(backbone_pth,
+                                                           tmp_path, capsys):
+  """The recipe says BGR; the converted workdir says RGB, and wins."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from configs import common  # pylint: disable=g-import-not-at-top
+  from qgjt_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from qgjt_jax import parallel  # pylint: disable=g-import-not-at-top
+  from qgjt_jax.eval import verification  # pylint: disable=g-import-not-at-top
+  from tests.eval_trees import write_bin  # pairs in the .bin layout
+  converted = convert.convert_state_dict(
+      torch_files.state_dict(backbone_pth))
+  workdir = tmp_path / "converted"
+  convert.write_checkpoint(str(workdir), converted)
+  bin_path = tmp_path / "pairs.bin"
+  write_bin(bin_path)
+  config = common.get_base_config()
+  config.model.update(name="r18", base_width=WIDTH, embedding_size=EMBEDDING,
+                      dtype="float32")
+  config.data.update(kind="rec", image_size=SIZE)
+  config.eval.update(bin_sets=(str(bin_path),), batch_size=8)
+  assert config.model.input_order == "BGR"
+  results = evaluate.evaluate_checkpoint(config, str(workdir))
+  assert "reads RGB images" in capsys.readouterr().out
+  rgb_model = build_backbone("r18", base_width=WIDTH,
+                             embedding_size=EMBEDDING, input_order="RGB")
+  embed = evaluate.make_embed_fn(rgb_model, jnp.float32,
+                                 parallel.make_mesh(1), converted.variables)
+  want = verification.evaluate_bin(embed, bin_path, batch_size=8,
+                                   image_size=SIZE, progress=False)
+  np.testing.assert_allclose(results["pairs"]["mean_norm"],
+                             want["mean_norm"], rtol=1e-5)

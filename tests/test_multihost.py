@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import pickle
 import re
 import shutil
 import signal
@@ -30,7 +29,6 @@ import subprocess
 import sys
 import time
 
-import cv2
 import numpy as np
 import pytest
 
@@ -45,27 +43,11 @@ TIMEOUT = 600
 RESUME_RTOL = 1e-5
 
 
-def _write_bin(path: pathlib.Path, pairs: int = 20) -> None:
-  """A verification set in the insightface .bin layout (pickled JPEGs)."""
-  rng = np.random.default_rng(0)
-  images, issame = [], []
-  for i in range(pairs):
-    a = eval_trees.feature(rng)
-    b = eval_trees.feature(rng, a, noise=30) if i % 2 else eval_trees.feature(
-        rng)
-    for f in (a, b):
-      ok, buf = cv2.imencode(".jpg", eval_trees.design_image(f))
-      assert ok
-      images.append(buf.tobytes())
-    issame.append(bool(i % 2))
-  path.write_bytes(pickle.dumps((images, issame)))
-
-
 @pytest.fixture(scope="module")
 def eval_overrides(tmp_path_factory) -> dict:
   """Config overrides that switch on every evaluator, on tiny sets."""
   root = tmp_path_factory.mktemp("eval_sets")
-  _write_bin(root / "pairs.bin")
+  eval_trees.write_bin(root / "pairs.bin")
   for folder in ("Testing_Set", "aligned_pad_0.1_pad_high"):
     eval_trees.tinyface_tree(root / "tinyface" / folder,
                              np.random.default_rng(1))
@@ -291,7 +273,7 @@ def test_resuming_on_another_process_count_continues_the_run(
     resumed = _run(copy, processes)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert f"Resumed from step {stop} " in resumed.stdout
-    assert f"on 4 device(s)" in resumed.stdout
+    assert "on 4 device(s)" in resumed.stdout
     steps = runs.step_metrics(copy)
     assert sorted(steps) == list(range(1, runs.STEPS + 1))
     _assert_losses(steps, runs.step_metrics(reference), range(1, stop + 1))

@@ -245,7 +245,7 @@ def test_overrides_refuse_unknown_keys_and_recorded_settings_read_back(
   ckpt.record_config(str(tmp_path), config.to_dict(), "0")
   assert nbu.recorded_model_settings(str(tmp_path / "checkpoints")) == {
       "model.name": "ir18", "model.base_width": 8,
-      "model.embedding_size": 128, "model.dtype": "float32",
+      "model.embedding_size": 128, "model.input_order": "BGR",
       "data.image_size": 32}
   assert nbu.recorded_model_settings(str(tmp_path / "nothing" / "ckpt")) == {}
   config.eval.batch_size = 100
