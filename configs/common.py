@@ -9,6 +9,11 @@ import ml_collections
 def get_base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
+  # Fine-tuning (qgjt_jax/finetune.py): start a fresh run from the backbone
+  # of a workdir or of a PyTorch/.npz file; init_classifier "random", or
+  # "class_means" (each class's mean embedding through that backbone).
+  config.init_from = ml_collections.FieldReference(None, field_type=str)
+  config.init_classifier = "random"
 
   # Encoder (METHOD.md section 1): "ir18" .. "ir200", "ir_se50"... (AdaFace/
   # QGFace layout) or "r18" .. "r200" (insightface arcface_torch). dtype is
@@ -103,11 +108,12 @@ def get_base_config() -> ml_collections.ConfigDict:
       kind="proxy", capacity=8192, moco_momentum=0.999, progressive=False))
 
   # Optimiser: SGD with momentum, coupled weight decay (PyTorch order) on
-  # everything but BatchNorm parameters.
+  # everything but BatchNorm parameters. backbone_lr_scale multiplies the
+  # backbone's learning rate (below 1 when fine-tuning; 0 freezes it).
   config.optim = ml_collections.ConfigDict(dict(
       lr=0.1, momentum=0.9, weight_decay=5e-4,
       schedule="multistep", milestones=(12, 20, 24), gamma=0.1,
-      warmup_epochs=0.0, grad_clip_norm=0.0))
+      warmup_epochs=0.0, grad_clip_norm=0.0, backbone_lr_scale=1.0))
   config.num_epochs = 26.0
   config.global_batch_size = 512
   # Split the classifier's class axis over this many devices (>1 for very

@@ -33,6 +33,7 @@ _CHOICES = {
     "contrastive.b_warmup": ("epoch", "step"),
     "model.remat": ("none", "block"),
     "model.input_order": ("BGR", "RGB"),
+    "init_classifier": ("random", "class_means"),
     "eval.dtype": ("float32", "bfloat16", "float16"),
     "queue.kind": ("proxy", "realtime", "moco", "none"),
     "optim.schedule": ("multistep", "cosine"),
@@ -57,6 +58,7 @@ _RANGES = (
     ("optim.weight_decay", 0.0, None, "a decay factor"),
     ("optim.warmup_epochs", 0.0, None, "a number of epochs"),
     ("optim.grad_clip_norm", 0.0, None, "a norm; 0 disables clipping"),
+    ("optim.backbone_lr_scale", 0.0, None, "a factor; 0 freezes the backbone"),
     ("data.worker_count", 0, None, "a process count; 0 reads in-process"),
     ("eval_every_steps", 0, None, "a step count; 0 evaluates at the end only"),
 )

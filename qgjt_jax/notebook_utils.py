@@ -150,7 +150,7 @@ def training_views(config: ml_collections.ConfigDict, count: int,
   spec = config.data.synthetic
   source = synthetic.SyntheticFaces(
       spec.num_identities, spec.images_per_identity,
-      image_size=config.data.image_size, seed=spec.get("seed", 0))
+      image_size=config.data.image_size, seed=spec.seed)
   count = min(count, len(source))
   rng = np.random.default_rng(seed)
   indices = np.linspace(0, len(source) - 1, count).round().astype(int)
@@ -170,7 +170,7 @@ def heldout_faces(config: ml_collections.ConfigDict, identity: int,
   """Photos of a held-out (never trained on) identity, uint8 BGR."""
   spec = config.data.synthetic
   return np.stack([
-      synthetic.render_photo(spec.get("seed", 0), identity, v,
+      synthetic.render_photo(spec.seed, identity, v,
                              config.data.image_size, heldout=True)
       for v in variations])
 

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import math
 import re
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
-
-if TYPE_CHECKING:  # configs only at type-check time: the benchmark runs
-  import ml_collections  # where ml_collections is not installed
 
 
 def make_lr_schedule(optim: ml_collections.ConfigDict, steps_per_epoch: float,
@@ -70,4 +68,15 @@ def make_optimizer(optim: ml_collections.ConfigDict,
     parts.append(optax.add_decayed_weights(optim.weight_decay,
                                            mask=weight_decay_mask))
   parts.append(optax.sgd(schedule, momentum=optim.momentum or None))
+  if optim.backbone_lr_scale != 1.0:
+    # Scaling the final updates is scaling the learning rate: SGD's
+    # momentum buffer holds gradients, not updates.
+    parts.append(optax.masked(optax.scale(optim.backbone_lr_scale),
+                              backbone_mask))
   return optax.chain(*parts)
+
+
+def backbone_mask(params: Any) -> Any:
+  """True on the backbone's leaves ({'backbone', 'classifier'} params)."""
+  return {name: jax.tree.map(lambda _: name == "backbone", subtree)
+          for name, subtree in params.items()}

@@ -26,6 +26,7 @@ import qgjt_jax
 from qgjt_jax import checkpoint as ckpt
 from qgjt_jax import config_checks
 from qgjt_jax import evaluate as evaluate_lib
+from qgjt_jax import finetune
 from qgjt_jax import parallel
 from qgjt_jax import reporting
 from qgjt_jax import stack as stack_lib
@@ -139,7 +140,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return _train_and_evaluate(config, workdir, stop)
 
 
+def _weights_config(config, workdir: str):
+  """The config with the channel order of the weights this run trains: its
+  own record's on a resume, else that of `config.init_from`'s weights."""
+  if ckpt.recorded_model_settings(workdir):
+    return evaluate_lib.with_recorded_input_order(config, workdir)
+  if config.init_from:
+    return finetune.check_source(config)
+  return config
+
+
 def _train_and_evaluate(config, workdir, stop: StopRequested) -> dict:
+  config = _weights_config(config, workdir)
   source = sources.train_source(config)
   num_classes = source.num_classes
   config_checks.check_num_classes(num_classes)
@@ -168,6 +180,8 @@ def _train_and_evaluate(config, workdir, stop: StopRequested) -> dict:
     if restored is not None:
       state = restored
       reporting.note(f"Resumed from step {int(state.step)} in {workdir}.")
+    elif config.init_from:
+      state = finetune.initialise(state, stack, config, source)
     start_step = int(state.step)
     # The input stream is a function of (seed, step): resuming at the
     # restored step needs no saved iterator, whatever the process count.

@@ -210,8 +210,8 @@ def train_source(config: Any):
   `config.data.kind` is "rec" (`rec_dir`: an insightface folder, read
   directly), "tfds" (`tfds_name` such as "insightface_rec/ms1mv2", under
   `tfds_data_dir` or TFDS's default directory) or "synthetic" (the generated
-  set sized by `config.data.synthetic`; its optional `seed`, default 0, fixes
-  which faces exist independently of the training seed).
+  set sized by `config.data.synthetic`; its `seed` fixes which faces exist
+  independently of the training seed).
   """
   data = config.data
   if data.kind == "rec":
@@ -224,6 +224,6 @@ def train_source(config: Any):
     spec = data.synthetic
     return synthetic.SyntheticFaces(
         spec.num_identities, spec.images_per_identity,
-        image_size=data.image_size, seed=spec.get("seed", 0), cache=True)
+        image_size=data.image_size, seed=spec.seed, cache=True)
   raise ValueError(f"config.data.kind={data.kind!r}: expected rec, tfds or "
                    "synthetic")

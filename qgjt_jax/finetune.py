@@ -1,0 +1,165 @@
+"""Starting a training run from a pretrained backbone (`config.init_from`).
+
+`init_from` names a workdir (its latest checkpoint's `model` item: a run of
+this project, or a model written by `python -m qgjt_jax.convert`) or a
+PyTorch/`.npz` file (converted on the fly). The backbone's weights and
+BatchNorm statistics replace the fresh ones; the classifier is new, for the
+new run's identities: random unit columns, or with `init_classifier =
+"class_means"` the normalised mean embedding of each class's training images
+through the pretrained backbone, so the run starts with a meaningful
+classifier instead of a loss in the forties. Only a fresh run reads
+`init_from`; a run that resumes from its own checkpoints ignores it.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from etils import epath
+
+from qgjt_jax import checkpoint as ckpt
+from qgjt_jax import config_checks
+from qgjt_jax import evaluate
+from qgjt_jax import parallel
+from qgjt_jax import reporting
+from qgjt_jax.eval import extract
+from qgjt_jax.eval import images as images_lib
+
+
+def _is_workdir(path: str) -> bool:
+  return "://" in path or os.path.isdir(path)
+
+
+def _source_settings(init_from: str) -> dict[str, Any]:
+  """{dotted key: value} of the model `init_from` holds, as far as known."""
+  if _is_workdir(init_from):
+    return ckpt.recorded_model_settings(_workdir_of(init_from))
+  return _converted(init_from).config_overrides()
+
+
+def _workdir_of(path: str) -> str:
+  """A workdir, given it or its checkpoints folder."""
+  path = path.rstrip("/")
+  return str(epath.Path(path).parent) if path.endswith("/checkpoints") or (
+      os.path.basename(path) == "checkpoints") else path
+
+
+_CONVERTED = {}
+
+
+def _converted(path: str):
+  """The file converted once (reading it is the slow part)."""
+  from qgjt_jax import convert  # pylint: disable=g-import-not-at-top
+  if path not in _CONVERTED:
+    try:
+      _CONVERTED[path] = convert.convert_state_dict(
+          convert.load_torch_checkpoint(path))
+    except (OSError, ValueError) as e:
+      raise config_checks.ConfigError(
+          f"config.init_from={path!r}: {e}") from None
+  return _CONVERTED[path]
+
+
+def check_source(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Checks that `init_from` holds the config's architecture; returns the
+  config with the channel order its weights expect.
+
+  Raises:
+    ConfigError: the source is missing, unreadable or of another
+      architecture (each differing key named, with the value to set).
+  """
+  path = config.init_from
+  if not _is_workdir(path) and not os.path.isfile(path):
+    raise config_checks.ConfigError(
+        f"config.init_from={path!r} does not exist: name a workdir, its "
+        "checkpoints folder, or a .pth/.ckpt/.npz file.")
+  settings = _source_settings(path)
+  diffs = [f"--config.{key}={value}" for key, value in settings.items()
+           if key in ckpt.MODEL_KEYS and ckpt.lookup(config, key) != value]
+  if diffs:
+    raise config_checks.ConfigError(
+        f"config.init_from={path!r} holds another architecture than the "
+        f"config; set {' '.join(diffs)}.")
+  order = settings.get("model.input_order")
+  if not order or order == config.model.input_order:
+    return config
+  reporting.note(f"The weights in {path} read {order} images: the run uses "
+                 f"model.input_order={order!r}.")
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.model.input_order = order
+  return config
+
+
+def pretrained_backbone(config: ml_collections.ConfigDict, model,
+                        mesh) -> Any:
+  """{'params', 'batch_stats'} of the backbone `config.init_from` holds,
+  replicated on `mesh`."""
+  path = config.init_from
+  abstract = evaluate.abstract_model_variables(config, model, mesh)
+  if _is_workdir(path):
+    variables, step = ckpt.restore_model(
+        f"{_workdir_of(path)}/checkpoints", abstract)
+    reporting.note(f"Starting from the model of step {step} in {path}.")
+    return variables
+  converted = _converted(path).variables
+  reporting.note(f"Starting from the weights of {path}.")
+  return jax.tree.map(lambda a, x: jax.device_put(np.asarray(a, x.dtype),
+                                                  x.sharding),
+                      converted, abstract)
+
+
+def class_mean_classifier(config: ml_collections.ConfigDict, model, mesh,
+                          variables: Any, source, num_classes: int,
+                          width: int) -> np.ndarray:
+  """(D, width) columns: each class's normalised mean embedding (eval mode,
+  clean images, no flip) through the pretrained backbone; zero padding
+  columns past `num_classes`, random ones for classes without images."""
+  from qgjt_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  size = config.data.image_size
+  labels = np.array([int(source[i]["label"]) for i in range(len(source))])
+  faces = images_lib.LazyImages(
+      lambda i: pipeline.fit_size(pipeline.decode_image(source[i]["image"]),
+                                  size), len(source))
+  dtype = jnp.dtype(config.eval.dtype)
+  embed = evaluate.make_embed_fn(model.clone(dtype=dtype), dtype, mesh,
+                                 variables)
+  feats = extract.extract_embeddings(embed, faces,
+                                     batch_size=config.eval.batch_size,
+                                     flip=False, desc="class means")
+  sums = np.zeros((num_classes, feats.shape[1]), np.float64)
+  np.add.at(sums, labels, feats)
+  norms = np.linalg.norm(sums, axis=1, keepdims=True)
+  rng = np.random.default_rng(config.seed)
+  empty = norms[:, 0] == 0
+  sums[empty] = rng.normal(size=(int(empty.sum()), feats.shape[1]))
+  means = sums / np.linalg.norm(sums, axis=1, keepdims=True)
+  kernel = np.zeros((feats.shape[1], width), np.float32)
+  kernel[:, :num_classes] = means.T
+  return kernel
+
+
+def initialise(state, stack, config: ml_collections.ConfigDict, source):
+  """The fresh `state` with the pretrained backbone (and, if asked, the
+  class-mean classifier) of `config.init_from`."""
+  variables = pretrained_backbone(config, stack.model, stack.mesh)
+  params = dict(state.params, backbone=variables["params"])
+  if config.init_classifier == "class_means":
+    kernel = class_mean_classifier(
+        config, stack.model, stack.mesh, variables, source,
+        stack.num_classes, state.classifier_width)
+    params["classifier"] = {"kernel": kernel}
+  params = jax.device_put(params, stack.state_shardings.params)
+  state = state.replace(
+      params=params, opt_state=stack.tx.init(params),
+      batch_stats=jax.device_put(variables["batch_stats"],
+                                 stack.state_shardings.batch_stats))
+  if state.moco is not None:  # the momentum encoder starts as a copy
+    state = state.replace(moco=state.moco.replace(
+        params=jax.tree.map(jnp.copy, params),
+        batch_stats=jax.tree.map(jnp.copy, state.batch_stats)))
+  return state
