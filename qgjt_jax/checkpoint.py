@@ -1,11 +1,13 @@
 """Orbax checkpoints: the full train state and the model.
 
-Each checkpoint step holds two items:
-  state  the whole TrainState (queue, quality statistics, optimiser...) to
-         resume training exactly;
-  model  {'params', 'batch_stats'} of the backbone alone, what evaluation and
-         fine-tuning need: restoring it does not depend on the class count,
-         the optimiser or the device count that wrote it.
+Each checkpoint step holds three items:
+  state    the whole TrainState (queue, quality statistics, optimiser...) to
+           resume training exactly;
+  model    {'params', 'batch_stats'} of the backbone alone, what evaluation
+           and fine-tuning need: restoring it does not depend on the class
+           count, the optimiser or the device count that wrote it;
+  quality  {'mean', 'std'}: the running feature-norm statistics, which say
+           on which side of the HQ/LQ threshold a new image falls.
 The input pipeline needs no item of its own: its batches are a pure function
 of the seed and the step (data/pipeline.py), so the restored `state.step` is
 its position, whatever the process or worker count of the resumed run.
@@ -30,7 +32,7 @@ import orbax.checkpoint as ocp
 
 from qgjt_jax import reporting
 
-STATE, MODEL = "state", "model"
+STATE, MODEL, QUALITY = "state", "model", "quality"
 
 
 class CheckpointError(RuntimeError):
@@ -80,7 +82,9 @@ def save(manager: ocp.CheckpointManager, state, *, force: bool = False
   if step in manager.all_steps():
     return False
   items = {STATE: ocp.args.StandardSave(state),
-           MODEL: ocp.args.StandardSave(model_item(state))}
+           MODEL: ocp.args.StandardSave(model_item(state)),
+           QUALITY: ocp.args.StandardSave({"mean": state.quality.mean,
+                                           "std": state.quality.std})}
   return manager.save(step, args=ocp.args.Composite(**items), force=force)
 
 
@@ -185,6 +189,19 @@ def restore_model(directory: str, abstract_model: Any,
           f"not be restored ({errors[-1]}).")
   raise CheckpointError(f"No readable checkpoint in {directory}:\n  " +
                         "\n  ".join(errors))
+
+
+def restore_quality(directory: str, step: int) -> Optional[dict[str, float]]:
+  """{'mean', 'std'} of the running norm statistics at `step`, or None for
+  a checkpoint without them (a converted model)."""
+  if not (epath.Path(_absolute(directory)) / str(step) / QUALITY).exists():
+    return None
+  manager = ocp.CheckpointManager(
+      _absolute(directory),
+      options=ocp.CheckpointManagerOptions(create=False, read_only=True))
+  restored = manager.restore(step, args=ocp.args.Composite(
+      **{QUALITY: ocp.args.StandardRestore()}))[QUALITY]
+  return {k: float(v) for k, v in restored.items()}
 
 
 def save_model_only(directory: str, model: dict[str, Any], step: int = 0

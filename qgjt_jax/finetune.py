@@ -24,7 +24,6 @@ from etils import epath
 from qgjt_jax import checkpoint as ckpt
 from qgjt_jax import config_checks
 from qgjt_jax import evaluate
-from qgjt_jax import parallel
 from qgjt_jax import reporting
 from qgjt_jax.eval import extract
 from qgjt_jax.eval import images as images_lib

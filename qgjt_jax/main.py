@@ -6,9 +6,15 @@ r"""Entry point: train or evaluate a recipe.
   python -m qgjt_jax.main --config=configs/ms1m.py --workdir=runs/ms1m \
       --mode=eval [--step=N]
 
+  python -m qgjt_jax.main --config=configs/ms1m.py --workdir=runs/ms1m \
+      --mode=embed --images=/data/my_faces --out=my_faces.npz
+  python -m qgjt_jax.main --config=configs/ms1m.py --workdir=runs/ms1m \
+      --mode=compare --images=a.jpg,b.jpg
+
 Any config key can be overridden with --config.KEY=VALUE; an unknown key, an
-impossible value or an incompatible workdir stops the program at start with
-one line naming the key (exit status 1). A run stopped by SIGTERM or SIGINT
+impossible value, an incompatible workdir or an unreadable file stops the
+program with one line naming the key or file (exit status 1; the traceback
+with --verbosity=1 or QGJT_TRACEBACK=1). A run stopped by SIGTERM or SIGINT
 checkpoints and exits 0; the same command resumes it.
 """
 import re
@@ -19,6 +25,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from qgjt_jax import errors
 from qgjt_jax import parallel
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -26,47 +33,97 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Where checkpoints, logs and evaluation results go.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"],
-                          "train (and evaluate at the end) or evaluate a "
-                          "checkpoint of the workdir.")
+_MODE = flags.DEFINE_enum(
+    "mode", "train", ["train", "eval", "embed", "compare"],
+    "train (and evaluate at the end); eval: evaluate a checkpoint of the "
+    "workdir; embed: embeddings of --images (a folder) into --out; compare: "
+    "the cosine of two --images.")
 _STEP = flags.DEFINE_integer("step", None,
-                             "--mode=eval: the checkpoint step (default: the "
-                             "latest readable one).")
+                             "eval/embed/compare: the checkpoint step "
+                             "(default: the latest readable one).")
+_IMAGES = flags.DEFINE_string("images", None, "embed: a folder of face "
+                              "images; compare: two images, A.jpg,B.jpg.")
+_OUT = flags.DEFINE_string("out", None, "embed: the .npz to write.")
+_SKIP_BAD = flags.DEFINE_bool("skip_bad", False, "embed: leave unreadable "
+                              "images out (listed in the .npz) instead of "
+                              "stopping at the first.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _loaded_config():
+  """The --config recipe; a file that does not load is one clear line."""
+  try:
+    config = _CONFIG.value
+    config.to_dict()  # a file that failed to load raises on first use
+    return config
+  except OSError as e:
+    raise errors.UserError(
+        f"--config={flags.FLAGS['config'].serialize().split('=', 1)[-1]}: "
+        f"{_first_cause(e)}: give a recipe file such as "
+        "configs/synthetic.py") from None
+
+
+def _first_cause(e: BaseException) -> str:
+  text = " ".join(str(e).split())
+  found = re.search(r"\[Errno \d+\] [^:]+", text)
+  return found.group(0) if found else text[:200]
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  verbose = logging.get_verbosity() >= 1
   logging.set_verbosity(logging.WARNING)
   parallel.maybe_initialize_distributed()
   # Imported here so that --help stays fast.
+  from qgjt_jax import checkpoint
+  from qgjt_jax import config_checks
+  from qgjt_jax import embed
+  from qgjt_jax import reporting
+  from qgjt_jax import torch_files
+  from qgjt_jax import train
+  reporting.open_process_log(_WORKDIR.value)
+  expected = (config_checks.ConfigError, checkpoint.IncompatibleRunError,
+              checkpoint.CheckpointError, train.NonFiniteError,
+              embed.ImageError, torch_files.TorchFileError)
+  show = lambda line: reporting.note(line, error=True)
+  with errors.expected_failures(*expected, verbose=verbose, show=show):
+    config = _loaded_config()
+    if _MODE.value == "train":
+      train.train_and_evaluate(config, _WORKDIR.value)
+    else:
+      _use_a_checkpoint(config)
+
+
+def _use_a_checkpoint(config) -> None:
+  """--mode=eval, embed or compare: the model of a workdir's checkpoint."""
   import jax
   from qgjt_jax import checkpoint
   from qgjt_jax import config_checks
+  from qgjt_jax import embed
   from qgjt_jax import evaluate
   from qgjt_jax import reporting
-  from qgjt_jax import train
-  reporting.open_process_log(_WORKDIR.value)
-  try:
-    if _MODE.value == "train":
-      train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    else:
-      config_checks.check_eval_config(_CONFIG.value)
-      config_checks.check_mesh(_CONFIG.value, parallel.make_mesh(1),
-                               train=False)
-      checkpoint.check_compatible(_WORKDIR.value, _CONFIG.value.to_dict(),
-                                  keys=checkpoint.MODEL_KEYS)
-      reporting.note(f"Evaluating a checkpoint of {_WORKDIR.value} on "
-                     f"{jax.device_count()} device(s).")
-      evaluate.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value,
-                                   step=_STEP.value)
-  except (config_checks.ConfigError, checkpoint.IncompatibleRunError,
-          checkpoint.CheckpointError, train.NonFiniteError) as e:
-    # Expected failures with a message that says what to do: no traceback,
-    # and one copy of it however many processes hit it.
-    reporting.note(f"ERROR: {e}", error=True)
-    sys.exit(1)
+  config_checks.check_eval_config(config)
+  config_checks.check_mesh(config, parallel.make_mesh(1), train=False)
+  checkpoint.check_compatible(_WORKDIR.value, config.to_dict(),
+                              keys=checkpoint.MODEL_KEYS)
+  if _MODE.value == "eval":
+    reporting.note(f"Evaluating a checkpoint of {_WORKDIR.value} on "
+                   f"{jax.device_count()} device(s).")
+    evaluate.evaluate_checkpoint(config, _WORKDIR.value, step=_STEP.value)
+    return
+  if not _IMAGES.value:
+    raise errors.UserError(f"--mode={_MODE.value} needs --images (a folder "
+                           "for embed, A.jpg,B.jpg for compare)")
+  if _MODE.value == "compare":
+    embed.run_compare(config, _WORKDIR.value, _IMAGES.value.split(","),
+                      step=_STEP.value)
+    return
+  if not _OUT.value:
+    raise errors.UserError("--mode=embed needs --out, the .npz to write "
+                           "(e.g. --out=faces.npz)")
+  embed.run_embed(config, _WORKDIR.value, _IMAGES.value, _OUT.value,
+                  skip_bad=_SKIP_BAD.value, step=_STEP.value)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -77,6 +134,9 @@ def _parse_flags(argv: list[str]) -> list[str]:
   """
   try:
     return app.parse_flags_with_usage(argv)
+  except SyntaxError as e:
+    sys.exit(f"ERROR: --config={e.filename}: {e.msg} at line {e.lineno}: "
+             "fix the recipe file")
   except (AttributeError, KeyError) as e:
     text = (str(e.args[0]) if e.args else str(e)).replace("\\'", "'")
     hint = re.search(r'Did you mean "[^"]+" instead of "([^"]+)"\?', text)
@@ -86,9 +146,9 @@ def _parse_flags(argv: list[str]) -> list[str]:
     culprit = next((a for a in overrides
                     if key in a.split("=", 1)[0].split(".")), None)
     what = culprit or f"--config.{key}"
-    sys.exit(f"FATAL Flags parsing error: {what}: unknown config key "
-             f"{key!r}." + (f" {hint.group(0)}" if hint else "") +
-             " Keys are listed in the --config file and configs/common.py.")
+    sys.exit(f"ERROR: {what}: unknown config key {key!r}: " +
+             (f"{hint.group(0)} " if hint else "") +
+             "the keys are listed in the --config file and configs/common.py")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,85 @@
+"""How every command ends on a bad input: one line, exit status 1.
+
+Each entry point runs its body under `expected_failures(...)`: the failures
+a user can cause and fix (a bad config key, a missing or unreadable file, a
+workdir of another run, a full disk) end in
+
+  ERROR: <what, naming the file or key>: <what to do>
+
+on stderr and exit status 1, with the traceback only when asked for
+(`QGJT_TRACEBACK=1`, or `--verbosity=1` for the absl commands). Anything else
+is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import sys
+import traceback
+from typing import Callable, Optional
+
+TRACEBACK_ENV = "QGJT_TRACEBACK"
+
+# OSErrors a user causes, and what to do about them.
+_OS_ADVICE = {
+    errno.ENOSPC: "free some space there, or use another location",
+    errno.EDQUOT: "free some of your quota, or use another location",
+    errno.EACCES: "use a location you can write to, or fix its permissions",
+    errno.EPERM: "use a location you can write to, or fix its permissions",
+    errno.EROFS: "use a location on a writable file system",
+    errno.ENOENT: "check the path",
+    errno.ENOTDIR: "check the path",
+    errno.EISDIR: "name a file, not a folder",
+}
+
+
+class UserError(Exception):
+  """An expected failure whose message says what went wrong and what to do."""
+
+
+def describe_os_error(e: OSError) -> Optional[str]:
+  """One line for an OSError a user can fix, or None for other ones."""
+  advice = _OS_ADVICE.get(e.errno)
+  if advice is None:
+    return None
+  where = f" ({e.filename})" if e.filename else ""
+  return f"{e.strerror or type(e).__name__}{where}: {advice}"
+
+
+def one_line(e: BaseException) -> str:
+  """The message of `e` on one line."""
+  if isinstance(e, OSError) and not isinstance(e, UserError):
+    described = describe_os_error(e)
+    if described:
+      return described
+  text = str(e).strip() or type(e).__name__
+  return " ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
+def traceback_requested(verbose: bool = False) -> bool:
+  return verbose or os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
+
+
+@contextlib.contextmanager
+def expected_failures(*types: type, verbose: bool = False,
+                      show: Optional[Callable[[str], None]] = None):
+  """Turns `types` (and UserError, and fixable OSErrors) into one line.
+
+  `show` prints the line (default: stderr); multi-process programs pass one
+  that prints on process 0 only.
+  """
+  try:
+    yield
+  except (UserError, OSError, *types) as e:  # pylint: disable=catching-non-exception
+    if isinstance(e, OSError) and not isinstance(e, (UserError, *types)) and (
+        describe_os_error(e) is None):
+      raise
+    if traceback_requested(verbose):
+      traceback.print_exc()
+    line = f"ERROR: {one_line(e)}"
+    if show is None:
+      print(line, file=sys.stderr, flush=True)
+    else:
+      show(line)
+    sys.exit(1)
