@@ -37,6 +37,8 @@ import jax
 import ml_collections
 import numpy as np
 
+from qgjt_jax import config_checks
+from qgjt_jax import errors
 from qgjt_jax import parallel
 from qgjt_jax import stack as stack_lib
 
@@ -74,7 +76,10 @@ DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / (
 def load_config(path: str | pathlib.Path) -> ml_collections.ConfigDict:
   """`get_config()` of a recipe file (configs/*.py)."""
   path = pathlib.Path(path)
-  root = str(path.resolve().parents[1])
+  if not path.is_file():
+    raise errors.UserError(f"--config={path}: no such recipe file; e.g. "
+                           f"--config={DEFAULT_CONFIG}")
+  root = str(path.resolve().parent.parent)
   if root not in sys.path:  # recipes import `configs.common`
     sys.path.insert(0, root)
   spec = importlib.util.spec_from_file_location(f"_recipe_{path.stem}", path)
@@ -179,6 +184,7 @@ def run(*, arch: str = "ir50", batch: int = 256, dtype: str = "bfloat16",
       base_width=base_width, embedding_size=embedding_size,
       model_parallelism=model_parallelism, sample_rate=sample_rate,
       logits_dtype=logits_dtype, remat=remat)
+  config_checks.check_values(config)
   # A long epoch: the lr milestones and the ramps stay put while timing.
   stack = stack_lib.build_stack(config, num_classes=classes,
                                 steps_per_epoch=10_000.0)
@@ -292,6 +298,8 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
                  help="recompute each residual unit in the backward pass")
   p.add_argument("--trace_dir", default=None,
                  help="also write a jax.profiler trace of 3 steps here")
+  p.add_argument("--verbosity", type=int, default=0,
+                 help="1 shows the traceback of an expected failure")
   p.add_argument("--dump_hlo", default=None,
                  help="write the compiled step's HLO text to this file")
   return p.parse_args(argv)
@@ -300,17 +308,23 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> None:
   a = _parse(sys.argv[1:] if argv is None else argv)
   parallel.maybe_initialize_distributed()
-  record = run(arch=a.arch, batch=a.batch, dtype=a.dtype, classes=a.classes,
-               queue=a.queue, steps=a.steps, warmup=a.warmup,
-               repeats=a.repeats, qgface=not a.no_qgface,
-               image_size=a.image_size, base_width=a.base_width,
-               embedding_size=a.embedding_size,
-               model_parallelism=a.model_parallelism,
-               sample_rate=a.sample_rate, logits_dtype=a.logits_dtype,
-               remat=a.remat, config_path=a.config, trace_dir=a.trace_dir,
-               dump_hlo=a.dump_hlo)
+  with errors.expected_failures(config_checks.ConfigError,
+                                verbose=a.verbosity >= 1):
+    record = _run(a)
   if jax.process_index() == 0:
     print(json.dumps(record), flush=True)
+
+
+def _run(a: argparse.Namespace) -> dict[str, Any]:
+  return run(arch=a.arch, batch=a.batch, dtype=a.dtype, classes=a.classes,
+             queue=a.queue, steps=a.steps, warmup=a.warmup,
+             repeats=a.repeats, qgface=not a.no_qgface,
+             image_size=a.image_size, base_width=a.base_width,
+             embedding_size=a.embedding_size,
+             model_parallelism=a.model_parallelism,
+             sample_rate=a.sample_rate, logits_dtype=a.logits_dtype,
+             remat=a.remat, config_path=a.config, trace_dir=a.trace_dir,
+             dump_hlo=a.dump_hlo)
 
 
 if __name__ == "__main__":

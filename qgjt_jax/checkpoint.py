@@ -31,6 +31,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from qgjt_jax import reporting
+from qgjt_jax.config_keys import MISSING, lookup
 
 STATE, MODEL, QUALITY = "state", "model", "quality"
 
@@ -249,20 +250,6 @@ INCOMPATIBLE_KEYS = (
     ("optim.weight_decay", _ON_OFF),
     ("optim.momentum", _ON_OFF),
 )
-MISSING = object()
-
-
-def lookup(tree: Any, dotted: str) -> Any:
-  """`tree["a"]["b"]` for "a.b" in nested dicts or ConfigDicts; MISSING if
-  a part is absent."""
-  for key in dotted.split("."):
-    try:
-      tree = tree[key]
-    except (KeyError, TypeError, AttributeError):
-      return MISSING
-  return tree
-
-
 # What rebuilding the backbone alone (evaluation, fine-tuning) depends on.
 MODEL_KEYS = ("model.name", "model.base_width", "model.embedding_size",
               "data.image_size")

@@ -15,7 +15,7 @@ import jax
 import ml_collections
 from jax.sharding import Mesh
 
-from qgjt_jax import checkpoint as ckpt
+from qgjt_jax import config_keys
 from qgjt_jax import parallel
 
 _CHOICES = {
@@ -134,7 +134,7 @@ def check_train_config(config: ml_collections.ConfigDict,
 def check_values(config: ml_collections.ConfigDict) -> None:
   """Enumerations, ranges and positive sizes."""
   for key, allowed in _CHOICES.items():
-    value = ckpt.lookup(config, key)
+    value = config_keys.lookup(config, key)
     if value not in allowed:
       raise ConfigError(f"config.{key}={value!r} is not one of {allowed}; "
                         f"e.g. --config.{key}={allowed[0]}.")
@@ -146,11 +146,11 @@ def check_values(config: ml_collections.ConfigDict) -> None:
         f"config.model.name={config.model.name!r} is not a known backbone; "
         f"use one of {', '.join(backbone_names())}.") from None
   for key in _POSITIVE:
-    value = ckpt.lookup(config, key)
+    value = config_keys.lookup(config, key)
     if not _is_number(value) or value <= 0:
       raise ConfigError(f"config.{key}={value!r} must be a positive number.")
   for key, low, high, what in _RANGES:
-    value = ckpt.lookup(config, key)
+    value = config_keys.lookup(config, key)
     if not _is_number(value) or (low is not None and value < low) or (
         high is not None and value > high):
       interval = (f"in [{low}, {high}]" if high is not None else f">= {low}")

@@ -58,6 +58,7 @@ from absl import logging as absl_logging
 from etils import epath
 import numpy as np
 
+from qgjt_jax import errors
 from qgjt_jax import models
 from qgjt_jax import torch_files
 from qgjt_jax.models import iresnet
@@ -409,8 +410,9 @@ def load_torch_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
     with np.load(path, allow_pickle=False) as data:
       return {k: data[k] for k in data.files}
   except Exception as e:  # zipfile, zlib and numpy format errors alike
-    raise ValueError(f"cannot read {path} as an .npz of name -> array "
-                     f"({type(e).__name__}: {e})") from e
+    raise torch_files.TorchFileError(
+        f"cannot read {path} as an .npz of name -> array "
+        f"({type(e).__name__}: {e})") from e
 
 
 def _first_line(e: Exception) -> str:
@@ -630,23 +632,25 @@ def _define_flags() -> None:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  verbose = absl_logging.get_verbosity() >= 1
   absl_logging.set_verbosity(absl_logging.WARNING)
   cfg = flags.FLAGS
-  try:
+  with errors.expected_failures(StateDictMismatchError,
+                                torch_files.TorchFileError, verbose=verbose):
     # Before the (slow) read: a bad name or a workdir in use fails at once.
     if cfg.arch != "auto":
-      parse_arch(cfg.arch)
+      try:
+        parse_arch(cfg.arch)
+      except ValueError as e:
+        raise errors.UserError(f"--arch={cfg.arch}: {e}") from None
     check_writable(cfg.workdir, cfg.overwrite)
     state = load_torch_checkpoint(cfg.src)
     try:
       converted = convert_state_dict(state, cfg.arch, cfg.input_order)
-    except ValueError as e:
-      raise ValueError(f"{cfg.src}: {e}") from e
+    except StateDictMismatchError as e:
+      raise StateDictMismatchError(f"{cfg.src}: {e}") from e
     write_checkpoint(cfg.workdir, converted, source=cfg.src,
                      overwrite=cfg.overwrite)
-  except (OSError, ValueError) as e:
-    # Expected failures with a message naming the file: no traceback.
-    sys.exit(f"ERROR: {e}")
   print(summary(cfg.src, cfg.workdir, converted, cfg.eval_config), flush=True)
 
 

@@ -39,7 +39,13 @@ class UserError(Exception):
 
 
 def describe_os_error(e: OSError) -> Optional[str]:
-  """One line for an OSError a user can fix, or None for other ones."""
+  """One line for an OSError a user can fix, or None for other ones.
+
+  An OSError without an errno was raised with a message of ours (a missing
+  folder, say): that message is the line.
+  """
+  if e.errno is None:
+    return " ".join(str(e).split()) or None
   advice = _OS_ADVICE.get(e.errno)
   if advice is None:
     return None

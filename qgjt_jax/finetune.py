@@ -23,6 +23,7 @@ from etils import epath
 
 from qgjt_jax import checkpoint as ckpt
 from qgjt_jax import config_checks
+from qgjt_jax import config_keys
 from qgjt_jax import evaluate
 from qgjt_jax import reporting
 from qgjt_jax.eval import extract
@@ -78,7 +79,7 @@ def check_source(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
         "checkpoints folder, or a .pth/.ckpt/.npz file.")
   settings = _source_settings(path)
   diffs = [f"--config.{key}={value}" for key, value in settings.items()
-           if key in ckpt.MODEL_KEYS and ckpt.lookup(config, key) != value]
+           if key in ckpt.MODEL_KEYS and config_keys.lookup(config, key) != value]
   if diffs:
     raise config_checks.ConfigError(
         f"config.init_from={path!r} holds another architecture than the "

@@ -32,6 +32,7 @@ import threading
 import time
 from typing import Optional, Sequence
 
+from qgjt_jax import errors
 from qgjt_jax import parallel
 
 # What the children inherit besides the cluster variables: fake CPU devices,
@@ -238,13 +239,10 @@ def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def main(argv: Sequence[str]) -> int:
   args, main_flags = _parse(argv)
-  try:
+  with errors.expected_failures(LaunchError):
     return launch(args.processes, args.devices_per_process, main_flags,
                   heartbeat_timeout_s=args.heartbeat_timeout_s,
                   port=args.port)
-  except LaunchError as e:
-    print(f"ERROR: {e}", file=sys.stderr)
-    return 1
 
 
 if __name__ == "__main__":

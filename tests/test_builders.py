@@ -291,7 +291,7 @@ def test_cli_twice_without_tensorflow(folder, hide_dir, tmp_path):
   assert first.stdout.strip().splitlines()[-1] == (
       f"Prepared face_image_folder/cli_faces in {version_dir}: 6 images, "
       "3 identities, 2 unreadable files skipped")
-  assert "face_image_folder/cli_faces: 8/8 (100.0%) images" in first.stderr
+  assert "face_image_folder/cli_faces: [##############################] 8/8 (100.0%)" in first.stderr
   assert str(stale) in first.stderr  # named in a warning
   files = {p: p.stat().st_mtime_ns for p in version_dir.iterdir()}
 
@@ -435,7 +435,7 @@ def test_cli_synthetic_twice_without_tensorflow(hide_dir, tmp_path):
   assert first.stdout.strip().splitlines()[-1] == (
       f"Prepared synthetic_faces/cli_synth in {version_dir}: 6 images, "
       "2 identities")
-  assert "synthetic_faces/cli_synth: 6/6 (100.0%) images" in first.stderr
+  assert "synthetic_faces/cli_synth: [##############################] 6/6 (100.0%)" in first.stderr
   second = run_cli(args, hide_dir)
   assert second.returncode == 0, second.stderr[-3000:]
   assert second.stdout.strip().splitlines()[-1] == (

@@ -31,7 +31,6 @@ import concurrent.futures
 import dataclasses
 import os
 import pathlib
-import time
 from typing import Any, Iterator
 
 from absl import logging
@@ -40,6 +39,7 @@ import numpy as np
 from PIL import Image as PILImage
 import tensorflow_datasets as tfds
 
+from qgjt_jax import progress as progress_lib
 from qgjt_jax.data import recordio
 from qgjt_jax.data import synthetic
 
@@ -50,43 +50,17 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _MAX_LISTED_SKIPS = 1000  # skipped paths kept in the dataset metadata
 
 
-class BadImageError(ValueError):
+class DataError(ValueError):
+  """Data that cannot be prepared as asked (the message names it)."""
+
+
+class BadImageError(DataError):
   """A file in an image folder is not an image we can read."""
 
   def __init__(self, path: os.PathLike | str, reason: str):
     super().__init__(f"{path}: {reason}")
     self.path = str(path)
     self.reason = reason
-
-
-class Progress:
-  """Logs "done/total, rate" lines while a long preparation runs.
-
-  Lines go through absl logging at most every `every_s` seconds, and once at
-  the end; `qgjt_jax.data.prepare` turns INFO logging on so users see them.
-  """
-
-  def __init__(self, what: str, total: int | None, every_s: float = 20.0):
-    self._what, self._total, self._every_s = what, total, every_s
-    self._start = self._last = time.monotonic()
-    self.count = 0
-
-  def update(self, n: int = 1) -> None:
-    self.count += n
-    now = time.monotonic()
-    if now - self._last >= self._every_s:
-      self._last = now
-      self._log(now)
-
-  def _log(self, now: float) -> None:
-    rate = self.count / max(now - self._start, 1e-9)
-    of = f"/{self._total} ({100 * self.count / self._total:.1f}%)" if (
-        self._total) else ""
-    logging.info("%s: %d%s images, %.0f images/s", self._what, self.count, of,
-                 rate)
-
-  def done(self) -> None:
-    self._log(time.monotonic())
 
 
 class _ManualBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -185,14 +159,14 @@ class InsightFaceRec(_ManualBuilder):
               ("images", config.num_images, len(record))]
     for what, expected, found in checks:
       if expected is not None and expected != found:
-        raise ValueError(
+        raise DataError(
             f"{root}: {found} {what}, but {where} expects {expected}. Is this "
             "the right set? Prepare other sets under their own name "
             "(qgjt_jax.data.prepare --name=<your name>).")
     if (config.image_size is not None and record.image_size is not None
         and tuple(config.image_size) != tuple(record.image_size)):
-      raise ValueError(f"{root}: images are {record.image_size}, {where} "
-                       f"expects {config.image_size}")
+      raise DataError(f"{root}: images are {record.image_size}, {where} "
+                      f"expects {config.image_size}")
     label = self.info.features["label"]
     if config.num_classes is None:
       label.names = [str(c) for c in range(record.num_classes)]
@@ -212,7 +186,8 @@ class InsightFaceRec(_ManualBuilder):
       for c, (lo, hi) in enumerate(ranges):
         expected[lo:hi] = c
     mismatches = []
-    progress = Progress(f"{self.name}/{self.builder_config.name}", len(record))
+    progress = progress_lib.Progress(
+        len(record), f"{self.name}/{self.builder_config.name}")
     for key in record.image_keys:
       key = int(key)
       header, image = record.read(key)
@@ -225,7 +200,7 @@ class InsightFaceRec(_ManualBuilder):
         mismatches.append(key)
       yield key, {"image": image, "label": label, "key": key}
       progress.update()
-    progress.done()
+    progress.close()
     if mismatches:
       logging.warning(
           "%s: %d image labels disagree with the identity records' ranges "
@@ -422,7 +397,8 @@ class FaceImageFolder(_ManualBuilder):
     except BadImageError as e:
       error = e
     if not self.skip_bad:
-      raise error
+      raise BadImageError(error.path, f"{error.reason}; pass --skip_bad to "
+                          "leave unreadable files out")
     return error
 
   def _generate_examples(self, root: pathlib.Path,
@@ -430,7 +406,8 @@ class FaceImageFolder(_ManualBuilder):
                          ) -> Iterator[tuple[str, dict[str, Any]]]:
     config: FaceImageFolderConfig = self.builder_config
     threads = self.num_threads or os.cpu_count() or 1
-    progress = Progress(f"{self.name}/{config.name}", len(files))
+    progress = progress_lib.Progress(len(files),
+                                     f"{self.name}/{config.name}")
     chunk = 64 * threads  # bounds the converted images held in memory
     num_images = 0
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
@@ -446,10 +423,11 @@ class FaceImageFolder(_ManualBuilder):
           relative = path.relative_to(root).as_posix()
           num_images += 1
           yield relative, {"image": result, "label": label, "path": relative}
-    progress.done()
+    progress.close()
     if not num_images:
-      raise ValueError(f"{root}: none of the {len(files)} files is a readable "
-                       "image")
+      raise DataError(f"{root}: none of the {len(files)} files is a readable "
+                      "image: the folder must hold face images, "
+                      "<root>/<identity>/<image>")
     self.info.metadata.update(
         num_images=num_images, num_skipped=len(self.skipped),
         skipped=[os.path.relpath(e.path, root)
@@ -558,14 +536,14 @@ class SyntheticFacesBuilder(_ManualBuilder):
 
   def _generate_examples(self, source: synthetic.SyntheticFaces
                          ) -> Iterator[tuple[int, dict[str, Any]]]:
-    progress = Progress(f"{self.name}/{self.builder_config.name}",
-                        len(source))
+    progress = progress_lib.Progress(
+        len(source), f"{self.name}/{self.builder_config.name}")
     for index in range(len(source)):
       record = source[index]
       yield index, {"image": record["image"], "label": int(record["label"]),
                     "index": index}
       progress.update()
-    progress.done()
+    progress.close()
 
 
 def synthetic_config(name: str, *, num_identities: int | None = None,

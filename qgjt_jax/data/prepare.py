@@ -39,7 +39,9 @@ from absl import flags
 from absl import logging
 import tensorflow_datasets as tfds
 
+from qgjt_jax import errors
 from qgjt_jax.data import builders
+from qgjt_jax.data import recordio
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,6 +191,8 @@ def prepare(fmt: str, *, src: str | None = None, data_dir: str, name: str,
     The counts and location.
   """
   _import_format_modules()
+  # This command prints its own progress line and counts.
+  tfds.disable_progress_bar()
   if fmt not in FORMATS:
     raise ValueError(f"unknown format {fmt!r}; known: {sorted(FORMATS)}")
   request = PrepareRequest(src=src, data_dir=data_dir, name=name,
@@ -252,16 +256,36 @@ def _define_flags() -> None:
   flags.mark_flags_as_required(["format", "data_dir", "name"])
 
 
+def check_src(fmt: str, src: str | None) -> None:
+  """--src names a folder with something in it (before TFDS's own, less
+  clear, refusal)."""
+  if fmt == "synthetic":
+    return
+  if not src:
+    raise builders.DataError(f"--format={fmt} needs --src, the folder "
+                             "holding the data")
+  if not os.path.isdir(src):
+    raise builders.DataError(f"--src={src} is not a folder")
+  if not any(True for _ in os.scandir(src)):
+    layout = ("<root>/<identity>/<image>" if fmt == "image_folder"
+              else "train.rec, train.idx and property")
+    raise builders.DataError(f"--src={src} is empty: it must hold {layout}")
+
+
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.INFO)
+  verbose = logging.get_verbosity() >= 1
+  logging.set_verbosity(logging.WARNING)
   f = flags.FLAGS
-  result = prepare(f.format, src=f.src, data_dir=f.data_dir, name=f.name,
-                   skip_bad=f.skip_bad, overwrite=f.overwrite,
-                   num_identities=f.num_identities,
-                   images_per_identity=f.images_per_identity,
-                   image_size=f.image_size, seed=f.seed)
+  with errors.expected_failures(builders.DataError, recordio.RecordIOError,
+                                verbose=verbose):
+    check_src(f.format, f.src)
+    result = prepare(f.format, src=f.src, data_dir=f.data_dir, name=f.name,
+                     skip_bad=f.skip_bad, overwrite=f.overwrite,
+                     num_identities=f.num_identities,
+                     images_per_identity=f.images_per_identity,
+                     image_size=f.image_size, seed=f.seed)
   what = "Reused" if result.reused else "Prepared"
   skipped = (f", {result.num_skipped} unreadable files skipped"
              if result.num_skipped else "")

@@ -26,12 +26,11 @@ the AdaFace/QGFace evaluation scripts' names):
 """
 from collections.abc import Callable, Iterable
 import dataclasses
-import sys
-import time
 from typing import Any
 
 import numpy as np
 
+from qgjt_jax import progress as progress_lib
 from qgjt_jax.eval import images as images_lib
 
 EmbedFn = Callable[[np.ndarray], tuple[Any, Any]]
@@ -78,40 +77,6 @@ def fuse_flip(emb: np.ndarray, norms: np.ndarray, emb_flip: np.ndarray,
     return np.concatenate([e1, e2], axis=1) / np.sqrt(2.0), (n1 + n2) / 2
   raise ValueError(f'unknown fusion {fusion!r}; expected one of {FUSIONS} '
                    'or None')
-
-
-class Progress:
-  """A plain progress line on stderr, at most every `every_s` seconds."""
-
-  def __init__(self, total: int | None, desc: str, enabled: bool = True,
-               every_s: float = 10.0):
-    self.total, self.desc, self.enabled, self.every_s = (total, desc, enabled,
-                                                         every_s)
-    self.done = 0
-    self.start = self.last = time.monotonic()
-
-  def update(self, n: int) -> None:
-    self.done += n
-    now = time.monotonic()
-    if self.enabled and now - self.last >= self.every_s:
-      self.last = now
-      self._write(now)
-
-  def close(self) -> None:
-    if self.enabled:
-      self._write(time.monotonic())
-
-  def _write(self, now: float) -> None:
-    rate = self.done / max(now - self.start, 1e-9)
-    if self.total:
-      frac = self.done / self.total
-      width = 30
-      bar = '#' * int(width * frac) + '.' * (width - int(width * frac))
-      line = (f'{self.desc}: [{bar}] {self.done}/{self.total} '
-              f'({100 * frac:.1f}%) {rate:.0f} img/s')
-    else:
-      line = f'{self.desc}: {self.done} images, {rate:.0f} img/s'
-    print(line, file=sys.stderr, flush=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,7 +208,8 @@ def extract_embeddings(
                      f'{shard.count} processes')
   use_flip = flip and fusion is not None
   images = _as_random_access(images)
-  bar = Progress(len(images), desc, enabled=progress and shard.index == 0)
+  bar = progress_lib.Progress(len(images), desc,
+                             enabled=progress and shard.index == 0)
   feats, norms = [], []
 
   def collect(outputs, n_valid):
