@@ -20,8 +20,10 @@ readable the run stops instead of silently starting over.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import time
 from typing import Any, Optional
 
@@ -82,11 +84,60 @@ def save(manager: ocp.CheckpointManager, state, *, force: bool = False
   step = int(jax.device_get(state.step))
   if step in manager.all_steps():
     return False
+  _check_free_space(manager, state, step)
   items = {STATE: ocp.args.StandardSave(state),
            MODEL: ocp.args.StandardSave(model_item(state)),
            QUALITY: ocp.args.StandardSave({"mean": state.quality.mean,
                                            "std": state.quality.std})}
-  return manager.save(step, args=ocp.args.Composite(**items), force=force)
+  with _disk_full_is_checkpoint_error(manager, step):
+    return manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+
+def wait(manager: ocp.CheckpointManager) -> None:
+  """Waits for the pending asynchronous save, whose failure is reported."""
+  with _disk_full_is_checkpoint_error(manager, manager.latest_step()):
+    manager.wait_until_finished()
+
+
+def _check_free_space(manager: ocp.CheckpointManager, state, step: int
+                      ) -> None:
+  """Refuses a save that cannot fit, before writing anything of it.
+
+  Orbax writes a step into a temporary folder and renames it when complete,
+  so a full disk never leaves a "latest" step that cannot be restored; but
+  its asynchronous writes then fail in background threads. Checking first
+  gives one clear error instead. (Local file systems only.)
+  """
+  directory = str(manager.directory)
+  if "://" in directory:
+    return
+  # The state, and the backbone once more in the `model` item.
+  needed = sum(x.nbytes for x in jax.tree.leaves(state)) + sum(
+      x.nbytes for x in jax.tree.leaves(model_item(state)))
+  needed = needed // max(jax.process_count(), 1) + (1 << 20)
+  free = shutil.disk_usage(directory).free
+  if free < needed:
+    raise CheckpointError(
+        f"{directory}: {free / 2**20:.1f} MiB free, checkpoint step {step} "
+        f"needs about {needed / 2**20:.1f} MiB: free some space or use "
+        "another --workdir (the checkpoints written so far are kept)")
+
+
+@contextlib.contextmanager
+def _disk_full_is_checkpoint_error(manager, step):
+  """Orbax reports a full disk as a ValueError or RuntimeError of
+  tensorstore's; it is a CheckpointError here."""
+  try:
+    yield
+  except (ValueError, RuntimeError) as e:
+    text = str(e)
+    if "No space left on device" not in text and "os_error_code='28'" not in (
+        text):
+      raise
+    raise CheckpointError(
+        f"{manager.directory}: no space left on the device while writing "
+        f"checkpoint step {step}: free some space or use another --workdir "
+        "(that step was not committed; the ones before it are kept)") from e
 
 
 def _abstract(tree: Any, shardings: Any) -> Any:

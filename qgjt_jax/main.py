@@ -82,10 +82,12 @@ def main(argv):
   from qgjt_jax import reporting
   from qgjt_jax import torch_files
   from qgjt_jax import train
+  from qgjt_jax.data import recordio
   reporting.open_process_log(_WORKDIR.value)
   expected = (config_checks.ConfigError, checkpoint.IncompatibleRunError,
               checkpoint.CheckpointError, train.NonFiniteError,
-              embed.ImageError, torch_files.TorchFileError)
+              embed.ImageError, torch_files.TorchFileError,
+              recordio.RecordIOError)
   show = lambda line: reporting.note(line, error=True)
   with errors.expected_failures(*expected, verbose=verbose, show=show):
     config = _loaded_config()

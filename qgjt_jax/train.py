@@ -235,7 +235,7 @@ def _train_and_evaluate(config, workdir, stop: StopRequested) -> dict:
         evaluated = step, evaluator.run(state, step, writer, workdir)
       if stop.agreed():
         ckpt.save(manager, state, force=True)
-        manager.wait_until_finished()
+        ckpt.wait(manager)
         reporting.note(
             f"Stopped by {stop.description} at step "
             f"{step}; checkpoint written to {workdir}/checkpoints. Run the "
@@ -244,7 +244,7 @@ def _train_and_evaluate(config, workdir, stop: StopRequested) -> dict:
     if pending is not None and guard.exhausted(pending, step):
       _stop_nonfinite(manager, state, config)
     ckpt.save(manager, state, force=True)
-    manager.wait_until_finished()
+    ckpt.wait(manager)
     if evaluated[0] == step:  # the periodic evaluation was of this step
       return evaluated[1]
     return evaluator.run(state, step, writer, workdir)
@@ -278,7 +278,7 @@ class _NonFiniteGuard:
 def _stop_nonfinite(manager, state, config) -> None:
   """The guard left the state at its last good values: keep them and stop."""
   ckpt.save(manager, state, force=True)
-  manager.wait_until_finished()
+  ckpt.wait(manager)
   total, step = jax.device_get((state.nonfinite_total, state.step))
   raise NonFiniteError(
       f"{config.max_consecutive_nonfinite} consecutive steps had a non-finite "
