@@ -49,12 +49,10 @@ import math
 import os
 import re
 import shlex
-import sys
 from typing import Any, Callable, Mapping
 
 from absl import app
 from absl import flags
-from absl import logging as absl_logging
 from etils import epath
 import numpy as np
 
@@ -632,8 +630,7 @@ def _define_flags() -> None:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  verbose = absl_logging.get_verbosity() >= 1
-  absl_logging.set_verbosity(absl_logging.WARNING)
+  verbose = errors.absl_verbosity_asked()
   cfg = flags.FLAGS
   with errors.expected_failures(StateDictMismatchError,
                                 torch_files.TorchFileError, verbose=verbose):

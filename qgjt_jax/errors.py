@@ -63,6 +63,15 @@ def one_line(e: BaseException) -> str:
   return " ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
+def absl_verbosity_asked() -> bool:
+  """For absl commands: whether --verbosity >= 1 asked for tracebacks; then
+  absl logging is set to warnings only (what the commands print is enough)."""
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  verbose = logging.get_verbosity() >= 1
+  logging.set_verbosity(logging.WARNING)
+  return verbose
+
+
 def traceback_requested(verbose: bool = False) -> bool:
   return verbose or os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
 

@@ -136,14 +136,19 @@ def with_recorded_input_order(config: ml_collections.ConfigDict,
                               workdir: str) -> ml_collections.ConfigDict:
   """`config` with the model.input_order the workdir recorded, if any."""
   recorded = ckpt.recorded_model_settings(workdir).get("model.input_order")
-  if not recorded or recorded == config.model.input_order:
+  return with_input_order(config, recorded, f"The model in {workdir}")
+
+
+def with_input_order(config: ml_collections.ConfigDict, order: Any,
+                     whose: str) -> ml_collections.ConfigDict:
+  """`config` with model.input_order `order` (None: unchanged), saying so."""
+  if not order or order == config.model.input_order:
     return config
-  reporting.note(f"The model in {workdir} reads {recorded} images (its "
-                 f"record says so): config.model.input_order="
+  reporting.note(f"{whose} reads {order} images: config.model.input_order="
                  f"{config.model.input_order!r} is overridden.")
   config = config.copy_and_resolve_references()
   with config.unlocked():
-    config.model.input_order = recorded
+    config.model.input_order = order
   return config
 
 

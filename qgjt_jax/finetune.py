@@ -84,15 +84,8 @@ def check_source(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     raise config_checks.ConfigError(
         f"config.init_from={path!r} holds another architecture than the "
         f"config; set {' '.join(diffs)}.")
-  order = settings.get("model.input_order")
-  if not order or order == config.model.input_order:
-    return config
-  reporting.note(f"The weights in {path} read {order} images: the run uses "
-                 f"model.input_order={order!r}.")
-  config = config.copy_and_resolve_references()
-  with config.unlocked():
-    config.model.input_order = order
-  return config
+  return evaluate.with_input_order(config, settings.get("model.input_order"),
+                                   f"The weights in {path}")
 
 
 def pretrained_backbone(config: ml_collections.ConfigDict, model,

@@ -22,7 +22,6 @@ import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
 from qgjt_jax import errors
@@ -72,8 +71,7 @@ def _first_cause(e: BaseException) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  verbose = logging.get_verbosity() >= 1
-  logging.set_verbosity(logging.WARNING)
+  verbose = errors.absl_verbosity_asked()
   parallel.maybe_initialize_distributed()
   # Imported here so that --help stays fast.
   from qgjt_jax import checkpoint

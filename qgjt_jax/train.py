@@ -11,6 +11,7 @@ checkpoint of the last good state and NonFiniteError.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import threading
@@ -150,110 +151,140 @@ def _weights_config(config, workdir: str):
   return config
 
 
-def _train_and_evaluate(config, workdir, stop: StopRequested) -> dict:
+@dataclasses.dataclass
+class _Run:
+  """What one training run works with, once it is set up."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  source: Any
+  stack: stack_lib.TrainingStack
+  record: dict  # the config and class count, as config.json keeps them
+  num_train_steps: int
+  manager: Any = None
+  writer: Any = None
+
+
+def _set_up(config, workdir: str) -> _Run:
+  """Checks, data source and training stack, before anything is written."""
   config = _weights_config(config, workdir)
   source = sources.train_source(config)
-  num_classes = source.num_classes
-  config_checks.check_num_classes(num_classes)
+  config_checks.check_num_classes(source.num_classes)
   mesh = parallel.make_mesh(config.model_parallelism)
   config_checks.check_mesh(config, mesh)
-  run_record = config.to_dict()
-  run_record["num_classes"] = num_classes
-  ckpt.check_compatible(workdir, run_record)
-
-  global_batch = config.global_batch_size
-  steps_per_epoch = len(source) // global_batch
+  record = config.to_dict()
+  record["num_classes"] = source.num_classes
+  ckpt.check_compatible(workdir, record)
+  steps_per_epoch = len(source) // config.global_batch_size
   if steps_per_epoch < 1:
     raise config_checks.ConfigError(
-        f"config.global_batch_size={global_batch} is larger than the training "
-        f"set ({len(source)} images); use at most {len(source)}.")
-  num_train_steps = int(config.num_epochs * steps_per_epoch)
-  stack = stack_lib.build_stack(config, num_classes=num_classes,
+        f"config.global_batch_size={config.global_batch_size} is larger than "
+        f"the training set ({len(source)} images); use at most "
+        f"{len(source)}.")
+  stack = stack_lib.build_stack(config, num_classes=source.num_classes,
                                 steps_per_epoch=steps_per_epoch, mesh=mesh)
-  state = stack.init_state(jax.random.key(config.seed))
+  return _Run(config, workdir, source, stack, record,
+              int(config.num_epochs * steps_per_epoch))
 
-  manager = ckpt.make_manager(f"{workdir}/checkpoints",
-                              max_to_keep=config.keep_checkpoints)
-  writer = None
+
+def _starting_state(run: _Run):
+  """The newest readable checkpoint's state, else a fresh one (from
+  `init_from`'s backbone when set)."""
+  state = run.stack.init_state(jax.random.key(run.config.seed))
+  restored = ckpt.restore_latest(run.manager, state, run.stack.state_shardings)
+  if restored is not None:
+    reporting.note(f"Resumed from step {int(restored.step)} in "
+                   f"{run.workdir}.")
+    return restored
+  if run.config.init_from:
+    return finetune.initialise(state, run.stack, run.config, run.source)
+  return state
+
+
+def _batches(run: _Run, start_step: int):
+  """This process's batches from `start_step` on. The stream is a function
+  of (seed, step): resuming needs no saved iterator, on any process count."""
+  config = run.config
+  return iter(pipeline.make_train_dataset(
+      run.source, global_batch_size=config.global_batch_size,
+      seed=config.seed, process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      view_config=degrade.view_config_from(config.data.view),
+      worker_count=config.data.worker_count,
+      image_size=config.data.image_size, start_step=start_step))
+
+
+def _train_and_evaluate(config, workdir, stop: StopRequested) -> dict:
+  run = _set_up(config, workdir)
+  run.manager = ckpt.make_manager(f"{workdir}/checkpoints",
+                                  max_to_keep=run.config.keep_checkpoints)
   try:
-    restored = ckpt.restore_latest(manager, state, stack.state_shardings)
-    if restored is not None:
-      state = restored
-      reporting.note(f"Resumed from step {int(state.step)} in {workdir}.")
-    elif config.init_from:
-      state = finetune.initialise(state, stack, config, source)
-    start_step = int(state.step)
-    # The input stream is a function of (seed, step): resuming at the
-    # restored step needs no saved iterator, whatever the process count.
-    data_iterator = iter(pipeline.make_train_dataset(
-        source, global_batch_size=global_batch, seed=config.seed,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        view_config=degrade.view_config_from(config.data.view),
-        worker_count=config.data.worker_count,
-        image_size=config.data.image_size, start_step=start_step))
-    ckpt.record_config(workdir, run_record, qgjt_jax.__version__)
-
-    writer = reporting.create_writer(workdir)
-    writer.write_hparams({k: str(v) for k, v in run_record.items()})
+    state = _starting_state(run)
+    ckpt.record_config(workdir, run.record, qgjt_jax.__version__)
+    run.writer = reporting.create_writer(workdir)
+    run.writer.write_hparams({k: str(v) for k, v in run.record.items()})
     reporting.log_parameter_overview(state.params)
-    report_progress = reporting.create_report_progress(num_train_steps,
-                                                       writer)
-    progress = reporting.ProgressLine(num_train_steps, 2 * global_batch,
-                                      start_step)
-    train_step = stack.train_step
-    evaluator = evaluate_lib.Evaluator(config, stack.model, mesh)
     reporting.note(
-        f"Training {config.model.name} on {source.name}: {len(source):,} "
-        f"images, {num_classes:,} identities, {num_train_steps:,} steps of "
-        f"{global_batch} x 2 views on {jax.device_count()} device(s)"
-        f"{_processes_text()}.")
-    guard = _NonFiniteGuard(config.max_consecutive_nonfinite)
-
-    step = start_step
-    pending = None  # the previous step's metrics, read one step late
-    evaluated = (None, {})  # (step, results) of the last evaluation
-    while step < num_train_steps:
-      batch = parallel.host_to_global(next(data_iterator), mesh)
-      state, metrics = train_step(state, batch)
-      step += 1
-      if report_progress is not None:
-        report_progress(step, time.time())
-      if step % config.log_every_steps == 0 or step == num_train_steps:
-        scalars = jax.device_get(metrics)
-        scalars.update(progress(step, scalars))
-        writer.write_scalars(step, scalars)
-      # The previous step's guard counters are read while this step runs: a
-      # host sync one step late instead of a device stall every step. So a
-      # streak reaching the limit at step s stops the run after step s + 1.
-      if pending is not None and guard.exhausted(pending, step - 1):
-        _stop_nonfinite(manager, state, config)
-      pending = metrics
-      if step % config.checkpoint_every_steps == 0:
-        ckpt.save(manager, state)
-      if config.eval_every_steps and step % config.eval_every_steps == 0:
-        evaluated = step, evaluator.run(state, step, writer, workdir)
-      if stop.agreed():
-        ckpt.save(manager, state, force=True)
-        ckpt.wait(manager)
-        reporting.note(
-            f"Stopped by {stop.description} at step "
-            f"{step}; checkpoint written to {workdir}/checkpoints. Run the "
-            "same command to resume.")
-        return {}
-    if pending is not None and guard.exhausted(pending, step):
-      _stop_nonfinite(manager, state, config)
-    ckpt.save(manager, state, force=True)
-    ckpt.wait(manager)
-    if evaluated[0] == step:  # the periodic evaluation was of this step
-      return evaluated[1]
-    return evaluator.run(state, step, writer, workdir)
+        f"Training {run.config.model.name} on {run.source.name}: "
+        f"{len(run.source):,} images, {run.source.num_classes:,} identities, "
+        f"{run.num_train_steps:,} steps of {run.config.global_batch_size} x 2 "
+        f"views on {jax.device_count()} device(s){_processes_text()}.")
+    return _loop(run, state, stop)
   finally:
     # Pending asynchronous saves complete even when the loop raised.
-    manager.close()
-    if writer is not None:
-      writer.flush()
-      writer.close()
+    run.manager.close()
+    if run.writer is not None:
+      run.writer.flush()
+      run.writer.close()
+
+
+def _loop(run: _Run, state, stop: StopRequested) -> dict:
+  """Trains to the last step; returns the final evaluation ({} if stopped)."""
+  config, manager, writer = run.config, run.manager, run.writer
+  step = int(state.step)
+  batches = _batches(run, step)
+  report_progress = reporting.create_report_progress(run.num_train_steps,
+                                                     writer)
+  progress = reporting.ProgressLine(run.num_train_steps,
+                                    2 * config.global_batch_size, step)
+  evaluator = evaluate_lib.Evaluator(config, run.stack.model, run.stack.mesh)
+  guard = _NonFiniteGuard(config.max_consecutive_nonfinite)
+  pending = None  # the previous step's metrics, read one step late
+  evaluated = (None, {})  # (step, results) of the last evaluation
+  while step < run.num_train_steps:
+    batch = parallel.host_to_global(next(batches), run.stack.mesh)
+    state, metrics = run.stack.train_step(state, batch)
+    step += 1
+    if report_progress is not None:
+      report_progress(step, time.time())
+    if step % config.log_every_steps == 0 or step == run.num_train_steps:
+      scalars = jax.device_get(metrics)
+      scalars.update(progress(step, scalars))
+      writer.write_scalars(step, scalars)
+    # The previous step's guard counters are read while this step runs: a
+    # host sync one step late instead of a device stall every step. So a
+    # streak reaching the limit at step s stops the run after step s + 1.
+    if pending is not None and guard.exhausted(pending, step - 1):
+      _stop_nonfinite(manager, state, config)
+    pending = metrics
+    if step % config.checkpoint_every_steps == 0:
+      ckpt.save(manager, state)
+    if config.eval_every_steps and step % config.eval_every_steps == 0:
+      evaluated = step, evaluator.run(state, step, writer, run.workdir)
+    if stop.agreed():
+      ckpt.save(manager, state, force=True)
+      ckpt.wait(manager)
+      reporting.note(
+          f"Stopped by {stop.description} at step {step}; checkpoint "
+          f"written to {run.workdir}/checkpoints. Run the same command to "
+          "resume.")
+      return {}
+  if pending is not None and guard.exhausted(pending, step):
+    _stop_nonfinite(manager, state, config)
+  ckpt.save(manager, state, force=True)
+  ckpt.wait(manager)
+  if evaluated[0] == step:  # the periodic evaluation was of this step
+    return evaluated[1]
+  return evaluator.run(state, step, writer, run.workdir)
 
 
 class _NonFiniteGuard:
@@ -266,8 +297,6 @@ class _NonFiniteGuard:
     skipped, streak = jax.device_get((metrics["nonfinite"],
                                       metrics["nonfinite_streak"]))
     if skipped:
-      logging.warning("Step %d: non-finite loss or gradient; update skipped "
-                      "(%d in a row).", step, int(streak))
       reporting.note(
           f"WARNING: step {step} had a non-finite loss or gradient; its "
           f"update was skipped ({int(streak)} in a row, the limit is "

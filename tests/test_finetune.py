@@ -109,7 +109,7 @@ def test_fine_tuning_end_to_end_then_resuming_without_the_source(
   run = tmp_path / "run"
   _, output = run_in_process(config, run)
   assert "Starting from the weights of" in output
-  assert "read RGB images" in output and "step 3/3 " in output
+  assert "reads RGB images" in output and "step 3/3 " in output
   state = _saved_state(run)
   # A zero backbone learning rate: the weights are the pretrained ones (the
   # BatchNorm statistics moved), the classifier trained.

@@ -275,8 +275,7 @@ def check_src(fmt: str, src: str | None) -> None:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  verbose = logging.get_verbosity() >= 1
-  logging.set_verbosity(logging.WARNING)
+  verbose = errors.absl_verbosity_asked()
   f = flags.FLAGS
   with errors.expected_failures(builders.DataError, recordio.RecordIOError,
                                 verbose=verbose):
