@@ -97,7 +97,7 @@ def compile_cache():
   (the runs themselves take well under a second). Every run here, the
   reference included, compiles the same way.
   """
-  from jax._src import compilation_cache
+  from jax.experimental.compilation_cache import compilation_cache
   settings = {
       "jax_compilation_cache_dir": _compile_cache_dir(),
       "jax_persistent_cache_min_compile_time_secs": 0,
