@@ -61,12 +61,31 @@ def _keep_latest(count: int) -> dict[str, Any]:
 
 def make_manager(directory: str, *, max_to_keep: int = 3,
                  asynchronous: bool = True) -> ocp.CheckpointManager:
-  # Leftovers of saves interrupted before their commit are only garbage (they
-  # never count as steps), so they are removed rather than accumulating.
+  _remove_unfinished_saves(directory)
   options = ocp.CheckpointManagerOptions(
       create=True, enable_async_checkpointing=asynchronous,
-      cleanup_tmp_directories=True, **_keep_latest(max_to_keep))
+      **_keep_latest(max_to_keep))
   return ocp.CheckpointManager(_absolute(directory), options=options)
+
+
+_UNFINISHED = ".orbax-checkpoint-tmp"
+
+
+def _remove_unfinished_saves(directory: str) -> None:
+  """Deletes the leftovers of saves interrupted before their commit.
+
+  They never count as steps, only as garbage. Done here, before the manager
+  exists, rather than by orbax's own clean-up, which runs in the background
+  and can still be deleting when the next manager starts its own.
+  """
+  root = epath.Path(_absolute(directory))
+  if jax.process_index() == 0 and root.exists():
+    for path in root.iterdir():
+      if _UNFINISHED in path.name:
+        path.rmtree() if path.is_dir() else path.unlink()
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("qgjt_unfinished_saves_removed")
 
 
 def model_item(state) -> dict[str, Any]:

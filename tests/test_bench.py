@@ -22,6 +22,7 @@ TINY = ["--arch=ir18", "--base_width=4", "--embedding_size=16",
         "--steps=1", "--warmup=1", "--repeats=1", "--dtype=float32"]
 
 
+@pytest.mark.slow
 def test_smoke_run_without_tensorflow_grain_clu_orbax():
   script = textwrap.dedent(f"""
       import sys

@@ -80,6 +80,7 @@ def test_an_unreadable_image_is_named_with_the_way_out(reference_run, faces,
                     str(tmp_path / "empty"), str(tmp_path / "x.npz"))
 
 
+@pytest.mark.slow
 def test_compare_on_the_command_line(reference_run, faces, tmp_path):
   workdir = tmp_path / "run"
   shutil.copytree(reference_run[0], workdir)

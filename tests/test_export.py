@@ -60,6 +60,7 @@ def test_every_layout_in_onnxruntime_and_reloaded_stablehlo(name, options):
                 [w[:2] for w in want])
 
 
+@pytest.mark.slow
 def test_the_command_exports_a_trained_workdir(reference_run, tmp_path):
   workdir = tmp_path / "run"
   shutil.copytree(reference_run[0], workdir)

@@ -97,6 +97,7 @@ def test_the_backbone_and_class_means_are_what_the_run_starts_from(
                                rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_fine_tuning_end_to_end_then_resuming_without_the_source(
     converted_dir, folder_set, tmp_path):
   workdir, pth, converted = converted_dir

@@ -5,6 +5,7 @@ compilation cache (made once per test process).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
@@ -41,6 +42,7 @@ pytestmark = pytest.mark.filterwarnings(
 # Preemption of a real training process.
 
 
+@pytest.mark.slow
 def test_sigterm_mid_run_checkpoints_exits_0_and_resumes_exactly(
     tmp_path, reference_run):
   _, ref = reference_run
@@ -182,6 +184,9 @@ def test_a_save_interrupted_before_its_commit_never_becomes_latest(
     ckpt.save(manager, _state(2, 2.0))
     with pytest.raises(OSError, match="killed before the commit"):
       manager.wait_until_finished()
+    # The dead process's other writes are over before anyone looks.
+    with contextlib.suppress(OSError):
+      manager.close()
   leftovers = [p.name for p in directory.iterdir() if p.name.startswith("2")]
   assert leftovers and all("orbax-checkpoint-tmp" in n for n in leftovers)
   assert any(any((directory / n).iterdir()) for n in leftovers)  # written
@@ -255,6 +260,7 @@ def test_an_empty_workdir_starts_fresh(tmp_path):
   assert _restore(tmp_path / "checkpoints") is None
 
 
+@pytest.mark.slow
 def test_training_falls_back_past_a_damaged_latest_and_resumes_exactly(
     tmp_path, reference_run, stopped_run):
   """The stopped run's newest step (16) is damaged: the resumed run reports
@@ -351,6 +357,7 @@ def test_training_refuses_an_incompatible_workdir_before_touching_it(
 # Numerical guard in the loop.
 
 
+@pytest.mark.slow
 def test_nonfinite_batches_are_skipped_then_stop_the_run(tmp_path,
                                                          reference_run):
   """Batch 4 is bad once; from batch 9 on every batch is bad. With a limit of

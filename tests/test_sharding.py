@@ -282,6 +282,7 @@ _LOSS_SCRIPT = """
 """
 
 
+@pytest.mark.slow
 def test_sharded_loss_gradients_and_proxies_on_eight_devices():
   out = _run_eight_devices(_LOSS_SCRIPT)
   for model in (2, 4):
@@ -408,6 +409,7 @@ def collectives_with_dim(hlo_text, dim):
           if dim is None or any(dim in s for s in shapes)]
 
 
+@pytest.mark.slow
 def test_gather_detector_sees_a_gathered_kernel():
   """The HLO check below can fail: a replicated copy of W is caught."""
   out = _run_eight_devices("""
@@ -425,6 +427,7 @@ def test_gather_detector_sees_a_gathered_kernel():
   assert "FOUND 0" not in out and "FOUND" in out
 
 
+@pytest.mark.slow
 def test_train_step_sharded_equals_unsharded_and_resumes_elsewhere():
   out = _run_eight_devices(_STEP_SCRIPT)
   assert "STEP_EQUAL (4, 2)" in out and "STEP_EQUAL (2, 4)" in out

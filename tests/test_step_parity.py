@@ -226,6 +226,7 @@ def compare(name: str, metrics, state, arrays) -> dict[str, float]:
   return errors
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", _cases())
 def test_train_step_matches_the_authors_training_step(name):
   metrics, state, arrays = run_case(name)
