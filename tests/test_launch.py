@@ -191,3 +191,15 @@ def test_gpu_bench_collects_json_lines_and_survives_a_failure(tmp_path):
   assert saved[2]["args"].endswith("--arch=ir50 --batch=256 --no_qgface")
   assert saved[3] == {"failed": "qgface_ir100", "rc": 3}
   assert "out of memory" in (out / "bench.log").read_text()
+
+
+def test_gpu_bench_prepares_what_a_bare_device_checkout_lacks():
+  commands = _dry_run("gpu_bench.sh", ["--prepare"], DRY_RUN="1")
+  assert ["mkdir", "-p", ".carry/wheels"] in commands
+  assert ["cp", "../shared/bench/calib_step.py",
+          ".carry/calib_step.py"] in commands
+  (download,) = [c for c in commands if "download" in c]
+  assert download[1:4] == ["-m", "pip", "download"]
+  assert "--python-version" in download and download[-2:] == [
+      "ml_collections", "pyyaml"]
+  assert download[download.index("-d") + 1] == ".carry/wheels"
