@@ -2,7 +2,10 @@ r"""QGFace on MS1MV2 with IR-50: the AdaFace recipe plus the LQ branch.
 
 Global batch 512, SGD lr 0.1 / momentum 0.9 / weight decay 5e-4, lr x0.1 at
 epochs 12, 20 and 24 of 26; proxy-updated queue of 8192; b = 0.2, lambda = 1,
-the contrastive loss joins at the first milestone.
+the contrastive loss joins at the first milestone. As the authors' code
+(their configs were never published): no positive margin in the
+contrastive loss, float32 evaluation, TinyFace scored on its aligned copies
+(docs/FIDELITY.md).
 
   python -m qgjt_jax.main --config=configs/ms1m.py --workdir=runs/ms1m_ir50 \
       --config.data.rec_dir=/data/faces_emore
