@@ -174,3 +174,17 @@ def test_cli_names_an_unknown_key_and_a_bad_value_without_a_traceback():
   assert "ERROR: config.head.b=1.5 must be in [0.0, 1.0]" in result.stderr
   assert "Traceback" not in result.stderr, result.stderr
   assert not (ROOT / "unused_workdir").exists()
+
+
+def test_the_defaults_follow_the_authors_code():
+  """docs/FIDELITY.md's table: their QGFace head has no positive margin
+  (margin_method=None), they evaluate in float32 and score TinyFace on its
+  aligned copies, their running statistics start at 0."""
+  from configs import common  # pylint: disable=g-import-not-at-top
+  config = common.get_base_config()
+  assert config.contrastive.margin == "none"
+  assert config.eval.dtype == "float32" and config.model.dtype == "bfloat16"
+  assert config.eval.tinyface_aligned_dir == "aligned_pad_0.1_pad_high"
+  assert (config.quality.init_mean, config.quality.init_std) == (0.0, 0.0)
+  assert (config.queue.kind, config.contrastive.mask) == ("proxy", "zero")
+  assert config.contrastive.b_warmup == "epoch"

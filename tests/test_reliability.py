@@ -91,6 +91,31 @@ def test_sigterm_mid_run_checkpoints_exits_0_and_resumes_exactly(
   assert all(b"loss_cls" in e.read_bytes() for e in events)
 
 
+@pytest.mark.slow
+def test_ctrl_c_with_worker_processes_stops_once_and_quietly(tmp_path):
+  """A terminal's Ctrl-C reaches the whole process group: the grain workers
+  ignore it (no KeyboardInterrupt from each), the main process checkpoints
+  and exits 0."""
+  workdir = tmp_path / "run"
+  proc = subprocess.Popen(
+      runs.cli_command(workdir, **{"data.worker_count": 2}),
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+      cwd=runs.ROOT, env=runs.subprocess_env(), start_new_session=True)
+  reader = runs.OutputReader(proc, re.compile(rf"step 3/{runs.STEPS} "))
+  try:
+    assert reader.seen.wait(TIMEOUT), "no progress line"
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.wait(TIMEOUT)
+  finally:
+    if proc.poll() is None:
+      os.killpg(proc.pid, signal.SIGKILL)
+  output = reader.output()
+  assert proc.returncode == 0, output
+  assert re.search(r"Stopped by SIGINT at step \d+; checkpoint written",
+                   output), output
+  assert "KeyboardInterrupt" not in output and "Traceback" not in output
+
+
 class TestStopRequested:
 
   def test_single_process_reads_a_flag_without_syncing(self, monkeypatch):
