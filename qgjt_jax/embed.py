@@ -24,7 +24,9 @@ import ml_collections
 import numpy as np
 
 from qgjt_jax import checkpoint as ckpt
+from qgjt_jax import errors
 from qgjt_jax import evaluate
+from qgjt_jax import outputs
 from qgjt_jax import parallel
 from qgjt_jax import reporting
 from qgjt_jax import state as state_lib
@@ -63,18 +65,20 @@ def _embedder(config: ml_collections.ConfigDict, workdir: str,
           restored)
 
 
-def _read_all(paths: Sequence[pathlib.Path], size: int, skip_bad: bool):
-  """LazyImages of `paths`; unreadable ones are listed (and replaced by a
-  blank face) when skip_bad, else raise ImageError naming the file."""
-  bad = []
+def _read_all(paths: Sequence[pathlib.Path], size: int, skip_bad: bool,
+              hint: str):
+  """LazyImages of `paths` and the set of unreadable ones: those are
+  listed (and replaced by a blank face) when skip_bad, else raise
+  ImageError naming the file, followed by `hint`."""
+  bad = set()  # a set: an image may be read more than once (padding)
 
   def load(i):
     try:
       return images_lib.read_image(paths[i], size)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError) as e:  # limits.LimitError among them
       if not skip_bad:
-        raise ImageError(f"{e}; pass --skip_bad to leave such images out")
-      bad.append(i)
+        raise ImageError(f"{errors.one_line(e)}{hint}") from None
+      bad.add(i)
       return np.zeros((size, size, 3), np.uint8)
   return images_lib.LazyImages(load, len(paths)), bad
 
@@ -82,15 +86,21 @@ def _read_all(paths: Sequence[pathlib.Path], size: int, skip_bad: bool):
 def embed_images(config: ml_collections.ConfigDict, workdir: str,
                  paths: Sequence[str | os.PathLike], *, root: str = "",
                  skip_bad: bool = False, step: Optional[int] = None,
-                 progress: bool = True) -> Embedded:
-  """Embeds `paths` with the model of a workdir's checkpoint (see module)."""
+                 progress: bool = True,
+                 hint: str = "; pass --skip_bad to leave such images out"
+                 ) -> Embedded:
+  """Embeds `paths` with the model of a workdir's checkpoint (see module).
+
+  An unreadable image raises ImageError (its message ends with `hint`),
+  or with `skip_bad` is left out and listed in `skipped`.
+  """
   paths = [pathlib.Path(p) for p in paths]
   embed_fn, stats, restored = _embedder(config, workdir, step)
-  images, bad = _read_all(paths, config.data.image_size, skip_bad)
+  images, bad = _read_all(paths, config.data.image_size, skip_bad, hint)
   feats, norms = extract.extract_embeddings(
       embed_fn, images, batch_size=config.eval.batch_size, flip=False,
       return_norms=True, progress=progress, desc="embed")
-  keep = np.setdiff1d(np.arange(len(paths)), bad)
+  keep = np.setdiff1d(np.arange(len(paths)), sorted(bad))
   if stats is None:
     quality = np.full(len(paths), np.nan, np.float32)
   else:
@@ -111,9 +121,11 @@ def embed_images(config: ml_collections.ConfigDict, workdir: str,
 
 
 def run_embed(config: ml_collections.ConfigDict, workdir: str, folder: str,
-              out: str, *, skip_bad: bool = False,
-              step: Optional[int] = None) -> Embedded:
-  """--mode=embed: every image below `folder` into the .npz `out`."""
+              out: str, *, skip_bad: bool = False, step: Optional[int] = None,
+              overwrite: bool = False) -> Embedded:
+  """--mode=embed: every image below `folder` into the .npz `out` (that
+  very name; refused before any work if it exists, unless `overwrite`)."""
+  outputs.check_output(out, overwrite=overwrite)
   root = pathlib.Path(folder)
   if not root.is_dir():
     raise ImageError(f"--images={folder} is not a folder of face images")
@@ -125,10 +137,11 @@ def run_embed(config: ml_collections.ConfigDict, workdir: str, folder: str,
                         skip_bad=skip_bad, step=step)
   import jax  # pylint: disable=g-import-not-at-top
   if jax.process_index() == 0:
-    np.savez(out, embeddings=result.embeddings, norms=result.norms,
-             quality=result.quality, hq=result.hq,
-             threshold=np.float64(result.threshold),
-             paths=np.array(result.paths), skipped=np.array(result.skipped))
+    with outputs.atomic_file(out, overwrite=overwrite) as f:
+      np.savez(f, embeddings=result.embeddings, norms=result.norms,
+               quality=result.quality, hq=result.hq,
+               threshold=np.float64(result.threshold),
+               paths=np.array(result.paths), skipped=np.array(result.skipped))
   reporting.note(f"Wrote {out}: embeddings {result.embeddings.shape}, norms, "
                  "quality, hq, paths.")
   return result
@@ -140,7 +153,8 @@ def run_compare(config: ml_collections.ConfigDict, workdir: str,
   if len(images) != 2:
     raise ImageError(f"--images={','.join(images)}: give two images, "
                      "--images=A.jpg,B.jpg")
-  result = embed_images(config, workdir, images, progress=False, step=step)
+  result = embed_images(config, workdir, images, progress=False, step=step,
+                        hint="")
   cosine = float(result.embeddings[0] @ result.embeddings[1])
   lines = [f"cosine similarity {cosine:.4f}"]
   for path, norm, q, hq in zip(result.paths, result.norms, result.quality,

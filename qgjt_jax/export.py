@@ -35,6 +35,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from qgjt_jax import errors
+from qgjt_jax import outputs
 
 INPUT_CONVENTION = {
     "input": "images: (batch, size, size, 3) uint8, BGR channel order, "
@@ -250,8 +251,19 @@ def stablehlo_bytes(model, variables: dict, image_size: int,
 
 
 def export(workdir: str, fmt: str, out: str, *, batch: Optional[int] = None,
-           step: Optional[int] = None) -> dict[str, Any]:
-  """Writes the workdir's model to `out`; returns what the file says."""
+           step: Optional[int] = None, overwrite: bool = False
+           ) -> dict[str, Any]:
+  """Writes the workdir's model to `out`; returns what the file says.
+
+  `out` (and for StableHLO `out`.json) is checked before the model is
+  loaded and written whole or not at all; an existing one is refused
+  unless `overwrite`.
+  """
+  if fmt not in ("onnx", "stablehlo"):
+    raise errors.UserError(f"--format={fmt}: use onnx or stablehlo")
+  targets = [out] + ([out + ".json"] if fmt == "stablehlo" else [])
+  for target in targets:
+    outputs.check_output(target, overwrite=overwrite)
   model, variables, settings, restored = load_model(workdir, step)
   image_size = settings["data.image_size"]
   metadata = {"qgjt_jax.model": settings["model.name"],
@@ -262,15 +274,12 @@ def export(workdir: str, fmt: str, out: str, *, batch: Optional[int] = None,
               "qgjt_jax.batch": batch or "dynamic"}
   if fmt == "onnx":
     proto = onnx_model(model, variables, image_size, batch, metadata)
-    with open(out, "wb") as f:
-      f.write(proto.SerializeToString())
-  elif fmt == "stablehlo":
-    with open(out, "wb") as f:
-      f.write(stablehlo_bytes(model, variables, image_size, batch))
-    with open(out + ".json", "w") as f:
-      json.dump({**INPUT_CONVENTION, **metadata}, f, indent=2)
+    outputs.write(out, proto.SerializeToString(), overwrite=overwrite)
   else:
-    raise errors.UserError(f"--format={fmt}: use onnx or stablehlo")
+    data = stablehlo_bytes(model, variables, image_size, batch)
+    outputs.write(out + ".json", json.dumps(
+        {**INPUT_CONVENTION, **metadata}, indent=2), overwrite=overwrite)
+    outputs.write(out, data, overwrite=overwrite)
   return metadata
 
 
@@ -287,6 +296,8 @@ def _parse(argv):
                       help="'dynamic' or a fixed batch size")
   parser.add_argument("--step", type=int, default=None,
                       help="the checkpoint step (default: the latest)")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="replace an existing --out")
   parser.add_argument("--verbosity", type=int, default=0,
                       help="1 shows the traceback of an expected failure")
   args = parser.parse_args(argv)
@@ -303,7 +314,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   with errors.expected_failures(ckpt.CheckpointError,
                                 verbose=args.verbosity >= 1):
     metadata = export(args.workdir, args.format, args.out, batch=batch,
-                      step=args.step)
+                      step=args.step, overwrite=args.overwrite)
   print(f"Wrote {args.out} ({args.format}, batch {metadata['qgjt_jax.batch']}"
         f", {metadata['qgjt_jax.image_size']} px uint8 BGR in, unit "
         "embeddings and norms out).", flush=True)

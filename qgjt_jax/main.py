@@ -46,6 +46,11 @@ _OUT = flags.DEFINE_string("out", None, "embed: the .npz to write.")
 _SKIP_BAD = flags.DEFINE_bool("skip_bad", False, "embed: leave unreadable "
                               "images out (listed in the .npz) instead of "
                               "stopping at the first.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False,
+                               "embed: replace an existing --out.")
+_FORCE_LOCK = flags.DEFINE_bool(
+    "force_lock", False, "train: take the workdir's lock even when its note "
+    "says another run holds it (a run on another host that is gone).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -90,7 +95,8 @@ def main(argv):
   with errors.expected_failures(*expected, verbose=verbose, show=show):
     config = _loaded_config()
     if _MODE.value == "train":
-      train.train_and_evaluate(config, _WORKDIR.value)
+      train.train_and_evaluate(config, _WORKDIR.value,
+                               force_lock=_FORCE_LOCK.value)
     else:
       _use_a_checkpoint(config)
 
@@ -123,7 +129,8 @@ def _use_a_checkpoint(config) -> None:
     raise errors.UserError("--mode=embed needs --out, the .npz to write "
                            "(e.g. --out=faces.npz)")
   embed.run_embed(config, _WORKDIR.value, _IMAGES.value, _OUT.value,
-                  skip_bad=_SKIP_BAD.value, step=_STEP.value)
+                  skip_bad=_SKIP_BAD.value, step=_STEP.value,
+                  overwrite=_OVERWRITE.value)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

@@ -8,12 +8,25 @@ from torch < 1.6 are instead a run of pickles (magic number, protocol, system
 info, the object, the storage keys) followed by the raw storages.
 
 `load` rebuilds the tensors as numpy arrays (float16/32/64, bfloat16,
-integers, bool) in nested dicts, lists and tuples, with a restricted
-unpickler: it resolves only the names a tensor file needs (the rebuild
-functions, storage classes, OrderedDict, argparse.Namespace). Any other name
-(a Lightning module's hyper-parameter objects, or something worse) becomes an
-inert `Opaque` placeholder, never imported or called; `state_dict` refuses
-one where tensors are expected, naming it.
+integers, bool) in nested dicts, lists and tuples. What it guarantees for
+any file, however made:
+
+* Nothing from the file is imported or run. Every pickle of both layouts
+  (the legacy header pickles too) goes through a restricted unpickler that
+  resolves only the names a tensor file needs (the rebuild functions,
+  storage classes, OrderedDict, argparse.Namespace). A name of a module
+  that runs code (os, subprocess, builtins...) refuses the file; any other
+  name (a Lightning module's hyper-parameter objects) becomes an inert
+  `Opaque` placeholder, and `state_dict` refuses one where tensors are
+  expected, naming it.
+* Nothing is read out of bounds: every tensor's offset, sizes and strides
+  are checked against its storage before an array is made.
+* Nothing is allocated beyond what the file holds and `qgjt_jax.limits`
+  allow: members and storages are checked against their declared and
+  actual sizes before they are read, views may not be larger than their
+  storage, and nesting is bounded.
+* Whatever is wrong ends in `TorchFileError` or `limits.LimitError`,
+  naming the file.
 """
 from __future__ import annotations
 
@@ -23,7 +36,9 @@ import dataclasses
 import functools
 import io
 import os
+import math
 import pickle
+import reprlib
 import struct
 import tarfile
 import zipfile
@@ -31,6 +46,9 @@ from typing import Any, Mapping
 
 import ml_dtypes
 import numpy as np
+
+from qgjt_jax import errors
+from qgjt_jax import limits
 
 # Storage class -> element dtype (torch.<Name>Storage; UntypedStorage holds
 # bytes, reinterpreted by the tensor's own dtype in newer files).
@@ -84,57 +102,118 @@ class _StorageType:
   dtype: Any
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class _Storage:
   """A storage's elements; `array` is filled when its bytes are read (after
   the pickle, in files of torch < 1.6)."""
   dtype: Any
+  key: str
   array: Any = None
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class _Tensor:
   """A tensor to rebuild once its storage is read."""
-  storage: _Storage
-  offset: int
-  size: tuple
-  stride: tuple
+  storage: Any
+  offset: Any
+  size: Any
+  stride: Any
 
-  def numpy(self) -> np.ndarray:
-    data = self.storage.array
-    if not self.size:
-      return np.array(data[self.offset])
-    itemsize = data.dtype.itemsize
-    return np.lib.stride_tricks.as_strided(
-        data[self.offset:], shape=tuple(self.size),
-        strides=tuple(s * itemsize for s in self.stride)).copy()
+
+_MAX_DIMS = 64
+
+
+def _checked_view(tensor: _Tensor, where: str, budget: list[int]
+                  ) -> np.ndarray:
+  """The tensor as a numpy array, after checking its view against its storage.
+
+  The offset, sizes and strides come from the file: each must be a
+  non-negative integer, every element they address must lie inside the
+  storage's bytes, and the tensor may not hold more elements than the
+  storage has from its offset on (a stride-0 or overlapping view could
+  otherwise ask for any amount of memory). `budget` is the bytes left for
+  all tensors of the file together.
+  """
+  storage = tensor.storage
+  if not isinstance(storage, _Storage):
+    raise TorchFileError(f"{where}: a tensor built on a "
+                         f"{type(storage).__name__}, not a storage")
+  data = storage.array
+  if data is None:
+    raise TorchFileError(f"{where}: storage {storage.key} has no data in the "
+                         "file (cut short?)")
+
+  def integers(values, what):
+    if not isinstance(values, (tuple, list)) or len(values) > _MAX_DIMS or (
+        not all(type(v) is int and v >= 0 for v in values)):  # pylint: disable=unidiomatic-typecheck
+      raise TorchFileError(f"{where}: tensor {what} {reprlib.repr(values)} "
+                           "are not up to 64 non-negative integers")
+    return tuple(values)
+  size = integers(tensor.size, "sizes")
+  stride = integers(tensor.stride, "strides")
+  (offset,) = integers((tensor.offset,), "offset")
+  if not size:
+    stride = ()  # a scalar: torch writes no strides, some writers one
+  if len(size) != len(stride):
+    raise TorchFileError(f"{where}: tensor of {len(size)} sizes but "
+                         f"{len(stride)} strides")
+  numel = math.prod(size)
+  available = len(data) - offset
+  last = offset + sum((n - 1) * s for n, s in zip(size, stride))
+  if numel and (last >= len(data) or numel > available):
+    raise TorchFileError(
+        f"{where}: tensor of size {size}, stride {stride}, offset {offset} "
+        f"reaches past its storage {storage.key} of {len(data)} elements "
+        "(a damaged file, or one made to read memory it does not hold)")
+  nbytes = numel * data.dtype.itemsize
+  if nbytes > budget[0]:
+    raise TorchFileError(f"{where}: its tensors would take more bytes than "
+                         "its storages hold (views repeated or overlapping)")
+  budget[0] -= nbytes
+  if not numel:
+    return np.zeros(size, data.dtype)
+  itemsize = data.dtype.itemsize
+  return np.lib.stride_tricks.as_strided(
+      data[offset:], shape=size,
+      strides=tuple(s * itemsize for s in stride)).copy()
 
 
 def _rebuild_tensor(storage, offset, size, stride, *unused):
-  """`torch._utils._rebuild_tensor_v2`: what to cut from which storage."""
+  """`torch._utils._rebuild_tensor_v2`: what to cut from which storage
+  (checked when the tensor is made, see `_checked_view`)."""
   del unused  # requires_grad, backward hooks, metadata
-  return _Tensor(storage, int(offset), tuple(size), tuple(stride))
+  return _Tensor(storage, offset, size, stride)
 
 
-def _rebuild_parameter(data, requires_grad, backward_hooks, *unused):
+def _rebuild_parameter(data, requires_grad=None, backward_hooks=None,
+                       *unused):
   del requires_grad, backward_hooks, unused
   return data
 
 
-def _materialise(obj):
+def _materialise(obj, where: str, budget: list[int], depth: int = 0):
   """The object with every `_Tensor` rebuilt as a numpy array."""
+  if depth > limits.current().max_pickle_depth:
+    raise limits.exceeded(where, "containers nested (or cyclic) to a depth of",
+                          depth, "max_pickle_depth")
+  inner = lambda v: _materialise(v, where, budget, depth + 1)
   if isinstance(obj, _Tensor):
-    return obj.numpy()
+    return _checked_view(obj, where, budget)
   if isinstance(obj, collections.OrderedDict):
-    return collections.OrderedDict((k, _materialise(v))
-                                   for k, v in obj.items())
+    return collections.OrderedDict((k, inner(v)) for k, v in obj.items())
   if isinstance(obj, dict):
-    return {k: _materialise(v) for k, v in obj.items()}
+    return {k: inner(v) for k, v in obj.items()}
   if isinstance(obj, (list, tuple)):
-    return type(obj)(_materialise(v) for v in obj)
+    return type(obj)(inner(v) for v in obj)
   if isinstance(obj, argparse.Namespace):
-    return argparse.Namespace(**_materialise(vars(obj)))
+    return argparse.Namespace(**inner(vars(obj)))
   return obj
+
+
+def _from_bytes(data):
+  if not isinstance(data, (bytes, bytearray)):
+    raise TypeError("bytearray() of something other than bytes")
+  return bytearray(data)
 
 
 _ALLOWED = {
@@ -147,36 +226,132 @@ _ALLOWED = {
     ("builtins", "set"): set, ("builtins", "frozenset"): frozenset,
     ("builtins", "slice"): slice, ("builtins", "complex"): complex,
 }
+_DTYPE_NAMES = ("float32", "float16", "bfloat16", "float64", "int64", "int32",
+                "uint8", "int8", "int16", "bool")
+# Names no checkpoint needs and an attack does: a file that asks for one is
+# refused outright (its other unknown names only become placeholders).
+_HOSTILE_MODULES = {"os", "posix", "nt", "subprocess", "sys", "builtins",
+                    "__builtin__", "shutil", "socket", "importlib", "runpy",
+                    "code", "codeop", "pty", "ctypes", "pickle", "_pickle",
+                    "marshal", "webbrowser", "io", "_io", "pathlib", "tempfile",
+                    "multiprocessing", "signal", "asyncio", "types",
+                    "functools", "operator", "pydoc", "timeit", "cProfile",
+                    "profile", "pdb", "bdb", "trace", "ensurepip", "venv",
+                    "numpy.testing", "torch.hub"}
 
 
-class _Unpickler(pickle.Unpickler):
-  """Resolves the allowed names; storages come from `load_storage`."""
+class _Unpickler(pickle._Unpickler):  # pylint: disable=protected-access
+  """A pickle reader that never imports or calls anything from the file.
 
-  def __init__(self, file, load_storage):
+  The pure-Python unpickler, not the C one: the C one grows its memo to
+  whatever index a 12-byte pickle names (2 GB seen), the Python one keeps
+  a dict. Names resolve to the few functions above or to inert `Opaque`
+  placeholders (`plain=True`: to nothing, for the headers of the legacy
+  layout); BUILD only sets the state of placeholders and plain containers;
+  storages come from `load_storage`.
+  """
+  dispatch = dict(pickle._Unpickler.dispatch)  # pylint: disable=protected-access
+
+  def __init__(self, file, load_storage=None, plain=False):
     super().__init__(file, encoding="utf-8")
     self._load_storage = load_storage
+    self._plain = plain
 
   def find_class(self, module, name):
+    full = f"{module}.{name}"
+    if self._plain:
+      raise pickle.UnpicklingError(f"its header refers to {full}; a "
+                                   "PyTorch header holds plain values only")
     if (module, name) in _ALLOWED:
       return _ALLOWED[(module, name)]
     if module == "torch" and name in _STORAGE_DTYPES:
       return _StorageType(np.dtype(_STORAGE_DTYPES[name]))
-    if module == "torch" and name in ("float32", "float16", "bfloat16",
-                                      "float64", "int64", "int32", "uint8",
-                                      "int8", "int16", "bool"):
+    if module == "torch" and name in _DTYPE_NAMES:
       return np.dtype(ml_dtypes.bfloat16 if name == "bfloat16" else name)
-    return _opaque_class(f"{module}.{name}")
+    if module.split(".")[0] in _HOSTILE_MODULES or full in _HOSTILE_MODULES:
+      raise pickle.UnpicklingError(
+          f"it refers to {full}, which no checkpoint needs: the file may be "
+          "hostile (nothing from it was run)")
+    return _opaque_class(full)
 
   def persistent_load(self, saved_id):
-    if not (isinstance(saved_id, tuple) and saved_id and
-            saved_id[0] == "storage"):
-      raise pickle.UnpicklingError(f"unknown persistent id {saved_id!r}")
+    if self._load_storage is None or not (
+        isinstance(saved_id, tuple) and len(saved_id) >= 5 and
+        saved_id[0] == "storage"):
+      raise pickle.UnpicklingError(
+          f"unknown persistent id {reprlib.repr(saved_id)}")
     storage_type, key, _, numel = saved_id[1:5]
     if not isinstance(storage_type, _StorageType):
       raise pickle.UnpicklingError(
-          f"a storage of an unknown type {storage_type!r}")
-    return self._load_storage(str(key), storage_type.dtype, int(numel),
+          f"a storage of an unknown type {reprlib.repr(storage_type)}")
+    if not isinstance(key, (str, int)) or type(numel) is not int:  # pylint: disable=unidiomatic-typecheck
+      raise pickle.UnpicklingError(
+          f"a storage id {reprlib.repr(saved_id)} without a key and a count")
+    return self._load_storage(str(key), storage_type.dtype, numel,
                               saved_id[5:])
+
+  def _build(self):
+    """BUILD: the state of placeholders and plain containers only."""
+    state = self.stack.pop()
+    target = self.stack[-1]
+    if isinstance(target, Opaque):
+      target.state = state
+      return
+    if isinstance(state, tuple) and len(state) == 2 and state[1] is None:
+      state = state[0]  # (dict state, no slot state)
+    if not (isinstance(target, (collections.OrderedDict, argparse.Namespace))
+            and isinstance(state, dict) and all(isinstance(k, str)
+                                                for k in state)):
+      raise pickle.UnpicklingError(
+          f"it sets the state of a {type(target).__name__} object, which a "
+          "checkpoint never does")
+    vars(target).update(state)
+  dispatch[pickle.BUILD[0]] = _build
+
+
+class _Bounded(io.RawIOBase):
+  """A file's next `size` bytes: no read asks the file for more, whatever
+  length a pickle declares."""
+
+  def __init__(self, file, size: int):
+    super().__init__()
+    self._file, self.left = file, size
+
+  def readable(self):
+    return True
+
+  def read(self, n=-1):
+    n = self.left if n is None or n < 0 else min(n, self.left)
+    data = self._file.read(n)
+    self.left -= len(data)
+    return data
+
+  def readline(self, size=-1):
+    size = self.left if size is None or size < 0 else min(size, self.left)
+    data = self._file.readline(size)
+    self.left -= len(data)
+    return data
+
+
+def _read_member(archive: zipfile.ZipFile, name: str, path: str) -> bytes:
+  """A member of the archive, refused before inflating if too large."""
+  try:
+    info = archive.getinfo(name)
+  except KeyError:
+    raise TorchFileError(f"{path}: the archive has no member {name}; the "
+                         "file is damaged") from None
+  where = f"{path}: member {name}"
+  current = limits.current()
+  if info.file_size > current.max_tensor_bytes:
+    raise limits.exceeded(where, "a member of bytes", info.file_size,
+                          "max_tensor_bytes")
+  if info.compress_type != zipfile.ZIP_STORED and info.file_size > max(
+      1 << 20, current.max_inflation * info.compress_size):
+    raise limits.exceeded(
+        where, f"a member compressed to {info.compress_size:,} bytes that "
+        "inflates to a ratio of", info.file_size // max(info.compress_size, 1),
+        "max_inflation")
+  return archive.read(info)
 
 
 def _load_zip(path: str, archive: zipfile.ZipFile) -> Any:
@@ -188,27 +363,49 @@ def _load_zip(path: str, archive: zipfile.ZipFile) -> Any:
   root = pickles[0][:-len("data.pkl")]
   order = "little"
   if f"{root}byteorder" in names:
-    order = archive.read(f"{root}byteorder").decode().strip()
-
+    order = _read_member(archive, f"{root}byteorder", path)[:16].decode(
+        "ascii", "replace").strip()
+  if order not in ("little", "big"):
+    raise TorchFileError(f"{path}: byte order {order!r} is neither little "
+                         "nor big")
   byteorder = "<" if order == "little" else ">"
+  storages = {}
 
   def load_storage(key, dtype, numel, unused):
     del numel, unused  # the member's size says it
-    raw = archive.read(f"{root}data/{key}")
-    return _Storage(dtype, np.frombuffer(raw, dtype.newbyteorder(byteorder)))
+    if key not in storages:
+      raw = _read_member(archive, f"{root}data/{key}", path)
+      if len(raw) % dtype.itemsize:
+        raise TorchFileError(
+            f"{path}: storage {key} has {len(raw)} bytes, not a whole number "
+            f"of {dtype.name} elements")
+      storages[key] = _Storage(
+          dtype, key, np.frombuffer(raw, dtype.newbyteorder(byteorder)))
+    if storages[key].dtype != dtype:
+      raise TorchFileError(f"{path}: storage {key} is read as two types")
+    return storages[key]
 
-  with archive.open(pickles[0]) as f:
-    return _materialise(_Unpickler(io.BytesIO(f.read()), load_storage).load())
+  data = _read_member(archive, pickles[0], path)
+  obj = _Unpickler(io.BytesIO(data), load_storage).load()
+  return _materialise(obj, path, [_tensor_budget(storages.values())])
 
 
-def _load_legacy(path: str, f) -> Any:
+def _tensor_budget(storages) -> int:
+  """Bytes all tensors of a file may take: twice what its storages hold
+  (tied weights share a storage), and a little more for tiny files."""
+  return 2 * sum(s.array.nbytes for s in storages if s.array is not None
+                 ) + (1 << 20)
+
+
+def _load_legacy(path: str, f, size: int) -> Any:
   """torch < 1.6: pickles, then each storage as (int64 count, bytes)."""
-  magic = pickle.load(f)
-  if magic != _LEGACY_MAGIC:
+  f = _Bounded(f, size)
+  header = lambda: _Unpickler(f, plain=True).load()
+  if header() != _LEGACY_MAGIC:
     raise TorchFileError(f"{path}: a pickle, but not a PyTorch checkpoint "
                          "(no torch.save magic number)")
-  pickle.load(f)  # protocol version
-  pickle.load(f)  # system info
+  header()  # protocol version
+  header()  # system info
   storages = {}
 
   def load_storage(key, dtype, numel, view_metadata):
@@ -216,48 +413,84 @@ def _load_legacy(path: str, f) -> Any:
     if view_metadata and view_metadata[0] is not None:
       raise TorchFileError(f"{path}: storage views (torch < 1.0 files) are "
                            "not supported; re-save it with a newer torch")
-    return storages.setdefault(key, _Storage(dtype))
+    storage = storages.setdefault(key, _Storage(dtype, key))
+    if storage.dtype != dtype:
+      raise TorchFileError(f"{path}: storage {key} is read as two types")
+    return storage
 
   obj = _Unpickler(f, load_storage).load()
-  for key in pickle.load(f):
-    count = struct.unpack("<q", f.read(8))[0]
+  keys = header()
+  if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+    raise TorchFileError(f"{path}: the storage list is not a list of keys")
+  for key in keys:
+    if key not in storages:
+      raise TorchFileError(f"{path}: storage {key!r} is listed but no tensor "
+                           "uses it")
     storage = storages[key]
-    raw = f.read(count * storage.dtype.itemsize)
-    if len(raw) < count * storage.dtype.itemsize:
-      raise EOFError(f"storage {key} is cut short")
-    storage.array = np.frombuffer(raw, storage.dtype)
-  return _materialise(obj)
+    raw = f.read(8)
+    if len(raw) < 8:
+      raise TorchFileError(f"{path}: storage {key} is cut short")
+    (count,) = struct.unpack("<q", raw)
+    nbytes = count * storage.dtype.itemsize
+    where = f"{path}: storage {key}"
+    if count < 0 or nbytes > f.left:
+      raise TorchFileError(
+          f"{where} declares {count:,} elements ({nbytes:,} bytes) but the "
+          f"file has {f.left:,} bytes left: it is cut short or damaged")
+    if nbytes > limits.current().max_tensor_bytes:
+      raise limits.exceeded(where, "a storage of bytes", nbytes,
+                            "max_tensor_bytes")
+    storage.array = np.frombuffer(f.read(nbytes), storage.dtype)
+  return _materialise(obj, path, [_tensor_budget(storages.values())])
 
 
 def load(path: str | os.PathLike) -> Any:
-  """The object a `torch.save` file holds, tensors as numpy arrays."""
+  """The object a `torch.save` file holds, tensors as numpy arrays.
+
+  Nothing in the file is imported or called, every tensor view is checked
+  against its storage, and no more is allocated than the file holds and
+  `qgjt_jax.limits` allow.
+
+  Raises:
+    FileNotFoundError: no such file.
+    TorchFileError, limits.LimitError: naming the file and what is wrong.
+  """
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path}: no such file")
-  if zipfile.is_zipfile(path):
-    try:
+  try:
+    if zipfile.is_zipfile(path):
       with zipfile.ZipFile(path) as archive:
         return _load_zip(path, archive)
-    except (zipfile.BadZipFile, KeyError, pickle.UnpicklingError, EOFError,
-            struct.error, ValueError) as e:
-      if isinstance(e, TorchFileError):
-        raise
-      raise TorchFileError(f"{path}: a damaged torch.save archive "
-                           f"({type(e).__name__}: {e})") from e
-  if tarfile.is_tarfile(path):
-    raise TorchFileError(f"{path}: the tar layout of torch < 0.4 is not "
-                         "read; load and save it again with a newer torch")
-  with open(path, "rb") as f:
-    head = f.read(2)
-    if not head or head[0] != 0x80:  # every pickle protocol >= 2
-      raise TorchFileError(f"{path} is not a PyTorch checkpoint (neither a "
-                           "torch.save zip archive nor a pickle)")
-    f.seek(0)
-    try:
-      return _load_legacy(path, f)
-    except (pickle.UnpicklingError, EOFError, struct.error, KeyError) as e:
-      raise TorchFileError(f"{path}: a damaged PyTorch checkpoint "
-                           f"({type(e).__name__}: {e})") from e
+    if tarfile.is_tarfile(path):
+      raise TorchFileError(f"{path}: the tar layout of torch < 0.4 is not "
+                           "read; load and save it again with a newer torch")
+    with open(path, "rb") as f:
+      size = os.fstat(f.fileno()).st_size
+      head = f.read(2)
+      if not head or head[0] != 0x80:  # every pickle protocol >= 2
+        raise TorchFileError(f"{path} is not a PyTorch checkpoint (neither a "
+                             "torch.save zip archive nor a pickle)")
+      f.seek(0)
+      return _load_legacy(path, f, size)
+  except (TorchFileError, limits.LimitError):
+    raise
+  except OSError as e:
+    if errors.describe_os_error(e) and not isinstance(e, zipfile.BadZipFile):
+      raise
+    raise TorchFileError(f"{path}: a damaged PyTorch checkpoint "
+                         f"({type(e).__name__}: {_short(e)})") from e
+  except Exception as e:  # pylint: disable=broad-except
+    # Only this module's functions run while reading, so whatever fails
+    # (a bad opcode, a call with the wrong arguments, a truncated member,
+    # a nesting too deep) is the file's doing.
+    raise TorchFileError(f"{path}: a damaged or malformed PyTorch checkpoint"
+                         f" ({type(e).__name__}: {_short(e)})") from e
+
+
+def _short(e: BaseException) -> str:
+  text = " ".join(str(e).split())
+  return text[:200] + ("..." if len(text) > 200 else "")
 
 
 def _opaque_inside(value, where: str):

@@ -31,6 +31,7 @@ from qgjt_jax import finetune
 from qgjt_jax import parallel
 from qgjt_jax import reporting
 from qgjt_jax import stack as stack_lib
+from qgjt_jax import workdir_lock
 from qgjt_jax.data import degrade
 from qgjt_jax.data import pipeline
 from qgjt_jax.data import sources
@@ -126,19 +127,47 @@ class NonFiniteError(RuntimeError):
   """Too many consecutive steps had a non-finite loss or gradient."""
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       force_lock: bool = False) -> dict:
   """Trains config's recipe in workdir; returns the final evaluation.
 
   Returns {} when stopped by a signal (after checkpointing). Raises
-  config_checks.ConfigError for a bad config, ValueError when the workdir
-  holds an incompatible run, checkpoint.CheckpointError when its checkpoints
-  are all unreadable and NonFiniteError (after checkpointing the last good
-  state) when the numerical guard gives up.
+  config_checks.ConfigError for a bad config, WorkdirLockedError when
+  another run holds the workdir (`force_lock` takes it anyway), ValueError
+  when the workdir holds an incompatible run, checkpoint.CheckpointError
+  when its checkpoints are all unreadable and NonFiniteError (after
+  checkpointing the last good state) when the numerical guard gives up.
   """
   # Before building anything: a bad value fails in seconds.
   config_checks.check_train_config(config)
-  with StopRequested() as stop:
-    return _train_and_evaluate(config, workdir, stop)
+  lock = _lock_workdir(workdir, force_lock)
+  try:
+    with StopRequested() as stop:
+      return _train_and_evaluate(config, workdir, stop)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _lock_workdir(workdir: str, force: bool):
+  """Process 0 takes the workdir's lock before anything is written there;
+  every process learns whether it could."""
+  lock, error = None, None
+  if jax.process_index() == 0:
+    try:
+      lock = workdir_lock.acquire(workdir, force=force, note=reporting.note)
+    except Exception as e:  # pylint: disable=broad-except
+      error = e  # raised below, once the other processes know
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    failed = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
+    if failed and error is None:
+      error = workdir_lock.WorkdirLockedError(
+          f"{workdir}: process 0 could not take the workdir's lock (its "
+          "output says why)")
+  if error is not None:
+    raise error
+  return lock
 
 
 def _weights_config(config, workdir: str):

@@ -46,6 +46,10 @@ def test_write_results(tmp_path):
   assert data['lfw']['low_res'] is None
   assert abs(data['lfw']['accuracy_std'] - 0.0025) < 1e-7
   assert data['tinyface']['num_probes'] == 3728
-  # Writing again replaces the file.
-  report.write_results(str(tmp_path / 'run'), 'step_1000', {'x': 1})
-  assert json.loads(open(path).read()) == {'x': 1}
+  # Writing again keeps the earlier result, whole, beside the new one.
+  again = report.write_results(str(tmp_path / 'run'), 'step_1000', {'x': 1})
+  assert again == str(tmp_path / 'run' / 'eval' / 'step_1000.2.json')
+  assert json.loads(open(again).read()) == {'x': 1}
+  assert json.loads(open(path).read())['tinyface']['num_probes'] == 3728
+  assert sorted(p.name for p in (tmp_path / 'run' / 'eval').iterdir()) == [
+      'step_1000.2.json', 'step_1000.json']  # no temporary file left

@@ -78,8 +78,8 @@ def test_code_in_a_pickle_never_runs_and_is_named(tmp_path):
   write_torch_file(path, {"weight": np.zeros(2, np.float32),
                           "payload": _RunsCode(marker)})
   with pytest.raises(torch_files.TorchFileError,
-                     match=r"evil.pth: the file\['payload'\] is a "
-                           r"posix.system object"):
+                     match=r"evil.pth: .*refers to posix.system, which no "
+                           r"checkpoint needs"):
     torch_files.state_dict(path)
   assert not marker.exists()
 
@@ -105,12 +105,13 @@ def test_damaged_and_missing_files(tmp_path):
     for name, data in members.items():
       if name != "model/data/1":
         archive.writestr(name, data)
-  with pytest.raises(torch_files.TorchFileError, match="model.pth: a damaged"):
+  with pytest.raises(torch_files.TorchFileError, match="model.pth: .*damaged"):
     torch_files.state_dict(path)
   legacy = tmp_path / "legacy.pth"
   write_torch_file(legacy, _tensors(), legacy=True)
   legacy.write_bytes(legacy.read_bytes()[:-10])  # the last storage cut short
-  with pytest.raises(torch_files.TorchFileError, match="legacy.pth: a damaged"):
+  with pytest.raises(torch_files.TorchFileError,
+                     match="legacy.pth: storage .* cut short"):
     torch_files.state_dict(legacy)
   with pytest.raises(FileNotFoundError, match="nope.pth"):
     torch_files.state_dict(tmp_path / "nope.pth")

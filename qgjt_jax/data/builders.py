@@ -39,6 +39,7 @@ import numpy as np
 from PIL import Image as PILImage
 import tensorflow_datasets as tfds
 
+from qgjt_jax import limits
 from qgjt_jax import progress as progress_lib
 from qgjt_jax.data import recordio
 from qgjt_jax.data import synthetic
@@ -247,7 +248,10 @@ def convert_face_image(data: bytes, size: int = IMAGE_SIZE,
   Raises:
     BadImageError: not a readable image.
   """
-  image = recordio.imdecode_or_none(data)
+  try:
+    image = recordio.imdecode_or_none(data, where)
+  except limits.LimitError as e:
+    raise BadImageError(where, e.detail) from None
   if image is None:
     image = _decode_with_pillow(data, where)
   if image.shape[:2] == (size, size) and data.startswith(_JPEG_SOI):
@@ -389,11 +393,13 @@ class FaceImageFolder(_ManualBuilder):
   def _convert(self, path: pathlib.Path) -> bytes | BadImageError:
     config: FaceImageFolderConfig = self.builder_config
     try:
-      data = path.read_bytes()
+      data = limits.read_image_file(path)
       return convert_face_image(data, config.image_size, config.jpeg_quality,
                                 where=os.fspath(path))
     except OSError as e:
       error = BadImageError(path, f"unreadable ({e.strerror or e})")
+    except limits.LimitError as e:
+      error = BadImageError(path, e.detail)
     except BadImageError as e:
       error = e
     if not self.skip_bad:

@@ -54,6 +54,8 @@ from typing import Sequence
 import cv2
 import numpy as np
 
+from qgjt_jax import limits
+
 MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
 _FRAME = struct.Struct("<II")  # magic, length word
@@ -117,11 +119,25 @@ def class_id(header: IRHeader, where: str = "<record>") -> int:
   return int(value)
 
 
-def imdecode_or_none(data: bytes) -> np.ndarray | None:
-  """`cv2.imdecode(IMREAD_COLOR)` of the bytes, or None where OpenCV can't."""
+def imdecode_or_none(data: bytes, where: str = "<image>"
+                     ) -> np.ndarray | None:
+  """`cv2.imdecode(IMREAD_COLOR)` of the bytes, or None where OpenCV can't.
+
+  The size the image declares is checked first (`limits`), so a small file
+  declaring a vast image is refused before anything is allocated for it.
+
+  Raises:
+    limits.LimitError: naming `where`.
+  """
   buf = np.frombuffer(data, np.uint8)
   if not buf.size:
     return None
+  try:
+    limits.check_encoded_image(data, where)
+  except limits.LimitError:
+    raise
+  except ValueError:
+    return None  # no image format can be read from it
   try:
     return cv2.imdecode(buf, cv2.IMREAD_COLOR)
   except cv2.error:
@@ -146,8 +162,9 @@ def decode_image(data: bytes, where: str = "<image>") -> np.ndarray:
 
   Raises:
     RecordIOError: the bytes are not an image OpenCV can decode.
+    limits.LimitError: the image declares more pixels than allowed.
   """
-  image = imdecode_or_none(data)
+  image = imdecode_or_none(data, where)
   if image is None or image.ndim != 3 or image.shape[2] != 3:
     raise RecordIOError(f"{where}: {len(data)} bytes that are not a decodable "
                         "image")

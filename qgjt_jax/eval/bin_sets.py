@@ -11,9 +11,10 @@ import concurrent.futures
 import os
 import pickle
 
-import cv2
 import numpy as np
 
+from qgjt_jax import errors
+from qgjt_jax.data import recordio
 from qgjt_jax.eval import images as images_lib
 
 _ALLOWED_GLOBALS = {
@@ -26,18 +27,51 @@ _ALLOWED_GLOBALS = {
     ('numpy._core.multiarray', 'scalar'),
     ('numpy.core.numeric', '_frombuffer'),  # arrays in protocol-5 pickles
     ('numpy._core.numeric', '_frombuffer'),
-    ('builtins', 'bytearray'),
-    ('__builtin__', 'bytearray'),
 }
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
+class BinSetError(errors.UserError, ValueError):
+  """A `.bin` set that cannot be read (the message names the file)."""
+
+
+def _bytearray(data=b''):
+  """bytearray(data) for bytes only: bytearray(10**10) would allocate."""
+  if not isinstance(data, (bytes, bytearray)):
+    raise pickle.UnpicklingError('bytearray() of something other than bytes')
+  return bytearray(data)
+
+
+class _RestrictedUnpickler(pickle._Unpickler):  # pylint: disable=protected-access
+  """The pure-Python unpickler (the C one grows its memo to any index a few
+  bytes name), resolving only what a verification set needs."""
 
   def find_class(self, module, name):
+    if (module, name) in (('builtins', 'bytearray'),
+                          ('__builtin__', 'bytearray')):
+      return _bytearray
     if (module, name) in _ALLOWED_GLOBALS:
       return super().find_class(module, name)
     raise pickle.UnpicklingError(
         f'refers to {module}.{name}, which a verification set never needs')
+
+
+class _Bounded:
+  """The file, with no read asking for more than it has left."""
+
+  def __init__(self, file, size: int):
+    self._file, self._left = file, size
+
+  def read(self, n=-1):
+    n = self._left if n is None or n < 0 else min(n, self._left)
+    data = self._file.read(n)
+    self._left -= len(data)
+    return data
+
+  def readline(self, size=-1):
+    size = self._left if size is None or size < 0 else min(size, self._left)
+    data = self._file.readline(size)
+    self._left -= len(data)
+    return data
 
 
 def load_bin(path: str | os.PathLike) -> tuple[list[bytes], np.ndarray]:
@@ -47,61 +81,81 @@ def load_bin(path: str | os.PathLike) -> tuple[list[bytes], np.ndarray]:
     (encoded images: 2P bytes objects, issame: bool (P,)). Image 2i and 2i+1
     form pair i.
   Raises:
-    FileNotFoundError, or ValueError naming the file when it is not a pickle
-    or not shaped like a verification set.
+    FileNotFoundError, or BinSetError naming the file when it is not a
+    pickle or not shaped like a verification set.
   """
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(f'verification set {path} does not exist')
   try:
     with open(path, 'rb') as f:
-      obj = _RestrictedUnpickler(f, encoding='bytes').load()
-  except (pickle.UnpicklingError, EOFError, ValueError, TypeError,
-          AttributeError, IndexError, UnicodeDecodeError) as e:
-    raise ValueError(f'{path} is not a readable insightface .bin pickle: '
-                     f'{e}') from e
+      obj = _RestrictedUnpickler(_Bounded(f, os.fstat(f.fileno()).st_size),
+                                 encoding='bytes').load()
+  except OSError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    # Only numpy's reconstruction runs while reading: whatever fails (a bad
+    # opcode, a truncated file, a call with wrong arguments) is the file's.
+    raise BinSetError(f'{path} is not a readable insightface .bin pickle '
+                      f'({type(e).__name__}: {str(e)[:200]}); it is damaged '
+                      'or not a verification set') from e
   if not isinstance(obj, (tuple, list)) or len(obj) != 2:
-    raise ValueError(f'{path}: expected a pickled pair (images, issame), got '
-                     f'{type(obj).__name__}'
-                     + (f' of length {len(obj)}' if hasattr(obj, '__len__')
-                        else ''))
+    raise BinSetError(f'{path}: expected a pickled pair (images, issame), '
+                      f'got {type(obj).__name__}'
+                      + (f' of length {len(obj)}' if hasattr(obj, '__len__')
+                         else ''))
   encoded, issame = obj
   try:
     encoded = [bytes(memoryview(x).cast('B')) if not isinstance(x, bytes)
                else x for x in encoded]
-  except TypeError as e:
-    raise ValueError(f'{path}: the first element must be a list of encoded '
-                     f'images (bytes): {e}') from e
-  issame = np.asarray(issame)
+  except (TypeError, ValueError) as e:
+    raise BinSetError(f'{path}: the first element must be a list of '
+                      f'encoded images (bytes): {e}') from e
+  try:
+    issame = np.asarray(issame)
+  except (TypeError, ValueError, RecursionError) as e:
+    raise BinSetError(f'{path}: the second element is not a list of '
+                      f'booleans ({type(e).__name__})') from e
   if issame.ndim != 1 or not (issame.dtype == bool or
                               np.issubdtype(issame.dtype, np.integer)):
-    raise ValueError(f'{path}: the second element must be a flat list of '
-                     f'booleans, got dtype {issame.dtype} shape {issame.shape}')
+    raise BinSetError(f'{path}: the second element must be a flat list of '
+                      f'booleans, got dtype {issame.dtype} shape '
+                      f'{issame.shape}')
   if len(encoded) != 2 * len(issame):
-    raise ValueError(f'{path}: {len(encoded)} images for {len(issame)} pairs; '
-                     'a verification set holds exactly two images per pair')
+    raise BinSetError(f'{path}: {len(encoded)} images for {len(issame)} '
+                      'pairs; a verification set holds exactly two images '
+                      'per pair')
   return encoded, issame.astype(bool)
 
 
-def decode_image(data: bytes, image_size: int = 112) -> np.ndarray:
-  """One encoded image -> uint8 (image_size, image_size, 3) BGR."""
-  image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-  if image is None:
-    raise ValueError('cannot decode image')
-  return images_lib.resize_square(image, image_size)
+def decode_image(data: bytes, image_size: int = 112,
+                 where: str = '<image>') -> np.ndarray:
+  """One encoded image -> uint8 (image_size, image_size, 3) BGR.
+
+  Raises:
+    RecordIOError (a ValueError) or limits.LimitError, naming `where`.
+  """
+  return images_lib.resize_square(recordio.decode_image(data, where),
+                                  image_size)
 
 
 def decode_bin_images(encoded: list[bytes], image_size: int = 112, *,
-                      num_threads: int = 8) -> np.ndarray:
-  """Decodes `.bin` images to uint8 (N, image_size, image_size, 3) BGR."""
+                      num_threads: int = 8, path: str = '<set>'
+                      ) -> np.ndarray:
+  """Decodes `.bin` images to uint8 (N, image_size, image_size, 3) BGR.
+
+  Raises:
+    BinSetError: naming `path` and the image that cannot be decoded, or is
+      larger than the limits allow.
+  """
   out = np.empty((len(encoded), image_size, image_size, 3), np.uint8)
 
   def decode(i):
-    try:
-      out[i] = decode_image(encoded[i], image_size)
-    except ValueError as e:
-      raise ValueError(f'image {i} of the set: {e}') from None
+    out[i] = decode_image(encoded[i], image_size, f'{path}: image {i} of the set')
 
-  with concurrent.futures.ThreadPoolExecutor(max(1, num_threads)) as pool:
-    list(pool.map(decode, range(len(encoded))))
+  try:
+    with concurrent.futures.ThreadPoolExecutor(max(1, num_threads)) as pool:
+      list(pool.map(decode, range(len(encoded))))
+  except ValueError as e:
+    raise BinSetError(f'{errors.one_line(e)}; the set is damaged') from None
   return out

@@ -12,6 +12,9 @@ import pathlib
 import cv2
 import numpy as np
 
+from qgjt_jax import limits
+from qgjt_jax.data import recordio
+
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp')
 
 
@@ -25,13 +28,20 @@ def resize_square(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def imread_bgr(path: str | os.PathLike) -> np.ndarray:
-  """The image at `path` as uint8 (H, W, 3) BGR; a clear error if unreadable."""
-  image = cv2.imread(os.fspath(path), cv2.IMREAD_COLOR)
-  if image is None:
-    if not os.path.exists(path):
-      raise FileNotFoundError(f'image {path} does not exist')
-    raise ValueError(f'cannot decode image {path}')
-  return image
+  """The image at `path` as uint8 (H, W, 3) BGR; a clear error if unreadable.
+
+  Raises:
+    FileNotFoundError, OSError: naming the path (a folder, a dangling link).
+    limits.LimitError: the file or the image it declares is too large.
+    ValueError: not a decodable image.
+  """
+  if not os.path.lexists(path):
+    raise FileNotFoundError(f'image {path} does not exist')
+  data = limits.read_image_file(path)
+  try:
+    return recordio.decode_image(data, os.fspath(path))
+  except recordio.RecordIOError as e:
+    raise ValueError(f'cannot decode image {path}') from e
 
 
 def read_image(path: str | os.PathLike, image_size: int = 112) -> np.ndarray:
@@ -94,9 +104,23 @@ def image_files(paths: Sequence[str | os.PathLike], image_size: int = 112, *,
 
 
 def list_images(directory: pathlib.Path) -> list[pathlib.Path]:
-  """Image files below `directory` (recursively), sorted for determinism."""
-  return sorted(p for p in directory.rglob('*')
-                if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+  """Image files below `directory` (recursively), sorted for determinism.
+
+  Every name with an image suffix is listed, readable or not (a folder
+  named x.jpg, a dangling or looping link): reading it then says what is
+  wrong, instead of the image silently missing. Linked folders are
+  followed, each real folder once (a link loop ends there).
+  """
+  found, seen = [], set()
+  for folder, subfolders, files in os.walk(directory, followlinks=True):
+    real = os.path.realpath(folder)
+    if real in seen:
+      subfolders[:] = []
+      continue
+    seen.add(real)
+    found += [pathlib.Path(folder) / name for name in files + subfolders
+              if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS]
+  return sorted(found)
 
 
 def require_dir(path: pathlib.Path, what: str) -> pathlib.Path:

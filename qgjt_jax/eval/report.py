@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from qgjt_jax import outputs
+
 try:  # Handles gs:// workdirs; orbax depends on it, so it is normally present.
   from etils import epath as _epath
 except ImportError:  # pragma: no cover
@@ -90,10 +92,20 @@ def _jsonable(value):
 
 
 def write_results(workdir: str, name: str, results: Mapping[str, Any]) -> str:
-  """Writes `results` to <workdir>/eval/<name>.json; returns the path."""
-  path_cls = _epath.Path if _epath is not None else pathlib.Path
-  directory = path_cls(workdir) / 'eval'
+  """Writes `results` to <workdir>/eval/<name>.json; returns the path.
+
+  An earlier result of the same name is kept: the new one goes to
+  <name>.2.json (then .3 ...). Local files are written whole or not at all.
+  """
+  text = json.dumps(_jsonable(results), indent=2, sort_keys=True)
+  if '://' in workdir:  # object storage: each object is written whole
+    directory = _epath.Path(workdir) / 'eval'
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f'{name}.json'
+    path.write_text(text)
+    return str(path)
+  directory = pathlib.Path(workdir) / 'eval'
   directory.mkdir(parents=True, exist_ok=True)
-  path = directory / f'{name}.json'
-  path.write_text(json.dumps(_jsonable(results), indent=2, sort_keys=True))
-  return str(path)
+  path = outputs.free_name(str(directory / f'{name}.json'))
+  outputs.write(path, text, overwrite=False)
+  return path

@@ -135,7 +135,8 @@ def evaluate_bin(embed_fn: extract.EmbedFn, path: str | os.PathLike, *,
                  nfolds: int = 10, progress: bool = True) -> dict:
   """Loads, decodes and evaluates one `.bin` set (see evaluate_pairs)."""
   encoded, issame = bin_sets.load_bin(path)
-  images = bin_sets.decode_bin_images(encoded, image_size)
+  images = bin_sets.decode_bin_images(encoded, image_size,
+                                      path=os.fspath(path))
   name = os.path.splitext(os.path.basename(os.fspath(path)))[0]
   if low_res is not None:
     name = f'{name}@{low_res}px'

@@ -1,0 +1,232 @@
+"""Limits on what a file a user hands us may make us allocate or do.
+
+Checkpoints come from strangers, images from the web: every reader of such
+a file (PyTorch checkpoints of both layouts, `.bin` and `.rec` sets, image
+folders, the images of --mode=embed/compare) checks what the file declares
+against these limits *before* allocating for it, and refuses it with one
+line that names the file, the limit and how to raise it:
+
+  max_image_pixels      width x height an encoded image may declare (a
+                        48 KB PNG can declare 20000 x 20000, 1.2 GB decoded)
+  max_image_file_bytes  bytes of one image file
+  max_tensor_bytes      bytes of one tensor, storage or archive member
+  max_inflation         how many times its compressed size a zip member may
+                        inflate to (torch.save stores members uncompressed)
+  max_pickle_depth      nesting of containers in a checkpoint's pickle
+
+`python -m qgjt_jax.main` takes them as `--config.limits.NAME=VALUE`,
+`convert` and `data.prepare` as `--NAME=VALUE`. The values in force travel
+to worker processes in the environment (QGJT_LIMITS).
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import struct
+from typing import Any, Mapping, Optional
+
+from qgjt_jax import errors
+
+ENV = "QGJT_LIMITS"
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+  max_image_pixels: int = 50_000_000  # a 50 MP photo; faces are far smaller
+  max_image_file_bytes: int = 256 << 20
+  max_tensor_bytes: int = 4 << 30  # a WebFace12M AdaFace head is 1.3 GB
+  max_inflation: int = 100
+  max_pickle_depth: int = 200
+
+
+HELP = {
+    "max_image_pixels": "Most pixels (width x height) an image may declare.",
+    "max_image_file_bytes": "Most bytes of one image file.",
+    "max_tensor_bytes": "Most bytes of one tensor, storage or archive member "
+                        "of a checkpoint.",
+    "max_inflation": "Most times its compressed size a checkpoint's archive "
+                     "member may inflate to.",
+    "max_pickle_depth": "Deepest nesting of containers in a checkpoint.",
+}
+DEFAULTS = dataclasses.asdict(Limits())
+
+
+class LimitError(errors.UserError, ValueError):
+  """A file declares more than a limit allows (the message names both)."""
+
+  def __init__(self, where: str, detail: str):
+    super().__init__(f"{where}: {detail}")
+    self.where, self.detail = where, detail
+
+  def __reduce__(self):  # worker processes send it back pickled
+    return type(self), (self.where, self.detail)
+
+
+def exceeded(where: str, what: str, value: int, name: str) -> LimitError:
+  """The error for `what` (= `value`) of `where` over the limit `name`."""
+  limit = getattr(current(), name)
+  return LimitError(where, (
+      f"{what} {value:,} is over the limit {name}={limit:,} (set to stop "
+      "damaged or hostile files); if you trust the file, raise it with "
+      f"--config.limits.{name}=N (main) or --{name}=N (convert, prepare)"))
+
+
+def _validated(values: Mapping[str, Any], where: str) -> Limits:
+  unknown = sorted(set(values) - set(DEFAULTS))
+  if unknown:
+    raise errors.UserError(f"{where}: unknown limit {unknown[0]!r}; the "
+                           f"limits are {', '.join(DEFAULTS)}")
+  checked = {}
+  for name, value in values.items():
+    try:
+      number = int(value)
+    except (TypeError, ValueError, OverflowError):
+      number = 0
+    if number <= 0 or number != value:
+      raise errors.UserError(f"{where}: {name}={value!r} must be a positive "
+                             "integer")
+    checked[name] = number
+  return Limits(**{**DEFAULTS, **checked})
+
+
+def _from_environment() -> Limits:
+  text = os.environ.get(ENV, "")
+  if not text:
+    return Limits()
+  try:
+    return _validated(json.loads(text), f"${ENV}")
+  except (ValueError, errors.UserError):
+    return Limits()  # a mangled variable must not loosen anything
+
+
+_current = _from_environment()
+
+
+def current() -> Limits:
+  return _current
+
+
+def configure(values: Optional[Mapping[str, Any]] = None,
+              where: str = "limits") -> Limits:
+  """Puts `values` (name -> int; missing names keep their defaults) in force
+  here and in the worker processes started from now on."""
+  global _current
+  _current = _validated(dict(values or {}), where)
+  os.environ[ENV] = json.dumps(dataclasses.asdict(_current))
+  return _current
+
+
+def define_flags() -> None:
+  """--max_image_pixels ... for the absl commands (convert, prepare)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  for name, default in DEFAULTS.items():
+    flags.DEFINE_integer(name, default, HELP[name])
+
+
+def configure_from_flags() -> Limits:
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  return configure({n: flags.FLAGS[n].value for n in DEFAULTS}, "flags")
+
+
+# ---------------------------------------------------------------------------
+# Images: the size an encoded image declares, read from its header.
+
+_PNG = b"\x89PNG\r\n\x1a\n"
+# JPEG start-of-frame markers (C4 DHT, C8 JPG and CC DAC are not frames).
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD,
+        0xCE, 0xCF}
+
+
+def _jpeg_size(data: bytes) -> Optional[tuple[int, int]]:
+  pos = 2
+  while pos + 4 <= len(data):
+    if data[pos] != 0xFF:
+      return None
+    marker = data[pos + 1]
+    if marker == 0xFF:  # fill byte
+      pos += 1
+      continue
+    if marker in (0x01, *range(0xD0, 0xD8)):  # no length field
+      pos += 2
+      continue
+    (length,) = struct.unpack_from(">H", data, pos + 2)
+    if marker in _SOF:
+      if pos + 9 > len(data):
+        return None
+      height, width = struct.unpack_from(">HH", data, pos + 5)
+      return width, height
+    pos += 2 + length
+  return None
+
+
+def _pillow_size(data: bytes) -> Optional[tuple[int, int]]:
+  """Other formats: Pillow reads the header only (no pixels)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  try:
+    with Image.open(io.BytesIO(data)) as image:
+      return image.size
+  except Exception:  # pylint: disable=broad-except
+    # Pillow raises many types on bytes that are no image (and its own
+    # DecompressionBombError on vast ones): either way no size is known.
+    return None
+
+
+def declared_image_size(data: bytes) -> Optional[tuple[int, int]]:
+  """(width, height) an encoded image declares, or None if no reader here
+  can tell (then it is not an image OpenCV or Pillow can read either)."""
+  if data.startswith(_PNG) and len(data) >= 24:
+    return struct.unpack_from(">II", data, 16)
+  if data.startswith(b"\xff\xd8"):
+    size = _jpeg_size(data)
+    if size is not None:
+      return size
+  return _pillow_size(data)
+
+
+def check_encoded_image(data: bytes, where: str) -> None:
+  """Refuses an encoded image whose declared size is over the limits.
+
+  Raises:
+    LimitError: too many bytes or pixels (naming `where`).
+    ValueError: no size can be read from the bytes (not an image).
+  """
+  limits = current()
+  if len(data) > limits.max_image_file_bytes:
+    raise exceeded(where, "an image of bytes", len(data),
+                   "max_image_file_bytes")
+  size = declared_image_size(bytes(data))
+  if size is None:
+    raise ValueError(f"{where}: {len(data)} bytes that are not an image in a "
+                     "format read here (JPEG, PNG, BMP, WebP, TIFF, GIF...)")
+  width, height = size
+  if width * height > limits.max_image_pixels:
+    raise exceeded(where, f"an image of {width} x {height} = pixels",
+                   width * height, "max_image_pixels")
+
+
+def read_image_file(path: str | os.PathLike) -> bytes:
+  """The bytes of an image file, refused before reading if too large.
+
+  Raises:
+    FileNotFoundError, IsADirectoryError, OSError: naming the path (a
+      folder, a dangling link or a link loop among them).
+    LimitError: the file is over max_image_file_bytes.
+  """
+  path = os.fspath(path)
+  try:
+    with open(path, "rb") as f:
+      size = os.fstat(f.fileno()).st_size
+      limit = current().max_image_file_bytes
+      if size > limit:
+        raise exceeded(path, "an image file of bytes", size,
+                       "max_image_file_bytes")
+      return f.read(limit + 1)
+  except IsADirectoryError:
+    raise IsADirectoryError(f"{path} is a folder, not an image") from None
+  except OSError:
+    if os.path.islink(path) and not os.path.exists(path):
+      raise FileNotFoundError(f"{path} is a dangling or looping symbolic "
+                              "link, not an image") from None
+    raise

@@ -1,0 +1,109 @@
+"""Files written for the user: complete or absent, never replaced unasked.
+
+Every file a command writes for the user (exports, embeddings, records of
+converted models, evaluation results) is written under a temporary name in
+its own folder and renamed into place once complete and synced, so an
+interrupt or a full disk leaves the previous file (or none), never part of
+one. An existing file is refused with one line unless the command was given
+its `--overwrite`, and the target is checked before the work starts, so a
+missing folder fails in a second, not after an hour of embedding.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from typing import IO, Iterator
+
+from qgjt_jax import errors
+
+
+class OutputExistsError(errors.UserError):
+  """The output exists and replacing it was not asked for."""
+
+
+def check_output(path: str, *, overwrite: bool,
+                 flag: str = "--overwrite") -> None:
+  """Refuses, before any work, an output that could not be written.
+
+  Raises:
+    UserError: its folder is missing or not writable, or it is a folder.
+    OutputExistsError: it exists and not `overwrite`.
+  """
+  parent = os.path.dirname(os.path.abspath(path))
+  if not os.path.isdir(parent):
+    raise errors.UserError(f"{path}: the folder {parent} does not exist; "
+                           "create it first or write elsewhere")
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise errors.UserError(f"{path}: the folder {parent} is not writable; "
+                           "write elsewhere or fix its permissions")
+  if os.path.isdir(path):
+    raise errors.UserError(f"{path} is a folder; name a file to write")
+  if os.path.lexists(path) and not overwrite:
+    raise OutputExistsError(f"{path} already exists; pass {flag} to replace "
+                            "it, or choose another name")
+
+
+@contextlib.contextmanager
+def atomic_file(path: str, *, overwrite: bool, flag: str = "--overwrite"
+                ) -> Iterator[IO[bytes]]:
+  """A binary file that becomes `path` only when the block completes.
+
+  Without `overwrite` the rename cannot replace a file that appeared
+  meanwhile (it is a hard link, which fails if the name is taken).
+  """
+  check_output(path, overwrite=overwrite, flag=flag)
+  parent = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(dir=parent,
+                             prefix=f".{os.path.basename(path)}.",
+                             suffix=".partial")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      yield f
+      f.flush()
+      os.fsync(f.fileno())
+    os.chmod(tmp, 0o666 & ~_umask())
+    if overwrite:
+      os.replace(tmp, path)
+    else:
+      try:
+        os.link(tmp, path)
+      except FileExistsError:
+        raise OutputExistsError(f"{path} appeared while it was being "
+                                f"written; pass {flag} to replace it") from None
+      except OSError:  # a file system without hard links
+        check_output(path, overwrite=False, flag=flag)
+        os.rename(tmp, path)
+  finally:
+    if os.path.lexists(tmp):
+      os.unlink(tmp)
+
+
+def write(path: str, data: bytes | str, *, overwrite: bool,
+          flag: str = "--overwrite") -> None:
+  """`data` (text as UTF-8) to `path`, atomically (see `atomic_file`)."""
+  with atomic_file(path, overwrite=overwrite, flag=flag) as f:
+    f.write(data.encode() if isinstance(data, str) else data)
+
+
+def free_name(path: str) -> str:
+  """`path`, or the first of NAME.2.EXT, NAME.3.EXT... that is free: for
+  results that are kept rather than replaced (a re-evaluation)."""
+  stem, ext = os.path.splitext(path)
+  candidate, n = path, 1
+  while os.path.lexists(candidate):
+    n += 1
+    candidate = f"{stem}.{n}{ext}"
+  return candidate
+
+
+def _umask() -> int:
+  """The process's umask, read without changing it (threads may write)."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("Umask:"):
+          return int(line.split()[1], 8)
+  except (OSError, ValueError, IndexError):
+    pass
+  return 0o022
