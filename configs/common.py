@@ -5,6 +5,8 @@ Every key here is documented where it is used; `python -m qgjt_jax.main
 """
 import ml_collections
 
+from qgjt_jax import limits
+
 
 def get_base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
@@ -146,4 +148,8 @@ def get_base_config() -> ml_collections.ConfigDict:
       scface_aligned_dir="",
       ijb_root=ml_collections.FieldReference(None, field_type=str),
       ijb_target="IJBC"))
+
+  # What a file handed to us may declare before it is refused (checkpoints,
+  # .bin/.rec sets, image folders, embed/compare images): qgjt_jax/limits.py.
+  config.limits = ml_collections.ConfigDict(dict(limits.DEFAULTS))
   return config

@@ -237,6 +237,41 @@ def restore_model(directory: str, abstract_model: Any,
   manager = ocp.CheckpointManager(
       _absolute(directory),
       options=ocp.CheckpointManagerOptions(create=False, read_only=True))
+  try:
+    return _restore_model_of(manager, directory, abstract_model, step)
+  finally:
+    manager.close()  # no orbax thread left to fail at exit
+
+
+def _model_difference(directory: str, step: int, abstract_model: Any
+                      ) -> Optional[str]:
+  """How the model saved at `step` differs from `abstract_model` (the first
+  array whose name or shape differs), from the checkpoint's metadata: so a
+  checkpoint of another model is named before orbax starts (and fails in)
+  a restore. None when they agree, or the metadata cannot be read (then
+  the restore itself reports what is wrong)."""
+  path = epath.Path(_absolute(directory)) / str(step) / MODEL
+  try:
+    with ocp.StandardCheckpointer() as checkpointer:
+      metadata = checkpointer.metadata(path)
+    tree = getattr(metadata, "item_metadata", metadata)
+    stored = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in
+              jax.tree_util.tree_leaves_with_path(tree)}
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if not stored:
+    return None
+  wanted = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in
+            jax.tree_util.tree_leaves_with_path(abstract_model)}
+  for name in sorted(set(stored) | set(wanted)):
+    if stored.get(name) != wanted.get(name):
+      return (f"{name}: stored {stored.get(name, 'nothing')}, the config's "
+              f"model has {wanted.get(name, 'nothing')}")
+  return None
+
+
+def _restore_model_of(manager, directory: str, abstract_model: Any,
+                      step: Optional[int]) -> tuple[Any, int]:
   steps = sorted(manager.all_steps(), reverse=True)
   if step is not None:
     if step not in steps:
@@ -248,6 +283,14 @@ def restore_model(directory: str, abstract_model: Any,
     raise CheckpointError(f"No checkpoint in {directory}.")
   errors = []
   for s in steps:
+    difference = _model_difference(directory, s, abstract_model)
+    if difference:
+      raise CheckpointError(
+          f"{directory}/{s} holds another model than the config builds "
+          f"({difference}); pass the --config.model.* and "
+          "--config.data.image_size of the model that wrote it (its "
+          f"workdir's {CONFIG_RECORD} or {CONVERTED_RECORD} says them, and "
+          "qgjt_jax.convert prints them)")
     try:
       restored = manager.restore(s, args=ocp.args.Composite(
           **{MODEL: ocp.args.StandardRestore(abstract_model)}))

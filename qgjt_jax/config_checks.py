@@ -8,6 +8,7 @@ the flags are parsed (see main.py).
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -78,7 +79,21 @@ class ConfigError(ValueError):
 
 
 def _is_number(value: Any) -> bool:
-  return isinstance(value, (int, float)) and not isinstance(value, bool)
+  """A finite int or float (not a bool, NaN or infinity)."""
+  return isinstance(value, (int, float)) and not isinstance(value, bool) and (
+      math.isfinite(value))
+
+
+def _check_finite(config: ml_collections.ConfigDict, prefix: str = "") -> None:
+  """No number anywhere in the config is NaN or infinite."""
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      _check_finite(value, f"{prefix}{key}.")
+      continue
+    for item in (value if isinstance(value, (tuple, list)) else (value,)):
+      if isinstance(item, float) and not math.isfinite(item):
+        raise ConfigError(f"config.{prefix}{key}={value!r} is not a finite "
+                          "number.")
 
 
 def check_train_config(config: ml_collections.ConfigDict,
@@ -113,12 +128,13 @@ def check_train_config(config: ml_collections.ConfigDict,
         f"config.contrastive.end_epoch={cc.end_epoch} is not after "
         f"config.contrastive.start_epoch={cc.start_epoch}: the contrastive "
         "loss would never be on; use 0 for no end.")
-  milestones = tuple(config.optim.milestones)
-  if list(milestones) != sorted(milestones) or any(
-      m <= 0 for m in milestones):
+  milestones = config.optim.milestones
+  if not isinstance(milestones, (tuple, list)) or not all(
+      _is_number(m) and m > 0 for m in milestones) or (
+          list(milestones) != sorted(milestones)):
     raise ConfigError(
-        f"config.optim.milestones={milestones} must be positive epochs in "
-        "increasing order, e.g. (12, 20, 24).")
+        f"config.optim.milestones={milestones!r} must be positive epochs in "
+        "increasing order, e.g. --config.optim.milestones='(12, 20, 24)'.")
   if config.data.kind == "synthetic":
     spec = config.data.synthetic
     for key, least in (("num_identities", 2), ("images_per_identity", 1),
@@ -133,6 +149,7 @@ def check_train_config(config: ml_collections.ConfigDict,
 
 def check_values(config: ml_collections.ConfigDict) -> None:
   """Enumerations, ranges and positive sizes."""
+  _check_finite(config)
   for key, allowed in _CHOICES.items():
     value = config_keys.lookup(config, key)
     if value not in allowed:
@@ -148,7 +165,8 @@ def check_values(config: ml_collections.ConfigDict) -> None:
   for key in _POSITIVE:
     value = config_keys.lookup(config, key)
     if not _is_number(value) or value <= 0:
-      raise ConfigError(f"config.{key}={value!r} must be a positive number.")
+      raise ConfigError(f"config.{key}={value!r} must be a positive (finite) "
+                        "number.")
   for key, low, high, what in _RANGES:
     value = config_keys.lookup(config, key)
     if not _is_number(value) or (low is not None and value < low) or (

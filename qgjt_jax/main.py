@@ -17,14 +17,18 @@ program with one line naming the key or file (exit status 1; the traceback
 with --verbosity=1 or QGJT_TRACEBACK=1). A run stopped by SIGTERM or SIGINT
 checkpoints and exits 0; the same command resumes it.
 """
+import os
 import re
 import sys
+import traceback
 
 from absl import app
 from absl import flags
+import ml_collections
 from ml_collections import config_flags
 
 from qgjt_jax import errors
+from qgjt_jax import limits
 from qgjt_jax import parallel
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -56,15 +60,21 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def _loaded_config():
   """The --config recipe; a file that does not load is one clear line."""
+  recipe = flags.FLAGS["config"].serialize().split("=", 1)[-1]
   try:
     config = _CONFIG.value
+    if not isinstance(config, ml_collections.ConfigDict):
+      raise errors.UserError(
+          f"--config={recipe}: get_config() returned "
+          f"{type(config).__name__}, not an ml_collections.ConfigDict: fix "
+          "the recipe file (see configs/synthetic.py)")
     config.to_dict()  # a file that failed to load raises on first use
-    return config
   except OSError as e:
     raise errors.UserError(
-        f"--config={flags.FLAGS['config'].serialize().split('=', 1)[-1]}: "
-        f"{_first_cause(e)}: give a recipe file such as "
+        f"--config={recipe}: {_first_cause(e)}: give a recipe file such as "
         "configs/synthetic.py") from None
+  limits.configure(config.get("limits", {}), "config.limits")
+  return config
 
 
 def _first_cause(e: BaseException) -> str:
@@ -144,18 +154,51 @@ def _parse_flags(argv: list[str]) -> list[str]:
   except SyntaxError as e:
     sys.exit(f"ERROR: --config={e.filename}: {e.msg} at line {e.lineno}: "
              "fix the recipe file")
-  except (AttributeError, KeyError) as e:
-    text = (str(e.args[0]) if e.args else str(e)).replace("\\'", "'")
-    hint = re.search(r'Did you mean "[^"]+" instead of "([^"]+)"\?', text)
-    names = re.findall(r"'([\w-]+)'", text)
-    key = hint.group(1) if hint else (names[0] if names else "?")
-    overrides = [a for a in argv[1:] if a.startswith("--config.")]
-    culprit = next((a for a in overrides
-                    if key in a.split("=", 1)[0].split(".")), None)
-    what = culprit or f"--config.{key}"
-    sys.exit(f"ERROR: {what}: unknown config key {key!r}: " +
-             (f"{hint.group(0)} " if hint else "") +
-             "the keys are listed in the --config file and configs/common.py")
+  except Exception as e:  # pylint: disable=broad-except
+    failure = _recipe_failure(argv, e)
+    if failure:
+      if errors.traceback_requested():
+        traceback.print_exc()
+      sys.exit(failure)
+    if not isinstance(e, (AttributeError, KeyError)):
+      raise
+    _unknown_key(argv, e)
+
+
+def _recipe_failure(argv: list[str], e: Exception) -> str | None:
+  """The line for a recipe file whose own code failed (it is Python, run
+  as the program's own code): None when the failure is not the file's."""
+  recipe = next((a.split("=", 1)[1].split(":", 1)[0] for a in argv[1:]
+                 if a.startswith("--config=")), None)
+  if not recipe:
+    return None
+  path = os.path.abspath(recipe)
+  lines = [line for f, line in traceback.walk_tb(e.__traceback__)
+           if os.path.abspath(f.f_code.co_filename) == path]
+  if not lines and "get_config" in str(e):
+    return (f"ERROR: --config={recipe} defines no get_config(): a recipe "
+            "file returns its ConfigDict from get_config() (see "
+            "configs/synthetic.py)")
+  if not lines:
+    return None
+  return (f"ERROR: --config={recipe}: running it raised {type(e).__name__}"
+          f" at line {lines[-1]}: {errors.one_line(e)[:200]}: fix the "
+          "recipe file (it is Python, run as code)")
+
+
+def _unknown_key(argv: list[str], e: Exception) -> None:
+  """Exits naming the unknown `--config.KEY` of an override."""
+  text = (str(e.args[0]) if e.args else str(e)).replace("\\'", "'")
+  hint = re.search(r'Did you mean "[^"]+" instead of "([^"]+)"\?', text)
+  names = re.findall(r"'([\w-]+)'", text)
+  key = hint.group(1) if hint else (names[0] if names else "?")
+  overrides = [a for a in argv[1:] if a.startswith("--config.")]
+  culprit = next((a for a in overrides
+                  if key in a.split("=", 1)[0].split(".")), None)
+  what = culprit or f"--config.{key}"
+  sys.exit(f"ERROR: {what}: unknown config key {key!r}: " +
+           (f"{hint.group(0)} " if hint else "") +
+           "the keys are listed in the --config file and configs/common.py")
 
 
 if __name__ == "__main__":

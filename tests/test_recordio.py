@@ -298,10 +298,12 @@ def test_truncated_rec(insightface_rec_dir, tmp_path):
   with pytest.raises(recordio.RecordIOError,
                      match=r"train\.rec: record 0: truncated"):
     recordio.InsightFaceRecord(d / "train.rec")
-  # Cut so early that index entries point past the end.
+  # Cut so early that index entries point past the end: the .rec is named
+  # as the damaged file, with what to do.
   (d / "train.rec").write_bytes(data[:20000])
   with pytest.raises(recordio.RecordIOError,
-                     match=r"train\.idx: record \d+: offset \d+ is past"):
+                     match=r"train\.rec is shorter \(20,000 bytes\) than its "
+                           r"index .*train\.idx says .* cut short \(copy"):
     recordio.InsightFaceRecord(d / "train.rec")
 
 
@@ -319,12 +321,15 @@ def test_wrong_magic(insightface_rec_dir, tmp_path):
     r.label(6)
 
 
-def test_index_offset_past_end(insightface_rec_dir, tmp_path):
+@pytest.mark.parametrize("offset", [99999999, 2**63 - 5])
+def test_index_offset_past_end(insightface_rec_dir, tmp_path, offset):
+  """Also near 2**63, where adding the frame size would overflow."""
   d = copy_fixture(insightface_rec_dir, tmp_path / "set")
-  text = (d / "train.idx").read_text().replace("3\t15164", "3\t99999999")
+  text = (d / "train.idx").read_text().replace("3\t15164", f"3\t{offset}")
   (d / "train.idx").write_text(text)
   with pytest.raises(recordio.RecordIOError,
-                     match=r"train\.idx: record 3: offset 99999999 is past"):
+                     match=rf"train\.rec is shorter .*\(record 3 at offset "
+                           rf"{offset:,}\)"):
     recordio.InsightFaceRecord(d / "train.rec")
 
 

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import pathlib
 import struct
@@ -214,7 +215,7 @@ def _parse_index_text(text: bytes, path: pathlib.Path) -> np.ndarray:
   return values.reshape(-1, 2)
 
 
-def _read_index(path: pathlib.Path, rec_size: int
+def _read_index(path: pathlib.Path, rec: pathlib.Path, rec_size: int
                 ) -> tuple[np.ndarray, np.ndarray]:
   """Reads a `.idx` file into (keys, offsets) int64 arrays in file order."""
   try:
@@ -231,12 +232,19 @@ def _read_index(path: pathlib.Path, rec_size: int
   keys, offsets = pairs[:, 0], pairs[:, 1]
   if (keys < 0).any():
     raise RecordIOError(f"{path}: record {keys[keys < 0][0]}: negative key")
-  bad = np.flatnonzero((offsets < 0) | (offsets + _FRAME.size > rec_size))
+  if (offsets < 0).any():
+    i = np.flatnonzero(offsets < 0)[0]
+    raise RecordIOError(f"{path}: record {keys[i]}: negative offset "
+                        f"{offsets[i]}; the index is damaged")
+  # Compared without adding (an offset near 2**63 would overflow).
+  bad = np.flatnonzero(offsets > rec_size - _FRAME.size)
   if bad.size:
-    i = bad[0]
+    i = bad[np.argmin(offsets[bad])]
     raise RecordIOError(
-        f"{path}: record {keys[i]}: offset {offsets[i]} is past the end of "
-        f"the {rec_size}-byte .rec file")
+        f"{rec} is shorter ({rec_size:,} bytes) than its index {path} says "
+        f"(record {keys[i]} at offset {offsets[i]:,}): the .rec is cut short "
+        "(copy or download it again), or the .idx is damaged or belongs to "
+        "another .rec")
   return keys, offsets
 
 
@@ -281,7 +289,7 @@ class InsightFaceRecord:
     self._fd_pid: int | None = None
     self._lock = threading.Lock()
 
-    keys, offsets = _read_index(self.idx_path, self._rec_size)
+    keys, offsets = _read_index(self.idx_path, self.rec_path, self._rec_size)
     order = np.argsort(keys, kind="stable")
     self._sorted_keys = keys[order]
     self._sorted_offsets = offsets[order]
@@ -455,7 +463,8 @@ class InsightFaceRecord:
     if header.flag < 2 or rest:
       return None
     lo, hi = float(header.label[0]), float(header.label[1])
-    if not (lo == int(lo) and hi == int(hi) and 1 <= lo <= hi):
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo == int(lo) and
+            hi == int(hi) and 1 <= lo <= hi):
       raise RecordIOError(
           f"{self.rec_path}: record 0: identity header range [{lo}, {hi}) is "
           "not a valid key range")
@@ -569,8 +578,8 @@ class InsightFaceRecord:
         raise RecordIOError(
             f"{self._where(key)}: identity record without a [first, end) range")
       lo, hi = (float(v) for v in header.label[:2])
-      if lo != int(lo) or hi != int(hi) or not 1 <= lo <= hi <= (
-          self._identity_keys.start):
+      if not (math.isfinite(lo) and math.isfinite(hi)) or lo != int(lo) or (
+          hi != int(hi)) or not 1 <= lo <= hi <= self._identity_keys.start:
         raise RecordIOError(
             f"{self._where(key)}: identity range [{lo}, {hi}) is not inside "
             f"the image keys [1, {self._identity_keys.start})")
