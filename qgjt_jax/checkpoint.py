@@ -371,17 +371,34 @@ MODEL_INPUT_KEYS = ("model.input_order",)
 CONVERTED_RECORD = "converted_from.json"
 
 
+def read_record(path: epath.Path, key: str) -> dict[str, Any]:
+  """A workdir's JSON record, which must hold a mapping under `key`.
+
+  Raises:
+    CheckpointError: the file is damaged (naming it).
+  """
+  try:
+    record = json.loads(path.read_text())
+    if not isinstance(record, dict) or not isinstance(record.get(key), dict):
+      raise ValueError(f"no {key!r} mapping")
+  except (ValueError, UnicodeDecodeError) as e:
+    raise CheckpointError(
+        f"{path} is damaged ({type(e).__name__}: {str(e)[:100]}); restore it "
+        "from a copy, or use another --workdir") from None
+  return record
+
+
 def recorded_model_settings(workdir: str) -> dict[str, Any]:
   """{dotted key: value} of MODEL_KEYS and MODEL_INPUT_KEYS as the workdir
   recorded them: config.json of a training run, or converted_from.json of a
   converted model; {} without either."""
   directory = epath.Path(workdir)
   if (directory / CONFIG_RECORD).exists():
-    recorded = json.loads((directory / CONFIG_RECORD).read_text())["config"]
+    recorded = read_record(directory / CONFIG_RECORD, "config")["config"]
     values = {k: lookup(recorded, k) for k in MODEL_KEYS + MODEL_INPUT_KEYS}
   elif (directory / CONVERTED_RECORD).exists():
-    values = json.loads((directory / CONVERTED_RECORD).read_text()).get(
-        "config_overrides", {})
+    values = read_record(directory / CONVERTED_RECORD, "config_overrides")[
+        "config_overrides"]
   else:
     return {}
   return {k: v for k, v in values.items()
@@ -403,7 +420,7 @@ def check_compatible(workdir: str, config_dict: dict[str, Any],
   path = epath.Path(workdir) / CONFIG_RECORD
   if not path.exists():
     return
-  record = json.loads(path.read_text())
+  record = read_record(path, "config")
   recorded = record["config"]
   diffs = []
   for key, normalise in INCOMPATIBLE_KEYS:

@@ -57,8 +57,11 @@ from etils import epath
 import numpy as np
 
 from qgjt_jax import errors
+from qgjt_jax import limits
 from qgjt_jax import models
+from qgjt_jax import outputs
 from qgjt_jax import torch_files
+from qgjt_jax import workdir_lock
 from qgjt_jax.models import iresnet
 
 _ROOT_KEY = "input_layer.0.weight"
@@ -476,6 +479,7 @@ def convert_state_dict(state_dict: Mapping[str, Any], arch: str = "auto",
     ValueError: an unknown `arch` or `input_order`.
   """
   found, _ = detect_layout(state_dict)
+  _check_finite(backbone_state(state_dict))
   if arch == "auto":
     layout = found
     num_layers, use_se = infer_architecture(state_dict)
@@ -518,29 +522,50 @@ def convert_state_dict(state_dict: Mapping[str, Any], arch: str = "auto",
                         input_order=input_order)
 
 
+def _check_finite(tensors: Mapping[str, Any]) -> None:
+  """Weights with NaN or infinities make every embedding NaN: refused."""
+  bad = [name for name, value in tensors.items()
+         if isinstance(value, np.ndarray) and value.dtype.kind == "f" and
+         not np.isfinite(value).all()]
+  if bad:
+    raise StateDictMismatchError(
+        f"{len(bad)} backbone tensor(s) hold NaN or infinite values "
+        f"({', '.join(sorted(bad)[:3])}{', ...' if len(bad) > 3 else ''}): "
+        "the weights are damaged or come from a diverged run")
+
+
 def checkpoint_dir(workdir: str) -> str:
   """Where `--mode=eval` looks for the checkpoints of a workdir."""
   return f"{workdir.rstrip('/')}/checkpoints"
 
 
+# What a workdir holds about its model: replaced together by --overwrite,
+# so no record of the old model (a training run's config.json, its
+# evaluations) is left to describe the new one.
+_MODEL_RECORDS = ("config.json", "converted_from.json", "eval")
+
+
 def check_writable(workdir: str, overwrite: bool = False) -> None:
-  """Refuses a workdir whose checkpoint folder is not empty (unless asked).
+  """Refuses a workdir that holds a model (unless asked to replace it).
 
   Raises:
     FileExistsError: naming the folder and what is in it.
   """
   directory = epath.Path(checkpoint_dir(workdir))
-  if not directory.exists():
-    return
-  if not directory.is_dir():
+  if directory.exists() and not directory.is_dir():
     raise FileExistsError(f"{directory} exists and is not a folder")
-  entries = sorted(p.name for p in directory.iterdir())
-  if entries and not overwrite:
+  entries = sorted(p.name for p in directory.iterdir()
+                   ) if directory.exists() else []
+  records = [name for name in _MODEL_RECORDS
+             if (epath.Path(workdir) / name).exists()]
+  if (entries or records) and not overwrite:
     shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+    what = (f"{directory} already holds checkpoints ({shown})" if entries
+            else f"{workdir} already holds a run's {', '.join(records)}")
     raise FileExistsError(
-        f"{directory} already holds checkpoints ({shown}); choose another "
-        "--workdir, or pass --overwrite to delete them all and write the "
-        "converted model instead")
+        f"{what}; choose another --workdir, or pass --overwrite to delete "
+        "that model (checkpoints, records, evaluations) and write the "
+        "converted one instead")
 
 
 def write_checkpoint(workdir: str, converted: ConvertedModel, *,
@@ -555,11 +580,14 @@ def write_checkpoint(workdir: str, converted: ConvertedModel, *,
   """
   from qgjt_jax import checkpoint  # orbax: only needed to write
   check_writable(workdir, overwrite)
+  root = epath.Path(workdir)
   directory = epath.Path(checkpoint_dir(workdir))
-  if directory.exists():
-    # A step left beside step 0 would be "the latest" one --mode=eval reads.
-    directory.rmtree()
-  checkpoint.save_model_only(str(directory), converted.variables, step=0)
+  # Written beside, then swapped in: an interrupted conversion leaves the
+  # old model whole (and a step left beside step 0 would be "the latest").
+  staging = root / ".checkpoints.converting"
+  if staging.exists():
+    staging.rmtree()
+  checkpoint.save_model_only(str(staging), converted.variables, step=0)
   record = {"source": os.path.abspath(source) if source else "",
             "architecture": converted.name, "layout": converted.layout,
             "input_order": converted.input_order,
@@ -569,8 +597,17 @@ def write_checkpoint(workdir: str, converted: ConvertedModel, *,
             "image_size": converted.image_size,
             "num_params": converted.num_params,
             "config_overrides": converted.config_overrides()}
-  (epath.Path(workdir) / checkpoint.CONVERTED_RECORD).write_text(
-      json.dumps(record, indent=2) + "\n")
+  for name in _MODEL_RECORDS:
+    old = root / name
+    if old.is_dir():
+      old.rmtree()
+    elif old.exists():
+      old.unlink()
+  if directory.exists():
+    directory.rmtree()
+  staging.rename(directory)
+  outputs.write(str(root / checkpoint.CONVERTED_RECORD),
+                json.dumps(record, indent=2) + "\n", overwrite=True)
   return str(directory)
 
 
@@ -622,6 +659,9 @@ def _define_flags() -> None:
                     "(AdaFace/QGFace BGR, insightface RGB) or as given.")
   flags.DEFINE_bool("overwrite", False, "Delete an existing "
                     "WORKDIR/checkpoints and write the converted model.")
+  flags.DEFINE_bool("force_lock", False, "Take the workdir's lock even when "
+                    "its note says another run holds it.")
+  limits.define_flags()
   flags.DEFINE_string("eval_config", "configs/ms1m.py", "Config file named "
                       "in the printed --mode=eval command.")
   flags.mark_flags_as_required(["src", "workdir"])
@@ -641,13 +681,19 @@ def main(argv: list[str]) -> None:
       except ValueError as e:
         raise errors.UserError(f"--arch={cfg.arch}: {e}") from None
     check_writable(cfg.workdir, cfg.overwrite)
+    limits.configure_from_flags()
     state = load_torch_checkpoint(cfg.src)
     try:
       converted = convert_state_dict(state, cfg.arch, cfg.input_order)
     except StateDictMismatchError as e:
       raise StateDictMismatchError(f"{cfg.src}: {e}") from e
-    write_checkpoint(cfg.workdir, converted, source=cfg.src,
-                     overwrite=cfg.overwrite)
+    lock = workdir_lock.acquire(cfg.workdir, force=cfg.force_lock)
+    try:
+      write_checkpoint(cfg.workdir, converted, source=cfg.src,
+                       overwrite=cfg.overwrite)
+    finally:
+      if lock is not None:
+        lock.release()
   print(summary(cfg.src, cfg.workdir, converted, cfg.eval_config), flush=True)
 
 

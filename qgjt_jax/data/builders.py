@@ -290,10 +290,15 @@ def list_image_folder(root: os.PathLike | str
                       ) -> tuple[list[str], list[tuple[pathlib.Path, int]]]:
   """(identity names, [(file, label)]) of `root/<identity>/...`.
 
-  Every visible file under an identity directory (recursively) is a
-  candidate image: files that are not images are found when converting, so
-  they can be reported. Hidden files (".DS_Store", ...) are ignored, and so
-  are files directly under `root`.
+  Every visible file under an identity directory (recursively, linked
+  folders followed once each) is a candidate image: files that are not
+  images are found when converting, so they can be reported. Hidden files
+  (".DS_Store", ...) are ignored, and so are files directly under `root`.
+
+  Raises:
+    FileNotFoundError: `root` is not a folder or holds no identity folder.
+    DataError: two identity folders are the same folder, or one holds
+      another or the whole set (links): their images would get two labels.
   """
   root = pathlib.Path(root)
   if not root.is_dir():
@@ -309,10 +314,16 @@ def list_image_folder(root: os.PathLike | str
     dirs.sort(key=lambda p: (int(p.name), p.name))
   else:
     dirs.sort(key=lambda p: p.name)
+  _check_distinct(root, dirs)
   files = []
   for label, identity in enumerate(dirs):
-    found = []
-    for dirpath, dirnames, filenames in os.walk(identity):
+    found, seen = [], set()
+    for dirpath, dirnames, filenames in os.walk(identity, followlinks=True):
+      real = os.path.realpath(dirpath)
+      if real in seen:  # a link loop, or a folder linked twice
+        dirnames[:] = []
+        continue
+      seen.add(real)
       dirnames[:] = [d for d in dirnames if not d.startswith(".")]
       found += [pathlib.Path(dirpath) / f for f in filenames
                 if not f.startswith(".")]
@@ -320,6 +331,33 @@ def list_image_folder(root: os.PathLike | str
       logging.warning("%s: identity %r has no files", root, identity.name)
     files += [(f, label) for f in sorted(found)]
   return [p.name for p in dirs], files
+
+
+def _check_distinct(root: pathlib.Path, identities: list[pathlib.Path]
+                    ) -> None:
+  """No identity folder is (through links) the root, an ancestor of it, the
+  same folder as another identity, or inside another identity."""
+  real_root = os.path.realpath(root)
+  owner = {}
+  for identity in identities:
+    real = os.path.realpath(identity)
+    if real_root == real or real_root.startswith(real.rstrip(os.sep) + os.sep):
+      raise DataError(f"{identity} links to {real}, which holds the whole "
+                      "set: its images would be added again under another "
+                      "label; remove the link")
+    if real in owner:
+      raise DataError(f"{identity} and {owner[real]} are the same folder "
+                      f"({real}): its images would get two labels; remove "
+                      "one of them")
+    owner[real] = identity
+  for real, identity in owner.items():
+    parent = os.path.dirname(real)
+    while parent and parent != os.path.dirname(parent):
+      if parent in owner:
+        raise DataError(f"{identity} is inside identity {owner[parent]} "
+                        f"({real}): its images would get two labels; "
+                        "remove the link")
+      parent = os.path.dirname(parent)
 
 
 @dataclasses.dataclass(eq=False)

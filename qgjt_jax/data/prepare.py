@@ -40,6 +40,7 @@ from absl import logging
 import tensorflow_datasets as tfds
 
 from qgjt_jax import errors
+from qgjt_jax import limits
 from qgjt_jax.data import builders
 from qgjt_jax.data import recordio
 
@@ -253,6 +254,7 @@ def _define_flags() -> None:
                        f"{synthetic}112).", lower_bound=1)
   flags.DEFINE_integer("seed", None, f"Which faces are generated{synthetic}"
                        "0).", lower_bound=0)
+  limits.define_flags()
   flags.mark_flags_as_required(["format", "data_dir", "name"])
 
 
@@ -280,6 +282,7 @@ def main(argv: Sequence[str]) -> None:
   with errors.expected_failures(builders.DataError, recordio.RecordIOError,
                                 verbose=verbose):
     check_src(f.format, f.src)
+    limits.configure_from_flags()
     result = prepare(f.format, src=f.src, data_dir=f.data_dir, name=f.name,
                      skip_bad=f.skip_bad, overwrite=f.overwrite,
                      num_identities=f.num_identities,
