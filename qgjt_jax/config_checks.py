@@ -214,10 +214,15 @@ def check_data_paths(config: ml_collections.ConfigDict) -> None:
 
 
 def check_eval_paths(config: ml_collections.ConfigDict) -> None:
+  """Every evaluation set exists; the .bin sets are read (not decoded), so
+  a damaged one stops a run now rather than after its training."""
+  from qgjt_jax.eval import bin_sets  # pylint: disable=g-import-not-at-top
   for path in config.eval.bin_sets:
     if "://" not in path and not os.path.isfile(path):
       raise ConfigError(f"config.eval.bin_sets lists {path!r}, which does not "
                         "exist; fix the path or drop it from the list.")
+    if "://" not in path:
+      bin_sets.load_bin(path)
   for key in ("tinyface_root", "scface_root", "ijb_root"):
     path = config.eval[key]
     if path and "://" not in path and not os.path.isdir(path):

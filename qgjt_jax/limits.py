@@ -68,7 +68,7 @@ def exceeded(where: str, what: str, value: int, name: str) -> LimitError:
   """The error for `what` (= `value`) of `where` over the limit `name`."""
   limit = getattr(current(), name)
   return LimitError(where, (
-      f"{what} {value:,} is over the limit {name}={limit:,} (set to stop "
+      f"{what} ({value:,}) is over the limit {name}={limit:,} (set to stop "
       "damaged or hostile files); if you trust the file, raise it with "
       f"--config.limits.{name}=N (main) or --{name}=N (convert, prepare)"))
 
@@ -128,6 +128,27 @@ def define_flags() -> None:
 def configure_from_flags() -> Limits:
   from absl import flags  # pylint: disable=g-import-not-at-top
   return configure({n: flags.FLAGS[n].value for n in DEFAULTS}, "flags")
+
+
+class BoundedReader:
+  """A file's next `size` bytes, for the pure-Python unpickler (the C one
+  grows its memo to whatever index a few bytes name): no read asks the
+  file for more than is left, whatever length a pickle declares."""
+
+  def __init__(self, file, size: int):
+    self._file, self.left = file, size
+
+  def read(self, n=-1):
+    n = self.left if n is None or n < 0 else min(n, self.left)
+    data = self._file.read(n)
+    self.left -= len(data)
+    return data
+
+  def readline(self, size=-1):
+    size = self.left if size is None or size < 0 else min(size, self.left)
+    data = self._file.readline(size)
+    self.left -= len(data)
+    return data
 
 
 # ---------------------------------------------------------------------------
@@ -194,7 +215,7 @@ def check_encoded_image(data: bytes, where: str) -> None:
   """
   limits = current()
   if len(data) > limits.max_image_file_bytes:
-    raise exceeded(where, "an image of bytes", len(data),
+    raise exceeded(where, "the image's size in bytes", len(data),
                    "max_image_file_bytes")
   size = declared_image_size(bytes(data))
   if size is None:
@@ -202,7 +223,7 @@ def check_encoded_image(data: bytes, where: str) -> None:
                      "format read here (JPEG, PNG, BMP, WebP, TIFF, GIF...)")
   width, height = size
   if width * height > limits.max_image_pixels:
-    raise exceeded(where, f"an image of {width} x {height} = pixels",
+    raise exceeded(where, f"an image of {width} x {height} pixels",
                    width * height, "max_image_pixels")
 
 
@@ -220,7 +241,7 @@ def read_image_file(path: str | os.PathLike) -> bytes:
       size = os.fstat(f.fileno()).st_size
       limit = current().max_image_file_bytes
       if size > limit:
-        raise exceeded(path, "an image file of bytes", size,
+        raise exceeded(path, "the file's size in bytes", size,
                        "max_image_file_bytes")
       return f.read(limit + 1)
   except IsADirectoryError:

@@ -194,7 +194,7 @@ def _rebuild_parameter(data, requires_grad=None, backward_hooks=None,
 def _materialise(obj, where: str, budget: list[int], depth: int = 0):
   """The object with every `_Tensor` rebuilt as a numpy array."""
   if depth > limits.current().max_pickle_depth:
-    raise limits.exceeded(where, "containers nested (or cyclic) to a depth of",
+    raise limits.exceeded(where, "the nesting of its containers (or a cycle)",
                           depth, "max_pickle_depth")
   inner = lambda v: _materialise(v, where, budget, depth + 1)
   if isinstance(obj, _Tensor):
@@ -309,30 +309,6 @@ class _Unpickler(pickle._Unpickler):  # pylint: disable=protected-access
   dispatch[pickle.BUILD[0]] = _build
 
 
-class _Bounded(io.RawIOBase):
-  """A file's next `size` bytes: no read asks the file for more, whatever
-  length a pickle declares."""
-
-  def __init__(self, file, size: int):
-    super().__init__()
-    self._file, self.left = file, size
-
-  def readable(self):
-    return True
-
-  def read(self, n=-1):
-    n = self.left if n is None or n < 0 else min(n, self.left)
-    data = self._file.read(n)
-    self.left -= len(data)
-    return data
-
-  def readline(self, size=-1):
-    size = self.left if size is None or size < 0 else min(size, self.left)
-    data = self._file.readline(size)
-    self.left -= len(data)
-    return data
-
-
 def _read_member(archive: zipfile.ZipFile, name: str, path: str) -> bytes:
   """A member of the archive, refused before inflating if too large."""
   try:
@@ -343,14 +319,14 @@ def _read_member(archive: zipfile.ZipFile, name: str, path: str) -> bytes:
   where = f"{path}: member {name}"
   current = limits.current()
   if info.file_size > current.max_tensor_bytes:
-    raise limits.exceeded(where, "a member of bytes", info.file_size,
+    raise limits.exceeded(where, "its size in bytes", info.file_size,
                           "max_tensor_bytes")
   if info.compress_type != zipfile.ZIP_STORED and info.file_size > max(
       1 << 20, current.max_inflation * info.compress_size):
     raise limits.exceeded(
-        where, f"a member compressed to {info.compress_size:,} bytes that "
-        "inflates to a ratio of", info.file_size // max(info.compress_size, 1),
-        "max_inflation")
+        where, f"{info.compress_size:,} compressed bytes inflating to "
+        f"{info.file_size:,}: a ratio", info.file_size // max(
+            info.compress_size, 1), "max_inflation")
   return archive.read(info)
 
 
@@ -399,7 +375,7 @@ def _tensor_budget(storages) -> int:
 
 def _load_legacy(path: str, f, size: int) -> Any:
   """torch < 1.6: pickles, then each storage as (int64 count, bytes)."""
-  f = _Bounded(f, size)
+  f = limits.BoundedReader(f, size)
   header = lambda: _Unpickler(f, plain=True).load()
   if header() != _LEGACY_MAGIC:
     raise TorchFileError(f"{path}: a pickle, but not a PyTorch checkpoint "
@@ -438,7 +414,7 @@ def _load_legacy(path: str, f, size: int) -> Any:
           f"{where} declares {count:,} elements ({nbytes:,} bytes) but the "
           f"file has {f.left:,} bytes left: it is cut short or damaged")
     if nbytes > limits.current().max_tensor_bytes:
-      raise limits.exceeded(where, "a storage of bytes", nbytes,
+      raise limits.exceeded(where, "its size in bytes", nbytes,
                             "max_tensor_bytes")
     storage.array = np.frombuffer(f.read(nbytes), storage.dtype)
   return _materialise(obj, path, [_tensor_budget(storages.values())])

@@ -5,6 +5,7 @@ calls on persistent storage ids; the storages as zip members, or after the
 pickles in the format of torch < 1.6.
 """
 import collections
+import dataclasses
 import io
 import pickle
 import struct
@@ -36,6 +37,16 @@ for _dtype, _name in _STORAGE_NAMES.items():
   globals()[_name] = _STORAGE_CLASSES[_dtype]
 
 
+@dataclasses.dataclass(eq=False)
+class TensorView:
+  """A tensor written with the geometry given, whatever its storage holds
+  (for files that lie about it)."""
+  storage: np.ndarray
+  offset: object
+  size: object
+  stride: object
+
+
 class _TensorPickler(pickle.Pickler):
   """Pickles numpy arrays as torch.save pickles tensors."""
 
@@ -53,6 +64,10 @@ class _TensorPickler(pickle.Pickler):
     return None
 
   def reducer_override(self, obj):
+    if isinstance(obj, TensorView):
+      return (_rebuild_tensor_v2,
+              (("_storage", str(len(self.storages)), obj.storage), obj.offset,
+               obj.size, obj.stride, False, collections.OrderedDict()))
     if not isinstance(obj, np.ndarray):
       return NotImplemented
     # A strided view on a storage larger than the tensor, offset by one

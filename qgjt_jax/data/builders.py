@@ -194,9 +194,17 @@ class InsightFaceRec(_ManualBuilder):
       header, image = record.read(key)
       label = record.check_label(
           recordio.class_id(header, f"{record.rec_path}: record {key}"), key)
+      where = f"{record.rec_path}: record {key}"
       if not (image.startswith(_JPEG_SOI) or image.startswith(_PNG_SIGNATURE)):
         # Unusual but legal formats are accepted if OpenCV reads them.
-        recordio.decode_image(image, f"{record.rec_path}: record {key}")
+        recordio.decode_image(image, where)
+      else:  # kept as they are, but not if they declare a vast image
+        try:
+          limits.check_encoded_image(image, where)
+        except limits.LimitError:
+          raise
+        except ValueError as e:
+          raise recordio.RecordIOError(str(e)) from None
       if expected is not None and expected[key] != label:
         mismatches.append(key)
       yield key, {"image": image, "label": label, "key": key}

@@ -81,6 +81,10 @@ class RecSource:
     image, label = self.record.read_image(int(index))
     return {"image": image, "label": np.int32(label)}
 
+  def where(self, index: int) -> str:
+    """Names image `index` in messages: the file and its record key."""
+    return f"{self.record.rec_path}: record {self.record.key(int(index))}"
+
   def __repr__(self) -> str:
     return (f"RecSource({str(self.record.rec_path)!r}, images={len(self)}, "
             f"num_classes={self.num_classes})")

@@ -14,6 +14,7 @@ import pickle
 import numpy as np
 
 from qgjt_jax import errors
+from qgjt_jax import limits
 from qgjt_jax.data import recordio
 from qgjt_jax.eval import images as images_lib
 
@@ -55,25 +56,6 @@ class _RestrictedUnpickler(pickle._Unpickler):  # pylint: disable=protected-acce
         f'refers to {module}.{name}, which a verification set never needs')
 
 
-class _Bounded:
-  """The file, with no read asking for more than it has left."""
-
-  def __init__(self, file, size: int):
-    self._file, self._left = file, size
-
-  def read(self, n=-1):
-    n = self._left if n is None or n < 0 else min(n, self._left)
-    data = self._file.read(n)
-    self._left -= len(data)
-    return data
-
-  def readline(self, size=-1):
-    size = self._left if size is None or size < 0 else min(size, self._left)
-    data = self._file.readline(size)
-    self._left -= len(data)
-    return data
-
-
 def load_bin(path: str | os.PathLike) -> tuple[list[bytes], np.ndarray]:
   """Reads an insightface `.bin` set.
 
@@ -89,8 +71,8 @@ def load_bin(path: str | os.PathLike) -> tuple[list[bytes], np.ndarray]:
     raise FileNotFoundError(f'verification set {path} does not exist')
   try:
     with open(path, 'rb') as f:
-      obj = _RestrictedUnpickler(_Bounded(f, os.fstat(f.fileno()).st_size),
-                                 encoding='bytes').load()
+      bounded = limits.BoundedReader(f, os.fstat(f.fileno()).st_size)
+      obj = _RestrictedUnpickler(bounded, encoding='bytes').load()
   except OSError:
     raise
   except Exception as e:  # pylint: disable=broad-except
