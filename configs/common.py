@@ -131,6 +131,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.eval_every_steps = 10000
   # Stop after this many consecutive non-finite steps (each is skipped).
   config.max_consecutive_nonfinite = 20
+  # A jax.profiler trace of steps [START, STOP) into WORKDIR/profile (process
+  # 0), e.g. (100, 110); () traces nothing. Open it with TensorBoard's
+  # profile plugin or xprof (README, "Speed").
+  config.profile_steps = ()
 
   # Evaluation: insightface .bin verification sets to run periodically and in
   # --mode=eval (paths), plus low-resolution variants of them (pixel sizes).

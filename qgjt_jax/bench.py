@@ -166,6 +166,39 @@ def _peak_memory_gib(devices: Sequence[Any]) -> Optional[float]:
   return round(max(peaks) / 2**30, 3) if peaks else None
 
 
+def extras_cost(settings: dict[str, Any], classes: int,
+                config_path: str | pathlib.Path = DEFAULT_CONFIG
+                ) -> dict[str, Any]:
+  """XLA's cost analysis of the step with and without the QGFace extras
+  (queue, contrastive loss, quality gate), from the lowered programs: no
+  compile, no run, so any host estimates the extras' share of the work.
+
+  `settings` are bench_config's keyword arguments but `qgface`.
+  """
+  record = {}
+  for qgface in (True, False):
+    config = bench_config(load_config(config_path), qgface=qgface,
+                          **settings)
+    config_checks.check_values(config)
+    stack = stack_lib.build_stack(config, num_classes=classes,
+                                  steps_per_epoch=10_000.0)
+    cost = stack.train_step.lower(stack.abstract_state(),
+                                  stack.abstract_batch()).cost_analysis()
+    if isinstance(cost, (list, tuple)):
+      cost = cost[0] if cost else {}
+    name = "qgface" if qgface else "plain"
+    record[f"{name}_flops"] = float((cost or {}).get("flops", math.nan))
+    record[f"{name}_bytes_accessed"] = float(
+        (cost or {}).get("bytes accessed", math.nan))
+  for what in ("flops", "bytes_accessed"):
+    record[f"extras_{what}_ratio"] = round(
+        record[f"qgface_{what}"] / record[f"plain_{what}"], 4)
+  return {"bench": "qgface_extras_cost", "arch": settings["arch"],
+          "batch": settings["batch"], "classes": classes,
+          "queue": settings["queue"], "device": jax.devices()[0].device_kind,
+          **record}
+
+
 def run(*, arch: str = "ir50", batch: int = 256, dtype: str = "bfloat16",
         classes: int = MS1MV2_CLASSES, queue: int = 8192, steps: int = 20,
         warmup: int = 3, repeats: int = 3, qgface: bool = True,
@@ -302,6 +335,9 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
                  help="1 shows the traceback of an expected failure")
   p.add_argument("--dump_hlo", default=None,
                  help="write the compiled step's HLO text to this file")
+  p.add_argument("--extras_cost", action="store_true",
+                 help="instead of timing: XLA's FLOPs and bytes of the step "
+                 "with and without the QGFace extras (lowered only)")
   return p.parse_args(argv)
 
 
@@ -316,6 +352,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 def _run(a: argparse.Namespace) -> dict[str, Any]:
+  if a.extras_cost:
+    return extras_cost(dict(
+        arch=a.arch, batch=a.batch, dtype=a.dtype, queue=a.queue,
+        image_size=a.image_size, base_width=a.base_width,
+        embedding_size=a.embedding_size,
+        model_parallelism=a.model_parallelism, sample_rate=a.sample_rate,
+        logits_dtype=a.logits_dtype, remat=a.remat), a.classes, a.config)
   return run(arch=a.arch, batch=a.batch, dtype=a.dtype, classes=a.classes,
              queue=a.queue, steps=a.steps, warmup=a.warmup,
              repeats=a.repeats, qgface=not a.no_qgface,

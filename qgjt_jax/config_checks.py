@@ -135,6 +135,15 @@ def check_train_config(config: ml_collections.ConfigDict,
     raise ConfigError(
         f"config.optim.milestones={milestones!r} must be positive epochs in "
         "increasing order, e.g. --config.optim.milestones='(12, 20, 24)'.")
+  profile = config.get("profile_steps", ())
+  if profile and not (
+      isinstance(profile, (tuple, list)) and len(profile) == 2 and all(
+          isinstance(s, int) and not isinstance(s, bool) for s in profile)
+      and 0 <= profile[0] < profile[1]):
+    raise ConfigError(
+        f"config.profile_steps={profile!r} must be () or (START, STOP), two "
+        "step numbers with 0 <= START < STOP, e.g. "
+        "--config.profile_steps='(100, 110)'.")
   if config.data.kind == "synthetic":
     spec = config.data.synthetic
     for key, least in (("num_identities", 2), ("images_per_identity", 1),

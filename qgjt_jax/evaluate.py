@@ -28,22 +28,26 @@ from qgjt_jax.eval import verification
 from qgjt_jax.models.iresnet import normalize_images
 
 
-def make_embed_fn(model, dtype: Any, mesh: Mesh,
-                  variables: Any) -> extract.ShardedEmbedFn:
-  """The eval forward pass of `variables`, for `extract.extract_embeddings`.
-
-  Each process passes its rows of a global batch (split over every device of
-  the mesh, as in training); the embeddings and norms of the whole batch come
-  back to every process, replicated (B x D floats: a small all-gather).
-  """
+def eval_forward(model, dtype: Any, mesh: Mesh):
+  """The jitted eval forward pass: (variables, uint8 images) -> (unit
+  embeddings, norms). The images are split over every device of the mesh,
+  as in training; the results come back replicated (B x D floats: a small
+  all-gather)."""
   def forward(variables, images):
     emb, norms = model.apply(variables, normalize_images(images, dtype),
                              train=False)
     return emb.astype(jnp.float32), norms.astype(jnp.float32)
 
-  forward = jax.jit(forward, in_shardings=(parallel.replicated(mesh),
-                                           parallel.batch_sharding(mesh)),
-                    out_shardings=parallel.replicated(mesh))
+  return jax.jit(forward, in_shardings=(parallel.replicated(mesh),
+                                        parallel.batch_sharding(mesh)),
+                 out_shardings=parallel.replicated(mesh))
+
+
+def make_embed_fn(model, dtype: Any, mesh: Mesh,
+                  variables: Any) -> extract.ShardedEmbedFn:
+  """The eval forward pass of `variables`, for `extract.extract_embeddings`:
+  each process passes its rows of a global batch (see `eval_forward`)."""
+  forward = eval_forward(model, dtype, mesh)
   variables = jax.device_put(variables, parallel.replicated(mesh))
   return extract.ShardedEmbedFn(
       lambda local: forward(variables, parallel.host_to_global(local, mesh)),

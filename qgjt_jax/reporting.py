@@ -224,3 +224,37 @@ def _format_seconds(seconds: float) -> str:
   hours, rest = divmod(seconds, 3600)
   minutes, seconds = divmod(rest, 60)
   return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
+
+
+class StepProfiler:
+  """A jax.profiler trace of training steps [START, STOP)
+  (`config.profile_steps`) into `directory`, on process 0.
+
+  `before(done)` is called before each step with the number of steps done,
+  `finish(pending)` after the last (it waits for `pending`, so the trace
+  holds the traced steps' device work).
+  """
+
+  def __init__(self, steps, directory: str):
+    self.start, self.stop = tuple(steps) if steps else (None, None)
+    self.directory = directory
+    self.active = False
+
+  def before(self, done: int, pending=None) -> None:
+    if self.start is None or jax.process_index() != 0:
+      return
+    if done == self.start and not self.active:
+      jax.profiler.start_trace(self.directory)
+      self.active = True
+    elif done == self.stop:
+      self.finish(pending)
+
+  def finish(self, pending=None) -> None:
+    if not self.active:
+      return
+    jax.block_until_ready(pending)
+    jax.profiler.stop_trace()
+    self.active = False
+    note(f"Wrote a profile of steps {self.start}..{self.stop - 1} to "
+         f"{self.directory}: open it with tensorboard "
+         f"--logdir={self.directory} (Profile tab) or xprof.")

@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 from jax.sharding import Mesh
@@ -43,6 +44,27 @@ class TrainingStack:
     """A fresh state, created directly in its sharded layout."""
     return jax.jit(self.create_state,
                    out_shardings=self.state_shardings)(rng)
+
+  def abstract_state(self) -> state_lib.TrainState:
+    """The state's shapes and shardings, nothing allocated (for lowering)."""
+    return jax.tree.map(
+        lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype,
+                                                 sharding=sharding),
+        jax.eval_shape(self.create_state, jax.random.key(0)),
+        self.state_shardings)
+
+  def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
+    """One global batch's shapes, split over the mesh (for lowering)."""
+    b, size = self.config.global_batch_size, self.config.data.image_size
+    sharding = parallel.batch_sharding(self.mesh)
+    image = jax.ShapeDtypeStruct((b, size, size, 3), jnp.uint8,
+                                 sharding=sharding)
+    per_sample = lambda dtype: jax.ShapeDtypeStruct((b,), dtype,
+                                                    sharding=sharding)
+    return {"image_h": image, "image_l": image,
+            "label": per_sample(jnp.int32),
+            "degrade_h": per_sample(jnp.float32),
+            "degrade_l": per_sample(jnp.float32)}
 
 
 def build_stack(config: ml_collections.ConfigDict, *, num_classes: int,

@@ -277,9 +277,12 @@ def _loop(run: _Run, state, stop: StopRequested) -> dict:
                                     2 * config.global_batch_size, step)
   evaluator = evaluate_lib.Evaluator(config, run.stack.model, run.stack.mesh)
   guard = _NonFiniteGuard(config.max_consecutive_nonfinite)
+  profiler = reporting.StepProfiler(config.get("profile_steps", ()),
+                                    os.path.join(run.workdir, "profile"))
   pending = None  # the previous step's metrics, read one step late
   evaluated = (None, {})  # (step, results) of the last evaluation
   while step < run.num_train_steps:
+    profiler.before(step, state)
     batch = parallel.host_to_global(next(batches), run.stack.mesh)
     state, metrics = run.stack.train_step(state, batch)
     step += 1
@@ -300,6 +303,7 @@ def _loop(run: _Run, state, stop: StopRequested) -> dict:
     if config.eval_every_steps and step % config.eval_every_steps == 0:
       evaluated = step, evaluator.run(state, step, writer, run.workdir)
     if stop.agreed():
+      profiler.finish(state)
       ckpt.save(manager, state, force=True)
       ckpt.wait(manager)
       reporting.note(
@@ -307,6 +311,7 @@ def _loop(run: _Run, state, stop: StopRequested) -> dict:
           f"written to {run.workdir}/checkpoints. Run the same command to "
           "resume.")
       return {}
+  profiler.finish(state)
   if pending is not None and guard.exhausted(pending, step):
     _stop_nonfinite(manager, state, config)
   ckpt.save(manager, state, force=True)

@@ -98,6 +98,14 @@ BAD = [
     ({"contrastive.start_epoch": 3.0, "contrastive.end_epoch": 2.0},
      ["config.contrastive.end_epoch=2.0", "0 for no end"]),
     ({"model.remat": "layer"}, ["config.model.remat='layer'", "'block'"]),
+    ({"num_epochs": float("nan")}, ["config.num_epochs=nan", "finite"]),
+    ({"optim.lr": float("inf")}, ["config.optim.lr=inf", "finite"]),
+    ({"quality.init_mean": float("nan")}, ["config.quality.init_mean=nan"]),
+    ({"optim.milestones": ("abc",)}, ["config.optim.milestones=('abc',)",
+                                      "--config.optim.milestones="]),
+    ({"profile_steps": (5, 5)}, ["config.profile_steps=(5, 5)",
+                                 "START < STOP"]),
+    ({"profile_steps": (3,)}, ["config.profile_steps=(3,)", "(START, STOP)"]),
     ({"eval.dtype": "float64"}, ["config.eval.dtype='float64'"]),
 ]
 
