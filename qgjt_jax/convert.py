@@ -408,12 +408,35 @@ def load_torch_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
   if not path.endswith(".npz"):
     return torch_files.state_dict(path)
   try:
+    _check_npz(path)
     with np.load(path, allow_pickle=False) as data:
       return {k: data[k] for k in data.files}
+  except (limits.LimitError, torch_files.TorchFileError):
+    raise
   except Exception as e:  # zipfile, zlib and numpy format errors alike
     raise torch_files.TorchFileError(
         f"cannot read {path} as an .npz of name -> array "
         f"({type(e).__name__}: {e})") from e
+
+
+def _check_npz(path: str) -> None:
+  """Every array of an .npz holds the bytes its header declares, within the
+  limits: numpy allocates the declared shape before reading the data."""
+  import zipfile  # pylint: disable=g-import-not-at-top
+  with zipfile.ZipFile(path) as archive:
+    for info in archive.infolist():
+      torch_files.check_member(info, path)
+      with archive.open(info) as member:
+        read_header = (np.lib.format.read_array_header_1_0 if
+                       np.lib.format.read_magic(member) == (1, 0) else
+                       np.lib.format.read_array_header_2_0)
+        shape, _, dtype = read_header(member)
+      declared = math.prod(shape) * dtype.itemsize
+      if declared > info.file_size:
+        raise torch_files.TorchFileError(
+            f"{path}: {info.filename} declares an array of {shape} "
+            f"{dtype} ({declared:,} bytes) but holds {info.file_size:,}: "
+            "the file is damaged")
 
 
 def _first_line(e: Exception) -> str:

@@ -316,7 +316,14 @@ def _read_member(archive: zipfile.ZipFile, name: str, path: str) -> bytes:
   except KeyError:
     raise TorchFileError(f"{path}: the archive has no member {name}; the "
                          "file is damaged") from None
-  where = f"{path}: member {name}"
+  check_member(info, path)
+  return archive.read(info)
+
+
+def check_member(info: zipfile.ZipInfo, path: str) -> None:
+  """Refuses an archive member that declares more bytes, or inflates more,
+  than `limits` allow (before anything is read)."""
+  where = f"{path}: member {info.filename}"
   current = limits.current()
   if info.file_size > current.max_tensor_bytes:
     raise limits.exceeded(where, "its size in bytes", info.file_size,
@@ -327,7 +334,6 @@ def _read_member(archive: zipfile.ZipFile, name: str, path: str) -> bytes:
         where, f"{info.compress_size:,} compressed bytes inflating to "
         f"{info.file_size:,}: a ratio", info.file_size // max(
             info.compress_size, 1), "max_inflation")
-  return archive.read(info)
 
 
 def _load_zip(path: str, archive: zipfile.ZipFile) -> Any:

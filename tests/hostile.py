@@ -9,6 +9,7 @@ each child is measured alone).
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import pathlib
@@ -231,6 +232,18 @@ def odd_call(folder: pathlib.Path) -> pathlib.Path:
   """collections.OrderedDict(5): an allowed name called as no file does."""
   return zip_with_pickle(folder, "odd_call.pth",
                          b"\x80\x02ccollections\nOrderedDict\nK\x05\x85R.")
+
+
+def lying_npz(folder: pathlib.Path) -> pathlib.Path:
+  """An .npz whose array header declares 4 TiB over 12 bytes of data
+  (numpy allocates the declared shape before reading)."""
+  buffer = io.BytesIO()
+  np.save(buffer, np.zeros(3, np.float32))
+  data = buffer.getvalue().replace(b"(3,)", b"(1099511627776,)", 1)
+  path = folder / "lying.npz"
+  with zipfile.ZipFile(path, "w") as archive:
+    archive.writestr("weight.npy", data)
+  return path
 
 
 def nan_weights(folder: pathlib.Path) -> pathlib.Path:

@@ -76,6 +76,8 @@ _TORCH_CASES = {
                             "max_pickle_depth"),
     "OrderedDict(5)": (lambda f, m: hostile.odd_call(f), "TypeError"),
     "NaN weights": (lambda f, m: hostile.nan_weights(f), "NaN"),
+    ".npz declaring 4 TiB": (lambda f, m: hostile.lying_npz(f),
+                             "declares an array"),
 }
 
 
