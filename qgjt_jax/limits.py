@@ -163,8 +163,11 @@ _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD,
 def _jpeg_size(data: bytes) -> Optional[tuple[int, int]]:
   pos = 2
   while pos + 4 <= len(data):
-    if data[pos] != 0xFF:
-      return None
+    if data[pos] != 0xFF:  # stray bytes between segments, as libjpeg skips
+      pos = data.find(b"\xff", pos)
+      if pos < 0:
+        return None
+      continue
     marker = data[pos + 1]
     if marker == 0xFF:  # fill byte
       pos += 1
@@ -182,16 +185,21 @@ def _jpeg_size(data: bytes) -> Optional[tuple[int, int]]:
   return None
 
 
+class _VastForPillow(Exception):
+  """Pillow refused to open the image for its size (over twice its own
+  limit, Image.MAX_IMAGE_PIXELS)."""
+
+
 def _pillow_size(data: bytes) -> Optional[tuple[int, int]]:
   """Other formats: Pillow reads the header only (no pixels)."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   try:
     with Image.open(io.BytesIO(data)) as image:
       return image.size
+  except Image.DecompressionBombError:
+    raise _VastForPillow() from None
   except Exception:  # pylint: disable=broad-except
-    # Pillow raises many types on bytes that are no image (and its own
-    # DecompressionBombError on vast ones): either way no size is known.
-    return None
+    return None  # Pillow raises many types on bytes that are no image
 
 
 def declared_image_size(data: bytes) -> Optional[tuple[int, int]]:
@@ -217,7 +225,12 @@ def check_encoded_image(data: bytes, where: str) -> None:
   if len(data) > limits.max_image_file_bytes:
     raise exceeded(where, "the image's size in bytes", len(data),
                    "max_image_file_bytes")
-  size = declared_image_size(bytes(data))
+  try:
+    size = declared_image_size(bytes(data))
+  except _VastForPillow:
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    raise exceeded(where, "an image of more pixels than Pillow opens",
+                   2 * Image.MAX_IMAGE_PIXELS, "max_image_pixels") from None
   if size is None:
     raise ValueError(f"{where}: {len(data)} bytes that are not an image in a "
                      "format read here (JPEG, PNG, BMP, WebP, TIFF, GIF...)")
