@@ -28,6 +28,7 @@ this project's code; the conventions go to a .json beside it.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from typing import Any, Optional, Sequence
@@ -199,8 +200,11 @@ def onnx_model(model, variables: dict, image_size: int,
   head, head_stats = params["output_layer"], stats["output_layer"]
   x = graph.batch_norm(x, head["bn"], head_stats["bn"], "head_bn")
   x = graph.op("Flatten", [x])  # NCHW order, as PyTorch's
-  # Our Dense rows follow the NHWC flatten; ONNX's Flatten is NCHW.
-  channels, side = specs[-1].out_channels, image_size // 16
+  # Our Dense rows follow the NHWC flatten; ONNX's Flatten is NCHW. The
+  # map's side comes from the model (four stride-2 convs: ceil(size / 16)
+  # for 40 px is 3), read off the Dense kernel's rows.
+  channels = specs[-1].out_channels
+  side = math.isqrt(head["fc"]["kernel"].shape[0] // channels)
   kernel = head["fc"]["kernel"].reshape(side, side, channels, -1).transpose(
       2, 0, 1, 3).reshape(channels * side * side, -1)
   z = graph.op("Gemm", [x, graph.const(kernel, "fc.kernel"),

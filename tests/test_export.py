@@ -41,6 +41,20 @@ def _assert_close(got, want):
   np.testing.assert_allclose(got[1], want[1], rtol=1e-5)
 
 
+@pytest.mark.parametrize("size", [40, 36, 33])
+def test_onnx_at_sizes_that_are_not_multiples_of_16(size):
+  """40 px (the embedded default) ends in a 3 x 3 map, not 40 // 16 = 2."""
+  model = build_backbone("ir18", base_width=4, embedding_size=8)
+  variables = _random_variables(model, size)
+  images = np.random.default_rng(1).integers(0, 256, (2, size, size, 3),
+                                             np.uint8)
+  want = [np.asarray(a) for a in export.forward_fn(model, variables)(images)]
+  session = ort.InferenceSession(
+      export.onnx_model(model, variables, size).SerializeToString())
+  _assert_close(session.run(["embeddings", "norms"], {"images": images}),
+                want)
+
+
 @pytest.mark.parametrize("name, options", [
     ("ir18", {}), ("ir_se18", {}), ("r18", {"input_order": "RGB"}),
     ("ir152", {})], ids=["ir18", "se", "insightface_rgb", "bottleneck"])
