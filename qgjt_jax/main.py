@@ -63,16 +63,18 @@ def _loaded_config():
   recipe = flags.FLAGS["config"].serialize().split("=", 1)[-1]
   try:
     config = _CONFIG.value
-    if not isinstance(config, ml_collections.ConfigDict):
-      raise errors.UserError(
-          f"--config={recipe}: get_config() returned "
-          f"{type(config).__name__}, not an ml_collections.ConfigDict: fix "
-          "the recipe file (see configs/synthetic.py)")
     config.to_dict()  # a file that failed to load raises on first use
+  except AttributeError:
+    pass  # no to_dict: not a ConfigDict, said below
   except OSError as e:
     raise errors.UserError(
         f"--config={recipe}: {_first_cause(e)}: give a recipe file such as "
         "configs/synthetic.py") from None
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise errors.UserError(
+        f"--config={recipe}: get_config() returned {type(config).__name__}, "
+        "not an ml_collections.ConfigDict: fix the recipe file (see "
+        "configs/synthetic.py)")
   limits.configure(config.get("limits", {}), "config.limits")
   return config
 

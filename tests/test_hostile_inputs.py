@@ -390,3 +390,56 @@ def test_convert_overwrite_leaves_a_coherent_workdir(reference_run, tmp_path):
   result = _export(workdir, tmp_path / "r18.stablehlo")
   assert result.returncode == 0, result.output
   assert "r18" in (tmp_path / "r18.stablehlo.json").read_text()
+
+
+# ---------------------------------------------------------------------------
+# Recipes and values: Python run as code (said in the README), but a recipe
+# that fails says so in one line, and so does a value that is no number.
+
+_RECIPES = {
+    "raises": ("def get_config():\n  raise RuntimeError('boom')\n",
+               ["line 2", "RuntimeError", "boom"]),
+    "imports what is missing": ("import no_such_module\n",
+                                ["line 1", "no_such_module"]),
+    "returns an int": ("def get_config():\n  return 5\n",
+                       ["returned int", "ConfigDict"]),
+    "has no get_config": ("x = 1\n", ["defines no get_config()"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_RECIPES))
+def test_a_recipe_that_fails(tmp_path, case):
+  text, words = _RECIPES[case]
+  recipe = tmp_path / "recipe.py"
+  recipe.write_text(text)
+  result = hostile.run_measured(["qgjt_jax.main", f"--config={recipe}",
+                                 f"--workdir={tmp_path / 'run'}"])
+  hostile.assert_refused(result, recipe, *words, max_rss_mib=MAIN_MIB)
+
+
+@pytest.mark.parametrize("flag, words", [
+    ("--config.optim.milestones=abc", ["config.optim.milestones"]),
+    ("--config.num_epochs=nan", ["config.num_epochs=nan", "finite"]),
+    ("--config.optim.lr=inf", ["config.optim.lr=inf", "finite"]),
+    ("--config.limits.max_image_pixels=-3", ["max_image_pixels=-3"]),
+])
+def test_values_that_are_no_numbers(tmp_path, flag, words):
+  result = hostile.run_measured(["qgjt_jax.main",
+                                 "--config=configs/synthetic.py",
+                                 f"--workdir={tmp_path / 'run'}", flag])
+  hostile.assert_refused(result, *words, max_rss_mib=MAIN_MIB)
+  assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_checkpoint_of_another_model_without_its_record(tmp_path):
+  """One line, naming the first differing array, not orbax's tracebacks."""
+  workdir = tmp_path / "run"
+  src = hostile.views(tmp_path, "r18.pth")
+  assert _convert(src, workdir).returncode == 0
+  (workdir / "converted_from.json").unlink()
+  result = hostile.run_measured(["qgjt_jax.main", "--config=configs/ms1m.py",
+                                 f"--workdir={workdir}", "--mode=eval"])
+  hostile.assert_refused(result, workdir / "checkpoints",
+                         "holds another model", "--config.model",
+                         max_rss_mib=MAIN_MIB)
+  assert len(result.output.splitlines()) < 10
