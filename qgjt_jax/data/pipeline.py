@@ -106,9 +106,13 @@ class TwoViews:
   def __call__(self, item: tuple[int, int]) -> dict[str, Any]:
     epoch, index = item
     record = self.source[index]
-    where = (self.source.where(index) if hasattr(self.source, "where")
-             else f"{self.source.name}: image {index}")
-    img = fit_size(decode_image(record["image"], where), self.image_size)
+    try:
+      img = decode_image(record["image"])
+    except ValueError:  # RecordIOError, LimitError: again, naming the record
+      where = (self.source.where(index) if hasattr(self.source, "where")
+               else f"{self.source.name}: image {index}")
+      img = decode_image(record["image"], where)
+    img = fit_size(img, self.image_size)
     rng = record_rng(self.seed, epoch, index)
     high = degrade.clean_view(img, rng, self.flip_p)
     low, r = degrade.degraded_view(img, rng, self.view_config)
