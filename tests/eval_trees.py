@@ -11,6 +11,7 @@ import pickle
 import cv2
 import numpy as np
 
+from qgjt_jax.align import five_points
 from qgjt_jax.eval import ijb
 
 SIZE = 16  # side of the TinyFace and SCface images
@@ -99,7 +100,7 @@ def scface_tree(folder: pathlib.Path, rng):
   return path(gallery), {d: path(files) for d, files in probes.items()}
 
 
-HALF_TEMPLATE = ijb.ARCFACE_TEMPLATE / 2  # landmarks of a 56 px loose crop
+HALF_TEMPLATE = five_points.TEMPLATE_112 / 2  # landmarks of a 56 px loose crop
 
 
 def ijb_tree(root: pathlib.Path, subset='IJBC'):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_curve as sk_roc_curve
 
+from qgjt_jax.align import five_points
 from qgjt_jax.eval import ijb
 from tests.eval_trees import embed_fn, ijb_tree, quadrant_features
 
@@ -106,24 +107,24 @@ def test_similarity_transform():
   rot = scale * np.array([[np.cos(angle), -np.sin(angle)],
                           [np.sin(angle), np.cos(angle)]])
   src = rng.uniform(0, 100, (5, 2))
-  got = ijb.similarity_transform(src, src @ rot.T + shift)
+  got = five_points.similarity_transform(src, src @ rot.T + shift)
   np.testing.assert_allclose(got, np.c_[rot, shift], atol=1e-9)
   for _ in range(5):  # noisy landmarks: least squares == Umeyama
     src = rng.uniform(0, 150, (5, 2))
-    dst = ijb.ARCFACE_TEMPLATE + rng.normal(0, 4, (5, 2))
-    np.testing.assert_allclose(ijb.similarity_transform(src, dst),
+    dst = five_points.TEMPLATE_112 + rng.normal(0, 4, (5, 2))
+    np.testing.assert_allclose(five_points.similarity_transform(src, dst),
                                _umeyama(src, dst), atol=1e-8)
 
 
 def test_align_face_puts_landmarks_on_the_template():
-  landmarks = ijb.ARCFACE_TEMPLATE * 1.4 + np.array([20.0, 9.0])
+  landmarks = five_points.TEMPLATE_112 * 1.4 + np.array([20.0, 9.0])
   image = np.zeros((200, 200, 3), np.uint8)
   for k, (x, y) in enumerate(landmarks):
     cv2.circle(image, (int(round(x)), int(round(y))), 4,
                (40 * k + 50, 255, 0), -1)
-  aligned = ijb.align_face(image, landmarks)
+  aligned = five_points.align_face(image, landmarks)
   assert aligned.shape == (112, 112, 3)
-  for k, (x, y) in enumerate(ijb.ARCFACE_TEMPLATE):
+  for k, (x, y) in enumerate(five_points.TEMPLATE_112):
     pixel = aligned[int(round(y)), int(round(x))]
     assert abs(int(pixel[0]) - (40 * k + 50)) <= 6 and pixel[1] > 200, k
 

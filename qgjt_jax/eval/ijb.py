@@ -28,52 +28,15 @@ import dataclasses
 import os
 import pathlib
 
-import cv2
 import numpy as np
 
+from qgjt_jax.align.five_points import align_face
 from qgjt_jax.eval import extract
 from qgjt_jax.eval import images as images_lib
+from qgjt_jax.eval import thresholds as thresholds_lib
 
-# ArcFace 5-point template for 112x112 crops (eyes, nose tip, mouth corners).
-ARCFACE_TEMPLATE = np.array(
-    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
-     [41.5493, 92.3655], [70.7299, 92.2041]], np.float64)
 FAR_TARGETS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 SUBSETS = ('IJBB', 'IJBC')
-
-
-def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-  """(2, 3) similarity (rotation, uniform scale, shift) taking src to dst.
-
-  Least squares over the points. With a = s cos(t) and b = s sin(t) the
-  model x' = a x - b y + tx, y' = b x + a y + ty is linear in (a, b, tx, ty),
-  so an ordinary linear solve gives the optimum; it coincides with Umeyama's
-  estimate (what skimage's SimilarityTransform computes) whenever the best
-  fit is not a reflection, which a similarity cannot express anyway.
-  """
-  src = np.asarray(src, np.float64).reshape(-1, 2)
-  dst = np.asarray(dst, np.float64).reshape(-1, 2)
-  if src.shape != dst.shape or len(src) < 2:
-    raise ValueError(f'need matching (n >= 2, 2) points, got {src.shape} and '
-                     f'{dst.shape}')
-  x, y = src[:, 0], src[:, 1]
-  ones, zeros = np.ones_like(x), np.zeros_like(x)
-  design = np.concatenate([
-      np.stack([x, -y, ones, zeros], axis=1),
-      np.stack([y, x, zeros, ones], axis=1)
-  ])
-  target = np.concatenate([dst[:, 0], dst[:, 1]])
-  (a, b, tx, ty), *_ = np.linalg.lstsq(design, target, rcond=None)
-  return np.array([[a, -b, tx], [b, a, ty]])
-
-
-def align_face(image: np.ndarray, landmarks: np.ndarray,
-               image_size: int = 112) -> np.ndarray:
-  """Warps `image` so its 5 landmarks land on the ArcFace template."""
-  template = ARCFACE_TEMPLATE * (image_size / 112.0)
-  matrix = similarity_transform(landmarks, template)
-  return cv2.warpAffine(image, matrix, (image_size, image_size),
-                        flags=cv2.INTER_LINEAR, borderValue=0.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,7 +222,8 @@ def ijb_metrics(image_feats: np.ndarray, templates: np.ndarray,
   metrics = {far_key(f): v
              for f, v in tar_at_far(labels, scores, far_targets).items()}
   metrics.update(num_templates=int(len(unique_templates)),
-                 num_pairs=int(len(pairs)))
+                 num_pairs=int(len(pairs)),
+                 thresholds=thresholds_lib.from_labels(labels, scores))
   return metrics
 
 

@@ -15,7 +15,8 @@ import numpy as np
 from qgjt_jax import limits
 from qgjt_jax.data import recordio
 
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp')
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.pgm', '.ppm', '.tif',
+                    '.tiff', '.webp')
 
 
 def resize_square(image: np.ndarray, size: int) -> np.ndarray:
