@@ -20,6 +20,7 @@ from PIL import Image
 
 from qgjt_jax.eval import bin_sets
 from qgjt_jax.eval import extract
+from qgjt_jax.eval import thresholds as thresholds_lib
 
 DEFAULT_THRESHOLDS = np.arange(0, 4, 0.01)
 
@@ -57,8 +58,10 @@ def verification_metrics(embeddings: np.ndarray, issame: np.ndarray,
 
   Returns:
     accuracy_mean, accuracy_std (population std over folds, as insightface),
-    best_threshold (mean of the per-fold thresholds), fold_accuracies,
-    fold_thresholds, num_pairs.
+    best_threshold (mean of the per-fold thresholds, a squared distance)
+    and best_threshold_cosine (the same as a cosine, 1 - d / 2: unit rows),
+    fold_accuracies, fold_thresholds, num_pairs, and the cosine thresholds
+    at each FAR the impostor pairs resolve (`thresholds.at_far`).
   """
   dist = pair_distances(embeddings)
   issame = np.asarray(issame, bool).reshape(-1)
@@ -80,10 +83,13 @@ def verification_metrics(embeddings: np.ndarray, issame: np.ndarray,
     index = int(np.argmax(total_correct - fold_correct[:, k]))
     best.append(float(thresholds[index]))
     accuracies.append(float(fold_correct[index, k]) / (stop - start))
+  cosines = 1.0 - dist / 2.0
   return {
       'accuracy_mean': float(np.mean(accuracies)),
       'accuracy_std': float(np.std(accuracies)),
       'best_threshold': float(np.mean(best)),
+      'best_threshold_cosine': 1.0 - float(np.mean(best)) / 2.0,
+      'thresholds': thresholds_lib.at_far(cosines[issame], cosines[~issame]),
       'fold_accuracies': accuracies,
       'fold_thresholds': best,
       'num_pairs': int(len(dist)),
