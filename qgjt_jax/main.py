@@ -9,7 +9,10 @@ r"""Entry point: train or evaluate a recipe.
   python -m qgjt_jax.main --config=configs/ms1m.py --workdir=runs/ms1m \
       --mode=embed --images=/data/my_faces --out=my_faces.npz
   python -m qgjt_jax.main --config=configs/ms1m.py --workdir=runs/ms1m \
-      --mode=compare --images=a.jpg,b.jpg
+      --mode=compare --images=a.jpg,b.jpg [--align=detect] [--far=1e-4]
+  python -m qgjt_jax.main --config=configs/ms1m.py --workdir=runs/ms1m \
+      --mode=identify --gallery=/data/people --images=/data/probes \
+      --out=who.csv [--align=detect | --landmarks=points.csv]
 
 Any config key can be overridden with --config.KEY=VALUE; an unknown key, an
 impossible value, an incompatible workdir or an unreadable file stops the
@@ -37,21 +40,48 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Where checkpoints, logs and evaluation results go.")
 _MODE = flags.DEFINE_enum(
-    "mode", "train", ["train", "eval", "embed", "compare"],
+    "mode", "train", ["train", "eval", "embed", "compare", "identify"],
     "train (and evaluate at the end); eval: evaluate a checkpoint of the "
     "workdir; embed: embeddings of --images (a folder) into --out; compare: "
-    "the cosine of two --images.")
+    "the cosine of two --images and the decision; identify: who each face "
+    "of --images is among the people of --gallery, into --out (.csv).")
 _STEP = flags.DEFINE_integer("step", None,
                              "eval/embed/compare: the checkpoint step "
                              "(default: the latest readable one).")
-_IMAGES = flags.DEFINE_string("images", None, "embed: a folder of face "
-                              "images; compare: two images, A.jpg,B.jpg.")
-_OUT = flags.DEFINE_string("out", None, "embed: the .npz to write.")
-_SKIP_BAD = flags.DEFINE_bool("skip_bad", False, "embed: leave unreadable "
+_IMAGES = flags.DEFINE_string("images", None, "embed, identify: a folder of "
+                              "face images; compare: two, A.jpg,B.jpg.")
+_OUT = flags.DEFINE_string("out", None, "embed: the .npz to write; "
+                           "identify: the .csv.")
+_GALLERY = flags.DEFINE_string("gallery", None, "identify: a folder with one "
+                               "sub-folder of photos per person.")
+_ALIGN = flags.DEFINE_enum(
+    "align", "none", ["none", "detect"], "embed, compare, identify: none "
+    "(the images are aligned crops) or detect (find the face and its five "
+    "points in raw photos and align them; the `.[align]` extra).")
+_LANDMARKS = flags.DEFINE_string(
+    "landmarks", None, "embed, compare, identify: a CSV of image path and "
+    "the x,y of five points per face (eyes, nose tip, mouth corners), to "
+    "align raw photos with points from any detector.")
+_ALL_FACES = flags.DEFINE_bool("all_faces", False, "With --align or "
+                               "--landmarks: every face of a photo, not "
+                               "only the largest.")
+_FAR = flags.DEFINE_float("far", 1e-4, "compare, identify: the false accept "
+                          "rate whose threshold (from the workdir's latest "
+                          "evaluation) decides.")
+_THRESHOLD = flags.DEFINE_float("threshold", None, "compare, identify: the "
+                                "cosine threshold, instead of --far.")
+_THRESHOLD_SET = flags.DEFINE_string(
+    "threshold_set", None, "compare, identify: the evaluated set to take "
+    "the threshold from (default: the one with the most impostor pairs).")
+_TEMPLATE = flags.DEFINE_enum("template", "mean", ["mean", "quality"],
+                              "identify: a person's template is the mean of "
+                              "its unit embeddings, or weighted by quality.")
+_SKIP_BAD = flags.DEFINE_bool("skip_bad", False, "embed, identify: leave "
+                              "unreadable "
                               "images out (listed in the .npz) instead of "
                               "stopping at the first.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False,
-                               "embed: replace an existing --out.")
+                               "embed, identify: replace an existing --out.")
 _FORCE_LOCK = flags.DEFINE_bool(
     "force_lock", False, "train: take the workdir's lock even when its note "
     "says another run holds it (a run on another host that is gone).")
@@ -114,11 +144,11 @@ def main(argv):
 
 
 def _use_a_checkpoint(config) -> None:
-  """--mode=eval, embed or compare: the model of a workdir's checkpoint."""
+  """--mode=eval, embed, compare or identify: the model of a workdir's
+  checkpoint."""
   import jax
   from qgjt_jax import checkpoint
   from qgjt_jax import config_checks
-  from qgjt_jax import embed
   from qgjt_jax import evaluate
   from qgjt_jax import reporting
   config_checks.check_eval_config(config)
@@ -130,19 +160,42 @@ def _use_a_checkpoint(config) -> None:
                    f"{jax.device_count()} device(s).")
     evaluate.evaluate_checkpoint(config, _WORKDIR.value, step=_STEP.value)
     return
+  _embed_mode(config)
+
+
+def _embed_mode(config) -> None:
+  """--mode=embed, compare or identify."""
+  from qgjt_jax import embed
+  from qgjt_jax import identify
+  from qgjt_jax.align import faces
+  mode = _MODE.value
   if not _IMAGES.value:
-    raise errors.UserError(f"--mode={_MODE.value} needs --images (a folder "
-                           "for embed, A.jpg,B.jpg for compare)")
-  if _MODE.value == "compare":
+    raise errors.UserError(f"--mode={mode} needs --images (a folder for "
+                           "embed and identify, A.jpg,B.jpg for compare)")
+  alignment = faces.Alignment.from_flags(_ALIGN.value, _LANDMARKS.value,
+                                         _ALL_FACES.value)
+  decision = dict(far=_FAR.value, threshold=_THRESHOLD.value,
+                  threshold_set=_THRESHOLD_SET.value)
+  if mode == "compare":
     embed.run_compare(config, _WORKDIR.value, _IMAGES.value.split(","),
-                      step=_STEP.value)
+                      step=_STEP.value, alignment=alignment, **decision)
     return
   if not _OUT.value:
-    raise errors.UserError("--mode=embed needs --out, the .npz to write "
-                           "(e.g. --out=faces.npz)")
-  embed.run_embed(config, _WORKDIR.value, _IMAGES.value, _OUT.value,
-                  skip_bad=_SKIP_BAD.value, step=_STEP.value,
-                  overwrite=_OVERWRITE.value)
+    raise errors.UserError(
+        f"--mode={mode} needs --out, the file to write (e.g. --out=" +
+        ("faces.npz)" if mode == "embed" else "who.csv)"))
+  common = dict(step=_STEP.value, alignment=alignment,
+                skip_bad=_SKIP_BAD.value, overwrite=_OVERWRITE.value)
+  if mode == "embed":
+    embed.run_embed(config, _WORKDIR.value, _IMAGES.value, _OUT.value,
+                    **common)
+    return
+  if not _GALLERY.value:
+    raise errors.UserError("--mode=identify needs --gallery, a folder with "
+                           "one sub-folder of photos per person")
+  identify.run_identify(config, _WORKDIR.value, _GALLERY.value,
+                        _IMAGES.value, _OUT.value, template=_TEMPLATE.value,
+                        **decision, **common)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

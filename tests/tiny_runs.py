@@ -216,6 +216,24 @@ def make_reference_run(workdir: pathlib.Path
   return workdir, step_metrics(workdir)
 
 
+DEMO_STEPS = 32  # one epoch of the embedded default: 2,048 images / 64
+
+
+def make_demo_run(workdir: pathlib.Path) -> pathlib.Path:
+  """The embedded default (configs/synthetic.py as it stands: 40 px, IR-18
+  width 16, 128-d) trained for one epoch on the command line and evaluated
+  at its end (the `demo_run` fixture makes it once per session)."""
+  result = subprocess.run(
+      [sys.executable, "-m", "qgjt_jax.main", "--config=configs/synthetic.py",
+       f"--workdir={workdir}", "--config.num_epochs=1",
+       "--config.optim.milestones=(1,)", "--config.contrastive.start_epoch=0"],
+      capture_output=True, text=True, cwd=ROOT, env=subprocess_env(),
+      timeout=900)
+  assert result.returncode == 0, result.stdout + result.stderr
+  assert (workdir / "eval" / f"step_{DEMO_STEPS}.json").is_file()
+  return workdir
+
+
 STOP_STEP = 16  # also a periodic checkpoint step (checkpoint_every_steps=8)
 
 

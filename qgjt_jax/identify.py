@@ -1,0 +1,154 @@
+r"""Who is this? Probes searched against a gallery of known people.
+
+  python -m qgjt_jax.main --config=configs/ms1m.py --workdir=runs/ms1m \
+      --mode=identify --gallery=/data/people --images=/data/probes \
+      --out=who.csv [--align=detect] [--far=1e-4] [--template=quality]
+
+The gallery holds one sub-folder per person (its name is the identity).
+Each person's template is the mean of the unit embeddings of its photos,
+or with `--template=quality` their mean weighted by each photo's quality,
+then brought back to unit length. Each probe (every image below --images)
+gets its five best identities and their cosines; its decision is the best
+identity when that cosine reaches the threshold (the workdir's latest
+evaluation at --far, or --threshold), else "unknown": an open-set search.
+The search runs on the accelerator, a block of probes against every
+template at a time, so galleries of 100,000 people fit.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import pathlib
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from qgjt_jax import embed as embed_lib
+from qgjt_jax import errors
+from qgjt_jax import outputs
+from qgjt_jax import reporting
+from qgjt_jax.align import faces as faces_lib
+
+TOP_K = 5
+TEMPLATES = ("mean", "quality")
+UNKNOWN = "unknown"
+_SCORES_PER_BLOCK = 1 << 26  # probes x templates scored at once (256 MiB)
+
+
+def gallery_photos(folder: str) -> tuple[list[pathlib.Path], list[str]]:
+  """Photos of the gallery and the identity (sub-folder) of each."""
+  root = pathlib.Path(folder)
+  photos = embed_lib.list_photos(folder, "--gallery")
+  loose = [p for p in photos if p.parent == root]
+  if loose:
+    raise errors.UserError(
+        f"--gallery={folder}: {loose[0].name} is not in a person's folder: "
+        "a gallery holds one sub-folder per person (PERSON/photo.jpg)")
+  return photos, [p.relative_to(root).parts[0] for p in photos]
+
+
+def templates(embeddings: np.ndarray, weights: np.ndarray,
+              identities: list[str]) -> tuple[list[str], np.ndarray]:
+  """(sorted identities, (P, D) unit templates): the weighted mean of each
+  identity's unit embeddings, normalised."""
+  names, owner = np.unique(np.asarray(identities), return_inverse=True)
+  sums = np.zeros((len(names), embeddings.shape[1]), np.float64)
+  np.add.at(sums, owner.reshape(-1), embeddings * weights[:, None])
+  norms = np.linalg.norm(sums, axis=1, keepdims=True)
+  return list(names), (sums / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+@jax.jit
+def _top_k(probes, gallery):
+  return jax.lax.top_k(probes @ gallery.T, TOP_K)
+
+
+def search(probes: np.ndarray, gallery: np.ndarray
+           ) -> tuple[np.ndarray, np.ndarray]:
+  """(scores, indices), each (N, min(5, P)): the best templates of each
+  probe by cosine, best first; blocks of probes on the accelerator."""
+  k = min(TOP_K, len(gallery))
+  padded = np.zeros((max(len(gallery), TOP_K), gallery.shape[1]), np.float32)
+  padded[:len(gallery)] = gallery  # top_k needs TOP_K columns at least
+  gallery_on_device = jnp.asarray(padded)
+  block = max(1, min(4096, _SCORES_PER_BLOCK // len(padded)))
+  scores, indices = [], []
+  for start in range(0, len(probes), block):
+    rows = np.zeros((block, probes.shape[1]), np.float32)
+    chunk = probes[start:start + block]
+    rows[:len(chunk)] = chunk  # one block shape: one compilation
+    s, i = _top_k(jnp.asarray(rows), gallery_on_device)
+    scores.append(np.asarray(s)[:len(chunk), :k])
+    indices.append(np.asarray(i)[:len(chunk), :k])
+  if not scores:
+    return np.zeros((0, k), np.float32), np.zeros((0, k), np.int32)
+  return np.concatenate(scores), np.concatenate(indices)
+
+
+def _csv(paths, names, scores, indices, threshold: Optional[float]) -> str:
+  out = io.StringIO()
+  writer = csv.writer(out, lineterminator="\n")
+  writer.writerow(["probe", "decision", "score"] + [
+      f"{c}{r}" for r in range(1, scores.shape[1] + 1)
+      for c in ("identity", "score")])
+  for path, row_scores, row_ids in zip(paths, scores, indices):
+    known = threshold is None or row_scores[0] >= threshold
+    writer.writerow(
+        [path, names[row_ids[0]] if known else UNKNOWN,
+         f"{row_scores[0]:.4f}"] +
+        [v for s, i in zip(row_scores, row_ids)
+         for v in (names[i], f"{s:.4f}")])
+  return out.getvalue()
+
+
+def run_identify(config: ml_collections.ConfigDict, workdir: str,
+                 gallery: str, probes: str, out: str, *,
+                 step: Optional[int] = None,
+                 alignment: faces_lib.Alignment = faces_lib.Alignment(),
+                 template: str = "mean", far: float = 1e-4,
+                 threshold: Optional[float] = None,
+                 threshold_set: Optional[str] = None, skip_bad: bool = False,
+                 overwrite: bool = False) -> dict:
+  """--mode=identify (see module); returns the counts it printed."""
+  if template not in TEMPLATES:
+    raise errors.UserError(f"--template={template}: use one of "
+                           f"{', '.join(TEMPLATES)}")
+  outputs.check_output(out, overwrite=overwrite)
+  photos, identities = gallery_photos(gallery)
+  probe_paths = embed_lib.list_photos(probes, "--images")
+  chosen = embed_lib.decision_threshold(workdir, far, threshold,
+                                        threshold_set)
+  embedder = embed_lib.Embedder(config, workdir, step, alignment)
+  enrolled = embedder.embed(photos, root=gallery, skip_bad=skip_bad,
+                            desc="gallery")
+  owner = [pathlib.Path(p).parts[0] for p in enrolled.paths]  # PERSON/...
+  weights = np.ones(len(owner), np.float32)
+  if template == "quality":
+    weights = enrolled.quality
+    if np.isnan(weights).any():  # a converted model has no statistics
+      reporting.note("--template=quality: this checkpoint has no norm "
+                     "statistics; weighting by the feature norm instead")
+      weights = enrolled.norms
+  names, gallery_feats = templates(enrolled.embeddings, weights, owner)
+  searched = embedder.embed(probe_paths, root=probes, skip_bad=skip_bad,
+                            desc="probes")
+  scores, indices = search(searched.embeddings, gallery_feats)
+  cut = None if chosen is None else chosen.cosine
+  if jax.process_index() == 0:
+    outputs.write(out, _csv(searched.paths, names, scores, indices, cut),
+                  overwrite=overwrite)
+  known = int(np.sum(scores[:, 0] >= cut)) if cut is not None else len(scores)
+  counts = {"people": len(names), "gallery_faces": len(owner),
+            "probes": len(scores), "identified": known,
+            "unknown": len(scores) - known}
+  reporting.note(
+      f"Wrote {out}: {counts['probes']} probe face(s) against "
+      f"{counts['people']} people ({counts['gallery_faces']} gallery "
+      f"faces, {template} templates): {known} identified, "
+      f"{counts['unknown']} unknown" +
+      (f" at {chosen.describe()}." if chosen else
+       " (no threshold: every probe gets its best identity)."))
+  return counts
