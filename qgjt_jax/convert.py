@@ -9,8 +9,11 @@ project (step 0, the `model` item that `--mode=eval` and fine-tuning read):
       --workdir=runs/adaface_ir101 [--arch=auto|ir50|ir_se50|...] \
       [--overwrite]
 
-`--src` is a Lightning `.ckpt`, a `.pth`/`.pt` state dict or an `.npz` of
-name -> array, all read without torch (`torch_files`). The architecture, base width,
+`--src` is a Lightning `.ckpt`, a `.pth`/`.pt` state dict, a
+`.safetensors` file (CVLFace's hub models, or `export --format=safetensors`,
+whose recorded input size and channel order are used) or an `.npz` of
+name -> array, all read without torch (`torch_files`) and without running
+anything from the file. The architecture, base width,
 embedding size and input size are read from the tensors (`--arch` names the
 depth instead); the program prints them, the parameter count and the
 `python -m qgjt_jax.main ... --mode=eval` command with the `--config.model.*`
@@ -71,7 +74,8 @@ _INSIGHTFACE_ROOT_KEY = "conv1.weight"
 # Prefixes a backbone carries in the wild, most specific first: Lightning
 # modules (QGFace `backbone.`, AdaFace `model.`) and DataParallel (`module.`).
 _KNOWN_PREFIXES = ("", "backbone.", "model.", "module.", "model.module.",
-                   "backbone.module.", "module.backbone.", "module.model.")
+                   "backbone.module.", "module.backbone.", "module.model.",
+                   "model.net.", "net.")  # the last two: CVLFace's hub files
 
 # Position of each named layer inside the reference's `res_layer` Sequential.
 _RES_LAYER_INDEX = {
@@ -257,25 +261,34 @@ def _torch_name(collection: str, path: tuple[str, ...], bottleneck: bool
 
 def _layout(collection: str, path: tuple[str, ...], flax_shape: tuple[int, ...],
             final_channels: int
-            ) -> tuple[tuple[int, ...], Callable[[np.ndarray], np.ndarray]]:
-  """(expected PyTorch shape, PyTorch -> Flax array transform) of a leaf."""
+            ) -> tuple[tuple[int, ...], Callable[[np.ndarray], np.ndarray],
+                       Callable[[np.ndarray], np.ndarray]]:
+  """(expected PyTorch shape, PyTorch -> Flax array transform, and back) of
+  a leaf."""
+  same = lambda a: a
   if collection != "params" or path[-1] != "kernel":
-    return flax_shape, lambda a: a
-  if len(flax_shape) == 4:  # Conv: OIHW -> HWIO.
+    return flax_shape, same, same
+  if len(flax_shape) == 4:  # Conv: OIHW <-> HWIO.
     kh, kw, cin, cout = flax_shape
-    return (cout, cin, kh, kw), lambda a: a.transpose(2, 3, 1, 0)
+    return ((cout, cin, kh, kw), lambda a: a.transpose(2, 3, 1, 0),
+            lambda a: a.transpose(3, 2, 0, 1))
   fan_in, fan_out = flax_shape
   if path[-2] == "fc":
     # Linear after the flatten: PyTorch rows index NCHW-flattened features
     # (c, h, w); ours index NHWC-flattened ones (h, w, c).
     side = math.isqrt(fan_in // final_channels)
 
-    def permute(a):
+    def to_flax(a):
       a = a.reshape(fan_out, final_channels, side, side)
       return a.transpose(2, 3, 1, 0).reshape(fan_in, fan_out)
-    return (fan_out, fan_in), permute
+
+    def to_torch(a):
+      a = a.reshape(side, side, final_channels, fan_out)
+      return a.transpose(3, 2, 0, 1).reshape(fan_out, fan_in)
+    return (fan_out, fan_in), to_flax, to_torch
   # SE gate: a 1x1 conv on the pooled vector, a Dense here.
-  return (fan_out, fan_in, 1, 1), lambda a: a.reshape(fan_out, fan_in).T
+  return ((fan_out, fan_in, 1, 1), lambda a: a.reshape(fan_out, fan_in).T,
+          lambda a: a.T.reshape(fan_out, fan_in, 1, 1))
 
 
 def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()
@@ -350,17 +363,14 @@ def torch_state_dict_to_flax(state_dict: Mapping[str, np.ndarray], *,
   expected = _expected_variables(num_layers, use_se, embedding_size,
                                  base_width, side, layout)
 
-  bottleneck = iresnet.uses_bottleneck(num_layers, layout)
-  torch_name = (functools.partial(_torch_name, bottleneck=bottleneck)
-                if layout == "adaface" else
-                functools.partial(_insightface_name, num_layers=num_layers))
+  torch_name = _torch_namer(num_layers, layout)
   out: dict[str, dict] = {}
   missing, mismatched, used = [], [], set()
   for collection in ("params", "batch_stats"):
     for path, leaf in _flatten(expected[collection]).items():
       name = torch_name(collection, path)
-      torch_shape, transform = _layout(collection, path, tuple(leaf.shape),
-                                       final_channels)
+      torch_shape, transform, _ = _layout(collection, path,
+                                          tuple(leaf.shape), final_channels)
       if name not in names:
         missing.append(name)
         continue
@@ -386,6 +396,39 @@ def torch_state_dict_to_flax(state_dict: Mapping[str, np.ndarray], *,
   return out
 
 
+def _torch_namer(num_layers: int, layout: str) -> Callable[..., str]:
+  """(collection, Flax path) -> the PyTorch name, in the layout's names."""
+  if layout == "adaface":
+    return functools.partial(
+        _torch_name, bottleneck=iresnet.uses_bottleneck(num_layers, layout))
+  return functools.partial(_insightface_name, num_layers=num_layers)
+
+
+def flax_to_torch_state_dict(variables: Mapping[str, Any], *,
+                             num_layers: int, layout: str = "adaface"
+                             ) -> dict[str, np.ndarray]:
+  """The inverse of `torch_state_dict_to_flax`: `IResNet` variables as the
+  PyTorch state dict of the layout's own IResNet code (AdaFace/QGFace
+  `net.py`, or insightface's `iresnet.py`), float32, with a zero
+  `num_batches_tracked` beside each BatchNorm so that a strict
+  `load_state_dict` accepts it."""
+  base_width = variables["params"]["input_layer"]["conv"]["kernel"].shape[-1]
+  final_channels = iresnet.unit_specs(num_layers, base_width,
+                                      layout)[-1].out_channels
+  torch_name = _torch_namer(num_layers, layout)
+  out = {}
+  for collection in ("params", "batch_stats"):
+    for path, leaf in _flatten(variables[collection]).items():
+      leaf = np.asarray(leaf, np.float32)
+      _, _, to_torch = _layout(collection, path, leaf.shape, final_channels)
+      name = torch_name(collection, path)
+      out[name] = np.ascontiguousarray(to_torch(leaf))
+      if name.endswith(".running_mean"):
+        counter = name[:-len("running_mean")] + "num_batches_tracked"
+        out[counter] = np.zeros((), np.int64)
+  return dict(sorted(out.items()))
+
+
 def load_torch_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """Reads a state dict as name -> numpy array, without torch.
 
@@ -405,6 +448,8 @@ def load_torch_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path}: no such file")
+  if path.endswith(".safetensors"):
+    return read_safetensors(path)[0]
   if not path.endswith(".npz"):
     return torch_files.state_dict(path)
   try:
@@ -417,6 +462,45 @@ def load_torch_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
     raise torch_files.TorchFileError(
         f"cannot read {path} as an .npz of name -> array "
         f"({type(e).__name__}: {e})") from e
+
+
+def read_safetensors(path: str) -> tuple[dict[str, np.ndarray],
+                                         dict[str, str]]:
+  """(name -> array, the header's metadata) of a .safetensors file.
+
+  The format is a JSON header and raw tensor bytes, so nothing in it runs;
+  the safetensors package checks the header against the file (offsets in
+  bounds, no overlaps), and each tensor's size is checked against
+  max_tensor_bytes before it is read.
+  """
+  import safetensors  # pylint: disable=g-import-not-at-top
+  limit = limits.current().max_tensor_bytes
+  try:
+    with safetensors.safe_open(path, framework="np") as f:
+      metadata = dict(f.metadata() or {})
+      tensors = {}
+      for name in f.keys():
+        piece = f.get_slice(name)
+        dtype = piece.get_dtype()
+        if dtype not in _SAFETENSORS_DTYPES:
+          raise torch_files.TorchFileError(
+              f"{path}: {name} holds {dtype} values, which this reader "
+              "does not take: save the weights as float32 (or F16/F64)")
+        size = math.prod(piece.get_shape()) * _SAFETENSORS_DTYPES[dtype]
+        if size > limit:
+          raise limits.exceeded(f"{path}: {name}", "a tensor of", size,
+                                "max_tensor_bytes")
+        tensors[name] = f.get_tensor(name)
+  except (limits.LimitError, torch_files.TorchFileError):
+    raise
+  except Exception as e:  # the package's own errors: a damaged header
+    raise torch_files.TorchFileError(
+        f"cannot read {path} as safetensors ({_first_line(e)})") from e
+  return tensors, metadata
+
+
+_SAFETENSORS_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "I64": 8, "I32": 4,
+                       "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 def _check_npz(path: str) -> None:
@@ -490,11 +574,14 @@ def parse_arch(name: str) -> tuple[str, int, bool]:
 
 
 def convert_state_dict(state_dict: Mapping[str, Any], arch: str = "auto",
-                       input_order: str = "auto") -> ConvertedModel:
+                       input_order: str = "auto",
+                       image_size: int | None = None) -> ConvertedModel:
   """Converts a state dict for the named (or, with "auto", inferred) IResNet.
 
   `input_order` "auto" takes the layout's convention (AdaFace/QGFace models
-  read BGR, insightface's RGB).
+  read BGR, insightface's RGB). The input size is 16 times the side of the
+  head's feature map unless `image_size` (a file's own record) says which
+  of the sizes that map fits.
 
   Raises:
     StateDictMismatchError: the tensors do not fit (names listed); with an
@@ -538,10 +625,14 @@ def convert_state_dict(state_dict: Mapping[str, Any], arch: str = "auto",
   # Four stride-2 stages: a side x side map before the head means input
   # images of 16 * side pixels (112 -> 7 for the published models).
   side = math.isqrt(fc_in // final_channels)
+  if image_size is not None and -(-image_size // 16) != side:
+    raise StateDictMismatchError(
+        f"the file records {image_size} px images, but its head sees a "
+        f"{side} x {side} map, which {16 * side} px images give")
   return ConvertedModel(variables=variables, num_layers=num_layers,
                         use_se=use_se, base_width=int(base_width),
                         embedding_size=int(embedding_size),
-                        image_size=16 * side, layout=layout,
+                        image_size=image_size or 16 * side, layout=layout,
                         input_order=input_order)
 
 
@@ -672,7 +763,8 @@ def summary(src: str, workdir: str, converted: ConvertedModel,
 def _define_flags() -> None:
   flags.DEFINE_string("src", None, "The PyTorch checkpoint: .ckpt "
                       "(Lightning), .pth/.pt (state dict; AdaFace/QGFace or "
-                      "insightface arcface_torch) or .npz.")
+                      "insightface arcface_torch), .safetensors (CVLFace, "
+                      "or this project's export) or .npz.")
   flags.DEFINE_string("workdir", None, "Work directory to create; the model "
                       "goes to WORKDIR/checkpoints (step 0).")
   flags.DEFINE_string("arch", "auto", "auto (read from the tensors) or a "
@@ -690,6 +782,25 @@ def _define_flags() -> None:
   flags.mark_flags_as_required(["src", "workdir"])
 
 
+def _read_source(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+  """The state dict of --src, and what a file exported by this project
+  records about its model (input size and channel order)."""
+  if not path.endswith(".safetensors") or not os.path.isfile(path):
+    return load_torch_checkpoint(path), {}
+  state, metadata = read_safetensors(path)
+  recorded = {}
+  if metadata.get(IMAGE_SIZE_KEY, "").isdigit():
+    recorded["image_size"] = int(metadata[IMAGE_SIZE_KEY])
+  if metadata.get(INPUT_ORDER_KEY) in ("BGR", "RGB"):
+    recorded["input_order"] = metadata[INPUT_ORDER_KEY]
+  return state, recorded
+
+
+# What `export --format=safetensors` records in the file's metadata.
+IMAGE_SIZE_KEY = "qgjt_jax.image_size"
+INPUT_ORDER_KEY = "qgjt_jax.weights_input_order"
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -705,9 +816,12 @@ def main(argv: list[str]) -> None:
         raise errors.UserError(f"--arch={cfg.arch}: {e}") from None
     check_writable(cfg.workdir, cfg.overwrite)
     limits.configure_from_flags()
-    state = load_torch_checkpoint(cfg.src)
+    state, recorded = _read_source(cfg.src)
     try:
-      converted = convert_state_dict(state, cfg.arch, cfg.input_order)
+      converted = convert_state_dict(
+          state, cfg.arch,
+          recorded.get("input_order", "auto") if cfg.input_order == "auto"
+          else cfg.input_order, recorded.get("image_size"))
     except StateDictMismatchError as e:
       raise StateDictMismatchError(f"{cfg.src}: {e}") from e
     lock = workdir_lock.acquire(cfg.workdir, force=cfg.force_lock)

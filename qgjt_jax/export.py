@@ -1,9 +1,12 @@
-r"""A workdir's model, out of JAX: ONNX (onnxruntime, TensorRT) or StableHLO.
+r"""A workdir's model, out of JAX: ONNX (onnxruntime, TensorRT), StableHLO, or
+the PyTorch weights of its IResNet (safetensors).
 
   python -m qgjt_jax.export --workdir=runs/ms1m --format=onnx \
       --out=model.onnx [--batch=dynamic|N] [--step=N]
   python -m qgjt_jax.export --workdir=runs/ms1m --format=stablehlo \
       --out=model.stablehlo
+  python -m qgjt_jax.export --workdir=runs/ms1m --format=safetensors \
+      --out=model.safetensors
 
 The model is rebuilt from the workdir's own record (a training run's
 config.json, or a converted model's converted_from.json) and its checkpoint
@@ -23,7 +26,15 @@ through a converter: jax2onnx, which can trace it, pins an older
 orbax-checkpoint than this project uses. Its metadata says the input
 convention. The StableHLO file is `jax.export`'s serialisation: it reloads
 with `jax.export.deserialize(open(path, 'rb').read()).call(images)` without
-this project's code; the conventions go to a .json beside it.
+this project's code; the conventions go to a .json beside it. Both carry
+the cosine thresholds at each FAR of the workdir's latest evaluation
+("qgjt_jax.thresholds"), so a deployment decides as `--mode=compare` does.
+
+The safetensors file is a state dict in the names and layouts of the
+model's own PyTorch code (AdaFace/QGFace `net.py` for ir* models,
+insightface's `iresnet.py` for r* models): `model.load_state_dict(
+safetensors.torch.load_file(path))` loads it, and `qgjt_jax.convert`
+reads it back. Its metadata records the input size and channel order.
 """
 from __future__ import annotations
 
@@ -37,6 +48,7 @@ import numpy as np
 
 from qgjt_jax import errors
 from qgjt_jax import outputs
+from qgjt_jax.eval import thresholds
 
 INPUT_CONVENTION = {
     "input": "images: (batch, size, size, 3) uint8, BGR channel order, "
@@ -45,6 +57,7 @@ INPUT_CONVENTION = {
                "float32 feature norms (quality indicator)",
 }
 _OPSET = 17
+FORMATS = ("onnx", "stablehlo", "safetensors")
 
 
 def load_model(workdir: str, step: Optional[int] = None):
@@ -263,8 +276,8 @@ def export(workdir: str, fmt: str, out: str, *, batch: Optional[int] = None,
   loaded and written whole or not at all; an existing one is refused
   unless `overwrite`.
   """
-  if fmt not in ("onnx", "stablehlo"):
-    raise errors.UserError(f"--format={fmt}: use onnx or stablehlo")
+  if fmt not in FORMATS:
+    raise errors.UserError(f"--format={fmt}: use {', '.join(FORMATS)}")
   targets = [out] + ([out + ".json"] if fmt == "stablehlo" else [])
   for target in targets:
     outputs.check_output(target, overwrite=overwrite)
@@ -276,15 +289,37 @@ def export(workdir: str, fmt: str, out: str, *, batch: Optional[int] = None,
               "qgjt_jax.image_size": image_size,
               "qgjt_jax.source": f"{os.path.abspath(workdir)} step {restored}",
               "qgjt_jax.batch": batch or "dynamic"}
-  if fmt == "onnx":
+  measured = thresholds.measured(workdir)
+  if measured:
+    metadata["qgjt_jax.thresholds"] = json.dumps(measured)
+  if fmt == "safetensors":
+    _write_safetensors(out, model, variables, metadata, overwrite)
+  elif fmt == "onnx":
     proto = onnx_model(model, variables, image_size, batch, metadata)
     outputs.write(out, proto.SerializeToString(), overwrite=overwrite)
   else:
     data = stablehlo_bytes(model, variables, image_size, batch)
-    outputs.write(out + ".json", json.dumps(
-        {**INPUT_CONVENTION, **metadata}, indent=2), overwrite=overwrite)
+    sidecar = {**INPUT_CONVENTION, **metadata}
+    if measured:
+      sidecar["qgjt_jax.thresholds"] = measured
+    outputs.write(out + ".json", json.dumps(sidecar, indent=2),
+                  overwrite=overwrite)
     outputs.write(out, data, overwrite=overwrite)
   return metadata
+
+
+def _write_safetensors(out: str, model, variables: dict, metadata: dict,
+                       overwrite: bool) -> None:
+  """The model as the PyTorch state dict its layout's IResNet code loads
+  (AdaFace/QGFace `net.py` names, or insightface's for r* models)."""
+  import safetensors.numpy  # pylint: disable=g-import-not-at-top
+  from qgjt_jax import convert  # pylint: disable=g-import-not-at-top
+  state = convert.flax_to_torch_state_dict(
+      variables, num_layers=model.num_layers, layout=model.layout)
+  text = {"format": "pt", "qgjt_jax.layout": model.layout,
+          **{k: str(v) for k, v in metadata.items()}}
+  outputs.write(out, safetensors.numpy.save(state, metadata=text),
+                overwrite=overwrite)
 
 
 def _parse(argv):
@@ -293,8 +328,7 @@ def _parse(argv):
       prog="python -m qgjt_jax.export",
       description="Writes a workdir's model as ONNX or serialized StableHLO.")
   parser.add_argument("--workdir", required=True)
-  parser.add_argument("--format", required=True, choices=("onnx",
-                                                         "stablehlo"))
+  parser.add_argument("--format", required=True, choices=FORMATS)
   parser.add_argument("--out", required=True)
   parser.add_argument("--batch", default="dynamic",
                       help="'dynamic' or a fixed batch size")
@@ -319,9 +353,18 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                                 verbose=args.verbosity >= 1):
     metadata = export(args.workdir, args.format, args.out, batch=batch,
                       step=args.step, overwrite=args.overwrite)
-  print(f"Wrote {args.out} ({args.format}, batch {metadata['qgjt_jax.batch']}"
-        f", {metadata['qgjt_jax.image_size']} px uint8 BGR in, unit "
-        "embeddings and norms out).", flush=True)
+  size = metadata["qgjt_jax.image_size"]
+  if args.format == "safetensors":
+    print(f"Wrote {args.out} (a PyTorch state dict in the names of "
+          f"{metadata['qgjt_jax.model']}'s IResNet code, for {size} px "
+          f"{metadata['qgjt_jax.weights_input_order']} input).", flush=True)
+  else:
+    print(f"Wrote {args.out} ({args.format}, batch "
+          f"{metadata['qgjt_jax.batch']}, {size} px uint8 BGR in, unit "
+          "embeddings and norms out).", flush=True)
+  if "qgjt_jax.thresholds" not in metadata:
+    print("No decision thresholds recorded: the workdir has no evaluation "
+          "that measured them (run --mode=eval first).", flush=True)
 
 
 if __name__ == "__main__":

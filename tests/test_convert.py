@@ -313,3 +313,100 @@ def test_torch_checkpoints(tmp_path, ir18_state):
     converted = convert.torch_state_dict_to_flax(loaded, num_layers=18)
     assert converted["params"]["input_layer"]["conv"]["kernel"].shape == (
         3, 3, 3, 64)
+
+
+# --- safetensors, both directions.
+
+
+def _exported(state, num_layers, use_se=False):
+  variables = convert.torch_state_dict_to_flax(state, num_layers=num_layers,
+                                               use_se=use_se)
+  layout, _ = convert.detect_layout(state)
+  return convert.flax_to_torch_state_dict(variables, num_layers=num_layers,
+                                          layout=layout)
+
+
+def _assert_is_their_state_dict(exported, state):
+  """The names of their module's state_dict() (a BatchNorm counter beside
+  each BatchNorm, as a strict load_state_dict wants) and the very values."""
+  counters = {k[:-len("running_mean")] + "num_batches_tracked"
+              for k in state if k.endswith("running_mean")}
+  plain = {k: v for k, v in state.items()
+           if not k.endswith("num_batches_tracked")}
+  assert set(exported) == set(plain) | counters
+  for name, value in plain.items():
+    assert exported[name].dtype == np.float32
+    np.testing.assert_array_equal(exported[name],
+                                  np.asarray(value, np.float32), name)
+
+
+def test_export_gives_back_the_authors_ir18_state_dict(ir18_state):
+  _assert_is_their_state_dict(_exported(ir18_state, 18), ir18_state)
+
+
+@pytest.mark.parametrize("num_layers,use_se,width", [(18, True, 16),
+                                                     (200, True, 4)])
+def test_export_of_se_and_bottleneck_units(num_layers, use_se, width):
+  state = _random_state(_pytorch_names(num_layers, use_se, width,
+                                       embedding=8, side=2))
+  _assert_is_their_state_dict(_exported(state, num_layers, use_se), state)
+
+
+def test_export_in_insightface_names_runs_in_their_forward():
+  from tests import insightface_model as theirs
+  state = theirs.random_state()
+  exported = _exported(state, 18)
+  _assert_is_their_state_dict(exported, state)
+  images = np.random.default_rng(3).uniform(
+      -1, 1, (2, 3, theirs.SIZE, theirs.SIZE))
+  want = theirs.oracle(state, images)
+  got = theirs.oracle({k: v.astype(np.float64) for k, v in exported.items()},
+                      images)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_cvlface_hub_file_converts(tmp_path, ir18_state, ir18_variables):
+  """CVLFace's model.safetensors: AdaFace names under `model.net.`."""
+  from safetensors.numpy import save_file
+  save_file({f"model.net.{k}": np.asarray(v, np.float32)
+             for k, v in ir18_state.items()}, tmp_path / "model.safetensors")
+  converted = convert.convert_state_dict(
+      convert.load_torch_checkpoint(tmp_path / "model.safetensors"))
+  assert (converted.name, converted.input_order) == ("ir18", "BGR")
+  jax.tree.map(np.testing.assert_array_equal, converted.variables,
+               ir18_variables)
+
+
+def _safetensors_with_header(path, header: dict, data: bytes):
+  import json
+  import struct
+  text = json.dumps(header).encode()
+  path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: _safetensors_with_header(
+        p, {"w": {"dtype": "BF16", "shape": [2], "data_offsets": [0, 4]}},
+        b"\0" * 4), "holds BF16 values"),
+    (lambda p: _safetensors_with_header(
+        p, {"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}},
+        b"\0" * 8), "cannot read .* as safetensors"),
+    (lambda p: p.write_bytes(b"\xff" * 8 + b"{}"),
+     "cannot read .* as safetensors"),
+    (lambda p: _safetensors_with_header(
+        p, {"w": {"dtype": "F32", "shape": [300, 300],
+                  "data_offsets": [0, 360000]}}, b"\0" * 360000),
+     "max_tensor_bytes"),
+], ids=["bf16", "cut_short", "header_length", "over_limit"])
+def test_a_bad_safetensors_file_is_refused_by_name(tmp_path, make, message):
+  from qgjt_jax import limits
+  from qgjt_jax import torch_files
+  path = tmp_path / "w.safetensors"
+  make(path)
+  limits.configure({"max_tensor_bytes": 100_000})
+  try:
+    with pytest.raises((torch_files.TorchFileError, limits.LimitError),
+                       match=message):
+      convert.load_torch_checkpoint(path)
+  finally:
+    limits.configure({})
