@@ -1,16 +1,25 @@
-r"""Embeddings of your own face images from a checkpoint (--mode=embed/compare).
+r"""Embeddings of your own faces from a checkpoint (--mode=embed/compare).
 
   python -m qgjt_jax.main --config=configs/ms1m.py --workdir=runs/ms1m \
-      --mode=embed --images=/data/my_faces --out=my_faces.npz [--skip_bad]
+      --mode=embed --images=/data/my_faces --out=my_faces.npz [--skip_bad] \
+      [--align=detect | --landmarks=points.csv] [--all_faces]
   python -m qgjt_jax.main --config=configs/ms1m.py --workdir=runs/ms1m \
-      --mode=compare --images=a.jpg,b.jpg
+      --mode=compare --images=a.jpg,b.jpg [--align=detect] [--far=1e-4]
 
-The images are aligned face crops (any size: resized to the model's input),
-read with OpenCV. For each, `embed` writes the unit embedding, the feature
-norm (the quality indicator), its quality q in [0, 1] under the run's
-running norm statistics and which side of the HQ/LQ threshold
-(`config.head.b`) that puts it on, and its path relative to the folder. A
-checkpoint without those statistics (a converted model) leaves quality NaN.
+Without alignment flags the images are aligned face crops (any size:
+resized to the model's input; a line says so when they were not at it).
+With --align=detect or --landmarks each photo's largest face (every face
+with --all_faces) is warped onto the five-point template (`align/`). For
+each face, `embed` writes the unit embedding, the feature norm (the quality
+indicator), its quality q in [0, 1] under the run's running norm statistics
+and which side of the HQ/LQ threshold (`config.head.b`) that puts it on,
+its path relative to the folder ("#k" after it for a photo's k-th face),
+and its box, five points and detector score (NaN where not known). A
+checkpoint without norm statistics (a converted model) leaves quality NaN.
+
+`compare` prints the cosine of two faces and its decision at the cosine
+threshold the workdir's latest evaluation measured at --far (see
+`eval/thresholds.py`), or at --threshold.
 """
 from __future__ import annotations
 
