@@ -62,8 +62,10 @@ def templates(embeddings: np.ndarray, weights: np.ndarray,
 
 
 @jax.jit
-def _top_k(probes, gallery):
-  return jax.lax.top_k(probes @ gallery.T, TOP_K)
+def _top_k(probes, gallery, people):
+  scores = probes @ gallery.T
+  padding = jnp.arange(gallery.shape[0]) >= people  # never among the best
+  return jax.lax.top_k(jnp.where(padding, -jnp.inf, scores), TOP_K)
 
 
 def search(probes: np.ndarray, gallery: np.ndarray
@@ -80,7 +82,7 @@ def search(probes: np.ndarray, gallery: np.ndarray
     rows = np.zeros((block, probes.shape[1]), np.float32)
     chunk = probes[start:start + block]
     rows[:len(chunk)] = chunk  # one block shape: one compilation
-    s, i = _top_k(jnp.asarray(rows), gallery_on_device)
+    s, i = _top_k(jnp.asarray(rows), gallery_on_device, len(gallery))
     scores.append(np.asarray(s)[:len(chunk), :k])
     indices.append(np.asarray(i)[:len(chunk), :k])
   if not scores:

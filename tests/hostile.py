@@ -246,6 +246,16 @@ def lying_npz(folder: pathlib.Path) -> pathlib.Path:
   return path
 
 
+def safetensors_file(folder: pathlib.Path, name: str, header,
+                     data: bytes = b"", header_length=None) -> pathlib.Path:
+  """A .safetensors file: little-endian header length, JSON header, data."""
+  text = json.dumps(header).encode()
+  path = folder / name
+  path.write_bytes(struct.pack("<Q", len(text) if header_length is None
+                               else header_length) + text + data)
+  return path
+
+
 def nan_weights(folder: pathlib.Path) -> pathlib.Path:
   state = valid_state()
   state["layer2.0.conv1.weight"][0, 0, 0, 0] = np.nan

@@ -41,7 +41,7 @@ def _assert_close(got, want):
   np.testing.assert_allclose(got[1], want[1], rtol=1e-5)
 
 
-@pytest.mark.parametrize("size", [40, 36, 33])
+@pytest.mark.parametrize("size", [40, 112, 36, 33])
 def test_onnx_at_sizes_that_are_not_multiples_of_16(size):
   """40 px (the embedded default) ends in a 3 x 3 map, not 40 // 16 = 2."""
   model = build_backbone("ir18", base_width=4, embedding_size=8)

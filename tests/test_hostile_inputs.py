@@ -78,6 +78,21 @@ _TORCH_CASES = {
     "NaN weights": (lambda f, m: hostile.nan_weights(f), "NaN"),
     ".npz declaring 4 TiB": (lambda f, m: hostile.lying_npz(f),
                              "declares an array"),
+    "safetensors header of 2**62 bytes": (
+        lambda f, m: hostile.safetensors_file(f, "long.safetensors", {},
+                                              header_length=1 << 62),
+        "as safetensors"),
+    "safetensors tensor of 4 TiB over 16 bytes": (
+        lambda f, m: hostile.safetensors_file(
+            f, "vast.safetensors", {"w": {"dtype": "F32", "shape": [1 << 40],
+                                          "data_offsets": [0, 4 << 40]}},
+            b"\0" * 16), "as safetensors"),
+    "safetensors tensors overlapping": (
+        lambda f, m: hostile.safetensors_file(
+            f, "overlap.safetensors", {
+                "a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+                "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}},
+            b"\0" * 24), "as safetensors"),
 }
 
 
@@ -128,16 +143,32 @@ def _faces(folder: pathlib.Path, count: int = 3) -> pathlib.Path:
   return folder
 
 
-@pytest.mark.parametrize("side, words", [(20000, "max_image_pixels"),
-                                         (50000, "max_image_pixels")])
+@pytest.mark.parametrize("side, words, align", [
+    (20000, "max_image_pixels", "none"), (50000, "max_image_pixels", "none"),
+    (50000, "max_image_pixels", "detect")])
 def test_embed_refuses_an_image_declaring_vast_size(reference_run, tmp_path,
-                                                    side, words):
+                                                    side, words, align):
+  if align == "detect":
+    pytest.importorskip("dlib")
   folder = _faces(tmp_path / "faces")
   bomb = hostile.png_bomb(folder / "bomb.png", side)
   assert bomb.stat().st_size < 400_000  # a few hundred KB for gigabytes
   result = _main(reference_run[0], "--mode=embed", f"--images={folder}",
-                 f"--out={tmp_path / 'out.npz'}")
+                 f"--out={tmp_path / 'out.npz'}", f"--align={align}")
   hostile.assert_refused(result, bomb, words, max_rss_mib=MAIN_MIB)
+  assert not (tmp_path / "out.npz").exists()
+
+
+@pytest.mark.parametrize("content, words", [
+    (b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 64, "not UTF-8 text"),
+    (b"a.jpg" + b",1e308" * 9 + b",inf\n", "must be finite"),
+])
+def test_a_hostile_landmarks_file(reference_run, tmp_path, content, words):
+  folder = _faces(tmp_path / "faces")
+  table = _write(tmp_path / "points.csv", content)
+  result = _main(reference_run[0], "--mode=embed", f"--images={folder}",
+                 f"--out={tmp_path / 'out.npz'}", f"--landmarks={table}")
+  hostile.assert_refused(result, table, words, max_rss_mib=MAIN_MIB)
   assert not (tmp_path / "out.npz").exists()
 
 
