@@ -1,1 +1,3 @@
-"""Training recipes: one `get_config()` per file, shared defaults in common.py."""
+"""Training recipes: one `get_config()` per file, starting from
+`qgjt_jax.base_config` (the shared defaults).
+"""

@@ -14,11 +14,11 @@ data.rec_dir is the folder holding insightface's train.rec / train.idx /
 property (or set data.kind=tfds and data.tfds_name=insightface_rec/ms1mv2 for
 a prepared ArrayRecord copy, see `python -m qgjt_jax.data.prepare`).
 """
-from configs import common
+from qgjt_jax import base_config
 
 
 def get_config():
-  config = common.get_base_config()
+  config = base_config.get_base_config()
   config.model.name = "ir50"
   config.data.kind = "rec"
   config.global_batch_size = 512

@@ -7,11 +7,11 @@ verification on held-out identities, and leaves an orbax checkpoint:
   python -m qgjt_jax.main --config=configs/synthetic.py --workdir=runs/demo \
       --mode=eval
 """
-from configs import common
+from qgjt_jax import base_config
 
 
 def get_config():
-  config = common.get_base_config()
+  config = base_config.get_base_config()
   config.model.update(name="ir18", base_width=16, embedding_size=128,
                       dtype="float32", dropout_rate=0.0)
   # 40 px keeps a CPU step under a second; the degraded view still spans

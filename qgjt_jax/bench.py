@@ -37,6 +37,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from qgjt_jax import base_config
 from qgjt_jax import config_checks
 from qgjt_jax import errors
 from qgjt_jax import parallel
@@ -79,9 +80,7 @@ def load_config(path: str | pathlib.Path) -> ml_collections.ConfigDict:
   if not path.is_file():
     raise errors.UserError(f"--config={path}: no such recipe file; e.g. "
                            f"--config={DEFAULT_CONFIG}")
-  root = str(path.resolve().parent.parent)
-  if root not in sys.path:  # recipes import `configs.common`
-    sys.path.insert(0, root)
+  base_config.make_siblings_importable(str(path))
   spec = importlib.util.spec_from_file_location(f"_recipe_{path.stem}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -331,8 +330,8 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
                  help="recompute each residual unit in the backward pass")
   p.add_argument("--trace_dir", default=None,
                  help="also write a jax.profiler trace of 3 steps here")
-  p.add_argument("--verbosity", type=int, default=0,
-                 help="1 shows the traceback of an expected failure")
+  p.add_argument("--traceback", action="store_true",
+                    help="show the traceback of an expected failure")
   p.add_argument("--dump_hlo", default=None,
                  help="write the compiled step's HLO text to this file")
   p.add_argument("--extras_cost", action="store_true",
@@ -345,7 +344,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   a = _parse(sys.argv[1:] if argv is None else argv)
   parallel.maybe_initialize_distributed()
   with errors.expected_failures(config_checks.ConfigError,
-                                verbose=a.verbosity >= 1):
+                                verbose=a.traceback):
     record = _run(a)
   if jax.process_index() == 0:
     print(json.dumps(record), flush=True)

@@ -779,6 +779,7 @@ def _define_flags() -> None:
   limits.define_flags()
   flags.DEFINE_string("eval_config", "configs/ms1m.py", "Config file named "
                       "in the printed --mode=eval command.")
+  errors.define_traceback_flag()
   flags.mark_flags_as_required(["src", "workdir"])
 
 
@@ -804,7 +805,8 @@ INPUT_ORDER_KEY = "qgjt_jax.weights_input_order"
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  verbose = errors.absl_verbosity_asked()
+  errors.setup_absl_logging()
+  verbose = errors.absl_traceback_asked()
   cfg = flags.FLAGS
   with errors.expected_failures(StateDictMismatchError,
                                 torch_files.TorchFileError, verbose=verbose):

@@ -7,8 +7,14 @@ workdir of another run, a full disk) end in
   ERROR: <what, naming the file or key>: <what to do>
 
 on stderr and exit status 1, with the traceback only when asked for
-(`QGJT_TRACEBACK=1`, or `--verbosity=1` for the absl commands). Anything else
-is a bug and keeps its traceback.
+(`--traceback`, or `QGJT_TRACEBACK=1`). Anything else is a bug and keeps its
+traceback.
+
+Logging is absl's, as across the JAX ecosystem: `--verbosity=0` shows INFO
+(restore details, the parameter table), `--verbosity=1` debug lines,
+`--alsologtostderr` and `--log_dir` as usual. Without --verbosity only
+warnings are logged, and orbax's notes on how this project's read-only
+restores are set up are left out.
 """
 from __future__ import annotations
 
@@ -63,13 +69,39 @@ def one_line(e: BaseException) -> str:
   return " ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
-def absl_verbosity_asked() -> bool:
-  """For absl commands: whether --verbosity >= 1 asked for tracebacks; then
-  absl logging is set to warnings only (what the commands print is enough)."""
+def setup_absl_logging() -> None:
+  """For absl commands, after flag parsing: the logging described above."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
   from absl import logging  # pylint: disable=g-import-not-at-top
-  verbose = logging.get_verbosity() >= 1
+  if flags.FLAGS["verbosity"].present:
+    return
   logging.set_verbosity(logging.WARNING)
-  return verbose
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, _OrbaxRestoreNotes) for f in handler.filters):
+    handler.addFilter(_OrbaxRestoreNotes())
+
+
+class _OrbaxRestoreNotes:
+  """Drops orbax's warnings about read-only managers and absent metadata
+  files: every evaluation, embedding or export restores that way."""
+
+  def filter(self, record) -> bool:
+    return not (record.levelno <= 30 and "orbax" in record.pathname)
+
+
+def define_traceback_flag() -> None:
+  """--traceback for an absl command (once per process)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if "traceback" not in flags.FLAGS:
+    flags.DEFINE_bool("traceback", False, "Show the traceback of an "
+                      f"expected failure too (or set {TRACEBACK_ENV}=1).")
+
+
+def absl_traceback_asked() -> bool:
+  """Whether --traceback (or the environment) asked for tracebacks."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  return traceback_requested("traceback" in flags.FLAGS and
+                             flags.FLAGS.traceback)
 
 
 def traceback_requested(verbose: bool = False) -> bool:

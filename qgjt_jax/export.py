@@ -336,8 +336,8 @@ def _parse(argv):
                       help="the checkpoint step (default: the latest)")
   parser.add_argument("--overwrite", action="store_true",
                       help="replace an existing --out")
-  parser.add_argument("--verbosity", type=int, default=0,
-                      help="1 shows the traceback of an expected failure")
+  parser.add_argument("--traceback", action="store_true",
+                         help="show the traceback of an expected failure")
   args = parser.parse_args(argv)
   if args.batch != "dynamic" and not (args.batch.isdigit() and
                                       int(args.batch) > 0):
@@ -350,7 +350,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   from qgjt_jax import checkpoint as ckpt  # pylint: disable=g-import-not-at-top
   batch = None if args.batch == "dynamic" else int(args.batch)
   with errors.expected_failures(ckpt.CheckpointError,
-                                verbose=args.verbosity >= 1):
+                                verbose=args.traceback):
     metadata = export(args.workdir, args.format, args.out, batch=batch,
                       step=args.step, overwrite=args.overwrite)
   size = metadata["qgjt_jax.image_size"]

@@ -78,15 +78,15 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
   p.add_argument("--classes", type=int, default=bench.MS1MV2_CLASSES)
   p.add_argument("--model_parallelism", type=int, default=None,
                  help="the mesh's model axis (default: the recipe's)")
-  p.add_argument("--verbosity", type=int, default=0,
-                 help="1 shows the traceback of an expected failure")
+  p.add_argument("--traceback", action="store_true",
+                    help="show the traceback of an expected failure")
   return p.parse_args(argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
   a = _parse(sys.argv[1:] if argv is None else argv)
   with errors.expected_failures(config_checks.ConfigError,
-                                verbose=a.verbosity >= 1):
+                                verbose=a.traceback):
     config = bench.load_config(a.config)
     if a.model_parallelism is not None:
       config.model_parallelism = a.model_parallelism

@@ -17,7 +17,8 @@ r"""Entry point: train or evaluate a recipe.
 Any config key can be overridden with --config.KEY=VALUE; an unknown key, an
 impossible value, an incompatible workdir or an unreadable file stops the
 program with one line naming the key or file (exit status 1; the traceback
-with --verbosity=1 or QGJT_TRACEBACK=1). A run stopped by SIGTERM or SIGINT
+with --traceback or QGJT_TRACEBACK=1; absl logging with --verbosity=0).
+A run stopped by SIGTERM or SIGINT
 checkpoints and exits 0; the same command resumes it.
 """
 import os
@@ -30,6 +31,7 @@ from absl import flags
 import ml_collections
 from ml_collections import config_flags
 
+from qgjt_jax import base_config
 from qgjt_jax import errors
 from qgjt_jax import limits
 from qgjt_jax import parallel
@@ -85,6 +87,7 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False,
 _FORCE_LOCK = flags.DEFINE_bool(
     "force_lock", False, "train: take the workdir's lock even when its note "
     "says another run holds it (a run on another host that is gone).")
+errors.define_traceback_flag()
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -118,7 +121,8 @@ def _first_cause(e: BaseException) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  verbose = errors.absl_verbosity_asked()
+  errors.setup_absl_logging()
+  verbose = errors.absl_traceback_asked()
   parallel.maybe_initialize_distributed()
   # Imported here so that --help stays fast.
   from qgjt_jax import checkpoint
@@ -204,6 +208,10 @@ def _parse_flags(argv: list[str]) -> list[str]:
   ml_collections refuses `--config.nope=1` while parsing, but as a bare
   AttributeError/KeyError traceback; this names the flag instead.
   """
+  recipe = next((a.split("=", 1)[1].split(":", 1)[0] for a in argv[1:]
+                 if a.startswith("--config=")), None)
+  if recipe:
+    base_config.make_siblings_importable(recipe)
   try:
     return app.parse_flags_with_usage(argv)
   except SyntaxError as e:
@@ -212,7 +220,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
   except Exception as e:  # pylint: disable=broad-except
     failure = _recipe_failure(argv, e)
     if failure:
-      if errors.traceback_requested():
+      if errors.traceback_requested("--traceback" in argv):
         traceback.print_exc()
       sys.exit(failure)
     if not isinstance(e, (AttributeError, KeyError)):
@@ -253,7 +261,7 @@ def _unknown_key(argv: list[str], e: Exception) -> None:
   what = culprit or f"--config.{key}"
   sys.exit(f"ERROR: {what}: unknown config key {key!r}: " +
            (f"{hint.group(0)} " if hint else "") +
-           "the keys are listed in the --config file and configs/common.py")
+           "the keys are listed in the --config file and qgjt_jax/base_config.py")
 
 
 if __name__ == "__main__":

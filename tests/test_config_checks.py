@@ -188,7 +188,7 @@ def test_the_defaults_follow_the_authors_code():
   """docs/FIDELITY.md's table: their QGFace head has no positive margin
   (margin_method=None), they evaluate in float32 and score TinyFace on its
   aligned copies, their running statistics start at 0."""
-  from configs import common  # pylint: disable=g-import-not-at-top
+  from qgjt_jax import base_config as common  # pylint: disable=g-import-not-at-top
   config = common.get_base_config()
   assert config.contrastive.margin == "none"
   assert config.eval.dtype == "float32" and config.model.dtype == "bfloat16"

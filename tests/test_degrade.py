@@ -194,10 +194,10 @@ def test_view_config_from_a_config_section():
 
 
 def test_the_config_names_every_view_setting_and_the_recipe_fills_the_rest():
-  """configs/common.py has every ViewConfig field (a locked config can set
+  """qgjt_jax/base_config.py has every ViewConfig field (a locked config can set
   each); unset ones (None) take the recipe's values, so "adaface" views are
   AdaFace's, low resolution included."""
-  from configs import common
+  from qgjt_jax import base_config as common
   section = common.get_base_config().data.view
   fields = {f.name for f in dataclasses.fields(degrade.ViewConfig)}
   assert set(section.keys()) == fields

@@ -89,7 +89,7 @@ def test_evaluation_feeds_what_the_converted_model_expects(backbone_pth,
                                                            tmp_path, capsys):
   """The recipe says BGR; the converted workdir says RGB, and wins."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from configs import common  # pylint: disable=g-import-not-at-top
+  from qgjt_jax import base_config as common  # pylint: disable=g-import-not-at-top
   from qgjt_jax import evaluate  # pylint: disable=g-import-not-at-top
   from qgjt_jax import parallel  # pylint: disable=g-import-not-at-top
   from qgjt_jax.eval import verification  # pylint: disable=g-import-not-at-top

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import common
+from qgjt_jax import base_config as common
 from qgjt_jax import convert
 from qgjt_jax import parallel
 from qgjt_jax import queue as queue_lib

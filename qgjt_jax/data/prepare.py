@@ -255,6 +255,7 @@ def _define_flags() -> None:
   flags.DEFINE_integer("seed", None, f"Which faces are generated{synthetic}"
                        "0).", lower_bound=0)
   limits.define_flags()
+  errors.define_traceback_flag()
   flags.mark_flags_as_required(["format", "data_dir", "name"])
 
 
@@ -277,7 +278,8 @@ def check_src(fmt: str, src: str | None) -> None:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  verbose = errors.absl_verbosity_asked()
+  errors.setup_absl_logging()
+  verbose = errors.absl_traceback_asked()
   f = flags.FLAGS
   with errors.expected_failures(builders.DataError, recordio.RecordIOError,
                                 verbose=verbose):

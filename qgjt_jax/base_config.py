@@ -1,11 +1,28 @@
 """Defaults shared by every recipe; each recipe file overrides what it changes.
 
-Every key here is documented where it is used; `python -m qgjt_jax.main
---config=configs/NAME.py --config.KEY=VALUE` overrides any of them.
+A recipe (configs/*.py, or a file of your own anywhere) starts from
+`base_config.get_base_config()`; it imports only the installed package, so
+it loads from any working directory. Every key here is documented where it
+is used; `python -m qgjt_jax.main --config=configs/NAME.py
+--config.KEY=VALUE` overrides any of them.
 """
+import os
+import sys
+
 import ml_collections
 
 from qgjt_jax import limits
+
+
+def make_siblings_importable(recipe: str) -> None:
+  """Puts the folder above a recipe's package on sys.path, so that a recipe
+  builds on another (`from configs import ms1m`) whatever the working
+  directory: a recipe's own folder is a package when it holds __init__.py."""
+  folder = os.path.dirname(os.path.abspath(recipe))
+  root = os.path.dirname(folder)
+  if os.path.isfile(os.path.join(folder, "__init__.py")) and (
+      root not in sys.path):
+    sys.path.insert(0, root)
 
 
 def get_base_config() -> ml_collections.ConfigDict:
