@@ -114,17 +114,6 @@ def newest_first_order(queue: QueueState) -> jax.Array:
   return (queue.ptr - 1 - jnp.arange(capacity, dtype=jnp.int32)) % capacity
 
 
-def from_newest_first(capacity: int, embeds: jax.Array, labels: jax.Array,
-                      proxies: jax.Array) -> QueueState:
-  """A queue holding the reference's newest-first rows (e.g. its buffers)."""
-  num = embeds.shape[0]
-  queue = init_queue(capacity, embeds.shape[1])
-  if num == 0:
-    return queue
-  # One reversed write of the whole list puts its first row newest.
-  return enqueue(queue, embeds, labels, proxies)
-
-
 def last_slots(queue: QueueState, num: int) -> jax.Array:
   """(num,) slots of the rows of the last `enqueue` of `num` rows, in row
   order (row i of that batch is at slot ptr - 1 - i)."""

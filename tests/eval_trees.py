@@ -12,7 +12,6 @@ import cv2
 import numpy as np
 
 from qgjt_jax.align import five_points
-from qgjt_jax.eval import ijb
 
 SIZE = 16  # side of the TinyFace and SCface images
 

@@ -1,22 +1,9 @@
-"""A tiny configuration and random batches for train-step tests."""
+"""Random batches for train-step tests (the tiny recipe is
+`tiny_runs.tiny_config`)."""
 import numpy as np
 
-from configs import synthetic
 
 NUM_CLASSES = 10
-
-
-def tiny_config():
-  config = synthetic.get_config()
-  config.model.update(base_width=8, embedding_size=32, dtype="float32")
-  config.data.image_size = 32
-  config.global_batch_size = 8
-  config.queue.capacity = 48
-  config.num_epochs = 2.0
-  config.contrastive.start_epoch = 0.0
-  config.optim.update(milestones=(1,), warmup_epochs=0.0)
-  config.eval.batch_size = 8
-  return config
 
 
 def random_batch(seed: int, config, num_classes: int = NUM_CLASSES):

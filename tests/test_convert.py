@@ -91,7 +91,9 @@ def test_bare_state_dict_ignores_head_and_counters(ir18_state):
   state = dict(ir18_state)
   state["head.kernel"] = np.zeros((512, 10), np.float32)
   state["body.0.res_layer.0.num_batches_tracked"] = np.array(3)
-  convert.torch_state_dict_to_flax(state, num_layers=18)
+  converted = convert.torch_state_dict_to_flax(state, num_layers=18)
+  want = convert.torch_state_dict_to_flax(ir18_state, num_layers=18)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, converted, want)
 
 
 def test_missing_keys_are_listed(ir18_state):

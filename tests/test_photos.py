@@ -8,7 +8,6 @@ thresholds, and models leaving and entering the project unchanged).
 import csv
 import json
 import re
-import shutil
 import subprocess
 import sys
 
@@ -104,7 +103,7 @@ def test_compare_prints_its_decision_and_what_it_stands_for(demo_run,
   assert line.startswith("cosine similarity ") and (
       "same person (threshold " in line or
       "different people (threshold " in line), result.stdout
-  assert f"FAR 1e-02 on synthetic_" in line
+  assert "FAR 1e-02 on synthetic_" in line
   given = _run(*_DEMO, f"--workdir={demo_run}", "--mode=compare",
                f"--images={photos}", "--align=detect", "--threshold=-1")
   assert "same person (threshold -1.0000 (--threshold))" in given.stdout

@@ -174,15 +174,6 @@ def test_bad_sharding_is_refused():
                                 process_index=2, process_count=2)
 
 
-def test_eval_batches_pad_the_tail():
-  images = np.arange(10)[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8)
-  out = list(pipeline.eval_batches(images, 4))
-  assert [v for _, v in out] == [4, 4, 2]
-  assert all(b.shape == (4, 2, 2, 3) for b, _ in out)
-  np.testing.assert_array_equal(
-      np.concatenate([b[:v] for b, v in out]), images)
-
-
 def test_pipeline_over_a_written_rec_matches_the_source(tmp_path):
   src = _source(16)
   records = [src[i] for i in range(16)]

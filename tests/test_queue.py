@@ -21,13 +21,22 @@ def _sorted_rows(*columns):
   return rows[np.lexsort(rows.T[::-1])]
 
 
+def _from_newest_first(capacity, embeds, labels, proxies):
+  """A queue holding the reference's newest-first rows: one reversed write
+  of the whole list puts its first row newest."""
+  queue = qlib.init_queue(capacity, embeds.shape[1])
+  if embeds.shape[0] == 0:
+    return queue
+  return qlib.enqueue(queue, embeds, labels, proxies)
+
+
 @pytest.mark.parametrize('name', reference_cases('queue_proxy'))
 def test_enqueue_and_proxy_update_match_reference(reference_dir, name):
   settings, inputs, outputs = load_case(reference_dir, name)
   capacity = settings['queue_size']
   assert inputs['queue_embeds'].shape[0] == settings['filled_before']
   # The reference's buffers are newest first and may be only partly filled.
-  queue = qlib.from_newest_first(capacity, _f32(inputs['queue_embeds']),
+  queue = _from_newest_first(capacity, _f32(inputs['queue_embeds']),
                                  jnp.asarray(inputs['queue_labels']),
                                  _f32(inputs['queue_proxies']))
   kernel = _f32(inputs['kernel'])

@@ -17,6 +17,7 @@ from qgjt_jax.losses import contrastive
 from qgjt_jax.losses import margin
 from qgjt_jax.models import normalize_images
 from tests import step_helpers
+from tests import tiny_runs
 
 STEPS_PER_EPOCH = 4.0
 
@@ -32,7 +33,7 @@ def _setup(config, mesh=None):
 
 @pytest.mark.parametrize("queue_kind", ["proxy", "realtime"])
 def test_reported_loss_is_the_core_losses_on_the_same_features(queue_kind):
-  config = step_helpers.tiny_config()
+  config = tiny_runs.tiny_config()
   config.queue.kind = queue_kind
   config.contrastive.margin = "dynamic"
   model, state, fn, mesh = _setup(config)
@@ -79,7 +80,7 @@ def test_reported_loss_is_the_core_losses_on_the_same_features(queue_kind):
 
 
 def test_step_compiles_once_and_moves_the_parameters():
-  config = step_helpers.tiny_config()
+  config = tiny_runs.tiny_config()
   _, state, fn, mesh = _setup(config)
   kernel0 = np.asarray(state.params["classifier"]["kernel"])
   for seed in range(3):
@@ -91,7 +92,7 @@ def test_step_compiles_once_and_moves_the_parameters():
 
 
 def test_nonfinite_batch_is_skipped():
-  config = step_helpers.tiny_config()
+  config = tiny_runs.tiny_config()
   _, state, fn, mesh = _setup(config)
   state, _ = fn(state, parallel.host_to_global(
       step_helpers.random_batch(0, config), mesh))
@@ -122,7 +123,7 @@ _EQUIVALENCE_SCRIPT = textwrap.dedent("""
     from qgjt_jax import parallel
     from tests import step_helpers, test_step
     assert jax.device_count() == 8
-    config = step_helpers.tiny_config()
+    config = tiny_runs.tiny_config()
     copy = lambda tree: jax.tree.map(jnp.copy, tree)
     host = lambda state: jax.device_get(
         state.replace(rng=jax.random.key_data(state.rng)))
@@ -182,7 +183,7 @@ def test_one_and_eight_devices_give_the_same_step():
 def test_partition_by_degradation_moves_the_gates_not_the_margin():
   """Only the HQ/LQ split follows the known downscale factor: the AdaFace
   margin still reads the feature-norm scaler."""
-  config = step_helpers.tiny_config()
+  config = tiny_runs.tiny_config()
   config.quality.partition = "degradation"
   config.queue.kind = "none"
   model, state, fn, mesh = _setup(config)
@@ -215,7 +216,7 @@ def test_partition_by_degradation_moves_the_gates_not_the_margin():
 
 
 def _settings(**changes):
-  config = step_helpers.tiny_config()
+  config = tiny_runs.tiny_config()
   for dotted, value in changes.items():
     section, key = dotted.split(".")
     config[section][key] = value

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import signal
 import threading
-from typing import Any, Iterator
+from typing import Any
 
 import cv2
 import grain
@@ -29,7 +29,6 @@ import numpy as np
 
 from qgjt_jax.data import degrade
 # Re-exported: train.py builds the view settings through the pipeline module.
-from qgjt_jax.data.degrade import view_config_from  # noqa: F401
 from qgjt_jax.data.recordio import decode_image
 
 # Seeds are folded into Philox's 128-bit key; the (epoch, record) pair is its
@@ -229,19 +228,3 @@ def make_train_dataset(
         worker_init_fn=_init_worker)
   return ds
 
-
-def eval_batches(images: np.ndarray, batch_size: int
-                 ) -> Iterator[tuple[np.ndarray, int]]:
-  """Fixed-shape batches of an evaluation array: (batch, number of real rows).
-
-  The last batch is padded by repeating its final image, so a jitted embedding
-  function compiles once; drop the padded rows with the count.
-  """
-  n = len(images)
-  for start in range(0, n, batch_size):
-    chunk = images[start:start + batch_size]
-    valid = len(chunk)
-    if valid < batch_size:
-      pad = np.repeat(chunk[-1:], batch_size - valid, axis=0)
-      chunk = np.concatenate([chunk, pad])
-    yield chunk, valid

@@ -12,7 +12,6 @@ shrinks the FIRST image of every pair to low_res x low_res and enlarges it
 back, both with PIL's bilinear filter (torchvision's default Resize on PIL
 images), so each pair compares a low- and a high-resolution face.
 """
-from collections.abc import Sequence
 import os
 
 import numpy as np
@@ -150,13 +149,3 @@ def evaluate_bin(embed_fn: extract.EmbedFn, path: str | os.PathLike, *,
                         low_res=low_res, flip=flip, fusion=fusion,
                         nfolds=nfolds, progress=progress, desc=name)
 
-
-def evaluate_bins(embed_fn: extract.EmbedFn,
-                  paths: Sequence[str | os.PathLike], *, batch_size: int,
-                  **kwargs) -> dict[str, dict]:
-  """evaluate_bin for several sets, keyed by file name without extension."""
-  return {
-      os.path.splitext(os.path.basename(os.fspath(p)))[0]:
-          evaluate_bin(embed_fn, p, batch_size=batch_size, **kwargs)
-      for p in paths
-  }
