@@ -42,10 +42,12 @@ def test_a_recipe_that_builds_on_another_loads_from_elsewhere(tmp_path):
 def test_a_non_editable_install_trains_a_recipe(tmp_path):
   """`pip install .` (a built wheel, not a link to the checkout), then the
   recipe named by path from another folder trains and evaluates."""
-  site = tmp_path / "site"
+  site, source = tmp_path / "site", tmp_path / "source"
+  shutil.copytree(tiny_runs.ROOT, source, ignore=shutil.ignore_patterns(
+      ".*", "build", "runs", "*.egg-info", "__pycache__"))  # builds there
   build = subprocess.run(
       [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-       f"--target={site}", str(tiny_runs.ROOT)],
+       f"--target={site}", str(source)],
       capture_output=True, text=True, timeout=600)
   assert build.returncode == 0, build.stdout + build.stderr
   assert (site / "qgjt_jax" / "base_config.py").is_file()
