@@ -43,7 +43,7 @@ from qgjt_jax.align import faces as faces_lib
 from qgjt_jax.eval import extract
 from qgjt_jax.eval import images as images_lib
 from qgjt_jax.eval import thresholds
-from qgjt_jax.losses import margin
+from qgjt_jax.method import quality as quality_lib
 
 
 class ImageError(ValueError):
@@ -86,12 +86,12 @@ class Embedder:
     """q in [0, 1] of each norm under the run's statistics (NaN without)."""
     if self.stats is None:
       return np.full(len(norms), np.nan, np.float32)
-    scaler = margin.margin_scaler(
-        jnp.asarray(norms), margin.QualityStats(
+    scaler = quality_lib.margin_scaler(
+        jnp.asarray(norms), quality_lib.QualityStats(
             mean=jnp.float32(self.stats["mean"]),
             std=jnp.float32(self.stats["std"])),
         self.config.quality.h, self.config.quality.eps)
-    return np.asarray(margin.quality_from_scaler(scaler), np.float32)
+    return np.asarray(quality_lib.quality_from_scaler(scaler), np.float32)
 
   def embed(self, paths: Sequence[str | os.PathLike], *, root: str = "",
             skip_bad: bool = False, progress: bool = True,

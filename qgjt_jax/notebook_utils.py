@@ -90,7 +90,7 @@ def hq_threshold_norm(mean: float, std: float, b: float, h: float,
   """The feature norm whose quality equals b: the HQ/LQ boundary.
 
   Quality is q = (a + 1) / 2 with a = clip(h (n - mu) / (sigma + eps), -1, 1)
-  (`margin.margin_scaler`), so q = b at n* = mu + (sigma + eps)(2b - 1) / h.
+  (`method.quality.margin_scaler`), so q = b at n* = mu + (sigma + eps)(2b - 1) / h.
   """
   return float(mean + (std + eps) * (2.0 * b - 1.0) / h)
 

@@ -16,9 +16,9 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from qgjt_jax import parallel
-from qgjt_jax import queue as queue_lib
-from qgjt_jax.losses import contrastive
-from qgjt_jax.losses import margin
+from qgjt_jax.method import queue_buffer as queue_lib
+from qgjt_jax.method import contrastive
+from qgjt_jax.method import quality as quality_lib
 from qgjt_jax.models import build_backbone
 import ml_collections
 
@@ -33,7 +33,7 @@ class MomentumEncoder:
   """
   params: Any
   batch_stats: Any
-  quality: margin.QualityStats
+  quality: quality_lib.QualityStats
 
 
 @flax.struct.dataclass
@@ -42,7 +42,7 @@ class TrainState:
   params: Any                 # {'backbone': ..., 'classifier': {'kernel': (D, C)}}
   batch_stats: Any
   opt_state: optax.OptState
-  quality: margin.QualityStats
+  quality: quality_lib.QualityStats
   queue: queue_lib.QueueState
   margin: contrastive.MarginState
   rng: jax.Array
@@ -117,7 +117,7 @@ def create_train_state(config: ml_collections.ConfigDict, model: nn.Module,
   }
   batch_stats = variables.get("batch_stats", {})
   capacity = config.queue.capacity if config.queue.kind != "none" else 1
-  quality = margin.init_quality_stats(config.quality.init_mean,
+  quality = quality_lib.init_quality_stats(config.quality.init_mean,
                                       config.quality.init_std)
   moco = None
   if config.queue.kind == "moco":  # starts as a copy of the online encoder

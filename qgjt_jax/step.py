@@ -58,9 +58,10 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from qgjt_jax import parallel
-from qgjt_jax import queue as queue_lib
-from qgjt_jax.losses import contrastive
-from qgjt_jax.losses import margin
+from qgjt_jax.method import queue_buffer as queue_lib
+from qgjt_jax.method import contrastive
+from qgjt_jax.method import heads as margin
+from qgjt_jax.method import quality as quality_lib
 from qgjt_jax.models.iresnet import normalize_images
 from qgjt_jax.state import MomentumEncoder, TrainState
 
@@ -212,9 +213,9 @@ def encode(model: nn.Module, params: Any, batch_stats: Any, images: jax.Array,
           updates["batch_stats"])
 
 
-def read_quality(settings: StepSettings, stats: margin.QualityStats,
+def read_quality(settings: StepSettings, stats: quality_lib.QualityStats,
                  norms: jax.Array, degradation: jax.Array
-                 ) -> tuple[margin.QualityStats, jax.Array, jax.Array]:
+                 ) -> tuple[quality_lib.QualityStats, jax.Array, jax.Array]:
   """Running statistics updated over `norms`, then used.
 
   Returns (new statistics, the margin scaler a_i of the AdaFace margin, the
@@ -222,8 +223,8 @@ def read_quality(settings: StepSettings, stats: margin.QualityStats,
   partition is by known degradation, which swaps the gates' HQ/LQ split and
   leaves the margin on the feature norm.
   """
-  stats = margin.update_quality_stats(stats, norms, settings.alpha)
-  scaler = margin.margin_scaler(norms, stats, settings.h, settings.eps)
+  stats = quality_lib.update_quality_stats(stats, norms, settings.alpha)
+  scaler = quality_lib.margin_scaler(norms, stats, settings.h, settings.eps)
   if settings.partition == "degradation":
     return stats, scaler, _scaler_from_degradation(degradation)
   return stats, scaler, scaler
@@ -263,7 +264,7 @@ def classification_loss(mesh: Mesh, settings: StepSettings,
                 P(), P()),
       out_specs=P())
   return fn(embeddings, labels, kernel, scaler,
-            margin.quality_from_scaler(gate_scaler),
+            quality_lib.quality_from_scaler(gate_scaler),
             jnp.asarray(threshold, jnp.float32), positives, rng)
 
 
@@ -437,7 +438,7 @@ def _loss_metrics(loss, loss_cls, loss_con, con_aux, views, quality,
                   schedule) -> dict[str, jax.Array]:
   """Scalars of the step. `views` maps "clean"/"degraded" to (norms, the
   gates' scaler) of each view's encoded images."""
-  hq = lambda scaler: (margin.quality_from_scaler(scaler) >=
+  hq = lambda scaler: (quality_lib.quality_from_scaler(scaler) >=
                        schedule["head_b"]).astype(jnp.float32)
   norms = jnp.concatenate([n for n, _ in views.values()])
   metrics = {

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qgjt_jax.losses import contrastive
+from qgjt_jax.method import contrastive
 from tests.conftest import load_case, reference_cases
 
 RTOL, ATOL = 1e-4, 1e-5

@@ -10,7 +10,7 @@ import pytest
 from qgjt_jax import embed
 from qgjt_jax import state as state_lib
 from qgjt_jax.data import synthetic
-from qgjt_jax.losses import margin
+from qgjt_jax.method import quality as quality_lib
 from qgjt_jax.models import normalize_images
 from tests import tiny_runs
 
@@ -40,9 +40,9 @@ def _expected(workdir, paths):
   emb, norms = model.apply({"params": state["params"]["backbone"],
                             "batch_stats": state["batch_stats"]},
                            normalize_images(images), train=False)
-  stats = margin.QualityStats(mean=state["quality"]["mean"],
+  stats = quality_lib.QualityStats(mean=state["quality"]["mean"],
                               std=state["quality"]["std"])
-  quality = margin.quality_from_scaler(margin.margin_scaler(
+  quality = quality_lib.quality_from_scaler(quality_lib.margin_scaler(
       norms, stats, config.quality.h, config.quality.eps))
   return np.asarray(emb), np.asarray(norms), np.asarray(quality)
 

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from conftest import load_case, reference_cases
-from qgjt_jax.losses import margin
+from qgjt_jax.method import heads as margin
+from qgjt_jax.method import quality as quality_lib
 
 RTOL, ATOL = 1e-4, 1e-5
 
@@ -19,7 +20,7 @@ def _f32(x):
 @pytest.mark.parametrize('name', reference_cases('adaface'))
 def test_adaface_matches_reference(reference_dir, name):
   settings, inputs, outputs = load_case(reference_dir, name)
-  stats = margin.init_quality_stats(float(inputs['batch_mean'][0]),
+  stats = quality_lib.init_quality_stats(float(inputs['batch_mean'][0]),
                                     float(inputs['batch_std'][0]))
   norms = _f32(inputs['norms'])
   labels = jnp.asarray(inputs['labels'], jnp.int32)
@@ -129,26 +130,26 @@ def test_margin_logits_match_numpy(head):
 def test_quality_stats_and_scaler_match_numpy():
   rng = np.random.default_rng(2)
   norms = np.concatenate([rng.uniform(0, 30, size=10), [0.0, 500.0]])
-  stats = margin.init_quality_stats(20.0, 100.0)
-  new = jax.jit(margin.update_quality_stats)(stats, _f32(norms)[:, None], 0.1)
+  stats = quality_lib.init_quality_stats(20.0, 100.0)
+  new = jax.jit(quality_lib.update_quality_stats)(stats, _f32(norms)[:, None], 0.1)
   safe = np.clip(norms, 0.001, 100)
   mu = 0.1 * safe.mean() + 0.9 * 20.0
   sd = 0.1 * safe.std(ddof=1) + 0.9 * 100.0
   np.testing.assert_allclose(new.mean, mu, rtol=RTOL)
   np.testing.assert_allclose(new.std, sd, rtol=RTOL)
-  tight = margin.QualityStats(jnp.float32(15.0), jnp.float32(4.0))
-  a = jax.jit(margin.margin_scaler)(_f32(norms), tight, 0.333, 1e-3)
+  tight = quality_lib.QualityStats(jnp.float32(15.0), jnp.float32(4.0))
+  a = jax.jit(quality_lib.margin_scaler)(_f32(norms), tight, 0.333, 1e-3)
   np.testing.assert_allclose(
       a, np.clip(0.333 * (safe - 15.0) / (4.0 + 1e-3), -1, 1), rtol=RTOL,
       atol=ATOL)
   assert a.shape == (12,)
   assert float(a.min()) == -1.0 and float(a.max()) == 1.0
-  np.testing.assert_allclose(margin.quality_from_scaler(a), (a + 1) / 2)
+  np.testing.assert_allclose(quality_lib.quality_from_scaler(a), (a + 1) / 2)
 
 
 def test_scaler_has_no_gradient():
-  stats = margin.QualityStats(jnp.float32(5.0), jnp.float32(2.0))
-  grad = jax.grad(lambda n: margin.margin_scaler(n, stats).sum())(
+  stats = quality_lib.QualityStats(jnp.float32(5.0), jnp.float32(2.0))
+  grad = jax.grad(lambda n: quality_lib.margin_scaler(n, stats).sum())(
       jnp.array([3.0, 5.0, 6.0]))
   np.testing.assert_array_equal(grad, 0.0)
 
@@ -217,7 +218,7 @@ def test_out_of_range_label_is_loud():
 def test_update_before_use_switch():
   emb, kernel, labels, _ = _problem(seed=6)
   norms = _f32(np.linspace(5, 25, 12))
-  stats = margin.init_quality_stats(20.0, 100.0)
+  stats = quality_lib.init_quality_stats(20.0, 100.0)
   kwargs = dict(s=64.0, m=0.4, h=0.333, alpha=0.5, eps=1e-3, b=0.0)
   _, new_a, scaler_after = margin.adaface_loss(
       _f32(emb), norms, jnp.asarray(labels), _f32(kernel), stats, **kwargs)
@@ -225,10 +226,10 @@ def test_update_before_use_switch():
       _f32(emb), norms, jnp.asarray(labels), _f32(kernel), stats,
       update_before_use=False, **kwargs)
   np.testing.assert_allclose(new_a.mean, new_b.mean)
-  np.testing.assert_allclose(scaler_after, margin.margin_scaler(norms, new_a))
-  np.testing.assert_allclose(scaler_before, margin.margin_scaler(norms, stats))
+  np.testing.assert_allclose(scaler_after, quality_lib.margin_scaler(norms, new_a))
+  np.testing.assert_allclose(scaler_before, quality_lib.margin_scaler(norms, stats))
 
 
 def test_single_norm_is_rejected():
   with pytest.raises(ValueError):
-    margin.update_quality_stats(margin.init_quality_stats(), jnp.ones((1,)))
+    quality_lib.update_quality_stats(quality_lib.init_quality_stats(), jnp.ones((1,)))

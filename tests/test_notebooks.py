@@ -202,14 +202,14 @@ def test_evaluate_notebook_evaluates_the_quickstart_checkpoint(
 def test_hq_threshold_norm_is_where_quality_equals_b():
   import jax.numpy as jnp
   from qgjt_jax import notebook_utils as nbu
-  from qgjt_jax.losses import margin
-  stats = margin.QualityStats(mean=jnp.float32(21.0), std=jnp.float32(4.0))
+  from qgjt_jax.method import quality as quality_lib
+  stats = quality_lib.QualityStats(mean=jnp.float32(21.0), std=jnp.float32(4.0))
   for b in (0.2, 0.4, 0.5, 0.7):
     n_star = nbu.hq_threshold_norm(21.0, 4.0, b, h=0.333, eps=1e-3)
-    scaler = margin.margin_scaler(jnp.array([n_star - 1e-3, n_star,
-                                             n_star + 1e-3]), stats,
-                                  h=0.333, eps=1e-3)
-    q = np.asarray(margin.quality_from_scaler(scaler))
+    scaler = quality_lib.margin_scaler(jnp.array([n_star - 1e-3, n_star,
+                                                  n_star + 1e-3]), stats,
+                                       h=0.333, eps=1e-3)
+    q = np.asarray(quality_lib.quality_from_scaler(scaler))
     np.testing.assert_allclose(q[1], b, atol=1e-5)
     assert q[0] < b < q[2]
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import load_case, reference_cases
-from qgjt_jax import queue as qlib
+from qgjt_jax.method import queue_buffer as qlib
 
 RTOL, ATOL = 1e-4, 1e-5
 

@@ -21,12 +21,12 @@ import pytest
 
 from qgjt_jax import checkpoint as ckpt
 from qgjt_jax import parallel
-from qgjt_jax import queue as queue_lib
+from qgjt_jax.method import queue_buffer as queue_lib
 from qgjt_jax import state as state_lib
 from qgjt_jax import train
 from qgjt_jax.data import pipeline
-from qgjt_jax.losses import contrastive
-from qgjt_jax.losses import margin
+from qgjt_jax.method import contrastive
+from qgjt_jax.method import quality as quality_lib
 from tests import tiny_runs as runs
 
 TIMEOUT = 600
@@ -154,7 +154,7 @@ def _state(step: int, value: float) -> state_lib.TrainState:
               "classifier": {"kernel": jnp.full((3, 5), value)}},
       batch_stats={"bn": {"mean": jnp.full((3,), value)}},
       opt_state=({"trace": jnp.full((4,), value)},),
-      quality=margin.init_quality_stats(value, 1.0),
+      quality=quality_lib.init_quality_stats(value, 1.0),
       queue=queue_lib.init_queue(6, 3),
       margin=contrastive.init_margin_state(),
       rng=jax.random.key(step),

@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 
 from qgjt_jax import parallel
-from qgjt_jax import queue as queue_lib
+from qgjt_jax.method import queue_buffer as queue_lib
 from qgjt_jax import stack as stack_lib
 from qgjt_jax import state as state_lib
 from qgjt_jax import step as step_lib
-from qgjt_jax.losses import margin
+from qgjt_jax.method import heads as margin
 from tests import step_helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -218,7 +218,7 @@ _LOSS_SCRIPT = """
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
     from qgjt_jax import parallel, step as step_lib
-    from qgjt_jax.losses import margin
+    from qgjt_jax.method import heads as margin
     from tests import test_sharding as t
     assert jax.device_count() == 8
     C = 37

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 
 from qgjt_jax import parallel
-from qgjt_jax import queue as queue_lib
+from qgjt_jax.method import queue_buffer as queue_lib
 from qgjt_jax import stack as stack_lib
 from qgjt_jax import step as step_lib
-from qgjt_jax.losses import contrastive
-from qgjt_jax.losses import margin
+from qgjt_jax.method import contrastive
+from qgjt_jax.method import heads as margin
+from qgjt_jax.method import quality as quality_lib
 from qgjt_jax.models import normalize_images
 from tests import step_helpers
 from tests import tiny_runs
@@ -121,7 +122,7 @@ _EQUIVALENCE_SCRIPT = textwrap.dedent("""
     sys.path[:0] = [{root!r}]
     import jax, jax.numpy as jnp, numpy as np
     from qgjt_jax import parallel
-    from tests import step_helpers, test_step
+    from tests import step_helpers, test_step, tiny_runs
     assert jax.device_count() == 8
     config = tiny_runs.tiny_config()
     copy = lambda tree: jax.tree.map(jnp.copy, tree)
@@ -198,8 +199,8 @@ def test_partition_by_degradation_moves_the_gates_not_the_margin():
       images, train=True, mutable=["batch_stats"])
   labels = jnp.asarray(np.concatenate([batch["label"]] * 2))
   qc, hc = config.quality, config.head
-  stats = margin.update_quality_stats(before.quality, norms, qc.alpha)
-  norm_scaler = margin.margin_scaler(norms, stats, qc.h, qc.eps)
+  stats = quality_lib.update_quality_stats(before.quality, norms, qc.alpha)
+  norm_scaler = quality_lib.margin_scaler(norms, stats, qc.h, qc.eps)
   r = np.concatenate([batch["degrade_h"], batch["degrade_l"]])
   gate = margin.hq_gate(jnp.asarray(r), hc.b, hc.s)  # q = r
   cos = margin.cosine_logits(emb, before.params["classifier"]["kernel"],

@@ -35,11 +35,11 @@ import pytest
 from qgjt_jax import base_config as common
 from qgjt_jax import convert
 from qgjt_jax import parallel
-from qgjt_jax import queue as queue_lib
+from qgjt_jax.method import queue_buffer as queue_lib
 from qgjt_jax import stack as stack_lib
 from qgjt_jax import state as state_lib
-from qgjt_jax.losses import contrastive
-from qgjt_jax.losses import margin
+from qgjt_jax.method import contrastive
+from qgjt_jax.method import quality as quality_lib
 from qgjt_jax.models import normalize_images
 from tests.conftest import SHARED_FIXTURES
 
@@ -125,7 +125,7 @@ def _initial_state(config, settings, arrays, state_dict, stack):
   params = {"backbone": variables["params"],
             "classifier": {"kernel": jnp.asarray(arrays["w0/head.kernel"],
                                                  jnp.float32)}}
-  quality = margin.init_quality_stats(
+  quality = quality_lib.init_quality_stats(
       float(arrays["w0/head.batch_mean"][0]),
       float(arrays["w0/head.batch_std"][0]))
   state = state.replace(

@@ -1,13 +1,11 @@
-"""Feature-norm quality indicator and margin classification heads.
+"""The HQ branch: margin classification heads (docs/METHOD.md section 3).
 
 Everything here is a pure function of arrays (jit-able, no Python side
-effects); the running norm statistics live in the train state as a
-`QualityStats` and are threaded through explicitly.
-
-The train step calls `update_quality_stats` once over all 2B images, derives
-`margin_scaler` once and hands the same scaler to `classification_loss` and to
-the contrastive loss. `adaface_loss` is that composition for the classifier
-alone and is what the reference fixtures check.
+effects). The quality indicator they read is `quality.py`'s: the train step
+updates the statistics once over all images, derives `margin_scaler` once
+and hands the same scaler to `classification_loss` and to the contrastive
+loss. `adaface_loss` is that composition for the classifier alone and is
+what the reference fixtures check.
 
 Where this deliberately follows the reference (IsidoreSong/QGFace `head.py`),
 and the switch that gives a cleaner alternative:
@@ -32,12 +30,14 @@ and the switch that gives a cleaner alternative:
 import math
 from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 
-NORM_MIN = 0.001
-NORM_MAX = 100.0
+from qgjt_jax.method.quality import QualityStats
+from qgjt_jax.method.quality import margin_scaler
+from qgjt_jax.method.quality import quality_from_scaler
+from qgjt_jax.method.quality import update_quality_stats
+
 HEADS = ('adaface', 'arcface', 'cosface', 'softmax')
 REDUCTIONS = ('mean', 'gated_mean')
 
@@ -45,67 +45,6 @@ REDUCTIONS = ('mean', 'gated_mean')
 # error), and on TPU/GPU the default float32 matmul precision is bf16/TF32.
 # Its cost is small next to the backbone, so it runs at full precision.
 _MATMUL_PRECISION = jax.lax.Precision.HIGHEST
-
-
-@flax.struct.dataclass
-class QualityStats:
-  """Running statistics of the clipped feature norms (part of the state)."""
-  mean: jax.Array  # float32 scalar
-  std: jax.Array  # float32 scalar
-
-
-def init_quality_stats(mean: float = 0.0, std: float = 0.0) -> QualityStats:
-  """Initial statistics: the reference starts at 0/0, AdaFace at 20/100."""
-  return QualityStats(mean=jnp.asarray(mean, jnp.float32),
-                      std=jnp.asarray(std, jnp.float32))
-
-
-def _safe_norms(norms: jax.Array) -> jax.Array:
-  """Flattened float32 norms clipped to [0.001, 100], without gradient."""
-  norms = jnp.asarray(norms)
-  if norms.ndim == 2 and norms.shape[1] == 1:
-    norms = norms[:, 0]
-  if norms.ndim != 1:
-    raise ValueError(f'norms must be (N,) or (N, 1), got {norms.shape}')
-  norms = jax.lax.stop_gradient(norms.astype(jnp.float32))
-  return jnp.clip(norms, NORM_MIN, NORM_MAX)
-
-
-def update_quality_stats(stats: QualityStats, norms: jax.Array,
-                         alpha: float = 0.01) -> QualityStats:
-  """EMA update of mean/std (unbiased) of the clipped norms of one batch.
-
-  Args:
-    stats: statistics before this batch.
-    norms: (N,) or (N, 1) raw feature norms |z|; N >= 2 (the unbiased std of
-      one value is undefined). Under a sharded jit the mean/std are global.
-    alpha: EMA weight of the current batch.
-
-  Returns:
-    The updated statistics.
-  """
-  safe = _safe_norms(norms)
-  if safe.shape[0] < 2:
-    raise ValueError('update_quality_stats needs at least 2 norms, '
-                     f'got {safe.shape[0]}')
-  mean = jnp.mean(safe)
-  std = jnp.std(safe, ddof=1)
-  return QualityStats(
-      mean=alpha * mean + (1.0 - alpha) * stats.mean.astype(jnp.float32),
-      std=alpha * std + (1.0 - alpha) * stats.std.astype(jnp.float32))
-
-
-def margin_scaler(norms: jax.Array, stats: QualityStats, h: float = 0.333,
-                  eps: float = 1e-3) -> jax.Array:
-  """a_i = clip(h (n_i - mu) / (sigma + eps), -1, 1): (N,), no gradient."""
-  safe = _safe_norms(norms)
-  scaler = (safe - stats.mean) / (stats.std + eps) * h
-  return jax.lax.stop_gradient(jnp.clip(scaler, -1.0, 1.0))
-
-
-def quality_from_scaler(scaler: jax.Array) -> jax.Array:
-  """Quality q = (a + 1) / 2 in [0, 1]."""
-  return (scaler + 1.0) / 2.0
 
 
 def hq_gate(quality: jax.Array, b: Any, s: float = 64.0) -> jax.Array:

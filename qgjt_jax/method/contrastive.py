@@ -1,4 +1,4 @@
-"""The QGFace contrastive loss for low-quality pairs (METHOD.md section 4).
+"""The QGFace contrastive loss for low-quality pairs (docs/METHOD.md section 4).
 
 Each sample contributes two anchor rows ("D2N", symmetric coupling): the
 view q_i with positive k_i, and the view k_i with positive q_i ("S2N" keeps
@@ -70,15 +70,18 @@ import flax
 import jax
 import jax.numpy as jnp
 
+from qgjt_jax.method.quality import quality_from_scaler
+
 # The reference's `eps` (METHOD.md: eps = 1e-3), used in the gate ramps so a
 # threshold of 0 or 1 does not divide by zero.
 _GATE_EPS = 1e-3
 
-_GATES = ('sgn', 'cos', 'linear')
-_GATE_RANGES = ('half', 'whole')
-_PAIR_QUALITIES = ('low', 'mean', 'high')
-_MARGINS = ('static', 'dynamic', 'none')
-_MASKS = ('zero', 'neg_inf', 'own')
+# The options (config.contrastive.*), declared here once.
+GATES = ('sgn', 'cos', 'linear')
+GATE_RANGES = ('half', 'whole')
+PAIR_QUALITIES = ('low', 'mean', 'high')
+MARGINS = ('static', 'dynamic', 'none')
+MASKS = ('zero', 'neg_inf', 'own')
 COUPLINGS = ('D2N', 'S2N')
 
 
@@ -126,9 +129,9 @@ def pair_quality_score(q_scaler: jax.Array, k_scaler: jax.Array,
   Returns:
     (B,) float32 pair qualities, without gradient.
   """
-  _check('pair_quality', mode, _PAIR_QUALITIES)
-  qq = (jnp.reshape(q_scaler, (-1,)).astype(jnp.float32) + 1.0) / 2.0
-  qk = (jnp.reshape(k_scaler, (-1,)).astype(jnp.float32) + 1.0) / 2.0
+  _check('pair_quality', mode, PAIR_QUALITIES)
+  qq = quality_from_scaler(jnp.reshape(q_scaler, (-1,)).astype(jnp.float32))
+  qk = quality_from_scaler(jnp.reshape(k_scaler, (-1,)).astype(jnp.float32))
   if mode == 'low':
     quality = jnp.minimum(qq, qk)
   elif mode == 'mean':
@@ -151,8 +154,8 @@ def quality_gate(quality: jax.Array, b: float | jax.Array, gate: str = 'sgn',
   traced value, so a threshold that ramps up during training needs no
   recompilation.
   """
-  _check('gate', gate, _GATES)
-  _check('gate_range', gate_range, _GATE_RANGES)
+  _check('gate', gate, GATES)
+  _check('gate_range', gate_range, GATE_RANGES)
   t = jnp.asarray(quality, jnp.float32)
   b = jnp.asarray(b, jnp.float32)
   eps = _GATE_EPS
@@ -199,7 +202,7 @@ def contrastive_cosines(
     keep: (R, 1 + K) bool, the columns that enter the softmax (column 0,
       filled slots, and masked slots unless mask == 'neg_inf').
   """
-  _check('mask', mask, _MASKS)
+  _check('mask', mask, MASKS)
   _check('coupling', coupling, COUPLINGS)
   q = _l2_normalize(q)
   k = _l2_normalize(k)
@@ -271,7 +274,7 @@ def contrastive_loss(
     coupling: str = 'D2N', detach_pos: bool = False,
     own_slots: jax.Array | None = None,
 ) -> tuple[jax.Array, MarginState, dict[str, Any]]:
-  """QGFace contrastive loss of one step (METHOD.md section 4).
+  """QGFace contrastive loss of one step (docs/METHOD.md section 4).
 
   Args:
     q: (B, D) features of one view (normalised here, in float32): the
@@ -309,7 +312,7 @@ def contrastive_loss(
     `margin` (the positive margin used), `margin_state` (the running value
     after the update) and `num_negatives` (K').
   """
-  _check('margin', margin, _MARGINS)
+  _check('margin', margin, MARGINS)
   quality = pair_quality_score(q_scaler, k_scaler, pair_quality)
   weight = quality_gate(quality, b, gate, gate_range)
 

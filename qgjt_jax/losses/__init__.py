@@ -1,1 +1,0 @@
-"""Losses: margin classification heads and the contrastive loss."""
