@@ -10,11 +10,11 @@ from qgjt_jax.eval import report
 from qgjt_jax.eval import tinyface
 from qgjt_jax.models import normalize_images
 from tests import eval_trees
-from tests import step_helpers
+from tests import tiny_runs
 
 
 def _config(tmp_path, **eval_changes):
-  config = step_helpers.tiny_config()
+  config = tiny_runs.tiny_config()
   config.model.dtype = "bfloat16"  # trained in bf16...
   config.data.update(kind="rec", image_size=eval_trees.SIZE)
   config.eval.update(batch_size=8, **eval_changes)

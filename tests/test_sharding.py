@@ -25,7 +25,7 @@ from qgjt_jax import stack as stack_lib
 from qgjt_jax import state as state_lib
 from qgjt_jax import step as step_lib
 from qgjt_jax.method import heads as margin
-from tests import step_helpers
+from tests import tiny_runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -75,7 +75,7 @@ def sharded_loss(mesh, embeddings, labels, kernel, scaler, b, *,
   """`step.classification_loss` with these head settings; the gate reads
   the margin scaler."""
   settings = dataclasses.replace(
-      step_lib.StepSettings.from_config(step_helpers.tiny_config(), 4.0),
+      step_lib.StepSettings.from_config(tiny_runs.tiny_config(), 4.0),
       head=head, head_s=s, head_m=m, eps=eps, sample_rate=sample_rate,
       logits_dtype=jnp.dtype(logits_dtype))
   if positives is None:
@@ -296,9 +296,9 @@ _STEP_SCRIPT = """
     from jax.sharding import PartitionSpec as P
     import jax, numpy as np
     from qgjt_jax import checkpoint as ckpt, parallel, state as state_lib
-    from tests import step_helpers, test_sharding as t
+    from tests import step_helpers, test_sharding as t, tiny_runs
     C = 1001
-    config = step_helpers.tiny_config()
+    config = tiny_runs.tiny_config()
     batches = [step_helpers.random_batch(s, config, num_classes=C)
                for s in range(2)]
 
