@@ -12,6 +12,7 @@ import sys
 import ml_collections
 
 from qgjt_jax import limits
+from qgjt_jax.method import settings
 
 
 def make_siblings_importable(recipe: str) -> None:
@@ -34,7 +35,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.init_from = ml_collections.FieldReference(None, field_type=str)
   config.init_classifier = "random"
 
-  # Encoder (METHOD.md section 1): "ir18" .. "ir200", "ir_se50"... (AdaFace/
+  # Encoder (docs/METHOD.md section 1): "ir18" .. "ir200", "ir_se50"... (AdaFace/
   # QGFace layout) or "r18" .. "r200" (insightface arcface_torch). dtype is
   # the compute dtype; parameters and the loss math stay float32. remat:
   # "none", or "block" to recompute each residual unit's activations in the
@@ -55,7 +56,7 @@ def get_base_config() -> ml_collections.ConfigDict:
       tfds_data_dir=ml_collections.FieldReference(None, field_type=str),
       image_size=112,
       worker_count=8,
-      # The degraded (L) view, METHOD.md section 6 (data/degrade.py). Every
+      # The degraded (L) view, docs/METHOD.md section 6 (data/degrade.py). Every
       # field of degrade.ViewConfig; None takes the recipe's value
       # ("qgface": always downscaled, JPEG'd and upscaled; "adaface":
       # AdaFace's augmenter, each step with its probability).
@@ -75,56 +76,11 @@ def get_base_config() -> ml_collections.ConfigDict:
       num_identities=100, images_per_identity=40, eval_identities=40,
       eval_pairs=300, seed=0))
 
-  # Quality indicator (METHOD.md section 2). The reference starts its running
-  # statistics at 0; AdaFace at 20/100. partition: which images count as HQ
-  # or LQ for both gates: "norm" (feature norm, the method) or "degradation"
-  # (the known downscale factor r, q = r: an ablation). The AdaFace margin
-  # always reads the feature norm.
-  config.quality = ml_collections.ConfigDict(dict(
-      alpha=0.01, h=0.333, eps=1e-3, init_mean=0.0, init_std=0.0,
-      partition="norm"))
-
-  # HQ branch: margin classifier (METHOD.md section 3). b = 0 disables the gate.
-  # sample_rate < 1 keeps only that share of the classes in each step's
-  # softmax (every class of the batch plus random others, per `model` shard:
-  # PartialFC), for millions of identities. logits_dtype "bfloat16" runs the
-  # (2B, C) cosine matmul on tensor cores (the target cosine stays float32);
-  # "float32" is the reference numerics.
-  config.head = ml_collections.ConfigDict(dict(
-      kind="adaface", s=64.0, m=0.4, b=0.2, sample_rate=1.0,
-      logits_dtype="float32"))
-
-  # LQ branch: contrastive loss (METHOD.md section 4).
-  # weight: lambda, nonzero from start_epoch on (the authors' "later joint")
-  #   and until end_epoch (0 = never; the authors' "later detach" is
-  #   end_epoch = their joint point).
-  # b_warmup_epochs > 0 ramps the thresholds up from 0 (the authors' warm-up
-  #   with joint point = b_warmup_epochs): b_warmup "epoch" is their rule,
-  #   b x min(1, epoch / b_warmup_epochs) per whole epoch, one threshold
-  #   (contrastive.b) shared by both gates, so epoch 0 trains without gates;
-  #   "step" ramps each gate's own b linearly per step.
-  # margin: positive margin; "none" is the authors' code default (their
-  #   QGFace head's margin_method=None), "static" m, "dynamic" the running
-  #   positive gap.
-  # mask: "zero" sets same-class queue entries' cosines to 0 (the authors'
-  #   mask_same_class=True), "neg_inf" drops them from the softmax, "own"
-  #   zeroes only the anchor's own views enqueued this step (their
-  #   mask_same_class=False).
-  # coupling: "D2N" (both views anchor a row) or "S2N" (the degraded view
-  #   only; for MoCo, the online encoder's view). detach_pos: each row's
-  #   positive is detached.
-  config.contrastive = ml_collections.ConfigDict(dict(
-      weight=1.0, start_epoch=0.0, end_epoch=0.0, b=0.2, b_warmup_epochs=0.0,
-      b_warmup="epoch", s=64.0, m=0.4, gate="sgn", gate_range="half",
-      pair_quality="low", margin="none", mask="zero", rescale=True,
-      rescale_reference=129, coupling="D2N", detach_pos=False))
-
-  # Negatives queue (METHOD.md section 5): proxy | realtime | moco | none.
-  # progressive: the authors' growing queue, from global_batch_size rows when
-  # the contrastive loss joins to `capacity` at the last epoch, one step per
-  # epoch (rows beyond the current size are evicted).
-  config.queue = ml_collections.ConfigDict(dict(
-      kind="proxy", capacity=8192, moco_momentum=0.999, progressive=False))
+  # The method: quality indicator, margin head (HQ branch), contrastive loss
+  # (LQ branch) and negatives queue. Each section's keys, defaults, allowed
+  # values and meaning are in qgjt_jax/method/settings.py, one class each.
+  for section in settings.SECTIONS:
+    config[section.NAME] = section.defaults()
 
   # Optimiser: SGD with momentum, coupled weight decay (PyTorch order) on
   # everything but BatchNorm parameters. backbone_lr_scale multiplies the

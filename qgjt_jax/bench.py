@@ -42,6 +42,7 @@ from qgjt_jax import config_checks
 from qgjt_jax import errors
 from qgjt_jax import parallel
 from qgjt_jax import stack as stack_lib
+from qgjt_jax.method.batch import make_batch
 
 # Dense bf16 peak FLOP/s of one device, by `device_kind` (datasheet values).
 # Matched in order, first hit wins; unknown kinds report a null utilisation.
@@ -120,13 +121,11 @@ def synthetic_batches(num: int, batch: int, image_size: int,
   out = []
   for _ in range(num):
     shape = (batch, image_size, image_size, 3)
-    out.append({
-        "image_h": rng.integers(0, 256, shape, dtype=np.uint8),
-        "image_l": rng.integers(0, 256, shape, dtype=np.uint8),
-        "label": rng.integers(0, num_classes, (batch,), dtype=np.int32),
-        "degrade_h": np.ones((batch,), np.float32),
-        "degrade_l": rng.uniform(0.1, 0.5, (batch,)).astype(np.float32),
-    })
+    out.append(make_batch(
+        image_h=rng.integers(0, 256, shape, dtype=np.uint8),
+        image_l=rng.integers(0, 256, shape, dtype=np.uint8),
+        label=rng.integers(0, num_classes, (batch,), dtype=np.int32),
+        degrade_l=rng.uniform(0.1, 0.5, (batch,)).astype(np.float32)))
   return out
 
 

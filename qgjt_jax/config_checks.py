@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any
 
 import jax
 import ml_collections
@@ -18,25 +17,16 @@ from jax.sharding import Mesh
 
 from qgjt_jax import config_keys
 from qgjt_jax import parallel
+from qgjt_jax.method import queues
+from qgjt_jax.method import settings
 
 _CHOICES = {
     "data.kind": ("rec", "tfds", "synthetic"),
     "data.view.recipe": ("qgface", "adaface"),
-    "quality.partition": ("norm", "degradation"),
-    "head.kind": ("adaface", "arcface", "cosface", "softmax"),
-    "head.logits_dtype": ("float32", "bfloat16"),
-    "contrastive.gate": ("sgn", "cos", "linear"),
-    "contrastive.gate_range": ("half", "whole"),
-    "contrastive.pair_quality": ("low", "mean", "high"),
-    "contrastive.margin": ("static", "dynamic", "none"),
-    "contrastive.mask": ("zero", "neg_inf", "own"),
-    "contrastive.coupling": ("D2N", "S2N"),
-    "contrastive.b_warmup": ("epoch", "step"),
     "model.remat": ("none", "block"),
     "model.input_order": ("BGR", "RGB"),
     "init_classifier": ("random", "class_means"),
     "eval.dtype": ("float32", "bfloat16", "float16"),
-    "queue.kind": ("proxy", "realtime", "moco", "none"),
     "optim.schedule": ("multistep", "cosine"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "eval.fusion": ("pre_norm_add", "norm_weighted", "mean", "concat"),
@@ -45,17 +35,8 @@ _CHOICES = {
 
 # (key, lowest, highest, what the key is): closed intervals, None = unbounded.
 _RANGES = (
-    ("head.b", 0.0, 1.0, "a quality threshold; 0 disables the gate"),
-    ("head.sample_rate", 1e-6, 1.0, "the share of classes kept per step"),
-    ("contrastive.b", 0.0, 1.0, "a quality threshold; 0 disables the gate"),
-    ("quality.alpha", 0.0, 1.0, "the running statistics' update rate"),
     ("optim.momentum", 0.0, 0.999999, "SGD momentum"),
     ("model.dropout_rate", 0.0, 0.999999, "a probability"),
-    ("queue.moco_momentum", 0.0, 1.0, "the momentum encoder's decay"),
-    ("contrastive.weight", 0.0, None, "lambda, the contrastive loss weight"),
-    ("contrastive.start_epoch", 0.0, None, "an epoch"),
-    ("contrastive.end_epoch", 0.0, None, "an epoch; 0 never ends the loss"),
-    ("contrastive.b_warmup_epochs", 0.0, None, "a number of epochs"),
     ("optim.weight_decay", 0.0, None, "a decay factor"),
     ("optim.warmup_epochs", 0.0, None, "a number of epochs"),
     ("optim.grad_clip_norm", 0.0, None, "a norm; 0 disables clipping"),
@@ -64,24 +45,18 @@ _RANGES = (
     ("eval_every_steps", 0, None, "a step count; 0 evaluates at the end only"),
 )
 
-# Keys that must be > 0 (counts, sizes, rates).
+# Keys that must be > 0 (counts, sizes, rates). The method's sections
+# (quality, head, contrastive, queue) check themselves: method/settings.py.
 _POSITIVE = (
     "global_batch_size", "num_epochs", "optim.lr", "optim.gamma",
     "model.base_width", "model.embedding_size", "data.image_size",
     "eval.batch_size", "log_every_steps", "checkpoint_every_steps",
     "keep_checkpoints", "max_consecutive_nonfinite", "model_parallelism",
-    "quality.h", "quality.eps", "head.s", "contrastive.s",
 )
 
 
 class ConfigError(ValueError):
   pass
-
-
-def _is_number(value: Any) -> bool:
-  """A finite int or float (not a bool, NaN or infinity)."""
-  return isinstance(value, (int, float)) and not isinstance(value, bool) and (
-      math.isfinite(value))
 
 
 def _check_finite(config: ml_collections.ConfigDict, prefix: str = "") -> None:
@@ -106,14 +81,13 @@ def check_train_config(config: ml_collections.ConfigDict,
         f"config.global_batch_size={batch} is not divisible by the "
         f"{jax.process_count()} processes; use a multiple of "
         f"{jax.process_count()}.")
-  keys_per_step = batch if config.queue.kind == "moco" else 2 * batch
-  if config.queue.kind != "none" and config.queue.capacity < keys_per_step:
-    what = ("global_batch_size" if config.queue.kind == "moco"
-            else "2 x global_batch_size")
+  keys_per_step = queues.get(config.queue.kind).keys_per_step(batch)
+  if config.queue.capacity < keys_per_step:
     raise ConfigError(
         f"config.queue.capacity={config.queue.capacity} is smaller than the "
-        f"{keys_per_step} keys enqueued per step ({what}); use at least "
-        f"{keys_per_step}, e.g. --config.queue.capacity={keys_per_step}.")
+        f"{keys_per_step} keys the {config.queue.kind!r} queue enqueues per "
+        f"step (global_batch_size={batch}); use at least {keys_per_step}, "
+        f"e.g. --config.queue.capacity={keys_per_step}.")
   cc = config.contrastive
   if cc.b_warmup_epochs > 0 and cc.b_warmup == "epoch" and (
       config.head.b != cc.b):
@@ -130,7 +104,7 @@ def check_train_config(config: ml_collections.ConfigDict,
         "loss would never be on; use 0 for no end.")
   milestones = config.optim.milestones
   if not isinstance(milestones, (tuple, list)) or not all(
-      _is_number(m) and m > 0 for m in milestones) or (
+      config_keys.is_number(m) and m > 0 for m in milestones) or (
           list(milestones) != sorted(milestones)):
     raise ConfigError(
         f"config.optim.milestones={milestones!r} must be positive epochs in "
@@ -173,16 +147,20 @@ def check_values(config: ml_collections.ConfigDict) -> None:
         f"use one of {', '.join(backbone_names())}.") from None
   for key in _POSITIVE:
     value = config_keys.lookup(config, key)
-    if not _is_number(value) or value <= 0:
+    if not config_keys.is_number(value) or value <= 0:
       raise ConfigError(f"config.{key}={value!r} must be a positive (finite) "
                         "number.")
   for key, low, high, what in _RANGES:
     value = config_keys.lookup(config, key)
-    if not _is_number(value) or (low is not None and value < low) or (
+    if not config_keys.is_number(value) or (low is not None and value < low) or (
         high is not None and value > high):
       interval = (f"in [{low}, {high}]" if high is not None else f">= {low}")
       raise ConfigError(f"config.{key}={value!r} must be {interval} "
                         f"({what}).")
+  for section in settings.SECTIONS:
+    problems = section.problems(config)
+    if problems:
+      raise ConfigError(problems[0])
   from qgjt_jax.data import degrade
   try:
     degrade.view_config_from(config.data.view)
@@ -249,7 +227,7 @@ def check_eval_paths(config: ml_collections.ConfigDict) -> None:
           f"--config.eval.{dataset}_aligned_dir='' to score the raw images "
           "(not comparable with the paper).")
   for size in config.eval.low_res:
-    if not _is_number(size) or size <= 0:
+    if not config_keys.is_number(size) or size <= 0:
       raise ConfigError(f"config.eval.low_res lists {size!r}; use positive "
                         "pixel sizes such as (14, 28).")
 

@@ -1,4 +1,5 @@
 """Dotted config keys ("model.name") in configs and their JSON records."""
+import math
 from typing import Any
 
 MISSING = object()
@@ -13,3 +14,9 @@ def lookup(tree: Any, dotted: str) -> Any:
     except (KeyError, TypeError, AttributeError):
       return MISSING
   return tree
+
+
+def is_number(value: Any) -> bool:
+  """A finite int or float (not a bool, NaN or infinity)."""
+  return isinstance(value, (int, float)) and not isinstance(value, bool) and (
+      math.isfinite(value))

@@ -151,8 +151,9 @@ def initialise(state, stack, config: ml_collections.ConfigDict, source):
       params=params, opt_state=stack.tx.init(params),
       batch_stats=jax.device_put(variables["batch_stats"],
                                  stack.state_shardings.batch_stats))
-  if state.moco is not None:  # the momentum encoder starts as a copy
-    state = state.replace(moco=state.moco.replace(
-        params=jax.tree.map(jnp.copy, params),
-        batch_stats=jax.tree.map(jnp.copy, state.batch_stats)))
+  # The queue variant's own state (MoCo's momentum encoder) starts from
+  # the new weights, as a fresh run's does.
+  state = state.replace(variant_state=stack.settings.queue.variant.init_state(
+      jax.tree.map(jnp.copy, params),
+      jax.tree.map(jnp.copy, state.batch_stats), state.quality))
   return state

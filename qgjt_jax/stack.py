@@ -23,6 +23,8 @@ from qgjt_jax import optim
 from qgjt_jax import parallel
 from qgjt_jax import state as state_lib
 from qgjt_jax import step as step_lib
+from qgjt_jax.method import settings as settings_lib
+from qgjt_jax.method.batch import Batch, make_batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +37,7 @@ class TrainingStack:
   lr_schedule: Callable[[jax.Array], jax.Array]
   tx: optax.GradientTransformation
   model: nn.Module
-  settings: step_lib.StepSettings
+  settings: settings_lib.StepSettings
   state_shardings: state_lib.TrainState
   train_step: Callable[..., Any]  # jitted (state, batch) -> (state, metrics)
   create_state: Callable[[jax.Array], state_lib.TrainState]  # pure
@@ -53,7 +55,7 @@ class TrainingStack:
         jax.eval_shape(self.create_state, jax.random.key(0)),
         self.state_shardings)
 
-  def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
+  def abstract_batch(self) -> Batch:
     """One global batch's shapes, split over the mesh (for lowering)."""
     b, size = self.config.global_batch_size, self.config.data.image_size
     sharding = parallel.batch_sharding(self.mesh)
@@ -61,10 +63,8 @@ class TrainingStack:
                                  sharding=sharding)
     per_sample = lambda dtype: jax.ShapeDtypeStruct((b,), dtype,
                                                     sharding=sharding)
-    return {"image_h": image, "image_l": image,
-            "label": per_sample(jnp.int32),
-            "degrade_h": per_sample(jnp.float32),
-            "degrade_l": per_sample(jnp.float32)}
+    return make_batch(image, image, per_sample(jnp.int32),
+                      per_sample(jnp.float32), per_sample(jnp.float32))
 
 
 def build_stack(config: ml_collections.ConfigDict, *, num_classes: int,
@@ -78,7 +78,7 @@ def build_stack(config: ml_collections.ConfigDict, *, num_classes: int,
                                     config.num_epochs)
   tx = optim.make_optimizer(config.optim, schedule)
   model = model or state_lib.build_model(config)
-  settings = step_lib.StepSettings.from_config(config, steps_per_epoch)
+  settings = settings_lib.StepSettings.from_config(config, steps_per_epoch)
   create = lambda rng: state_lib.create_train_state(
       config, model, tx, num_classes, rng,
       model_parallelism=parallel.model_parallel_size(mesh))

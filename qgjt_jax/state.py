@@ -17,23 +17,11 @@ from jax.sharding import Mesh, NamedSharding
 
 from qgjt_jax import parallel
 from qgjt_jax.method import queue_buffer as queue_lib
+from qgjt_jax.method import queues
 from qgjt_jax.method import contrastive
 from qgjt_jax.method import quality as quality_lib
 from qgjt_jax.models import build_backbone
 import ml_collections
-
-
-@flax.struct.dataclass
-class MomentumEncoder:
-  """The key encoder of the "moco" queue, as the authors keep it.
-
-  `params` ({'backbone', 'classifier'}) follow the online ones by momentum;
-  `batch_stats` are its own, from its train-mode forward passes on the
-  degraded views; `quality` are its head's own feature-norm statistics.
-  """
-  params: Any
-  batch_stats: Any
-  quality: quality_lib.QualityStats
 
 
 @flax.struct.dataclass
@@ -46,8 +34,9 @@ class TrainState:
   queue: queue_lib.QueueState
   margin: contrastive.MarginState
   rng: jax.Array
-  # The momentum encoder of the "moco" queue variant.
-  moco: Optional[MomentumEncoder] = None
+  # What the queue variant adds (method/queues.py; the "moco" variant's
+  # momentum encoder), or None.
+  variant_state: Any = None
   # Numerical guard: steps skipped for a non-finite loss or gradient.
   nonfinite_total: jax.Array = None
   nonfinite_streak: jax.Array = None
@@ -116,13 +105,10 @@ def create_train_state(config: ml_collections.ConfigDict, model: nn.Module,
           ((0, 0), (0, width - num_classes)))},
   }
   batch_stats = variables.get("batch_stats", {})
-  capacity = config.queue.capacity if config.queue.kind != "none" else 1
+  variant = queues.get(config.queue.kind)
+  capacity = config.queue.capacity if variant.contrastive else 1
   quality = quality_lib.init_quality_stats(config.quality.init_mean,
-                                      config.quality.init_std)
-  moco = None
-  if config.queue.kind == "moco":  # starts as a copy of the online encoder
-    moco = MomentumEncoder(params=params, batch_stats=batch_stats,
-                           quality=quality)
+                                           config.quality.init_std)
   return TrainState(
       step=jnp.zeros((), jnp.int32),
       params=params,
@@ -132,7 +118,7 @@ def create_train_state(config: ml_collections.ConfigDict, model: nn.Module,
       queue=queue_lib.init_queue(capacity, config.model.embedding_size),
       margin=contrastive.init_margin_state(),
       rng=state_rng,
-      moco=moco,
+      variant_state=variant.init_state(params, batch_stats, quality),
       nonfinite_total=jnp.zeros((), jnp.int32),
       nonfinite_streak=jnp.zeros((), jnp.int32),
       num_classes=num_classes,

@@ -2,6 +2,8 @@
 `tiny_runs.tiny_config`)."""
 import numpy as np
 
+from qgjt_jax.method.batch import make_batch
+
 
 NUM_CLASSES = 10
 
@@ -13,9 +15,6 @@ def random_batch(seed: int, config, num_classes: int = NUM_CLASSES):
   # The degraded view: a blurred, noisier copy, so norms differ by view.
   image_l = ((image_h.astype(np.int32) // 32) * 32 +
              rng.integers(0, 16, image_h.shape)).clip(0, 255).astype(np.uint8)
-  return {
-      "image_h": image_h, "image_l": image_l,
-      "label": rng.integers(0, num_classes, (b,), dtype=np.int32),
-      "degrade_h": np.ones((b,), np.float32),
-      "degrade_l": rng.uniform(0.1, 0.5, (b,)).astype(np.float32),
-  }
+  return make_batch(
+      image_h, image_l, rng.integers(0, num_classes, (b,), dtype=np.int32),
+      degrade_l=rng.uniform(0.1, 0.5, (b,)).astype(np.float32))

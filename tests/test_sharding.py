@@ -25,6 +25,8 @@ from qgjt_jax import stack as stack_lib
 from qgjt_jax import state as state_lib
 from qgjt_jax import step as step_lib
 from qgjt_jax.method import heads as margin
+from qgjt_jax.method import settings as settings_lib
+from qgjt_jax.method import queues
 from tests import tiny_runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -74,10 +76,14 @@ def sharded_loss(mesh, embeddings, labels, kernel, scaler, b, *,
                  logits_dtype=jnp.float32):
   """`step.classification_loss` with these head settings; the gate reads
   the margin scaler."""
+  settings = settings_lib.StepSettings.from_config(tiny_runs.tiny_config(),
+                                                   4.0)
   settings = dataclasses.replace(
-      step_lib.StepSettings.from_config(tiny_runs.tiny_config(), 4.0),
-      head=head, head_s=s, head_m=m, eps=eps, sample_rate=sample_rate,
-      logits_dtype=jnp.dtype(logits_dtype))
+      settings, head=dataclasses.replace(
+          settings.head, kind=head, s=s, m=m,
+          sample_rate=1.0 if sample_rate is None else sample_rate,
+          logits_dtype=jnp.dtype(logits_dtype).name),
+      quality=dataclasses.replace(settings.quality, eps=eps))
   if positives is None:
     positives = labels
   return step_lib.classification_loss(
@@ -178,16 +184,16 @@ def test_num_sampled_classes_leaves_room_for_positives():
 def test_proxy_lookup_and_update_on_one_block():
   emb, labels, kernel, _ = _problem(4)
   mesh = _one_device_mesh()
-  got = step_lib.class_proxies(mesh, kernel, labels, 37)
+  got = queues.class_proxies(mesh, kernel, labels, 37)
   np.testing.assert_array_equal(got, queue_lib.class_proxies(kernel, labels))
-  bad = step_lib.class_proxies(mesh, kernel, jnp.array([37, -1]), 37)
+  bad = queues.class_proxies(mesh, kernel, jnp.array([37, -1]), 37)
   assert np.all(np.isnan(bad))
 
   queue = queue_lib.init_queue(20, 16)
   queue = queue_lib.enqueue(queue, emb, labels,
                             queue_lib.class_proxies(kernel, labels))
   moved = kernel * 1.5 + 0.1
-  current = step_lib.class_proxies(
+  current = queues.class_proxies(
       mesh, moved, jnp.where(queue_lib.valid_mask(queue), queue.labels, 0), 37)
   np.testing.assert_array_equal(queue_lib.corrected_negatives(queue, current),
                                 queue_lib.proxy_update(queue, moved))
@@ -218,6 +224,7 @@ _LOSS_SCRIPT = """
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
     from qgjt_jax import parallel, step as step_lib
+    from qgjt_jax.method import queues
     from qgjt_jax.method import heads as margin
     from tests import test_sharding as t
     assert jax.device_count() == 8
@@ -275,7 +282,7 @@ _LOSS_SCRIPT = """
       assert touched[np.unique(labels2)].all()
       print("SAMPLED", model, per_block.tolist())
 
-      got_p = step_lib.class_proxies(
+      got_p = queues.class_proxies(
           mesh, kernel_s, jnp.asarray(labels), C)
       np.testing.assert_array_equal(got_p, kernel[:, labels].T)
       print("PROXIES_EQUAL", model)

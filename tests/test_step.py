@@ -17,6 +17,8 @@ from qgjt_jax.method import contrastive
 from qgjt_jax.method import heads as margin
 from qgjt_jax.method import quality as quality_lib
 from qgjt_jax.models import normalize_images
+from qgjt_jax.method import settings as settings_lib
+from qgjt_jax.method import queues
 from tests import step_helpers
 from tests import tiny_runs
 
@@ -221,7 +223,7 @@ def _settings(**changes):
   for dotted, value in changes.items():
     section, key = dotted.split(".")
     config[section][key] = value
-  return step_lib.StepSettings.from_config(config, steps_per_epoch=10.0)
+  return settings_lib.StepSettings.from_config(config, steps_per_epoch=10.0)
 
 
 def test_the_authors_threshold_warm_up_is_per_epoch_and_shared():
@@ -265,5 +267,5 @@ def test_the_progressive_queue_grows_as_the_authors_schedule(start_epoch):
     apply_epoch = 0 if start_epoch == 0 else min(epoch, start_epoch - 1)
     want = int((48 - batch) / (epochs - apply_epoch) * (epoch - apply_epoch)
                + batch)
-    got = step_lib.queue_size(settings, jnp.int32(epoch * 10 + 3))
+    got = queues.queue_size(settings, jnp.int32(epoch * 10 + 3))
     assert int(got) == want, (epoch, int(got), want)

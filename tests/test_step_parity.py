@@ -133,10 +133,10 @@ def _initial_state(config, settings, arrays, state_dict, stack):
       opt_state=stack.tx.init(params), quality=quality,
       margin=contrastive.init_margin_state(
           float(arrays["w0/c_head.batch_mean"][0])))
-  if state.moco is not None:  # the momentum encoder starts as a copy
-    state = state.replace(moco=jax.tree.map(jnp.copy, state_lib.MomentumEncoder(
-        params=params, batch_stats=variables["batch_stats"],
-        quality=quality)))
+  if state.variant_state is not None:  # the momentum encoder: a copy
+    state = state.replace(variant_state=jax.tree.map(
+        jnp.copy, stack.settings.queue.variant.init_state(
+            params, variables["batch_stats"], quality)))
   return jax.device_put(state, stack.state_shardings)
 
 
@@ -210,10 +210,10 @@ def compare(name: str, metrics, state, arrays) -> dict[str, float]:
       (_step_dir() / "index.json").read_text())[name]))
   encoders = [("probe", state.params["backbone"], state.batch_stats)]
   if "out/moco_probe_embeddings" in arrays:
-    encoders.append(("moco_probe", state.moco.params["backbone"],
-                     state.moco.batch_stats))
+    encoders.append(("moco_probe", state.variant_state.params["backbone"],
+                     state.variant_state.batch_stats))
     check("moco_kernel_final",
-          state.moco.params["classifier"]["kernel"][:, :20],
+          state.variant_state.params["classifier"]["kernel"][:, :20],
           arrays["out/moco_kernel_final"], False)
   for prefix, params, batch_stats in encoders:
     emb, norms = _eval_forward(model, params, batch_stats, arrays["in/probe"])

@@ -30,6 +30,7 @@ import numpy as np
 from qgjt_jax.data import degrade
 # Re-exported: train.py builds the view settings through the pipeline module.
 from qgjt_jax.data.recordio import decode_image
+from qgjt_jax.method.batch import make_batch
 
 # Seeds are folded into Philox's 128-bit key; the (epoch, record) pair is its
 # counter. Resetting a cached generator's state costs a fraction of building
@@ -115,9 +116,8 @@ class TwoViews:
     rng = record_rng(self.seed, epoch, index)
     high = degrade.clean_view(img, rng, self.flip_p)
     low, r = degrade.degraded_view(img, rng, self.view_config)
-    return {"image_h": high, "image_l": low,
-            "label": np.int32(record["label"]), "degrade_h": np.float32(1.0),
-            "degrade_l": np.float32(r)}
+    return make_batch(high, low, np.int32(record["label"]),
+                      np.float32(1.0), np.float32(r))
 
 
 class ShuffledStream:

@@ -22,6 +22,8 @@ import jax.numpy as jnp
 
 NORM_MIN = 0.001
 NORM_MAX = 100.0
+# Which images count as HQ or LQ for the gates (config.quality.partition).
+PARTITIONS = ("norm", "degradation")
 
 
 @flax.struct.dataclass
