@@ -30,6 +30,7 @@ from typing import Any, Optional
 from absl import logging
 from etils import epath
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from qgjt_jax import reporting
@@ -243,31 +244,69 @@ def restore_model(directory: str, abstract_model: Any,
     manager.close()  # no orbax thread left to fail at exit
 
 
+def _leaf_name(path) -> str:
+  """A leaf's path as "params/backbone/...": the same for the saved tree
+  (dicts) and the live one (dataclasses, named tuples)."""
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(
+      k, "idx", k)))) for k in path)
+
+
+_KEY, _EMPTY = "a PRNG key", "an empty node"
+
+
+def _is_empty(node: Any) -> bool:
+  return node is None or jax.tree_util.tree_structure(node).num_leaves == 0
+
+
+def _shapes(tree: Any) -> dict[str, Any]:
+  """{leaf name: shape} of the arrays, and _EMPTY where the tree has an
+  empty node (an optimiser part without state: orbax restores only into
+  the same structure); a PRNG key's is _KEY (its stored form is the raw
+  key data, whatever the config)."""
+  def shape(v):
+    if _is_empty(v):
+      return _EMPTY
+    if jax.dtypes.issubdtype(getattr(v, "dtype", None) or jnp.float32,
+                             jax.dtypes.prng_key):
+      return _KEY
+    return tuple(v.shape)
+  leaves, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_empty)
+  return {_leaf_name(p): shape(v) for p, v in leaves}
+
+
+def _stored_shapes(directory: str, step: int, item: str
+                   ) -> Optional[dict[str, tuple[int, ...]]]:
+  """{leaf name: shape} of an item saved at `step`, from the checkpoint's
+  metadata (nothing restored); None when the metadata cannot be read (then
+  the restore itself reports what is wrong)."""
+  path = epath.Path(_absolute(directory)) / str(step) / item
+  try:
+    with ocp.StandardCheckpointer() as checkpointer:
+      metadata = checkpointer.metadata(path)
+    return _shapes(getattr(metadata, "item_metadata", metadata)) or None
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
+def _differences(stored: dict, wanted: dict) -> list[str]:
+  return [f"{name}: stored {stored.get(name, 'nothing')}, this run has "
+          f"{wanted.get(name, 'nothing')}"
+          for name in sorted(set(stored) | set(wanted))
+          if stored.get(name) != wanted.get(name) and _KEY not in (
+              stored.get(name), wanted.get(name))]
+
+
 def _model_difference(directory: str, step: int, abstract_model: Any
                       ) -> Optional[str]:
   """How the model saved at `step` differs from `abstract_model` (the first
   array whose name or shape differs), from the checkpoint's metadata: so a
   checkpoint of another model is named before orbax starts (and fails in)
-  a restore. None when they agree, or the metadata cannot be read (then
-  the restore itself reports what is wrong)."""
-  path = epath.Path(_absolute(directory)) / str(step) / MODEL
-  try:
-    with ocp.StandardCheckpointer() as checkpointer:
-      metadata = checkpointer.metadata(path)
-    tree = getattr(metadata, "item_metadata", metadata)
-    stored = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in
-              jax.tree_util.tree_leaves_with_path(tree)}
-  except Exception:  # pylint: disable=broad-except
+  a restore. None when they agree, or the metadata cannot be read."""
+  stored = _stored_shapes(directory, step, MODEL)
+  if stored is None:
     return None
-  if not stored:
-    return None
-  wanted = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in
-            jax.tree_util.tree_leaves_with_path(abstract_model)}
-  for name in sorted(set(stored) | set(wanted)):
-    if stored.get(name) != wanted.get(name):
-      return (f"{name}: stored {stored.get(name, 'nothing')}, the config's "
-              f"model has {wanted.get(name, 'nothing')}")
-  return None
+  found = _differences(stored, _shapes(abstract_model))
+  return found[0] if found else None
 
 
 def _restore_model_of(manager, directory: str, abstract_model: Any,
@@ -346,23 +385,6 @@ def record_config(workdir: str, config_dict: dict[str, Any],
   tmp.replace(directory / CONFIG_RECORD)
 
 
-# Keys whose change makes an existing checkpoint unusable for resuming: they
-# change the shapes or the structure of the saved TrainState. For the
-# optimiser only switching a part on or off matters (it adds or removes
-# optimiser state), not its value.
-_ON_OFF = lambda v: bool(v)
-INCOMPATIBLE_KEYS = (
-    ("model.name", None),
-    ("model.base_width", None),
-    ("model.embedding_size", None),
-    ("data.image_size", None),
-    ("num_classes", None),
-    ("queue.kind", None),
-    ("queue.capacity", None),
-    ("optim.grad_clip_norm", _ON_OFF),
-    ("optim.weight_decay", _ON_OFF),
-    ("optim.momentum", _ON_OFF),
-)
 # What rebuilding the backbone alone (evaluation, fine-tuning) depends on.
 MODEL_KEYS = ("model.name", "model.base_width", "model.embedding_size",
               "data.image_size")
@@ -405,44 +427,81 @@ def recorded_model_settings(workdir: str) -> dict[str, Any]:
           if k in MODEL_KEYS + MODEL_INPUT_KEYS and v is not MISSING}
 
 
-def check_compatible(workdir: str, config_dict: dict[str, Any],
-                     keys: Optional[tuple[str, ...]] = None) -> None:
-  """Stops with a message naming the keys that differ from the recorded run.
-
-  `keys` limits the comparison (MODEL_KEYS for evaluation); by default every
-  key of INCOMPATIBLE_KEYS is compared.
+def check_same_model(workdir: str, config_dict: dict[str, Any]) -> None:
+  """Stops, naming the MODEL_KEYS that differ from the workdir's record
+  (evaluation and embedding rebuild the model from the config).
 
   Raises:
-    IncompatibleRunError: the workdir's checkpoints were written with a
-      different class count, architecture, image size, queue or optimiser
-      structure.
+    IncompatibleRunError: naming each differing key and both values.
   """
   path = epath.Path(workdir) / CONFIG_RECORD
   if not path.exists():
     return
   record = read_record(path, "config")
-  recorded = record["config"]
-  diffs = []
-  for key, normalise in INCOMPATIBLE_KEYS:
-    if keys is not None and key not in keys:
-      continue
-    old, new = lookup(recorded, key), lookup(config_dict, key)
-    if old is MISSING or new is MISSING:
-      continue
-    if (normalise(old) != normalise(new)) if normalise else (old != new):
-      name = key
-      if name == "num_classes":
-        diffs.append(f"the class count (identities in the training data): "
-                     f"the checkpoints have {old!r}, this run's data has "
-                     f"{new!r}")
-        continue
-      note = (" (switching it on or off changes the optimiser state)"
-              if normalise else "")
-      diffs.append(f"config.{name}: the checkpoints have {old!r}, this run "
-                   f"asks for {new!r}{note}")
+  diffs = [f"config.{key}: the checkpoints have {old!r}, this run asks "
+           f"for {new!r}" for key, old, new in _changed_keys(
+               record["config"], config_dict) if key in MODEL_KEYS]
   if diffs:
     raise IncompatibleRunError(
-        f"The checkpoints in {workdir} were written by an incompatible run "
-        f"(qgjt_jax {record.get('version', '?')}):\n  " + "\n  ".join(diffs) +
-        "\nUse another --workdir, or set the recorded values again "
-        f"(all of them are in {path}).")
+        f"The checkpoints in {workdir} hold another model (written by "
+        f"qgjt_jax {record.get('version', '?')}):\n  " + "\n  ".join(diffs) +
+        f"\nUse the recorded values (all of them are in {path}).")
+
+
+def check_resumable(workdir: str, record: dict[str, Any],
+                    abstract_state: Any) -> None:
+  """Stops before training when the workdir's newest checkpoint holds a
+  state of another structure or shape than this run builds.
+
+  Decided from the saved state itself (its metadata, nothing restored)
+  against `abstract_state`, so any change of structure is caught, whichever
+  key caused it; the message names the differing arrays and the config
+  keys that differ from the recorded run, which explain them.
+
+  Raises:
+    IncompatibleRunError: naming both.
+  """
+  directory = f"{workdir}/checkpoints"
+  root = epath.Path(_absolute(directory))
+  steps = sorted(int(p.name) for p in root.iterdir()
+                 if p.name.isdigit()) if root.is_dir() else []
+  stored = _stored_shapes(directory, steps[-1], STATE) if steps else None
+  if stored is None:
+    return
+  found = _differences(stored, _shapes(abstract_state))
+  if not found:
+    return
+  path = epath.Path(workdir) / CONFIG_RECORD
+  recorded = read_record(path, "config") if path.exists() else {}
+  keys = [f"{'config.' if key != 'num_classes' else ''}{key}: recorded "
+          f"{old!r}, now {new!r}" for key, old, new in _changed_keys(
+              recorded.get("config", {}), record)]
+  raise IncompatibleRunError(
+      f"The checkpoints in {workdir} were written by an incompatible run "
+      f"(qgjt_jax {recorded.get('version', '?')}): the saved state differs "
+      f"from this run's in {len(found)} array(s), e.g.\n  " +
+      "\n  ".join(found[:3]) + "\nConfig keys that differ from the "
+      "recorded run (num_classes: identities in the training data):\n  " +
+      ("\n  ".join(keys[:12]) or "none recorded") +
+      "\nUse another --workdir, or set the recorded values again "
+      f"(all of them are in {path}).")
+
+
+def _changed_keys(old: dict, new: dict, prefix: str = ""
+                  ) -> list[tuple[str, Any, Any]]:
+  """(dotted key, old, new) of every leaf value that differs."""
+  out = []
+  for key in sorted(set(old) | set(new)):
+    a, b = old.get(key, MISSING), new.get(key, MISSING)
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += _changed_keys(a, b, f"{prefix}{key}.")
+    elif a is not MISSING and b is not MISSING and _jsonish(a) != _jsonish(
+        b):
+      out.append((f"{prefix}{key}", a, b))
+  return out
+
+
+def _jsonish(value: Any) -> Any:
+  """Tuples and lists compare alike (the record is JSON)."""
+  return list(value) if isinstance(value, tuple) else value
+

@@ -157,8 +157,7 @@ def _use_a_checkpoint(config) -> None:
   from qgjt_jax import reporting
   config_checks.check_eval_config(config)
   config_checks.check_mesh(config, parallel.make_mesh(1), train=False)
-  checkpoint.check_compatible(_WORKDIR.value, config.to_dict(),
-                              keys=checkpoint.MODEL_KEYS)
+  checkpoint.check_same_model(_WORKDIR.value, config.to_dict())
   if _MODE.value == "eval":
     reporting.note(f"Evaluating a checkpoint of {_WORKDIR.value} on "
                    f"{jax.device_count()} device(s).")

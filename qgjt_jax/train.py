@@ -202,7 +202,6 @@ def _set_up(config, workdir: str) -> _Run:
   config_checks.check_mesh(config, mesh)
   record = config.to_dict()
   record["num_classes"] = source.num_classes
-  ckpt.check_compatible(workdir, record)
   steps_per_epoch = len(source) // config.global_batch_size
   if steps_per_epoch < 1:
     raise config_checks.ConfigError(
@@ -211,6 +210,7 @@ def _set_up(config, workdir: str) -> _Run:
         f"{len(source)}.")
   stack = stack_lib.build_stack(config, num_classes=source.num_classes,
                                 steps_per_epoch=steps_per_epoch, mesh=mesh)
+  ckpt.check_resumable(workdir, record, stack.abstract_state())
   return _Run(config, workdir, source, stack, record,
               int(config.num_epochs * steps_per_epoch))
 

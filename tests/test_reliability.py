@@ -21,6 +21,7 @@ import pytest
 
 from qgjt_jax import checkpoint as ckpt
 from qgjt_jax import parallel
+from qgjt_jax import stack as stack_lib
 from qgjt_jax.method import queue_buffer as queue_lib
 from qgjt_jax import state as state_lib
 from qgjt_jax import train
@@ -319,47 +320,49 @@ def test_training_falls_back_past_a_damaged_latest_and_resumes_exactly(
 # Resuming with an incompatible config.
 
 
-def _record(workdir, config_dict):
-  ckpt.record_config(str(workdir), config_dict, "0.0-test")
+def _abstract_state(config, num_classes=runs.NUM_CLASSES):
+  stack = stack_lib.build_stack(config, num_classes=num_classes,
+                                steps_per_epoch=8.0,
+                                mesh=parallel.make_mesh(1))
+  return stack.abstract_state()
 
 
-@pytest.mark.parametrize("key, value, named", [
-    ("num_classes", 9, "class count"),
-    ("model.name", "ir34", "config.model.name"),
-    ("model.base_width", 16, "config.model.base_width"),
-    ("model.embedding_size", 64, "config.model.embedding_size"),
-    ("data.image_size", 40, "config.data.image_size"),
-    ("queue.capacity", 96, "config.queue.capacity"),
-    ("queue.kind", "moco", "config.queue.kind"),
-    ("optim.grad_clip_norm", 1.0, "config.optim.grad_clip_norm"),
+def _record_of(config, num_classes=runs.NUM_CLASSES):
+  return {**config.to_dict(), "num_classes": num_classes}
+
+
+@pytest.mark.parametrize("changes, named", [
+    ({"num_classes": 9}, "num_classes: recorded 8, now 9"),
+    ({"model.name": "ir34"}, "config.model.name: recorded 'ir18', now "
+     "'ir34'"),
+    ({"model.base_width": 16}, "config.model.base_width: recorded 8, now 16"),
+    ({"model.embedding_size": 64}, "config.model.embedding_size"),
+    ({"data.image_size": 40}, "config.data.image_size"),
+    ({"queue.capacity": 96}, "config.queue.capacity: recorded 48, now 96"),
+    ({"queue.kind": "moco"}, "config.queue.kind: recorded 'proxy', now "
+     "'moco'"),
+    ({"optim.backbone_lr_scale": 0.1}, "config.optim.backbone_lr_scale"),
+    ({"optim.grad_clip_norm": 1.0}, "config.optim.grad_clip_norm"),
 ])
-def test_an_incompatible_config_is_named(tmp_path, key, value, named):
-  config = runs.tiny_config().to_dict()
-  config["num_classes"] = runs.NUM_CLASSES
-  _record(tmp_path, config)
-  changed = runs.tiny_config().to_dict()
-  changed["num_classes"] = runs.NUM_CLASSES
-  *parents, leaf = key.split(".")
-  node = changed
-  for p in parents:
-    node = node[p]
-  old, node[leaf] = node[leaf], value
+def test_an_incompatible_config_is_named(reference_run, changes, named):
+  """The saved state's structure and shapes decide; the message names the
+  arrays and the config keys that explain them."""
+  classes = changes.pop("num_classes", runs.NUM_CLASSES)
+  config = runs.tiny_config(**changes)
   with pytest.raises(ckpt.IncompatibleRunError) as e:
-    ckpt.check_compatible(str(tmp_path), changed)
+    ckpt.check_resumable(str(reference_run[0]), _record_of(config, classes),
+                         _abstract_state(config, classes))
   message = str(e.value)
-  assert named in message and repr(old) in message and repr(value) in message
-  assert "0.0-test" in message  # the version that wrote the workdir
-  assert message.count("\n  ") == 1  # only the key that changed
+  assert named in message and "stored" in message, message
+  assert message.count(": recorded ") == 1  # only the key that changed
 
 
-def test_compatible_changes_resume(tmp_path):
-  config = runs.tiny_config().to_dict()
-  _record(tmp_path, config)
-  config["optim"]["lr"] = 0.01
-  config["optim"]["grad_clip_norm"] = 0.0  # still off
-  config["num_epochs"] = 30.0
-  config["eval"]["batch_size"] = 16
-  ckpt.check_compatible(str(tmp_path), config)
+def test_compatible_changes_resume(reference_run):
+  config = runs.tiny_config(**{
+      "optim.lr": 0.01, "num_epochs": 30.0, "eval.batch_size": 16,
+      "optim.weight_decay": 1e-4})
+  ckpt.check_resumable(str(reference_run[0]), _record_of(config),
+                       _abstract_state(config))
 
 
 def test_training_refuses_an_incompatible_workdir_before_touching_it(
@@ -370,7 +373,7 @@ def test_training_refuses_an_incompatible_workdir_before_touching_it(
   before = sorted(p.name for p in (workdir / "checkpoints").iterdir())
   for changes, named in (({"model.base_width": 16}, "config.model.base_width"),
                          ({"data.synthetic.num_identities": 9},
-                          "class count")):
+                          "num_classes: recorded 8, now 9")):
     with pytest.raises(ckpt.IncompatibleRunError, match=named):
       train.train_and_evaluate(runs.tiny_config(**changes), str(workdir))
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == before
