@@ -4,7 +4,7 @@ Parity: every `qgface_*` case of the reference fixtures, with the queue held
 in a larger fixed-capacity buffer (filled rows at shuffled slots, garbage
 elsewhere). Options the fixtures do not cover ('neg_inf' masking, the other
 gate shapes, no margin) are checked against a plain float64 numpy
-transcription of METHOD.md section 4, which is itself first checked on the
+transcription of docs/METHOD.md section 4, which is itself first checked on the
 fixtures.
 """
 import functools
@@ -131,7 +131,7 @@ def _loss_and_grads(args, **kwargs):
 
 
 # ---------------------------------------------------------------------------
-# An independent float64 transcription of METHOD.md section 4, row by row.
+# An independent float64 transcription of docs/METHOD.md section 4, row by row.
 
 def _numpy_gate(t, b, gate, gate_range, eps=1e-3):
   if b == 0:

@@ -1,4 +1,4 @@
-"""The two training views of a face (METHOD.md section 6), with OpenCV.
+"""The two training views of a face (docs/METHOD.md section 6), with OpenCV.
 
 All functions take and return uint8 BGR (H, W, 3) arrays and draw every random
 number from an explicit `np.random.Generator`, so a view is a pure function of

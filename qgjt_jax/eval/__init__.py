@@ -1,4 +1,4 @@
-"""Evaluation protocols of METHOD.md section 7, model-agnostic.
+"""Evaluation protocols of docs/METHOD.md section 7, model-agnostic.
 
 Every evaluator takes an `embed_fn(images_uint8_bgr (b, H, W, 3)) ->
 (unit embeddings (b, D), norms (b,))` for a fixed batch size b, plus a data

@@ -10,7 +10,7 @@ Flip fusion. Each image is embedded as is (e1, n1) and mirrored left-right
 the AdaFace/QGFace evaluation scripts' names):
 
   'pre_norm_add'   (pre_norm_vector_add) f = normalise(n1 e1 + n2 e2),
-                   fused norm |n1 e1 + n2 e2|. This is METHOD.md section 7.
+                   fused norm |n1 e1 + n2 e2|. This is docs/METHOD.md section 7.
   'norm_weighted'  (norm_weighted_avg)   f = normalise((n1 e1 + n2 e2) /
                    (n1 + n2)), fused norm (n1 + n2) / 2. The direction equals
                    'pre_norm_add'; only the fused norm differs, which matters

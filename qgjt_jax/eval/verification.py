@@ -1,4 +1,4 @@
-"""Pair verification on `.bin` sets: 10-fold accuracy (METHOD.md section 7).
+"""Pair verification on `.bin` sets: 10-fold accuracy (docs/METHOD.md section 7).
 
 The protocol of insightface / AdaFace `calculate_roc`: squared L2 distance
 between the two (unit) embeddings of each pair, a pair is called "same" when

@@ -3,8 +3,9 @@
 Each sample contributes two anchor rows ("D2N", symmetric coupling): the
 view q_i with positive k_i, and the view k_i with positive q_i ("S2N" keeps
 the q rows only). Every row is scored against the same negatives, the
-proxy-updated queue (METHOD.md section 5). Logits are `s * w_i * (cos - m_pos * [column 0])`,
-where w_i is the quality gate of the pair, and the loss is the mean
+proxy-updated queue (docs/METHOD.md section 5). Logits are
+`s * w_i * (cos - m_pos * [column 0])`, where w_i is the quality gate of
+the pair, and the loss is the mean
 cross-entropy over the 2B rows with target column 0, rescaled by
 `log(129) / log(K' + 1)` so its size does not depend on the number K' of
 negatives.
@@ -72,7 +73,7 @@ import jax.numpy as jnp
 
 from qgjt_jax.method.quality import quality_from_scaler
 
-# The reference's `eps` (METHOD.md: eps = 1e-3), used in the gate ramps so a
+# The reference's `eps` (docs/METHOD.md: eps = 1e-3), used in the gate ramps so a
 # threshold of 0 or 1 does not divide by zero.
 _GATE_EPS = 1e-3
 
@@ -223,22 +224,29 @@ def contrastive_cosines(
   cos_neg = anchors @ negatives.T
   cos = _clamp(jnp.concatenate([cos_pos, cos_neg], axis=1), -1.0, 1.0)
 
-  if mask == 'own':
-    if own_slots is None:
-      raise ValueError("mask='own' needs the slots of the pairs' own copies")
-    slots = jnp.arange(negatives.shape[0])
-    masked = jnp.any(jnp.asarray(own_slots)[:, :, None] == slots, axis=1)
-  else:
-    masked = labels[:, None] == negative_labels[None, :]
-  num_rows = anchors.shape[0]
-  masked = jnp.tile(masked, (num_rows // masked.shape[0], 1))
-  # Column 0 is never masked or invalid.
-  masked = jnp.concatenate([jnp.zeros((num_rows, 1), bool), masked], axis=1)
-  valid_cols = jnp.concatenate(
-      [jnp.ones((1,), bool), valid])[None, :].repeat(num_rows, axis=0)
+  masked, valid_cols = _masked_columns(labels, negative_labels, valid,
+                                       anchors.shape[0], mask, own_slots)
   cos = jnp.where(valid_cols & ~masked, cos, 0.0)
   keep = valid_cols & ~masked if mask == 'neg_inf' else valid_cols
   return cos, keep
+
+
+def _masked_columns(labels, negative_labels, valid, num_rows: int, mask: str,
+                    own_slots) -> tuple[jax.Array, jax.Array]:
+  """(R, 1 + K) bools: the masked columns of each row, and the filled ones
+  (column 0, the positive, is never masked and always filled)."""
+  if mask == 'own':
+    if own_slots is None:
+      raise ValueError("mask='own' needs the slots of the pairs' own copies")
+    slots = jnp.arange(valid.shape[0])
+    masked = jnp.any(jnp.asarray(own_slots)[:, :, None] == slots, axis=1)
+  else:
+    masked = labels[:, None] == negative_labels[None, :]
+  masked = jnp.tile(masked, (num_rows // masked.shape[0], 1))
+  masked = jnp.concatenate([jnp.zeros((num_rows, 1), bool), masked], axis=1)
+  valid_cols = jnp.concatenate(
+      [jnp.ones((1,), bool), valid])[None, :].repeat(num_rows, axis=0)
+  return masked, valid_cols
 
 
 def positive_gap(cos: jax.Array) -> jax.Array:
@@ -276,46 +284,27 @@ def contrastive_loss(
 ) -> tuple[jax.Array, MarginState, dict[str, Any]]:
   """QGFace contrastive loss of one step (docs/METHOD.md section 4).
 
-  Args:
-    q: (B, D) features of one view (normalised here, in float32): the
-      degraded view, or the online encoder's clean view (MoCo).
-    k: (B, D) features of the other view: the clean view, or the momentum
-      encoder's degraded view (MoCo).
-    labels: (B,) int classes of the pairs.
-    negatives: (K, D) proxy-updated queue, fixed capacity K.
-    negative_labels: (K,) int classes of the queue rows.
-    negative_valid: (K,) bool, filled slots.
-    q_scaler: (B,) or (B, 1) margin scalers a_i of the q views (section 2).
-    k_scaler: same for the k views.
-    margin_state: running value of the dynamic positive margin.
-    s: logit scale.
-    m: static positive margin.
-    b: quality threshold; 0 disables the gate. May be traced.
-    alpha: EMA rate of the margin state.
-    gate: 'sgn', 'cos' or 'linear' (see `quality_gate`).
-    gate_range: 'half' or 'whole'.
-    pair_quality: 'low', 'mean' or 'high' (see `pair_quality_score`).
-    margin: 'static' (m), 'dynamic' (the updated state) or 'none'.
-    mask: 'zero' or 'neg_inf' (same-class queue entries) or 'own' (the
-      pair's own copies, at `own_slots`).
-    rescale: multiply by log(rescale_reference) / log(K' + 1).
-    rescale_reference: number of logits at which the rescale factor is 1.
-    coupling: 'D2N' (q and k anchor rows) or 'S2N' (q rows only).
-    detach_pos: positives detached in each row (see the module doc).
-    own_slots: (B, n) queue slots of each pair's own views, for 'own'.
+  q: (B, D) features of one view (normalised here, in float32): the
+  degraded view, or the online encoder's clean view (MoCo); k: the other
+  view's (the clean view, or the momentum encoder's degraded one); labels:
+  (B,) their classes. negatives, negative_labels, negative_valid: the (K, D)
+  queue rows as the variant gives them, their classes and filled slots.
+  q_scaler, k_scaler: (B,) margin scalers a_i of the views (section 2).
+  margin_state: the running value of the dynamic positive margin; alpha
+  its EMA rate. b: the quality threshold (0 disables the gate; may be
+  traced). own_slots: (B, n) queue slots of each pair's own views (for
+  mask='own'). The options (s, m, gate, gate_range, pair_quality, margin,
+  mask, rescale, rescale_reference, coupling, detach_pos) are the
+  config.contrastive keys of the same names (method/settings.py).
 
-  Returns:
-    (loss, new margin state, metrics): the float32 scalar loss, the state
-    after this step's update, and float32 scalars `lq_fraction` (pairs below
-    the threshold), `gate_mean` (mean pair weight), `positive_cos` (mean
-    positive cosine), `positive_gap` (this step's margin statistic),
-    `margin` (the positive margin used), `margin_state` (the running value
-    after the update) and `num_negatives` (K').
+  Returns (loss, the margin state after this step's update, float32
+  scalars: `lq_fraction` (pairs below b), `gate_mean`, `positive_cos`,
+  `positive_gap` (this step's margin statistic), `margin` (used),
+  `margin_state` and `num_negatives` (K')).
   """
   _check('margin', margin, MARGINS)
   quality = pair_quality_score(q_scaler, k_scaler, pair_quality)
   weight = quality_gate(quality, b, gate, gate_range)
-
   cos, keep = contrastive_cosines(q, k, labels, negatives, negative_labels,
                                   negative_valid, mask=mask,
                                   own_slots=own_slots, coupling=coupling,
@@ -323,36 +312,39 @@ def contrastive_loss(
   gap = positive_gap(cos)
   new_value = (alpha * gap + (1.0 - alpha) *
                jnp.asarray(margin_state.value, jnp.float32))
-  new_state = MarginState(value=new_value)
   if margin == 'static':
     m_pos = jnp.asarray(m, jnp.float32)
   elif margin == 'dynamic':
     m_pos = jax.lax.stop_gradient(new_value)
   else:
     m_pos = jnp.zeros((), jnp.float32)
+  num_negatives = jnp.sum(jnp.asarray(negative_valid, jnp.int32))
+  loss = _mean_cross_entropy(contrastive_logits(cos, weight, m_pos, s=s),
+                             keep, num_negatives if rescale else None,
+                             rescale_reference)
+  metrics = {
+      'lq_fraction': jnp.mean((quality < b).astype(jnp.float32)),
+      'gate_mean': jnp.mean(weight), 'positive_gap': gap, 'margin': m_pos,
+      'positive_cos': jnp.mean(jax.lax.stop_gradient(cos[:, 0])),
+      'margin_state': new_value,
+      'num_negatives': num_negatives.astype(jnp.float32)}
+  return loss, MarginState(value=new_value), metrics
 
-  logits = contrastive_logits(cos, weight, m_pos, s=s)
+
+def _mean_cross_entropy(logits: jax.Array, keep: jax.Array,
+                        num_negatives: jax.Array | None,
+                        rescale_reference: int) -> jax.Array:
+  """Mean over the rows of the cross-entropy with target column 0 over the
+  kept columns, times log(rescale_reference) / log(K' + 1) unless
+  `num_negatives` (K') is None."""
   # Excluded columns become -inf before the exponent, so garbage never
   # reaches exp() (whose backward pass would turn 0 * inf into NaN); column 0
   # is always kept, so every row's maximum is finite.
   logits_kept = jnp.where(keep, logits, -jnp.inf)
-  row_loss = jax.nn.logsumexp(logits_kept, axis=1) - logits[:, 0]
-  loss = jnp.mean(row_loss)
-
-  num_negatives = jnp.sum(jnp.asarray(negative_valid, jnp.int32))
-  if rescale:
-    # With no negatives every row's loss is exactly 0; the floor of 2 logits
-    # keeps the factor finite so the loss is 0 rather than 0 * inf.
-    num_logits = jnp.maximum(num_negatives + 1, 2).astype(jnp.float32)
-    loss = loss * (math.log(rescale_reference) / jnp.log(num_logits))
-
-  metrics = {
-      'lq_fraction': jnp.mean((quality < b).astype(jnp.float32)),
-      'gate_mean': jnp.mean(weight),
-      'positive_cos': jnp.mean(jax.lax.stop_gradient(cos[:, 0])),
-      'positive_gap': gap,
-      'margin': m_pos,
-      'margin_state': new_value,
-      'num_negatives': num_negatives.astype(jnp.float32),
-  }
-  return loss, new_state, metrics
+  loss = jnp.mean(jax.nn.logsumexp(logits_kept, axis=1) - logits[:, 0])
+  if num_negatives is None:
+    return loss
+  # With no negatives every row's loss is exactly 0; the floor of 2 logits
+  # keeps the factor finite so the loss is 0 rather than 0 * inf.
+  num_logits = jnp.maximum(num_negatives + 1, 2).astype(jnp.float32)
+  return loss * (math.log(rescale_reference) / jnp.log(num_logits))

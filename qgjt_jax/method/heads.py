@@ -301,79 +301,38 @@ def sharded_classification_loss(
   """Per-row gated margin cross-entropy on one block of W's columns.
 
   Call inside `shard_map`, with W's class axis split over `axis_name` (block
-  j holds global classes [j*c, (j+1)*c)) and the same rows on every device
-  of that axis. The outputs are identical across `axis_name`.
+  j holds classes [j*c, (j+1)*c)) and the same rows on every device of that
+  axis; the outputs, (per-example loss (N,), {'gate', 'quality',
+  'cos_target'}), are identical across it. `kernel_block` is this device's
+  (D, c) columns of W; columns from `num_classes` on are padding, left out.
+  A label outside [0, num_classes) gives NaN. `head`, `s`, `m`, `eps`, `b`:
+  see `classification_loss`.
 
-  Args:
-    embeddings: (N, D) unit embeddings.
-    labels: (N,) global class ids; a label outside [0, num_classes) gives a
-      NaN loss, as in `margin_logits`.
-    kernel_block: (D, c) this device's columns of W (unnormalised).
-    scaler: (N,) margin scaler a_i.
-    axis_name: the mesh axis (or axes) W's columns are split over.
-    num_classes: real class count C; columns at or beyond it are padding and
-      take no part in the softmax.
-    head, s, m, eps, b: see `classification_loss`.
-    sample_rate: None uses every class. A rate r keeps, per block,
-      ceil(r*c) columns (at least the number of `positives`): every positive
-      class and uniformly drawn negatives (PartialFC); r = 1.0 keeps all.
-    positives: (P,) labels whose classes must be kept when sampling (the
-      whole global batch, so every device of a block draws the same set).
-    rng: PRNG key for the sampling, the same on every device; each block
-      folds in its index.
-    logits_dtype: float32 (the reference numerics) or bfloat16: the (N, c)
-      cosine matmul on tensor cores, the target cosine still in float32.
-    gate_quality: (N,) quality in [0, 1] for the gate, when it is not the
-      margin scaler's (the partition by known degradation); default
-      `quality_from_scaler(scaler)`.
-
-  Returns:
-    (per_example_loss (N,), aux with 'gate', 'quality', 'cos_target').
+  `sample_rate` None scores every class; r keeps, per block, ceil(r c)
+  columns (at least len(positives)): every class of `positives` (the whole
+  global batch) and uniformly drawn others, with `rng` (the same
+  everywhere; blocks fold in their index): PartialFC. `logits_dtype`
+  bfloat16 runs the (N, c) matmul on tensor cores (the target cosine stays
+  float32). `gate_quality` is the gate's quality when it is not the
+  scaler's (the degradation partition).
   """
   embeddings = jnp.asarray(embeddings, jnp.float32)
   num_rows = embeddings.shape[0]
   labels = _check_labels(labels, num_rows)
   scaler = jnp.asarray(scaler, jnp.float32).reshape(num_rows)
   num_local = kernel_block.shape[1]
-  block = jax.lax.axis_index(axis_name)
-  offset = block * num_local
   padded = num_local * jax.lax.axis_size(axis_name) != num_classes
-
-  local = labels - offset
-  in_block = (local >= 0) & (local < num_local)
-  columns = offset + jnp.arange(num_local)
-  if sample_rate is None:
-    kernel_used = kernel_block
-    local_target = jnp.where(in_block, local, -1)
-  else:
-    if positives is None or rng is None:
-      raise ValueError('sampling needs the positives and an rng')
-    num_sample = num_sampled_classes(num_local, sample_rate,
-                                     jnp.shape(positives)[0])
-    picked = sample_classes(jax.random.fold_in(rng, block), num_local,
-                            num_sample, positives, offset, num_classes)
-    kernel_used = jnp.take(kernel_block, picked, axis=1)
-    columns = offset + picked
-    position = jnp.full((num_local,), -1, jnp.int32).at[picked].set(
-        jnp.arange(num_sample, dtype=jnp.int32))
-    local_target = jnp.where(in_block, position[jnp.where(in_block, local, 0)],
-                             -1)
-
+  kernel_used, columns, local_target = _block_columns(
+      labels, kernel_block, axis_name, num_classes, sample_rate, positives,
+      rng)
   if padded:
     # Padding columns are zero, and the gradient of a zero column's norm is
     # NaN even where the result is masked; give them a harmless value.
     kernel_used = jnp.where((columns < num_classes)[None, :], kernel_used, 1.0)
   cos = _block_cosines(embeddings, kernel_used, eps, logits_dtype)
   target_mask = local_target[:, None] == jnp.arange(cos.shape[1])[None, :]
-  if jnp.dtype(logits_dtype) == jnp.float32:
-    cos_y_local = jnp.sum(jnp.where(target_mask, cos, 0.0), axis=1)
-  else:
-    cos_y_local = _exact_target_cosines(embeddings, kernel_used, local_target,
-                                        eps)
-  # Exactly one block holds each row's class: the sum is that block's value.
-  cos_y = jax.lax.psum(cos_y_local, axis_name)
-  valid = (labels >= 0) & (labels < num_classes)
-
+  cos_y = _target_cosines(embeddings, kernel_used, cos, target_mask,
+                          local_target, eps, logits_dtype, axis_name)
   target = margin_target(cos_y, scaler, head=head, m=m, eps=eps)
   quality = (quality_from_scaler(scaler) if gate_quality is None
              else jnp.asarray(gate_quality, jnp.float32).reshape(num_rows))
@@ -383,19 +342,59 @@ def sharded_classification_loss(
   if padded:
     # After the gate: a gate of 0 times -inf would be NaN.
     logits = jnp.where((columns < num_classes)[None, :], logits, -jnp.inf)
-  target_logit = s * target * gate
+  per_example = _sharded_logsumexp(logits, axis_name) - s * target * gate
+  valid = (labels >= 0) & (labels < num_classes)
+  return jnp.where(valid, per_example, jnp.nan), {
+      'gate': gate, 'quality': quality,
+      'cos_target': jax.lax.stop_gradient(cos_y)}
 
-  # log-sum-exp over all blocks: a shared max, then one sum of exponentials.
+
+def _target_cosines(embeddings, kernel_used, cos, target_mask, local_target,
+                    eps, logits_dtype, axis_name) -> jax.Array:
+  """(N,) each row's target cosine, from the block that holds its class
+  (exact in float32 even when the block's matmul ran in bfloat16)."""
+  if jnp.dtype(logits_dtype) == jnp.float32:
+    cos_y_local = jnp.sum(jnp.where(target_mask, cos, 0.0), axis=1)
+  else:
+    cos_y_local = _exact_target_cosines(embeddings, kernel_used, local_target,
+                                        eps)
+  # Exactly one block holds each row's class: the sum is that block's value.
+  return jax.lax.psum(cos_y_local, axis_name)
+
+
+def _block_columns(labels: jax.Array, kernel_block: jax.Array,
+                   axis_name: Any, num_classes: int,
+                   sample_rate: float | None, positives: jax.Array | None,
+                   rng: jax.Array | None
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(the block's columns scored, their global class ids, each row's target
+  position among them or -1): every column, or PartialFC's sample."""
+  num_local = kernel_block.shape[1]
+  block = jax.lax.axis_index(axis_name)
+  offset = block * num_local
+  local = labels - offset
+  in_block = (local >= 0) & (local < num_local)
+  if sample_rate is None:
+    return (kernel_block, offset + jnp.arange(num_local),
+            jnp.where(in_block, local, -1))
+  if positives is None or rng is None:
+    raise ValueError('sampling needs the positives and an rng')
+  num_sample = num_sampled_classes(num_local, sample_rate,
+                                   jnp.shape(positives)[0])
+  picked = sample_classes(jax.random.fold_in(rng, block), num_local,
+                          num_sample, positives, offset, num_classes)
+  position = jnp.full((num_local,), -1, jnp.int32).at[picked].set(
+      jnp.arange(num_sample, dtype=jnp.int32))
+  return (jnp.take(kernel_block, picked, axis=1), offset + picked,
+          jnp.where(in_block, position[jnp.where(in_block, local, 0)], -1))
+
+
+def _sharded_logsumexp(logits: jax.Array, axis_name: Any) -> jax.Array:
+  """log-sum-exp of each row over every block: a shared max, then one sum
+  of exponentials."""
   row_max = jax.lax.pmax(
       jax.lax.stop_gradient(jnp.max(logits, axis=1)), axis_name)
   sum_exp = jax.lax.psum(jnp.sum(
       jnp.exp(logits - _varying(row_max, axis_name)[:, None]), axis=1),
                          axis_name)
-  per_example = row_max + jnp.log(sum_exp) - target_logit
-  per_example = jnp.where(valid, per_example, jnp.nan)
-  aux = {
-      'gate': gate,
-      'quality': quality,
-      'cos_target': jax.lax.stop_gradient(cos_y),
-  }
-  return per_example, aux
+  return row_max + jnp.log(sum_exp)

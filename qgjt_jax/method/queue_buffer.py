@@ -1,4 +1,4 @@
-"""The proxy-updated real-time queue of negatives (METHOD.md section 5).
+"""The proxy-updated real-time queue of negatives (docs/METHOD.md section 5).
 
 A fixed-shape, device-resident ring buffer of detached embeddings, their
 labels and the class proxy w_y (column y of the unnormalised classifier W) at
