@@ -47,6 +47,7 @@ def test_a_registered_variant_trains_through_the_config(registered,
   assert results, output
   metrics = tiny_runs.step_metrics(tmp_path)
   assert metrics[2]["loss_con"] > 0 and np.isfinite(metrics[2]["loss"])
+  assert 0.0 <= metrics[2]["quality_auc"] <= 1.0
   state = tiny_runs.load_state(tmp_path, 2)
   assert int(state["variant_state"]) == 2  # its own state, checkpointed
   assert int(state["queue"]["count"]) == 8  # B keys a step, capacity 8
