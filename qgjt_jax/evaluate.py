@@ -86,7 +86,8 @@ class Evaluator:
     if self.config.data.kind == "synthetic":
       for name, (images, issame) in self._synthetic_pairs().items():
         results[f"synthetic_{name}"] = verification.evaluate_pairs(
-            embed_fn, images, issame, desc=name, **common)
+            embed_fn, images, issame, desc=name,
+            clean_then_degraded=name == "hq_lq", **common)
     size = self.config.data.image_size
     for path in cfg.bin_sets:
       for low_res in (None, *cfg.low_res):

@@ -219,21 +219,11 @@ def _loss_metrics(loss, loss_cls, loss_con, con_aux, views, quality,
   for view, (view_norms, scaler) in views.items():
     metrics[f"hq_fraction_{view}"] = jnp.mean(hq(scaler))
     metrics[f"norm_mean_{view}"] = jnp.mean(view_norms)
-  metrics["quality_auc"] = quality_auc(views["clean"][0],
-                                       views["degraded"][0])
+  metrics["quality_auc"] = quality_lib.separation_auc(views["clean"][0],
+                                                  views["degraded"][0])
   metrics.update({f"con_{k}": v for k, v in con_aux.items()
                   if jnp.ndim(v) == 0})
   return metrics
-
-
-def quality_auc(clean: jax.Array, degraded: jax.Array) -> jax.Array:
-  """How well the feature norm tells clean views from degraded ones: the
-  probability that a clean view's norm exceeds a degraded view's (ties
-  count half), the area under the ROC of the norm as a clean-vs-degraded
-  score. 1: perfectly told apart; 0.5: not at all."""
-  above = (clean[:, None] > degraded[None, :]).astype(jnp.float32)
-  ties = (clean[:, None] == degraded[None, :]).astype(jnp.float32)
-  return jnp.mean(above + 0.5 * ties)
 
 
 # ---------------------------------------------------------------------------

@@ -271,15 +271,15 @@ def test_the_progressive_queue_grows_as_the_authors_schedule(start_epoch):
     assert int(got) == want, (epoch, int(got), want)
 
 
-def test_quality_auc_is_the_roc_area_of_the_norm():
+def test_separation_auc_is_the_roc_area_of_the_norm():
   from sklearn.metrics import roc_auc_score
   rng = np.random.default_rng(0)
   clean, degraded = rng.normal(20, 3, 64), rng.normal(17, 3, 64)
   degraded[:5] = clean[:5]  # ties count half
   want = roc_auc_score(np.r_[np.ones(64), np.zeros(64)],
                        np.r_[clean, degraded])
-  got = step_lib.quality_auc(jnp.asarray(clean), jnp.asarray(degraded))
+  got = quality_lib.separation_auc(jnp.asarray(clean), jnp.asarray(degraded))
   np.testing.assert_allclose(float(got), want, rtol=1e-6)
-  apart = step_lib.quality_auc(jnp.arange(8.0) + 100, jnp.arange(8.0))
-  same = step_lib.quality_auc(jnp.ones(8), jnp.ones(8))
+  apart = quality_lib.separation_auc(jnp.arange(8.0) + 100, jnp.arange(8.0))
+  same = quality_lib.separation_auc(jnp.ones(8), jnp.ones(8))
   assert float(apart) == 1.0 and float(same) == 0.5

@@ -19,7 +19,9 @@ from PIL import Image
 
 from qgjt_jax.eval import bin_sets
 from qgjt_jax.eval import extract
+from qgjt_jax.eval import reject
 from qgjt_jax.eval import thresholds as thresholds_lib
+from qgjt_jax.method import quality
 
 DEFAULT_THRESHOLDS = np.arange(0, 4, 0.01)
 
@@ -113,12 +115,16 @@ def evaluate_pairs(embed_fn: extract.EmbedFn, images: np.ndarray,
                    low_res: int | None = None, flip: bool = True,
                    fusion: str | None = extract.DEFAULT_FUSION,
                    nfolds: int = 10, progress: bool = True,
-                   desc: str = 'verification') -> dict:
+                   desc: str = 'verification',
+                   clean_then_degraded: bool = False) -> dict:
   """Embeds decoded pair images (2P, H, W, 3) and scores them.
 
   Decode a set once with `bin_sets` and call this per checkpoint (and per
   `low_res`) to avoid decoding again. Adds 'mean_norm' (the average fused
-  feature norm, a cheap health check) and 'low_res' to the metrics.
+  feature norm, a cheap health check), 'low_res' and the error-versus-reject
+  curve of the norm as the pairs' quality (`reject.reject_curve`); with
+  `clean_then_degraded` (each pair a clean face, then a degraded one) also
+  'quality_auc', how well the norm tells the two apart.
   """
   if low_res is not None:
     if low_res < 1:
@@ -130,6 +136,12 @@ def evaluate_pairs(embed_fn: extract.EmbedFn, images: np.ndarray,
   metrics = verification_metrics(feats, issame, nfolds=nfolds)
   metrics['mean_norm'] = float(np.mean(norms))
   metrics['low_res'] = low_res
+  metrics.update(reject.reject_curve(
+      1.0 - pair_distances(feats) / 2.0, issame,
+      np.minimum(norms[0::2], norms[1::2])) or {})
+  if clean_then_degraded:
+    metrics['quality_auc'] = float(quality.separation_auc(norms[0::2],
+                                                          norms[1::2]))
   return metrics
 
 
