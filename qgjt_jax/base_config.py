@@ -124,7 +124,12 @@ def get_base_config() -> ml_collections.ConfigDict:
       scface_root=ml_collections.FieldReference(None, field_type=str),
       scface_aligned_dir="",
       ijb_root=ml_collections.FieldReference(None, field_type=str),
-      ijb_target="IJBC"))
+      ijb_target="IJBC",
+      # Your own faces (qgjt_jax/eval/own_data.py): folders of one
+      # sub-folder per person, and text files of "A B LABEL" pairs. align
+      # "detect" finds and aligns the face of each photo first (the
+      # `.[align]` extra); "none" takes the images as aligned crops.
+      folders=(), pairs_files=(), align="none"))
 
   # What a file handed to us may declare before it is refused (checkpoints,
   # .bin/.rec sets, image folders, embed/compare images): qgjt_jax/limits.py.

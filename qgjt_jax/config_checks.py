@@ -16,6 +16,7 @@ import ml_collections
 from jax.sharding import Mesh
 
 from qgjt_jax import config_keys
+from qgjt_jax import errors
 from qgjt_jax import parallel
 from qgjt_jax.method import queues
 from qgjt_jax.method import settings
@@ -31,6 +32,7 @@ _CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "eval.fusion": ("pre_norm_add", "norm_weighted", "mean", "concat"),
     "eval.ijb_target": ("IJBB", "IJBC"),
+    "eval.align": ("none", "detect"),
 }
 
 # (key, lowest, highest, what the key is): closed intervals, None = unbounded.
@@ -226,6 +228,19 @@ def check_eval_paths(config: ml_collections.ConfigDict) -> None:
           "copies there; point the key at them, or set "
           f"--config.eval.{dataset}_aligned_dir='' to score the raw images "
           "(not comparable with the paper).")
+  for key, exists, what in (("folders", os.path.isdir, "folder"),
+                            ("pairs_files", os.path.isfile, "file")):
+    for path in config.eval[key]:
+      if "://" not in path and not exists(path):
+        raise ConfigError(f"config.eval.{key} lists {path!r}, which is not "
+                          f"a {what}; fix the path or drop it from the list.")
+  if config.eval.align == "detect" and (config.eval.folders or
+                                        config.eval.pairs_files):
+    from qgjt_jax.align import detector  # pylint: disable=g-import-not-at-top
+    try:
+      detector.Detector()
+    except errors.UserError as e:
+      raise ConfigError(f"config.eval.align='detect': {e}") from None
   for size in config.eval.low_res:
     if not config_keys.is_number(size) or size <= 0:
       raise ConfigError(f"config.eval.low_res lists {size!r}; use positive "

@@ -7,6 +7,7 @@ writer.
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Optional
 
 import jax
@@ -18,9 +19,11 @@ from qgjt_jax import checkpoint as ckpt
 from qgjt_jax import parallel
 from qgjt_jax import reporting
 from qgjt_jax import state as state_lib
+from qgjt_jax.align import faces
 from qgjt_jax.data import degrade
 from qgjt_jax.eval import extract
 from qgjt_jax.eval import ijb
+from qgjt_jax.eval import own_data
 from qgjt_jax.eval import report
 from qgjt_jax.eval import scface
 from qgjt_jax.eval import tinyface
@@ -110,6 +113,21 @@ class Evaluator:
       results[cfg.ijb_target.lower()] = ijb.evaluate_ijb(
           embed_fn, cfg.ijb_root, subset=cfg.ijb_target, image_size=size,
           **common)
+    results.update(self._own_data(embed_fn, common))
+    return results
+
+  def _own_data(self, embed_fn, common) -> dict[str, dict]:
+    """config.eval.folders and pairs_files (eval/own_data.py)."""
+    cfg, size = self.config.eval, self.config.data.image_size
+    load = (faces.photo_loader(size) if cfg.align == "detect" else None)
+    results = {}
+    for folder in cfg.folders:
+      results[f"folder_{_set_name(os.path.normpath(folder))}"] = (
+          own_data.evaluate_folder(embed_fn, folder, image_size=size,
+                                   load=load, **common))
+    for path in cfg.pairs_files:
+      results[f"pairs_{_set_name(path)}"] = own_data.evaluate_pairs_file(
+          embed_fn, path, image_size=size, load=load, **common)
     return results
 
   def run(self, state, step: int, writer, workdir: str) -> dict[str, dict]:
@@ -133,7 +151,6 @@ class Evaluator:
 
 
 def _set_name(path: str) -> str:
-  import os
   return os.path.splitext(os.path.basename(path))[0]
 
 

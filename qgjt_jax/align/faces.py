@@ -154,3 +154,20 @@ def face_records(crops: Sequence[Crop]) -> dict[str, np.ndarray]:
 def crop_name(crop: Crop, name: Callable[[pathlib.Path], str]) -> str:
   """The crop's name: its photo's, with #k for the k-th face (k > 0)."""
   return name(crop.path) + (f"#{crop.index}" if crop.index else "")
+
+
+def photo_loader(image_size: int) -> Callable[[pathlib.Path], np.ndarray]:
+  """path -> the photo's largest face aligned to image_size (the photo
+  resized when no face is found), one detector per thread: for evaluation
+  sets of photos."""
+  import threading  # pylint: disable=g-import-not-at-top
+  local = threading.local()
+
+  def load(path):
+    if not hasattr(local, "detect"):
+      local.detect = detector_lib.Detector()
+    image = images_lib.imread_bgr(path)
+    found = local.detect(image)
+    return crop_image(image, Crop(pathlib.Path(path),
+                                  found[0] if found else None), image_size)
+  return load

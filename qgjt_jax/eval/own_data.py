@@ -1,0 +1,221 @@
+"""Evaluation on your own faces: image folders and pairs files.
+
+`config.eval.folders`: folders of one sub-folder per person (aligned crops,
+or photos with `config.eval.align="detect"`). Each is scored two ways:
+
+* verification: every genuine pair (two images of one person; at most
+  `max_pairs`, a seeded sample beyond) and a seeded sample of impostor
+  pairs (up to `max_pairs`, so FARs down to 1e-6 are resolved on big
+  folders): TAR at each FAR the impostors resolve (insightface's nearest-
+  point rule, as for IJB), the cosine thresholds, 10-fold accuracy on the
+  genuine pairs and as many impostors, shuffled (seeded) into the folds,
+  and the error-versus-reject curve of the norm;
+* closed-set identification, leave one out: each image of a person with
+  two or more images is a probe against every other image; rank-1 and
+  rank-5 of its best mate (`identification.probe_ranks`'s rule).
+
+`config.eval.pairs_files`: text files of "PATH_A PATH_B LABEL" lines (label
+1: same person, 0: different; paths relative to the file; separated by
+spaces, tabs or commas; `#` starts a comment), scored as a `.bin` set is:
+10-fold accuracy in file order, TAR at FAR, thresholds, reject curve.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+
+import numpy as np
+
+from qgjt_jax.eval import extract
+from qgjt_jax.eval import ijb
+from qgjt_jax.eval import images as images_lib
+from qgjt_jax.eval import reject
+from qgjt_jax.eval import thresholds
+from qgjt_jax.eval import verification
+
+MAX_PAIRS = 1_000_000
+MAX_PAIRS_FILE_BYTES = 256 << 20
+_SEED = 0
+
+
+class OwnDataError(ValueError):
+  """A folder or pairs file that cannot be evaluated (names it)."""
+
+
+def folder_images(folder: str | os.PathLike
+                  ) -> tuple[list[pathlib.Path], np.ndarray, list[str]]:
+  """(image paths, the person index of each, the people's names)."""
+  root = images_lib.require_dir(pathlib.Path(folder), "config.eval.folders")
+  paths = [p for p in images_lib.list_images(root) if p.parent != root]
+  people = sorted({p.relative_to(root).parts[0] for p in paths})
+  if len(people) < 2:
+    raise OwnDataError(f"config.eval.folders: {root} holds {len(people)} "
+                       "person folder(s) with images; verification needs at "
+                       "least 2 (one sub-folder per person)")
+  index = {name: i for i, name in enumerate(people)}
+  labels = np.array([index[p.relative_to(root).parts[0]] for p in paths])
+  return paths, labels, people
+
+
+def sample_pairs(labels: np.ndarray, max_pairs: int = MAX_PAIRS,
+                 seed: int = _SEED) -> tuple[np.ndarray, np.ndarray]:
+  """(genuine (G, 2), impostor (I, 2)) index pairs i < j: every genuine
+  pair (a seeded sample beyond max_pairs), and every impostor pair or, when
+  there are more than max_pairs, a seeded sample of max_pairs distinct
+  ones. Memory stays in the pairs kept, whatever the folder's size."""
+  rng = np.random.default_rng(seed)
+  labels = np.asarray(labels)
+  n = len(labels)
+  genuine = [np.zeros((0, 2), np.int64)]
+  for person in np.unique(labels):
+    idx = np.flatnonzero(labels == person)
+    a, b = np.triu_indices(len(idx), k=1)
+    genuine.append(np.stack([idx[a], idx[b]], 1))
+  genuine = np.concatenate(genuine)
+  if len(genuine) > max_pairs:
+    genuine = genuine[np.sort(rng.choice(len(genuine), max_pairs, False))]
+  impostor_count = n * (n - 1) // 2 - int(sum(
+      k * (k - 1) // 2 for k in np.bincount(labels)))
+  if impostor_count <= max_pairs:
+    first, second = np.triu_indices(n, k=1)
+    differ = labels[first] != labels[second]
+    return genuine, np.stack([first[differ], second[differ]], 1)
+  found = np.zeros((0, 2), np.int64)
+  while len(found) < max_pairs:
+    draw = np.sort(rng.integers(0, n, (2 * max_pairs, 2)), axis=1)
+    draw = draw[labels[draw[:, 0]] != labels[draw[:, 1]]]
+    found = np.unique(np.concatenate([found, draw]), axis=0)
+  return genuine, found[np.sort(rng.choice(len(found), max_pairs, False))]
+
+
+def leave_one_out_ranks(feats: np.ndarray, labels: np.ndarray,
+                        chunk_size: int = 256) -> np.ndarray:
+  """1-based rank of each image's best mate among all other images (0:
+  no other image of its person)."""
+  feats = np.asarray(feats, np.float32)
+  ranks = np.zeros(len(feats), np.int64)
+  for start in range(0, len(feats), chunk_size):
+    rows = np.arange(start, min(start + chunk_size, len(feats)))
+    scores = feats[rows] @ feats.T
+    scores[np.arange(len(rows)), rows] = -np.inf  # not itself
+    mate = labels[rows, None] == labels[None, :]
+    mate[np.arange(len(rows)), rows] = False
+    best = np.where(mate, scores, -np.inf).max(axis=1)
+    higher = (scores > best[:, None]).sum(axis=1)
+    ranks[rows] = np.where(mate.any(axis=1), higher + 1, 0)
+  return ranks
+
+
+def _pair_metrics(feats, norms, pairs, issame) -> dict:
+  """TAR at FAR, thresholds and the reject curve of scored pairs."""
+  scores = np.sum(feats[pairs[:, 0]] * feats[pairs[:, 1]], axis=1)
+  out = {}
+  fars = [f for f in ijb.FAR_TARGETS if (~issame).sum() * f >= 1]
+  if fars and issame.any():
+    out.update({ijb.far_key(f): v for f, v in
+                ijb.tar_at_far(issame, scores, fars).items()})
+  out["thresholds"] = thresholds.from_labels(issame, scores)
+  out.update(reject.reject_curve(
+      scores, issame, np.minimum(norms[pairs[:, 0]], norms[pairs[:, 1]]))
+             or {})
+  return out
+
+
+def folder_metrics(feats: np.ndarray, norms: np.ndarray, labels: np.ndarray,
+                   *, max_pairs: int = MAX_PAIRS, nfolds: int = 10) -> dict:
+  """Verification and leave-one-out identification (see module)."""
+  genuine, impostor = sample_pairs(labels, max_pairs)
+  pairs = np.concatenate([genuine, impostor])
+  issame = np.r_[np.ones(len(genuine), bool), np.zeros(len(impostor), bool)]
+  out = _pair_metrics(feats, norms, pairs, issame)
+  # Folds as for .bin sets: as many impostors as genuine pairs, shuffled.
+  count = min(len(genuine), len(impostor))
+  rng = np.random.default_rng(_SEED)
+  balanced = np.concatenate([genuine[rng.permutation(len(genuine))[:count]],
+                             impostor[rng.permutation(len(impostor))[:count]]])
+  same = np.r_[np.ones(count, bool), np.zeros(count, bool)]
+  order = rng.permutation(2 * count)
+  if 2 * count >= nfolds:
+    fold = verification.verification_metrics(
+        feats[balanced[order]].reshape(-1, feats.shape[1]), same[order],
+        nfolds=nfolds)
+    out.update(accuracy_mean=fold["accuracy_mean"],
+               accuracy_std=fold["accuracy_std"])
+  ranks = leave_one_out_ranks(feats, labels)
+  mated = ranks[ranks > 0]
+  if len(mated):
+    out.update(rank1=float(np.mean(mated <= 1)),
+               rank5=float(np.mean(mated <= 5)))
+  out.update(num_images=int(len(labels)), num_people=int(labels.max() + 1),
+             genuine_pairs=int(len(genuine)), impostor_pairs=int(len(impostor)),
+             mean_norm=float(np.mean(norms)))
+  return out
+
+
+def read_pairs_file(path: str | os.PathLike
+                    ) -> tuple[list[pathlib.Path], np.ndarray]:
+  """(2P image paths, pair i = 2i and 2i+1; issame (P,)) of a pairs file,
+  each bad line named."""
+  path = images_lib.require_file(pathlib.Path(path),
+                                 "config.eval.pairs_files")
+  if path.stat().st_size > MAX_PAIRS_FILE_BYTES:
+    raise OwnDataError(f"{path}: over {MAX_PAIRS_FILE_BYTES:,} bytes; not a "
+                       "pairs file")
+  try:
+    lines = path.read_text(encoding="utf-8-sig").splitlines()
+  except UnicodeDecodeError as e:
+    raise OwnDataError(f"{path}: not UTF-8 text ({e.reason})") from None
+  paths, issame = [], []
+  for number, line in enumerate(lines, start=1):
+    fields = [f for f in re.split(r"[\s,]+", line.split("#")[0].strip()) if f]
+    if not fields:
+      continue
+    if len(fields) != 3 or fields[2] not in ("0", "1"):
+      raise OwnDataError(f"{path}:{number}: expected 'PATH_A PATH_B LABEL' "
+                         f"with LABEL 1 (same) or 0, got {line.strip()[:200]!r}")
+    paths += [path.parent / fields[0], path.parent / fields[1]]
+    issame.append(fields[2] == "1")
+  issame = np.array(issame, bool)
+  if not issame.any() or issame.all():
+    raise OwnDataError(f"{path}: needs both same (1) and different (0) "
+                       f"pairs; it has {int(issame.sum())} same of "
+                       f"{len(issame)}")
+  return paths, issame
+
+
+def evaluate_folder(embed_fn: extract.EmbedFn, folder: str, *,
+                    batch_size: int, image_size: int, load=None,
+                    fusion=extract.DEFAULT_FUSION, progress: bool = True
+                    ) -> dict:
+  """Embeds a folder of people and scores it (`folder_metrics`). `load`
+  turns a path into a crop (default: the image resized)."""
+  paths, labels, _ = folder_images(folder)
+  load = load or (lambda p: images_lib.read_image(p, image_size))
+  feats, norms = extract.extract_embeddings(
+      embed_fn, images_lib.LazyImages(lambda i: load(paths[i]), len(paths)),
+      batch_size=batch_size, fusion=fusion, progress=progress,
+      return_norms=True, desc=os.path.basename(os.path.normpath(folder)))
+  return folder_metrics(feats, norms, labels)
+
+
+def evaluate_pairs_file(embed_fn: extract.EmbedFn, path: str, *,
+                        batch_size: int, image_size: int, load=None,
+                        fusion=extract.DEFAULT_FUSION,
+                        progress: bool = True) -> dict:
+  """Scores a pairs file as a `.bin` set, plus TAR at FAR."""
+  paths, issame = read_pairs_file(path)
+  load = load or (lambda p: images_lib.read_image(p, image_size))
+  feats, norms = extract.extract_embeddings(
+      embed_fn, images_lib.LazyImages(lambda i: load(paths[i]), len(paths)),
+      batch_size=batch_size, fusion=fusion, progress=progress,
+      return_norms=True, desc=os.path.basename(path))
+  pairs = np.arange(len(paths)).reshape(-1, 2)
+  out = _pair_metrics(feats, norms, pairs, issame)
+  if len(issame) >= 10:
+    fold = verification.verification_metrics(feats, issame)
+    out.update(accuracy_mean=fold["accuracy_mean"],
+               accuracy_std=fold["accuracy_std"],
+               best_threshold_cosine=fold["best_threshold_cosine"])
+  out.update(num_pairs=int(len(issame)), mean_norm=float(np.mean(norms)))
+  return out
