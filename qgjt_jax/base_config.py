@@ -125,6 +125,12 @@ def get_base_config() -> ml_collections.ConfigDict:
       scface_aligned_dir="",
       ijb_root=ml_collections.FieldReference(None, field_type=str),
       ijb_target="IJBC",
+      # How IJB templates pool their images' features: "norm" weights each
+      # by its fused norm (insightface's and the authors' standalone
+      # script's), "unit" pools unit features (the authors' in-training
+      # path). tar_rule: which ROC point of several at one FAR counts,
+      # "insightface" or "authors" (docs/FIDELITY.md); own-data sets too.
+      ijb_pooling="norm", tar_rule="insightface",
       # Your own faces (qgjt_jax/eval/own_data.py): folders of one
       # sub-folder per person, and text files of "A B LABEL" pairs. align
       # "detect" finds and aligns the face of each photo first (the

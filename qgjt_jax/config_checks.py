@@ -33,6 +33,8 @@ _CHOICES = {
     "eval.fusion": ("pre_norm_add", "norm_weighted", "mean", "concat"),
     "eval.ijb_target": ("IJBB", "IJBC"),
     "eval.align": ("none", "detect"),
+    "eval.ijb_pooling": ("norm", "unit"),
+    "eval.tar_rule": ("insightface", "authors"),
 }
 
 # (key, lowest, highest, what the key is): closed intervals, None = unbounded.

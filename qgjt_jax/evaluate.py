@@ -112,6 +112,7 @@ class Evaluator:
     if cfg.ijb_root:
       results[cfg.ijb_target.lower()] = ijb.evaluate_ijb(
           embed_fn, cfg.ijb_root, subset=cfg.ijb_target, image_size=size,
+          use_norm_score=cfg.ijb_pooling == "norm", tar_rule=cfg.tar_rule,
           **common)
     results.update(self._own_data(embed_fn, common))
     return results
@@ -124,10 +125,12 @@ class Evaluator:
     for folder in cfg.folders:
       results[f"folder_{_set_name(os.path.normpath(folder))}"] = (
           own_data.evaluate_folder(embed_fn, folder, image_size=size,
-                                   load=load, **common))
+                                   load=load, tar_rule=cfg.tar_rule,
+                                   **common))
     for path in cfg.pairs_files:
       results[f"pairs_{_set_name(path)}"] = own_data.evaluate_pairs_file(
-          embed_fn, path, image_size=size, load=load, **common)
+          embed_fn, path, image_size=size, load=load, tar_rule=cfg.tar_rule,
+          **common)
     return results
 
   def run(self, state, step: int, writer, workdir: str) -> dict[str, dict]:

@@ -184,3 +184,28 @@ def test_ijb_reader_errors(tmp_path):
     ijb.ijb_layout(tmp_path, 'IJBC')
   with pytest.raises(ValueError, match='subset'):
     ijb.ijb_layout(tmp_path, 'IJBA')
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_both_tar_rules_against_their_transcriptions(seed):
+  """insightface reads scikit-learn's ROC flipped, the authors' in-training
+  path unflipped; each takes min((|fpr - far|, index)). Scores rounded to
+  make many points share an FPR."""
+  rng = np.random.default_rng(seed)
+  labels = np.r_[np.ones(300), np.zeros(20000)]
+  scores = np.round(np.r_[rng.normal(0.5, 0.2, 300),
+                          rng.normal(0, 0.15, 20000)], 2)
+  fpr, tpr, _ = sk_roc_curve(labels, scores)
+
+  def pick(f, t, far):
+    _, index = min(zip(np.abs(f - far), range(len(f))))
+    return float(t[index])
+  fars = (1e-4, 1e-3, 1e-2, 1e-1)
+  insightface = ijb.tar_at_far(labels, scores, fars)
+  authors = ijb.tar_at_far(labels, scores, fars, rule="authors")
+  for far in fars:
+    assert insightface[far] == pick(fpr[::-1], tpr[::-1], far)
+    assert authors[far] == pick(fpr, tpr, far)
+    assert authors[far] <= insightface[far]
+  if seed == 0:  # these scores tie where it matters: the rules differ
+    assert any(authors[f] < insightface[f] for f in fars)

@@ -198,11 +198,27 @@ def roc_curve(labels: np.ndarray, scores: np.ndarray
   return fps / fps[-1], tps / tps[-1], thresholds
 
 
+TAR_RULES = ('insightface', 'authors')
+
+
 def tar_at_far(labels: np.ndarray, scores: np.ndarray,
-               far_targets=FAR_TARGETS) -> dict[float, float]:
-  """{far: TAR} from the ROC point nearest each target (largest TPR on ties)."""
+               far_targets=FAR_TARGETS, rule: str = 'insightface'
+               ) -> dict[float, float]:
+  """{far: TAR} from the ROC point nearest each target.
+
+  Several ROC points share an FPR where the TPR rises between two impostor
+  scores; `rule` says which counts. "insightface" (ijb_11.py, the default)
+  reads the flipped curve and takes the largest TPR among them (and, between
+  two equally near FPRs, the larger). "authors" is the QGFace code's
+  in-training IJB path, which reads the curve unflipped: the smallest TPR
+  (and the smaller FPR). They differ only at FARs the impostors barely
+  resolve; docs/FIDELITY.md gives the size.
+  """
+  if rule not in TAR_RULES:
+    raise ValueError(f'tar rule {rule!r}; expected one of {TAR_RULES}')
   fpr, tpr, _ = roc_curve(labels, scores)
-  fpr, tpr = fpr[::-1], tpr[::-1]
+  if rule == 'insightface':
+    fpr, tpr = fpr[::-1], tpr[::-1]
   out = {}
   for far in far_targets:
     out[far] = float(tpr[int(np.argmin(np.abs(fpr - far)))])
@@ -215,12 +231,13 @@ def far_key(far: float) -> str:
 
 def ijb_metrics(image_feats: np.ndarray, templates: np.ndarray,
                 medias: np.ndarray, pairs: np.ndarray, labels: np.ndarray,
-                far_targets=FAR_TARGETS) -> dict:
+                far_targets=FAR_TARGETS, tar_rule: str = 'insightface'
+                ) -> dict:
   """TAR at each FAR ('tar@far=1e-04': ...) from per-image features."""
   unique_templates, feats = template_features(image_feats, templates, medias)
   scores = pair_scores(unique_templates, feats, pairs)
-  metrics = {far_key(f): v
-             for f, v in tar_at_far(labels, scores, far_targets).items()}
+  metrics = {far_key(f): v for f, v in
+             tar_at_far(labels, scores, far_targets, tar_rule).items()}
   metrics.update(num_templates=int(len(unique_templates)),
                  num_pairs=int(len(pairs)),
                  thresholds=thresholds_lib.from_labels(labels, scores))
@@ -233,7 +250,8 @@ def evaluate_ijb(embed_fn: extract.EmbedFn, root: str | os.PathLike, *,
                  use_norm_score: bool = True,
                  use_detector_score: bool = False,
                  far_targets=FAR_TARGETS, image_size: int = 112,
-                 num_threads: int = 8, progress: bool = True) -> dict:
+                 num_threads: int = 8, progress: bool = True,
+                 tar_rule: str = 'insightface') -> dict:
   """Aligns, embeds and scores IJB-B or IJB-C 1:1 (see module doc)."""
   layout = ijb_layout(root, subset)
 
@@ -250,5 +268,8 @@ def evaluate_ijb(embed_fn: extract.EmbedFn, root: str | os.PathLike, *,
     feats = feats * norms[:, None]
   if use_detector_score:
     feats = feats * layout.faceness[:, None]
-  return ijb_metrics(feats, layout.templates, layout.medias, layout.pairs,
-                     layout.labels, far_targets)
+  metrics = ijb_metrics(feats, layout.templates, layout.medias,
+                        layout.pairs, layout.labels, far_targets, tar_rule)
+  metrics.update(pooling='norm-weighted' if use_norm_score else 'unit',
+                 tar_rule=tar_rule)
+  return metrics

@@ -107,14 +107,14 @@ def leave_one_out_ranks(feats: np.ndarray, labels: np.ndarray,
   return ranks
 
 
-def _pair_metrics(feats, norms, pairs, issame) -> dict:
+def _pair_metrics(feats, norms, pairs, issame, tar_rule: str) -> dict:
   """TAR at FAR, thresholds and the reject curve of scored pairs."""
   scores = np.sum(feats[pairs[:, 0]] * feats[pairs[:, 1]], axis=1)
   out = {}
   fars = [f for f in ijb.FAR_TARGETS if (~issame).sum() * f >= 1]
   if fars and issame.any():
     out.update({ijb.far_key(f): v for f, v in
-                ijb.tar_at_far(issame, scores, fars).items()})
+                ijb.tar_at_far(issame, scores, fars, tar_rule).items()})
   out["thresholds"] = thresholds.from_labels(issame, scores)
   out.update(reject.reject_curve(
       scores, issame, np.minimum(norms[pairs[:, 0]], norms[pairs[:, 1]]))
@@ -123,12 +123,13 @@ def _pair_metrics(feats, norms, pairs, issame) -> dict:
 
 
 def folder_metrics(feats: np.ndarray, norms: np.ndarray, labels: np.ndarray,
-                   *, max_pairs: int = MAX_PAIRS, nfolds: int = 10) -> dict:
+                   *, max_pairs: int = MAX_PAIRS, nfolds: int = 10,
+                   tar_rule: str = "insightface") -> dict:
   """Verification and leave-one-out identification (see module)."""
   genuine, impostor = sample_pairs(labels, max_pairs)
   pairs = np.concatenate([genuine, impostor])
   issame = np.r_[np.ones(len(genuine), bool), np.zeros(len(impostor), bool)]
-  out = _pair_metrics(feats, norms, pairs, issame)
+  out = _pair_metrics(feats, norms, pairs, issame, tar_rule)
   # Folds as for .bin sets: as many impostors as genuine pairs, shuffled.
   count = min(len(genuine), len(impostor))
   rng = np.random.default_rng(_SEED)
@@ -186,8 +187,8 @@ def read_pairs_file(path: str | os.PathLike
 
 def evaluate_folder(embed_fn: extract.EmbedFn, folder: str, *,
                     batch_size: int, image_size: int, load=None,
-                    fusion=extract.DEFAULT_FUSION, progress: bool = True
-                    ) -> dict:
+                    fusion=extract.DEFAULT_FUSION, progress: bool = True,
+                    tar_rule: str = "insightface") -> dict:
   """Embeds a folder of people and scores it (`folder_metrics`). `load`
   turns a path into a crop (default: the image resized)."""
   paths, labels, _ = folder_images(folder)
@@ -196,13 +197,14 @@ def evaluate_folder(embed_fn: extract.EmbedFn, folder: str, *,
       embed_fn, images_lib.LazyImages(lambda i: load(paths[i]), len(paths)),
       batch_size=batch_size, fusion=fusion, progress=progress,
       return_norms=True, desc=os.path.basename(os.path.normpath(folder)))
-  return folder_metrics(feats, norms, labels)
+  return folder_metrics(feats, norms, labels, tar_rule=tar_rule)
 
 
 def evaluate_pairs_file(embed_fn: extract.EmbedFn, path: str, *,
                         batch_size: int, image_size: int, load=None,
                         fusion=extract.DEFAULT_FUSION,
-                        progress: bool = True) -> dict:
+                        progress: bool = True,
+                        tar_rule: str = "insightface") -> dict:
   """Scores a pairs file as a `.bin` set, plus TAR at FAR."""
   paths, issame = read_pairs_file(path)
   load = load or (lambda p: images_lib.read_image(p, image_size))
@@ -211,7 +213,7 @@ def evaluate_pairs_file(embed_fn: extract.EmbedFn, path: str, *,
       batch_size=batch_size, fusion=fusion, progress=progress,
       return_norms=True, desc=os.path.basename(path))
   pairs = np.arange(len(paths)).reshape(-1, 2)
-  out = _pair_metrics(feats, norms, pairs, issame)
+  out = _pair_metrics(feats, norms, pairs, issame, tar_rule)
   if len(issame) >= 10:
     fold = verification.verification_metrics(feats, issame)
     out.update(accuracy_mean=fold["accuracy_mean"],
