@@ -140,6 +140,15 @@ def ijb_tree(root: pathlib.Path, subset='IJBC'):
            for a, b in itertools.combinations(templates, 2)]
   (meta / f'{s}_template_pair_label.txt').write_text(
       ''.join(f'{a} {b} {l}\n' for a, b, l in pairs))
+  # 1:N lists: subjects 0-1 in the first gallery set, 2-3 in the second
+  # (their first templates), every second template a probe.
+  first, second = ('S1', 'S2') if subset == 'IJBB' else ('G1', 'G2')
+  for name, chosen in ((f'gallery_{first}', (1, 11)),
+                       (f'gallery_{second}', (21, 31)),
+                       ('probe_mixed', (2, 12, 22, 32))):
+    (meta / f'{s}_1N_{name}.csv').write_text(
+        'TEMPLATE_ID,SUBJECT_ID,FILENAME\n' +
+        ''.join(f'{t},{t // 10},x.jpg\n' for t in chosen))
   return rows, pairs
 
 

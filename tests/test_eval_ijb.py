@@ -209,3 +209,50 @@ def test_both_tar_rules_against_their_transcriptions(seed):
     assert authors[far] <= insightface[far]
   if seed == 0:  # these scores tie where it matters: the rules differ
     assert any(authors[f] < insightface[f] for f in fars)
+
+
+def _their_identification(probe_feats, gallery_feats, mask):
+  """insightface's ijb_1n.py `evaluation`, transcribed: top-k by argsort,
+  TPIR at FPIR from the ceil(P f)-th largest non-mate similarity."""
+  import heapq
+  import math
+  similarity = np.dot(probe_feats, gallery_feats.T)
+  top_inds = np.argsort(-similarity)
+  query_num = probe_feats.shape[0]
+  out = {}
+  for k in (1, 5, 10):
+    out[f"1n_rank{k}"] = sum(
+        mask[i] in top_inds[i, 0:k] for i in range(query_num)) / query_num
+  fars = [0.01, 0.1]
+  required_topk = [math.ceil(query_num * x) for x in fars]
+  top_sims = similarity.copy()
+  pos_sims = []
+  for i in range(query_num):
+    pos_sims.append(top_sims[i, mask[i]])
+    top_sims[i, mask[i]] = -2.0
+  neg_sims = heapq.nlargest(max(required_topk),
+                            top_sims[np.where(top_sims > -2.0)])
+  for far, pos in zip(fars, required_topk):
+    out[f"1n_tpir@fpir={far:.0e}"] = np.sum(
+        np.array(pos_sims) > neg_sims[pos - 1]) / query_num
+  return out
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_1n_identification_against_their_code(tmp_path, seed):
+  ijb_tree(tmp_path)
+  layout = ijb.ijb_layout(tmp_path, "IJBC")
+  files = ijb.identification_files(tmp_path, "IJBC")
+  feats = np.random.default_rng(seed).normal(size=(len(layout.templates),
+                                                   12))
+  got = ijb.identification_metrics(feats, layout.templates, layout.medias,
+                                   files)
+  unique, template_feats = ijb.template_features(feats, layout.templates,
+                                                 layout.medias)
+  row = {t: i for i, t in enumerate(unique)}
+  gallery = template_feats[[row[t] for t in (1, 11, 21, 31)]]
+  probes = template_feats[[row[t] for t in (2, 12, 22, 32)]]
+  want = _their_identification(probes, gallery, [0, 1, 2, 3])
+  assert got["num_probes"] == 4 and got["num_gallery"] == 4
+  for key, value in want.items():
+    assert got[key] == pytest.approx(value), key

@@ -53,3 +53,23 @@ def test_write_results(tmp_path):
   assert json.loads(open(path).read())['tinyface']['num_probes'] == 3728
   assert sorted(p.name for p in (tmp_path / 'run' / 'eval').iterdir()) == [
       'step_1000.2.json', 'step_1000.json']  # no temporary file left
+
+
+def test_results_are_drawn_beside_their_json(tmp_path):
+  from qgjt_jax.eval import verification
+  rng = np.random.default_rng(0)
+  emb = rng.normal(size=(400, 8))
+  emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+  metrics = verification.verification_metrics(emb, rng.random(200) < 0.5)
+  metrics["reject_curve"] = [[0.0, 0.5], [0.4, 0.3]]
+  metrics["reject_far"] = 0.01
+  metrics["norm_histogram"] = verification.norm_histogram(
+      rng.normal(20, 2, 50), rng.normal(15, 2, 50))
+  path = report.write_results(str(tmp_path), "step_7", {"lfw": metrics})
+  for suffix in ("roc", "reject", "norms"):
+    png = tmp_path / "eval" / f"step_7.{suffix}.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", suffix
+  assert json.loads(open(path).read())["lfw"]["roc"] == metrics["roc"]
+  again = report.write_results(str(tmp_path), "step_7", {"x": {"a": 1.0}})
+  assert again.endswith("step_7.2.json")  # nothing to draw: no PNGs
+  assert not list((tmp_path / "eval").glob("step_7.2.*.png"))

@@ -87,3 +87,16 @@ def test_no_evaluation_says_how_to_get_one(tmp_path):
   with pytest.raises(errors.UserError, match="not a readable evaluation"):
     thresholds.latest(str(tmp_path), 1e-4)
   assert thresholds.measured(str(tmp_path / "nothing")) is None
+
+
+def test_roc_points_count_what_each_far_allows():
+  rng = np.random.default_rng(3)
+  genuine, impostor = rng.normal(0.5, 0.2, 400), rng.normal(0, 0.2, 5000)
+  points = thresholds.roc_points(genuine, impostor)
+  assert points[0][0] == pytest.approx(1 / 5000) and points[-1] == [1.0, 1.0]
+  ordered = np.sort(impostor)[::-1]
+  for far, tar in points[:-1]:
+    cut = ordered[int(math.floor(far * 5000 + 1e-9))]
+    assert np.sum(impostor > cut) <= far * 5000 + 1e-9
+    assert tar == pytest.approx(np.mean(genuine > cut))
+  assert np.all(np.diff([t for _, t in points]) >= 0)

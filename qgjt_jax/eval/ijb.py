@@ -25,6 +25,7 @@ Protocol (insightface ijb_11.py as used by AdaFace/QGFace):
    (insightface: roc_curve, flipud, nearest).
 """
 import dataclasses
+import math
 import os
 import pathlib
 
@@ -236,12 +237,80 @@ def ijb_metrics(image_feats: np.ndarray, templates: np.ndarray,
   """TAR at each FAR ('tar@far=1e-04': ...) from per-image features."""
   unique_templates, feats = template_features(image_feats, templates, medias)
   scores = pair_scores(unique_templates, feats, pairs)
+  same = np.asarray(labels).reshape(-1) > 0
   metrics = {far_key(f): v for f, v in
              tar_at_far(labels, scores, far_targets, tar_rule).items()}
   metrics.update(num_templates=int(len(unique_templates)),
                  num_pairs=int(len(pairs)),
-                 thresholds=thresholds_lib.from_labels(labels, scores))
+                 thresholds=thresholds_lib.from_labels(labels, scores),
+                 roc=thresholds_lib.roc_points(scores[same], scores[~same]))
   return metrics
+
+
+# 1:N identification (insightface's ijb_1n.py, which the authors' standalone
+# script runs): gallery sets and mixed probes, by template and subject id.
+_GALLERIES = {'IJBB': ('S1', 'S2'), 'IJBC': ('G1', 'G2')}
+TPIR_FPIRS = (0.01, 0.1)
+
+
+def _subject_list(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
+  """(template ids, subject ids) of a 1:N list (CSV with a header row)."""
+  try:
+    table = np.loadtxt(path, dtype=str, skiprows=1, delimiter=',', ndmin=2)
+    return table[:, 0].astype(np.int64), table[:, 1].astype(np.int64)
+  except (ValueError, IndexError) as e:
+    raise ValueError(f'{path}: not a list of "template,subject" rows '
+                     f'({e})') from e
+
+
+def identification_files(root, subset: str) -> list[pathlib.Path] | None:
+  """The gallery and probe lists of `subset`, or None when any is absent."""
+  meta, s = pathlib.Path(root) / subset / 'meta', subset.lower()
+  files = [meta / f'{s}_1N_gallery_{g}.csv' for g in _GALLERIES[subset]]
+  files.append(meta / f'{s}_1N_probe_mixed.csv')
+  return files if all(f.is_file() for f in files) else None
+
+
+def _chosen(unique_templates, feats, templates, subjects):
+  """Features and subject of each distinct template of a list."""
+  chosen, first = np.unique(templates, return_index=True)
+  rows = np.searchsorted(unique_templates, chosen)
+  if np.any(rows >= len(unique_templates)) or np.any(
+      unique_templates[np.minimum(rows, len(unique_templates) - 1)] != chosen):
+    raise ValueError('a 1:N list names templates without images')
+  return feats[rows], subjects[first]
+
+
+def identification_metrics(image_feats, templates, medias, files) -> dict:
+  """Rank-1/5/10 and TPIR at FPIR 0.01 and 0.1 of the mixed probes against
+  both gallery sets together, as insightface's ijb_1n.py computes them:
+  each probe's subject has one gallery template (its mate); rank-k is the
+  mate among the k highest similarities; the threshold at FPIR f is the
+  ceil(f P)-th largest non-mate similarity over all P probes, and TPIR the
+  share of probes whose mate scores above it."""
+  unique_templates, feats = template_features(image_feats, templates, medias)
+  lists = [_subject_list(f) for f in files]
+  gallery_t = np.concatenate([t for t, _ in lists[:-1]])
+  gallery_s = np.concatenate([s for _, s in lists[:-1]])
+  gallery, gallery_ids = _chosen(unique_templates, feats, gallery_t,
+                                 gallery_s)
+  probes, probe_ids = _chosen(unique_templates, feats, *lists[-1])
+  mate = [np.flatnonzero(gallery_ids == i) for i in probe_ids]
+  if any(len(m) != 1 for m in mate):
+    raise ValueError('each probe subject needs exactly one gallery template')
+  mate = np.array([m[0] for m in mate])
+  similarity = probes @ gallery.T
+  order = np.argsort(-similarity, axis=1, kind='stable')
+  position = np.argmax(order == mate[:, None], axis=1)
+  out = {f'1n_rank{k}': float(np.mean(position < k)) for k in (1, 5, 10)}
+  mate_scores = similarity[np.arange(len(mate)), mate]
+  others = np.sort(np.delete(similarity.reshape(-1), np.arange(len(mate)) *
+                             similarity.shape[1] + mate))[::-1]
+  for fpir in TPIR_FPIRS:
+    threshold = others[math.ceil(len(mate) * fpir) - 1]
+    out[f'1n_tpir@fpir={fpir:.0e}'] = float(np.mean(mate_scores > threshold))
+  out.update(num_probes=int(len(mate)), num_gallery=int(len(gallery)))
+  return out
 
 
 def evaluate_ijb(embed_fn: extract.EmbedFn, root: str | os.PathLike, *,
@@ -270,6 +339,10 @@ def evaluate_ijb(embed_fn: extract.EmbedFn, root: str | os.PathLike, *,
     feats = feats * layout.faceness[:, None]
   metrics = ijb_metrics(feats, layout.templates, layout.medias,
                         layout.pairs, layout.labels, far_targets, tar_rule)
+  files = identification_files(root, subset)
+  if files:  # 1:N, where the release's lists are present
+    metrics.update(identification_metrics(feats, layout.templates,
+                                          layout.medias, files))
   metrics.update(pooling='norm-weighted' if use_norm_score else 'unit',
                  tar_rule=tar_rule)
   return metrics

@@ -116,6 +116,7 @@ def _pair_metrics(feats, norms, pairs, issame, tar_rule: str) -> dict:
     out.update({ijb.far_key(f): v for f, v in
                 ijb.tar_at_far(issame, scores, fars, tar_rule).items()})
   out["thresholds"] = thresholds.from_labels(issame, scores)
+  out["roc"] = thresholds.roc_points(scores[issame], scores[~issame])
   out.update(reject.reject_curve(
       scores, issame, np.minimum(norms[pairs[:, 0]], norms[pairs[:, 1]]))
              or {})

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from qgjt_jax import outputs
+from qgjt_jax.eval import plots
 
 try:  # Handles gs:// workdirs; orbax depends on it, so it is normally present.
   from etils import epath as _epath
@@ -92,7 +93,8 @@ def _jsonable(value):
 
 
 def write_results(workdir: str, name: str, results: Mapping[str, Any]) -> str:
-  """Writes `results` to <workdir>/eval/<name>.json; returns the path.
+  """Writes `results` to <workdir>/eval/<name>.json, and its pictures beside
+  it (`plots.write_plots`: <name>.roc.png...); returns the JSON's path.
 
   An earlier result of the same name is kept: the new one goes to
   <name>.2.json (then .3 ...). Local files are written whole or not at all.
@@ -108,4 +110,8 @@ def write_results(workdir: str, name: str, results: Mapping[str, Any]) -> str:
   directory.mkdir(parents=True, exist_ok=True)
   path = outputs.free_name(str(directory / f'{name}.json'))
   outputs.write(path, text, overwrite=False)
+  try:
+    plots.write_plots(results, path[:-len('.json')])
+  except ImportError:  # matplotlib missing: the JSON holds the curves
+    pass
   return path

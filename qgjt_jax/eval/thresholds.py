@@ -61,6 +61,25 @@ def from_labels(labels: np.ndarray, scores: np.ndarray) -> list[dict]:
   return at_far(scores[labels], scores[~labels])
 
 
+def roc_points(genuine: np.ndarray, impostor: np.ndarray,
+               per_decade: int = 10) -> list[list[float]]:
+  """A compact ROC for results and plots: [FAR, TAR] at log-spaced FARs
+  from 1/impostors to 1 (per_decade points a decade), TAR being the share
+  of genuine scores above the impostor score that FAR allows."""
+  genuine = np.sort(np.asarray(genuine, np.float64).reshape(-1))
+  impostor = np.sort(np.asarray(impostor, np.float64).reshape(-1))[::-1]
+  if not len(genuine) or not len(impostor):
+    return []
+  lowest = math.log10(1.0 / len(impostor))
+  points = []
+  for far in np.logspace(lowest, 0, max(2, int(-lowest * per_decade) + 1)):
+    accepted = int(math.floor(far * len(impostor) + 1e-9))
+    cut = impostor[accepted] if accepted < len(impostor) else -np.inf
+    tar = 1.0 - np.searchsorted(genuine, cut, side="right") / len(genuine)
+    points.append([float(far), float(tar)])
+  return points
+
+
 @dataclasses.dataclass(frozen=True)
 class Threshold:
   """A decision threshold and what it stands for."""

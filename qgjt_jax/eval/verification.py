@@ -91,6 +91,7 @@ def verification_metrics(embeddings: np.ndarray, issame: np.ndarray,
       'best_threshold': float(np.mean(best)),
       'best_threshold_cosine': 1.0 - float(np.mean(best)) / 2.0,
       'thresholds': thresholds_lib.at_far(cosines[issame], cosines[~issame]),
+      'roc': thresholds_lib.roc_points(cosines[issame], cosines[~issame]),
       'fold_accuracies': accuracies,
       'fold_thresholds': best,
       'num_pairs': int(len(dist)),
@@ -142,6 +143,7 @@ def evaluate_pairs(embed_fn: extract.EmbedFn, images: np.ndarray,
   if clean_then_degraded:
     metrics['quality_auc'] = float(quality.separation_auc(norms[0::2],
                                                           norms[1::2]))
+    metrics['norm_histogram'] = norm_histogram(norms[0::2], norms[1::2])
   return metrics
 
 
@@ -161,3 +163,12 @@ def evaluate_bin(embed_fn: extract.EmbedFn, path: str | os.PathLike, *,
                         low_res=low_res, flip=flip, fusion=fusion,
                         nfolds=nfolds, progress=progress, desc=name)
 
+
+
+def norm_histogram(clean: np.ndarray, degraded: np.ndarray,
+                   bins: int = 40) -> dict[str, list]:
+  """Counts of the clean and degraded faces' norms over shared bins."""
+  edges = np.histogram_bin_edges(np.r_[clean, degraded], bins)
+  return {'edges': edges.tolist(),
+          'clean': np.histogram(clean, edges)[0].tolist(),
+          'degraded': np.histogram(degraded, edges)[0].tolist()}
