@@ -105,3 +105,14 @@ def test_impostors_are_sampled_without_repeats_when_many():
   assert len(np.unique(impostor, axis=0)) == 5000
   assert np.all(labels[impostor[:, 0]] != labels[impostor[:, 1]])
   assert np.all(impostor[:, 0] < impostor[:, 1])
+
+
+def test_a_hostile_pairs_file_is_refused_before_reading(tmp_path,
+                                                       monkeypatch):
+  (tmp_path / "bin.txt").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe" * 100)
+  with pytest.raises(own_data.OwnDataError, match="not UTF-8 text"):
+    own_data.read_pairs_file(tmp_path / "bin.txt")
+  monkeypatch.setattr(own_data, "MAX_PAIRS_FILE_BYTES", 100)
+  (tmp_path / "big.txt").write_text("a.jpg b.jpg 1\n" * 20)
+  with pytest.raises(own_data.OwnDataError, match="over 100 bytes"):
+    own_data.read_pairs_file(tmp_path / "big.txt")
