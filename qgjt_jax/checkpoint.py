@@ -450,8 +450,9 @@ def check_same_model(workdir: str, config_dict: dict[str, Any]) -> None:
 
 def check_resumable(workdir: str, record: dict[str, Any],
                     abstract_state: Any) -> None:
-  """Stops before training when the workdir's newest checkpoint holds a
-  state of another structure or shape than this run builds.
+  """Stops before training when no checkpoint of the workdir holds a state
+  of the structure and shapes this run builds (a damaged step, whose
+  metadata says something else, is left to the restore to set aside).
 
   Decided from the saved state itself (its metadata, nothing restored)
   against `abstract_state`, so any change of structure is caught, whichever
@@ -463,12 +464,17 @@ def check_resumable(workdir: str, record: dict[str, Any],
   """
   directory = f"{workdir}/checkpoints"
   root = epath.Path(_absolute(directory))
-  steps = sorted(int(p.name) for p in root.iterdir()
-                 if p.name.isdigit()) if root.is_dir() else []
-  stored = _stored_shapes(directory, steps[-1], STATE) if steps else None
-  if stored is None:
-    return
-  found = _differences(stored, _shapes(abstract_state))
+  steps = sorted((int(p.name) for p in root.iterdir() if p.name.isdigit()),
+                 reverse=True) if root.is_dir() else []
+  wanted, found = _shapes(abstract_state), None
+  for step in steps:  # a damaged newest step is the restore's to set aside
+    stored = _stored_shapes(directory, step, STATE)
+    if stored is None:
+      continue
+    differences = _differences(stored, wanted)
+    if not differences:
+      return
+    found = found or differences
   if not found:
     return
   path = epath.Path(workdir) / CONFIG_RECORD
