@@ -167,8 +167,12 @@ def test_one_voice_and_one_copy_of_every_file(cluster_run):
   assert train_steps == list(range(1, runs.STEPS + 1))  # written once
   record = json.loads((workdir / ckpt.CONFIG_RECORD).read_text())
   assert record["config"]["num_classes"] == runs.NUM_CLASSES
-  assert sorted(p.name for p in (workdir / "eval").iterdir()) == [
+  names = sorted(p.name for p in (workdir / "eval").iterdir())
+  assert [n for n in names if n.endswith(".json")] == [
       "step_16.json", f"step_{runs.STEPS}.json"]
+  # Its pictures, once each, beside it (no .2 copies from process 1).
+  assert [n for n in names if n.endswith(".png")] == [
+      f"step_{s}.{p}.png" for s in (16, runs.STEPS) for p in ("norms", "roc")]
 
 
 def test_eval_mode_on_two_processes_gives_the_one_process_table(
