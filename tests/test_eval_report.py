@@ -73,3 +73,11 @@ def test_results_are_drawn_beside_their_json(tmp_path):
   again = report.write_results(str(tmp_path), "step_7", {"x": {"a": 1.0}})
   assert again.endswith("step_7.2.json")  # nothing to draw: no PNGs
   assert not list((tmp_path / "eval").glob("step_7.2.*.png"))
+
+
+def test_a_name_whose_pictures_remain_is_not_reused(tmp_path):
+  (tmp_path / "eval").mkdir()
+  (tmp_path / "eval" / "step_3.roc.png").write_bytes(b"kept")
+  path = report.write_results(str(tmp_path), "step_3", {"x": {"a": 1.0}})
+  assert path.endswith("step_3.2.json")
+  assert (tmp_path / "eval" / "step_3.roc.png").read_bytes() == b"kept"

@@ -39,8 +39,10 @@ from tests import tiny_runs as runs
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
 TIMEOUT = 600
-# Losses of the two steps after a common state, on another layout.
-RESUME_RTOL = 1e-5
+# Losses of the two steps after a common state, on another layout: the
+# second step after a resume was measured up to 1.1e-5 apart (1 x 4 devices
+# resuming a 2 x 2 run); a wrong batch, state or sum is off by percents.
+RESUME_RTOL = 3e-5
 
 
 @pytest.fixture(scope="module")

@@ -120,7 +120,8 @@ def test_eval_mode_restores_the_model_on_another_device_count(
   workdir = tmp_path / "run"
   shutil.copytree(ref_dir, workdir)
   trained = json.loads((workdir / "eval" / f"step_{STEPS}.json").read_text())
-  (workdir / "eval" / f"step_{STEPS}.json").unlink()
+  for result in (workdir / "eval").glob(f"step_{STEPS}.*"):
+    result.unlink()  # the JSON and its pictures: the name is free again
   command = cli_command(workdir, "--mode=eval")
   result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT,
                           env=subprocess_env(devices=2), timeout=600)

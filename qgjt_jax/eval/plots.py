@@ -18,6 +18,9 @@ from typing import Any, Callable
 from qgjt_jax import outputs
 
 
+KINDS = ("roc", "reject", "norms")
+
+
 def _figure(draw: Callable[[Any], bool], path: str) -> bool:
   """Draws on one axes with `draw(ax)`; writes `path` if it drew anything."""
   # A bare Figure, not pyplot: no display, and the caller's backend (a
@@ -73,7 +76,7 @@ def write_plots(results: Mapping[str, Any], stem: str) -> list[str]:
     return bool(found)
 
   written = []
-  for suffix, draw in (("roc", roc), ("reject", reject), ("norms", norms)):
+  for suffix, draw in zip(KINDS, (roc, reject, norms)):
     path = f"{stem}.{suffix}.png"
     if _figure(draw, path):
       written.append(path)

@@ -108,7 +108,14 @@ def write_results(workdir: str, name: str, results: Mapping[str, Any]) -> str:
     return str(path)
   directory = pathlib.Path(workdir) / 'eval'
   directory.mkdir(parents=True, exist_ok=True)
-  path = outputs.free_name(str(directory / f'{name}.json'))
+  # The first of NAME, NAME.2, ... with neither a JSON nor pictures (a
+  # JSON deleted by hand leaves its pictures, which are kept too).
+  base, n = name, 1
+  while (directory / f'{base}.json').exists() or any(
+      (directory / f'{base}.{kind}.png').exists() for kind in plots.KINDS):
+    n += 1
+    base = f'{name}.{n}'
+  path = str(directory / f'{base}.json')
   outputs.write(path, text, overwrite=False)
   try:
     plots.write_plots(results, path[:-len('.json')])
