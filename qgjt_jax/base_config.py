@@ -135,7 +135,11 @@ def get_base_config() -> ml_collections.ConfigDict:
       # sub-folder per person, and text files of "A B LABEL" pairs. align
       # "detect" finds and aligns the face of each photo first (the
       # `.[align]` extra); "none" takes the images as aligned crops.
-      folders=(), pairs_files=(), align="none"))
+      # calibration_folders are scored as folders are, and are where
+      # compare and identify take their thresholds from first: photos of
+      # people who are not in any gallery you will search
+      # (qgjt_jax/inference/decisions.py).
+      folders=(), pairs_files=(), calibration_folders=(), align="none"))
 
   # What a file handed to us may declare before it is refused (checkpoints,
   # .bin/.rec sets, image folders, embed/compare images): qgjt_jax/limits.py.

@@ -21,7 +21,6 @@ readable the run stops instead of silently starting over.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import time
@@ -33,17 +32,18 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from qgjt_jax import errors
+from qgjt_jax import records
 from qgjt_jax import reporting
-from qgjt_jax.config_keys import MISSING, lookup
 
 STATE, MODEL, QUALITY = "state", "model", "quality"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(errors.UserError, RuntimeError):
   """Checkpoints exist but none can be restored."""
 
 
-class IncompatibleRunError(ValueError):
+class IncompatibleRunError(errors.UserError, ValueError):
   """The workdir's checkpoints were written with an incompatible config."""
 
 
@@ -235,13 +235,86 @@ def restore_model(directory: str, abstract_model: Any,
   Raises:
     CheckpointError: no checkpoint, no such step, or none readable.
   """
-  manager = ocp.CheckpointManager(
-      _absolute(directory),
-      options=ocp.CheckpointManagerOptions(create=False, read_only=True))
+  steps = sorted(committed_steps(directory), reverse=True)
+  if step is not None:
+    if step not in steps:
+      raise CheckpointError(
+          f"No checkpoint step {step} in {directory}; available: "
+          f"{sorted(steps) or 'none'}.")
+    steps = [step]
+  if not steps:
+    raise CheckpointError(f"No checkpoint in {directory}.")
+  errors = []
+  for s in steps:
+    difference = _model_difference(directory, s, abstract_model)
+    if difference:
+      raise CheckpointError(
+          f"{directory}/{s} holds another model than the config builds "
+          f"({difference}); leave out --config to use the model the "
+          f"workdir records ({records.CONFIG_RECORD} or "
+          f"{records.CONVERTED_RECORD})")
+    try:
+      return restore_item(directory, s, MODEL, abstract_model), s
+    except Exception as e:  # damaged step: report, try an older one
+      errors.append(f"step {s}: {type(e).__name__}: {_first_line(e)}")
+      logging.info("Could not restore the model of step %d: %r", s, e)
+      reporting.note(
+          f"WARNING: the model of checkpoint step {s} in {directory} could "
+          f"not be restored ({errors[-1]}).")
+  raise CheckpointError(f"No readable checkpoint in {directory}:\n  " +
+                        "\n  ".join(errors))
+
+
+CHECKPOINTS = "checkpoints"  # the folder of a workdir that holds its steps
+
+
+def checkpoints_dir(workdir: str) -> str:
+  """WORKDIR/checkpoints: where a workdir keeps its steps."""
+  return f"{workdir.rstrip('/')}/{CHECKPOINTS}"
+
+
+def committed_steps(directory: str) -> list[int]:
+  """The steps saved whole in `directory` (none while it does not exist),
+  found without a CheckpointManager: a reader must never clean up or
+  otherwise touch the folder of a run that may still be writing it."""
+  root = epath.Path(_absolute(directory))
+  if not root.is_dir():
+    return []
+  return sorted(int(s) for s in ocp.utils.checkpoint_steps(root))
+
+
+def _item_path(directory: str, step: int, item: str) -> epath.Path:
+  return epath.Path(_absolute(directory)) / str(step) / item
+
+
+def stored_tree(directory: str, step: int, item: str) -> Any:
+  """The metadata tree (shape and dtype of every array) of an item saved at
+  `step`, read from the item itself (nothing restored)."""
+  return ocp.StandardCheckpointHandler().metadata(
+      _item_path(directory, step, item))
+
+
+def restore_item(directory: str, step: int, item: str, target: Any = None,
+                 sharding: Any = None) -> Any:
+  """An item of a step, into `target` (ShapeDtypeStructs with shardings).
+
+  Without a target, one is made from the item's own metadata with every
+  array on `sharding` (default: replicated on this process's first device),
+  so an item written on any device count restores on the devices present:
+  orbax alone restores only onto the topology that wrote it.
+  """
+  if target is None:
+    sharding = sharding or jax.sharding.SingleDeviceSharding(
+        jax.local_devices()[0])
+    target = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+        stored_tree(directory, step, item))
+  handler = ocp.StandardCheckpointHandler()
   try:
-    return _restore_model_of(manager, directory, abstract_model, step)
+    return handler.restore(_item_path(directory, step, item),
+                           args=ocp.args.StandardRestore(target))
   finally:
-    manager.close()  # no orbax thread left to fail at exit
+    handler.close()
 
 
 def _leaf_name(path) -> str:
@@ -279,11 +352,8 @@ def _stored_shapes(directory: str, step: int, item: str
   """{leaf name: shape} of an item saved at `step`, from the checkpoint's
   metadata (nothing restored); None when the metadata cannot be read (then
   the restore itself reports what is wrong)."""
-  path = epath.Path(_absolute(directory)) / str(step) / item
   try:
-    with ocp.StandardCheckpointer() as checkpointer:
-      metadata = checkpointer.metadata(path)
-    return _shapes(getattr(metadata, "item_metadata", metadata)) or None
+    return _shapes(stored_tree(directory, step, item)) or None
   except Exception:  # pylint: disable=broad-except
     return None
 
@@ -309,51 +379,12 @@ def _model_difference(directory: str, step: int, abstract_model: Any
   return found[0] if found else None
 
 
-def _restore_model_of(manager, directory: str, abstract_model: Any,
-                      step: Optional[int]) -> tuple[Any, int]:
-  steps = sorted(manager.all_steps(), reverse=True)
-  if step is not None:
-    if step not in steps:
-      raise CheckpointError(
-          f"No checkpoint step {step} in {directory}; available: "
-          f"{sorted(steps)}.")
-    steps = [step]
-  if not steps:
-    raise CheckpointError(f"No checkpoint in {directory}.")
-  errors = []
-  for s in steps:
-    difference = _model_difference(directory, s, abstract_model)
-    if difference:
-      raise CheckpointError(
-          f"{directory}/{s} holds another model than the config builds "
-          f"({difference}); pass the --config.model.* and "
-          "--config.data.image_size of the model that wrote it (its "
-          f"workdir's {CONFIG_RECORD} or {CONVERTED_RECORD} says them, and "
-          "qgjt_jax.convert prints them)")
-    try:
-      restored = manager.restore(s, args=ocp.args.Composite(
-          **{MODEL: ocp.args.StandardRestore(abstract_model)}))
-      return restored[MODEL], s
-    except Exception as e:  # damaged step: report, try an older one
-      errors.append(f"step {s}: {type(e).__name__}: {_first_line(e)}")
-      logging.info("Could not restore the model of step %d: %r", s, e)
-      reporting.note(
-          f"WARNING: the model of checkpoint step {s} in {directory} could "
-          f"not be restored ({errors[-1]}).")
-  raise CheckpointError(f"No readable checkpoint in {directory}:\n  " +
-                        "\n  ".join(errors))
-
-
 def restore_quality(directory: str, step: int) -> Optional[dict[str, float]]:
   """{'mean', 'std'} of the running norm statistics at `step`, or None for
   a checkpoint without them (a converted model)."""
-  if not (epath.Path(_absolute(directory)) / str(step) / QUALITY).exists():
+  if not _item_path(directory, step, QUALITY).exists():
     return None
-  manager = ocp.CheckpointManager(
-      _absolute(directory),
-      options=ocp.CheckpointManagerOptions(create=False, read_only=True))
-  restored = manager.restore(step, args=ocp.args.Composite(
-      **{QUALITY: ocp.args.StandardRestore()}))[QUALITY]
+  restored = restore_item(directory, step, QUALITY)
   return {k: float(v) for k, v in restored.items()}
 
 
@@ -365,87 +396,6 @@ def save_model_only(directory: str, model: dict[str, Any], step: int = 0
       **{MODEL: ocp.args.StandardSave(model)}), force=True)
   manager.wait_until_finished()
   manager.close()
-
-
-CONFIG_RECORD = "config.json"
-
-
-def record_config(workdir: str, config_dict: dict[str, Any],
-                  version: str) -> None:
-  """Keeps the config and package version that wrote the workdir."""
-  if jax.process_index() != 0:
-    return
-  directory = epath.Path(workdir)
-  directory.mkdir(parents=True, exist_ok=True)
-  text = json.dumps({"version": version, "config": config_dict}, indent=2,
-                    sort_keys=True, default=str)
-  # Written beside and renamed, so a crash never leaves half a record.
-  tmp = directory / (CONFIG_RECORD + ".tmp")
-  tmp.write_text(text)
-  tmp.replace(directory / CONFIG_RECORD)
-
-
-# What rebuilding the backbone alone (evaluation, fine-tuning) depends on.
-MODEL_KEYS = ("model.name", "model.base_width", "model.embedding_size",
-              "data.image_size")
-# ... and what feeding it right does: the channel order its weights expect.
-MODEL_INPUT_KEYS = ("model.input_order",)
-CONVERTED_RECORD = "converted_from.json"
-
-
-def read_record(path: epath.Path, key: str) -> dict[str, Any]:
-  """A workdir's JSON record, which must hold a mapping under `key`.
-
-  Raises:
-    CheckpointError: the file is damaged (naming it).
-  """
-  try:
-    record = json.loads(path.read_text())
-    if not isinstance(record, dict) or not isinstance(record.get(key), dict):
-      raise ValueError(f"no {key!r} mapping")
-  except (ValueError, UnicodeDecodeError) as e:
-    raise CheckpointError(
-        f"{path} is damaged ({type(e).__name__}: {str(e)[:100]}); restore it "
-        "from a copy, or use another --workdir") from None
-  return record
-
-
-def recorded_model_settings(workdir: str) -> dict[str, Any]:
-  """{dotted key: value} of MODEL_KEYS and MODEL_INPUT_KEYS as the workdir
-  recorded them: config.json of a training run, or converted_from.json of a
-  converted model; {} without either."""
-  directory = epath.Path(workdir)
-  if (directory / CONFIG_RECORD).exists():
-    recorded = read_record(directory / CONFIG_RECORD, "config")["config"]
-    values = {k: lookup(recorded, k) for k in MODEL_KEYS + MODEL_INPUT_KEYS}
-  elif (directory / CONVERTED_RECORD).exists():
-    values = read_record(directory / CONVERTED_RECORD, "config_overrides")[
-        "config_overrides"]
-  else:
-    return {}
-  return {k: v for k, v in values.items()
-          if k in MODEL_KEYS + MODEL_INPUT_KEYS and v is not MISSING}
-
-
-def check_same_model(workdir: str, config_dict: dict[str, Any]) -> None:
-  """Stops, naming the MODEL_KEYS that differ from the workdir's record
-  (evaluation and embedding rebuild the model from the config).
-
-  Raises:
-    IncompatibleRunError: naming each differing key and both values.
-  """
-  path = epath.Path(workdir) / CONFIG_RECORD
-  if not path.exists():
-    return
-  record = read_record(path, "config")
-  diffs = [f"config.{key}: the checkpoints have {old!r}, this run asks "
-           f"for {new!r}" for key, old, new in _changed_keys(
-               record["config"], config_dict) if key in MODEL_KEYS]
-  if diffs:
-    raise IncompatibleRunError(
-        f"The checkpoints in {workdir} hold another model (written by "
-        f"qgjt_jax {record.get('version', '?')}):\n  " + "\n  ".join(diffs) +
-        f"\nUse the recorded values (all of them are in {path}).")
 
 
 def check_resumable(workdir: str, record: dict[str, Any],
@@ -462,10 +412,8 @@ def check_resumable(workdir: str, record: dict[str, Any],
   Raises:
     IncompatibleRunError: naming both.
   """
-  directory = f"{workdir}/checkpoints"
-  root = epath.Path(_absolute(directory))
-  steps = sorted((int(p.name) for p in root.iterdir() if p.name.isdigit()),
-                 reverse=True) if root.is_dir() else []
+  directory = checkpoints_dir(workdir)
+  steps = sorted(committed_steps(directory), reverse=True)
   wanted, found = _shapes(abstract_state), None
   for step in steps:  # a damaged newest step is the restore's to set aside
     stored = _stored_shapes(directory, step, STATE)
@@ -477,10 +425,10 @@ def check_resumable(workdir: str, record: dict[str, Any],
     found = found or differences
   if not found:
     return
-  path = epath.Path(workdir) / CONFIG_RECORD
-  recorded = read_record(path, "config") if path.exists() else {}
+  path = epath.Path(workdir) / records.CONFIG_RECORD
+  recorded = records.read_record(path, "config") if path.exists() else {}
   keys = [f"{'config.' if key != 'num_classes' else ''}{key}: recorded "
-          f"{old!r}, now {new!r}" for key, old, new in _changed_keys(
+          f"{old!r}, now {new!r}" for key, old, new in records.changed_keys(
               recorded.get("config", {}), record)]
   raise IncompatibleRunError(
       f"The checkpoints in {workdir} were written by an incompatible run "
@@ -491,23 +439,3 @@ def check_resumable(workdir: str, record: dict[str, Any],
       ("\n  ".join(keys[:12]) or "none recorded") +
       "\nUse another --workdir, or set the recorded values again "
       f"(all of them are in {path}).")
-
-
-def _changed_keys(old: dict, new: dict, prefix: str = ""
-                  ) -> list[tuple[str, Any, Any]]:
-  """(dotted key, old, new) of every leaf value that differs."""
-  out = []
-  for key in sorted(set(old) | set(new)):
-    a, b = old.get(key, MISSING), new.get(key, MISSING)
-    if isinstance(a, dict) and isinstance(b, dict):
-      out += _changed_keys(a, b, f"{prefix}{key}.")
-    elif a is not MISSING and b is not MISSING and _jsonish(a) != _jsonish(
-        b):
-      out.append((f"{prefix}{key}", a, b))
-  return out
-
-
-def _jsonish(value: Any) -> Any:
-  """Tuples and lists compare alike (the record is JSON)."""
-  return list(value) if isinstance(value, tuple) else value
-

@@ -231,13 +231,15 @@ def check_eval_paths(config: ml_collections.ConfigDict) -> None:
           f"--config.eval.{dataset}_aligned_dir='' to score the raw images "
           "(not comparable with the paper).")
   for key, exists, what in (("folders", os.path.isdir, "folder"),
+                            ("calibration_folders", os.path.isdir, "folder"),
                             ("pairs_files", os.path.isfile, "file")):
     for path in config.eval[key]:
       if "://" not in path and not exists(path):
         raise ConfigError(f"config.eval.{key} lists {path!r}, which is not "
                           f"a {what}; fix the path or drop it from the list.")
-  if config.eval.align == "detect" and (config.eval.folders or
-                                        config.eval.pairs_files):
+  if config.eval.align == "detect" and (
+      config.eval.folders or config.eval.pairs_files or
+      config.eval.calibration_folders):
     from qgjt_jax.align import detector  # pylint: disable=g-import-not-at-top
     try:
       detector.Detector()

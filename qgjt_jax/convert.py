@@ -15,10 +15,10 @@ whose recorded input size and channel order are used) or an `.npz` of
 name -> array, all read without torch (`torch_files`) and without running
 anything from the file. The architecture, base width,
 embedding size and input size are read from the tensors (`--arch` names the
-depth instead); the program prints them, the parameter count and the
-`python -m qgjt_jax.main ... --mode=eval` command with the `--config.model.*`
-and `--config.data.image_size` overrides the config needs to rebuild the same
-model. It refuses to replace an existing WORKDIR/checkpoints unless
+depth instead); the program prints them and the parameter count, and records
+them in WORKDIR/converted_from.json, from which every command that uses the
+model (`--mode=eval`, embed, compare, identify, export, `qgjt_jax.load_model`)
+rebuilds it. It refuses to replace an existing WORKDIR/checkpoints unless
 `--overwrite`.
 
 The AdaFace/QGFace names follow `input_layer.{0,1,2}`,
@@ -59,10 +59,12 @@ from absl import flags
 from etils import epath
 import numpy as np
 
+from qgjt_jax import checkpoint
 from qgjt_jax import errors
 from qgjt_jax import limits
 from qgjt_jax import models
 from qgjt_jax import outputs
+from qgjt_jax import records
 from qgjt_jax import torch_files
 from qgjt_jax import workdir_lock
 from qgjt_jax.models import iresnet
@@ -648,15 +650,10 @@ def _check_finite(tensors: Mapping[str, Any]) -> None:
         "the weights are damaged or come from a diverged run")
 
 
-def checkpoint_dir(workdir: str) -> str:
-  """Where `--mode=eval` looks for the checkpoints of a workdir."""
-  return f"{workdir.rstrip('/')}/checkpoints"
-
-
 # What a workdir holds about its model: replaced together by --overwrite,
 # so no record of the old model (a training run's config.json, its
 # evaluations) is left to describe the new one.
-_MODEL_RECORDS = ("config.json", "converted_from.json", "eval")
+_MODEL_RECORDS = (records.CONFIG_RECORD, records.CONVERTED_RECORD, "eval")
 
 
 def check_writable(workdir: str, overwrite: bool = False) -> None:
@@ -665,7 +662,7 @@ def check_writable(workdir: str, overwrite: bool = False) -> None:
   Raises:
     FileExistsError: naming the folder and what is in it.
   """
-  directory = epath.Path(checkpoint_dir(workdir))
+  directory = epath.Path(checkpoint.checkpoints_dir(workdir))
   if directory.exists() and not directory.is_dir():
     raise FileExistsError(f"{directory} exists and is not a folder")
   entries = sorted(p.name for p in directory.iterdir()
@@ -692,10 +689,9 @@ def write_checkpoint(workdir: str, converted: ConvertedModel, *,
   Raises:
     FileExistsError: the checkpoint folder is not empty and not `overwrite`.
   """
-  from qgjt_jax import checkpoint  # orbax: only needed to write
   check_writable(workdir, overwrite)
   root = epath.Path(workdir)
-  directory = epath.Path(checkpoint_dir(workdir))
+  directory = epath.Path(checkpoint.checkpoints_dir(workdir))
   # Written beside, then swapped in: an interrupted conversion leaves the
   # old model whole (and a step left beside step 0 would be "the latest").
   staging = root / ".checkpoints.converting"
@@ -720,23 +716,12 @@ def write_checkpoint(workdir: str, converted: ConvertedModel, *,
   if directory.exists():
     directory.rmtree()
   staging.rename(directory)
-  outputs.write(str(root / checkpoint.CONVERTED_RECORD),
+  outputs.write(str(root / records.CONVERTED_RECORD),
                 json.dumps(record, indent=2) + "\n", overwrite=True)
   return str(directory)
 
 
-def eval_command(workdir: str, converted: ConvertedModel,
-                 config_file: str = "configs/ms1m.py") -> str:
-  """The `--mode=eval` command line for a converted workdir (shell quoted)."""
-  args = [f"--config={config_file}", f"--workdir={workdir}", "--mode=eval"]
-  args += [f"--config.{k}={v}" for k, v in converted.config_overrides().items()]
-  lines = ["python -m qgjt_jax.main " + shlex.quote(args[0])]
-  lines += [shlex.quote(a) for a in args[1:]]
-  return " \\\n    ".join(lines)
-
-
-def summary(src: str, workdir: str, converted: ConvertedModel,
-            config_file: str) -> str:
+def summary(src: str, workdir: str, converted: ConvertedModel) -> str:
   """What the program prints after a conversion."""
   se = "with" if converted.use_se else "no"
   size = converted.image_size
@@ -750,13 +735,13 @@ def summary(src: str, workdir: str, converted: ConvertedModel,
       "layout)",
       f"  input size      {size} x {size}",
       f"  parameters      {converted.num_params:,}",
-      f"Wrote the model (step 0) to {checkpoint_dir(workdir)}.",
-      "Evaluate it with (the config's model must match: keep the "
-      "--config.model.* and --config.data.image_size overrides):",
-      "  " + eval_command(workdir, converted, config_file),
-      "and choose the sets with --config.eval.bin_sets=\"('/data/lfw.bin', "
-      "'/data/agedb_30.bin')\" (or eval.tinyface_root, scface_root, "
-      "ijb_root).",
+      f"Wrote the model (step 0) to {checkpoint.checkpoints_dir(workdir)}; "
+      f"{records.CONVERTED_RECORD} beside it says which model it is, so "
+      "every command that uses it needs only --workdir. Evaluate it with",
+      f"  python -m qgjt_jax.main --workdir={shlex.quote(workdir)} "
+      "--mode=eval \\",
+      "      --config.eval.bin_sets=\"('/data/lfw.bin', '/data/agedb_30.bin')\"",
+      "(or eval.tinyface_root, scface_root, ijb_root, folders).",
   ])
 
 
@@ -777,8 +762,6 @@ def _define_flags() -> None:
   flags.DEFINE_bool("force_lock", False, "Take the workdir's lock even when "
                     "its note says another run holds it.")
   limits.define_flags()
-  flags.DEFINE_string("eval_config", "configs/ms1m.py", "Config file named "
-                      "in the printed --mode=eval command.")
   errors.define_traceback_flag()
   flags.mark_flags_as_required(["src", "workdir"])
 
@@ -833,7 +816,7 @@ def main(argv: list[str]) -> None:
     finally:
       if lock is not None:
         lock.release()
-  print(summary(cfg.src, cfg.workdir, converted, cfg.eval_config), flush=True)
+  print(summary(cfg.src, cfg.workdir, converted), flush=True)
 
 
 if __name__ == "__main__":

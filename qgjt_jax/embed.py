@@ -1,10 +1,10 @@
 r"""Embeddings of your own faces from a checkpoint (--mode=embed/compare).
 
-  python -m qgjt_jax.main --config=configs/ms1m.py --workdir=runs/ms1m \
-      --mode=embed --images=/data/my_faces --out=my_faces.npz [--skip_bad] \
+  python -m qgjt_jax.main --workdir=runs/ms1m --mode=embed \
+      --images=/data/my_faces --out=my_faces.npz [--skip_bad] \
       [--align=detect | --landmarks=points.csv] [--all_faces]
-  python -m qgjt_jax.main --config=configs/ms1m.py --workdir=runs/ms1m \
-      --mode=compare --images=a.jpg,b.jpg [--align=detect] [--far=1e-4]
+  python -m qgjt_jax.main --workdir=runs/ms1m --mode=compare \
+      --images=a.jpg,b.jpg [--align=detect] [--far=1e-4]
 
 Without alignment flags the images are aligned face crops (any size:
 resized to the model's input; a line says so when they were not at it).
@@ -16,10 +16,13 @@ and which side of the HQ/LQ threshold (`config.head.b`) that puts it on,
 its path relative to the folder ("#k" after it for a photo's k-th face),
 and its box, five points and detector score (NaN where not known). A
 checkpoint without norm statistics (a converted model) leaves quality NaN.
+Faces are scored as every decision is (`extract.DECISION_SCORING`: each
+face fused with its mirror image; the norm is the two views' mean).
 
 `compare` prints the cosine of two faces and its decision at the cosine
-threshold the workdir's latest evaluation measured at --far (see
-`eval/thresholds.py`), or at --threshold.
+threshold of --far that the evaluation of the model's step measured on
+photos (`inference/decisions.py` says which sets qualify), or at
+--threshold; it refuses, saying how to calibrate, where none qualifies.
 """
 from __future__ import annotations
 
@@ -28,22 +31,16 @@ import os
 import pathlib
 from typing import Optional, Sequence
 
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from qgjt_jax import checkpoint as ckpt
 from qgjt_jax import errors
-from qgjt_jax import evaluate
 from qgjt_jax import outputs
-from qgjt_jax import parallel
 from qgjt_jax import reporting
-from qgjt_jax import state as state_lib
 from qgjt_jax.align import faces as faces_lib
 from qgjt_jax.eval import extract
 from qgjt_jax.eval import images as images_lib
-from qgjt_jax.eval import thresholds
-from qgjt_jax.method import quality as quality_lib
+from qgjt_jax.inference import decisions
+from qgjt_jax.inference import model as model_lib
 
 
 class ImageError(ValueError):
@@ -64,34 +61,11 @@ class Embedded:
 
 
 class Embedder:
-  """The model of a workdir's checkpoint, restored once, embedding lists
-  of photos (see module)."""
+  """Photos to embeddings with a loaded model (see module)."""
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str,
-               step: Optional[int] = None,
+  def __init__(self, model: model_lib.Model,
                alignment: faces_lib.Alignment = faces_lib.Alignment()):
-    config = evaluate.with_recorded_input_order(config, workdir)
-    mesh = parallel.make_mesh(1)
-    dtype = jnp.dtype(config.eval.dtype)
-    model = state_lib.build_model(config).clone(dtype=dtype)
-    directory = f"{workdir}/checkpoints"
-    variables, self.step = ckpt.restore_model(
-        directory, evaluate.abstract_model_variables(config, model, mesh),
-        step)
-    self.stats = ckpt.restore_quality(directory, self.step)
-    self.embed_fn = evaluate.make_embed_fn(model, dtype, mesh, variables)
-    self.config, self.alignment = config, alignment
-
-  def quality(self, norms: np.ndarray) -> np.ndarray:
-    """q in [0, 1] of each norm under the run's statistics (NaN without)."""
-    if self.stats is None:
-      return np.full(len(norms), np.nan, np.float32)
-    scaler = quality_lib.margin_scaler(
-        jnp.asarray(norms), quality_lib.QualityStats(
-            mean=jnp.float32(self.stats["mean"]),
-            std=jnp.float32(self.stats["std"])),
-        self.config.quality.h, self.config.quality.eps)
-    return np.asarray(quality_lib.quality_from_scaler(scaler), np.float32)
+    self.model, self.alignment = model, alignment
 
   def embed(self, paths: Sequence[str | os.PathLike], *, root: str = "",
             skip_bad: bool = False, progress: bool = True,
@@ -111,7 +85,7 @@ class Embedder:
 
     crops = faces_lib.locate(paths, self.alignment, name=name,
                              on_error=unreadable, show_progress=progress)
-    size = self.config.data.image_size
+    size = self.model.image_size
     sizes = [None] * len(crops)
 
     def load(i):
@@ -123,16 +97,14 @@ class Embedder:
       sizes[i] = image.shape[:2]
       return faces_lib.crop_image(image, crops[i], size)
 
-    feats, norms = extract.extract_embeddings(
-        self.embed_fn, images_lib.LazyImages(load, len(crops)),
-        batch_size=self.config.eval.batch_size, flip=False,
-        return_norms=True, progress=progress, desc=desc)
+    feats, norms = self.model.embed(images_lib.LazyImages(load, len(crops)),
+                                    progress=progress, desc=desc)
     keep = [i for i, c in enumerate(crops) if name(c.path) not in bad]
     faces_lib.note_unaligned([sizes[i] for i in keep if sizes[i]], size,
                              self.alignment)
     located = {name(c.path) for c in crops}
-    quality = self.quality(norms[keep])
-    threshold = float(self.config.head.b)
+    quality = self.model.quality(norms[keep])
+    threshold = self.model.hq_threshold
     return Embedded(
         embeddings=feats[keep], norms=norms[keep], quality=quality,
         hq=quality >= threshold, threshold=threshold,
@@ -143,18 +115,17 @@ class Embedder:
         faces=faces_lib.face_records([crops[i] for i in keep]))
 
 
-def run_embed(config: ml_collections.ConfigDict, workdir: str, folder: str,
-              out: str, *, skip_bad: bool = False, step: Optional[int] = None,
-              overwrite: bool = False,
+def run_embed(model: model_lib.Model, folder: str, out: str, *,
+              skip_bad: bool = False, overwrite: bool = False,
               alignment: faces_lib.Alignment = faces_lib.Alignment()
               ) -> Embedded:
   """--mode=embed: every image below `folder` into the .npz `out` (that
   very name; refused before any work if it exists, unless `overwrite`)."""
   outputs.check_output(out, overwrite=overwrite)
   paths = list_photos(folder, "--images")
-  embedder = Embedder(config, workdir, step, alignment)
-  result = embedder.embed(paths, root=folder, skip_bad=skip_bad)
-  _report(result, embedder.step)
+  result = Embedder(model, alignment).embed(paths, root=folder,
+                                            skip_bad=skip_bad)
+  _report(result, model.step)
   import jax  # pylint: disable=g-import-not-at-top
   if jax.process_index() == 0:
     with outputs.atomic_file(out, overwrite=overwrite) as f:
@@ -165,7 +136,9 @@ def run_embed(config: ml_collections.ConfigDict, workdir: str, folder: str,
                skipped=np.array(result.skipped, dtype=str),
                no_face=np.array(result.no_face, dtype=str),
                alignment=np.array(alignment.mode),
-               crop_size=np.int32(config.data.image_size), **result.faces)
+               scoring=np.array(extract.DECISION_SCORING),
+               step=np.int64(model.step),
+               crop_size=np.int32(model.image_size), **result.faces)
   reporting.note(f"Wrote {out}: embeddings {result.embeddings.shape}, norms, "
                  "quality, hq, paths" + (", boxes, points" if
                                          alignment.mode != "none" else "") +
@@ -194,27 +167,26 @@ def _report(result: Embedded, step: int) -> None:
                                    if left_out else "."))
 
 
-def decision_threshold(workdir: str, far: float, threshold: Optional[float],
+def decision_threshold(model: model_lib.Model, *, far: float = 1e-4,
+                       threshold: Optional[float] = None,
                        threshold_set: Optional[str] = None
-                       ) -> Optional[thresholds.Threshold]:
-  """--threshold, else the workdir's latest evaluated threshold at `far`;
-  None (said in one line) when the workdir measured none."""
+                       ) -> decisions.Threshold:
+  """--threshold, else the threshold of `far` the evaluations of the
+  model's step measured (inference/decisions.py), its notes printed.
+
+  Raises:
+    decisions.DecisionError: no threshold may honestly be used.
+  """
   if threshold is not None:
-    return thresholds.Threshold(float(threshold), None, "--threshold")
-  try:
-    chosen, note = thresholds.latest(workdir, far, threshold_set)
-  except errors.UserError as e:
-    if threshold_set:
-      raise
-    reporting.note(f"No decision: {e}")
-    return None
-  if note:
+    return decisions.by_hand(threshold)
+  chosen, notes = decisions.at_far(model.workdir, model.step, far,
+                                   threshold_set)
+  for note in notes:
     reporting.note(note)
   return chosen
 
 
-def run_compare(config: ml_collections.ConfigDict, workdir: str,
-                images: Sequence[str], *, step: Optional[int] = None,
+def run_compare(model: model_lib.Model, images: Sequence[str], *,
                 alignment: faces_lib.Alignment = faces_lib.Alignment(),
                 far: float = 1e-4, threshold: Optional[float] = None,
                 threshold_set: Optional[str] = None) -> float:
@@ -223,19 +195,18 @@ def run_compare(config: ml_collections.ConfigDict, workdir: str,
   if len(images) != 2:
     raise ImageError(f"--images={','.join(images)}: give two images, "
                      "--images=A.jpg,B.jpg")
-  chosen = decision_threshold(workdir, far, threshold, threshold_set)
-  embedder = Embedder(config, workdir, step,
-                      dataclasses.replace(alignment, all_faces=False))
+  chosen = decision_threshold(model, far=far, threshold=threshold,
+                              threshold_set=threshold_set)
+  embedder = Embedder(model, dataclasses.replace(alignment, all_faces=False))
   result = embedder.embed(images, progress=False, hint="")
   if result.no_face:
     raise ImageError(f"{result.no_face[0]}: no face to compare")
   cosine = float(result.embeddings[0] @ result.embeddings[1])
-  verdict = ""
-  if chosen is not None:
-    same = cosine >= chosen.cosine
-    verdict = (f": {'same person' if same else 'different people'} "
-               f"({chosen.describe()})")
-  lines = [f"cosine similarity {cosine:.4f}{verdict}"]
+  same = cosine >= chosen.cosine
+  lines = [f"cosine similarity {cosine:.4f}: "
+           f"{'same person' if same else 'different people'}",
+           f"  decided at {chosen.describe()}; model of step {model.step}, "
+           f"{extract.DECISION_SCORING} scores"]
   for path, norm, q, hq in zip(result.paths, result.norms, result.quality,
                                result.hq):
     side = ("" if np.isnan(q) else

@@ -18,7 +18,6 @@ from jax.sharding import Mesh
 from qgjt_jax import checkpoint as ckpt
 from qgjt_jax import parallel
 from qgjt_jax import reporting
-from qgjt_jax import state as state_lib
 from qgjt_jax.align import faces
 from qgjt_jax.data import degrade
 from qgjt_jax.eval import extract
@@ -28,33 +27,7 @@ from qgjt_jax.eval import report
 from qgjt_jax.eval import scface
 from qgjt_jax.eval import tinyface
 from qgjt_jax.eval import verification
-from qgjt_jax.models.iresnet import normalize_images
-
-
-def eval_forward(model, dtype: Any, mesh: Mesh):
-  """The jitted eval forward pass: (variables, uint8 images) -> (unit
-  embeddings, norms). The images are split over every device of the mesh,
-  as in training; the results come back replicated (B x D floats: a small
-  all-gather)."""
-  def forward(variables, images):
-    emb, norms = model.apply(variables, normalize_images(images, dtype),
-                             train=False)
-    return emb.astype(jnp.float32), norms.astype(jnp.float32)
-
-  return jax.jit(forward, in_shardings=(parallel.replicated(mesh),
-                                        parallel.batch_sharding(mesh)),
-                 out_shardings=parallel.replicated(mesh))
-
-
-def make_embed_fn(model, dtype: Any, mesh: Mesh,
-                  variables: Any) -> extract.ShardedEmbedFn:
-  """The eval forward pass of `variables`, for `extract.extract_embeddings`:
-  each process passes its rows of a global batch (see `eval_forward`)."""
-  forward = eval_forward(model, dtype, mesh)
-  variables = jax.device_put(variables, parallel.replicated(mesh))
-  return extract.ShardedEmbedFn(
-      lambda local: forward(variables, parallel.host_to_global(local, mesh)),
-      extract.HostShard(jax.process_index(), jax.process_count()))
+from qgjt_jax.inference import model as model_lib
 
 
 class Evaluator:
@@ -77,60 +50,69 @@ class Evaluator:
     return self._synthetic_sets
 
   def evaluate_variables(self, variables: Any) -> dict[str, dict]:
-    """{set name: metrics} for the backbone `variables`."""
-    cfg = self.config.eval
+    """{set name: metrics} for the backbone `variables` (training's)."""
     # Evaluation has its own compute dtype (float32 by default, as the
     # authors evaluate), whatever the dtype the model was trained in.
-    dtype = jnp.dtype(cfg.dtype)
-    embed_fn = make_embed_fn(self.model.clone(dtype=dtype), dtype, self.mesh,
-                             variables)
-    common = dict(batch_size=cfg.batch_size, fusion=cfg.fusion)
+    module = self.model.clone(dtype=jnp.dtype(self.config.eval.dtype))
+    return self.evaluate(model_lib.make_embed_fn(module, self.mesh,
+                                                 variables),
+                         self.config.eval.batch_size)
+
+  def evaluate(self, embed_fn, batch_size: int) -> dict[str, dict]:
+    """{set name: metrics} of the forward pass `embed_fn` (one view of
+    `batch_size` faces; the flip fusion of config.eval.fusion is applied
+    here). Each set's "provenance" says what its thresholds are worth: the
+    kind of faces, the scoring and (once published) the step
+    (inference/decisions.py)."""
+    cfg = self.config.eval
+    common = dict(batch_size=batch_size, fusion=cfg.fusion)
+    scoring = extract.scoring_name(cfg.fusion)
     results = {}
+
+    def add(name, kind, metrics, folder=None):
+      metrics["provenance"] = {"kind": kind, "scoring": scoring}
+      if folder:
+        metrics["provenance"]["folder"] = os.path.abspath(folder)
+      results[name] = metrics
+
     if self.config.data.kind == "synthetic":
       for name, (images, issame) in self._synthetic_pairs().items():
-        results[f"synthetic_{name}"] = verification.evaluate_pairs(
+        add(f"synthetic_{name}", "generated", verification.evaluate_pairs(
             embed_fn, images, issame, desc=name,
-            clean_then_degraded=name == "hq_lq", **common)
+            clean_then_degraded=name == "hq_lq", **common))
     size = self.config.data.image_size
     for path in cfg.bin_sets:
       for low_res in (None, *cfg.low_res):
-        metrics = verification.evaluate_bin(
-            embed_fn, path, low_res=low_res, image_size=size, **common)
-        name = _set_name(path) + (f"@{low_res}px" if low_res else "")
-        results[name] = metrics
+        add(_set_name(path) + (f"@{low_res}px" if low_res else ""), "bin",
+            verification.evaluate_bin(embed_fn, path, low_res=low_res,
+                                      image_size=size, **common))
     if cfg.tinyface_root:
       aligned = cfg.tinyface_aligned_dir or None
-      results["tinyface"] = tinyface.evaluate_tinyface(
+      add("tinyface", "identification", tinyface.evaluate_tinyface(
           embed_fn, cfg.tinyface_root, aligned_dir=aligned, image_size=size,
-          **common)
+          **common))
       results["tinyface"]["images"] = aligned or "raw Testing_Set"
     if cfg.scface_root:
-      results["scface"] = scface.evaluate_scface(
+      add("scface", "identification", scface.evaluate_scface(
           embed_fn, cfg.scface_root, aligned_dir=cfg.scface_aligned_dir,
-          image_size=size, **common)
+          image_size=size, **common))
       results["scface"]["images"] = cfg.scface_aligned_dir or "the root"
     if cfg.ijb_root:
-      results[cfg.ijb_target.lower()] = ijb.evaluate_ijb(
+      add(cfg.ijb_target.lower(), "ijb_template", ijb.evaluate_ijb(
           embed_fn, cfg.ijb_root, subset=cfg.ijb_target, image_size=size,
           use_norm_score=cfg.ijb_pooling == "norm", tar_rule=cfg.tar_rule,
-          **common)
-    results.update(self._own_data(embed_fn, common))
-    return results
-
-  def _own_data(self, embed_fn, common) -> dict[str, dict]:
-    """config.eval.folders and pairs_files (eval/own_data.py)."""
-    cfg, size = self.config.eval, self.config.data.image_size
+          **common))
     load = (faces.photo_loader(size) if cfg.align == "detect" else None)
-    results = {}
-    for folder in cfg.folders:
-      results[f"folder_{_set_name(os.path.normpath(folder))}"] = (
-          own_data.evaluate_folder(embed_fn, folder, image_size=size,
-                                   load=load, tar_rule=cfg.tar_rule,
-                                   **common))
+    own = dict(image_size=size, load=load, tar_rule=cfg.tar_rule, **common)
+    for kind, folders in (("calibration", cfg.calibration_folders),
+                          ("own_folder", cfg.folders)):
+      prefix = "calibration_" if kind == "calibration" else "folder_"
+      for folder in folders:
+        add(prefix + _set_name(os.path.normpath(folder)), kind,
+            own_data.evaluate_folder(embed_fn, folder, **own), folder)
     for path in cfg.pairs_files:
-      results[f"pairs_{_set_name(path)}"] = own_data.evaluate_pairs_file(
-          embed_fn, path, image_size=size, load=load, tar_rule=cfg.tar_rule,
-          **common)
+      add(f"pairs_{_set_name(path)}", "own_pairs",
+          own_data.evaluate_pairs_file(embed_fn, path, **own))
     return results
 
   def run(self, state, step: int, writer, workdir: str) -> dict[str, dict]:
@@ -142,6 +124,8 @@ class Evaluator:
   def publish(self, results, step: int, writer, workdir: str):
     if not results:
       return results
+    for metrics in results.values():
+      metrics["provenance"]["step"] = step
     reporting.note(
         f"\nEvaluation at step {step} (computed in {self.config.eval.dtype}):"
         f"\n{report.format_table(results)}\n")
@@ -157,60 +141,26 @@ def _set_name(path: str) -> str:
   return os.path.splitext(os.path.basename(path))[0]
 
 
-def with_recorded_input_order(config: ml_collections.ConfigDict,
-                              workdir: str) -> ml_collections.ConfigDict:
-  """`config` with the model.input_order the workdir recorded, if any."""
-  recorded = ckpt.recorded_model_settings(workdir).get("model.input_order")
-  return with_input_order(config, recorded, f"The model in {workdir}")
-
-
-def with_input_order(config: ml_collections.ConfigDict, order: Any,
-                     whose: str) -> ml_collections.ConfigDict:
-  """`config` with model.input_order `order` (None: unchanged), saying so."""
-  if not order or order == config.model.input_order:
-    return config
-  reporting.note(f"{whose} reads {order} images: config.model.input_order="
-                 f"{config.model.input_order!r} is overridden.")
-  config = config.copy_and_resolve_references()
-  with config.unlocked():
-    config.model.input_order = order
-  return config
-
-
-def abstract_model_variables(config: ml_collections.ConfigDict, model,
-                             mesh: Mesh) -> Any:
-  """Shapes of {'params', 'batch_stats'}, replicated on this mesh."""
-  size = config.data.image_size
-  shapes = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)),
-                         train=False))
-  sharding = parallel.replicated(mesh)
-  return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-      {"params": shapes["params"], "batch_stats": shapes["batch_stats"]})
-
-
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
-                        step: Optional[int] = None,
-                        checkpoint_dir: Optional[str] = None) -> dict:
-  """--mode=eval: restores a checkpoint's backbone and evaluates it.
-
-  The channel order the weights expect comes from the workdir's record (a
-  converted insightface model reads RGB), whatever the config says.
-  """
-  config = with_recorded_input_order(config, workdir)
-  mesh = parallel.make_mesh(1)
-  model = state_lib.build_model(config)
-  directory = checkpoint_dir or f"{workdir}/checkpoints"
-  variables, restored_step = ckpt.restore_model(
-      directory, abstract_model_variables(config, model, mesh), step)
-  reporting.note(
-      f"Restored the model of step {restored_step} from {directory}.")
-  evaluator = Evaluator(config, model, mesh)
-  writer = reporting.create_writer(f"{workdir}/eval")
-  results = evaluator.publish(evaluator.evaluate_variables(variables),
-                              restored_step, writer, workdir)
+def evaluate_checkpoint(path: str, step: Optional[int] = None,
+                        config: Optional[ml_collections.ConfigDict] = None,
+                        explicit=(), results_dir: Optional[str] = None
+                        ) -> dict:
+  """--mode=eval: evaluates the model of a workdir (or its checkpoints
+  folder, or a step folder) with `config`'s evaluations (default: the ones
+  its record names); results go to RESULTS_DIR/eval (default: the
+  workdir's)."""
+  model = model_lib.load_model(path, step, config=config, explicit=explicit)
+  reporting.note(f"Restored the model of step {model.step} from "
+                 f"{ckpt.checkpoints_dir(model.workdir)} on "
+                 f"{jax.device_count()} device(s).")
+  evaluator = Evaluator(model.config, model.module, model.mesh)
+  results_dir = results_dir or model.workdir
+  writer = reporting.create_writer(f"{results_dir}/eval")
+  results = evaluator.publish(
+      evaluator.evaluate(model.embed_fn, model.batch_size), model.step,
+      writer, results_dir)
   if not results:
     reporting.note("Nothing to evaluate: set config.eval.bin_sets (or "
-                   "tinyface_root, scface_root, ijb_root).")
+                   "folders, pairs_files, tinyface_root, scface_root, "
+                   "ijb_root).")
   return results

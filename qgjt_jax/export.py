@@ -1,40 +1,51 @@
-r"""A workdir's model, out of JAX: ONNX (onnxruntime, TensorRT), StableHLO, or
-the PyTorch weights of its IResNet (safetensors).
+r"""A workdir's model, out of JAX: ONNX (onnxruntime, TensorRT, insightface's
+client), StableHLO, or the PyTorch weights of its IResNet (safetensors).
 
   python -m qgjt_jax.export --workdir=runs/ms1m --format=onnx \
-      --out=model.onnx [--batch=dynamic|N] [--step=N]
+      --out=model.onnx [--onnx_layout=qgjt|insightface] [--batch=N] [--step=N]
   python -m qgjt_jax.export --workdir=runs/ms1m --format=stablehlo \
       --out=model.stablehlo
   python -m qgjt_jax.export --workdir=runs/ms1m --format=safetensors \
       --out=model.safetensors
 
-The model is rebuilt from the workdir's own record (a training run's
-config.json, or a converted model's converted_from.json) and its checkpoint
-(default: the latest step). Both formats take the same input and give the
-same outputs:
+--workdir is a workdir (a training run's, or one `qgjt_jax.convert` wrote),
+its checkpoints folder or a step folder; the model is the one its record
+describes (`qgjt_jax.load_model`), at --step or the latest step. The ONNX
+and StableHLO models compute what `--mode=embed` and every decision
+compute: each face and its mirror image through the network, fused (the
+direction of n1 e1 + n2 e2, the mean of the two norms; `extract.
+DECISION_SCORING`), so a deployment scores as the thresholds were measured.
 
-  images      (batch, S, S, 3) uint8, BGR (OpenCV's order), aligned faces;
-              the normalisation (x / 255 - 0.5) / 0.5 is inside, and so is
-              the channel swap of a model trained on RGB
-  embeddings  (batch, D) float32, unit rows
-  norms       (batch,) float32, the feature norms (the quality indicator)
+  layout "qgjt" (ONNX default, and StableHLO)
+    in   images      (batch, S, S, 3) uint8, BGR (OpenCV's order), aligned
+                     faces; the normalisation (x / 255 - 0.5) / 0.5 and any
+                     channel swap the weights need are inside
+    out  embeddings  (batch, D) float32, unit rows
+         norms       (batch,) float32, the feature norms (quality indicator)
+  layout "insightface" (ONNX): what insightface's recognition models take,
+    so `insightface.model_zoo.get_model(path)` loads it and its `get_feat`
+    works (for square inputs of at least 112 px, a multiple of 16, as its
+    router requires)
+    in   input.1     (batch, 3, S, S) float32, RGB, (x - 127.5) / 127.5
+    out  embedding   (batch, D) float32: the unit embedding times the norm
 
 The ONNX graph is written from the model's structure (IResNet, either
-layout, SE and bottleneck units included) with the plain ONNX operators
-(Conv, BatchNormalization, PRelu, MaxPool, Gemm...; opset 17), not traced
-through a converter: jax2onnx, which can trace it, pins an older
-orbax-checkpoint than this project uses. Its metadata says the input
-convention. The StableHLO file is `jax.export`'s serialisation: it reloads
-with `jax.export.deserialize(open(path, 'rb').read()).call(images)` without
-this project's code; the conventions go to a .json beside it. Both carry
-the cosine thresholds at each FAR of the workdir's latest evaluation
-("qgjt_jax.thresholds"), so a deployment decides as `--mode=compare` does.
+layout, SE and bottleneck units included) with plain ONNX operators
+(Conv, BatchNormalization, PRelu, MaxPool, Gemm, Slice...; opset 17), not
+traced through a converter: jax2onnx, which can trace it, pins an older
+orbax-checkpoint than this project uses. The StableHLO file is
+`jax.export`'s serialisation: `jax.export.deserialize(open(path, 'rb').
+read()).call(images)` runs it without this project; its conventions go to
+a .json beside it, written together with it. Both carry every threshold the
+evaluation of the exported step measured ("qgjt_jax.thresholds"), each with
+its set, kind of faces, scoring, impostor count and FAR interval.
 
 The safetensors file is a state dict in the names and layouts of the
 model's own PyTorch code (AdaFace/QGFace `net.py` for ir* models,
-insightface's `iresnet.py` for r* models): `model.load_state_dict(
-safetensors.torch.load_file(path))` loads it, and `qgjt_jax.convert`
-reads it back. Its metadata records the input size and channel order.
+insightface's `iresnet.py` for r* models). Those programs build only
+width-64 models for 112 px faces (AdaFace's also only 512-d), so the
+command says whether theirs loads this one or only `qgjt_jax.convert` reads
+it back; the file's metadata records the input size and channel order.
 """
 from __future__ import annotations
 
@@ -48,54 +59,48 @@ import numpy as np
 
 from qgjt_jax import errors
 from qgjt_jax import outputs
-from qgjt_jax.eval import thresholds
 
-INPUT_CONVENTION = {
-    "input": "images: (batch, size, size, 3) uint8, BGR channel order, "
-             "aligned face crops; normalisation inside the model",
-    "outputs": "embeddings: (batch, D) float32 unit rows; norms: (batch,) "
-               "float32 feature norms (quality indicator)",
+LAYOUTS = {
+    "qgjt": {
+        "input": "images: (batch, size, size, 3) uint8, BGR channel order, "
+                 "aligned face crops; normalisation inside the model",
+        "outputs": "embeddings: (batch, D) float32 unit rows; norms: "
+                   "(batch,) float32 feature norms (quality indicator); "
+                   "each face fused with its mirror image"},
+    "insightface": {
+        "input": "input.1: (batch, 3, size, size) float32, RGB channel "
+                 "order, (x - 127.5) / 127.5, aligned face crops",
+        "outputs": "embedding: (batch, D) float32, unit embedding times the "
+                   "feature norm; each face fused with its mirror image"},
 }
 _OPSET = 17
 FORMATS = ("onnx", "stablehlo", "safetensors")
+# What each format needs beyond the base install, and the extra naming it.
+_NEEDS = {"onnx": ("onnx", "onnx"), "stablehlo": ("flatbuffers", None)}
+# The public PyTorch code whose state dict each layout is written in, and
+# what that code can build.
+_PUBLIC_CODE = {
+    "adaface": ("AdaFace/QGFace net.py", dict(base_width=64, image_size=112,
+                                              embedding_size=512)),
+    "insightface": ("insightface's iresnet.py", dict(base_width=64,
+                                                     image_size=112)),
+}
 
 
-def load_model(workdir: str, step: Optional[int] = None):
-  """(IResNet, its variables as numpy, the settings, the step) of a workdir."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from qgjt_jax import checkpoint as ckpt  # pylint: disable=g-import-not-at-top
-  from qgjt_jax import models  # pylint: disable=g-import-not-at-top
-  from qgjt_jax.models import iresnet  # pylint: disable=g-import-not-at-top
-  settings = ckpt.recorded_model_settings(workdir)
-  if not settings:
-    raise errors.UserError(
-        f"--workdir={workdir}: neither {ckpt.CONFIG_RECORD} nor "
-        f"{ckpt.CONVERTED_RECORD} says which model it holds; name a "
-        "training run's workdir or one written by qgjt_jax.convert")
-  model = models.build_backbone(
-      settings["model.name"], base_width=settings["model.base_width"],
-      embedding_size=settings["model.embedding_size"], dropout_rate=0.0,
-      input_order=settings.get("model.input_order", "BGR"))
-  size = settings["data.image_size"]
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-      dict(iresnet.init_shapes(model, (size, size))))
-  variables, restored = ckpt.restore_model(f"{workdir}/checkpoints",
-                                           abstract, step)
-  variables = jax.tree.map(lambda x: np.asarray(x, np.float32), variables)
-  return model, variables, settings, restored
+def load(path: str, step: Optional[int] = None):
+  """The workdir's model (`inference.model.load_model`), computing in
+  float32 for export."""
+  from qgjt_jax.inference import model as model_lib  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  model = model_lib.load_model(path, step)
+  return model, model.module.clone(dtype=jnp.float32), model.host_variables()
 
 
 def forward_fn(model, variables):
-  """uint8 BGR images -> (unit embeddings, norms), the exported function."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from qgjt_jax.models import normalize_images  # pylint: disable=g-import-not-at-top
-
-  def forward(images):
-    emb, norms = model.apply(variables, normalize_images(images), train=False)
-    return emb.astype(jnp.float32), norms.astype(jnp.float32)
-  return forward
+  """uint8 BGR images -> (unit embeddings, norms), flip-fused: the
+  exported function."""
+  from qgjt_jax.inference import model as model_lib  # pylint: disable=g-import-not-at-top
+  return model_lib.fused_forward(model, variables)
 
 
 # ---------------------------------------------------------------------------
@@ -185,22 +190,11 @@ def _unit(graph: _Graph, x: str, spec, params, stats, name: str,
   return graph.op("Add", [y, shortcut])
 
 
-def onnx_model(model, variables: dict, image_size: int,
-               batch: Optional[int] = None, metadata: Optional[dict] = None):
-  """The onnx.ModelProto of an IResNet (see the module doc for its I/O)."""
-  import onnx  # pylint: disable=g-import-not-at-top
-  from onnx import TensorProto, helper  # pylint: disable=g-import-not-at-top
+def _network(graph: _Graph, x: str, model, variables: dict) -> str:
+  """The IResNet on NCHW input in [-1, 1] and the weights' channel order:
+  the features before normalisation, (batch, D)."""
   from qgjt_jax.models import iresnet  # pylint: disable=g-import-not-at-top
   params, stats = variables["params"], variables["batch_stats"]
-  graph = _Graph()
-  x = graph.op("Cast", ["images"], to=TensorProto.FLOAT)
-  x = graph.op("Sub", [graph.op("Mul", [x, graph.const(
-      np.float32(2.0 / 255.0), "scale_255")]), graph.const(np.float32(1.0),
-                                                         "one")])
-  x = graph.op("Transpose", [x], perm=[0, 3, 1, 2])  # NHWC -> NCHW
-  if model.input_order == "RGB":
-    x = graph.op("Gather", [x, graph.const(np.array([2, 1, 0]), "bgr_rgb")],
-                 axis=1)
   stem, stem_stats = params["input_layer"], stats["input_layer"]
   x = graph.conv(x, stem["conv"]["kernel"], "stem")
   x = graph.batch_norm(x, stem["bn"], stem_stats["bn"], "stem_bn")
@@ -222,28 +216,94 @@ def onnx_model(model, variables: dict, image_size: int,
       2, 0, 1, 3).reshape(channels * side * side, -1)
   z = graph.op("Gemm", [x, graph.const(kernel, "fc.kernel"),
                         graph.const(head["fc"]["bias"], "fc.bias")])
-  z = graph.batch_norm(z, head.get("feature_bn", {}),
-                       head_stats["feature_bn"], "feature_bn")
-  norm = graph.op("Sqrt", [graph.op("ReduceSum", [
-      graph.op("Mul", [z, z]), graph.const(np.array([1]), "axis_1")],
-                                     keepdims=1)])
-  graph.nodes.append(helper.make_node("Div", [z, norm], ["embeddings"]))
-  graph.nodes.append(helper.make_node(
-      "Squeeze", [norm, graph.const(np.array([1]), "squeeze_1")], ["norms"]))
+  return graph.batch_norm(z, head.get("feature_bn", {}),
+                          head_stats["feature_bn"], "feature_bn")
+
+
+def _fused(graph: _Graph, x: str, model, variables: dict
+           ) -> tuple[str, str]:
+  """(fused features, mean norm (batch, 1)) of NCHW faces and their mirror
+  images, as `inference.model.fused_forward` computes them."""
+  mirrored = graph.op("Slice", [x, graph.const(np.array([-1]), "flip_start"),
+                                graph.const(np.array([-(2**63 - 1)]),
+                                            "flip_end"),
+                                graph.const(np.array([3]), "flip_axis"),
+                                graph.const(np.array([-1]), "flip_step")])
+  z = _network(graph, graph.op("Concat", [x, mirrored], axis=0), model,
+               variables)
+  first, second = (f"{z}_view{k}" for k in (1, 2))
+  graph.nodes.append(graph._helper.make_node("Split", [z], [first, second],
+                                             axis=0))
+  axis = graph.const(np.array([1]), "axis_1")
+
+  def norm(v):
+    return graph.op("Sqrt", [graph.op("ReduceSum", [graph.op("Mul", [v, v]),
+                                                    axis], keepdims=1)])
+  mean_norm = graph.op("Mul", [graph.op("Add", [norm(first), norm(second)]),
+                               graph.const(np.float32(0.5), "half")])
+  return graph.op("Add", [first, second]), mean_norm
+
+
+def _to_model_order(graph: _Graph, x: str, model, given: str) -> str:
+  """NCHW faces in channel order `given` to the order the weights read."""
+  if model.input_order == given:
+    return x
+  return graph.op("Gather", [x, graph.const(np.array([2, 1, 0]),
+                                            "swap_channels")], axis=1)
+
+
+def onnx_model(model, variables: dict, image_size: int,
+               batch: Optional[int] = None, metadata: Optional[dict] = None,
+               layout: str = "qgjt"):
+  """The onnx.ModelProto of an IResNet, flip-fused (see the module doc for
+  the inputs and outputs of each layout)."""
+  import onnx  # pylint: disable=g-import-not-at-top
+  from onnx import TensorProto, helper  # pylint: disable=g-import-not-at-top
+  graph = _Graph()
   dim = batch if batch else "batch"
-  embedding_size = head["fc"]["kernel"].shape[1]
-  onnx_graph = helper.make_graph(
-      graph.nodes, "qgjt_jax_iresnet",
-      [helper.make_tensor_value_info("images", TensorProto.UINT8,
-                                     [dim, image_size, image_size, 3])],
-      [helper.make_tensor_value_info("embeddings", TensorProto.FLOAT,
-                                     [dim, embedding_size]),
-       helper.make_tensor_value_info("norms", TensorProto.FLOAT, [dim])],
-      initializer=graph.initializers)
+  embedding_size = variables["params"]["output_layer"]["fc"]["kernel"].shape[1]
+  if layout == "insightface":
+    # Already (x - 127.5) / 127.5, RGB, NCHW: what insightface feeds.
+    name = "input.1"
+    x = _to_model_order(graph, name, model, "RGB")
+    inputs = [helper.make_tensor_value_info(
+        name, TensorProto.FLOAT, [dim, 3, image_size, image_size])]
+  else:
+    x = graph.op("Cast", ["images"], to=TensorProto.FLOAT)
+    x = graph.op("Sub", [graph.op("Mul", [x, graph.const(
+        np.float32(2.0 / 255.0), "scale_255")]), graph.const(np.float32(1.0),
+                                                           "one")])
+    x = graph.op("Transpose", [x], perm=[0, 3, 1, 2])  # NHWC -> NCHW
+    x = _to_model_order(graph, x, model, "BGR")
+    inputs = [helper.make_tensor_value_info(
+        "images", TensorProto.UINT8, [dim, image_size, image_size, 3])]
+  fused, mean_norm = _fused(graph, x, model, variables)
+  length = graph.op("Sqrt", [graph.op("ReduceSum", [
+      graph.op("Mul", [fused, fused]), graph.const(np.array([1]), "axis")],
+                                      keepdims=1)])
+  unit = graph.op("Div", [fused, length])
+  if layout == "insightface":
+    # One output, as insightface's recognition models have: the feature,
+    # whose direction is the embedding and whose length is the norm.
+    graph.nodes.append(helper.make_node("Mul", [unit, mean_norm],
+                                        ["embedding"]))
+    outputs = [helper.make_tensor_value_info(
+        "embedding", TensorProto.FLOAT, [dim, embedding_size])]
+  else:
+    graph.nodes.append(helper.make_node("Identity", [unit], ["embeddings"]))
+    graph.nodes.append(helper.make_node(
+        "Squeeze", [mean_norm, graph.const(np.array([1]), "squeeze_1")],
+        ["norms"]))
+    outputs = [helper.make_tensor_value_info("embeddings", TensorProto.FLOAT,
+                                             [dim, embedding_size]),
+               helper.make_tensor_value_info("norms", TensorProto.FLOAT,
+                                             [dim])]
+  onnx_graph = helper.make_graph(graph.nodes, "qgjt_jax_iresnet", inputs,
+                                 outputs, initializer=graph.initializers)
   proto = helper.make_model(onnx_graph,
                             opset_imports=[helper.make_opsetid("", _OPSET)],
                             producer_name="qgjt_jax")
-  for key, value in {**INPUT_CONVENTION, **(metadata or {})}.items():
+  for key, value in {**LAYOUTS[layout], **(metadata or {})}.items():
     entry = proto.metadata_props.add()
     entry.key, entry.value = key, str(value)
   onnx.checker.check_model(proto)
@@ -267,45 +327,90 @@ def stablehlo_bytes(model, variables: dict, image_size: int,
   return bytes(exported.serialize())
 
 
-def export(workdir: str, fmt: str, out: str, *, batch: Optional[int] = None,
-           step: Optional[int] = None, overwrite: bool = False
-           ) -> dict[str, Any]:
-  """Writes the workdir's model to `out`; returns what the file says.
+def _require(fmt: str) -> None:
+  """One line naming what to install when a format's package is missing."""
+  package, extra = _NEEDS.get(fmt, (None, None))
+  if package is None:
+    return
+  try:
+    __import__(package)
+  except ImportError:
+    how = (f"pip install 'qgjt_jax[{extra}]'" if extra else
+           f"pip install {package}")
+    raise errors.UserError(f"--format={fmt} needs the {package} package, "
+                           f"which is not installed: {how}") from None
+
+
+def loads_in(module, image_size: int) -> tuple[str, Optional[str]]:
+  """(the public code whose names the safetensors file uses, why that code
+  cannot build this model, or None when it can)."""
+  code, builds = _PUBLIC_CODE[module.layout]
+  have = dict(base_width=module.base_width, image_size=image_size,
+              embedding_size=module.embedding_size)
+  differ = [f"{k.replace('_', ' ')} {have[k]} (it builds {v})"
+            for k, v in builds.items() if have[k] != v]
+  return code, "; ".join(differ) or None
+
+
+def export(path: str, fmt: str, out: str, *, batch: Optional[int] = None,
+           step: Optional[int] = None, overwrite: bool = False,
+           layout: str = "qgjt") -> dict[str, Any]:
+  """Writes the model of a workdir (or a checkpoints or step folder) to
+  `out`; returns what the file says.
 
   `out` (and for StableHLO `out`.json) is checked before the model is
   loaded and written whole or not at all; an existing one is refused
   unless `overwrite`.
   """
+  from qgjt_jax.inference import decisions  # pylint: disable=g-import-not-at-top
   if fmt not in FORMATS:
     raise errors.UserError(f"--format={fmt}: use {', '.join(FORMATS)}")
+  if layout not in LAYOUTS or (layout != "qgjt" and fmt != "onnx"):
+    raise errors.UserError(f"--onnx_layout={layout}: use qgjt or (for "
+                           "--format=onnx) insightface")
+  _require(fmt)
   targets = [out] + ([out + ".json"] if fmt == "stablehlo" else [])
   for target in targets:
     outputs.check_output(target, overwrite=overwrite)
-  model, variables, settings, restored = load_model(workdir, step)
-  image_size = settings["data.image_size"]
-  metadata = {"qgjt_jax.model": settings["model.name"],
-              "qgjt_jax.weights_input_order": settings.get(
-                  "model.input_order", "BGR"),
+  loaded, module, variables = load(path, step)
+  image_size = loaded.image_size
+  # The workdir's name, not this machine's path to it.
+  workdir_name = os.path.basename(os.path.abspath(loaded.workdir))
+  metadata = {"qgjt_jax.model": loaded.name,
+              "qgjt_jax.weights_input_order": loaded.input_order,
               "qgjt_jax.image_size": image_size,
-              "qgjt_jax.source": f"{os.path.abspath(workdir)} step {restored}",
-              "qgjt_jax.batch": batch or "dynamic"}
-  measured = thresholds.measured(workdir)
+              "qgjt_jax.source": f"workdir {workdir_name}, step {loaded.step}",
+              "qgjt_jax.batch": batch or "dynamic",
+              "qgjt_jax.scoring": _scoring(fmt)}
+  measured = decisions.exported(loaded.workdir, loaded.step)
   if measured:
     metadata["qgjt_jax.thresholds"] = json.dumps(measured)
   if fmt == "safetensors":
-    _write_safetensors(out, model, variables, metadata, overwrite)
+    code, why_not = loads_in(module, image_size)
+    metadata["qgjt_jax.loads_in"] = (
+        f"qgjt_jax.convert only ({code} cannot build it: {why_not})"
+        if why_not else f"{code} (strict load), and qgjt_jax.convert")
+    _write_safetensors(out, module, variables, metadata, overwrite)
   elif fmt == "onnx":
-    proto = onnx_model(model, variables, image_size, batch, metadata)
+    proto = onnx_model(module, variables, image_size, batch, metadata,
+                       layout)
     outputs.write(out, proto.SerializeToString(), overwrite=overwrite)
   else:
-    data = stablehlo_bytes(model, variables, image_size, batch)
-    sidecar = {**INPUT_CONVENTION, **metadata}
+    data = stablehlo_bytes(module, variables, image_size, batch)
+    sidecar = {**LAYOUTS["qgjt"], **metadata}
     if measured:
       sidecar["qgjt_jax.thresholds"] = measured
-    outputs.write(out + ".json", json.dumps(sidecar, indent=2),
-                  overwrite=overwrite)
-    outputs.write(out, data, overwrite=overwrite)
+    outputs.write_together({out: data,
+                            out + ".json": json.dumps(sidecar, indent=2)},
+                           overwrite=overwrite)
   return metadata
+
+
+def _scoring(fmt: str) -> str:
+  from qgjt_jax.eval import extract  # pylint: disable=g-import-not-at-top
+  if fmt == "safetensors":
+    return "weights only: score as you choose"
+  return extract.DECISION_SCORING
 
 
 def _write_safetensors(out: str, model, variables: dict, metadata: dict,
@@ -326,10 +431,18 @@ def _parse(argv):
   import argparse  # pylint: disable=g-import-not-at-top
   parser = argparse.ArgumentParser(
       prog="python -m qgjt_jax.export",
-      description="Writes a workdir's model as ONNX or serialized StableHLO.")
-  parser.add_argument("--workdir", required=True)
+      description="Writes a workdir's model as ONNX, serialized StableHLO "
+      "or a PyTorch state dict (safetensors).")
+  parser.add_argument("--workdir", required=True,
+                      help="a workdir, its checkpoints folder or a step "
+                      "folder")
   parser.add_argument("--format", required=True, choices=FORMATS)
   parser.add_argument("--out", required=True)
+  parser.add_argument("--onnx_layout", default="qgjt",
+                      choices=sorted(LAYOUTS),
+                      help="qgjt: uint8 BGR NHWC in, unit embeddings and "
+                      "norms out; insightface: float32 RGB NCHW in, one "
+                      "feature out, as insightface's client expects")
   parser.add_argument("--batch", default="dynamic",
                       help="'dynamic' or a fixed batch size")
   parser.add_argument("--step", type=int, default=None,
@@ -337,7 +450,7 @@ def _parse(argv):
   parser.add_argument("--overwrite", action="store_true",
                       help="replace an existing --out")
   parser.add_argument("--traceback", action="store_true",
-                         help="show the traceback of an expected failure")
+                      help="show the traceback of an expected failure")
   args = parser.parse_args(argv)
   if args.batch != "dynamic" and not (args.batch.isdigit() and
                                       int(args.batch) > 0):
@@ -345,26 +458,41 @@ def _parse(argv):
   return args
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-  args = _parse(sys.argv[1:] if argv is None else argv)
-  from qgjt_jax import checkpoint as ckpt  # pylint: disable=g-import-not-at-top
-  batch = None if args.batch == "dynamic" else int(args.batch)
-  with errors.expected_failures(ckpt.CheckpointError,
-                                verbose=args.traceback):
-    metadata = export(args.workdir, args.format, args.out, batch=batch,
-                      step=args.step, overwrite=args.overwrite)
+def _summary(args, metadata: dict) -> list[str]:
+  """What the command prints about the file it wrote."""
   size = metadata["qgjt_jax.image_size"]
   if args.format == "safetensors":
-    print(f"Wrote {args.out} (a PyTorch state dict in the names of "
-          f"{metadata['qgjt_jax.model']}'s IResNet code, for {size} px "
-          f"{metadata['qgjt_jax.weights_input_order']} input).", flush=True)
-  else:
-    print(f"Wrote {args.out} ({args.format}, batch "
-          f"{metadata['qgjt_jax.batch']}, {size} px uint8 BGR in, unit "
-          "embeddings and norms out).", flush=True)
+    return [f"Wrote {args.out}: a PyTorch state dict in the names of "
+            f"{metadata['qgjt_jax.model']}'s IResNet code, for {size} px "
+            f"{metadata['qgjt_jax.weights_input_order']} input. Loads in: "
+            f"{metadata['qgjt_jax.loads_in']}."]
+  layout = args.onnx_layout if args.format == "onnx" else "qgjt"
+  lines = [f"Wrote {args.out} ({args.format}, {layout} layout, batch "
+           f"{metadata['qgjt_jax.batch']}, {size} px): in "
+           f"{LAYOUTS[layout]['input']}; out {LAYOUTS[layout]['outputs']}."]
+  if layout == "insightface" and not (size >= 112 and size % 16 == 0 and
+                                      size not in (96, 128, 192)):
+    lines.append(
+        f"insightface.model_zoo.get_model routes a file by its input size "
+        f"(square, at least 112 px, a multiple of 16) and returns None for "
+        f"{size} px: load it with insightface.model_zoo.arcface_onnx."
+        "ArcFaceONNX(model_file=PATH) instead.")
+  return lines
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+  args = _parse(sys.argv[1:] if argv is None else argv)
+  batch = None if args.batch == "dynamic" else int(args.batch)
+  with errors.expected_failures(verbose=args.traceback):
+    metadata = export(args.workdir, args.format, args.out, batch=batch,
+                      step=args.step, overwrite=args.overwrite,
+                      layout=args.onnx_layout)
+  for line in _summary(args, metadata):
+    print(line, flush=True)
   if "qgjt_jax.thresholds" not in metadata:
     print("No decision thresholds recorded: the workdir has no evaluation "
-          "that measured them (run --mode=eval first).", flush=True)
+          "that measured them (run --mode=eval first, with "
+          "config.eval.calibration_folders for photos).", flush=True)
 
 
 if __name__ == "__main__":

@@ -28,9 +28,9 @@ import ml_collections
 from qgjt_jax import bench
 from qgjt_jax import config_checks
 from qgjt_jax import errors
-from qgjt_jax import evaluate
 from qgjt_jax import parallel
 from qgjt_jax import stack as stack_lib
+from qgjt_jax.inference import model as model_lib
 
 
 def export_programs(config: ml_collections.ConfigDict, num_classes: int,
@@ -49,9 +49,10 @@ def export_programs(config: ml_collections.ConfigDict, num_classes: int,
   programs = {
       "train_step": (stack.train_step, (stack.abstract_state(),
                                         stack.abstract_batch())),
-      "eval_forward": (evaluate.eval_forward(model, dtype, mesh),
-                       (evaluate.abstract_model_variables(config, model, mesh),
-                        images)),
+      "eval_forward": (model_lib.sharded_forward(model, mesh),
+                       (model_lib.abstract_variables(
+                           model, config.data.image_size,
+                           parallel.replicated(mesh)), images)),
   }
   records = []
   for name, (function, args) in programs.items():

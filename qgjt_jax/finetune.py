@@ -12,6 +12,7 @@ classifier instead of a loss in the forties. Only a fresh run reads
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -19,15 +20,15 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from etils import epath
 
-from qgjt_jax import checkpoint as ckpt
 from qgjt_jax import config_checks
 from qgjt_jax import config_keys
-from qgjt_jax import evaluate
+from qgjt_jax import parallel
+from qgjt_jax import records
 from qgjt_jax import reporting
 from qgjt_jax.eval import extract
 from qgjt_jax.eval import images as images_lib
+from qgjt_jax.inference import model as model_lib
 
 
 def _is_workdir(path: str) -> bool:
@@ -37,31 +38,21 @@ def _is_workdir(path: str) -> bool:
 def _source_settings(init_from: str) -> dict[str, Any]:
   """{dotted key: value} of the model `init_from` holds, as far as known."""
   if _is_workdir(init_from):
-    return ckpt.recorded_model_settings(_workdir_of(init_from))
+    return records.recorded_model_settings(
+        model_lib.locate(init_from)[0])
   return _converted(init_from).config_overrides()
 
 
-def _workdir_of(path: str) -> str:
-  """A workdir, given it or its checkpoints folder."""
-  path = path.rstrip("/")
-  return str(epath.Path(path).parent) if path.endswith("/checkpoints") or (
-      os.path.basename(path) == "checkpoints") else path
-
-
-_CONVERTED = {}
-
-
+@functools.lru_cache(maxsize=1)
 def _converted(path: str):
-  """The file converted once (reading it is the slow part)."""
+  """The file converted once (reading it is the slow part; checked and then
+  used in one start-up, so only the last file is kept)."""
   from qgjt_jax import convert  # pylint: disable=g-import-not-at-top
-  if path not in _CONVERTED:
-    try:
-      _CONVERTED[path] = convert.convert_state_dict(
-          convert.load_torch_checkpoint(path))
-    except (OSError, ValueError) as e:
-      raise config_checks.ConfigError(
-          f"config.init_from={path!r}: {e}") from None
-  return _CONVERTED[path]
+  try:
+    return convert.convert_state_dict(convert.load_torch_checkpoint(path))
+  except (OSError, ValueError) as e:
+    raise config_checks.ConfigError(
+        f"config.init_from={path!r}: {e}") from None
 
 
 def check_source(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -79,13 +70,14 @@ def check_source(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
         "checkpoints folder, or a .pth/.ckpt/.npz file.")
   settings = _source_settings(path)
   diffs = [f"--config.{key}={value}" for key, value in settings.items()
-           if key in ckpt.MODEL_KEYS and config_keys.lookup(config, key) != value]
+           if key in records.MODEL_KEYS and
+           config_keys.lookup(config, key) != value]
   if diffs:
     raise config_checks.ConfigError(
         f"config.init_from={path!r} holds another architecture than the "
         f"config; set {' '.join(diffs)}.")
-  return evaluate.with_input_order(config, settings.get("model.input_order"),
-                                   f"The weights in {path}")
+  return records.with_input_order(config, settings.get("model.input_order"),
+                                  f"The weights in {path}")
 
 
 def pretrained_backbone(config: ml_collections.ConfigDict, model,
@@ -93,12 +85,13 @@ def pretrained_backbone(config: ml_collections.ConfigDict, model,
   """{'params', 'batch_stats'} of the backbone `config.init_from` holds,
   replicated on `mesh`."""
   path = config.init_from
-  abstract = evaluate.abstract_model_variables(config, model, mesh)
   if _is_workdir(path):
-    variables, step = ckpt.restore_model(
-        f"{_workdir_of(path)}/checkpoints", abstract)
-    reporting.note(f"Starting from the model of step {step} in {path}.")
-    return variables
+    loaded = model_lib.load_model(path, config=config, mesh=mesh)
+    reporting.note(f"Starting from the model of step {loaded.step} in "
+                   f"{path}.")
+    return loaded.variables
+  abstract = model_lib.abstract_variables(model, config.data.image_size,
+                                          parallel.replicated(mesh))
   converted = _converted(path).variables
   reporting.note(f"Starting from the weights of {path}.")
   return jax.tree.map(lambda a, x: jax.device_put(np.asarray(a, x.dtype),
@@ -118,9 +111,8 @@ def class_mean_classifier(config: ml_collections.ConfigDict, model, mesh,
   faces = images_lib.LazyImages(
       lambda i: pipeline.fit_size(pipeline.decode_image(source[i]["image"]),
                                   size), len(source))
-  dtype = jnp.dtype(config.eval.dtype)
-  embed = evaluate.make_embed_fn(model.clone(dtype=dtype), dtype, mesh,
-                                 variables)
+  embed = model_lib.make_embed_fn(
+      model.clone(dtype=jnp.dtype(config.eval.dtype)), mesh, variables)
   feats = extract.extract_embeddings(embed, faces,
                                      batch_size=config.eval.batch_size,
                                      flip=False, desc="class means")

@@ -1,18 +1,26 @@
 r"""Who is this? Probes searched against a gallery of known people.
 
-  python -m qgjt_jax.main --config=configs/ms1m.py --workdir=runs/ms1m \
-      --mode=identify --gallery=/data/people --images=/data/probes \
-      --out=who.csv [--align=detect] [--far=1e-4] [--template=quality]
+  python -m qgjt_jax.main --workdir=runs/ms1m --mode=identify \
+      --gallery=/data/people --images=/data/probes --out=who.csv \
+      [--align=detect] [--fpir=0.01] [--template=quality]
 
 The gallery holds one sub-folder per person (its name is the identity).
 Each person's template is the mean of the unit embeddings of its photos,
 or with `--template=quality` their mean weighted by each photo's quality,
 then brought back to unit length. Each probe (every image below --images)
 gets its five best identities and their cosines; its decision is the best
-identity when that cosine reaches the threshold (the workdir's latest
-evaluation at --far, or --threshold), else "unknown": an open-set search.
-The search runs on the accelerator, a block of probes against every
-template at a time, so galleries of 100,000 people fit.
+identity when that cosine reaches the threshold, else "unknown": an
+open-set search.
+
+The threshold is the one at which the calibration's non-mated searches
+(each calibration person left out of a gallery of the others) raised a
+false alarm at the rate --fpir (`inference/decisions.py`); with --far a
+1:1 threshold instead, or --threshold by hand. A search against N people
+has N chances of a false match, so the command prints the expected false
+alarms for this gallery's size, and warns when the gallery's people are
+the very people the threshold was measured on. The search runs on the
+accelerator, a block of probes against every template at a time, so
+galleries of 100,000 people fit.
 """
 from __future__ import annotations
 
@@ -23,7 +31,6 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from qgjt_jax import embed as embed_lib
@@ -31,6 +38,7 @@ from qgjt_jax import errors
 from qgjt_jax import outputs
 from qgjt_jax import reporting
 from qgjt_jax.align import faces as faces_lib
+from qgjt_jax.inference import decisions
 
 TOP_K = 5
 TEMPLATES = ("mean", "quality")
@@ -106,11 +114,53 @@ def _csv(paths, names, scores, indices, threshold: Optional[float]) -> str:
   return out.getvalue()
 
 
-def run_identify(config: ml_collections.ConfigDict, workdir: str,
-                 gallery: str, probes: str, out: str, *,
-                 step: Optional[int] = None,
+def decision_threshold(model, *, fpir: float = 0.01,
+                       far: Optional[float] = None,
+                       threshold: Optional[float] = None,
+                       threshold_set: Optional[str] = None):
+  """--threshold, else the threshold of --far (a 1:1 rate, if given), else
+  the open-set one of --fpir, its notes printed."""
+  if threshold is not None or far is not None:
+    return embed_lib.decision_threshold(model, far=far, threshold=threshold,
+                                        threshold_set=threshold_set)
+  chosen, notes = decisions.at_fpir(model.workdir, model.step, fpir,
+                                    threshold_set)
+  for note in notes:
+    reporting.note(note)
+  return chosen
+
+
+def _what_it_means(chosen, people: list[str]) -> list[str]:
+  """Lines saying what the threshold stands for with this gallery."""
+  count = len(people)
+  if isinstance(chosen, decisions.OpenSetThreshold):
+    expected, chance = chosen.expected_false_alarms(count)
+    lines = [f"Decided at {chosen.describe()}. With this gallery of "
+             f"{count:,} people, an unknown face is expected to pass "
+             f"{expected:.3g} people's templates (a false alarm about "
+             f"{chance:.1%} of the time)."]
+  elif chosen.far is not None:
+    lines = [f"Decided at {chosen.describe()}. That is a 1:1 rate: a "
+             f"search against {count:,} people has {count:,} chances, so "
+             f"an unknown face raises a false alarm up to about "
+             f"{min(1.0, count * chosen.far):.1%} of the time; --fpir "
+             "states the open-set rate instead."]
+  else:
+    return [f"Decided at {chosen.describe()}."]
+  shared = decisions.calibration_people(chosen) & set(people)
+  if shared:
+    lines.append(
+        f"WARNING: {len(shared):,} of the gallery's {count:,} people are "
+        f"also in {chosen.provenance.get('folder')}, where the threshold "
+        "was measured: it was set on the very people it now decides on; "
+        f"{decisions.HOW_TO_CALIBRATE}")
+  return lines
+
+
+def run_identify(model, gallery: str, probes: str, out: str, *,
                  alignment: faces_lib.Alignment = faces_lib.Alignment(),
-                 template: str = "mean", far: float = 1e-4,
+                 template: str = "mean", fpir: float = 0.01,
+                 far: Optional[float] = None,
                  threshold: Optional[float] = None,
                  threshold_set: Optional[str] = None, skip_bad: bool = False,
                  overwrite: bool = False) -> dict:
@@ -121,9 +171,9 @@ def run_identify(config: ml_collections.ConfigDict, workdir: str,
   outputs.check_output(out, overwrite=overwrite)
   photos, identities = gallery_photos(gallery)
   probe_paths = embed_lib.list_photos(probes, "--images")
-  chosen = embed_lib.decision_threshold(workdir, far, threshold,
-                                        threshold_set)
-  embedder = embed_lib.Embedder(config, workdir, step, alignment)
+  chosen = decision_threshold(model, fpir=fpir, far=far, threshold=threshold,
+                              threshold_set=threshold_set)
+  embedder = embed_lib.Embedder(model, alignment)
   enrolled = embedder.embed(photos, root=gallery, skip_bad=skip_bad,
                             desc="gallery")
   owner = [pathlib.Path(p).parts[0] for p in enrolled.paths]  # PERSON/...
@@ -138,19 +188,18 @@ def run_identify(config: ml_collections.ConfigDict, workdir: str,
   searched = embedder.embed(probe_paths, root=probes, skip_bad=skip_bad,
                             desc="probes")
   scores, indices = search(searched.embeddings, gallery_feats)
-  cut = None if chosen is None else chosen.cosine
+  cut = chosen.cosine
   if jax.process_index() == 0:
     outputs.write(out, _csv(searched.paths, names, scores, indices, cut),
                   overwrite=overwrite)
-  known = int(np.sum(scores[:, 0] >= cut)) if cut is not None else len(scores)
+  known = int(np.sum(scores[:, 0] >= cut))
   counts = {"people": len(names), "gallery_faces": len(owner),
             "probes": len(scores), "identified": known,
             "unknown": len(scores) - known}
-  reporting.note(
+  reporting.note("\n".join([
       f"Wrote {out}: {counts['probes']} probe face(s) against "
       f"{counts['people']} people ({counts['gallery_faces']} gallery "
-      f"faces, {template} templates): {known} identified, "
-      f"{counts['unknown']} unknown" +
-      (f" at {chosen.describe()}." if chosen else
-       " (no threshold: every probe gets its best identity)."))
+      f"faces, {template} templates, model of step {model.step}): {known} "
+      f"identified, {counts['unknown']} unknown."] +
+      _what_it_means(chosen, names)))
   return counts

@@ -1,25 +1,28 @@
-r"""Entry point: train or evaluate a recipe.
+r"""Entry point: train a recipe, or use the model of a workdir.
 
   python -m qgjt_jax.main --config=configs/synthetic.py --workdir=runs/demo
   python -m qgjt_jax.main --config=configs/ms1m.py --workdir=runs/ms1m \
       --config.data.rec_dir=/data/faces_emore
-  python -m qgjt_jax.main --config=configs/ms1m.py --workdir=runs/ms1m \
-      --mode=eval [--step=N]
 
-  python -m qgjt_jax.main --config=configs/ms1m.py --workdir=runs/ms1m \
-      --mode=embed --images=/data/my_faces --out=my_faces.npz
-  python -m qgjt_jax.main --config=configs/ms1m.py --workdir=runs/ms1m \
-      --mode=compare --images=a.jpg,b.jpg [--align=detect] [--far=1e-4]
-  python -m qgjt_jax.main --config=configs/ms1m.py --workdir=runs/ms1m \
-      --mode=identify --gallery=/data/people --images=/data/probes \
-      --out=who.csv [--align=detect | --landmarks=points.csv]
+  python -m qgjt_jax.main --workdir=runs/ms1m --mode=eval [--step=N]
+  python -m qgjt_jax.main --workdir=runs/ms1m --mode=embed \
+      --images=/data/my_faces --out=my_faces.npz
+  python -m qgjt_jax.main --workdir=runs/ms1m --mode=compare \
+      --images=a.jpg,b.jpg [--align=detect] [--far=1e-4]
+  python -m qgjt_jax.main --workdir=runs/ms1m --mode=identify \
+      --gallery=/data/people --images=/data/probes --out=who.csv \
+      [--align=detect | --landmarks=points.csv] [--fpir=0.01]
 
-Any config key can be overridden with --config.KEY=VALUE; an unknown key, an
-impossible value, an incompatible workdir or an unreadable file stops the
+Training needs --config. The other modes take the model and its settings
+from the workdir's record (config.json of a training run, converted_from.json
+of a converted model), so --config is optional there; --config.KEY=VALUE
+overrides apply to the recorded config, and one that contradicts the
+recorded model is refused. Any config key can be overridden; an unknown key,
+an impossible value, an incompatible workdir or an unreadable file stops the
 program with one line naming the key or file (exit status 1; the traceback
 with --traceback or QGJT_TRACEBACK=1; absl logging with --verbosity=0).
-A run stopped by SIGTERM or SIGINT
-checkpoints and exits 0; the same command resumes it.
+A run stopped by SIGTERM or SIGINT checkpoints and exits 0; the same command
+resumes it.
 """
 import os
 import re
@@ -37,8 +40,8 @@ from qgjt_jax import limits
 from qgjt_jax import parallel
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Training recipe (a configs/*.py file).",
-    lock_config=True)
+    "config", None, "The recipe (a configs/*.py file): needed to train; "
+    "other modes default to the workdir's record.", lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Where checkpoints, logs and evaluation results go.")
 _MODE = flags.DEFINE_enum(
@@ -67,14 +70,21 @@ _LANDMARKS = flags.DEFINE_string(
 _ALL_FACES = flags.DEFINE_bool("all_faces", False, "With --align or "
                                "--landmarks: every face of a photo, not "
                                "only the largest.")
-_FAR = flags.DEFINE_float("far", 1e-4, "compare, identify: the false accept "
-                          "rate whose threshold (from the workdir's latest "
-                          "evaluation) decides.")
+_FAR = flags.DEFINE_float(
+    "far", 1e-4, "compare: the 1:1 false accept rate whose threshold, "
+    "measured on photos by the evaluation of the model's step, decides; "
+    "identify: a 1:1 threshold instead of --fpir's.")
+_FPIR = flags.DEFINE_float(
+    "fpir", 0.01, "identify: the false-positive identification rate (the "
+    "share of unknown faces given a name) whose threshold the calibration's "
+    "open-set searches measured.")
 _THRESHOLD = flags.DEFINE_float("threshold", None, "compare, identify: the "
-                                "cosine threshold, instead of --far.")
+                                "cosine threshold, instead of --far/--fpir.")
 _THRESHOLD_SET = flags.DEFINE_string(
     "threshold_set", None, "compare, identify: the evaluated set to take "
-    "the threshold from (default: the one with the most impostor pairs).")
+    "the threshold from (default: calibration folders, then your folders "
+    "and pairs files, then .bin sets; generated faces and IJB templates "
+    "only when named here).")
 _TEMPLATE = flags.DEFINE_enum("template", "mean", ["mean", "quality"],
                               "identify: a person's template is the mean of "
                               "its unit embeddings, or weighted by quality.")
@@ -88,7 +98,7 @@ _FORCE_LOCK = flags.DEFINE_bool(
     "force_lock", False, "train: take the workdir's lock even when its note "
     "says another run holds it (a run on another host that is gone).")
 errors.define_traceback_flag()
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["workdir"])
 
 
 def _loaded_config():
@@ -139,6 +149,9 @@ def main(argv):
               recordio.RecordIOError)
   show = lambda line: reporting.note(line, error=True)
   with errors.expected_failures(*expected, verbose=verbose, show=show):
+    if _MODE.value == "train" and _CONFIG.value is None:
+      raise errors.UserError("--mode=train needs --config, the recipe to "
+                             "train (e.g. --config=configs/synthetic.py)")
     config = _loaded_config()
     if _MODE.value == "train":
       train.train_and_evaluate(config, _WORKDIR.value,
@@ -147,58 +160,87 @@ def main(argv):
       _use_a_checkpoint(config)
 
 
+def _explicit_keys(argv: list[str]) -> list[str]:
+  """The config keys typed as --config.KEY=VALUE."""
+  return [a[len("--config."):].split("=", 1)[0] for a in argv
+          if a.startswith("--config.")]
+
+
 def _use_a_checkpoint(config) -> None:
   """--mode=eval, embed, compare or identify: the model of a workdir's
-  checkpoint."""
-  import jax
-  from qgjt_jax import checkpoint
+  checkpoint, loaded once."""
   from qgjt_jax import config_checks
   from qgjt_jax import evaluate
-  from qgjt_jax import reporting
+  from qgjt_jax.inference import model as model_lib
   config_checks.check_eval_config(config)
-  config_checks.check_mesh(config, parallel.make_mesh(1), train=False)
-  checkpoint.check_same_model(_WORKDIR.value, config.to_dict())
+  explicit = _explicit_keys(sys.argv)
   if _MODE.value == "eval":
-    reporting.note(f"Evaluating a checkpoint of {_WORKDIR.value} on "
-                   f"{jax.device_count()} device(s).")
-    evaluate.evaluate_checkpoint(config, _WORKDIR.value, step=_STEP.value)
+    evaluate.evaluate_checkpoint(_WORKDIR.value, _STEP.value, config=config,
+                                 explicit=explicit)
     return
-  _embed_mode(config)
+  if not _IMAGES.value:
+    raise errors.UserError(f"--mode={_MODE.value} needs --images (a folder "
+                           "for embed and identify, A.jpg,B.jpg for compare)")
+  if _MODE.value != "compare" and not _OUT.value:
+    raise errors.UserError(
+        f"--mode={_MODE.value} needs --out, the file to write (e.g. --out=" +
+        ("faces.npz)" if _MODE.value == "embed" else "who.csv)"))
+  if _MODE.value == "identify" and not _GALLERY.value:
+    raise errors.UserError("--mode=identify needs --gallery, a folder with "
+                           "one sub-folder of photos per person")
+  model = model_lib.load_model(_WORKDIR.value, _STEP.value, config=config,
+                               explicit=explicit)
+  _embed_mode(model)
 
 
-def _embed_mode(config) -> None:
+def _embed_mode(model) -> None:
   """--mode=embed, compare or identify."""
   from qgjt_jax import embed
   from qgjt_jax import identify
   from qgjt_jax.align import faces
   mode = _MODE.value
-  if not _IMAGES.value:
-    raise errors.UserError(f"--mode={mode} needs --images (a folder for "
-                           "embed and identify, A.jpg,B.jpg for compare)")
   alignment = faces.Alignment.from_flags(_ALIGN.value, _LANDMARKS.value,
                                          _ALL_FACES.value)
-  decision = dict(far=_FAR.value, threshold=_THRESHOLD.value,
+  decision = dict(threshold=_THRESHOLD.value,
                   threshold_set=_THRESHOLD_SET.value)
   if mode == "compare":
-    embed.run_compare(config, _WORKDIR.value, _IMAGES.value.split(","),
-                      step=_STEP.value, alignment=alignment, **decision)
+    embed.run_compare(model, _IMAGES.value.split(","), alignment=alignment,
+                      far=_FAR.value, **decision)
     return
-  if not _OUT.value:
-    raise errors.UserError(
-        f"--mode={mode} needs --out, the file to write (e.g. --out=" +
-        ("faces.npz)" if mode == "embed" else "who.csv)"))
-  common = dict(step=_STEP.value, alignment=alignment,
-                skip_bad=_SKIP_BAD.value, overwrite=_OVERWRITE.value)
+  common = dict(alignment=alignment, skip_bad=_SKIP_BAD.value,
+                overwrite=_OVERWRITE.value)
   if mode == "embed":
-    embed.run_embed(config, _WORKDIR.value, _IMAGES.value, _OUT.value,
-                    **common)
+    embed.run_embed(model, _IMAGES.value, _OUT.value, **common)
     return
-  if not _GALLERY.value:
-    raise errors.UserError("--mode=identify needs --gallery, a folder with "
-                           "one sub-folder of photos per person")
-  identify.run_identify(config, _WORKDIR.value, _GALLERY.value,
-                        _IMAGES.value, _OUT.value, template=_TEMPLATE.value,
-                        **decision, **common)
+  identify.run_identify(
+      model, _GALLERY.value, _IMAGES.value, _OUT.value,
+      template=_TEMPLATE.value, fpir=_FPIR.value,
+      far=_FAR.value if flags.FLAGS["far"].present else None, **decision,
+      **common)
+
+
+_RECORDED_RECIPE = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                "inference", "recorded_recipe.py")
+
+
+def _flag_value(argv: list[str], name: str) -> str | None:
+  """The value of --name=V or --name V in argv (before absl parses it)."""
+  for i, arg in enumerate(argv):
+    if arg.startswith(f"--{name}="):
+      return arg.split("=", 1)[1]
+    if arg == f"--{name}" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def _with_recorded_config(argv: list[str]) -> list[str]:
+  """argv with --config standing for the workdir's record, for a mode that
+  uses a workdir's model and was given no recipe."""
+  mode, workdir = _flag_value(argv, "mode"), _flag_value(argv, "workdir")
+  if (mode in (None, "train") or not workdir or
+      _flag_value(argv, "config") is not None):
+    return argv
+  return [argv[0], f"--config={_RECORDED_RECIPE}:{workdir}", *argv[1:]]
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -207,12 +249,17 @@ def _parse_flags(argv: list[str]) -> list[str]:
   ml_collections refuses `--config.nope=1` while parsing, but as a bare
   AttributeError/KeyError traceback; this names the flag instead.
   """
+  argv = _with_recorded_config(argv)
   recipe = next((a.split("=", 1)[1].split(":", 1)[0] for a in argv[1:]
                  if a.startswith("--config=")), None)
   if recipe:
     base_config.make_siblings_importable(recipe)
   try:
     return app.parse_flags_with_usage(argv)
+  except errors.UserError as e:  # the workdir's record, as the recipe
+    if errors.traceback_requested("--traceback" in argv):
+      traceback.print_exc()
+    sys.exit(f"ERROR: {errors.one_line(e)}")
   except SyntaxError as e:
     sys.exit(f"ERROR: --config={e.filename}: {e.msg} at line {e.lineno}: "
              "fix the recipe file")

@@ -12,18 +12,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
 import cv2
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from qgjt_jax import checkpoint as ckpt
-from qgjt_jax import evaluate as evaluate_lib
-from qgjt_jax import parallel
-from qgjt_jax import state as state_lib
 from qgjt_jax.data import degrade
 from qgjt_jax.data import recordio
 from qgjt_jax.data import synthetic
-from qgjt_jax.eval import extract
 
 def apply_overrides(config: ml_collections.ConfigDict,
                     overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
@@ -55,15 +49,6 @@ def round_batch_sizes(config: ml_collections.ConfigDict,
   config.global_batch_size = round_up(config.global_batch_size)
   config.eval.batch_size = round_up(config.eval.batch_size)
   return config
-
-
-def recorded_model_settings(checkpoint_dir: str) -> dict[str, Any]:
-  """{dotted key: value} of what rebuilds and feeds the model whose
-  checkpoints are in checkpoint_dir, from the record beside it (a training
-  run's config.json or a converted model's converted_from.json); {} when
-  there is none (a copied checkpoint folder)."""
-  from etils import epath
-  return ckpt.recorded_model_settings(str(epath.Path(checkpoint_dir).parent))
 
 
 def read_metrics(workdir: str) -> dict[str, np.ndarray]:
@@ -104,39 +89,6 @@ def final_quality_stats(metrics: Mapping[str, np.ndarray]
   checkpoint's `state.quality` without restoring the whole state.
   """
   return float(metrics["quality_mean"][-1]), float(metrics["quality_std"][-1])
-
-
-class Embedder:
-  """A backbone's (unit embeddings, norms) for uint8 BGR faces, no flip."""
-
-  def __init__(self, config: ml_collections.ConfigDict, variables: Any,
-               batch_size: Optional[int] = None):
-    self._embed = evaluate_lib.make_embed_fn(
-        state_lib.build_model(config), jnp.dtype(config.model.dtype),
-        parallel.make_mesh(1), variables)
-    self.batch_size = batch_size or config.eval.batch_size
-    self.image_size = config.data.image_size
-    self.step = None  # the checkpoint step, when restored from one
-
-  @classmethod
-  def from_checkpoint(cls, config: ml_collections.ConfigDict,
-                      checkpoint_dir: str, step: Optional[int] = None
-                      ) -> "Embedder":
-    """Restores the backbone of a checkpoint (default its latest step)."""
-    mesh = parallel.make_mesh(1)
-    model = state_lib.build_model(config)
-    variables, restored = ckpt.restore_model(
-        checkpoint_dir,
-        evaluate_lib.abstract_model_variables(config, model, mesh), step)
-    embedder = cls(config, variables)
-    embedder.step = restored
-    return embedder
-
-  def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """images (N, S, S, 3) uint8 BGR -> (embeddings (N, D), norms (N,))."""
-    return extract.extract_embeddings(
-        self._embed, np.asarray(images, np.uint8), batch_size=self.batch_size,
-        flip=False, progress=False, return_norms=True)
 
 
 def training_views(config: ml_collections.ConfigDict, count: int,

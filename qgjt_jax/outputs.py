@@ -53,37 +53,95 @@ def atomic_file(path: str, *, overwrite: bool, flag: str = "--overwrite"
   meanwhile (it is a hard link, which fails if the name is taken).
   """
   check_output(path, overwrite=overwrite, flag=flag)
+  with _staged(path) as (f, tmp):
+    yield f
+    f.flush()
+    os.fsync(f.fileno())
+    _land(tmp, path, overwrite, flag)
+
+
+@contextlib.contextmanager
+def _staged(path: str):
+  """(an open binary file, its temporary name) beside `path`; the file is
+  removed unless it was landed, and a failure to write names `path`."""
   parent = os.path.dirname(os.path.abspath(path))
   fd, tmp = tempfile.mkstemp(dir=parent,
                              prefix=f".{os.path.basename(path)}.",
                              suffix=".partial")
   try:
     with os.fdopen(fd, "wb") as f:
-      yield f
-      f.flush()
-      os.fsync(f.fileno())
-    os.chmod(tmp, 0o666 & ~_umask())
-    if overwrite:
-      os.replace(tmp, path)
-    else:
       try:
-        os.link(tmp, path)
-      except FileExistsError:
-        raise OutputExistsError(f"{path} appeared while it was being "
-                                f"written; pass {flag} to replace it") from None
-      except OSError:  # a file system without hard links
-        check_output(path, overwrite=False, flag=flag)
-        os.rename(tmp, path)
+        yield f, tmp
+      except OSError as e:
+        if e.filename is None and e.errno is not None:
+          raise type(e)(e.errno, e.strerror, path) from e
+        raise
   finally:
     if os.path.lexists(tmp):
       os.unlink(tmp)
 
 
+def _land(tmp: str, path: str, overwrite: bool, flag: str) -> None:
+  """Moves a complete temporary file to `path`. Without `overwrite` the
+  move cannot replace a file that appeared meanwhile (it is a hard link,
+  which fails if the name is taken)."""
+  os.chmod(tmp, 0o666 & ~_umask())
+  if overwrite:
+    os.replace(tmp, path)
+    return
+  try:
+    os.link(tmp, path)
+  except FileExistsError:
+    raise OutputExistsError(f"{path} appeared while it was being "
+                            f"written; pass {flag} to replace it") from None
+  except OSError:  # a file system without hard links
+    check_output(path, overwrite=False, flag=flag)
+    os.rename(tmp, path)
+
+
 def write(path: str, data: bytes | str, *, overwrite: bool,
           flag: str = "--overwrite") -> None:
   """`data` (text as UTF-8) to `path`, atomically (see `atomic_file`)."""
-  with atomic_file(path, overwrite=overwrite, flag=flag) as f:
-    f.write(data.encode() if isinstance(data, str) else data)
+  write_together({path: data}, overwrite=overwrite, flag=flag)
+
+
+def write_together(files: dict[str, bytes | str], *, overwrite: bool,
+                   flag: str = "--overwrite") -> None:
+  """Several files that land together or not at all (a model and the
+  sidecar describing it): each is written whole under a temporary name
+  first, and only then are they moved into place; if a move fails, the
+  ones already moved are taken back and any file they replaced is put
+  back, so no new file ever sits beside an old one it does not match.
+  """
+  for path in files:
+    check_output(path, overwrite=overwrite, flag=flag)
+  with contextlib.ExitStack() as stack:
+    staged = {}
+    for path, data in files.items():
+      f, tmp = stack.enter_context(_staged(path))
+      f.write(data.encode() if isinstance(data, str) else data)
+      f.flush()
+      os.fsync(f.fileno())
+      staged[path] = tmp
+    kept, landed = {}, []
+    try:
+      for path, tmp in staged.items():
+        if os.path.lexists(path):  # only with overwrite (checked above)
+          kept[path] = tmp + ".old"
+          os.link(path, kept[path])
+        _land(tmp, path, overwrite, flag)
+        landed.append(path)
+    except BaseException:
+      for path in landed:
+        if path in kept:
+          os.replace(kept.pop(path), path)
+        else:
+          os.unlink(path)
+      raise
+    finally:
+      for old in kept.values():
+        if os.path.lexists(old):
+          os.unlink(old)
 
 
 def free_name(path: str) -> str:

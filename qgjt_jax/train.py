@@ -29,6 +29,7 @@ from qgjt_jax import config_checks
 from qgjt_jax import evaluate as evaluate_lib
 from qgjt_jax import finetune
 from qgjt_jax import parallel
+from qgjt_jax import records
 from qgjt_jax import reporting
 from qgjt_jax import stack as stack_lib
 from qgjt_jax import workdir_lock
@@ -173,8 +174,10 @@ def _lock_workdir(workdir: str, force: bool):
 def _weights_config(config, workdir: str):
   """The config with the channel order of the weights this run trains: its
   own record's on a resume, else that of `config.init_from`'s weights."""
-  if ckpt.recorded_model_settings(workdir):
-    return evaluate_lib.with_recorded_input_order(config, workdir)
+  settings = records.recorded_model_settings(workdir)
+  if settings:
+    return records.with_input_order(config, settings.get("model.input_order"),
+                                    f"The model in {workdir}")
   if config.init_from:
     return finetune.check_source(config)
   return config
@@ -244,11 +247,11 @@ def _batches(run: _Run, start_step: int):
 
 def _train_and_evaluate(config, workdir, stop: StopRequested) -> dict:
   run = _set_up(config, workdir)
-  run.manager = ckpt.make_manager(f"{workdir}/checkpoints",
+  run.manager = ckpt.make_manager(ckpt.checkpoints_dir(workdir),
                                   max_to_keep=run.config.keep_checkpoints)
   try:
     state = _starting_state(run)
-    ckpt.record_config(workdir, run.record, qgjt_jax.__version__)
+    records.record_config(workdir, run.record, qgjt_jax.__version__)
     run.writer = reporting.create_writer(workdir)
     run.writer.write_hparams({k: str(v) for k, v in run.record.items()})
     reporting.log_parameter_overview(state.params)
@@ -308,7 +311,7 @@ def _loop(run: _Run, state, stop: StopRequested) -> dict:
       ckpt.wait(manager)
       reporting.note(
           f"Stopped by {stop.description} at step {step}; checkpoint "
-          f"written to {run.workdir}/checkpoints. Run the same command to "
+          f"written to {ckpt.checkpoints_dir(run.workdir)}. Run the same command to "
           "resume.")
       return {}
   profiler.finish(state)

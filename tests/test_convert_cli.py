@@ -4,7 +4,6 @@ checkpoint restores to the reference's outputs and evaluates with --mode=eval.
 import json
 import os
 import pathlib
-import shlex
 import subprocess
 import sys
 
@@ -12,12 +11,10 @@ import jax
 import numpy as np
 import pytest
 
-from configs import synthetic
-from qgjt_jax import checkpoint
+import qgjt_jax
 from qgjt_jax import convert
 from qgjt_jax import evaluate
-from qgjt_jax import parallel
-from qgjt_jax import state as state_lib
+from qgjt_jax import records
 
 PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[1]
 WEIGHTS = "iresnet18_eval.weights.npz"
@@ -30,33 +27,6 @@ def _run_cli(*args: str) -> subprocess.CompletedProcess:
                         text=True, timeout=300)
 
 
-def _printed_overrides(stdout: str) -> dict[str, str]:
-  """The --config.KEY=VALUE arguments of the printed --mode=eval command."""
-  start = stdout.index("python -m qgjt_jax.main")
-  lines = [stdout[start:].splitlines()[0]]
-  for line in stdout[start:].splitlines()[1:]:
-    if not lines[-1].endswith("\\"):
-      break
-    lines.append(line)
-  words = shlex.split(" ".join(line.rstrip("\\") for line in lines))
-  assert words[:3] == ["python", "-m", "qgjt_jax.main"]
-  assert "--mode=eval" in words
-  overrides = {}
-  for word in words[3:]:
-    if word.startswith("--config."):
-      key, value = word[len("--config."):].split("=", 1)
-      overrides[key] = value
-  return overrides
-
-
-def _apply(config, overrides: dict[str, str]):
-  for key, value in overrides.items():
-    section, name = key.split(".")
-    old = config[section][name]
-    config[section][name] = type(old)(value)
-  return config
-
-
 @pytest.fixture(scope="module")
 def converted(reference_dir, tmp_path_factory):
   """(workdir, stdout) of one CLI run on the reference IR-18 weights."""
@@ -65,16 +35,6 @@ def converted(reference_dir, tmp_path_factory):
                     f"--workdir={workdir}")
   assert result.returncode == 0, result.stderr[-3000:]
   return workdir, result.stdout
-
-
-def _config(overrides, **eval_settings):
-  config = _apply(synthetic.get_config(), overrides)
-  config.model.dtype = "float32"
-  # Not "synthetic": evaluate_checkpoint would then also embed the generated
-  # pairs, at the imported model's 112 px.
-  config.data.kind = "rec"
-  config.eval.update(eval_settings)
-  return config
 
 
 def test_summary_describes_the_model(reference_dir, converted):
@@ -86,44 +46,42 @@ def test_summary_describes_the_model(reference_dir, converted):
                      if ".running_" not in k)
     fc_rows, fc_inputs = weights["output_layer.3.weight"].shape
   assert f"{num_params:,}" in stdout
-  assert _printed_overrides(stdout) == {
-      "model.name": "ir18", "model.base_width": "64",
-      "model.embedding_size": str(fc_rows), "model.input_order": "BGR",
-      "data.image_size": "112"}
   assert fc_inputs == 512 * 7 * 7
-  assert f"--workdir={workdir}" in stdout
   record = json.loads((workdir / "converted_from.json").read_text())
   assert record["source"] == str(reference_dir / WEIGHTS)
+  assert record["config_overrides"] == {
+      "model.name": "ir18", "model.base_width": 64,
+      "model.embedding_size": int(fc_rows), "model.input_order": "BGR",
+      "data.image_size": 112}
+  # Using it needs nothing but the workdir.
+  assert f"python -m qgjt_jax.main --workdir={workdir} --mode=eval" in stdout
 
 
 def test_restored_model_reproduces_the_reference(reference_dir, converted):
-  workdir, stdout = converted
-  config = _config(_printed_overrides(stdout))
-  mesh = parallel.make_mesh(1)
-  model = state_lib.build_model(config)
-  variables, step = checkpoint.restore_model(
-      str(workdir / "checkpoints"),
-      evaluate.abstract_model_variables(config, model, mesh))
-  assert step == 0
+  workdir, _ = converted
+  model = qgjt_jax.load_model(str(workdir))
+  assert (model.step, model.name, model.image_size) == (0, "ir18", 112)
+  assert model.norm_stats is None  # a converted model has no statistics
   with np.load(reference_dir / "iresnet18_eval.npz") as case:
     images = case["in/images_nchw"].transpose(0, 2, 3, 1)
     want_embedding = case["out/embedding"]
     want_norm = case["out/norm"][:, 0]
   embedding, norm = jax.jit(
-      lambda v, x: model.apply(v, x, train=False))(variables, images)
+      lambda v, x: model.module.apply(v, x, train=False))(model.variables,
+                                                           images)
   np.testing.assert_allclose(embedding, want_embedding, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(norm, want_norm, rtol=1e-4)
 
 
 def test_eval_mode_reads_the_converted_workdir(converted, insightface_rec_dir,
                                                capsys):
-  workdir, stdout = converted
-  lfw = str(insightface_rec_dir / "lfw.bin")
+  workdir, _ = converted
+  config = records.recorded_config(str(workdir))
   # No flip fusion: half the forward passes, and the protocol is not what is
   # tested here.
-  config = _config(_printed_overrides(stdout), bin_sets=(lfw,),
-                   batch_size=16, fusion=None)
-  results = evaluate.evaluate_checkpoint(config, str(workdir))
+  config.eval.update(bin_sets=(str(insightface_rec_dir / "lfw.bin"),),
+                     batch_size=16, fusion=None)
+  results = evaluate.evaluate_checkpoint(str(workdir), config=config)
   printed = capsys.readouterr().out
   assert "Restored the model of step 0" in printed
   rows = [line.split() for line in printed.splitlines()]

@@ -1,12 +1,14 @@
 """--mode=embed and --mode=compare on the reference run's checkpoint."""
 import shutil
 import subprocess
+import sys
 
 import cv2
 
 import numpy as np
 import pytest
 
+import qgjt_jax
 from qgjt_jax import embed
 from qgjt_jax import state as state_lib
 from qgjt_jax.data import synthetic
@@ -31,15 +33,21 @@ def faces(tmp_path):
 
 def _expected(workdir, paths):
   """Unit embeddings, norms and qualities computed here from the saved
-  state (its backbone and its running norm statistics)."""
+  state (its backbone and its running norm statistics), scored as
+  decisions are: each face and its mirror image, the features n e added
+  and normalised, the norm their mean."""
   config = tiny_runs.tiny_config()
   state = tiny_runs.load_state(workdir, tiny_runs.STEPS)
   images = np.stack([cv2.resize(cv2.imread(str(p)), (32, 32),
                                 interpolation=cv2.INTER_AREA) for p in paths])
   model = state_lib.build_model(config)
-  emb, norms = model.apply({"params": state["params"]["backbone"],
-                            "batch_stats": state["batch_stats"]},
-                           normalize_images(images), train=False)
+  variables = {"params": state["params"]["backbone"],
+               "batch_stats": state["batch_stats"]}
+  views = [model.apply(variables, normalize_images(faces), train=False)
+           for faces in (images, images[:, :, ::-1])]
+  features = sum(np.asarray(e) * np.asarray(n)[:, None] for e, n in views)
+  emb = features / np.linalg.norm(features, axis=1, keepdims=True)
+  norms = (np.asarray(views[0][1]) + np.asarray(views[1][1])) / 2
   stats = quality_lib.QualityStats(mean=state["quality"]["mean"],
                               std=state["quality"]["std"])
   quality = quality_lib.quality_from_scaler(quality_lib.margin_scaler(
@@ -52,8 +60,8 @@ def test_embed_writes_each_image_with_its_quality(reference_run, faces,
   workdir, _ = reference_run
   out = tmp_path / "faces.npz"
   with tiny_runs.compile_cache():
-    embed.run_embed(tiny_runs.tiny_config(), str(workdir), str(faces),
-                    str(out), skip_bad=True)
+    embed.run_embed(qgjt_jax.load_model(str(workdir)), str(faces), str(out),
+                    skip_bad=True)
   data = np.load(out)
   good = sorted(p for p in faces.rglob("*.png"))
   assert list(data["paths"]) == [str(p.relative_to(faces)) for p in good]
@@ -70,14 +78,13 @@ def test_embed_writes_each_image_with_its_quality(reference_run, faces,
 def test_an_unreadable_image_is_named_with_the_way_out(reference_run, faces,
                                                        tmp_path):
   workdir, _ = reference_run
-  with tiny_runs.compile_cache(), pytest.raises(
-      embed.ImageError, match=r"broken.jpg.*--skip_bad"):
-    embed.run_embed(tiny_runs.tiny_config(), str(workdir), str(faces),
-                    str(tmp_path / "x.npz"))
+  with tiny_runs.compile_cache():
+    model = qgjt_jax.load_model(str(workdir))
+    with pytest.raises(embed.ImageError, match=r"broken.jpg.*--skip_bad"):
+      embed.run_embed(model, str(faces), str(tmp_path / "x.npz"))
   (tmp_path / "empty").mkdir()
   with pytest.raises(embed.ImageError, match="empty holds no images"):
-    embed.run_embed(tiny_runs.tiny_config(), str(workdir),
-                    str(tmp_path / "empty"), str(tmp_path / "x.npz"))
+    embed.run_embed(model, str(tmp_path / "empty"), str(tmp_path / "x.npz"))
 
 
 @pytest.mark.slow
@@ -85,17 +92,27 @@ def test_compare_on_the_command_line(reference_run, faces, tmp_path):
   workdir = tmp_path / "run"
   shutil.copytree(reference_run[0], workdir)
   a, b = faces / "id0" / "0.png", faces / "id2" / "1.png"
-  result = subprocess.run(
-      tiny_runs.cli_command(workdir, "--mode=compare", f"--images={a},{b}"),
-      capture_output=True, text=True, cwd=tiny_runs.ROOT,
-      env=tiny_runs.subprocess_env(), timeout=600)
+  command = [sys.executable, "-m", "qgjt_jax.main", f"--workdir={workdir}",
+             "--mode=compare", f"--images={a},{b}"]
+  # Its only evaluation is of generated faces: no threshold for photos.
+  refused = subprocess.run(command, capture_output=True, text=True,
+                           cwd=tiny_runs.ROOT, env=tiny_runs.subprocess_env(),
+                           timeout=600)
+  assert refused.returncode == 1, refused.stdout + refused.stderr
+  assert "generated faces" in refused.stderr
+  assert "calibration_folders" in refused.stderr
+  result = subprocess.run(command + ["--threshold=0.5"], capture_output=True,
+                          text=True, cwd=tiny_runs.ROOT,
+                          env=tiny_runs.subprocess_env(), timeout=600)
   assert result.returncode == 0, result.stdout + result.stderr
   emb, norms, quality = _expected(reference_run[0], [a, b])
-  assert f"cosine similarity {emb[0] @ emb[1]:.4f}" in result.stdout
+  cosine = emb[0] @ emb[1]
+  assert f"cosine similarity {cosine:.4f}: " + (
+      "same person" if cosine >= 0.5 else "different people") in result.stdout
   assert f"feature norm {norms[1]:.3f}, quality {quality[1]:.3f}" in (
       result.stdout)
   bad = subprocess.run(
-      tiny_runs.cli_command(workdir, "--mode=compare", f"--images={a}"),
+      command[:-1] + [f"--images={a}"],
       capture_output=True, text=True, cwd=tiny_runs.ROOT,
       env=tiny_runs.subprocess_env(), timeout=600)
   assert bad.returncode == 1 and "give two images" in bad.stderr

@@ -169,3 +169,51 @@ def test_scface_missing_parts_are_named(tmp_path):
                                     '099_cam1_1\t0\n')
   with pytest.raises(FileNotFoundError, match='099_cam1_1.jpg does not exist'):
     scface.scface_layout(tmp_path, 'aligned')
+
+
+def _brute_force_open_set(feats, labels, fpir):
+  """Each person left out in turn, galleries and mated templates built
+  from scratch for every search."""
+  people = sorted(set(labels))
+  template = lambda rows: (feats[rows].sum(0) /
+                           np.linalg.norm(feats[rows].sum(0)))
+  non_mated, mated_hit_scores = [], []
+  for i, person in enumerate(labels):
+    others = [template(np.flatnonzero(labels == q)) for q in people
+              if q != person]
+    best_other = max(float(feats[i] @ t) for t in others)
+    non_mated.append(best_other)
+    own = np.flatnonzero((labels == person) & (np.arange(len(labels)) != i))
+    if len(own):
+      mate = float(feats[i] @ template(own))
+      mated_hit_scores.append(mate if mate > best_other else -np.inf)
+  non_mated = np.array(non_mated)
+  allowed = int(np.floor(fpir * len(non_mated)))
+  ordered = np.sort(non_mated)[::-1]
+  cosine = np.nextafter(ordered[allowed], np.inf)
+  pairs = [float(feats[i] @ template(np.flatnonzero(labels == q)))
+           for i, person in enumerate(labels) for q in people if q != person]
+  return (cosine, int(np.sum(non_mated >= cosine)),
+          float(np.mean(np.array(mated_hit_scores) >= cosine)),
+          float(np.mean(np.array(pairs) >= cosine)))
+
+
+def test_open_set_calibration_against_brute_force():
+  rng = np.random.default_rng(5)
+  centres = rng.normal(size=(12, 16))
+  labels = np.repeat(np.arange(12), rng.integers(1, 9, 12))
+  feats = centres[labels] + rng.normal(0, 0.9, (len(labels), 16))
+  feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+  rows = identification.open_set_calibration(feats, labels, chunk_size=7)
+  assert [r["fpir"] for r in rows] == [
+      f for f in identification.FPIRS if len(labels) * f >= 1]
+  for row in rows:
+    cosine, alarms, tpir, match_rate = _brute_force_open_set(
+        feats, labels, row["fpir"])
+    assert row["cosine"] == pytest.approx(cosine, abs=1e-12)
+    assert row["false_alarms"] == alarms <= row["fpir"] * len(labels)
+    assert row["searches"] == len(labels) and row["gallery_people"] == 11
+    assert row["tpir"] == pytest.approx(tpir)
+    assert row["template_false_match_rate"] == pytest.approx(match_rate)
+    assert row["mated_searches"] == int(np.sum(np.bincount(labels)[labels]
+                                               > 1))

@@ -8,6 +8,7 @@ from qgjt_jax import parallel
 from qgjt_jax import state as state_lib
 from qgjt_jax.eval import report
 from qgjt_jax.eval import tinyface
+from qgjt_jax.inference import model as model_lib
 from qgjt_jax.models import normalize_images
 from tests import eval_trees
 from tests import tiny_runs
@@ -38,9 +39,9 @@ def test_evaluation_runs_in_its_own_dtype(tmp_path):
   want = model.clone(dtype=jnp.float32).apply(
       variables, normalize_images(images), train=False)[0]
   evaluator = evaluate.Evaluator(config, model, mesh)
-  embed = evaluate.make_embed_fn(
-      evaluator.model.clone(dtype=jnp.dtype(config.eval.dtype)),
-      jnp.dtype(config.eval.dtype), mesh, variables)
+  embed = model_lib.make_embed_fn(
+      evaluator.model.clone(dtype=jnp.dtype(config.eval.dtype)), mesh,
+      variables)
   np.testing.assert_allclose(embed(images)[0], want, rtol=1e-5, atol=1e-6)
   bf16 = model.apply(variables, normalize_images(images, jnp.bfloat16),
                      train=False)[0]
@@ -57,8 +58,8 @@ def test_tinyface_is_scored_on_the_aligned_copies_and_says_so(tmp_path):
   evaluator = evaluate.Evaluator(config, model, parallel.make_mesh(1))
   results = evaluator.evaluate_variables(variables)
   assert results["tinyface"]["images"] == "aligned_pad_0.1_pad_high"
-  embed = evaluate.make_embed_fn(model.clone(dtype=jnp.float32), jnp.float32,
-                                 parallel.make_mesh(1), variables)
+  embed = model_lib.make_embed_fn(model.clone(dtype=jnp.float32),
+                                  parallel.make_mesh(1), variables)
   want = tinyface.evaluate_tinyface(
       embed, root, aligned_dir="aligned_pad_0.1_pad_high", batch_size=8,
       image_size=eval_trees.SIZE, progress=False)

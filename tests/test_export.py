@@ -88,9 +88,9 @@ def test_the_command_exports_a_trained_workdir(reference_run, tmp_path):
         capture_output=True, text=True, cwd=tiny_runs.ROOT, env=env,
         timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "uint8 BGR in" in result.stdout
-  model, variables, _, step = export.load_model(str(workdir))
-  assert step == tiny_runs.STEPS
+    assert "uint8, BGR" in result.stdout
+  loaded, model, variables = export.load(str(workdir))
+  assert loaded.step == tiny_runs.STEPS
   images = np.random.default_rng(2).integers(0, 256, (5, 32, 32, 3),
                                              np.uint8)
   want = [np.asarray(a) for a in export.forward_fn(model, variables)(images)]
@@ -130,3 +130,56 @@ def test_a_workdir_without_a_record_is_one_line(tmp_path):
   assert result.stderr.startswith("ERROR: --workdir=") and (
       "config.json" in result.stderr)
   assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_missing_package_names_the_extra(tmp_path, reference_run):
+  """Without onnx installed, --format=onnx says which extra brings it."""
+  shim = tmp_path / "no_onnx" / "onnx"
+  shim.mkdir(parents=True)
+  (shim / "__init__.py").write_text("raise ImportError('hidden')\n")
+  env = tiny_runs.subprocess_env()
+  env["PYTHONPATH"] = f"{shim.parent}:{env['PYTHONPATH']}"
+  result = subprocess.run(
+      [sys.executable, "-m", "qgjt_jax.export",
+       f"--workdir={reference_run[0]}", "--format=onnx",
+       f"--out={tmp_path / 'm.onnx'}"],
+      capture_output=True, text=True, cwd=tiny_runs.ROOT, env=env,
+      timeout=600)
+  assert result.returncode == 1
+  assert result.stderr.strip() == (
+      "ERROR: --format=onnx needs the onnx package, which is not installed: "
+      "pip install 'qgjt_jax[onnx]'")
+
+
+@pytest.mark.slow
+def test_insightface_loads_the_insightface_layout(reference_dir, tmp_path):
+  """insightface's own client routes the file to its recognition model and
+  its get_feat gives --mode=embed's embeddings (the authors' IR-18 weights,
+  112 px, as a converted workdir)."""
+  model_zoo = pytest.importorskip("insightface.model_zoo")
+  import qgjt_jax  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / "ir18"
+  env = tiny_runs.subprocess_env()
+  for module, args in (
+      ("qgjt_jax.convert", [f"--src={reference_dir / 'iresnet18_eval.weights.npz'}",
+                            f"--workdir={workdir}"]),
+      ("qgjt_jax.export", [f"--workdir={workdir}", "--format=onnx",
+                           "--onnx_layout=insightface",
+                           f"--out={tmp_path / 'm.onnx'}"])):
+    result = subprocess.run([sys.executable, "-m", module, *args],
+                            capture_output=True, text=True,
+                            cwd=tiny_runs.ROOT, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+  recognition = model_zoo.get_model(str(tmp_path / "m.onnx"),
+                                    providers=["CPUExecutionProvider"])
+  assert type(recognition).__name__ == "ArcFaceONNX"
+  assert (recognition.input_mean, recognition.input_std) == (127.5, 127.5)
+  faces = np.random.default_rng(3).integers(0, 256, (3, 112, 112, 3),
+                                            np.uint8)
+  features = recognition.get_feat(list(faces))  # BGR images, as cv2 reads
+  got = features / np.linalg.norm(features, axis=1, keepdims=True)
+  with tiny_runs.compile_cache():
+    want, norms = qgjt_jax.load_model(str(workdir)).embed(faces)
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  np.testing.assert_allclose(np.linalg.norm(features, axis=1), norms,
+                             rtol=1e-5)

@@ -16,6 +16,7 @@ from qgjt_jax import checkpoint as ckpt
 from qgjt_jax import config_checks
 from qgjt_jax import convert
 from qgjt_jax import finetune
+from qgjt_jax import records
 from qgjt_jax import stack as stack_lib
 from qgjt_jax import torch_files
 from qgjt_jax.data import prepare
@@ -117,7 +118,7 @@ def test_fine_tuning_end_to_end_then_resuming_without_the_source(
   for a, b in zip(jax.tree.leaves(converted.variables["params"]),
                   jax.tree.leaves(state["params"]["backbone"])):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
-  assert ckpt.recorded_model_settings(str(run))["model.input_order"] == "RGB"
+  assert records.recorded_model_settings(str(run))["model.input_order"] == "RGB"
   # Longer, with the source gone: the run resumes from its own checkpoint.
   source_copy.unlink()
   longer = _config(folder_set, init_from=str(source_copy),

@@ -88,11 +88,11 @@ def test_the_converted_workdir_records_the_input_order(backbone_pth,
 def test_evaluation_feeds_what_the_converted_model_expects(backbone_pth,
                                                            tmp_path, capsys):
   """The recipe says BGR; the converted workdir says RGB, and wins."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from qgjt_jax import base_config as common  # pylint: disable=g-import-not-at-top
   from qgjt_jax import evaluate  # pylint: disable=g-import-not-at-top
   from qgjt_jax import parallel  # pylint: disable=g-import-not-at-top
   from qgjt_jax.eval import verification  # pylint: disable=g-import-not-at-top
+  from qgjt_jax.inference import model as model_lib  # pylint: disable=g-import-not-at-top
   from tests.eval_trees import write_bin  # pairs in the .bin layout
   converted = convert.convert_state_dict(
       torch_files.state_dict(backbone_pth))
@@ -106,12 +106,12 @@ def test_evaluation_feeds_what_the_converted_model_expects(backbone_pth,
   config.data.update(kind="rec", image_size=SIZE)
   config.eval.update(bin_sets=(str(bin_path),), batch_size=8)
   assert config.model.input_order == "BGR"
-  results = evaluate.evaluate_checkpoint(config, str(workdir))
-  assert "reads RGB images" in capsys.readouterr().out
+  results = evaluate.evaluate_checkpoint(str(workdir), config=config)
+  assert "model.input_order='RGB'" in capsys.readouterr().out
   rgb_model = build_backbone("r18", base_width=WIDTH,
                              embedding_size=EMBEDDING, input_order="RGB")
-  embed = evaluate.make_embed_fn(rgb_model, jnp.float32,
-                                 parallel.make_mesh(1), converted.variables)
+  embed = model_lib.make_embed_fn(rgb_model, parallel.make_mesh(1),
+                                  converted.variables)
   want = verification.evaluate_bin(embed, bin_path, batch_size=8,
                                    image_size=SIZE, progress=False)
   np.testing.assert_allclose(results["pairs"]["mean_norm"],

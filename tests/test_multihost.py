@@ -33,6 +33,7 @@ import numpy as np
 import pytest
 
 from qgjt_jax import checkpoint as ckpt
+from qgjt_jax import records
 from tests import eval_trees
 from tests import tiny_runs as runs
 
@@ -167,7 +168,7 @@ def test_one_voice_and_one_copy_of_every_file(cluster_run):
              (workdir / "metrics.jsonl").read_text().splitlines()]
   train_steps = [r["step"] for r in records if "loss" in r]
   assert train_steps == list(range(1, runs.STEPS + 1))  # written once
-  record = json.loads((workdir / ckpt.CONFIG_RECORD).read_text())
+  record = json.loads((workdir / records.CONFIG_RECORD).read_text())
   assert record["config"]["num_classes"] == runs.NUM_CLASSES
   names = sorted(p.name for p in (workdir / "eval").iterdir())
   assert [n for n in names if n.endswith(".json")] == [

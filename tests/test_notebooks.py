@@ -182,11 +182,9 @@ def test_evaluate_notebook_evaluates_the_quickstart_checkpoint(
     quickstart_run, kernel_env, insightface_rec_dir):
   _, workdir = quickstart_run
   nb = _inject(_load(EVALUATE), dict(
-      checkpoint_dir=str(workdir / "checkpoints"),
-      overrides={"data.synthetic.eval_identities": 4,
-                 "data.synthetic.eval_pairs": 16},
+      checkpoint=str(workdir / "checkpoints"),
       bin_sets=[str(insightface_rec_dir / "lfw.bin")],
-      workdir=str(workdir / "evaluation")))
+      results_dir=str(workdir / "evaluation")))
   text = _text(_execute(nb, kernel_env))
   # The model settings were read back from the run's config.json.
   assert "ir18 (width 8, 32-d) at 32 px." in text
@@ -237,8 +235,8 @@ def test_read_metrics_merges_the_records_of_a_step(tmp_path):
 def test_overrides_refuse_unknown_keys_and_recorded_settings_read_back(
     tmp_path):
   from configs import synthetic
-  from qgjt_jax import checkpoint as ckpt
   from qgjt_jax import notebook_utils as nbu
+  from qgjt_jax import records
   config = nbu.apply_overrides(synthetic.get_config(),
                                {"model.base_width": 8, "data.image_size": 32})
   assert (config.model.base_width, config.data.image_size) == (8, 32)
@@ -246,12 +244,14 @@ def test_overrides_refuse_unknown_keys_and_recorded_settings_read_back(
     nbu.apply_overrides(config, {"model.widht": 8})
   with pytest.raises(KeyError, match="modle"):
     nbu.apply_overrides(config, {"modle.name": "ir50"})
-  ckpt.record_config(str(tmp_path), config.to_dict(), "0")
-  assert nbu.recorded_model_settings(str(tmp_path / "checkpoints")) == {
+  records.record_config(str(tmp_path), config.to_dict(), "0")
+  assert records.recorded_model_settings(str(tmp_path)) == {
       "model.name": "ir18", "model.base_width": 8,
       "model.embedding_size": 128, "model.input_order": "BGR",
       "data.image_size": 32}
-  assert nbu.recorded_model_settings(str(tmp_path / "nothing" / "ckpt")) == {}
+  recorded = records.recorded_config(str(tmp_path))
+  assert records.changed_keys(config.to_dict(), recorded.to_dict()) == []
+  assert records.recorded_model_settings(str(tmp_path / "nothing")) == {}
   config.eval.batch_size = 100
   nbu.round_batch_sizes(config, 8)
   assert (config.global_batch_size, config.eval.batch_size) == (64, 104)

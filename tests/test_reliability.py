@@ -21,6 +21,7 @@ import pytest
 
 from qgjt_jax import checkpoint as ckpt
 from qgjt_jax import parallel
+from qgjt_jax import records
 from qgjt_jax import stack as stack_lib
 from qgjt_jax.method import queue_buffer as queue_lib
 from qgjt_jax import state as state_lib
@@ -74,7 +75,7 @@ def test_sigterm_mid_run_checkpoints_exits_0_and_resumes_exactly(
       stop_step)
   assert max(runs.step_metrics(workdir)) == stop_step
   # The same recipe as the in-process reference, or the comparison is moot.
-  recorded = lambda d: json.loads((d / ckpt.CONFIG_RECORD).read_text())[
+  recorded = lambda d: json.loads((d / records.CONFIG_RECORD).read_text())[
       "config"]
   assert recorded(workdir) == recorded(reference_run[0])
 
@@ -377,8 +378,8 @@ def test_training_refuses_an_incompatible_workdir_before_touching_it(
     with pytest.raises(ckpt.IncompatibleRunError, match=named):
       train.train_and_evaluate(runs.tiny_config(**changes), str(workdir))
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == before
-  assert (workdir / ckpt.CONFIG_RECORD).read_text() == (
-      ref_dir / ckpt.CONFIG_RECORD).read_text()
+  assert (workdir / records.CONFIG_RECORD).read_text() == (
+      ref_dir / records.CONFIG_RECORD).read_text()
 
 
 # ---------------------------------------------------------------------------

@@ -1,11 +1,10 @@
-"""Cosine thresholds at a false accept rate, and the one a decision uses."""
-import json
+"""Cosine thresholds at a false accept rate, with what they accepted."""
 import math
 
 import numpy as np
 import pytest
+from scipy import stats
 
-from qgjt_jax import errors
 from qgjt_jax.eval import thresholds
 from qgjt_jax.eval import verification
 
@@ -26,7 +25,8 @@ def test_each_threshold_accepts_at_most_its_share_and_no_less(impostors):
     lower = impostor[impostor < row["cosine"]].max()
     assert np.sum(impostor >= lower) > allowed
     assert row["tar"] == pytest.approx(np.mean(genuine >= row["cosine"]))
-    assert row["impostors"] == impostors
+    assert (row["impostors"], row["genuine"]) == (impostors, 500)
+    assert row["accepted"] == accepted
 
 
 def test_verification_reports_cosines_of_its_own_rule():
@@ -44,49 +44,30 @@ def test_verification_reports_cosines_of_its_own_rule():
   want = thresholds.at_far(cosine[issame], cosine[~issame])
   assert [r["far"] for r in want] == [1e-2]
   for got, expected in zip(metrics["thresholds"], want, strict=True):
-    assert got == pytest.approx(expected, rel=1e-12)
+    assert got.keys() == expected.keys()
+    for key in got:
+      np.testing.assert_allclose(got[key], expected[key], rtol=1e-12)
 
 
-def _write(workdir, name, sets):
-  folder = workdir / "eval"
-  folder.mkdir(exist_ok=True)
-  (folder / name).write_text(json.dumps({
-      set_name: {"accuracy_mean": 0.9, "thresholds": [
-          {"far": far, "cosine": cos, "tar": 0.5, "impostors": n}
-          for far, cos in rows]}
-      for set_name, (n, rows) in sets.items()}))
-
-
-def test_the_latest_evaluation_and_its_largest_set_decide(tmp_path):
-  _write(tmp_path, "step_10.json", {"lfw": (3000, [(1e-2, 0.1)])})
-  _write(tmp_path, "step_200.json", {"lfw": (3000, [(1e-2, 0.2)])})
-  _write(tmp_path, "step_200.2.json", {
-      "lfw": (3000, [(1e-2, 0.3), (1e-3, 0.4)]),
-      "ijbc": (200_000, [(1e-2, 0.5), (1e-3, 0.6), (1e-4, 0.7)])})
-  (tmp_path / "eval" / "notes.json").write_text("{}")  # not a result
-  chosen, note = thresholds.latest(str(tmp_path), 1e-4)
-  assert (chosen.cosine, chosen.far, note) == (0.7, 1e-4, None)
-  assert "ijbc, evaluation of step 200 (step_200.2.json)" in chosen.describe()
-  chosen, note = thresholds.latest(str(tmp_path), 1e-4, "lfw")
-  assert (chosen.cosine, chosen.far) == (0.4, 1e-3)
-  assert "needs 10,000 impostor pairs; lfw has 3,000" in note
-  with pytest.raises(errors.UserError, match="--threshold_set=agedb"):
-    thresholds.latest(str(tmp_path), 1e-4, "agedb")
-  assert thresholds.measured(str(tmp_path))["sets"]["ijbc"][2] == {
-      "far": 1e-4, "cosine": 0.7, "tar": 0.5}
-
-
-def test_no_evaluation_says_how_to_get_one(tmp_path):
-  with pytest.raises(errors.UserError, match="--threshold=COSINE"):
-    thresholds.latest(str(tmp_path), 1e-4)
-  (tmp_path / "eval").mkdir()
-  (tmp_path / "eval" / "step_5.json").write_text('{"tinyface": {"rank1": 1}}')
-  with pytest.raises(errors.UserError, match="measured no thresholds"):
-    thresholds.latest(str(tmp_path), 1e-4)
-  (tmp_path / "eval" / "step_6.json").write_text("{not json")
-  with pytest.raises(errors.UserError, match="not a readable evaluation"):
-    thresholds.latest(str(tmp_path), 1e-4)
-  assert thresholds.measured(str(tmp_path / "nothing")) is None
+def test_each_threshold_states_its_count_and_exact_interval():
+  """The interval is Clopper-Pearson's, checked against scipy's own exact
+  binomial interval, and covers the true rate as often as it says."""
+  rng = np.random.default_rng(7)
+  impostor = rng.normal(0.0, 0.2, 3000)
+  for row in thresholds.at_far(rng.normal(0.5, 0.2, 100), impostor):
+    k, n = row["accepted"], row["impostors"]
+    assert k == np.sum(impostor >= row["cosine"]) and n == 3000
+    exact = stats.binomtest(k, n).proportion_ci(confidence_level=0.95,
+                                                method="exact")
+    np.testing.assert_allclose(row["far_interval"], [exact.low, exact.high],
+                               rtol=1e-9)
+  assert thresholds.rate_interval(0, 100)[0] == 0.0
+  assert thresholds.rate_interval(100, 100)[1] == 1.0
+  # Coverage: 2,000 samples of 1,000 trials at a true rate of 0.004.
+  counts = rng.binomial(1000, 0.004, 2000)
+  covered = [lo <= 0.004 <= hi for lo, hi in
+             (thresholds.rate_interval(int(k), 1000) for k in counts)]
+  assert np.mean(covered) >= 0.95
 
 
 def test_roc_points_count_what_each_far_allows():
@@ -100,3 +81,35 @@ def test_roc_points_count_what_each_far_allows():
     assert np.sum(impostor > cut) <= far * 5000 + 1e-9
     assert tar == pytest.approx(np.mean(genuine > cut))
   assert np.all(np.diff([t for _, t in points]) >= 0)
+
+
+def test_the_interval_over_people_resamples_people():
+  """Against a plain loop over draws of people and over pairs; and when one
+  person causes every false accept, draws without that person accept none,
+  so the interval reaches 0 while the one over pairs does not."""
+  rng = np.random.default_rng(11)
+  labels = np.repeat(np.arange(9), 5)
+  first, second = np.triu_indices(len(labels), 1)
+  impostor = labels[first] != labels[second]
+  p, q = labels[first][impostor], labels[second][impostor]
+  scores = rng.normal(0, 0.2, len(p)) + 0.5 * ((p == 0) | (q == 0))
+  genuine = rng.normal(0.6, 0.1, 50)
+  rows = thresholds.at_far(genuine, scores, impostor_people=(p, q))
+  draws = np.random.default_rng(0)
+  for row in rows:
+    rates = []
+    for _ in range(500):
+      counts = draws.multinomial(9, np.full(9, 1 / 9))
+      weight = counts[p] * counts[q]
+      rates.append(np.sum(weight * (scores >= row["cosine"])) /
+                   np.sum(weight))
+    draws = np.random.default_rng(0)  # each row sees the same draws
+    np.testing.assert_allclose(row["far_interval_people"],
+                               np.percentile(rates, [2.5, 97.5]), rtol=1e-9)
+    assert row["far_interval"] == [
+        min(row["far_interval_pairs"][0], row["far_interval_people"][0]),
+        max(row["far_interval_pairs"][1], row["far_interval_people"][1])]
+  culprit = rows[0]  # FAR 1e-2: its accepted pairs all involve person 0
+  assert np.all(((p == 0) | (q == 0))[scores >= culprit["cosine"]])
+  assert culprit["far_interval_people"][0] == 0.0
+  assert culprit["far_interval_pairs"][0] > 0.0

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from qgjt_jax import checkpoint as ckpt
+from qgjt_jax import records
 from qgjt_jax import parallel
 from qgjt_jax import stack as stack_lib
 from qgjt_jax import train
@@ -104,7 +105,7 @@ def test_sigterm_in_the_loop_finishes_the_step_and_checkpoints_it(
 
 def test_config_record_keeps_the_config_and_version(reference_run):
   ref_dir, _ = reference_run
-  record = json.loads((ref_dir / ckpt.CONFIG_RECORD).read_text())
+  record = json.loads((ref_dir / records.CONFIG_RECORD).read_text())
   import qgjt_jax
   assert record["version"] == qgjt_jax.__version__
   assert record["config"]["num_classes"] == NUM_CLASSES
@@ -144,7 +145,8 @@ def test_eval_mode_restores_the_model_on_another_device_count(
                           capture_output=True, text=True, cwd=ROOT,
                           env=subprocess_env(), timeout=600)
   assert result.returncode == 1, result.stdout + result.stderr
-  assert "config.model.base_width: the checkpoints have 8" in result.stderr
+  assert "--config.model.base_width=16 contradicts the model" in result.stderr
+  assert "model.base_width = 8 in its record" in result.stderr
   assert "Traceback" not in result.stderr, result.stderr
 
 

@@ -30,6 +30,5 @@ def test_a_training_and_an_eval_run_make_no_deprecated_call(reference_run,
   copy = tmp_path / "run"
   shutil.copytree(workdir, copy)
   with tiny_runs.compile_cache():
-    results = evaluate.evaluate_checkpoint(tiny_runs.tiny_config(),
-                                           str(copy))
+    results = evaluate.evaluate_checkpoint(str(copy))
   assert "synthetic_lq_lq" in results

@@ -36,6 +36,26 @@ from qgjt_jax.eval import images as images_lib
 EmbedFn = Callable[[np.ndarray], tuple[Any, Any]]
 FUSIONS = ('pre_norm_add', 'norm_weighted', 'mean', 'concat')
 DEFAULT_FUSION = 'pre_norm_add'
+# How every decision scores a face (compare, identify, embed, the exported
+# graphs): the direction of n1 e1 + n2 e2, as the evaluation's default, and
+# the mean of the two views' norms, the norm that training's statistics
+# describe (the quality indicator).
+DECISION_FUSION = 'norm_weighted'
+
+
+def scoring_name(fusion: str | None) -> str:
+  """What cosine scores were computed on, as results record it: fusions
+  of the same direction score alike."""
+  if fusion is None:
+    return 'one view'
+  if fusion in ('pre_norm_add', 'norm_weighted'):
+    return 'flip-fused n1 e1 + n2 e2'
+  if fusion == 'mean':
+    return 'flip-fused e1 + e2'
+  return 'flip-concatenated'
+
+
+DECISION_SCORING = scoring_name(DECISION_FUSION)
 
 _EPS = 1e-12
 

@@ -10,6 +10,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from qgjt_jax.eval import thresholds
+
+# False-positive identification rates whose thresholds open-set calibration
+# stores (each resolved by at least 1 / FPIR non-mated searches).
+FPIRS = (0.1, 0.05, 0.01, 1e-3, 1e-4)
+
 
 def probe_ranks(probe_feats: np.ndarray, probe_labels: np.ndarray,
                 gallery_feats: np.ndarray, gallery_labels: np.ndarray, *,
@@ -51,3 +57,88 @@ def rank_k_accuracy(probe_feats: np.ndarray, probe_labels: np.ndarray,
   if not len(mated):
     raise ValueError('no probe has a mate in the gallery')
   return {int(k): float(np.mean(mated <= k)) for k in ranks}
+
+
+def mean_templates(feats: np.ndarray, labels: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray]:
+  """(per-person sums (P, D), unit templates (P, D)) of unit features, for
+  labels 0..P-1: a person's template is the normalised mean of its
+  images' features (what `identify` enrols)."""
+  feats = np.asarray(feats, np.float64)
+  sums = np.zeros((int(labels.max()) + 1, feats.shape[1]))
+  np.add.at(sums, labels, feats)
+  return sums, sums / np.maximum(np.linalg.norm(sums, axis=1,
+                                                keepdims=True), 1e-12)
+
+
+def open_set_calibration(feats: np.ndarray, labels: np.ndarray,
+                         fpirs: Sequence[float] = FPIRS,
+                         chunk_size: int = 256) -> list[dict]:
+  """Open-set thresholds of a folder of P people, each left out in turn.
+
+  Every image is a non-mated search: its person is left out and the
+  gallery holds the mean templates of the P - 1 others; its false-alarm
+  score is its best score there. The threshold at each FPIR accepts at
+  most floor(FPIR n) of the n non-mated searches (`thresholds.cut_at`),
+  with the exact 95% interval of the true FPIR given that count, the
+  bootstrap one over people (as `thresholds.at_far`'s) and an interval
+  spanning both. Every
+  image of a person with two or more is also a mated search against all
+  P templates, its own built from its person's other images: TPIR is the
+  share whose mate ranks first, strictly above every other template, and
+  reaches the threshold. `template_false_match_rate` is the share of
+  single (non-mated image, template) comparisons at or above the
+  threshold, from which a gallery of another size's false alarms follow.
+  """
+  feats = np.asarray(feats, np.float64)
+  labels = np.asarray(labels)
+  sums, templates = mean_templates(feats, labels)
+  people = len(templates)
+  if people < 2:
+    return []
+  counts = np.bincount(labels, minlength=people)
+
+  def chunks():  # (rows, scores against every other person's template)
+    for start in range(0, len(feats), chunk_size):
+      rows = np.arange(start, min(start + chunk_size, len(feats)))
+      scores = feats[rows] @ templates.T
+      scores[np.arange(len(rows)), labels[rows]] = -np.inf
+      yield rows, scores
+
+  non_mated = np.empty(len(feats))
+  for rows, scores in chunks():
+    non_mated[rows] = scores.max(axis=1)
+  # Mated: the image against its person's template without it.
+  rest = sums[labels] - feats
+  mated = counts[labels] > 1
+  mate = np.where(mated, np.sum(feats * rest, axis=1) / np.maximum(
+      np.linalg.norm(rest, axis=1), 1e-12), -np.inf)
+  descending = np.sort(non_mated)[::-1]
+  rows_out, cuts = [], []
+  for fpir in fpirs:
+    if len(descending) * fpir >= 1:
+      cuts.append((fpir, thresholds.cut_at(descending, fpir)))
+  passing = np.zeros(len(cuts), np.int64)  # comparisons at or above each
+  for _, scores in chunks():
+    passing += [int(np.sum(scores >= cosine)) for _, cosine in cuts]
+  comparisons = len(feats) * (people - 1)
+  # Over people: each person's searches weigh its draws.
+  by_people = thresholds.people_intervals(
+      np.arange(people)[:, None], counts, np.stack(
+          [np.bincount(labels, weights=non_mated >= c, minlength=people)
+           for _, c in cuts], 1), people) if cuts else []
+  for (fpir, cosine), passed, spread in zip(cuts, passing, by_people):
+    alarms = int(np.sum(descending >= cosine))
+    hit = (mate > non_mated) & (mate >= cosine)
+    pairs = thresholds.rate_interval(alarms, len(descending))
+    rows_out.append({
+        "fpir": fpir, "cosine": cosine, "searches": int(len(descending)),
+        "false_alarms": alarms, "fpir_interval_searches": pairs,
+        "fpir_interval_people": [float(spread[0]), float(spread[1])],
+        "fpir_interval": [min(pairs[0], float(spread[0])),
+                          max(pairs[1], float(spread[1]))],
+        "gallery_people": people - 1,
+        "template_false_match_rate": float(passed / comparisons),
+        "tpir": float(np.mean(hit[mated])) if mated.any() else None,
+        "mated_searches": int(mated.sum())})
+  return rows_out

@@ -242,6 +242,7 @@ def ijb_metrics(image_feats: np.ndarray, templates: np.ndarray,
              tar_at_far(labels, scores, far_targets, tar_rule).items()}
   metrics.update(num_templates=int(len(unique_templates)),
                  num_pairs=int(len(pairs)),
+                 impostor_pairs=int(np.sum(~same)),
                  thresholds=thresholds_lib.from_labels(labels, scores),
                  roc=thresholds_lib.roc_points(scores[same], scores[~same]))
   return metrics

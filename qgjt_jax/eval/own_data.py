@@ -1,23 +1,28 @@
 """Evaluation on your own faces: image folders and pairs files.
 
-`config.eval.folders`: folders of one sub-folder per person (aligned crops,
-or photos with `config.eval.align="detect"`). Each is scored two ways:
+`config.eval.folders` and `calibration_folders`: folders of one sub-folder
+per person (aligned crops, or photos with `config.eval.align="detect"`).
+Each is scored three ways:
 
 * verification: every genuine pair (two images of one person; at most
   `max_pairs`, a seeded sample beyond) and a seeded sample of impostor
   pairs (up to `max_pairs`, so FARs down to 1e-6 are resolved on big
   folders): TAR at each FAR the impostors resolve (insightface's nearest-
-  point rule, as for IJB), the cosine thresholds, 10-fold accuracy on the
-  genuine pairs and as many impostors, shuffled (seeded) into the folds,
-  and the error-versus-reject curve of the norm;
+  point rule, as for IJB), the cosine thresholds, k-fold accuracy with
+  folds of disjoint people (`person_folds`), and the error-versus-reject
+  curve of the norm;
+* open-set identification (`identification.open_set_calibration`): each
+  person left out of a gallery of the others' templates in turn, the
+  thresholds at each false-positive identification rate;
 * closed-set identification, leave one out: each image of a person with
   two or more images is a probe against every other image; rank-1 and
   rank-5 of its best mate (`identification.probe_ranks`'s rule).
 
 `config.eval.pairs_files`: text files of "PATH_A PATH_B LABEL" lines (label
 1: same person, 0: different; paths relative to the file; separated by
-spaces, tabs or commas; `#` starts a comment), scored as a `.bin` set is:
-10-fold accuracy in file order, TAR at FAR, thresholds, reject curve.
+spaces, tabs or commas; `#` starts a comment), scored as a `.bin` set is,
+after a seeded shuffle of the pairs: 10-fold accuracy, TAR at FAR,
+thresholds, reject curve.
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ import re
 import numpy as np
 
 from qgjt_jax.eval import extract
+from qgjt_jax.eval import identification
 from qgjt_jax.eval import ijb
 from qgjt_jax.eval import images as images_lib
 from qgjt_jax.eval import reject
@@ -107,15 +113,21 @@ def leave_one_out_ranks(feats: np.ndarray, labels: np.ndarray,
   return ranks
 
 
-def _pair_metrics(feats, norms, pairs, issame, tar_rule: str) -> dict:
-  """TAR at FAR, thresholds and the reject curve of scored pairs."""
+def _pair_metrics(feats, norms, pairs, issame, tar_rule: str,
+                  labels=None) -> dict:
+  """TAR at FAR, thresholds and the reject curve of scored pairs (with
+  `labels`, each image's person, thresholds also state their spread over
+  people)."""
   scores = np.sum(feats[pairs[:, 0]] * feats[pairs[:, 1]], axis=1)
   out = {}
   fars = [f for f in ijb.FAR_TARGETS if (~issame).sum() * f >= 1]
   if fars and issame.any():
     out.update({ijb.far_key(f): v for f, v in
                 ijb.tar_at_far(issame, scores, fars, tar_rule).items()})
-  out["thresholds"] = thresholds.from_labels(issame, scores)
+  out["thresholds"] = thresholds.from_labels(
+      issame, scores, None if labels is None else (labels[pairs[:, 0]],
+                                                  labels[pairs[:, 1]]))
+  out["impostor_pairs"] = int(np.sum(~issame))
   out["roc"] = thresholds.roc_points(scores[issame], scores[~issame])
   out.update(reject.reject_curve(
       scores, issame, np.minimum(norms[pairs[:, 0]], norms[pairs[:, 1]]))
@@ -123,27 +135,59 @@ def _pair_metrics(feats, norms, pairs, issame, tar_rule: str) -> dict:
   return out
 
 
+def person_folds(genuine: np.ndarray, impostor: np.ndarray,
+                 labels: np.ndarray, nfolds: int, seed: int = _SEED
+                 ) -> tuple[np.ndarray, np.ndarray, list[int]]:
+  """(pairs, issame, fold sizes) for k-fold accuracy with no person in two
+  folds: people are dealt to `nfolds` folds (seeded); a genuine pair goes
+  to its person's fold, an impostor pair to the fold of both its people
+  (pairs across folds are left out); each fold keeps as many impostors as
+  genuine pairs (seeded), shuffled. So a threshold is never chosen on the
+  people it is tested on."""
+  rng = np.random.default_rng(seed)
+  fold_of = rng.permutation(int(labels.max()) + 1) % nfolds
+  same_fold = (fold_of[labels[impostor[:, 0]]] ==
+               fold_of[labels[impostor[:, 1]]])
+  impostor = impostor[same_fold]
+  g_fold = fold_of[labels[genuine[:, 0]]]
+  i_fold = fold_of[labels[impostor[:, 0]]]
+  pairs, same, sizes = [], [], []
+  for f in range(nfolds):
+    g, i = genuine[g_fold == f], impostor[i_fold == f]
+    count = min(len(g), len(i))
+    if not count:
+      continue
+    chosen = np.concatenate([g[rng.permutation(len(g))[:count]],
+                             i[rng.permutation(len(i))[:count]]])
+    order = rng.permutation(2 * count)
+    pairs.append(chosen[order])
+    same.append(np.r_[np.ones(count, bool), np.zeros(count, bool)][order])
+    sizes.append(2 * count)
+  if not sizes:
+    return np.zeros((0, 2), np.int64), np.zeros(0, bool), []
+  return np.concatenate(pairs), np.concatenate(same), sizes
+
+
 def folder_metrics(feats: np.ndarray, norms: np.ndarray, labels: np.ndarray,
                    *, max_pairs: int = MAX_PAIRS, nfolds: int = 10,
                    tar_rule: str = "insightface") -> dict:
-  """Verification and leave-one-out identification (see module)."""
+  """Verification, open-set and leave-one-out identification (see
+  module)."""
   genuine, impostor = sample_pairs(labels, max_pairs)
   pairs = np.concatenate([genuine, impostor])
   issame = np.r_[np.ones(len(genuine), bool), np.zeros(len(impostor), bool)]
-  out = _pair_metrics(feats, norms, pairs, issame, tar_rule)
-  # Folds as for .bin sets: as many impostors as genuine pairs, shuffled.
-  count = min(len(genuine), len(impostor))
-  rng = np.random.default_rng(_SEED)
-  balanced = np.concatenate([genuine[rng.permutation(len(genuine))[:count]],
-                             impostor[rng.permutation(len(impostor))[:count]]])
-  same = np.r_[np.ones(count, bool), np.zeros(count, bool)]
-  order = rng.permutation(2 * count)
-  if 2 * count >= nfolds:
+  out = _pair_metrics(feats, norms, pairs, issame, tar_rule, labels)
+  out["open_set"] = identification.open_set_calibration(feats, labels)
+  # k-fold accuracy with folds of disjoint people (two people a fold at
+  # least, so each fold has impostors).
+  folds = min(nfolds, (int(labels.max()) + 1) // 2)
+  balanced, same, sizes = person_folds(genuine, impostor, labels, folds)
+  if len(sizes) >= 2:
     fold = verification.verification_metrics(
-        feats[balanced[order]].reshape(-1, feats.shape[1]), same[order],
-        nfolds=nfolds)
+        feats[balanced].reshape(-1, feats.shape[1]), same, fold_sizes=sizes)
     out.update(accuracy_mean=fold["accuracy_mean"],
-               accuracy_std=fold["accuracy_std"])
+               accuracy_std=fold["accuracy_std"],
+               accuracy_folds=len(sizes))
   ranks = leave_one_out_ranks(feats, labels)
   mated = ranks[ranks > 0]
   if len(mated):
@@ -216,7 +260,12 @@ def evaluate_pairs_file(embed_fn: extract.EmbedFn, path: str, *,
   pairs = np.arange(len(paths)).reshape(-1, 2)
   out = _pair_metrics(feats, norms, pairs, issame, tar_rule)
   if len(issame) >= 10:
-    fold = verification.verification_metrics(feats, issame)
+    # Shuffled (seeded) before folding: a file listing its genuine pairs
+    # first would otherwise give folds of one kind.
+    order = np.random.default_rng(_SEED).permutation(len(issame))
+    fold = verification.verification_metrics(
+        feats.reshape(len(issame), 2, -1)[order].reshape(len(feats), -1),
+        issame[order])
     out.update(accuracy_mean=fold["accuracy_mean"],
                accuracy_std=fold["accuracy_std"],
                best_threshold_cosine=fold["best_threshold_cosine"])

@@ -16,10 +16,17 @@ except ImportError:  # pragma: no cover
   _epath = None
 
 
+# Where a set's numbers come from (kind of faces, scoring, step): kept in the
+# JSON for the decisions that read it, not a metric.
+PROVENANCE = 'provenance'
+
+
 def _flatten(results: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
   """{'set/metric': value} for every scalar leaf (numbers, not bools)."""
   flat = {}
   for key, value in results.items():
+    if key == PROVENANCE:
+      continue
     if isinstance(value, Mapping):
       flat.update(_flatten(value, f'{prefix}{key}/'))
     elif isinstance(value, (numbers.Number, np.number)) and not isinstance(

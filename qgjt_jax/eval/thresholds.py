@@ -1,64 +1,142 @@
 """Decision thresholds that mean something: the cosine at a false accept rate.
 
-Every verification evaluation (the `.bin` sets, the synthetic pairs, IJB)
-stores, for each FAR of `FARS` that its impostor count can resolve (at least
-1 / FAR impostor pairs), the cosine threshold that accepts at most that
-share of its impostors and the share of genuine pairs it accepts:
+Every verification evaluation (the `.bin` sets, the synthetic pairs, own
+folders and pairs files, IJB) stores, for each FAR of `FARS` that its
+impostor count can resolve (at least 1 / FAR impostor pairs), the cosine
+threshold that accepts at most that share of its impostors, what it
+accepted, and how sure that is:
 
-  "thresholds": [{"far": 0.0001, "cosine": 0.3215, "tar": 0.9412,
-                  "impostors": 15658}, ...]
+  "thresholds": [{"far": 0.001, "cosine": 0.3215, "tar": 0.9412,
+                  "genuine": 3000, "impostors": 15658, "accepted": 15,
+                  "far_interval": [0.00054, 0.00158], ...}, ...]
 
-A pair is "same person" when its cosine is >= the threshold. `compare`,
-`identify` and the exported models read these from the workdir's latest
-evaluation (`latest`), so a decision says which FAR it stands for and which
-evaluation measured it.
+`accepted` of `impostors` is the FAR measured at the threshold (never above
+the target). `far_interval_pairs` is the exact (Clopper-Pearson) 95%
+interval of the true FAR given that count, as if every pair were drawn
+independently; where the people of each pair are known (folders of people),
+`far_interval_people` is the percentile bootstrap over people (people drawn
+with replacement, each pair counted once for every draw of both its
+people), which is what varies when the same threshold meets other people;
+`far_interval` spans both. With few accepted impostors, or few people, it is
+wide: that is the honest statement. The evaluation adds what the scores were,
+on which faces and at which step (the set's `provenance`);
+`inference/decisions.py` chooses among them for compare, identify and the
+exports. A pair is "same person" when its cosine is >= the threshold.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
-import pathlib
-import re
-from typing import Any, Optional
 
 import numpy as np
-
-from qgjt_jax import errors
+from scipy import stats
 
 FARS = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
-_MAX_JSON_BYTES = 64 << 20
-_RESULT_NAME = re.compile(r"^step_(\d+)(?:\.(\d+))?\.json$")
+CONFIDENCE = 0.95
+_ROUNDS = 500  # bootstrap draws of people
 
 
-def at_far(genuine: np.ndarray, impostor: np.ndarray, fars=FARS
+def rate_interval(k: int, n: int, confidence: float = CONFIDENCE
+                  ) -> list[float]:
+  """Clopper-Pearson interval of a rate seen k times in n trials."""
+  alpha = 1.0 - confidence
+  low = 0.0 if k == 0 else float(stats.beta.ppf(alpha / 2, k, n - k + 1))
+  high = 1.0 if k >= n else float(stats.beta.ppf(1 - alpha / 2, k + 1, n - k))
+  return [low, high]
+
+
+def people_intervals(members: np.ndarray, totals: np.ndarray,
+                     accepted: np.ndarray, num_people: int,
+                     confidence: float = CONFIDENCE, rounds: int = _ROUNDS,
+                     seed: int = 0) -> np.ndarray:
+  """(L, 2) percentile-bootstrap intervals over people of L rates.
+
+  Each unit (a pair of people, or one person) has `members` (U, m) person
+  indices, `totals` (U,) comparisons and `accepted` (U, L) of them counted
+  at each of L thresholds. A draw takes `num_people` people with
+  replacement; a unit weighs the product of its members' draw counts.
+  """
+  rng = np.random.default_rng(seed)
+  accepted = np.asarray(accepted, np.float64)
+  totals = np.asarray(totals, np.float64)
+  some = np.flatnonzero(accepted.any(axis=1))
+  rates = np.full((rounds, accepted.shape[1]), np.nan)
+  for r in range(rounds):
+    drawn = rng.multinomial(num_people, np.full(num_people, 1 / num_people))
+    weights = np.prod(drawn[members].astype(np.float64), axis=1)
+    denominator = weights @ totals
+    if denominator:
+      rates[r] = weights[some] @ accepted[some] / denominator
+  tail = 50 * (1 - confidence)
+  return np.nanpercentile(rates, [tail, 100 - tail], axis=0).T
+
+
+def cut_at(descending: np.ndarray, rate: float) -> float:
+  """The lowest threshold that accepts at most floor(rate n) of n scores
+  sorted in decreasing order: the next float above the first score that
+  must be refused (so its ties are refused too)."""
+  return float(np.nextafter(descending[int(math.floor(rate * len(
+      descending)))], np.inf))
+
+
+def at_far(genuine: np.ndarray, impostor: np.ndarray, fars=FARS,
+           impostor_people: tuple[np.ndarray, np.ndarray] | None = None
            ) -> list[dict[str, float]]:
   """The threshold of each FAR the impostors resolve (see module).
 
   With the n impostor scores in decreasing order s_1 >= s_2 >= ..., at
   most k = floor(FAR n) may be accepted: the threshold is the next float
   above s_(k+1), so a tie at s_(k+1) is rejected too and the measured FAR
-  never exceeds the target.
+  never exceeds the target. `impostor_people`, the person index of each
+  impostor pair's two faces, adds the interval over people.
   """
   genuine = np.asarray(genuine, np.float64).reshape(-1)
-  impostor = np.sort(np.asarray(impostor, np.float64).reshape(-1))[::-1]
+  scores = np.asarray(impostor, np.float64).reshape(-1)
+  impostor = np.sort(scores)[::-1]
   out = []
   for far in fars:
     if len(impostor) * far < 1 or not len(genuine):
       continue
-    cosine = float(np.nextafter(impostor[int(math.floor(far * len(impostor)))],
-                                np.inf))
+    cosine = cut_at(impostor, far)
+    accepted = int(np.sum(impostor >= cosine))
+    interval = rate_interval(accepted, len(impostor))
     out.append({"far": far, "cosine": cosine,
                 "tar": float(np.mean(genuine >= cosine)),
-                "impostors": int(len(impostor))})
+                "genuine": int(len(genuine)), "impostors": int(len(impostor)),
+                "accepted": accepted, "far_interval": interval,
+                "far_interval_pairs": interval})
+  if impostor_people is not None and out:
+    _widen_by_people(out, scores, impostor_people)
   return out
 
 
-def from_labels(labels: np.ndarray, scores: np.ndarray) -> list[dict]:
-  """`at_far` of scores labelled same (true) and different (false)."""
+def _widen_by_people(rows: list[dict], scores: np.ndarray,
+                     people: tuple[np.ndarray, np.ndarray]) -> None:
+  """Adds each row's interval over people and widens its far_interval."""
+  first, second = (np.asarray(p, np.int64) for p in people)
+  low, high = np.minimum(first, second), np.maximum(first, second)
+  num_people = int(high.max()) + 1
+  pair, unit = np.unique(low * num_people + high, return_inverse=True)
+  unit = unit.reshape(-1)
+  totals = np.bincount(unit, minlength=len(pair))
+  accepted = np.stack([np.bincount(unit, weights=scores >= r["cosine"],
+                                   minlength=len(pair)) for r in rows], 1)
+  members = np.stack([pair // num_people, pair % num_people], 1)
+  for row, (lo, hi) in zip(rows, people_intervals(members, totals, accepted,
+                                                  num_people)):
+    row["far_interval_people"] = [float(lo), float(hi)]
+    row["far_interval"] = [min(row["far_interval"][0], float(lo)),
+                           max(row["far_interval"][1], float(hi))]
+
+
+def from_labels(labels: np.ndarray, scores: np.ndarray,
+                people: tuple[np.ndarray, np.ndarray] | None = None
+                ) -> list[dict]:
+  """`at_far` of scores labelled same (true) and different (false); with
+  `people`, the person index of each pair's two faces."""
   labels = np.asarray(labels).reshape(-1).astype(bool)
   scores = np.asarray(scores, np.float64).reshape(-1)
-  return at_far(scores[labels], scores[~labels])
+  return at_far(scores[labels], scores[~labels], impostor_people=None if (
+      people is None) else tuple(np.asarray(p)[~labels] for p in people))
 
 
 def roc_points(genuine: np.ndarray, impostor: np.ndarray,
@@ -78,111 +156,3 @@ def roc_points(genuine: np.ndarray, impostor: np.ndarray,
     tar = 1.0 - np.searchsorted(genuine, cut, side="right") / len(genuine)
     points.append([float(far), float(tar)])
   return points
-
-
-@dataclasses.dataclass(frozen=True)
-class Threshold:
-  """A decision threshold and what it stands for."""
-  cosine: float
-  far: Optional[float]  # None: given by hand
-  source: str           # which evaluation measured it, or "--threshold"
-
-  def describe(self) -> str:
-    if self.far is None:
-      return f"threshold {self.cosine:.4f} ({self.source})"
-    return (f"threshold {self.cosine:.4f}, FAR {self.far:.0e} on "
-            f"{self.source}")
-
-
-def _results(workdir: str) -> list[tuple[tuple[int, int], pathlib.Path]]:
-  """(step, repeat) and path of each evaluation result, oldest first."""
-  folder = pathlib.Path(workdir) / "eval"
-  found = []
-  if folder.is_dir():
-    for path in folder.iterdir():
-      match = _RESULT_NAME.match(path.name)
-      if match and path.is_file():
-        found.append(((int(match[1]), int(match[2] or 1)), path))
-  return sorted(found)
-
-
-def _read(path: pathlib.Path) -> dict[str, Any]:
-  if path.stat().st_size > _MAX_JSON_BYTES:
-    raise errors.UserError(f"{path}: over {_MAX_JSON_BYTES:,} bytes; not an "
-                           "evaluation result of this project")
-  try:
-    data = json.loads(path.read_text())
-  except (UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise errors.UserError(f"{path}: not a readable evaluation result "
-                           f"({e}); pass --threshold=COSINE") from None
-  return data if isinstance(data, dict) else {}
-
-
-def _candidates(results: dict[str, Any]) -> dict[str, list[dict]]:
-  """{set: its thresholds} of the sets that measured any."""
-  out = {}
-  for name, metrics in results.items():
-    rows = metrics.get("thresholds") if isinstance(metrics, dict) else None
-    if isinstance(rows, list) and rows and all(
-        isinstance(r, dict) and {"far", "cosine"} <= r.keys() for r in rows):
-      out[name] = rows
-  return out
-
-
-def measured(workdir: str) -> Optional[dict[str, Any]]:
-  """Every set's thresholds of the workdir's latest evaluation, and which
-  result file that is (None when no evaluation measured any): what the
-  exported models carry in their metadata."""
-  results = _results(workdir)
-  if not results:
-    return None
-  (step, _), path = results[-1]
-  sets = _candidates(_read(path))
-  if not sets:
-    return None
-  return {"evaluation": f"step {step} ({path.name})",
-          "decision": "same person when cosine >= threshold",
-          "sets": {name: [{k: r[k] for k in ("far", "cosine", "tar")
-                           if k in r} for r in rows]
-                   for name, rows in sets.items()}}
-
-
-def latest(workdir: str, far: float, set_name: Optional[str] = None
-           ) -> tuple[Threshold, Optional[str]]:
-  """The threshold at `far` of the workdir's latest evaluation, and a note
-  when that FAR was out of reach and a larger one is used instead.
-
-  The set is `set_name`, or the one with the most impostor pairs (the
-  finest FARs). Raises UserError when no evaluation measured thresholds.
-  """
-  results = _results(workdir)
-  if not results:
-    raise errors.UserError(
-        f"{workdir}/eval holds no evaluation to take a threshold from: run "
-        "--mode=eval (with config.eval.bin_sets or ijb_root), or pass "
-        "--threshold=COSINE")
-  (step, _), path = results[-1]
-  sets = _candidates(_read(path))
-  if set_name:
-    if set_name not in sets:
-      raise errors.UserError(
-          f"--threshold_set={set_name}: {path} has no thresholds for it; "
-          f"sets with thresholds: {', '.join(sorted(sets)) or 'none'}")
-    sets = {set_name: sets[set_name]}
-  if not sets:
-    raise errors.UserError(
-        f"{path} measured no thresholds (written before they were, or no "
-        "verification set): run --mode=eval again, or pass "
-        "--threshold=COSINE")
-  name = max(sets, key=lambda n: max(r.get("impostors", 0) for r in sets[n]))
-  rows = sorted(sets[name], key=lambda r: r["far"])
-  row = next((r for r in rows if math.isclose(r["far"], far)), None)
-  note = None
-  if row is None:
-    row = next((r for r in rows if r["far"] >= far), rows[-1])
-    count = int(rows[0].get("impostors", 0))
-    note = (f"FAR {far:.0e} needs {math.ceil(1 / far):,} impostor pairs; "
-            f"{name} has {count:,}: using its threshold at FAR "
-            f"{row['far']:.0e} instead")
-  source = f"{name}, evaluation of step {step} ({path.name})"
-  return Threshold(float(row["cosine"]), float(row["far"]), source), note

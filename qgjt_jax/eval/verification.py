@@ -48,7 +48,8 @@ def pair_distances(embeddings: np.ndarray) -> np.ndarray:
 
 def verification_metrics(embeddings: np.ndarray, issame: np.ndarray,
                          nfolds: int = 10,
-                         thresholds: np.ndarray = DEFAULT_THRESHOLDS) -> dict:
+                         thresholds: np.ndarray = DEFAULT_THRESHOLDS,
+                         fold_sizes=None) -> dict:
   """K-fold verification accuracy of consecutive-pair embeddings.
 
   Args:
@@ -56,12 +57,15 @@ def verification_metrics(embeddings: np.ndarray, issame: np.ndarray,
     issame: (P,) booleans.
     nfolds: number of contiguous folds.
     thresholds: grid of squared-distance thresholds.
+    fold_sizes: the pairs of each contiguous fold, in order, instead of
+      `nfolds` equal ones (folds that keep people apart).
 
   Returns:
     accuracy_mean, accuracy_std (population std over folds, as insightface),
     best_threshold (mean of the per-fold thresholds, a squared distance)
     and best_threshold_cosine (the same as a cosine, 1 - d / 2: unit rows),
-    fold_accuracies, fold_thresholds, num_pairs, and the cosine thresholds
+    fold_accuracies, fold_thresholds, num_pairs, impostor_pairs, and the
+    cosine thresholds
     at each FAR the impostor pairs resolve (`thresholds.at_far`).
   """
   dist = pair_distances(embeddings)
@@ -73,7 +77,14 @@ def verification_metrics(embeddings: np.ndarray, issame: np.ndarray,
   # (T, P): whether each threshold predicts each pair correctly.
   predict = dist[None, :] < thresholds[:, None]
   correct = predict == issame[None, :]
-  bounds = fold_bounds(len(dist), nfolds)
+  if fold_sizes is None:
+    bounds = fold_bounds(len(dist), nfolds)
+  else:
+    stops = np.cumsum(fold_sizes)
+    if stops[-1] != len(dist) or min(fold_sizes) < 1:
+      raise ValueError(f'fold sizes {list(fold_sizes)} do not cover the '
+                       f'{len(dist)} pairs')
+    bounds = [(int(b - s), int(b)) for b, s in zip(stops, fold_sizes)]
   starts = [b[0] for b in bounds]
   fold_correct = np.add.reduceat(correct, starts, axis=1)  # (T, F)
   total_correct = fold_correct.sum(axis=1)
@@ -95,6 +106,7 @@ def verification_metrics(embeddings: np.ndarray, issame: np.ndarray,
       'fold_accuracies': accuracies,
       'fold_thresholds': best,
       'num_pairs': int(len(dist)),
+      'impostor_pairs': int(np.sum(~issame)),
   }
 
 

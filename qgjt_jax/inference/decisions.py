@@ -1,0 +1,337 @@
+"""The thresholds decisions stand on, and what they may claim.
+
+`compare` says "same person" when two faces' cosine reaches a threshold;
+`identify` names a gallery person when a probe's best score does. A
+threshold is only worth the evaluation that measured it, so it is chosen
+among the rows the workdir's evaluations stored (`eval/thresholds.py`) by
+these rules, and stated with where it comes from:
+
+* the evaluation of the weights' own step (another step's is used with a
+  warning);
+* scored as decisions score (`extract.DECISION_SCORING`: flip-fused);
+* measured on photos: calibration folders first (people kept apart from
+  any gallery), then your own folders and pairs files, then `.bin` pair
+  sets. Generated faces and IJB templates (pooled photos) say nothing of
+  single photos: they are used only when named (`--threshold_set`), and
+  the decision then says what they are;
+* enough impostors for the FAR asked (at least 1 / FAR); otherwise the
+  decision is refused, naming the count and the FAR that count resolves.
+
+`identify` asks for a false-positive identification rate instead: the
+threshold at which the calibration's non-mated searches (each person left
+out of a gallery of the others) raise a false alarm that often, and the
+expected false alarms for the gallery searched (`OpenSetThreshold`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import re
+from typing import Any, Optional
+
+from qgjt_jax import errors
+from qgjt_jax.eval import extract
+
+# Kinds of evaluated set, as the evaluation labels them, best first for a
+# decision on photos; the last two are used only when named.
+PHOTO_KINDS = ("calibration", "own_folder", "own_pairs", "bin")
+NAMED_ONLY = ("generated", "ijb_template")
+KIND_TEXT = {
+    "calibration": "calibration people",
+    "own_folder": "your own folder of people",
+    "own_pairs": "your own pairs file",
+    "bin": "a .bin set of aligned pairs",
+    "generated": "generated faces",
+    "ijb_template": "IJB templates (pooled photos)",
+}
+HOW_TO_CALIBRATE = (
+    "calibrate on photos of people who are not in your gallery: "
+    "--mode=eval --config.eval.calibration_folders=\"('/data/people',)\" "
+    "(one sub-folder of photos per person, several people)")
+_MAX_JSON_BYTES = 64 << 20
+_RESULT_NAME = re.compile(r"^step_(\d+)(?:\.(\d+))?\.json$")
+
+
+class DecisionError(errors.UserError):
+  """No threshold the decision may honestly use (the message says why and
+  what to do)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Threshold:
+  """A cosine threshold and what it stands for (far None: typed by hand)."""
+  cosine: float
+  far: Optional[float] = None
+  set_name: Optional[str] = None
+  step: Optional[int] = None
+  file: Optional[str] = None
+  provenance: dict = dataclasses.field(default_factory=dict)
+  row: dict = dataclasses.field(default_factory=dict)
+
+  @property
+  def kind(self) -> Optional[str]:
+    return self.provenance.get("kind")
+
+  def origin(self) -> str:
+    """Which set, of what, measured at which step, in which file."""
+    kind = KIND_TEXT.get(self.kind, self.kind)
+    if self.kind in NAMED_ONLY:
+      kind += ", not single photos"
+    return (f"{self.set_name} ({kind}; evaluation of step {self.step}, "
+            f"eval/{self.file})")
+
+  def describe(self) -> str:
+    if self.far is None:
+      return f"threshold {self.cosine:.4f}, given by --threshold"
+    k, n = self.row.get("accepted"), self.row.get("impostors")
+    low, high = self.row.get("far_interval", (math.nan, math.nan))
+    return (f"threshold {self.cosine:.4f} at FAR {self.far:.0e} on "
+            f"{self.origin()}: {k:,} of {n:,} impostor pairs accepted, true "
+            f"FAR {low:.1e} to {high:.1e} ({_over(self.row)})")
+
+
+@dataclasses.dataclass(frozen=True)
+class OpenSetThreshold(Threshold):
+  """A threshold at a false-positive identification rate."""
+  fpir: Optional[float] = None
+
+  def describe(self) -> str:
+    k, n = self.row.get("false_alarms"), self.row.get("searches")
+    low, high = self.row.get("fpir_interval", (math.nan, math.nan))
+    return (f"threshold {self.cosine:.4f} at FPIR {self.fpir:g} on "
+            f"{self.origin()}: {k:,} false alarms in {n:,} non-mated "
+            f"searches against galleries of "
+            f"{self.row.get('gallery_people', 0):,} people, true FPIR "
+            f"{low:.1e} to {high:.1e} ({_over(self.row)})")
+
+  def expected_false_alarms(self, people: int) -> tuple[float, float]:
+    """(expected gallery people above the threshold for one unknown face,
+    chance of at least one) in a gallery of `people`, from the rate at
+    which single templates passed it in calibration."""
+    rate = float(self.row.get("template_false_match_rate", math.nan))
+    return people * rate, 1.0 - (1.0 - rate) ** people
+
+
+def _over(row: dict) -> str:
+  """What a row's interval accounts for."""
+  if any(k.endswith("_people") for k in row):
+    return "95%, over pairs and over people"
+  return "95%, over pairs"
+
+
+def results_files(workdir: str) -> list[tuple[tuple[int, int], pathlib.Path]]:
+  """(step, repeat) and path of each evaluation result, oldest first."""
+  folder = pathlib.Path(workdir) / "eval"
+  found = []
+  if folder.is_dir():
+    for path in folder.iterdir():
+      match = _RESULT_NAME.match(path.name)
+      if match and path.is_file():
+        found.append(((int(match[1]), int(match[2] or 1)), path))
+  return sorted(found)
+
+
+def _read(path: pathlib.Path) -> dict[str, Any]:
+  if path.stat().st_size > _MAX_JSON_BYTES:
+    raise DecisionError(f"{path}: over {_MAX_JSON_BYTES:,} bytes; not an "
+                        "evaluation result of this project")
+  try:
+    data = json.loads(path.read_text())
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise DecisionError(f"{path}: not a readable evaluation result "
+                        f"({e}); pass --threshold=COSINE") from None
+  return data if isinstance(data, dict) else {}
+
+
+def evaluation(workdir: str, step: int
+               ) -> tuple[int, pathlib.Path, dict[str, Any], list[str]]:
+  """(its step, path, results, notes) of the evaluation of `step` (its
+  latest repeat), else of the newest one, with a warning among the notes.
+
+  Raises:
+    DecisionError: the workdir holds no evaluation.
+  """
+  found = results_files(workdir)
+  if not found:
+    raise DecisionError(
+        f"{workdir}/eval holds no evaluation to take a threshold from: "
+        f"{HOW_TO_CALIBRATE}; or pass --threshold=COSINE")
+  same = [f for f in found if f[0][0] == step]
+  (measured, _), path = (same or found)[-1]
+  notes = [] if same else [
+      f"WARNING: no evaluation of step {step}, the weights used; the "
+      f"threshold comes from step {measured}'s ({path.name}): run "
+      "--mode=eval to measure this step's"]
+  return measured, path, _read(path), notes
+
+
+def _measured(results: dict[str, Any], key: str) -> dict[str, dict]:
+  """{set: its metrics} of the sets that measured `key` (thresholds or
+  open_set rows, perhaps none: too few comparisons for any rate)."""
+  return {name: metrics for name, metrics in results.items()
+          if isinstance(metrics, dict) and isinstance(metrics.get(key), list)
+          and all(isinstance(r, dict) and "cosine" in r for r in metrics[key])}
+
+
+def _provenance(metrics: dict) -> dict:
+  found = metrics.get("provenance")
+  return found if isinstance(found, dict) else {}
+
+
+def _usable_sets(results: dict[str, Any], path: pathlib.Path, key: str,
+                 set_name: Optional[str]) -> dict[str, dict]:
+  """{set: metrics} that may decide: scored as decisions are, on photos
+  unless named (see module)."""
+  measured = _measured(results, key)
+  if set_name:
+    if set_name not in measured:
+      raise DecisionError(
+          f"--threshold_set={set_name}: {path} has no {key} for it; sets "
+          f"with {key}: {', '.join(sorted(measured)) or 'none'}")
+    measured = {set_name: measured[set_name]}
+  scored = {n: m for n, m in measured.items()
+            if _provenance(m).get("scoring") == extract.DECISION_SCORING}
+  if measured and not scored:
+    name, metrics = next(iter(measured.items()))
+    scoring = _provenance(metrics).get("scoring")
+    what = (f"were measured on {scoring} scores" if scoring else
+            "do not record how they were scored (an older evaluation)")
+    raise DecisionError(
+        f"{path}: {name}'s thresholds {what}, and decisions score "
+        f"{extract.DECISION_SCORING}: run --mode=eval again (with the "
+        "default config.eval.fusion) to measure them the way they are used")
+  if set_name:
+    return scored
+  photos = {n: m for n, m in scored.items()
+            if _provenance(m).get("kind") in PHOTO_KINDS}
+  if scored and not photos:
+    kinds = sorted({KIND_TEXT.get(_provenance(m).get("kind"), "?")
+                    for m in scored.values()})
+    raise DecisionError(
+        f"{path} measured thresholds only on {' and '.join(kinds)} "
+        f"({', '.join(sorted(scored))}), which say nothing of how photos "
+        f"score: {HOW_TO_CALIBRATE}; or name one with --threshold_set=NAME "
+        "to use it all the same, or pass --threshold=COSINE")
+  return photos
+
+
+def _best(sets: dict[str, dict], count: str) -> str:
+  """The set to decide on: the best kind, then the most comparisons."""
+  def rank(name):
+    kind = _provenance(sets[name]).get("kind")
+    order = PHOTO_KINDS.index(kind) if kind in PHOTO_KINDS else len(
+        PHOTO_KINDS)
+    return (order, -int(sets[name].get(count) or 0))
+  return min(sets, key=rank)
+
+
+def at_far(workdir: str, step: int, far: float,
+           set_name: Optional[str] = None) -> tuple[Threshold, list[str]]:
+  """The threshold of a 1:1 FAR for the weights of `step` (see module),
+  and notes to print with it.
+
+  Raises:
+    DecisionError: none may be used (saying why and what to do).
+  """
+  check_rate(far, "--far")
+  measured, path, results, notes = evaluation(workdir, step)
+  sets = _usable_sets(results, path, "thresholds", set_name)
+  if not sets:
+    raise DecisionError(
+        f"{path} measured no thresholds: {HOW_TO_CALIBRATE}; or pass "
+        "--threshold=COSINE")
+  name = _best(sets, "impostor_pairs")
+  rows = sets[name]["thresholds"]
+  row = next((r for r in rows if math.isclose(r["far"], far)), None)
+  if row is None:
+    finest = min((r["far"] for r in rows), default=None)
+    raise DecisionError(
+        f"FAR {far:.0e} needs {math.ceil(1 / far):,} impostor pairs; "
+        f"{name} ({path.name}) has "
+        f"{int(sets[name].get('impostor_pairs') or 0):,}" +
+        (f": use --far={finest:.0e} or calibrate on more people" if finest
+         else f": {HOW_TO_CALIBRATE}"))
+  return Threshold(float(row["cosine"]), float(row["far"]), name, measured,
+                   path.name, _provenance(sets[name]), row), notes
+
+
+def at_fpir(workdir: str, step: int, fpir: float,
+            set_name: Optional[str] = None
+            ) -> tuple[OpenSetThreshold, list[str]]:
+  """The threshold of an open-set false-positive identification rate,
+  from the non-mated searches of calibration or own folders.
+
+  Raises:
+    DecisionError: none may be used (saying why and what to do).
+  """
+  check_rate(fpir, "--fpir")
+  measured, path, results, notes = evaluation(workdir, step)
+  sets = _usable_sets(results, path, "open_set", set_name)
+  if not sets:
+    raise DecisionError(
+        f"{path} measured no open-set thresholds (they come from folders "
+        f"of people): {HOW_TO_CALIBRATE}; or pass --far (a 1:1 rate) or "
+        "--threshold=COSINE")
+  name = _best(sets, "num_images")
+  rows = sets[name]["open_set"]
+  row = next((r for r in rows if math.isclose(r["fpir"], fpir)), None)
+  if row is None:
+    searches = int(sets[name].get("num_images") or 0)
+    coarsest = min((r["fpir"] for r in rows), default=None)
+    raise DecisionError(
+        f"FPIR {fpir:g} needs {math.ceil(1 / fpir):,} non-mated searches; "
+        f"{name} ({path.name}) has {searches:,}" +
+        (f": use --fpir={coarsest:g} or calibrate on more photos"
+         if coarsest else f": {HOW_TO_CALIBRATE}"))
+  return OpenSetThreshold(float(row["cosine"]), None, name, measured,
+                          path.name, _provenance(sets[name]), row,
+                          fpir=float(row["fpir"])), notes
+
+
+def check_rate(rate: float, flag: str) -> None:
+  if not (isinstance(rate, (int, float)) and 0 < rate < 1):
+    raise DecisionError(f"{flag}={rate}: a rate between 0 and 1 (e.g. "
+                        f"{flag}=1e-3)")
+
+
+def by_hand(cosine: float) -> Threshold:
+  if not (isinstance(cosine, (int, float)) and -1 <= cosine <= 1):
+    raise DecisionError(f"--threshold={cosine}: a cosine between -1 and 1")
+  return Threshold(float(cosine))
+
+
+def calibration_people(threshold: Threshold) -> set[str]:
+  """The people (sub-folder names) of the folder a threshold was measured
+  on, when it was a folder that is still there; else empty."""
+  folder = threshold.provenance.get("folder")
+  if not folder or not os.path.isdir(folder):
+    return set()
+  return {p.name for p in pathlib.Path(folder).iterdir() if p.is_dir()}
+
+
+def exported(workdir: str, step: int) -> Optional[dict[str, Any]]:
+  """Every threshold the evaluation of `step` (else the newest) measured,
+  with its provenance, for the metadata of exported models; None without."""
+  try:
+    measured, path, results, _ = evaluation(workdir, step)
+  except DecisionError:
+    return None
+  sets = {}
+  for key in ("thresholds", "open_set"):
+    for name, metrics in _measured(results, key).items():
+      if metrics[key]:
+        entry = sets.setdefault(name, {
+            # The folder's local path stays on this machine.
+            "provenance": {k: v for k, v in _provenance(metrics).items()
+                           if k != "folder"},
+            "impostor_pairs": metrics.get("impostor_pairs")})
+        entry[key] = metrics[key]
+  if not sets:
+    return None
+  return {"evaluation": f"eval/{path.name}", "step": measured,
+          "weights_step": step,
+          "decision": "same person when cosine >= threshold",
+          "scoring": extract.DECISION_SCORING, "sets": sets}

@@ -1,0 +1,218 @@
+"""A trained model in one line: `qgjt_jax.load_model(path)`.
+
+  import qgjt_jax
+  model = qgjt_jax.load_model("runs/demo")    # or runs/demo/checkpoints/32
+  embeddings, norms = model.embed(faces)      # uint8 BGR (N, S, S, 3) crops
+  model.quality(norms)                        # q in [0, 1] (NaN: no stats)
+
+The path is a workdir (a training run's, or one `qgjt_jax.convert` wrote),
+its `checkpoints` folder, or one step folder in it. The model is rebuilt
+from the workdir's record (`records.py`), not from a recipe typed again; its
+weights restore onto whatever devices are present, whatever device count
+wrote them; the running norm statistics (the quality indicator) come with
+them. This is the package's one way to load weights for use: evaluation,
+embedding, decisions, export, the notebooks and fine-tuning all call it.
+
+Every use scores faces one way, `extract.DECISION_SCORING`: each face and
+its mirror image are embedded and fused (the evaluation's default), the
+unit embedding is the direction of n1 e1 + n2 e2 and the norm is the mean
+of the two views' norms, the norm that training's statistics describe.
+The thresholds the evaluations measure are scored the same way, so a
+decision quotes the FAR of the very scores it compares.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any, Iterable, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh
+
+from qgjt_jax import checkpoint as ckpt
+from qgjt_jax import parallel
+from qgjt_jax import records
+from qgjt_jax import state as state_lib
+from qgjt_jax.eval import extract
+from qgjt_jax.method import quality as quality_lib
+from qgjt_jax.models.iresnet import normalize_images
+
+
+def locate(path: str) -> tuple[str, Optional[int]]:
+  """(workdir, step or None) of a workdir, its checkpoints folder or one of
+  its step folders."""
+  path = os.fspath(path).rstrip("/") or "/"
+  name, parent = os.path.basename(path), os.path.dirname(path)
+  if name.isdigit() and os.path.basename(parent) == ckpt.CHECKPOINTS:
+    return os.path.dirname(parent) or ".", int(name)
+  if name == ckpt.CHECKPOINTS:
+    return parent or ".", None
+  return path, None
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+  """A workdir's model at one step, ready to embed (see module)."""
+  workdir: str
+  step: int
+  config: ml_collections.ConfigDict
+  module: Any             # the IResNet, in the evaluation's compute dtype
+  variables: Any          # {'params', 'batch_stats'}, replicated on `mesh`
+  mesh: Mesh
+  norm_stats: Optional[dict[str, float]]  # {'mean', 'std'}; None: converted
+  batch_size: int         # per call of the forward pass, over all devices
+
+  @property
+  def image_size(self) -> int:
+    return int(self.config.data.image_size)
+
+  @property
+  def input_order(self) -> str:
+    """The channel order the weights expect (the images given are BGR)."""
+    return self.config.model.input_order
+
+  @property
+  def name(self) -> str:
+    return self.config.model.name
+
+  @property
+  def hq_threshold(self) -> float:
+    """The quality b above which a face counts as high quality."""
+    return float(self.config.head.b)
+
+  @functools.cached_property
+  def embed_fn(self) -> extract.ShardedEmbedFn:
+    """One view's (unit embeddings, norms) of a batch of `batch_size`
+    faces, for `extract.extract_embeddings` and the evaluations."""
+    return make_embed_fn(self.module, self.mesh, self.variables)
+
+  def embed(self, images, *, progress: bool = False, desc: str = "embed"
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """(unit embeddings (N, D), norms (N,)) of uint8 BGR faces (an
+    (N, S, S, 3) array, or eval.images.LazyImages), scored as every
+    decision is (see module)."""
+    return extract.extract_embeddings(
+        self.embed_fn, images, batch_size=self.batch_size, flip=True,
+        fusion=extract.DECISION_FUSION, return_norms=True, progress=progress,
+        desc=desc)
+
+  def quality(self, norms: np.ndarray) -> np.ndarray:
+    """q in [0, 1] of each norm under the run's statistics (NaN without:
+    a converted model has none)."""
+    norms = np.asarray(norms, np.float32)
+    if self.norm_stats is None:
+      return np.full(len(norms), np.nan, np.float32)
+    scaler = quality_lib.margin_scaler(
+        jnp.asarray(norms), quality_lib.QualityStats(
+            mean=jnp.float32(self.norm_stats["mean"]),
+            std=jnp.float32(self.norm_stats["std"])),
+        self.config.quality.h, self.config.quality.eps)
+    return np.asarray(quality_lib.quality_from_scaler(scaler), np.float32)
+
+  def host_variables(self) -> Any:
+    """The variables as float32 numpy arrays (this process's copy)."""
+    return jax.tree.map(
+        lambda x: np.asarray(x.addressable_data(0), np.float32),
+        self.variables)
+
+
+def sharded_forward(module, mesh: Mesh):
+  """The jitted forward pass (variables, uint8 BGR faces) -> (unit
+  embeddings, norms) of one view, the faces split over every device of
+  `mesh` as in training, the results replicated (a small all-gather)."""
+  def forward(variables, images):
+    emb, norms = module.apply(variables,
+                              normalize_images(images, module.dtype),
+                              train=False)
+    return emb.astype(jnp.float32), norms.astype(jnp.float32)
+
+  return jax.jit(forward, in_shardings=(parallel.replicated(mesh),
+                                        parallel.batch_sharding(mesh)),
+                 out_shardings=parallel.replicated(mesh))
+
+
+def make_embed_fn(module, mesh: Mesh, variables: Any
+                  ) -> extract.ShardedEmbedFn:
+  """`sharded_forward` of `variables`, for `extract.extract_embeddings`:
+  each process passes its rows of a global batch (extract.HostShard)."""
+  jitted = sharded_forward(module, mesh)
+  variables = jax.device_put(variables, parallel.replicated(mesh))
+  return extract.ShardedEmbedFn(
+      lambda local: jitted(variables, parallel.host_to_global(local, mesh)),
+      extract.HostShard(jax.process_index(), jax.process_count()))
+
+
+def fused_forward(module, variables: Any):
+  """uint8 BGR faces (B, S, S, 3) -> (unit embeddings (B, D), norms (B,)),
+  flip-fused as `Model.embed` scores: the function the exported models
+  compute."""
+  def forward(images):
+    x = normalize_images(images, module.dtype)
+    both = jnp.concatenate([x, x[:, :, ::-1]])
+    emb, norms = module.apply(variables, both, train=False)
+    emb, norms = emb.astype(jnp.float32), norms.astype(jnp.float32)
+    raw = emb * norms[:, None]
+    half = images.shape[0]
+    fused = raw[:half] + raw[half:]
+    unit = fused / jnp.maximum(jnp.linalg.norm(fused, axis=1, keepdims=True),
+                               1e-12)
+    return unit, (norms[:half] + norms[half:]) / 2
+  return forward
+
+
+def abstract_variables(module, image_size: int, sharding) -> Any:
+  """Shapes of the backbone's {'params', 'batch_stats'} on `sharding`."""
+  shapes = jax.eval_shape(lambda: module.init(
+      jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)),
+      train=False))
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+      {"params": shapes["params"], "batch_stats": shapes["batch_stats"]})
+
+
+def load_model(path: str, step: Optional[int] = None, *,
+               config: Optional[ml_collections.ConfigDict] = None,
+               explicit: Iterable[str] = (), mesh: Optional[Mesh] = None
+               ) -> Model:
+  """The model of a workdir (see module) at `step` (default: the step of
+  the path, else the latest readable one).
+
+  Args:
+    path: a workdir, its checkpoints folder or one of its step folders.
+    step: the checkpoint step.
+    config: settings to use it with (evaluation sets, batch size, compute
+      dtype); default the workdir's own record. Its model settings give way
+      to the record's, except the `explicit` keys (`--config.KEY=` flags
+      typed), which must agree with it.
+    mesh: where the weights go (default: every device, batch split over
+      all of them).
+
+  Raises:
+    records.RecordError: the workdir records no model, or an explicit key
+      contradicts it.
+    checkpoint.CheckpointError: no readable checkpoint (or no such step).
+  """
+  workdir, path_step = locate(path)
+  if step is None:
+    step = path_step
+  if config is None:
+    config = records.recorded_config(workdir)
+  elif records.has_record(workdir):
+    config = records.adopt_model_settings(config, workdir, explicit)
+  mesh = mesh or parallel.make_mesh(1)
+  dtype = jnp.dtype(config.eval.dtype)
+  module = state_lib.build_model(config).clone(dtype=dtype, remat=False)
+  directory = ckpt.checkpoints_dir(workdir)
+  variables, restored = ckpt.restore_model(
+      directory, abstract_variables(module, config.data.image_size,
+                                    parallel.replicated(mesh)), step)
+  devices = parallel.data_parallel_size(mesh)
+  batch_size = -(-int(config.eval.batch_size) // devices) * devices
+  return Model(workdir=workdir, step=restored, config=config, module=module,
+               variables=variables, mesh=mesh,
+               norm_stats=ckpt.restore_quality(directory, restored),
+               batch_size=batch_size)

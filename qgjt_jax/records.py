@@ -1,0 +1,221 @@
+"""What a workdir says about its model: config.json or converted_from.json.
+
+A training run writes the whole config it ran with to WORKDIR/config.json
+(`record_config`); `python -m qgjt_jax.convert` writes the settings that
+rebuild a converted model to WORKDIR/converted_from.json. Everything that
+uses a model afterwards (evaluation, embedding, decisions, export, the
+notebooks, fine-tuning from it) reads the model from here rather than from a
+recipe typed again: `recorded_config` is the workdir's own config, and
+`adopt_model_settings` puts the recorded model into a config given by hand.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Iterable
+
+from etils import epath
+import ml_collections
+
+from qgjt_jax import errors
+from qgjt_jax import reporting
+from qgjt_jax.config_keys import MISSING, lookup
+
+CONFIG_RECORD = "config.json"
+CONVERTED_RECORD = "converted_from.json"
+
+# What rebuilding the backbone alone (evaluation, fine-tuning) depends on.
+MODEL_KEYS = ("model.name", "model.base_width", "model.embedding_size",
+              "data.image_size")
+# ... and what feeding it right does: the channel order its weights expect.
+MODEL_INPUT_KEYS = ("model.input_order",)
+_MAX_RECORD_BYTES = 16 << 20
+
+
+class RecordError(errors.UserError):
+  """A workdir's record is missing, damaged or contradicted."""
+
+
+def record_config(workdir: str, config_dict: dict[str, Any],
+                  version: str) -> None:
+  """Keeps the config and package version that wrote the workdir (written
+  by process 0)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_index() != 0:
+    return
+  directory = epath.Path(workdir)
+  directory.mkdir(parents=True, exist_ok=True)
+  text = json.dumps({"version": version, "config": config_dict}, indent=2,
+                    sort_keys=True, default=str)
+  # Written beside and renamed, so a crash never leaves half a record.
+  tmp = directory / (CONFIG_RECORD + ".tmp")
+  tmp.write_text(text)
+  tmp.replace(directory / CONFIG_RECORD)
+
+
+def read_record(path: epath.Path, key: str) -> dict[str, Any]:
+  """A workdir's JSON record, which must hold a mapping under `key`.
+
+  Raises:
+    RecordError: the file is damaged (naming it).
+  """
+  try:
+    if path.stat().length > _MAX_RECORD_BYTES:
+      raise ValueError(f"over {_MAX_RECORD_BYTES:,} bytes")
+    record = json.loads(path.read_text())
+    if not isinstance(record, dict) or not isinstance(record.get(key), dict):
+      raise ValueError(f"no {key!r} mapping")
+  except (ValueError, UnicodeDecodeError) as e:
+    raise RecordError(
+        f"{path} is damaged ({type(e).__name__}: {str(e)[:100]}); restore it "
+        "from a copy, or use another --workdir") from None
+  return record
+
+
+def recorded_model_settings(workdir: str) -> dict[str, Any]:
+  """{dotted key: value} of MODEL_KEYS and MODEL_INPUT_KEYS as the workdir
+  recorded them: config.json of a training run, or converted_from.json of a
+  converted model; {} without either."""
+  directory = epath.Path(workdir)
+  if (directory / CONFIG_RECORD).exists():
+    recorded = read_record(directory / CONFIG_RECORD, "config")["config"]
+    values = {k: lookup(recorded, k) for k in MODEL_KEYS + MODEL_INPUT_KEYS}
+  elif (directory / CONVERTED_RECORD).exists():
+    values = read_record(directory / CONVERTED_RECORD, "config_overrides")[
+        "config_overrides"]
+  else:
+    return {}
+  return {k: v for k, v in values.items()
+          if k in MODEL_KEYS + MODEL_INPUT_KEYS and v is not MISSING}
+
+
+def has_record(workdir: str) -> bool:
+  directory = epath.Path(workdir)
+  return any((directory / name).exists()
+             for name in (CONFIG_RECORD, CONVERTED_RECORD))
+
+
+def recorded_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a workdir's model was made with: the shared defaults with
+  everything config.json recorded, or with a converted model's settings.
+
+  Raises:
+    RecordError: the workdir records no model (naming what to pass).
+  """
+  from qgjt_jax import base_config  # pylint: disable=g-import-not-at-top
+  config = base_config.get_base_config()
+  directory = epath.Path(workdir)
+  if (directory / CONFIG_RECORD).exists():
+    recorded = read_record(directory / CONFIG_RECORD, "config")["config"]
+    recorded.pop("num_classes", None)  # the data's, not a config key
+    _merge(config, recorded, directory / CONFIG_RECORD)
+  elif (directory / CONVERTED_RECORD).exists():
+    for key, value in recorded_model_settings(workdir).items():
+      _set(config, key, value, str(directory / CONVERTED_RECORD))
+  else:
+    raise RecordError(
+        f"--workdir={workdir} holds neither {CONFIG_RECORD} (a training "
+        f"run's) nor {CONVERTED_RECORD} (qgjt_jax.convert's), so it does not "
+        "say which model it holds: name a workdir of either, or pass "
+        "--config=configs/NAME.py with the model's settings")
+  return config
+
+
+def _merge(node: ml_collections.ConfigDict, values: dict[str, Any], path,
+           prefix: str = "") -> None:
+  for key, value in values.items():
+    if isinstance(value, dict) and isinstance(node.get(key),
+                                               ml_collections.ConfigDict):
+      _merge(node[key], value, path, f"{prefix}{key}.")
+    else:
+      _set_leaf(node, key, value, f"{path}: config.{prefix}{key}")
+
+
+def _set(config: ml_collections.ConfigDict, dotted: str, value: Any,
+         where: str) -> None:
+  *parents, leaf = dotted.split(".")
+  node = config
+  for name in parents:
+    node = node[name]
+  _set_leaf(node, leaf, value, f"{where}: config.{dotted}")
+
+
+def _set_leaf(node: ml_collections.ConfigDict, leaf: str, value: Any,
+              where: str) -> None:
+  """node[leaf] = value, typed as the default is (JSON turns tuples into
+  lists); a key the defaults lack (a recipe's own) is added."""
+  if isinstance(node.get(leaf), tuple) and isinstance(value, list):
+    value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+  try:
+    with node.unlocked():
+      node[leaf] = value
+  except (TypeError, ValueError) as e:
+    raise RecordError(f"{where}={value!r} does not fit the defaults "
+                      f"({errors.one_line(e)[:120]})") from None
+
+
+def adopt_model_settings(config: ml_collections.ConfigDict, workdir: str,
+                         explicit: Iterable[str] = ()
+                         ) -> ml_collections.ConfigDict:
+  """`config` with the model the workdir records (a copy, when it changes).
+
+  A recipe's own model settings give way to the record, saying so in one
+  line; a key in `explicit` (a `--config.KEY=` the user typed) that
+  contradicts the record is refused.
+
+  Raises:
+    RecordError: naming the key and both values.
+  """
+  recorded = recorded_model_settings(workdir)
+  explicit = set(explicit)
+  changed = {}
+  for key, value in recorded.items():
+    current = lookup(config, key)
+    if current == value:
+      continue
+    if key in explicit:
+      raise RecordError(
+          f"--config.{key}={current!r} contradicts the model in {workdir} "
+          f"({key} = {value!r} in its record): leave the flag out")
+    changed[key] = value
+  if not changed:
+    return config
+  config = config.copy_and_resolve_references()
+  for key, value in changed.items():
+    _set(config, key, value, f"{workdir}'s record")
+  reporting.note(
+      f"The model in {workdir} is used as recorded: " + ", ".join(
+          f"{k}={v!r}" for k, v in changed.items()) + " (not the recipe's).")
+  return config
+
+
+def with_input_order(config: ml_collections.ConfigDict, order: Any,
+                     whose: str) -> ml_collections.ConfigDict:
+  """`config` with model.input_order `order` (None: unchanged), saying so:
+  the channel order is the weights' property, whatever a recipe says."""
+  if not order or order == config.model.input_order:
+    return config
+  reporting.note(f"{whose} reads {order} images: config.model.input_order="
+                 f"{config.model.input_order!r} is overridden.")
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.model.input_order = order
+  return config
+
+
+def changed_keys(old: dict, new: dict, prefix: str = ""
+                 ) -> list[tuple[str, Any, Any]]:
+  """(dotted key, old, new) of every leaf value that differs."""
+  out = []
+  for key in sorted(set(old) | set(new)):
+    a, b = old.get(key, MISSING), new.get(key, MISSING)
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += changed_keys(a, b, f"{prefix}{key}.")
+    elif a is not MISSING and b is not MISSING and _jsonish(a) != _jsonish(
+        b):
+      out.append((f"{prefix}{key}", a, b))
+  return out
+
+
+def _jsonish(value: Any) -> Any:
+  """Tuples and lists compare alike (the record is JSON)."""
+  return list(value) if isinstance(value, tuple) else value

@@ -1,0 +1,134 @@
+"""Which threshold a decision may use, and what it says about it."""
+import json
+
+import pytest
+
+from qgjt_jax.eval import extract
+from qgjt_jax.inference import decisions
+
+FUSED = extract.DECISION_SCORING
+
+
+def _row(far, cosine, n):
+  return {"far": far, "cosine": cosine, "tar": 0.5, "genuine": 100,
+          "impostors": n, "accepted": int(far * n),
+          "far_interval": [far / 2, far * 2]}
+
+
+def _write(workdir, name, sets):
+  folder = workdir / "eval"
+  folder.mkdir(exist_ok=True)
+  (folder / name).write_text(json.dumps(sets))
+
+
+def _sets(**kinds):
+  """{set: metrics} with thresholds at 1e-2 and 1e-3 where `n` impostors
+  resolve them; kinds maps a set name to (kind, n)."""
+  return {name: {
+      "accuracy_mean": 0.9, "impostor_pairs": n,
+      "provenance": {"kind": kind, "scoring": FUSED, "step": 0},
+      "thresholds": [_row(far, cosine, n) for far, cosine in
+                     ((1e-2, 0.3), (1e-3, 0.4)) if n * far >= 1]}
+          for name, (kind, n) in kinds.items()}
+
+
+def test_photos_of_the_weights_step_decide_best_kind_first(tmp_path):
+  _write(tmp_path, "step_10.json", _sets(lfw=("bin", 6000)))
+  _write(tmp_path, "step_20.json", _sets(
+      lfw=("bin", 6000), folder_mine=("own_folder", 2000),
+      synthetic_hq_hq=("generated", 90_000)))
+  chosen, notes = decisions.at_far(str(tmp_path), 20, 1e-3)
+  assert (chosen.set_name, chosen.step, notes) == ("folder_mine", 20, [])
+  assert "your own folder of people" in chosen.describe()
+  assert "2 of 2,000 impostor pairs accepted" in chosen.describe()
+  # Step 10's own evaluation, though a newer one exists.
+  chosen, notes = decisions.at_far(str(tmp_path), 10, 1e-3)
+  assert (chosen.set_name, chosen.step, notes) == ("lfw", 10, [])
+  # A step never evaluated: the newest evaluation, with a warning.
+  chosen, notes = decisions.at_far(str(tmp_path), 30, 1e-2)
+  assert chosen.step == 20 and "no evaluation of step 30" in notes[0]
+
+
+def test_generated_faces_and_templates_decide_only_when_named(tmp_path):
+  _write(tmp_path, "step_5.json", _sets(
+      synthetic_hq_hq=("generated", 5000), ijbc=("ijb_template", 90_000)))
+  with pytest.raises(decisions.DecisionError) as refused:
+    decisions.at_far(str(tmp_path), 5, 1e-3)
+  message = str(refused.value)
+  assert "only on IJB templates (pooled photos) and generated faces" in (
+      message)
+  assert "calibration_folders" in message and "--threshold_set" in message
+  chosen, _ = decisions.at_far(str(tmp_path), 5, 1e-3, "synthetic_hq_hq")
+  assert "generated faces, not single photos" in chosen.describe()
+
+
+def test_too_few_impostors_say_how_many_are_needed(tmp_path):
+  _write(tmp_path, "step_5.json", _sets(pairs_mine=("own_pairs", 20)))
+  assert not json.loads((tmp_path / "eval" / "step_5.json").read_text())[
+      "pairs_mine"]["thresholds"]  # 20 resolve no FAR
+  with pytest.raises(decisions.DecisionError,
+                     match=r"FAR 1e-02 needs 100 impostor pairs; pairs_mine "
+                           r"\(step_5.json\) has 20"):
+    decisions.at_far(str(tmp_path), 5, 1e-2)
+  _write(tmp_path, "step_6.json", _sets(pairs_mine=("own_pairs", 500)))
+  with pytest.raises(decisions.DecisionError,
+                     match="needs 10,000 impostor pairs.*--far=1e-02"):
+    decisions.at_far(str(tmp_path), 6, 1e-4)
+
+
+def test_thresholds_of_other_scores_are_refused(tmp_path):
+  sets = _sets(lfw=("bin", 6000))
+  sets["lfw"]["provenance"]["scoring"] = extract.scoring_name(None)
+  _write(tmp_path, "step_5.json", sets)
+  with pytest.raises(decisions.DecisionError, match="one view scores"):
+    decisions.at_far(str(tmp_path), 5, 1e-3)
+  del sets["lfw"]["provenance"]
+  _write(tmp_path, "step_6.json", sets)
+  with pytest.raises(decisions.DecisionError, match="older evaluation"):
+    decisions.at_far(str(tmp_path), 6, 1e-3)
+
+
+def test_no_evaluation_or_bad_values_are_one_clear_line(tmp_path):
+  with pytest.raises(decisions.DecisionError, match="calibration_folders"):
+    decisions.at_far(str(tmp_path), 1, 1e-3)
+  (tmp_path / "eval").mkdir()
+  (tmp_path / "eval" / "step_5.json").write_text("{not json")
+  with pytest.raises(decisions.DecisionError, match="not a readable"):
+    decisions.at_far(str(tmp_path), 5, 1e-3)
+  for far in (0, -1, 1, float("nan"), float("inf")):
+    with pytest.raises(decisions.DecisionError, match="between 0 and 1"):
+      decisions.at_far(str(tmp_path), 5, far)
+  for cosine in (1.5, float("nan")):
+    with pytest.raises(decisions.DecisionError, match="between -1 and 1"):
+      decisions.by_hand(cosine)
+  assert decisions.by_hand(0.3).describe() == (
+      "threshold 0.3000, given by --threshold")
+
+
+def test_open_set_thresholds_and_what_a_gallery_expects(tmp_path):
+  row = {"fpir": 0.01, "cosine": 0.55, "searches": 1200, "false_alarms": 12,
+         "fpir_interval": [0.005, 0.017], "gallery_people": 59,
+         "template_false_match_rate": 2e-4}
+  (tmp_path / "people" / "ann").mkdir(parents=True)
+  (tmp_path / "people" / "bob").mkdir()
+  _write(tmp_path, "step_3.json", {"calibration_people": {
+      "open_set": [row], "num_images": 1200, "provenance": {
+          "kind": "calibration", "scoring": FUSED, "step": 3,
+          "folder": str(tmp_path / "people")}}})
+  chosen, _ = decisions.at_fpir(str(tmp_path), 3, 0.01)
+  assert chosen.cosine == 0.55
+  assert "12 false alarms in 1,200 non-mated searches" in chosen.describe()
+  expected, chance = chosen.expected_false_alarms(1000)
+  assert expected == pytest.approx(0.2)
+  assert chance == pytest.approx(1 - (1 - 2e-4) ** 1000)
+  assert decisions.calibration_people(chosen) == {"ann", "bob"}
+  with pytest.raises(decisions.DecisionError, match="FPIR 0.0001 needs "
+                     "10,000 non-mated searches"):
+    decisions.at_fpir(str(tmp_path), 3, 1e-4)
+  # Exports carry every row with its provenance, but no local path.
+  exported = decisions.exported(str(tmp_path), 3)
+  kept = exported["sets"]["calibration_people"]
+  assert kept["open_set"] == [row]
+  assert kept["provenance"] == {"kind": "calibration", "scoring": FUSED,
+                                "step": 3}
+  assert exported["scoring"] == FUSED and exported["step"] == 3
