@@ -6,12 +6,14 @@ it loads from any working directory. Every key here is documented where it
 is used; `python -m qgjt_jax.main --config=configs/NAME.py
 --config.KEY=VALUE` overrides any of them.
 """
+import ast
+import importlib.util
 import os
 import sys
 
 import ml_collections
 
-from qgjt_jax import limits
+from qgjt_jax.files import limits
 from qgjt_jax.method import settings
 
 
@@ -24,6 +26,29 @@ def make_siblings_importable(recipe: str) -> None:
   if os.path.isfile(os.path.join(folder, "__init__.py")) and (
       root not in sys.path):
     sys.path.insert(0, root)
+
+
+def load_recipe(spec: str) -> ml_collections.ConfigDict:
+  """`get_config()` of a recipe as --config names it: PATH, or PATH:ARG for
+  `get_config(ARG)`. The file is Python and runs as code."""
+  path, _, arg = spec.partition(":")
+  make_siblings_importable(path)
+  name = f"_recipe_{os.path.splitext(os.path.basename(path))[0]}"
+  spec_ = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec_)
+  spec_.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def defines_get_config(path: str) -> bool:
+  """Whether a recipe file defines get_config (read, not run)."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      tree = ast.parse(f.read())
+  except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
+    return True  # its own error says more
+  return any(isinstance(node, ast.FunctionDef) and node.name == "get_config"
+             for node in tree.body)
 
 
 def get_base_config() -> ml_collections.ConfigDict:
@@ -142,6 +167,6 @@ def get_base_config() -> ml_collections.ConfigDict:
       folders=(), pairs_files=(), calibration_folders=(), align="none"))
 
   # What a file handed to us may declare before it is refused (checkpoints,
-  # .bin/.rec sets, image folders, embed/compare images): qgjt_jax/limits.py.
+  # .bin/.rec sets, image folders, embed/compare images): qgjt_jax/files/limits.py.
   config.limits = ml_collections.ConfigDict(dict(limits.DEFAULTS))
   return config

@@ -248,11 +248,14 @@ def restore_model(directory: str, abstract_model: Any,
   for s in steps:
     difference = _model_difference(directory, s, abstract_model)
     if difference:
-      raise CheckpointError(
-          f"{directory}/{s} holds another model than the config builds "
-          f"({difference}); leave out --config to use the model the "
-          f"workdir records ({records.CONFIG_RECORD} or "
-          f"{records.CONVERTED_RECORD})")
+      workdir = os.path.dirname(os.path.abspath(directory))
+      how = ("leave out --config to use the model the workdir records" if
+             records.has_record(workdir) else
+             "pass the --config.model.* and --config.data.image_size of "
+             "the model that wrote it: the workdir records none (neither "
+             f"{records.CONFIG_RECORD} nor {records.CONVERTED_RECORD})")
+      raise CheckpointError(f"{directory}/{s} holds another model than the "
+                            f"config builds ({difference}); {how}")
     try:
       return restore_item(directory, s, MODEL, abstract_model), s
     except Exception as e:  # damaged step: report, try an older one
@@ -290,8 +293,11 @@ def _item_path(directory: str, step: int, item: str) -> epath.Path:
 def stored_tree(directory: str, step: int, item: str) -> Any:
   """The metadata tree (shape and dtype of every array) of an item saved at
   `step`, read from the item itself (nothing restored)."""
-  return ocp.StandardCheckpointHandler().metadata(
-      _item_path(directory, step, item))
+  handler = ocp.StandardCheckpointHandler()
+  try:
+    return handler.metadata(_item_path(directory, step, item))
+  finally:
+    handler.close()
 
 
 def restore_item(directory: str, step: int, item: str, target: Any = None,

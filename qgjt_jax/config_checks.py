@@ -59,7 +59,7 @@ _POSITIVE = (
 )
 
 
-class ConfigError(ValueError):
+class ConfigError(errors.UserError, ValueError):
   pass
 
 

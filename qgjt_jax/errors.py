@@ -1,8 +1,9 @@
 """How every command ends on a bad input: one line, exit status 1.
 
-Each entry point runs its body under `expected_failures(...)`: the failures
-a user can cause and fix (a bad config key, a missing or unreadable file, a
-workdir of another run, a full disk) end in
+Each entry point runs its body under `expected_failures()`: the failures a
+user can cause and fix (a bad config key, a missing or unreadable file, a
+workdir of another run, a full disk), every one a `UserError` or an
+OSError with a fix, end in
 
   ERROR: <what, naming the file or key>: <what to do>
 
@@ -69,6 +70,16 @@ def one_line(e: BaseException) -> str:
   return " ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
+def start_absl_command(argv: list[str]) -> bool:
+  """The start of every absl command's main: no stray arguments, the
+  logging described above; returns whether tracebacks were asked for."""
+  from absl import app  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  setup_absl_logging()
+  return absl_traceback_asked()
+
+
 def setup_absl_logging() -> None:
   """For absl commands, after flag parsing: the logging described above."""
   from absl import flags  # pylint: disable=g-import-not-at-top
@@ -87,6 +98,21 @@ class _OrbaxRestoreNotes:
 
   def filter(self, record) -> bool:
     return not (record.levelno <= 30 and "orbax" in record.pathname)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing for the absl commands, a flag mistake one ERROR
+  line (absl itself prints two, a FATAL and a pointer to --helpshort)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(flag_mistake(e))
+
+
+def flag_mistake(e: Exception) -> str:
+  """The ERROR line of a flag absl refused."""
+  return f"ERROR: {one_line(e)} (--helpshort lists the flags)"
 
 
 def define_traceback_flag() -> None:
@@ -109,18 +135,18 @@ def traceback_requested(verbose: bool = False) -> bool:
 
 
 @contextlib.contextmanager
-def expected_failures(*types: type, verbose: bool = False,
+def expected_failures(verbose: bool = False,
                       show: Optional[Callable[[str], None]] = None):
-  """Turns `types` (and UserError, and fixable OSErrors) into one line.
+  """Turns a UserError (every error a user can cause and fix subclasses
+  it), or an OSError a user can fix, into one line and exit status 1.
 
   `show` prints the line (default: stderr); multi-process programs pass one
   that prints on process 0 only.
   """
   try:
     yield
-  except (UserError, OSError, *types) as e:  # pylint: disable=catching-non-exception
-    if isinstance(e, OSError) and not isinstance(e, (UserError, *types)) and (
-        describe_os_error(e) is None):
+  except (UserError, OSError) as e:
+    if not isinstance(e, UserError) and describe_os_error(e) is None:
       raise
     if traceback_requested(verbose):
       traceback.print_exc()

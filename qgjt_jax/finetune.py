@@ -27,7 +27,7 @@ from qgjt_jax import parallel
 from qgjt_jax import records
 from qgjt_jax import reporting
 from qgjt_jax.eval import extract
-from qgjt_jax.eval import images as images_lib
+from qgjt_jax.files import images as images_lib
 from qgjt_jax.inference import model as model_lib
 
 
@@ -47,9 +47,10 @@ def _source_settings(init_from: str) -> dict[str, Any]:
 def _converted(path: str):
   """The file converted once (reading it is the slow part; checked and then
   used in one start-up, so only the last file is kept)."""
-  from qgjt_jax import convert  # pylint: disable=g-import-not-at-top
+  from qgjt_jax.interop import convert  # pylint: disable=g-import-not-at-top
+  from qgjt_jax.interop import weight_files  # pylint: disable=g-import-not-at-top
   try:
-    return convert.convert_state_dict(convert.load_torch_checkpoint(path))
+    return convert.convert_state_dict(weight_files.read_state_dict(path))
   except (OSError, ValueError) as e:
     raise config_checks.ConfigError(
         f"config.init_from={path!r}: {e}") from None
@@ -109,7 +110,7 @@ def class_mean_classifier(config: ml_collections.ConfigDict, model, mesh,
   size = config.data.image_size
   labels = np.array([int(source[i]["label"]) for i in range(len(source))])
   faces = images_lib.LazyImages(
-      lambda i: pipeline.fit_size(pipeline.decode_image(source[i]["image"]),
+      lambda i: pipeline.fit_size(images_lib.decode_image(source[i]["image"]),
                                   size), len(source))
   embed = model_lib.make_embed_fn(
       model.clone(dtype=jnp.dtype(config.eval.dtype)), mesh, variables)

@@ -41,7 +41,7 @@ from qgjt_jax import parallel
 _DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
 
-class LaunchError(RuntimeError):
+class LaunchError(errors.UserError, RuntimeError):
   """A launch that cannot start; the message says what to change."""
 
 
@@ -239,7 +239,7 @@ def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def main(argv: Sequence[str]) -> int:
   args, main_flags = _parse(argv)
-  with errors.expected_failures(LaunchError):
+  with errors.expected_failures():
     return launch(args.processes, args.devices_per_process, main_flags,
                   heartbeat_timeout_s=args.heartbeat_timeout_s,
                   port=args.port)

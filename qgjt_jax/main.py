@@ -24,8 +24,8 @@ with --traceback or QGJT_TRACEBACK=1; absl logging with --verbosity=0).
 A run stopped by SIGTERM or SIGINT checkpoints and exits 0; the same command
 resumes it.
 """
+import difflib
 import os
-import re
 import sys
 import traceback
 
@@ -36,8 +36,8 @@ from ml_collections import config_flags
 
 from qgjt_jax import base_config
 from qgjt_jax import errors
-from qgjt_jax import limits
 from qgjt_jax import parallel
+from qgjt_jax.files import limits
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "The recipe (a configs/*.py file): needed to train; "
@@ -104,15 +104,7 @@ flags.mark_flags_as_required(["workdir"])
 def _loaded_config():
   """The --config recipe; a file that does not load is one clear line."""
   recipe = flags.FLAGS["config"].serialize().split("=", 1)[-1]
-  try:
-    config = _CONFIG.value
-    config.to_dict()  # a file that failed to load raises on first use
-  except AttributeError:
-    pass  # no to_dict: not a ConfigDict, said below
-  except OSError as e:
-    raise errors.UserError(
-        f"--config={recipe}: {_first_cause(e)}: give a recipe file such as "
-        "configs/synthetic.py") from None
+  config = _CONFIG.value
   if not isinstance(config, ml_collections.ConfigDict):
     raise errors.UserError(
         f"--config={recipe}: get_config() returned {type(config).__name__}, "
@@ -122,33 +114,15 @@ def _loaded_config():
   return config
 
 
-def _first_cause(e: BaseException) -> str:
-  text = " ".join(str(e).split())
-  found = re.search(r"\[Errno \d+\] [^:]+", text)
-  return found.group(0) if found else text[:200]
-
-
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  errors.setup_absl_logging()
-  verbose = errors.absl_traceback_asked()
+  verbose = errors.start_absl_command(argv)
   parallel.maybe_initialize_distributed()
   # Imported here so that --help stays fast.
-  from qgjt_jax import checkpoint
-  from qgjt_jax import config_checks
-  from qgjt_jax import embed
   from qgjt_jax import reporting
-  from qgjt_jax import torch_files
   from qgjt_jax import train
-  from qgjt_jax.data import recordio
   reporting.open_process_log(_WORKDIR.value)
-  expected = (config_checks.ConfigError, checkpoint.IncompatibleRunError,
-              checkpoint.CheckpointError, train.NonFiniteError,
-              embed.ImageError, torch_files.TorchFileError,
-              recordio.RecordIOError)
   show = lambda line: reporting.note(line, error=True)
-  with errors.expected_failures(*expected, verbose=verbose, show=show):
+  with errors.expected_failures(verbose=verbose, show=show):
     if _MODE.value == "train" and _CONFIG.value is None:
       raise errors.UserError("--mode=train needs --config, the recipe to "
                              "train (e.g. --config=configs/synthetic.py)")
@@ -170,12 +144,12 @@ def _use_a_checkpoint(config) -> None:
   """--mode=eval, embed, compare or identify: the model of a workdir's
   checkpoint, loaded once."""
   from qgjt_jax import config_checks
-  from qgjt_jax import evaluate
+  from qgjt_jax.eval import runner
   from qgjt_jax.inference import model as model_lib
   config_checks.check_eval_config(config)
   explicit = _explicit_keys(sys.argv)
   if _MODE.value == "eval":
-    evaluate.evaluate_checkpoint(_WORKDIR.value, _STEP.value, config=config,
+    runner.evaluate_checkpoint(_WORKDIR.value, _STEP.value, config=config,
                                  explicit=explicit)
     return
   if not _IMAGES.value:
@@ -195,8 +169,8 @@ def _use_a_checkpoint(config) -> None:
 
 def _embed_mode(model) -> None:
   """--mode=embed, compare or identify."""
-  from qgjt_jax import embed
-  from qgjt_jax import identify
+  from qgjt_jax.inference import embed
+  from qgjt_jax.inference import identify
   from qgjt_jax.align import faces
   mode = _MODE.value
   alignment = faces.Alignment.from_flags(_ALIGN.value, _LANDMARKS.value,
@@ -244,18 +218,19 @@ def _with_recorded_config(argv: list[str]) -> list[str]:
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, with a clear message for an unknown config key.
-
-  ml_collections refuses `--config.nope=1` while parsing, but as a bare
-  AttributeError/KeyError traceback; this names the flag instead.
-  """
+  """absl's flag parsing, every mistake one ERROR line: a flag absl refuses,
+  a recipe that does not load (it is Python: its own failure is named with
+  its line), an unknown `--config.KEY`."""
   argv = _with_recorded_config(argv)
-  recipe = next((a.split("=", 1)[1].split(":", 1)[0] for a in argv[1:]
-                 if a.startswith("--config=")), None)
+  recipe = _flag_value(argv, "config")
   if recipe:
-    base_config.make_siblings_importable(recipe)
+    path = recipe.split(":", 1)[0]
+    if not os.path.isfile(path):
+      sys.exit(f"ERROR: --config={recipe}: No such file: give a recipe "
+               "file such as configs/synthetic.py")
+    base_config.make_siblings_importable(path)
   try:
-    return app.parse_flags_with_usage(argv)
+    return flags.FLAGS(argv)
   except errors.UserError as e:  # the workdir's record, as the recipe
     if errors.traceback_requested("--traceback" in argv):
       traceback.print_exc()
@@ -264,50 +239,64 @@ def _parse_flags(argv: list[str]) -> list[str]:
     sys.exit(f"ERROR: --config={e.filename}: {e.msg} at line {e.lineno}: "
              "fix the recipe file")
   except Exception as e:  # pylint: disable=broad-except
-    failure = _recipe_failure(argv, e)
+    failure = _recipe_failure(recipe, e) or _unknown_key(argv, recipe)
     if failure:
       if errors.traceback_requested("--traceback" in argv):
         traceback.print_exc()
       sys.exit(failure)
-    if not isinstance(e, (AttributeError, KeyError)):
-      raise
-    _unknown_key(argv, e)
+    if isinstance(e, flags.Error):
+      sys.exit(errors.flag_mistake(e))
+    raise
 
 
-def _recipe_failure(argv: list[str], e: Exception) -> str | None:
+def _recipe_failure(recipe: str | None, e: Exception) -> str | None:
   """The line for a recipe file whose own code failed (it is Python, run
   as the program's own code): None when the failure is not the file's."""
-  recipe = next((a.split("=", 1)[1].split(":", 1)[0] for a in argv[1:]
-                 if a.startswith("--config=")), None)
   if not recipe:
     return None
-  path = os.path.abspath(recipe)
+  path = os.path.abspath(recipe.split(":", 1)[0])
   lines = [line for f, line in traceback.walk_tb(e.__traceback__)
            if os.path.abspath(f.f_code.co_filename) == path]
-  if not lines and "get_config" in str(e):
+  if lines:
+    return (f"ERROR: --config={recipe}: running it raised "
+            f"{type(e).__name__} at line {lines[-1]}: "
+            f"{errors.one_line(e)[:200]}: fix the recipe file (it is Python, "
+            "run as code)")
+  if not base_config.defines_get_config(path):
     return (f"ERROR: --config={recipe} defines no get_config(): a recipe "
             "file returns its ConfigDict from get_config() (see "
             "configs/synthetic.py)")
-  if not lines:
+  return None
+
+
+def _unknown_key(argv: list[str], recipe: str | None) -> str | None:
+  """The line naming the first `--config.KEY` override that the recipe's
+  config has no key for (found by walking the config, with the nearest
+  names), or None."""
+  if not recipe:
     return None
-  return (f"ERROR: --config={recipe}: running it raised {type(e).__name__}"
-          f" at line {lines[-1]}: {errors.one_line(e)[:200]}: fix the "
-          "recipe file (it is Python, run as code)")
-
-
-def _unknown_key(argv: list[str], e: Exception) -> None:
-  """Exits naming the unknown `--config.KEY` of an override."""
-  text = (str(e.args[0]) if e.args else str(e)).replace("\\'", "'")
-  hint = re.search(r'Did you mean "[^"]+" instead of "([^"]+)"\?', text)
-  names = re.findall(r"'([\w-]+)'", text)
-  key = hint.group(1) if hint else (names[0] if names else "?")
-  overrides = [a for a in argv[1:] if a.startswith("--config.")]
-  culprit = next((a for a in overrides
-                  if key in a.split("=", 1)[0].split(".")), None)
-  what = culprit or f"--config.{key}"
-  sys.exit(f"ERROR: {what}: unknown config key {key!r}: " +
-           (f"{hint.group(0)} " if hint else "") +
-           "the keys are listed in the --config file and qgjt_jax/base_config.py")
+  try:
+    config = base_config.load_recipe(recipe)
+  except Exception:  # pylint: disable=broad-except
+    return None  # the recipe fails by itself: not an override's fault
+  for arg in argv[1:]:
+    if not arg.startswith("--config."):
+      continue
+    key = arg[len("--config."):].split("=", 1)[0]
+    node = config
+    for depth, part in enumerate(key.split(".")):
+      if not isinstance(node, ml_collections.ConfigDict):
+        break
+      if part not in node:
+        near = difflib.get_close_matches(part, list(node.keys()), n=1)
+        where = ".".join(key.split(".")[:depth]) or "the config"
+        return (f"ERROR: {arg}: unknown config key {part!r} in {where}" +
+                (f': Did you mean "{near[0]}" instead of "{part}"?'
+                 if near else "") +
+                ": the keys are listed in the --config file and "
+                "qgjt_jax/base_config.py")
+      node = node[part]
+  return None
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ import ml_collections
 import numpy as np
 
 from qgjt_jax.data import degrade
-from qgjt_jax.data import recordio
 from qgjt_jax.data import synthetic
+from qgjt_jax.files import images
 
 def apply_overrides(config: ml_collections.ConfigDict,
                     overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
@@ -109,7 +109,7 @@ def training_views(config: ml_collections.ConfigDict, count: int,
   view_cfg = degrade.view_config_from(config.data.view)
   clean, degraded, scales = [], [], []
   for i in indices:
-    img = recordio.decode_image(source[int(i)]["image"])
+    img = images.decode_image(source[int(i)]["image"])
     clean.append(degrade.clean_view(img, rng, flip_p=0.0))
     low, r = degrade.degraded_view(img, rng, view_cfg)
     degraded.append(low)

@@ -16,10 +16,10 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from qgjt_jax import parallel
-from qgjt_jax.method import queue_buffer as queue_lib
-from qgjt_jax.method import queues
 from qgjt_jax.method import contrastive
 from qgjt_jax.method import quality as quality_lib
+from qgjt_jax.method import queue_buffer as queue_lib
+from qgjt_jax.method import queues
 from qgjt_jax.models import build_backbone
 import ml_collections
 

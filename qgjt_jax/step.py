@@ -28,7 +28,7 @@ explicit `shard_map` rather than being left to GSPMD's propagation:
   per-row numbers (target cosine, max, sum of exponentials) cross devices,
   as in insightface's PartialFC; the proxy lookup copies the columns a device
   holds and sums over `model`. W and the (2B, C) logits are never gathered,
-  whatever the compiler version decides (tests/test_sharding.py reads the
+  whatever the compiler version decides (tests/unit/test_parallel.py reads the
   compiled HLO to check);
 * PartialFC's negative sampling is a per-block top-k, which under GSPMD
   would gather the sharded class axis;
@@ -58,8 +58,8 @@ from jax.sharding import Mesh, PartitionSpec as P
 from qgjt_jax import parallel
 from qgjt_jax.method import contrastive
 from qgjt_jax.method import heads
-from qgjt_jax.method import queue_buffer
 from qgjt_jax.method import quality as quality_lib
+from qgjt_jax.method import queue_buffer
 from qgjt_jax.method.batch import Batch
 from qgjt_jax.method.encoder import StepContext
 from qgjt_jax.method.settings import StepSettings

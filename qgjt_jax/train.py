@@ -26,7 +26,7 @@ import numpy as np
 import qgjt_jax
 from qgjt_jax import checkpoint as ckpt
 from qgjt_jax import config_checks
-from qgjt_jax import evaluate as evaluate_lib
+from qgjt_jax import errors
 from qgjt_jax import finetune
 from qgjt_jax import parallel
 from qgjt_jax import records
@@ -36,6 +36,7 @@ from qgjt_jax import workdir_lock
 from qgjt_jax.data import degrade
 from qgjt_jax.data import pipeline
 from qgjt_jax.data import sources
+from qgjt_jax.eval import runner
 
 
 class StopRequested:
@@ -124,7 +125,7 @@ def _processes_text() -> str:
   return f" in {count} processes" if count > 1 else ""
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(errors.UserError, RuntimeError):
   """Too many consecutive steps had a non-finite loss or gradient."""
 
 
@@ -278,7 +279,7 @@ def _loop(run: _Run, state, stop: StopRequested) -> dict:
                                                      writer)
   progress = reporting.ProgressLine(run.num_train_steps,
                                     2 * config.global_batch_size, step)
-  evaluator = evaluate_lib.Evaluator(config, run.stack.model, run.stack.mesh)
+  evaluator = runner.Evaluator(config, run.stack.model, run.stack.mesh)
   guard = _NonFiniteGuard(config.max_consecutive_nonfinite)
   profiler = reporting.StepProfiler(config.get("profile_steps", ()),
                                     os.path.join(run.workdir, "profile"))

@@ -65,9 +65,9 @@ def _session_folders(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def reference_run(tmp_path_factory):
-  """The uninterrupted tiny run (tests/tiny_runs.py): (workdir, step
+  """The uninterrupted tiny run (tests/helpers/tiny_runs.py): (workdir, step
   records). Do not write into the workdir; copy it."""
-  from tests import tiny_runs
+  from tests.helpers import tiny_runs
   return tiny_runs.make_reference_run(tmp_path_factory.mktemp("reference"))
 
 
@@ -75,7 +75,7 @@ def reference_run(tmp_path_factory):
 def stopped_run(tmp_path_factory):
   """The tiny run stopped by SIGTERM at tiny_runs.STOP_STEP: (workdir,
   output). Do not write into the workdir; copy it."""
-  from tests import tiny_runs
+  from tests.helpers import tiny_runs
   return tiny_runs.make_stopped_run(tmp_path_factory.mktemp("stopped"))
 
 
@@ -103,7 +103,7 @@ def demo_run(tmp_path_factory):
   """A workdir of the embedded default (configs/synthetic.py: 40 px,
   IR-18 width 16) trained for one epoch on the command line, evaluated.
   Do not write into the workdir; copy it."""
-  from tests import tiny_runs
+  from tests.helpers import tiny_runs
   return tiny_runs.make_demo_run(tmp_path_factory.mktemp("demo"))
 
 

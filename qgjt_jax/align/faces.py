@@ -21,7 +21,7 @@ from qgjt_jax import reporting
 from qgjt_jax.align import detector as detector_lib
 from qgjt_jax.align import five_points
 from qgjt_jax.align import landmarks_file
-from qgjt_jax.eval import images as images_lib
+from qgjt_jax.files import images as images_lib
 
 MODES = ("none", "detect")
 

@@ -6,7 +6,7 @@ preparing a dataset needs neither TensorFlow nor TFDS's TensorFlow-based image
 encoder. They write
 `file_format="array_record"`, read back with
 `qgjt_jax.data.sources.ArrayRecordSource`; decode with
-`qgjt_jax.data.recordio.decode_image` (BGR, see there).
+`qgjt_jax.files.images.decode_image` (BGR, see there).
 
 * `insightface_rec`: an insightface `train.rec`/`train.idx`/`property` folder
   (the manual dir). Configs for the usual public sets check the expected
@@ -39,10 +39,13 @@ import numpy as np
 from PIL import Image as PILImage
 import tensorflow_datasets as tfds
 
-from qgjt_jax import limits
+from qgjt_jax import errors
 from qgjt_jax import progress as progress_lib
 from qgjt_jax.data import recordio
 from qgjt_jax.data import synthetic
+from qgjt_jax.files import folders
+from qgjt_jax.files import images
+from qgjt_jax.files import limits
 
 IMAGE_SIZE = 112
 JPEG_QUALITY = 95
@@ -51,7 +54,7 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _MAX_LISTED_SKIPS = 1000  # skipped paths kept in the dataset metadata
 
 
-class DataError(ValueError):
+class DataError(errors.UserError, ValueError):
   """Data that cannot be prepared as asked (the message names it)."""
 
 
@@ -139,7 +142,7 @@ class InsightFaceRec(_ManualBuilder):
         builder=self,
         description="Aligned face images and identity labels read from an "
         "insightface train.rec. Images are the stored JPEGs, unchanged; "
-        "decode them to BGR (qgjt_jax.data.recordio.decode_image).",
+        "decode them to BGR (qgjt_jax.files.images.decode_image).",
         features=tfds.features.FeaturesDict({
             "image": tfds.features.Image(shape=shape, encoding_format="jpeg"),
             "label": tfds.features.ClassLabel(num_classes=config.num_classes),
@@ -197,10 +200,10 @@ class InsightFaceRec(_ManualBuilder):
       where = f"{record.rec_path}: record {key}"
       if not (image.startswith(_JPEG_SOI) or image.startswith(_PNG_SIGNATURE)):
         # Unusual but legal formats are accepted if OpenCV reads them.
-        recordio.decode_image(image, where)
+        images.decode_image(image, where)
       else:  # kept as they are, but not if they declare a vast image
         try:
-          limits.check_encoded_image(image, where)
+          images.check_encoded_image(image, where)
         except limits.LimitError:
           raise
         except ValueError as e:
@@ -257,7 +260,7 @@ def convert_face_image(data: bytes, size: int = IMAGE_SIZE,
     BadImageError: not a readable image.
   """
   try:
-    image = recordio.imdecode_or_none(data, where)
+    image = images.imdecode_or_none(data, where)
   except limits.LimitError as e:
     raise BadImageError(where, e.detail) from None
   if image is None:
@@ -288,84 +291,6 @@ def _decode_with_pillow(data: bytes, where: str) -> np.ndarray:
     raise BadImageError(where, f"not a readable image ({type(e).__name__}: "
                         f"{e})") from None
   return np.ascontiguousarray(rgb[:, :, ::-1])
-
-
-def _visible(path: pathlib.Path) -> bool:
-  return not path.name.startswith(".")
-
-
-def list_image_folder(root: os.PathLike | str
-                      ) -> tuple[list[str], list[tuple[pathlib.Path, int]]]:
-  """(identity names, [(file, label)]) of `root/<identity>/...`.
-
-  Every visible file under an identity directory (recursively, linked
-  folders followed once each) is a candidate image: files that are not
-  images are found when converting, so they can be reported. Hidden files
-  (".DS_Store", ...) are ignored, and so are files directly under `root`.
-
-  Raises:
-    FileNotFoundError: `root` is not a folder or holds no identity folder.
-    DataError: two identity folders are the same folder, or one holds
-      another or the whole set (links): their images would get two labels.
-  """
-  root = pathlib.Path(root)
-  if not root.is_dir():
-    raise FileNotFoundError(f"{root}: not a directory")
-  dirs = [p for p in root.iterdir() if p.is_dir() and _visible(p)]
-  stray = [p for p in root.iterdir() if p.is_file() and _visible(p)]
-  if stray:
-    logging.warning("%s: ignoring %d files outside identity folders (%s)",
-                    root, len(stray), ", ".join(p.name for p in stray[:5]))
-  if not dirs:
-    raise FileNotFoundError(f"{root}: no identity sub-directories")
-  if all(p.name.isdigit() for p in dirs):
-    dirs.sort(key=lambda p: (int(p.name), p.name))
-  else:
-    dirs.sort(key=lambda p: p.name)
-  _check_distinct(root, dirs)
-  files = []
-  for label, identity in enumerate(dirs):
-    found, seen = [], set()
-    for dirpath, dirnames, filenames in os.walk(identity, followlinks=True):
-      real = os.path.realpath(dirpath)
-      if real in seen:  # a link loop, or a folder linked twice
-        dirnames[:] = []
-        continue
-      seen.add(real)
-      dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-      found += [pathlib.Path(dirpath) / f for f in filenames
-                if not f.startswith(".")]
-    if not found:
-      logging.warning("%s: identity %r has no files", root, identity.name)
-    files += [(f, label) for f in sorted(found)]
-  return [p.name for p in dirs], files
-
-
-def _check_distinct(root: pathlib.Path, identities: list[pathlib.Path]
-                    ) -> None:
-  """No identity folder is (through links) the root, an ancestor of it, the
-  same folder as another identity, or inside another identity."""
-  real_root = os.path.realpath(root)
-  owner = {}
-  for identity in identities:
-    real = os.path.realpath(identity)
-    if real_root == real or real_root.startswith(real.rstrip(os.sep) + os.sep):
-      raise DataError(f"{identity} links to {real}, which holds the whole "
-                      "set: its images would be added again under another "
-                      "label; remove the link")
-    if real in owner:
-      raise DataError(f"{identity} and {owner[real]} are the same folder "
-                      f"({real}): its images would get two labels; remove "
-                      "one of them")
-    owner[real] = identity
-  for real, identity in owner.items():
-    parent = os.path.dirname(real)
-    while parent and parent != os.path.dirname(parent):
-      if parent in owner:
-        raise DataError(f"{identity} is inside identity {owner[parent]} "
-                        f"({real}): its images would get two labels; "
-                        "remove the link")
-      parent = os.path.dirname(parent)
 
 
 @dataclasses.dataclass(eq=False)
@@ -415,7 +340,7 @@ class FaceImageFolder(_ManualBuilder):
         builder=self,
         description="Face images from an identity-per-folder tree, as "
         f"{size}x{size} JPEGs (decode to BGR with "
-        "qgjt_jax.data.recordio.decode_image).",
+        "qgjt_jax.files.images.decode_image).",
         features=tfds.features.FeaturesDict({
             "image": tfds.features.Image(shape=(size, size, 3),
                                          encoding_format="jpeg"),
@@ -428,10 +353,9 @@ class FaceImageFolder(_ManualBuilder):
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     root = pathlib.Path(os.fspath(dl_manager.manual_dir))
-    names, files = list_image_folder(root)
-    if not files:
-      raise FileNotFoundError(f"{root}: the identity folders hold no files")
-    self.info.features["label"].names = names
+    people = folders.read(root, "--src")
+    files = list(zip(people.paths, people.labels.tolist()))
+    self.info.features["label"].names = people.names
     self.info.metadata.update(source=os.fspath(root), format="image_folder")
     self.skipped = []
     return {"train": self._generate_examples(root, files)}
@@ -439,7 +363,7 @@ class FaceImageFolder(_ManualBuilder):
   def _convert(self, path: pathlib.Path) -> bytes | BadImageError:
     config: FaceImageFolderConfig = self.builder_config
     try:
-      data = limits.read_image_file(path)
+      data = images.read_image_file(path)
       return convert_face_image(data, config.image_size, config.jpeg_quality,
                                 where=os.fspath(path))
     except OSError as e:
@@ -565,7 +489,7 @@ class SyntheticFacesBuilder(_ManualBuilder):
         description="Generated face-like images (qgjt_jax.data.synthetic): "
         "camera JPEGs of random identities, with pose, expression, lighting "
         "and background varying per photo. Decode to BGR with "
-        "qgjt_jax.data.recordio.decode_image.",
+        "qgjt_jax.files.images.decode_image.",
         features=tfds.features.FeaturesDict({
             "image": tfds.features.Image(shape=(size, size, 3),
                                          encoding_format="jpeg"),

@@ -29,7 +29,7 @@ import numpy as np
 
 from qgjt_jax.data import degrade
 # Re-exported: train.py builds the view settings through the pipeline module.
-from qgjt_jax.data.recordio import decode_image
+from qgjt_jax.files import images
 from qgjt_jax.method.batch import make_batch
 
 # Seeds are folded into Philox's 128-bit key; the (epoch, record) pair is its
@@ -107,11 +107,11 @@ class TwoViews:
     epoch, index = item
     record = self.source[index]
     try:
-      img = decode_image(record["image"])
-    except ValueError:  # RecordIOError, LimitError: again, naming the record
+      img = images.decode_image(record["image"])
+    except ValueError:  # ImageError, LimitError: again, naming the record
       where = (self.source.where(index) if hasattr(self.source, "where")
                else f"{self.source.name}: image {index}")
-      img = decode_image(record["image"], where)
+      img = images.decode_image(record["image"], where)
     img = fit_size(img, self.image_size)
     rng = record_rng(self.seed, epoch, index)
     high = degrade.clean_view(img, rng, self.flip_p)

@@ -40,9 +40,8 @@ from absl import logging
 import tensorflow_datasets as tfds
 
 from qgjt_jax import errors
-from qgjt_jax import limits
 from qgjt_jax.data import builders
-from qgjt_jax.data import recordio
+from qgjt_jax.files import limits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -276,13 +275,9 @@ def check_src(fmt: str, src: str | None) -> None:
 
 
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  errors.setup_absl_logging()
-  verbose = errors.absl_traceback_asked()
+  verbose = errors.start_absl_command(argv)
   f = flags.FLAGS
-  with errors.expected_failures(builders.DataError, recordio.RecordIOError,
-                                verbose=verbose):
+  with errors.expected_failures(verbose=verbose):
     check_src(f.format, f.src)
     limits.configure_from_flags()
     result = prepare(f.format, src=f.src, data_dir=f.data_dir, name=f.name,
@@ -300,4 +295,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  app.run(main, flags_parser=errors.parse_flags)

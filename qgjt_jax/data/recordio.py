@@ -26,15 +26,8 @@ File layout (dmlc-core RecordIO, as written by MXNet's `MXIndexedRecordIO`):
   plain lists of image records.
 * `property`: text "num_classes,height,width".
 
-Colour convention (the one place it is written down): the images stored in the
-`.rec` are ordinary JPEGs with true colours. The authors' loaders (AdaFace and
-QGFace `dataset/record_dataset.py`) decode them with `mx.image.imdecode`, which
-returns RGB, and then reverse the channels, so their networks are trained and
-evaluated on **BGR** images. `cv2.imdecode` returns BGR directly, so
-`decode_image` below gives exactly the array those models see (before the
-(x / 255 - 0.5) / 0.5 normalisation, which happens later on the device). Every
-source in `qgjt_jax.data` yields encoded bytes, and every consumer decodes them
-with `decode_image`; nothing else in the project flips channels.
+The images are ordinary JPEGs (sometimes PNGs), decoded by the project's one
+decoder, `files.images.decode_image` (which says why in BGR).
 
 All problems with the files raise `RecordIOError`, which names the file and,
 where there is one, the record key.
@@ -52,10 +45,10 @@ import threading
 import warnings
 from typing import Sequence
 
-import cv2
 import numpy as np
 
-from qgjt_jax import limits
+from qgjt_jax import errors
+from qgjt_jax.files import images
 
 MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
@@ -70,7 +63,7 @@ _WHOLE, _FIRST, _MIDDLE, _LAST = 0, 1, 2, 3
 PathLike = str | os.PathLike
 
 
-class RecordIOError(ValueError):
+class RecordIOError(errors.UserError, ValueError):
   """A RecordIO set or one of its records is missing, malformed or corrupt."""
 
 
@@ -118,58 +111,6 @@ def class_id(header: IRHeader, where: str = "<record>") -> int:
   if not np.isfinite(value) or value != int(value):
     raise RecordIOError(f"{where}: label {value!r} is not an integer class id")
   return int(value)
-
-
-def imdecode_or_none(data: bytes, where: str = "<image>"
-                     ) -> np.ndarray | None:
-  """`cv2.imdecode(IMREAD_COLOR)` of the bytes, or None where OpenCV can't.
-
-  The size the image declares is checked first (`limits`), so a small file
-  declaring a vast image is refused before anything is allocated for it.
-
-  Raises:
-    limits.LimitError: naming `where`.
-  """
-  buf = np.frombuffer(data, np.uint8)
-  if not buf.size:
-    return None
-  try:
-    limits.check_encoded_image(data, where)
-  except limits.LimitError:
-    raise
-  except ValueError:
-    return None  # no image format can be read from it
-  try:
-    return cv2.imdecode(buf, cv2.IMREAD_COLOR)
-  except cv2.error:
-    return None
-
-
-def decode_image(data: bytes, where: str = "<image>") -> np.ndarray:
-  """Decodes an encoded face image to uint8 (H, W, 3) in **BGR** order.
-
-  This is the project's single decoding function (see the module docstring for
-  why BGR). Grey images come back with the grey value in all three channels,
-  an alpha channel is dropped, 16-bit images are reduced to 8 bits and the EXIF
-  orientation is applied: the behaviour of `cv2.IMREAD_COLOR`, which is also
-  what MXNet's own decoder does. The image is decoded at full resolution.
-
-  Args:
-    data: the encoded JPEG/PNG (or any format OpenCV reads) bytes.
-    where: names the image in the error message (file and record key).
-
-  Returns:
-    A C-contiguous uint8 array of shape (H, W, 3), channels B, G, R.
-
-  Raises:
-    RecordIOError: the bytes are not an image OpenCV can decode.
-    limits.LimitError: the image declares more pixels than allowed.
-  """
-  image = imdecode_or_none(data, where)
-  if image is None or image.ndim != 3 or image.shape[2] != 3:
-    raise RecordIOError(f"{where}: {len(data)} bytes that are not a decodable "
-                        "image")
-  return image
 
 
 def read_property(path: PathLike) -> tuple[int, int, int]:
@@ -560,8 +501,8 @@ class InsightFaceRecord:
     return self.read_image(i)[0]
 
   def decode(self, i: int) -> np.ndarray:
-    """Decoded BGR uint8 image of image index `i` (see `decode_image`)."""
-    return decode_image(self.image_bytes(i), self._where(self.key(i)))
+    """Decoded BGR uint8 image of image index `i` (`images.decode_image`)."""
+    return images.decode_image(self.image_bytes(i), self._where(self.key(i)))
 
   def identity_ranges(self) -> np.ndarray:
     """(num_classes, 2) int64 [first, end) image-key ranges per class.

@@ -7,9 +7,9 @@ opened lazily in each process), and yields records
   {"image": <encoded JPEG/PNG bytes>, "label": np.int32 class id}
 
 with attributes `num_classes` and `name`. Images stay encoded so the decode
-runs in the pipeline's worker processes, with `decode_image` (re-exported
-here), which returns uint8 (H, W, 3) **BGR**: the channel order the authors'
-models are trained on. See `qgjt_jax.data.recordio` for why.
+runs in the pipeline's worker processes, with `files.images.decode_image`,
+which returns uint8 (H, W, 3) **BGR**: the channel order the authors' models
+are trained on (it says why).
 
 * `RecSource`: straight from an insightface `train.rec`/`train.idx`, so training
   can start without converting anything.
@@ -29,10 +29,9 @@ import numpy as np
 
 from qgjt_jax.data.recordio import InsightFaceRecord
 from qgjt_jax.data.recordio import RecordIOError
-from qgjt_jax.data.recordio import decode_image
 
 __all__ = ["RecSource", "ArrayRecordSource", "open_source", "train_source",
-           "decode_image", "RecordIOError"]
+           "RecordIOError"]
 
 PathLike = str | os.PathLike
 

@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 
 from qgjt_jax.data import degrade
-from qgjt_jax.data.recordio import decode_image
+from qgjt_jax.files import images
 
 # Seed-stream tags: training and held-out identities are drawn from different
 # streams, so the two populations are disjoint by construction.
@@ -462,7 +462,7 @@ def synthetic_verification_sets(
                          nuisance=nuisance)
       # The same camera JPEG step as the training source.
       photos.append(encode_jpeg(img, 80 + var % 16))
-  hq = np.stack([decode_image(p) for p in photos])
+  hq = np.stack([images.decode_image(p) for p in photos])
   cfg = degrade.ViewConfig() if view_config is None else view_config
   lq_rng = np.random.default_rng((seed, _HELDOUT_STREAM, 2**31 + 1))
   lq = np.stack([

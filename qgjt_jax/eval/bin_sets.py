@@ -4,8 +4,11 @@ A `.bin` is a pickle of (encoded images, is-same flags): 2P encoded JPEG/PNG
 images, consecutive pairs, and P booleans. The public files were written by
 Python 2, whose byte strings only load in Python 3 with encoding='bytes'.
 
-Unpickling can run arbitrary code, so only the few globals such files can
-legitimately need (numpy arrays, Python-3 protocol-2 bytes) are allowed.
+Unpickling can run arbitrary code, so the file is read by the restricted
+reader (`files/pickles.py`), which here resolves one name: how Python 3
+pickles bytes at protocol 2, and numpy's bool scalars (flags saved from a
+numpy comparison). A `.bin` holds bytes, lists and booleans and nothing else
+is accepted.
 """
 import concurrent.futures
 import os
@@ -14,46 +17,57 @@ import pickle
 import numpy as np
 
 from qgjt_jax import errors
-from qgjt_jax import limits
-from qgjt_jax.data import recordio
-from qgjt_jax.eval import images as images_lib
-
-_ALLOWED_GLOBALS = {
-    ('_codecs', 'encode'),  # bytes in Python-3 pickles of protocol <= 2
-    ('numpy', 'ndarray'),
-    ('numpy', 'dtype'),
-    ('numpy.core.multiarray', '_reconstruct'),
-    ('numpy._core.multiarray', '_reconstruct'),
-    ('numpy.core.multiarray', 'scalar'),
-    ('numpy._core.multiarray', 'scalar'),
-    ('numpy.core.numeric', '_frombuffer'),  # arrays in protocol-5 pickles
-    ('numpy._core.numeric', '_frombuffer'),
-}
-
+from qgjt_jax.files import images as images_lib
+from qgjt_jax.files import pickles
 
 class BinSetError(errors.UserError, ValueError):
   """A `.bin` set that cannot be read (the message names the file)."""
 
 
-def _bytearray(data=b''):
-  """bytearray(data) for bytes only: bytearray(10**10) would allocate."""
-  if not isinstance(data, (bytes, bytearray)):
-    raise pickle.UnpicklingError('bytearray() of something other than bytes')
-  return bytearray(data)
+def _latin1(text, encoding='latin1'):
+  """`_codecs.encode(text, 'latin1')`: how Python 3 pickles bytes at
+  protocol 2; for a str only, in that encoding only."""
+  if not isinstance(text, str) or encoding not in ('latin1', 'latin-1'):
+    raise pickle.UnpicklingError('_codecs.encode of something other than '
+                                 'text as latin1')
+  return text.encode('latin1')
 
 
-class _RestrictedUnpickler(pickle._Unpickler):  # pylint: disable=protected-access
-  """The pure-Python unpickler (the C one grows its memo to any index a few
-  bytes name), resolving only what a verification set needs."""
+class _BoolType:
+  """numpy's bool dtype, the one dtype a `.bin`'s flags may name."""
+
+
+def _dtype(name, *unused):
+  if name not in ('b1', '?'):
+    raise pickle.UnpicklingError(f'a numpy dtype {name!r}; a verification '
+                                 'set holds booleans only')
+  return _BoolType()
+
+
+def _bool_scalar(dtype, data=b''):
+  """`numpy.core.multiarray.scalar` of a numpy bool: a flag saved from a
+  numpy comparison."""
+  if not isinstance(dtype, _BoolType) or data not in (b'\x00', b'\x01'):
+    raise pickle.UnpicklingError('a numpy scalar that is not a boolean')
+  return data == b'\x01'
+
+
+class _Unpickler(pickles.RestrictedUnpickler):
+  """A `.bin` holds bytes, lists and booleans: the names it may use are
+  Python 3's way of pickling bytes at protocol 2 and numpy's of a bool."""
+  _NAMES = {('_codecs', 'encode'): _latin1,
+            ('numpy', 'dtype'): _dtype,
+            ('numpy.core.multiarray', 'scalar'): _bool_scalar,
+            ('numpy._core.multiarray', 'scalar'): _bool_scalar}
 
   def find_class(self, module, name):
-    if (module, name) in (('builtins', 'bytearray'),
-                          ('__builtin__', 'bytearray')):
-      return _bytearray
-    if (module, name) in _ALLOWED_GLOBALS:
-      return super().find_class(module, name)
-    raise pickle.UnpicklingError(
-        f'refers to {module}.{name}, which a verification set never needs')
+    if (module, name) in self._NAMES:
+      return self._NAMES[(module, name)]
+    return super().find_class(module, name)
+
+  def build(self, target, state):
+    if not isinstance(target, _BoolType):  # a dtype's state: nothing to keep
+      super().build(target, state)
 
 
 def load_bin(path: str | os.PathLike) -> tuple[list[bytes], np.ndarray]:
@@ -69,45 +83,33 @@ def load_bin(path: str | os.PathLike) -> tuple[list[bytes], np.ndarray]:
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(f'verification set {path} does not exist')
-  try:
-    with open(path, 'rb') as f:
-      bounded = limits.BoundedReader(f, os.fstat(f.fileno()).st_size)
-      obj = _RestrictedUnpickler(bounded, encoding='bytes').load()
-  except OSError:
-    raise
-  except Exception as e:  # pylint: disable=broad-except
-    # Only numpy's reconstruction runs while reading: whatever fails (a bad
-    # opcode, a truncated file, a call with wrong arguments) is the file's.
-    raise BinSetError(f'{path} is not a readable insightface .bin pickle '
-                      f'({type(e).__name__}: {str(e)[:200]}); it is damaged '
-                      'or not a verification set') from e
+  with open(path, 'rb') as f:
+    try:
+      obj = pickles.load(_Unpickler(f, os.fstat(f.fileno()).st_size, path,
+                                    encoding='bytes'))
+    except pickles.PickleError as e:
+      raise BinSetError(f'{e}; it is damaged or not a verification '
+                        'set') from None
   if not isinstance(obj, (tuple, list)) or len(obj) != 2:
     raise BinSetError(f'{path}: expected a pickled pair (images, issame), '
                       f'got {type(obj).__name__}'
                       + (f' of length {len(obj)}' if hasattr(obj, '__len__')
                          else ''))
   encoded, issame = obj
-  try:
-    encoded = [bytes(memoryview(x).cast('B')) if not isinstance(x, bytes)
-               else x for x in encoded]
-  except (TypeError, ValueError) as e:
+  if not isinstance(encoded, (list, tuple)) or not all(
+      isinstance(x, (bytes, bytearray)) for x in encoded):
     raise BinSetError(f'{path}: the first element must be a list of '
-                      f'encoded images (bytes): {e}') from e
-  try:
-    issame = np.asarray(issame)
-  except (TypeError, ValueError, RecursionError) as e:
-    raise BinSetError(f'{path}: the second element is not a list of '
-                      f'booleans ({type(e).__name__})') from e
-  if issame.ndim != 1 or not (issame.dtype == bool or
-                              np.issubdtype(issame.dtype, np.integer)):
+                      'encoded images (bytes)')
+  if not isinstance(issame, (list, tuple)) or not all(
+      isinstance(x, bool) or (type(x) is int and x in (0, 1))  # pylint: disable=unidiomatic-typecheck
+      for x in issame):
     raise BinSetError(f'{path}: the second element must be a flat list of '
-                      f'booleans, got dtype {issame.dtype} shape '
-                      f'{issame.shape}')
+                      'booleans')
   if len(encoded) != 2 * len(issame):
     raise BinSetError(f'{path}: {len(encoded)} images for {len(issame)} '
                       'pairs; a verification set holds exactly two images '
                       'per pair')
-  return encoded, issame.astype(bool)
+  return [bytes(x) for x in encoded], np.array(issame, bool)
 
 
 def decode_image(data: bytes, image_size: int = 112,
@@ -115,9 +117,9 @@ def decode_image(data: bytes, image_size: int = 112,
   """One encoded image -> uint8 (image_size, image_size, 3) BGR.
 
   Raises:
-    RecordIOError (a ValueError) or limits.LimitError, naming `where`.
+    images.ImageError or limits.LimitError, naming `where`.
   """
-  return images_lib.resize_square(recordio.decode_image(data, where),
+  return images_lib.resize_square(images_lib.decode_image(data, where),
                                   image_size)
 
 

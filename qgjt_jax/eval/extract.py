@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from qgjt_jax import progress as progress_lib
-from qgjt_jax.eval import images as images_lib
+from qgjt_jax.files import images as images_lib
 
 EmbedFn = Callable[[np.ndarray], tuple[Any, Any]]
 FUSIONS = ('pre_norm_add', 'norm_weighted', 'mean', 'concat')

@@ -33,8 +33,8 @@ import numpy as np
 
 from qgjt_jax.align.five_points import align_face
 from qgjt_jax.eval import extract
-from qgjt_jax.eval import images as images_lib
 from qgjt_jax.eval import thresholds as thresholds_lib
+from qgjt_jax.files import images as images_lib
 
 FAR_TARGETS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 SUBSETS = ('IJBB', 'IJBC')

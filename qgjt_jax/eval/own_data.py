@@ -32,36 +32,23 @@ import re
 
 import numpy as np
 
+from qgjt_jax import errors
 from qgjt_jax.eval import extract
 from qgjt_jax.eval import identification
 from qgjt_jax.eval import ijb
-from qgjt_jax.eval import images as images_lib
 from qgjt_jax.eval import reject
 from qgjt_jax.eval import thresholds
 from qgjt_jax.eval import verification
+from qgjt_jax.files import folders
+from qgjt_jax.files import images as images_lib
 
 MAX_PAIRS = 1_000_000
 MAX_PAIRS_FILE_BYTES = 256 << 20
 _SEED = 0
 
 
-class OwnDataError(ValueError):
+class OwnDataError(errors.UserError, ValueError):
   """A folder or pairs file that cannot be evaluated (names it)."""
-
-
-def folder_images(folder: str | os.PathLike
-                  ) -> tuple[list[pathlib.Path], np.ndarray, list[str]]:
-  """(image paths, the person index of each, the people's names)."""
-  root = images_lib.require_dir(pathlib.Path(folder), "config.eval.folders")
-  paths = [p for p in images_lib.list_images(root) if p.parent != root]
-  people = sorted({p.relative_to(root).parts[0] for p in paths})
-  if len(people) < 2:
-    raise OwnDataError(f"config.eval.folders: {root} holds {len(people)} "
-                       "person folder(s) with images; verification needs at "
-                       "least 2 (one sub-folder per person)")
-  index = {name: i for i, name in enumerate(people)}
-  labels = np.array([index[p.relative_to(root).parts[0]] for p in paths])
-  return paths, labels, people
 
 
 def sample_pairs(labels: np.ndarray, max_pairs: int = MAX_PAIRS,
@@ -236,7 +223,8 @@ def evaluate_folder(embed_fn: extract.EmbedFn, folder: str, *,
                     tar_rule: str = "insightface") -> dict:
   """Embeds a folder of people and scores it (`folder_metrics`). `load`
   turns a path into a crop (default: the image resized)."""
-  paths, labels, _ = folder_images(folder)
+  people = folders.read(folder, "config.eval.folders", min_people=2)
+  paths, labels = people.paths, people.labels
   load = load or (lambda p: images_lib.read_image(p, image_size))
   feats, norms = extract.extract_embeddings(
       embed_fn, images_lib.LazyImages(lambda i: load(paths[i]), len(paths)),

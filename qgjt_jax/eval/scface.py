@@ -25,7 +25,7 @@ import numpy as np
 
 from qgjt_jax.eval import extract
 from qgjt_jax.eval import identification
-from qgjt_jax.eval import images as images_lib
+from qgjt_jax.files import images as images_lib
 
 EXCLUDED_CAMERAS = (6, 7, 8)
 DISTANCES = (1, 2, 3)

@@ -26,7 +26,7 @@ import numpy as np
 
 from qgjt_jax.eval import extract
 from qgjt_jax.eval import identification
-from qgjt_jax.eval import images as images_lib
+from qgjt_jax.files import images as images_lib
 
 SPLITS = ('Probe', 'Gallery_Match', 'Gallery_Distractor')
 DISTRACTOR_LABEL = -100

@@ -228,6 +228,59 @@ def _best(sets: dict[str, dict], count: str) -> str:
   return min(sets, key=rank)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Rate:
+  """What decides at a rate: 1:1 thresholds or open-set ones."""
+  key: str       # the rows' key in a set's results
+  field: str     # the rate's key in a row
+  flag: str
+  count: str     # the set's count of comparisons that resolve a rate
+  needs: str     # what that count counts
+  more: str      # what to calibrate on more of
+  format: str
+  none: str      # when no set measured any
+
+
+_FAR = _Rate("thresholds", "far", "--far", "impostor_pairs",
+             "impostor pairs", "people", ".0e",
+             f"{HOW_TO_CALIBRATE}; or pass --threshold=COSINE")
+_FPIR = _Rate("open_set", "fpir", "--fpir", "num_images",
+              "non-mated searches", "photos", "g",
+              "they come from folders of people: "
+              f"{HOW_TO_CALIBRATE}; or pass --far (a 1:1 rate) or "
+              "--threshold=COSINE")
+
+
+def _row_at(rate: _Rate, value: float, workdir: str, step: int,
+            set_name: Optional[str]) -> tuple[dict, list[str]]:
+  """The stored row of `rate` at `value` that may decide for the weights of
+  `step` (see module), with where it comes from, and notes to print.
+
+  Raises:
+    DecisionError: none may be used (saying why and what to do).
+  """
+  check_rate(value, rate.flag)
+  measured, path, results, notes = evaluation(workdir, step)
+  sets = _usable_sets(results, path, rate.key, set_name)
+  if not sets:
+    raise DecisionError(f"{path} measured no {rate.key.replace('_', '-')} "
+                        f"thresholds: {rate.none}")
+  name = _best(sets, rate.count)
+  rows = sets[name][rate.key]
+  row = next((r for r in rows if math.isclose(r[rate.field], value)), None)
+  if row is None:
+    coarsest = min((r[rate.field] for r in rows), default=None)
+    raise DecisionError(
+        f"{rate.field.upper()} {value:{rate.format}} needs "
+        f"{math.ceil(1 / value):,} {rate.needs}; {name} ({path.name}) has "
+        f"{int(sets[name].get(rate.count) or 0):,}" +
+        (f": use {rate.flag}={coarsest:{rate.format}} or calibrate on more "
+         f"{rate.more}" if coarsest else f": {HOW_TO_CALIBRATE}"))
+  return dict(cosine=float(row["cosine"]), set_name=name, step=measured,
+              file=path.name, provenance=_provenance(sets[name]),
+              row=row), notes
+
+
 def at_far(workdir: str, step: int, far: float,
            set_name: Optional[str] = None) -> tuple[Threshold, list[str]]:
   """The threshold of a 1:1 FAR for the weights of `step` (see module),
@@ -236,26 +289,8 @@ def at_far(workdir: str, step: int, far: float,
   Raises:
     DecisionError: none may be used (saying why and what to do).
   """
-  check_rate(far, "--far")
-  measured, path, results, notes = evaluation(workdir, step)
-  sets = _usable_sets(results, path, "thresholds", set_name)
-  if not sets:
-    raise DecisionError(
-        f"{path} measured no thresholds: {HOW_TO_CALIBRATE}; or pass "
-        "--threshold=COSINE")
-  name = _best(sets, "impostor_pairs")
-  rows = sets[name]["thresholds"]
-  row = next((r for r in rows if math.isclose(r["far"], far)), None)
-  if row is None:
-    finest = min((r["far"] for r in rows), default=None)
-    raise DecisionError(
-        f"FAR {far:.0e} needs {math.ceil(1 / far):,} impostor pairs; "
-        f"{name} ({path.name}) has "
-        f"{int(sets[name].get('impostor_pairs') or 0):,}" +
-        (f": use --far={finest:.0e} or calibrate on more people" if finest
-         else f": {HOW_TO_CALIBRATE}"))
-  return Threshold(float(row["cosine"]), float(row["far"]), name, measured,
-                   path.name, _provenance(sets[name]), row), notes
+  found, notes = _row_at(_FAR, far, workdir, step, set_name)
+  return Threshold(far=float(found["row"]["far"]), **found), notes
 
 
 def at_fpir(workdir: str, step: int, fpir: float,
@@ -267,28 +302,8 @@ def at_fpir(workdir: str, step: int, fpir: float,
   Raises:
     DecisionError: none may be used (saying why and what to do).
   """
-  check_rate(fpir, "--fpir")
-  measured, path, results, notes = evaluation(workdir, step)
-  sets = _usable_sets(results, path, "open_set", set_name)
-  if not sets:
-    raise DecisionError(
-        f"{path} measured no open-set thresholds (they come from folders "
-        f"of people): {HOW_TO_CALIBRATE}; or pass --far (a 1:1 rate) or "
-        "--threshold=COSINE")
-  name = _best(sets, "num_images")
-  rows = sets[name]["open_set"]
-  row = next((r for r in rows if math.isclose(r["fpir"], fpir)), None)
-  if row is None:
-    searches = int(sets[name].get("num_images") or 0)
-    coarsest = min((r["fpir"] for r in rows), default=None)
-    raise DecisionError(
-        f"FPIR {fpir:g} needs {math.ceil(1 / fpir):,} non-mated searches; "
-        f"{name} ({path.name}) has {searches:,}" +
-        (f": use --fpir={coarsest:g} or calibrate on more photos"
-         if coarsest else f": {HOW_TO_CALIBRATE}"))
-  return OpenSetThreshold(float(row["cosine"]), None, name, measured,
-                          path.name, _provenance(sets[name]), row,
-                          fpir=float(row["fpir"])), notes
+  found, notes = _row_at(_FPIR, fpir, workdir, step, set_name)
+  return OpenSetThreshold(fpir=float(found["row"]["fpir"]), **found), notes
 
 
 def check_rate(rate: float, flag: str) -> None:

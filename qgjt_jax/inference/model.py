@@ -27,6 +27,7 @@ import functools
 import os
 from typing import Any, Iterable, Optional
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -199,6 +200,8 @@ def load_model(path: str, step: Optional[int] = None, *,
   workdir, path_step = locate(path)
   if step is None:
     step = path_step
+  logging.info("Loading the model of %s (step %s) on %d device(s).", workdir,
+               "latest" if step is None else step, jax.device_count())
   if config is None:
     config = records.recorded_config(workdir)
   elif records.has_record(workdir):

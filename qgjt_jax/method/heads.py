@@ -33,9 +33,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from qgjt_jax.method.quality import QualityStats
 from qgjt_jax.method.quality import margin_scaler
 from qgjt_jax.method.quality import quality_from_scaler
+from qgjt_jax.method.quality import QualityStats
 from qgjt_jax.method.quality import update_quality_stats
 
 HEADS = ('adaface', 'arcface', 'cosface', 'softmax')

@@ -1,0 +1,194 @@
+r"""Who is this? Probes searched against a gallery of known people.
+
+  python -m qgjt_jax.main --workdir=runs/ms1m --mode=identify \
+      --gallery=/data/people --images=/data/probes --out=who.csv \
+      [--align=detect] [--fpir=0.01] [--template=quality]
+
+The gallery holds one sub-folder per person (its name is the identity).
+Each person's template is the mean of the unit embeddings of its photos,
+or with `--template=quality` their mean weighted by each photo's quality,
+then brought back to unit length. Each probe (every image below --images)
+gets its five best identities and their cosines; its decision is the best
+identity when that cosine reaches the threshold, else "unknown": an
+open-set search.
+
+The threshold is the one at which the calibration's non-mated searches
+(each calibration person left out of a gallery of the others) raised a
+false alarm at the rate --fpir (`inference/decisions.py`); with --far a
+1:1 threshold instead, or --threshold by hand. A search against N people
+has N chances of a false match, so the command prints the expected false
+alarms for this gallery's size, and warns when the gallery's people are
+the very people the threshold was measured on. The search runs on the
+accelerator, a block of probes against every template at a time, so
+galleries of 100,000 people fit.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import pathlib
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qgjt_jax import errors
+from qgjt_jax import outputs
+from qgjt_jax import reporting
+from qgjt_jax.align import faces as faces_lib
+from qgjt_jax.files import folders
+from qgjt_jax.inference import decisions
+from qgjt_jax.inference import embed as embed_lib
+
+TOP_K = 5
+TEMPLATES = ("mean", "quality")
+UNKNOWN = "unknown"
+_SCORES_PER_BLOCK = 1 << 26  # probes x templates scored at once (256 MiB)
+
+
+def templates(embeddings: np.ndarray, weights: np.ndarray,
+              identities: list[str]) -> tuple[list[str], np.ndarray]:
+  """(sorted identities, (P, D) unit templates): the weighted mean of each
+  identity's unit embeddings, normalised."""
+  names, owner = np.unique(np.asarray(identities), return_inverse=True)
+  sums = np.zeros((len(names), embeddings.shape[1]), np.float64)
+  np.add.at(sums, owner.reshape(-1), embeddings * weights[:, None])
+  norms = np.linalg.norm(sums, axis=1, keepdims=True)
+  return list(names), (sums / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+@jax.jit
+def _top_k(probes, gallery, people):
+  scores = probes @ gallery.T
+  padding = jnp.arange(gallery.shape[0]) >= people  # never among the best
+  return jax.lax.top_k(jnp.where(padding, -jnp.inf, scores), TOP_K)
+
+
+def search(probes: np.ndarray, gallery: np.ndarray
+           ) -> tuple[np.ndarray, np.ndarray]:
+  """(scores, indices), each (N, min(5, P)): the best templates of each
+  probe by cosine, best first; blocks of probes on the accelerator."""
+  k = min(TOP_K, len(gallery))
+  padded = np.zeros((max(len(gallery), TOP_K), gallery.shape[1]), np.float32)
+  padded[:len(gallery)] = gallery  # top_k needs TOP_K columns at least
+  gallery_on_device = jnp.asarray(padded)
+  block = max(1, min(4096, _SCORES_PER_BLOCK // len(padded)))
+  scores, indices = [], []
+  for start in range(0, len(probes), block):
+    rows = np.zeros((block, probes.shape[1]), np.float32)
+    chunk = probes[start:start + block]
+    rows[:len(chunk)] = chunk  # one block shape: one compilation
+    s, i = _top_k(jnp.asarray(rows), gallery_on_device, len(gallery))
+    scores.append(np.asarray(s)[:len(chunk), :k])
+    indices.append(np.asarray(i)[:len(chunk), :k])
+  if not scores:
+    return np.zeros((0, k), np.float32), np.zeros((0, k), np.int32)
+  return np.concatenate(scores), np.concatenate(indices)
+
+
+def _csv(paths, names, scores, indices, threshold: Optional[float]) -> str:
+  out = io.StringIO()
+  writer = csv.writer(out, lineterminator="\n")
+  writer.writerow(["probe", "decision", "score"] + [
+      f"{c}{r}" for r in range(1, scores.shape[1] + 1)
+      for c in ("identity", "score")])
+  for path, row_scores, row_ids in zip(paths, scores, indices):
+    known = threshold is None or row_scores[0] >= threshold
+    writer.writerow(
+        [path, names[row_ids[0]] if known else UNKNOWN,
+         f"{row_scores[0]:.4f}"] +
+        [v for s, i in zip(row_scores, row_ids)
+         for v in (names[i], f"{s:.4f}")])
+  return out.getvalue()
+
+
+def decision_threshold(model, *, fpir: float = 0.01,
+                       far: Optional[float] = None,
+                       threshold: Optional[float] = None,
+                       threshold_set: Optional[str] = None):
+  """--threshold, else the threshold of --far (a 1:1 rate, if given), else
+  the open-set one of --fpir, its notes printed."""
+  if threshold is not None or far is not None:
+    return embed_lib.decision_threshold(model, far=far, threshold=threshold,
+                                        threshold_set=threshold_set)
+  chosen, notes = decisions.at_fpir(model.workdir, model.step, fpir,
+                                    threshold_set)
+  for note in notes:
+    reporting.note(note)
+  return chosen
+
+
+def _what_it_means(chosen, people: list[str]) -> list[str]:
+  """Lines saying what the threshold stands for with this gallery."""
+  count = len(people)
+  if isinstance(chosen, decisions.OpenSetThreshold):
+    expected, chance = chosen.expected_false_alarms(count)
+    lines = [f"Decided at {chosen.describe()}. With this gallery of "
+             f"{count:,} people, an unknown face is expected to pass "
+             f"{expected:.3g} people's templates (a false alarm about "
+             f"{chance:.1%} of the time)."]
+  elif chosen.far is not None:
+    lines = [f"Decided at {chosen.describe()}. That is a 1:1 rate: a "
+             f"search against {count:,} people has {count:,} chances, so "
+             f"an unknown face raises a false alarm up to about "
+             f"{min(1.0, count * chosen.far):.1%} of the time; --fpir "
+             "states the open-set rate instead."]
+  else:
+    return [f"Decided at {chosen.describe()}."]
+  shared = decisions.calibration_people(chosen) & set(people)
+  if shared:
+    lines.append(
+        f"WARNING: {len(shared):,} of the gallery's {count:,} people are "
+        f"also in {chosen.provenance.get('folder')}, where the threshold "
+        "was measured: it was set on the very people it now decides on; "
+        f"{decisions.HOW_TO_CALIBRATE}")
+  return lines
+
+
+def run_identify(model, gallery: str, probes: str, out: str, *,
+                 alignment: faces_lib.Alignment = faces_lib.Alignment(),
+                 template: str = "mean", fpir: float = 0.01,
+                 far: Optional[float] = None,
+                 threshold: Optional[float] = None,
+                 threshold_set: Optional[str] = None, skip_bad: bool = False,
+                 overwrite: bool = False) -> dict:
+  """--mode=identify (see module); returns the counts it printed."""
+  if template not in TEMPLATES:
+    raise errors.UserError(f"--template={template}: use one of "
+                           f"{', '.join(TEMPLATES)}")
+  outputs.check_output(out, overwrite=overwrite)
+  photos = folders.read(gallery, "--gallery").paths
+  probe_paths = embed_lib.list_photos(probes, "--images")
+  chosen = decision_threshold(model, fpir=fpir, far=far, threshold=threshold,
+                              threshold_set=threshold_set)
+  embedder = embed_lib.Embedder(model, alignment)
+  enrolled = embedder.embed(photos, root=gallery, skip_bad=skip_bad,
+                            desc="gallery")
+  owner = [pathlib.Path(p).parts[0] for p in enrolled.paths]  # PERSON/...
+  weights = np.ones(len(owner), np.float32)
+  if template == "quality":
+    weights = enrolled.quality
+    if np.isnan(weights).any():  # a converted model has no statistics
+      reporting.note("--template=quality: this checkpoint has no norm "
+                     "statistics; weighting by the feature norm instead")
+      weights = enrolled.norms
+  names, gallery_feats = templates(enrolled.embeddings, weights, owner)
+  searched = embedder.embed(probe_paths, root=probes, skip_bad=skip_bad,
+                            desc="probes")
+  scores, indices = search(searched.embeddings, gallery_feats)
+  cut = chosen.cosine
+  if jax.process_index() == 0:
+    outputs.write(out, _csv(searched.paths, names, scores, indices, cut),
+                  overwrite=overwrite)
+  known = int(np.sum(scores[:, 0] >= cut))
+  counts = {"people": len(names), "gallery_faces": len(owner),
+            "probes": len(scores), "identified": known,
+            "unknown": len(scores) - known}
+  reporting.note("\n".join([
+      f"Wrote {out}: {counts['probes']} probe face(s) against "
+      f"{counts['people']} people ({counts['gallery_faces']} gallery "
+      f"faces, {template} templates, model of step {model.step}): {known} "
+      f"identified, {counts['unknown']} unknown."] +
+      _what_it_means(chosen, names)))
+  return counts

@@ -1,0 +1,291 @@
+r"""A workdir's model, out of JAX: ONNX (onnxruntime, TensorRT, insightface's
+client), StableHLO, or the PyTorch weights of its IResNet (safetensors).
+
+  python -m qgjt_jax.export --workdir=runs/ms1m --format=onnx \
+      --out=model.onnx [--onnx_layout=qgjt|insightface] [--batch=N] [--step=N]
+  python -m qgjt_jax.export --workdir=runs/ms1m --format=stablehlo \
+      --out=model.stablehlo
+  python -m qgjt_jax.export --workdir=runs/ms1m --format=safetensors \
+      --out=model.safetensors
+
+--workdir is a workdir (a training run's, or one `qgjt_jax.convert` wrote),
+its checkpoints folder or a step folder; the model is the one its record
+describes (`qgjt_jax.load_model`), at --step or the latest step. The ONNX
+and StableHLO models compute what `--mode=embed` and every decision
+compute: each face and its mirror image through the network, fused (the
+direction of n1 e1 + n2 e2, the mean of the two norms; `extract.
+DECISION_SCORING`), so a deployment scores as the thresholds were measured.
+
+  layout "qgjt" (ONNX default, and StableHLO)
+    in   images      (batch, S, S, 3) uint8, BGR (OpenCV's order), aligned
+                     faces; the normalisation (x / 255 - 0.5) / 0.5 and any
+                     channel swap the weights need are inside
+    out  embeddings  (batch, D) float32, unit rows
+         norms       (batch,) float32, the feature norms (quality indicator)
+  layout "insightface" (ONNX): what insightface's recognition models take,
+    so `insightface.model_zoo.get_model(path)` loads it and its `get_feat`
+    works (for square inputs of at least 112 px, a multiple of 16, as its
+    router requires)
+    in   input.1     (batch, 3, S, S) float32, RGB, (x - 127.5) / 127.5
+    out  embedding   (batch, D) float32: the unit embedding times the norm
+
+The ONNX graph is written from the model's structure (`onnx_graph`). The
+StableHLO file is
+`jax.export`'s serialisation: `jax.export.deserialize(open(path, 'rb').
+read()).call(images)` runs it without this project; its conventions go to
+a .json beside it, written together with it. Both carry every threshold the
+evaluation of the exported step measured ("qgjt_jax.thresholds"), each with
+its set, kind of faces, scoring, impostor count and FAR interval.
+
+The safetensors file is a state dict in the names and layouts of the
+model's own PyTorch code (AdaFace/QGFace `net.py` for ir* models,
+insightface's `iresnet.py` for r* models). Those programs build only
+width-64 models for 112 px faces (AdaFace's also only 512-d), so the
+command says whether theirs loads this one or only `qgjt_jax.convert` reads
+it back; the file's metadata records the input size and channel order.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any, Optional, Sequence
+
+from qgjt_jax import errors
+from qgjt_jax import outputs
+from qgjt_jax.interop import onnx_graph
+
+LAYOUTS = {
+    "qgjt": {
+        "input": "images: (batch, size, size, 3) uint8, BGR channel order, "
+                 "aligned face crops; normalisation inside the model",
+        "outputs": "embeddings: (batch, D) float32 unit rows; norms: "
+                   "(batch,) float32 feature norms (quality indicator); "
+                   "each face fused with its mirror image"},
+    "insightface": {
+        "input": "input.1: (batch, 3, size, size) float32, RGB channel "
+                 "order, (x - 127.5) / 127.5, aligned face crops",
+        "outputs": "embedding: (batch, D) float32, unit embedding times the "
+                   "feature norm; each face fused with its mirror image"},
+}
+FORMATS = ("onnx", "stablehlo", "safetensors")
+# What each format needs beyond the base install, and the extra naming it.
+_NEEDS = {"onnx": ("onnx", "onnx"), "stablehlo": ("flatbuffers", None)}
+# The public PyTorch code whose state dict each layout is written in, and
+# what that code can build.
+_PUBLIC_CODE = {
+    "adaface": ("AdaFace/QGFace net.py", dict(base_width=64, image_size=112,
+                                              embedding_size=512)),
+    "insightface": ("insightface's iresnet.py", dict(base_width=64,
+                                                     image_size=112)),
+}
+
+
+def load(path: str, step: Optional[int] = None):
+  """The workdir's model (`inference.model.load_model`), computing in
+  float32 for export."""
+  from qgjt_jax.inference import model as model_lib  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  model = model_lib.load_model(path, step)
+  return model, model.module.clone(dtype=jnp.float32), model.host_variables()
+
+
+def forward_fn(model, variables):
+  """uint8 BGR images -> (unit embeddings, norms), flip-fused: the
+  exported function."""
+  from qgjt_jax.inference import model as model_lib  # pylint: disable=g-import-not-at-top
+  return model_lib.fused_forward(model, variables)
+
+
+# ---------------------------------------------------------------------------
+# StableHLO through jax.export.
+
+
+def stablehlo_bytes(model, variables: dict, image_size: int,
+                    batch: Optional[int] = None) -> bytes:
+  """jax.export's serialisation of the forward pass (symbolic batch when
+  `batch` is None)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  shape = ((batch,) if batch else jax.export.symbolic_shape("batch")) + (
+      image_size, image_size, 3)
+  exported = jax.export.export(jax.jit(forward_fn(model, variables)))(
+      jax.ShapeDtypeStruct(shape, jnp.uint8))
+  return bytes(exported.serialize())
+
+
+def _require(fmt: str) -> None:
+  """One line naming what to install when a format's package is missing."""
+  package, extra = _NEEDS.get(fmt, (None, None))
+  if package is None:
+    return
+  try:
+    __import__(package)
+  except ImportError:
+    how = (f"pip install 'qgjt_jax[{extra}]'" if extra else
+           f"pip install {package}")
+    raise errors.UserError(f"--format={fmt} needs the {package} package, "
+                           f"which is not installed: {how}") from None
+
+
+def loads_in(module, image_size: int) -> tuple[str, Optional[str]]:
+  """(the public code whose names the safetensors file uses, why that code
+  cannot build this model, or None when it can)."""
+  code, builds = _PUBLIC_CODE[module.layout]
+  have = dict(base_width=module.base_width, image_size=image_size,
+              embedding_size=module.embedding_size)
+  differ = [f"{k.replace('_', ' ')} {have[k]} (it builds {v})"
+            for k, v in builds.items() if have[k] != v]
+  return code, "; ".join(differ) or None
+
+
+def export(path: str, fmt: str, out: str, *, batch: Optional[int] = None,
+           step: Optional[int] = None, overwrite: bool = False,
+           layout: str = "qgjt") -> dict[str, Any]:
+  """Writes the model of a workdir (or a checkpoints or step folder) to
+  `out`; returns what the file says.
+
+  `out` (and for StableHLO `out`.json) is checked before the model is
+  loaded and written whole or not at all; an existing one is refused
+  unless `overwrite`.
+  """
+  from qgjt_jax.inference import decisions  # pylint: disable=g-import-not-at-top
+  if fmt not in FORMATS:
+    raise errors.UserError(f"--format={fmt}: use {', '.join(FORMATS)}")
+  if layout not in LAYOUTS or (layout != "qgjt" and fmt != "onnx"):
+    raise errors.UserError(f"--onnx_layout={layout}: use qgjt or (for "
+                           "--format=onnx) insightface")
+  _require(fmt)
+  targets = [out] + ([out + ".json"] if fmt == "stablehlo" else [])
+  for target in targets:
+    outputs.check_output(target, overwrite=overwrite)
+  loaded, module, variables = load(path, step)
+  image_size = loaded.image_size
+  # The workdir's name, not this machine's path to it.
+  workdir_name = os.path.basename(os.path.abspath(loaded.workdir))
+  metadata = {"qgjt_jax.model": loaded.name,
+              "qgjt_jax.weights_input_order": loaded.input_order,
+              "qgjt_jax.image_size": image_size,
+              "qgjt_jax.source": f"workdir {workdir_name}, step {loaded.step}",
+              "qgjt_jax.batch": batch or "dynamic",
+              "qgjt_jax.scoring": _scoring(fmt)}
+  measured = decisions.exported(loaded.workdir, loaded.step)
+  if measured:
+    metadata["qgjt_jax.thresholds"] = json.dumps(measured)
+  if fmt == "safetensors":
+    code, why_not = loads_in(module, image_size)
+    metadata["qgjt_jax.loads_in"] = (
+        f"qgjt_jax.convert only ({code} cannot build it: {why_not})"
+        if why_not else f"{code} (strict load), and qgjt_jax.convert")
+    _write_safetensors(out, module, variables, metadata, overwrite)
+  elif fmt == "onnx":
+    proto = onnx_graph.onnx_model(module, variables, image_size, batch,
+                                  {**LAYOUTS[layout], **metadata}, layout)
+    outputs.write(out, proto.SerializeToString(), overwrite=overwrite)
+  else:
+    data = stablehlo_bytes(module, variables, image_size, batch)
+    sidecar = {**LAYOUTS["qgjt"], **metadata}
+    if measured:
+      sidecar["qgjt_jax.thresholds"] = measured
+    outputs.write_together({out: data,
+                            out + ".json": json.dumps(sidecar, indent=2)},
+                           overwrite=overwrite)
+  return metadata
+
+
+def _scoring(fmt: str) -> str:
+  from qgjt_jax.eval import extract  # pylint: disable=g-import-not-at-top
+  if fmt == "safetensors":
+    return "weights only: score as you choose"
+  return extract.DECISION_SCORING
+
+
+def _write_safetensors(out: str, model, variables: dict, metadata: dict,
+                       overwrite: bool) -> None:
+  """The model as the PyTorch state dict its layout's IResNet code loads
+  (AdaFace/QGFace `net.py` names, or insightface's for r* models)."""
+  import safetensors.numpy  # pylint: disable=g-import-not-at-top
+  from qgjt_jax.interop import state_dicts  # pylint: disable=g-import-not-at-top
+  state = state_dicts.flax_to_torch_state_dict(
+      variables, num_layers=model.num_layers, layout=model.layout)
+  text = {"format": "pt", "qgjt_jax.layout": model.layout,
+          **{k: str(v) for k, v in metadata.items()}}
+  outputs.write(out, safetensors.numpy.save(state, metadata=text),
+                overwrite=overwrite)
+
+
+def _parse(argv):
+  import argparse  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(
+      prog="python -m qgjt_jax.export",
+      description="Writes a workdir's model as ONNX, serialized StableHLO "
+      "or a PyTorch state dict (safetensors).")
+  parser.add_argument("--workdir", required=True,
+                      help="a workdir, its checkpoints folder or a step "
+                      "folder")
+  parser.add_argument("--format", required=True, choices=FORMATS)
+  parser.add_argument("--out", required=True)
+  parser.add_argument("--onnx_layout", default="qgjt",
+                      choices=sorted(LAYOUTS),
+                      help="qgjt: uint8 BGR NHWC in, unit embeddings and "
+                      "norms out; insightface: float32 RGB NCHW in, one "
+                      "feature out, as insightface's client expects")
+  parser.add_argument("--batch", default="dynamic",
+                      help="'dynamic' or a fixed batch size")
+  parser.add_argument("--step", type=int, default=None,
+                      help="the checkpoint step (default: the latest)")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="replace an existing --out")
+  parser.add_argument("--traceback", action="store_true",
+                      help="show the traceback of an expected failure")
+  args = parser.parse_args(argv)
+  if args.batch != "dynamic" and not (args.batch.isdigit() and
+                                      int(args.batch) > 0):
+    parser.error(f"--batch={args.batch}: 'dynamic' or a positive size")
+  return args
+
+
+def _summary(args, metadata: dict) -> list[str]:
+  """What the command prints about the file it wrote."""
+  size = metadata["qgjt_jax.image_size"]
+  if args.format == "safetensors":
+    return [f"Wrote {args.out}: a PyTorch state dict in the names of "
+            f"{metadata['qgjt_jax.model']}'s IResNet code, for {size} px "
+            f"{metadata['qgjt_jax.weights_input_order']} input. Loads in: "
+            f"{metadata['qgjt_jax.loads_in']}."]
+  layout = args.onnx_layout if args.format == "onnx" else "qgjt"
+  lines = [f"Wrote {args.out} ({args.format}, {layout} layout, batch "
+           f"{metadata['qgjt_jax.batch']}, {size} px): in "
+           f"{LAYOUTS[layout]['input']}; out {LAYOUTS[layout]['outputs']}."]
+  if layout == "insightface" and not (size >= 112 and size % 16 == 0 and
+                                      size not in (96, 128, 192)):
+    lines.append(
+        f"insightface.model_zoo.get_model routes a file by its input size "
+        f"(square, at least 112 px, a multiple of 16) and returns None for "
+        f"{size} px: load it with insightface.model_zoo.arcface_onnx."
+        "ArcFaceONNX(model_file=PATH) instead.")
+  return lines
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+  args = _parse(sys.argv[1:] if argv is None else argv)
+  batch = None if args.batch == "dynamic" else int(args.batch)
+  with errors.expected_failures(verbose=args.traceback):
+    metadata = export(args.workdir, args.format, args.out, batch=batch,
+                      step=args.step, overwrite=args.overwrite,
+                      layout=args.onnx_layout)
+  for line in _summary(args, metadata):
+    print(line, flush=True)
+  if "qgjt_jax.thresholds" not in metadata:
+    print("No decision thresholds recorded: the workdir has no evaluation "
+          "that measured them (run --mode=eval first, with "
+          "config.eval.calibration_folders for photos).", flush=True)
+
+
+def cli() -> None:
+  """`python -m qgjt_jax.export`."""
+  main()
+
+
+if __name__ == "__main__":
+  cli()

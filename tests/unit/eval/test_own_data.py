@@ -1,0 +1,121 @@
+"""Evaluation on a user's own folders and pairs files, against independent
+computations (scikit-learn's ROC, a brute-force rank)."""
+import itertools
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_curve
+
+from qgjt_jax.eval import own_data
+from qgjt_jax.files import folders
+from tests.helpers import eval_trees
+
+
+def _folder(root, people=6, per_person=4, seed=0):
+  rng = np.random.default_rng(seed)
+  for p in range(people):
+    centre = eval_trees.feature(rng)
+    for i in range(per_person if p else 1):  # one person has one image
+      eval_trees.write_jpeg(root / f"person{p}" / f"{i}.jpg",
+                            eval_trees.feature(rng, centre, noise=25.0))
+  return root
+
+
+def _tar(labels, scores, far):
+  """scikit-learn's ROC, the nearest point to `far`, largest TPR on ties."""
+  fpr, tpr, _ = roc_curve(labels, scores)
+  gap = np.abs(fpr - far)
+  return float(tpr[gap == gap.min()].max())
+
+
+def test_a_folder_scores_as_brute_force(tmp_path):
+  root = _folder(tmp_path / "people")
+  got = own_data.evaluate_folder(
+      eval_trees.embed_fn, str(root), batch_size=8,
+      image_size=eval_trees.SIZE, fusion=None, progress=False)
+  people = folders.read(root, "config.eval.folders", min_people=2)
+  paths, labels = people.paths, people.labels
+  feats = np.stack([eval_trees.stored_feature(p) for p in paths])
+  pairs = list(itertools.combinations(range(len(paths)), 2))
+  same = np.array([labels[a] == labels[b] for a, b in pairs])
+  scores = np.array([feats[a] @ feats[b] for a, b in pairs])
+  assert got["genuine_pairs"] == same.sum() == 5 * 6
+  assert got["impostor_pairs"] == (~same).sum()
+  assert got["tar@far=1e-01"] == pytest.approx(_tar(same, scores, 0.1),
+                                               abs=1e-12)
+  ranks = []
+  for i in range(len(paths)):
+    others = [j for j in range(len(paths)) if j != i]
+    mates = [feats[i] @ feats[j] for j in others if labels[j] == labels[i]]
+    if mates:
+      ranks.append(1 + sum(feats[i] @ feats[j] > max(mates) for j in others))
+  assert len(ranks) == 20  # the single-image person is no probe
+  assert got["rank1"] == pytest.approx(np.mean(np.array(ranks) <= 1))
+  assert got["rank5"] == pytest.approx(np.mean(np.array(ranks) <= 5))
+  assert 0 <= got["accuracy_mean"] <= 1 and got["num_people"] == 6
+
+
+def test_a_pairs_file_scores_as_brute_force(tmp_path):
+  root = _folder(tmp_path / "people", people=5, per_person=5)
+  people = folders.read(root, "config.eval.folders", min_people=2)
+  paths, labels = people.paths, people.labels
+  rng = np.random.default_rng(1)
+  chosen = [tuple(rng.choice(len(paths), 2, replace=False))
+            for _ in range(60)]
+  text = ["# a comment line", ""]
+  for k, (a, b) in enumerate(chosen):
+    sep = "," if k % 2 else "\t"
+    text.append(f"{paths[a].relative_to(tmp_path)}{sep}"
+                f"{paths[b].relative_to(tmp_path)} "
+                f"{int(labels[a] == labels[b])}")
+  (tmp_path / "pairs.txt").write_text("\n".join(text) + "\n")
+  got = own_data.evaluate_pairs_file(
+      eval_trees.embed_fn, str(tmp_path / "pairs.txt"), batch_size=8,
+      image_size=eval_trees.SIZE, fusion=None, progress=False)
+  feats = np.stack([eval_trees.stored_feature(p) for p in paths])
+  same = np.array([labels[a] == labels[b] for a, b in chosen])
+  scores = np.array([feats[a] @ feats[b] for a, b in chosen])
+  assert got["num_pairs"] == 60
+  assert got["tar@far=1e-01"] == pytest.approx(_tar(same, scores, 0.1),
+                                               abs=1e-12)
+  assert 0 <= got["accuracy_mean"] <= 1
+  impostors = int((~same).sum())
+  assert [r["far"] for r in got["thresholds"]] == [
+      f for f in (1e-2, 1e-3) if impostors * f >= 1]
+
+
+@pytest.mark.parametrize("line, words", [
+    ("a.jpg b.jpg", ":1: expected 'PATH_A PATH_B LABEL'"),
+    ("a.jpg b.jpg 2", ":1: expected"),
+    ("a.jpg b.jpg 1\nc.jpg d.jpg 1", r"needs both same \(1\) and different"),
+])
+def test_a_bad_pairs_file_names_its_line(tmp_path, line, words):
+  (tmp_path / "p.txt").write_text(line + "\n")
+  with pytest.raises(own_data.OwnDataError, match=words):
+    own_data.read_pairs_file(tmp_path / "p.txt")
+
+
+def test_a_folder_of_one_person_is_refused(tmp_path):
+  _folder(tmp_path / "one", people=1)
+  with pytest.raises(folders.FolderError, match="at least 2"):
+    folders.read(tmp_path / "one", "config.eval.folders", min_people=2)
+
+
+def test_impostors_are_sampled_without_repeats_when_many():
+  labels = np.repeat(np.arange(300), 3)  # 900 images, ~400k impostors
+  genuine, impostor = own_data.sample_pairs(labels, max_pairs=5000)
+  assert len(genuine) == 900 and len(impostor) == 5000
+  assert len(np.unique(impostor, axis=0)) == 5000
+  assert np.all(labels[impostor[:, 0]] != labels[impostor[:, 1]])
+  assert np.all(impostor[:, 0] < impostor[:, 1])
+
+
+def test_a_hostile_pairs_file_is_refused_before_reading(tmp_path,
+                                                       monkeypatch):
+  (tmp_path / "bin.txt").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe" * 100)
+  with pytest.raises(own_data.OwnDataError, match="not UTF-8 text"):
+    own_data.read_pairs_file(tmp_path / "bin.txt")
+  monkeypatch.setattr(own_data, "MAX_PAIRS_FILE_BYTES", 100)
+  (tmp_path / "big.txt").write_text("a.jpg b.jpg 1\n" * 20)
+  with pytest.raises(own_data.OwnDataError, match="over 100 bytes"):
+    own_data.read_pairs_file(tmp_path / "big.txt")
