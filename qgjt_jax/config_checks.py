@@ -230,13 +230,16 @@ def check_eval_paths(config: ml_collections.ConfigDict) -> None:
           "copies there; point the key at them, or set "
           f"--config.eval.{dataset}_aligned_dir='' to score the raw images "
           "(not comparable with the paper).")
-  for key, exists, what in (("folders", os.path.isdir, "folder"),
-                            ("calibration_folders", os.path.isdir, "folder"),
-                            ("pairs_files", os.path.isfile, "file")):
-    for path in config.eval[key]:
-      if "://" not in path and not exists(path):
-        raise ConfigError(f"config.eval.{key} lists {path!r}, which is not "
-                          f"a {what}; fix the path or drop it from the list.")
+  # Own folders and pairs files are read now, so a problem stops the run
+  # before its training, not after.
+  from qgjt_jax.eval import own_data  # pylint: disable=g-import-not-at-top
+  for key in ("folders", "calibration_folders"):
+    for folder in config.eval[key]:
+      if "://" not in folder:
+        own_data.check_folder(folder, f"config.eval.{key}")
+  for path in config.eval.pairs_files:
+    if "://" not in path:
+      own_data.check_pairs_file(path)
   if config.eval.align == "detect" and (
       config.eval.folders or config.eval.pairs_files or
       config.eval.calibration_folders):

@@ -45,6 +45,12 @@ class UserError(Exception):
   """An expected failure whose message says what went wrong and what to do."""
 
 
+def displayable(text: str) -> str:
+  """`text` as valid UTF-8: the bytes of a file name that is no UTF-8 (made
+  on another system; Python keeps them as surrogates) shown as \\xNN."""
+  return os.fsencode(text).decode("utf-8", "backslashreplace")
+
+
 def describe_os_error(e: OSError) -> Optional[str]:
   """One line for an OSError a user can fix, or None for other ones.
 
@@ -150,7 +156,7 @@ def expected_failures(verbose: bool = False,
       raise
     if traceback_requested(verbose):
       traceback.print_exc()
-    line = f"ERROR: {one_line(e)}"
+    line = displayable(f"ERROR: {one_line(e)}")
     if show is None:
       print(line, file=sys.stderr, flush=True)
     else:

@@ -21,6 +21,7 @@ from absl import logging
 import jax
 import numpy as np
 
+from qgjt_jax import errors
 
 _process_log = None  # this process's log file, on processes other than 0
 
@@ -43,8 +44,10 @@ def open_process_log(workdir: str) -> None:
 def note(message: str, *, error: bool = False) -> None:
   """A line for the user: printed by process 0, logged by the others.
 
-  `error` sends it to stderr (on process 0).
+  `error` sends it to stderr (on process 0). A file name that is no valid
+  text (bytes of another system's encoding) is printed with escapes.
   """
+  message = errors.displayable(message)
   if jax.process_index() == 0:
     print(message, file=sys.stderr if error else sys.stdout, flush=True)
   elif _process_log is not None:

@@ -59,9 +59,15 @@ class Crop:
 def crop_image(image: np.ndarray, crop: Crop, image_size: int) -> np.ndarray:
   """uint8 (size, size, 3) BGR of the photo `image` of `crop`: the face
   warped onto the template, or the photo resized when it was given as a
-  crop."""
+  crop.
+
+  Raises:
+    five_points.FaceError: the face's points are no face of this photo.
+  """
   if crop.face is None:
     return images_lib.resize_square(image, image_size)
+  five_points.check_face(crop.face.points, *image.shape[:2],
+                         f"{crop.path} (face {crop.index})")
   return five_points.align_face(image, crop.face.points, image_size)
 
 

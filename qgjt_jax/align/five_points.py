@@ -8,6 +8,8 @@ and the IJB evaluation use; other crop sizes scale it.
 import cv2
 import numpy as np
 
+from qgjt_jax import errors
+
 TEMPLATE_112 = np.array(
     [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
      [41.5493, 92.3655], [70.7299, 92.2041]], np.float64)
@@ -42,6 +44,39 @@ def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
   target = np.concatenate([dst[:, 0], dst[:, 1]])
   (a, b, tx, ty), *_ = np.linalg.lstsq(design, target, rcond=None)
   return np.array([[a, -b, tx], [b, a, ty]])
+
+
+MIN_EYE_DISTANCE = 2.0  # pixels: closer eyes are no face to align
+_MARGIN = 0.1  # of the photo's longer side: points a little outside pass
+
+
+class FaceError(errors.UserError, ValueError):
+  """Five points that are no face of their photo (the message says why)."""
+
+
+def check_face(points: np.ndarray, height: int, width: int, where: str
+               ) -> None:
+  """Refuses five points that cannot be a face of a height x width photo:
+  not finite, outside the photo (beyond a margin of a tenth of its longer
+  side), or the eyes closer than MIN_EYE_DISTANCE. Warping such points
+  would embed a black or smeared crop whose norm can read as high quality.
+
+  Raises:
+    FaceError: naming `where` and why.
+  """
+  points = np.asarray(points, np.float64)
+  if points.shape != (5, 2) or not np.isfinite(points).all():
+    raise FaceError(f"{where}: five points that are not finite numbers")
+  margin = _MARGIN * max(height, width)
+  inside = ((points >= -margin) & (points <= np.array([width, height]) +
+                                   margin)).all()
+  if not inside:
+    raise FaceError(f"{where}: five points outside the {width} x {height} "
+                    f"photo ({np.round(points, 1).tolist()})")
+  eyes = float(np.linalg.norm(points[1] - points[0]))
+  if eyes < MIN_EYE_DISTANCE:
+    raise FaceError(f"{where}: the eyes are {eyes:.1f} px apart, no face to "
+                    "align")
 
 
 def align_face(image: np.ndarray, points: np.ndarray,

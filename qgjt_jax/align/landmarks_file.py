@@ -7,9 +7,12 @@ One row per face:
 
 in pixels of the photo, "left" being the image's left. A relative path is
 relative to the CSV file's folder. A photo with several rows has several
-faces. A first row whose coordinates are not numbers is a header. The file
-is read with bounds (size, row length) and every value is checked, so a
-damaged or hostile file ends in one line naming its row.
+faces (at most MAX_FACES_PER_PHOTO). A first row whose coordinates are not
+numbers is a header. The file is read with bounds (size, field length) and
+every value is checked, so a damaged or hostile file ends in one line naming
+its row; memory stays a small multiple of the file (each face's points as
+ten float32 numbers). Whether the points are a face of their photo is
+checked when the photo is read (`five_points.check_face`).
 """
 from __future__ import annotations
 
@@ -22,9 +25,12 @@ import pathlib
 import numpy as np
 
 from qgjt_jax import errors
+from qgjt_jax.files import regular
 
-MAX_FILE_BYTES = 1 << 30  # ~10 million rows; far more than any gallery
+MAX_FILE_BYTES = 256 << 20  # ~2.5 million rows; far more than any gallery
+MAX_FACES_PER_PHOTO = 1000  # a crowd, not a face recognition photo, beyond
 _FIELDS = 11
+_MAX_FIELD = 4096  # characters: a path, or a number
 
 
 class LandmarksFileError(errors.UserError, ValueError):
@@ -40,31 +46,47 @@ def _row_points(row: list[str], where: str) -> np.ndarray | None:
   if not all(math.isfinite(v) for v in values):
     raise LandmarksFileError(f"{where}: coordinates must be finite numbers, "
                              f"got {','.join(row[1:])}")
-  return np.asarray(values, np.float64).reshape(5, 2)
+  return np.asarray(values, np.float32).reshape(5, 2)
 
 
 def read_landmarks(path: str | os.PathLike
                    ) -> dict[pathlib.Path, list[np.ndarray]]:
   """{resolved photo path: [(5, 2) points per face]} from a CSV file."""
   path = pathlib.Path(path)
-  if not path.is_file():
+  if not os.path.lexists(path):
     raise LandmarksFileError(f"--landmarks={path}: no such file")
-  size = path.stat().st_size
-  if size > MAX_FILE_BYTES:
-    raise LandmarksFileError(
-        f"--landmarks={path}: {size:,} bytes, over the {MAX_FILE_BYTES:,} a "
-        "landmarks file may hold: split it")
+  with regular.open_regular(path, "--landmarks=") as f:
+    size = os.fstat(f.fileno()).st_size
+    if size > MAX_FILE_BYTES:
+      raise LandmarksFileError(
+          f"--landmarks={path}: {size:,} bytes, over the {MAX_FILE_BYTES:,} "
+          "a landmarks file may hold: split it")
+    data = f.read(MAX_FILE_BYTES + 1)
   try:
-    text = path.read_bytes().decode("utf-8-sig")
+    text = data.decode("utf-8-sig")
   except UnicodeDecodeError as e:
     raise LandmarksFileError(f"{path}: not UTF-8 text ({e.reason} at byte "
                              f"{e.start}): write the CSV as text") from None
+  del data
   faces: dict[pathlib.Path, list[np.ndarray]] = {}
   reader = csv.reader(io.StringIO(text))
-  for line, row in enumerate(reader, start=1):
+  line = 0
+  while True:
+    try:
+      row = next(reader)
+    except StopIteration:
+      break
+    except csv.Error as e:
+      raise LandmarksFileError(f"{path}:{reader.line_num}: not a CSV row "
+                               f"({e})") from None
+    line = reader.line_num
     if not row or not "".join(row).strip():
       continue
     where = f"{path}:{line}"
+    if max(map(len, row)) > _MAX_FIELD or not row[0].isprintable():
+      raise LandmarksFileError(f"{where}: a field over {_MAX_FIELD} "
+                               "characters, or a path with control "
+                               "characters")
     if len(row) != _FIELDS:
       raise LandmarksFileError(
           f"{where}: {len(row)} fields; a row is the image path and the x,y "
@@ -78,7 +100,11 @@ def read_landmarks(path: str | os.PathLike
     photo = pathlib.Path(row[0].strip())
     if not photo.is_absolute():
       photo = path.parent / photo
-    faces.setdefault(resolved(photo), []).append(points)
+    listed = faces.setdefault(resolved(photo), [])
+    if len(listed) >= MAX_FACES_PER_PHOTO:
+      raise LandmarksFileError(f"{where}: over {MAX_FACES_PER_PHOTO} faces "
+                               f"for {row[0].strip()[:200]}")
+    listed.append(points)
   if not faces:
     raise LandmarksFileError(f"--landmarks={path}: no rows of five points")
   return faces

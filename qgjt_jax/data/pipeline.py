@@ -19,6 +19,7 @@ resolution factor r)}. Normalisation happens on the device.
 """
 from __future__ import annotations
 
+import functools
 import signal
 import threading
 from typing import Any
@@ -30,6 +31,7 @@ import numpy as np
 from qgjt_jax.data import degrade
 # Re-exported: train.py builds the view settings through the pipeline module.
 from qgjt_jax.files import images
+from qgjt_jax.files import limits
 from qgjt_jax.method.batch import make_batch
 
 # Seeds are folded into Philox's 128-bit key; the (epoch, record) pair is its
@@ -76,7 +78,8 @@ def ensure_absl_flags_parsed() -> None:
     flags.FLAGS.mark_as_parsed()
 
 
-def _init_worker(worker_index: int, worker_count: int) -> None:
+def _init_worker(worker_index: int, worker_count: int,
+                 in_force: limits.Limits = limits.Limits()) -> None:
   """Set-up of each grain worker process.
 
   SIGINT and SIGTERM are ignored: the main process owns the workers and
@@ -84,12 +87,20 @@ def _init_worker(worker_index: int, worker_count: int) -> None:
   process group; without this every worker would die with a traceback
   while the main process still needs its batches.) One OpenCV thread per
   worker: the workers are the parallelism, and OpenCV's pool only adds
-  contention on images this small.
+  contention on images this small. The limits in force in the main
+  process hold in each worker too.
   """
   del worker_index, worker_count
+  limits.use(in_force)
   signal.signal(signal.SIGINT, signal.SIG_IGN)
   signal.signal(signal.SIGTERM, signal.SIG_IGN)
   cv2.setNumThreads(1)
+
+
+def worker_init():
+  """Each grain worker's set-up (`_init_worker`), with the limits in force
+  now."""
+  return functools.partial(_init_worker, in_force=limits.current())
 
 
 class TwoViews:
@@ -225,6 +236,6 @@ def make_train_dataset(
     ensure_absl_flags_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=worker_count, per_worker_buffer_size=worker_buffer_size),
-        worker_init_fn=_init_worker)
+        worker_init_fn=worker_init())
   return ds
 

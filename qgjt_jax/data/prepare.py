@@ -22,14 +22,12 @@ again on a prepared dataset reuses it; `--overwrite` rebuilds it. A generated
 set is reused only if it was made with the requested parameters. Run it on one
 host only when several share `data_dir`.
 
-Formats live in `FORMATS`; another module adds one with `register_format`
-and is listed in `_FORMAT_MODULES` so that this command imports it.
+Formats live in `FORMATS`; another module adds one with `register_format`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import os
 import pathlib
 from typing import Callable, Sequence
@@ -65,11 +63,6 @@ class PrepareRequest:
 # request's `src` is passed to that builder as its manual dir.
 BuilderFactory = Callable[[PrepareRequest], tfds.core.DatasetBuilder]
 FORMATS: dict[str, BuilderFactory] = {}
-
-# Modules that register further formats when imported; missing ones are
-# skipped so this list may run ahead.
-_FORMAT_MODULES: tuple[str, ...] = ()
-
 
 def register_format(name: str) -> Callable[[BuilderFactory], BuilderFactory]:
   """Decorator adding a builder factory to `FORMATS` under `name`."""
@@ -143,16 +136,6 @@ def _check_reused_parameters(builder: tfds.core.DatasetBuilder,
                      "--overwrite to regenerate it, or choose another --name")
 
 
-def _import_format_modules() -> None:
-  for module in _FORMAT_MODULES:
-    try:
-      importlib.import_module(module)
-    except ModuleNotFoundError as e:
-      if e.name != module:
-        raise
-      logging.info("format module %s is not available", module)
-
-
 @dataclasses.dataclass(frozen=True)
 class PrepareResult:
   """Where the prepared dataset is and what it holds."""
@@ -190,7 +173,6 @@ def prepare(fmt: str, *, src: str | None = None, data_dir: str, name: str,
   Returns:
     The counts and location.
   """
-  _import_format_modules()
   # This command prints its own progress line and counts.
   tfds.disable_progress_bar()
   if fmt not in FORMATS:
@@ -232,7 +214,6 @@ def prepare(fmt: str, *, src: str | None = None, data_dir: str, name: str,
 def _define_flags() -> None:
   # Defined on demand, not at import, so that importing `prepare` (for
   # `register_format`) cannot clash with another program's flags.
-  _import_format_modules()
   flags.DEFINE_enum("format", None, sorted(FORMATS), "Layout of --src, or "
                     "synthetic for the generated set.")
   flags.DEFINE_string("src", None, "The user's data: an insightface folder "

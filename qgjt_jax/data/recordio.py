@@ -49,8 +49,10 @@ import numpy as np
 
 from qgjt_jax import errors
 from qgjt_jax.files import images
+from qgjt_jax.files import regular
 
 MAGIC = 0xCED7230A
+_MAX_PROPERTY_BYTES = 256
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
 _FRAME = struct.Struct("<II")  # magic, length word
 _IR_HEADER = struct.Struct("<IfQQ")  # flag, label, id, id2
@@ -117,9 +119,13 @@ def read_property(path: PathLike) -> tuple[int, int, int]:
   """Parses an insightface `property` file into (num_classes, height, width)."""
   path = pathlib.Path(path)
   try:
-    text = path.read_text().strip()
+    with regular.open_regular(path) as f:
+      text = f.read(_MAX_PROPERTY_BYTES + 1).decode("ascii", "replace").strip()
   except OSError as e:
     raise RecordIOError(f"{path}: cannot read the property file: {e}") from e
+  if len(text) > _MAX_PROPERTY_BYTES:
+    raise RecordIOError(f"{path}: over {_MAX_PROPERTY_BYTES} bytes; a "
+                        "property file is 'num_classes,height,width'")
   fields = [f.strip() for f in text.split(",")]
   try:
     values = tuple(int(f) for f in fields)
@@ -160,7 +166,8 @@ def _read_index(path: pathlib.Path, rec: pathlib.Path, rec_size: int
                 ) -> tuple[np.ndarray, np.ndarray]:
   """Reads a `.idx` file into (keys, offsets) int64 arrays in file order."""
   try:
-    text = path.read_bytes()
+    with regular.open_regular(path) as f:
+      text = f.read()
   except FileNotFoundError as e:
     raise RecordIOError(
         f"{path}: index file missing (the .rec needs the .idx written beside "
@@ -420,6 +427,10 @@ class InsightFaceRecord:
         raise RecordIOError(
             f"{self.property_path}: says {n} classes but the identity header "
             f"of {self.rec_path} lists {num_ids} identities")
+      if n > len(self._image_keys):  # a class count no file could back
+        raise RecordIOError(
+            f"{self.property_path}: says {n:,} classes, but {self.rec_path} "
+            f"holds {len(self._image_keys):,} images: fix the property file")
       return n
     return num_ids  # None: counted from the labels on first use
 

@@ -19,6 +19,7 @@ import numpy as np
 from qgjt_jax import errors
 from qgjt_jax.files import images as images_lib
 from qgjt_jax.files import pickles
+from qgjt_jax.files import regular
 
 class BinSetError(errors.UserError, ValueError):
   """A `.bin` set that cannot be read (the message names the file)."""
@@ -81,9 +82,9 @@ def load_bin(path: str | os.PathLike) -> tuple[list[bytes], np.ndarray]:
     pickle or not shaped like a verification set.
   """
   path = os.fspath(path)
-  if not os.path.isfile(path):
+  if not os.path.lexists(path):
     raise FileNotFoundError(f'verification set {path} does not exist')
-  with open(path, 'rb') as f:
+  with regular.open_regular(path) as f:
     try:
       obj = pickles.load(_Unpickler(f, os.fstat(f.fileno()).st_size, path,
                                     encoding='bytes'))

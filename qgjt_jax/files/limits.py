@@ -11,24 +11,22 @@ line that names the file, the limit and how to raise it:
   max_image_file_bytes  bytes of one image file
   max_tensor_bytes      bytes of one tensor, storage or archive member
   max_inflation         how many times its compressed size a zip member may
-                        inflate to (torch.save stores members uncompressed)
+                        inflate to, and an archive's members all together
+                        the archive's size (torch.save stores them
+                        uncompressed)
   max_pickle_depth      nesting of containers in a checkpoint's pickle
 
 `python -m qgjt_jax.main` takes them as `--config.limits.NAME=VALUE`,
-`convert` and `data.prepare` as `--NAME=VALUE`. The values in force travel
-to worker processes in the environment (QGJT_LIMITS).
+`convert` and `data.prepare` as `--NAME=VALUE`. The input pipeline hands the
+values in force to its worker processes when it starts them.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Mapping, Optional
 
 from qgjt_jax import errors
-
-ENV = "QGJT_LIMITS"
-
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
@@ -71,6 +69,11 @@ def exceeded(where: str, what: str, value: int, name: str) -> LimitError:
       f"--config.limits.{name}=N (main) or --{name}=N (convert, prepare)"))
 
 
+_HIGHEST = 1 << 48  # 256 TiB: past any real file, still a safe size_t
+# Hashing a tuple nested deeper overflows the interpreter's C stack.
+_HIGHEST_DEPTH = 10_000
+
+
 def _validated(values: Mapping[str, Any], where: str) -> Limits:
   unknown = sorted(set(values) - set(DEFAULTS))
   if unknown:
@@ -82,24 +85,15 @@ def _validated(values: Mapping[str, Any], where: str) -> Limits:
       number = int(value)
     except (TypeError, ValueError, OverflowError):
       number = 0
-    if number <= 0 or number != value:
+    highest = _HIGHEST_DEPTH if name == "max_pickle_depth" else _HIGHEST
+    if number <= 0 or number != value or number > highest:
       raise errors.UserError(f"{where}: {name}={value!r} must be a positive "
-                             "integer")
+                             f"integer up to {highest:,}")
     checked[name] = number
   return Limits(**{**DEFAULTS, **checked})
 
 
-def _from_environment() -> Limits:
-  text = os.environ.get(ENV, "")
-  if not text:
-    return Limits()
-  try:
-    return _validated(json.loads(text), f"${ENV}")
-  except (ValueError, errors.UserError):
-    return Limits()  # a mangled variable must not loosen anything
-
-
-_current = _from_environment()
+_current = Limits()
 
 
 def current() -> Limits:
@@ -109,10 +103,14 @@ def current() -> Limits:
 def configure(values: Optional[Mapping[str, Any]] = None,
               where: str = "limits") -> Limits:
   """Puts `values` (name -> int; missing names keep their defaults) in force
-  here and in the worker processes started from now on."""
+  in this process."""
+  return use(_validated(dict(values or {}), where))
+
+
+def use(limits: Limits) -> Limits:
+  """Puts checked `limits` in force in this process (a worker's start)."""
   global _current
-  _current = _validated(dict(values or {}), where)
-  os.environ[ENV] = json.dumps(dataclasses.asdict(_current))
+  _current = limits
   return _current
 
 
@@ -147,3 +145,34 @@ class BoundedReader:
     data = self._file.readline(size)
     self.left -= len(data)
     return data
+
+
+_INFLATION_FLOOR = 1 << 20  # what any member may inflate to, ratio or not
+
+
+def check_zip(archive, path: str) -> None:
+  """Refuses, before anything is read, a zip archive whose members declare
+  more than the limits allow: one member more than max_tensor_bytes, or
+  inflating more than max_inflation times its compressed size, or all of
+  them together more than max_inflation times the archive (many small
+  members are no way around the ratio)."""
+  import zipfile  # pylint: disable=g-import-not-at-top
+  allowed = current()
+  total = 0
+  for info in archive.infolist():
+    where = f"{path}: member {info.filename}"
+    if info.file_size > allowed.max_tensor_bytes:
+      raise exceeded(where, "its size in bytes", info.file_size,
+                     "max_tensor_bytes")
+    if info.compress_type != zipfile.ZIP_STORED and info.file_size > max(
+        _INFLATION_FLOOR, allowed.max_inflation * info.compress_size):
+      raise exceeded(
+          where, f"{info.compress_size:,} compressed bytes inflating to "
+          f"{info.file_size:,}: a ratio", info.file_size // max(
+              info.compress_size, 1), "max_inflation")
+    total += info.file_size
+  size = max(1, os.path.getsize(path))
+  if total > max(_INFLATION_FLOOR, allowed.max_inflation * size):
+    raise exceeded(path, f"members inflating to {total:,} bytes from a "
+                   f"{size:,}-byte archive: a ratio", total // size,
+                   "max_inflation")

@@ -83,8 +83,7 @@ class RestrictedUnpickler(pickle._Unpickler):  # pylint: disable=protected-acces
     if depth > self._max_depth:
       raise limits.exceeded(self.where, "tuples nested", depth,
                             "max_pickle_depth")
-    if depth > 1:
-      self._nesting[id(container)] = (container, depth)
+    self._nesting[id(container)] = (container, depth)
     return container
 
   def _load_tuple(self):

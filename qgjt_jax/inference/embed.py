@@ -73,30 +73,32 @@ class Embedder:
     the reason."""
     paths = [pathlib.Path(p) for p in paths]
     name = lambda p: os.path.relpath(p, root) if root else str(p)
-    bad = {}  # name -> why: an image may be read more than once (padding)
+    bad = {}  # face -> why: an image may be read more than once (padding)
 
-    def unreadable(path, e):
+    def unusable(face: str, e: Exception):
       if not skip_bad:
         raise images_lib.ImageError(f"{errors.one_line(e)}{hint}") from None
-      bad.setdefault(name(path), errors.one_line(e))
+      bad.setdefault(face, errors.one_line(e))
 
     crops = faces_lib.locate(paths, self.alignment, name=name,
-                             on_error=unreadable, show_progress=progress)
+                             on_error=lambda p, e: unusable(name(p), e),
+                             show_progress=progress)
+    faces = [faces_lib.crop_name(c, name) for c in crops]
     size = self.model.image_size
     sizes = [None] * len(crops)
 
     def load(i):
       try:
         image = images_lib.imread_bgr(crops[i].path)
-      except (OSError, ValueError) as e:  # limits.LimitError among them
-        unreadable(crops[i].path, e)
+        sizes[i] = image.shape[:2]
+        return faces_lib.crop_image(image, crops[i], size)
+      except (OSError, ValueError) as e:  # LimitError, FaceError among them
+        unusable(faces[i], e)
         return np.zeros((size, size, 3), np.uint8)
-      sizes[i] = image.shape[:2]
-      return faces_lib.crop_image(image, crops[i], size)
 
     feats, norms = self.model.embed(images_lib.LazyImages(load, len(crops)),
                                     progress=progress, desc=desc)
-    keep = [i for i, c in enumerate(crops) if name(c.path) not in bad]
+    keep = [i for i, face in enumerate(faces) if face not in bad]
     faces_lib.note_unaligned([sizes[i] for i in keep if sizes[i]], size,
                              self.alignment)
     located = {name(c.path) for c in crops}
@@ -105,7 +107,7 @@ class Embedder:
     return Embedded(
         embeddings=feats[keep], norms=norms[keep], quality=quality,
         hq=quality >= threshold, threshold=threshold,
-        paths=[faces_lib.crop_name(crops[i], name) for i in keep],
+        paths=[faces[i] for i in keep],
         skipped=dict(sorted(bad.items())),
         no_face=[name(p) for p in paths
                  if name(p) not in located and name(p) not in bad],

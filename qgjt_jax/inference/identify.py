@@ -87,20 +87,40 @@ def search(probes: np.ndarray, gallery: np.ndarray
   return np.concatenate(scores), np.concatenate(indices)
 
 
-def _csv(paths, names, scores, indices, threshold: Optional[float]) -> str:
+def cell(text: str) -> str:
+  """A name as a CSV cell a spreadsheet shows and does not run: one that
+  starts like a formula (=, +, -, @, tab, carriage return) gets a leading
+  apostrophe; bytes of a name that are no UTF-8 (a file named on another
+  system) are written as \\xNN escapes."""
+  text = errors.displayable(text)
+  return "'" + text if text[:1] in _FORMULA_STARTS else text
+
+
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _csv(paths, names, scores, indices, threshold: float) -> str:
   out = io.StringIO()
   writer = csv.writer(out, lineterminator="\n")
   writer.writerow(["probe", "decision", "score"] + [
       f"{c}{r}" for r in range(1, scores.shape[1] + 1)
       for c in ("identity", "score")])
   for path, row_scores, row_ids in zip(paths, scores, indices):
-    known = threshold is None or row_scores[0] >= threshold
+    known = row_scores[0] >= threshold
     writer.writerow(
-        [path, names[row_ids[0]] if known else UNKNOWN,
+        [cell(path), cell(names[row_ids[0]]) if known else UNKNOWN,
          f"{row_scores[0]:.4f}"] +
         [v for s, i in zip(row_scores, row_ids)
-         for v in (names[i], f"{s:.4f}")])
+         for v in (cell(names[i]), f"{s:.4f}")])
   return out.getvalue()
+
+
+def _left_out(result) -> str:
+  """Why a set of photos gave no face: the first one left out, with why."""
+  if result.skipped:
+    path, why = next(iter(result.skipped.items()))
+    return f"{len(result.skipped)} left out, e.g. {path}: {why}"
+  return f"{len(result.no_face)} without a face"
 
 
 def decision_threshold(model, *, fpir: float = 0.01,
@@ -173,9 +193,17 @@ def run_identify(model, gallery: str, probes: str, out: str, *,
       reporting.note("--template=quality: this checkpoint has no norm "
                      "statistics; weighting by the feature norm instead")
       weights = enrolled.norms
+  if not owner:
+    raise errors.UserError(f"--gallery={gallery}: none of its {len(photos)} "
+                           "photo(s) gave a face to enrol (" + _left_out(
+                               enrolled) + ")")
   names, gallery_feats = templates(enrolled.embeddings, weights, owner)
   searched = embedder.embed(probe_paths, root=probes, skip_bad=skip_bad,
                             desc="probes")
+  if not searched.paths:
+    raise errors.UserError(f"--images={probes}: none of its "
+                           f"{len(probe_paths)} photo(s) gave a face to "
+                           "search (" + _left_out(searched) + ")")
   scores, indices = search(searched.embeddings, gallery_feats)
   cut = chosen.cosine
   if jax.process_index() == 0:

@@ -280,6 +280,26 @@ def _expected_variables(num_layers: int, use_se: bool, embedding_size: int,
   return iresnet.init_shapes(model, image_size=(16 * side, 16 * side))
 
 
+_MAX_SIDE = 64  # the head's map: 1024 px faces, far past any model's input
+_MAX_WIDTH = 1024  # the stem's channels: 16 times the standard models'
+
+
+def _sizes(stem, head, stem_name: str, head_name: str) -> tuple[int, int, int]:
+  """(base width, embedding size, head inputs) read from the stem's
+  (width, 3, 3, 3) kernel and the head's (embedding, inputs) weight, each
+  checked before it sizes anything."""
+  stem_shape, head_shape = np.shape(stem), np.shape(head)
+  if len(stem_shape) != 4 or stem_shape[1:] != (3, 3, 3) or not (
+      1 <= stem_shape[0] <= _MAX_WIDTH):
+    raise StateDictMismatchError(
+        f"{stem_name} has shape {stem_shape}, not (width, 3, 3, 3) with a "
+        f"width from 1 to {_MAX_WIDTH}: not an IResNet stem")
+  if len(head_shape) != 2 or min(head_shape) < 1:
+    raise StateDictMismatchError(
+        f"{head_name} has shape {head_shape}, not (embedding size, inputs)")
+  return int(stem_shape[0]), int(head_shape[0]), int(head_shape[1])
+
+
 def torch_state_dict_to_flax(state_dict: Mapping[str, np.ndarray], *,
                              num_layers: int, use_se: bool = False) -> dict:
   """Converts a PyTorch IResNet state dict to `IResNet` variables.
@@ -312,15 +332,15 @@ def torch_state_dict_to_flax(state_dict: Mapping[str, np.ndarray], *,
     raise StateDictMismatchError(
         f"missing stem or head tensors: need {root!r} and {fc!r} to size "
         "the model")
-  base_width = np.shape(names[root])[0]
-  embedding_size, fc_in = np.shape(names[fc])
+  base_width, embedding_size, fc_in = _sizes(names[root], names[fc], root, fc)
   specs = iresnet.unit_specs(num_layers, base_width, layout)
   final_channels = specs[-1].out_channels
   side = math.isqrt(max(fc_in // final_channels, 0))
-  if side < 1 or side * side * final_channels != fc_in:
+  if not 1 <= side <= _MAX_SIDE or side * side * final_channels != fc_in:
     raise StateDictMismatchError(
         f"{fc} has {fc_in} inputs, not {final_channels} channels times a "
-        f"square feature map (wrong depth or width?)")
+        f"square feature map of at most {_MAX_SIDE} x {_MAX_SIDE} (wrong "
+        "depth or width?)")
   expected = _expected_variables(num_layers, use_se, embedding_size,
                                  base_width, side, layout)
 

@@ -50,6 +50,7 @@ import numpy as np
 from qgjt_jax import errors
 from qgjt_jax.files import limits
 from qgjt_jax.files import pickles
+from qgjt_jax.files import regular
 
 # Storage class -> element dtype (torch.<Name>Storage; UntypedStorage holds
 # bytes, reinterpreted by the tensor's own dtype in newer files).
@@ -312,24 +313,7 @@ def _read_member(archive: zipfile.ZipFile, name: str, path: str) -> bytes:
   except KeyError:
     raise TorchFileError(f"{path}: the archive has no member {name}; the "
                          "file is damaged") from None
-  check_member(info, path)
   return archive.read(info)
-
-
-def check_member(info: zipfile.ZipInfo, path: str) -> None:
-  """Refuses an archive member that declares more bytes, or inflates more,
-  than `limits` allow (before anything is read)."""
-  where = f"{path}: member {info.filename}"
-  current = limits.current()
-  if info.file_size > current.max_tensor_bytes:
-    raise limits.exceeded(where, "its size in bytes", info.file_size,
-                          "max_tensor_bytes")
-  if info.compress_type != zipfile.ZIP_STORED and info.file_size > max(
-      1 << 20, current.max_inflation * info.compress_size):
-    raise limits.exceeded(
-        where, f"{info.compress_size:,} compressed bytes inflating to "
-        f"{info.file_size:,}: a ratio", info.file_size // max(
-            info.compress_size, 1), "max_inflation")
 
 
 def _load_zip(path: str, archive: zipfile.ZipFile) -> Any:
@@ -434,11 +418,11 @@ def load(path: str | os.PathLike) -> Any:
     TorchFileError, limits.LimitError: naming the file and what is wrong.
   """
   path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path}: no such file")
+  regular.require_regular(path)
   try:
     if zipfile.is_zipfile(path):
       with zipfile.ZipFile(path) as archive:
+        limits.check_zip(archive, path)
         return _load_zip(path, archive)
     if tarfile.is_tarfile(path):
       raise TorchFileError(f"{path}: the tar layout of torch < 0.4 is not "

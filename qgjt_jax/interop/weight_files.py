@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from qgjt_jax.files import limits
+from qgjt_jax.files import regular
 from qgjt_jax.interop import torch_files
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -28,8 +29,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
       it, and what stands where tensors should).
   """
   path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path}: no such file")
+  regular.require_regular(path)
   if path.endswith(".safetensors"):
     return read_safetensors(path)[0]
   if not path.endswith(".npz"):
@@ -90,8 +90,8 @@ def _check_npz(path: str) -> None:
   limits: numpy allocates the declared shape before reading the data."""
   import zipfile  # pylint: disable=g-import-not-at-top
   with zipfile.ZipFile(path) as archive:
+    limits.check_zip(archive, path)
     for info in archive.infolist():
-      torch_files.check_member(info, path)
       with archive.open(info) as member:
         read_header = (np.lib.format.read_array_header_1_0 if
                        np.lib.format.read_magic(member) == (1, 0) else
@@ -117,8 +117,9 @@ def read_with_record(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     return read_state_dict(path), {}
   state, metadata = read_safetensors(path)
   recorded = {}
-  if metadata.get(IMAGE_SIZE_KEY, "").isdigit():
-    recorded["image_size"] = int(metadata[IMAGE_SIZE_KEY])
+  size = metadata.get(IMAGE_SIZE_KEY, "")
+  if size.isascii() and size.isdigit() and 0 < int(size) <= 4096:
+    recorded["image_size"] = int(size)
   if metadata.get(INPUT_ORDER_KEY) in ("BGR", "RGB"):
     recorded["input_order"] = metadata[INPUT_ORDER_KEY]
   return state, recorded

@@ -4,10 +4,7 @@ Each case runs the command as a user would (a subprocess) and asserts exit
 status 1, that the error is one `ERROR:` line, the last one, with no
 traceback, and that it names the file or key.
 """
-import contextlib
-import pathlib
 import shutil
-import subprocess
 
 import cv2
 import numpy as np
@@ -25,20 +22,6 @@ pytestmark = pytest.mark.slow
 def _main(workdir, *extra, **changes):
   return commands.main(*tiny_runs.cli_command(workdir, *extra,
                                               **changes)[3:])
-
-
-@contextlib.contextmanager
-def _tmpfs(path: pathlib.Path, options: str):
-  """A small tmpfs at `path` (root only: the way to fill or lock a disk)."""
-  path.mkdir(parents=True, exist_ok=True)
-  mount = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs",
-                          str(path)], capture_output=True, text=True)
-  if mount.returncode:
-    pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
-  try:
-    yield path
-  finally:
-    subprocess.run(["umount", str(path)], check=True)
 
 
 # ---------------------------------------------------------------------------
@@ -86,14 +69,14 @@ def test_eval_mode_on_an_empty_workdir(tmp_path):
 
 
 def test_a_read_only_workdir(tmp_path):
-  with _tmpfs(tmp_path / "ro", "ro,size=1m") as ro:
+  with commands.small_disk(tmp_path / "ro", "ro,size=1m") as ro:
     result = _main(ro / "run")
   commands.assert_refused(result, ro / "run", "Read-only")
 
 
 def test_a_full_disk_keeps_the_last_complete_checkpoint(tmp_path):
   """Room for one checkpoint (about 3 MiB) but not two."""
-  with _tmpfs(tmp_path / "small", "size=5m") as small:
+  with commands.small_disk(tmp_path / "small", "size=5m") as small:
     result = _main(small / "run", **{"checkpoint_every_steps": 4})
     commands.assert_refused(result, small / "run" / "checkpoints", "free")
     manager = ckpt.make_manager(str(small / "run" / "checkpoints"))

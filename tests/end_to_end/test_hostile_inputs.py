@@ -6,8 +6,11 @@ command a user would run. Each asserts exit status 1 (not 0, not a crash
 signal), one `ERROR:` line naming the file, no traceback, that no payload
 ran (its marker file is absent) and the child's peak memory.
 """
+import csv
 import json
+import os
 import pathlib
+import pickle
 import shutil
 
 import numpy as np
@@ -132,9 +135,9 @@ def test_a_trusted_large_file_passes_with_a_raised_limit(tmp_path):
 # Images and sets: decoded only after their declared size is checked.
 
 
-def _main(workdir, *extra, **changes):
-  return commands.run(*
-      tiny_runs.cli_command(workdir, *extra, **changes)[2:])
+def _main(workdir, *extra, timeout=600, **changes):
+  return commands.run(*tiny_runs.cli_command(workdir, *extra, **changes)[2:],
+                      timeout=timeout)
 
 
 def _faces(folder: pathlib.Path, count: int = 3) -> pathlib.Path:
@@ -478,3 +481,305 @@ def test_a_checkpoint_of_another_model_without_its_record(tmp_path):
                          "holds another model", "--config.model",
                          max_rss_mib=MAIN_MIB)
   assert len(result.output.splitlines()) < 10
+
+
+# ---------------------------------------------------------------------------
+# Second round: a few bytes that take the machine, crash or hang a reader,
+# or give a silent wrong face. Each ends within seconds: exit 0 with a
+# correct result, or one ERROR line naming the file, within a memory cap.
+
+_PICKLES = {
+    # name: (pickle program, words the ERROR line of a .pth must hold)
+    "lists sharing lists, 2**40 leaves": (hostile.shared_lists(40),
+                                          "not a state dict"),
+    "BYTEARRAY8 of 4 GiB in 12 bytes": (hostile.bytearray8(), "BYTEARRAY8"),
+    "a dict keyed by a tuple 300,000 deep": (hostile.deep_tuple_key(),
+                                             "max_pickle_depth"),
+}
+_SECONDS = 120  # a hang is a failure, not a wait
+
+
+def _legacy(folder: pathlib.Path, program: bytes) -> pathlib.Path:
+  """torch < 1.6's layout: the magic number, protocol and system pickles,
+  `program` as the object, then its (empty) list of storages."""
+  header = b"".join(pickle.dumps(v, protocol=2) for v in (
+      hostile.LEGACY_MAGIC, 1001, {"little_endian": True}))
+  return _write(folder / "legacy.pth",
+                header + program + pickle.dumps([], protocol=2))
+
+
+@pytest.mark.parametrize("layout", ["zip", "legacy", "bin"])
+@pytest.mark.parametrize("case", sorted(_PICKLES))
+def test_pickles_that_ask_for_the_machine(reference_run, tmp_path, case,
+                                          layout):
+  program, words = _PICKLES[case]
+  if layout == "zip":
+    src = hostile.zip_with_pickle(tmp_path, "model.pth", program)
+  elif layout == "legacy":
+    src = _legacy(tmp_path, program)
+  if layout != "bin":
+    result = _convert(src, tmp_path / "run")
+    commands.assert_refused(result, src, words, max_rss_mib=CONVERT_MIB)
+    return
+  path = _write(tmp_path / "set.bin", program)
+  result = _main(reference_run[0], "--mode=eval",
+                 f"--config.eval.bin_sets=('{path}',)", timeout=_SECONDS)
+  commands.assert_refused(result, path, max_rss_mib=MAIN_MIB)
+
+
+def test_a_bin_set_holds_bytes_lists_and_booleans_only(reference_run,
+                                                       tmp_path):
+  path = _write(tmp_path / "array.bin", hostile.numpy_object_array())
+  result = _main(reference_run[0], "--mode=eval",
+                 f"--config.eval.bin_sets=('{path}',)")
+  commands.assert_refused(result, path, "numpy.ndarray", max_rss_mib=MAIN_MIB)
+
+
+@pytest.mark.parametrize("npz", [False, True], ids=["pth", "npz"])
+def test_many_small_members_inflating_to_gigabytes(tmp_path, npz):
+  src = hostile.many_small_members(tmp_path, "w.npz" if npz else "w.pth",
+                                   npz=npz)
+  assert src.stat().st_size < 4 << 20  # 1.5 GiB of zeros in a few MB
+  result = _convert(src, tmp_path / "run")
+  commands.assert_refused(result, src, "max_inflation",
+                          max_rss_mib=CONVERT_MIB)
+
+
+def test_fifos_are_refused_not_waited_on(reference_run, tmp_path):
+  """A named pipe where a file belongs: an image in a folder (with and
+  without --skip_bad), an evaluation folder's image, a pairs file, a
+  landmarks file, a .bin set, a checkpoint."""
+  run = reference_run[0]
+  folder = _faces(tmp_path / "faces")
+  pipe = hostile.fifo(folder / "pipe.jpg")
+  out = tmp_path / "out.npz"
+  result = _main(run, "--mode=embed", f"--images={folder}", f"--out={out}",
+                 timeout=_SECONDS)
+  commands.assert_refused(result, pipe, "named pipe", max_rss_mib=MAIN_MIB)
+  result = _main(run, "--mode=embed", f"--images={folder}", f"--out={out}",
+                 "--skip_bad", timeout=_SECONDS)
+  assert result.returncode == 0, result.output
+  assert "left out pipe.jpg: " in result.output and "named pipe" in (
+      result.output)
+  people = tmp_path / "people"
+  for person in ("ann", "bob"):
+    _faces(people / person)
+  hostile.fifo(people / "bob" / "pipe.jpg")
+  pairs = hostile.fifo(tmp_path / "pairs.txt")
+  table = hostile.fifo(tmp_path / "points.csv")
+  bin_set = hostile.fifo(tmp_path / "set.bin")
+  for flags, named in (
+      ([f"--config.eval.folders=('{people}',)"], people / "bob" / "pipe.jpg"),
+      ([f"--config.eval.pairs_files=('{pairs}',)"], pairs),
+      ([f"--config.eval.bin_sets=('{bin_set}',)"], bin_set)):
+    result = _main(run, "--mode=eval", *flags, timeout=_SECONDS)
+    commands.assert_refused(result, named, max_rss_mib=MAIN_MIB)
+  result = _main(run, "--mode=embed", f"--images={tmp_path / 'people'}",
+                 f"--out={tmp_path / 'new.npz'}", f"--landmarks={table}",
+                 timeout=_SECONDS)
+  commands.assert_refused(result, table, "named pipe", max_rss_mib=MAIN_MIB)
+  result = _convert(hostile.fifo(tmp_path / "model.pth"), tmp_path / "w")
+  commands.assert_refused(result, "model.pth", "named pipe",
+                          max_rss_mib=CONVERT_MIB)
+
+
+def test_a_class_count_no_rec_could_back(tmp_path):
+  """A 17-byte property declaring 2e9 classes, for 4 images."""
+  src = _rec(tmp_path / "src", [hostile.face_jpeg(seed=i) for i in range(4)])
+  (src / "property").write_text("2000000000,32,32")
+  result = _main(tmp_path / "run", "--config.data.kind=rec",
+                 f"--config.data.rec_dir={src}", timeout=_SECONDS)
+  commands.assert_refused(result, src / "property", "2000000000 classes",
+                          max_rss_mib=MAIN_MIB)
+  assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+_PAIRS_FILES = {
+    "a bad label": (b"a.jpg b.jpg 2\n", ":1: expected"),
+    "four columns": (b"a.jpg b.jpg c.jpg 1\n", ":1: expected"),
+    "binary content": (bytes(range(256)) * 8, "not UTF-8"),
+    "one label only": (b"a.jpg b.jpg 1\nc.jpg d.jpg 1\n", "needs both"),
+    "a path that is no text": (b"\xff\xfe.jpg b.jpg 1\n", "not UTF-8"),
+    "a NUL in a path": (b"a\x00.jpg b.jpg 1\nc.jpg d.jpg 0\n",
+                        "control characters"),
+    "an image that is not there": (b"a.jpg b.jpg 1\nc.jpg d.jpg 0\n",
+                                   "a.jpg"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_PAIRS_FILES))
+def test_a_bad_pairs_file_stops_a_run_before_training(tmp_path, case):
+  content, words = _PAIRS_FILES[case]
+  path = _write(tmp_path / "pairs.txt", content)
+  result = _main(tmp_path / "run", f"--config.eval.pairs_files=('{path}',)")
+  commands.assert_refused(result, "pairs.txt", words, max_rss_mib=MAIN_MIB)
+  assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("case", ["one person", "an empty image"])
+def test_a_bad_evaluation_folder_stops_a_run_before_training(tmp_path, case):
+  people = tmp_path / "people"
+  _faces(people / "ann")
+  if case == "an empty image":
+    _faces(people / "bob")
+    _write(people / "bob" / "empty.jpg", b"")
+  result = _main(tmp_path / "run", f"--config.eval.folders=('{people}',)")
+  commands.assert_refused(result, people, max_rss_mib=MAIN_MIB)
+  assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_big_pairs_file_costs_a_bounded_multiple_of_itself(tmp_path):
+  """20 MB of pairs (900,000 lines, every path unique): read within the
+  cap, then refused at its first missing image."""
+  with open(tmp_path / "pairs.txt", "w") as f:
+    for i in range(900_000):
+      f.write(f"p{i}.jpg q{i}.jpg {i % 2}\n")
+  assert (tmp_path / "pairs.txt").stat().st_size > 20_000_000
+  result = _main(tmp_path / "run",
+                 f"--config.eval.pairs_files=('{tmp_path / 'pairs.txt'}',)",
+                 timeout=_SECONDS)
+  commands.assert_refused(result, "p0.jpg", max_rss_mib=MAIN_MIB)
+
+
+@pytest.mark.parametrize("case, changes, words", [
+    ("a scalar stem", {"input_layer.0.weight": np.float32(1)}, "stem"),
+    ("a 1-D head", {"output_layer.3.weight": np.ones(8, np.float32)},
+     "embedding size, inputs"),
+    ("width 0", {"input_layer.0.weight": np.ones((0, 3, 3, 3), np.float32)},
+     "stem"),
+    ("a 100 x 100 head map", {"output_layer.3.weight": np.ones(
+        (8, 256 * 100 * 100), np.float32)}, "square feature map")])
+def test_weights_of_odd_shapes(tmp_path, case, changes, words):
+  del case
+  src = hostile.odd_npz(tmp_path, "odd.npz", **changes)
+  result = _convert(src, tmp_path / "run")
+  commands.assert_refused(result, src, words, max_rss_mib=CONVERT_MIB)
+
+
+def test_a_safetensors_size_that_is_no_number_is_ignored(tmp_path):
+  from safetensors import numpy as safe_numpy  # pylint: disable=g-import-not-at-top
+  state = {k: np.asarray(v, np.float32) for k, v in
+           hostile._adaface_state().items()}  # pylint: disable=protected-access
+  src = tmp_path / "model.safetensors"
+  src.write_bytes(safe_numpy.save(state, metadata={
+      "qgjt_jax.image_size": "²"}))
+  result = _convert(src, tmp_path / "run")
+  assert result.returncode == 0, result.output
+  assert "input size      32 x 32" in result.output  # read from the tensors
+
+
+@pytest.mark.parametrize("row, words", [
+    ("face0.jpg" + ",x" * 10 + "," + "9" * 200_000, "not a CSV row"),
+    ("face\x000.jpg" + ",10" * 10, "control characters")])
+def test_a_landmarks_row_that_is_no_row(reference_run, tmp_path, row, words):
+  folder = _faces(tmp_path / "faces")
+  table = _write(tmp_path / "points.csv", row.encode() + b"\n")
+  result = _main(reference_run[0], "--mode=embed", f"--images={folder}",
+                 f"--out={tmp_path / 'out.npz'}", f"--landmarks={table}")
+  commands.assert_refused(result, table, words, max_rss_mib=MAIN_MIB)
+
+
+@pytest.mark.parametrize("points, words", [
+    ("1e300," * 9 + "1e300", "five points"),
+    ("5,5," * 4 + "5,5", "eyes are 0.0 px apart"),
+    ("-500,10,-480,10,-490,20,-495,25,-485,25", "outside")])
+def test_landmarks_that_are_no_face_are_never_embedded(reference_run,
+                                                       tmp_path, points,
+                                                       words):
+  folder = _faces(tmp_path / "faces", count=2)
+  table = _write(tmp_path / "points.csv",
+                 f"face0.jpg,{points}\nface1.jpg,"
+                 "10,13,22,13,16,19,11,25,21,25\n".encode())
+  table.write_text(table.read_text().replace(
+      "face0.jpg", str(folder / "face0.jpg")).replace(
+          "face1.jpg", str(folder / "face1.jpg")))
+  out = tmp_path / "out.npz"
+  result = _main(reference_run[0], "--mode=embed", f"--images={folder}",
+                 f"--out={out}", f"--landmarks={table}")
+  commands.assert_refused(result, "face0.jpg", words, max_rss_mib=MAIN_MIB)
+  result = _main(reference_run[0], "--mode=embed", f"--images={folder}",
+                 f"--out={out}", f"--landmarks={table}", "--skip_bad")
+  assert result.returncode == 0, result.output
+  assert "left out face0.jpg: " in result.output
+  assert list(np.load(out)["paths"]) == ["face1.jpg"]
+
+
+def test_a_landmarks_file_of_many_faces_for_one_photo(reference_run,
+                                                      tmp_path):
+  folder = _faces(tmp_path / "faces", count=1)
+  row = f"{folder / 'face0.jpg'},10,13,22,13,16,19,11,25,21,25\n"
+  table = _write(tmp_path / "points.csv", (row * 400_000).encode())
+  assert table.stat().st_size > 20_000_000
+  result = _main(reference_run[0], "--mode=embed", f"--images={folder}",
+                 f"--out={tmp_path / 'out.npz'}", f"--landmarks={table}",
+                 "--all_faces", timeout=_SECONDS)
+  commands.assert_refused(result, table, "over 1000 faces",
+                          max_rss_mib=MAIN_MIB)
+
+
+@pytest.mark.parametrize("flag, words", [
+    ("--far=0", "--far=0"), ("--far=nan", "--far=nan"),
+    ("--far=-1", "--far=-1"), ("--threshold=nan", "--threshold=nan"),
+    ("--config.limits.max_image_file_bytes=9223372036854775807",
+     "max_image_file_bytes")])
+def test_numbers_out_of_range(reference_run, tmp_path, flag, words):
+  folder = _faces(tmp_path / "faces", count=2)
+  result = _main(reference_run[0], "--mode=compare",
+                 f"--images={folder / 'face0.jpg'},{folder / 'face1.jpg'}",
+                 flag)
+  commands.assert_refused(result, words, max_rss_mib=MAIN_MIB)
+
+
+def _identify(run, gallery, probes, out, *extra):
+  return _main(run, "--mode=identify", f"--gallery={gallery}",
+               f"--images={probes}", f"--out={out}", "--threshold=0.5",
+               *extra)
+
+
+def test_identify_writes_names_a_spreadsheet_shows_and_does_not_run(
+    reference_run, tmp_path):
+  gallery, probes = tmp_path / "gallery", tmp_path / "probes"
+  _faces(gallery / "=HYPERLINK(\"http:\"&A1)", count=2)
+  _faces(gallery / "bob", count=2)
+  _faces(probes, count=1)
+  odd = probes / os.fsdecode(b"\xff\xfeprobe.jpg")
+  odd.write_bytes(hostile.face_jpeg(seed=7))
+  out = tmp_path / "who.csv"
+  result = _identify(reference_run[0], gallery, probes, out)
+  assert result.returncode == 0, result.output
+  rows = list(csv.reader(out.open(encoding="utf-8")))
+  cells = [c for row in rows[1:] for c in row]
+  assert not any(c[:1] in "=+-@" for c in cells if c), cells
+  assert "'=HYPERLINK(\"http:\"&A1)" in cells
+  assert any(c.startswith("\\xff\\xfe") for c in cells)  # escaped, named
+
+
+def test_identify_with_a_gallery_of_only_bad_photos(reference_run, tmp_path):
+  gallery = tmp_path / "gallery"
+  _write((gallery / "ann").mkdir(parents=True) or gallery / "ann" / "x.jpg",
+         b"not an image")
+  probes = _faces(tmp_path / "probes", count=1)
+  result = _identify(reference_run[0], gallery, probes, tmp_path / "who.csv",
+                     "--skip_bad")
+  commands.assert_refused(result, "--gallery", "x.jpg",
+                          max_rss_mib=MAIN_MIB)
+
+
+def test_a_full_disk_leaves_neither_half_of_a_stablehlo_export(
+    reference_run, tmp_path):
+  """The model and its sidecar land together or not at all; an old pair
+  stays whole; the message names the file."""
+  with commands.small_disk(tmp_path / "small", "size=64k") as small:
+    out = small / "model.stablehlo"
+    result = _export(reference_run[0], out)
+    commands.assert_refused(result, out, "No space left",
+                            max_rss_mib=MAIN_MIB)
+    assert sorted(p.name for p in small.iterdir()) == []
+    (small / "model.stablehlo").write_bytes(b"old model")
+    (small / "model.stablehlo.json").write_text("old sidecar")
+    result = _export(reference_run[0], out, "--overwrite")
+    commands.assert_refused(result, max_rss_mib=MAIN_MIB)
+    assert (small / "model.stablehlo").read_bytes() == b"old model"
+    assert (small / "model.stablehlo.json").read_text() == "old sidecar"
+    assert sorted(p.name for p in small.iterdir()) == [
+        "model.stablehlo", "model.stablehlo.json"]

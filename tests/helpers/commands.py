@@ -8,6 +8,7 @@ devices), and returns its exit status, output and its own peak memory.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -16,6 +17,8 @@ import subprocess
 import sys
 import tempfile
 from typing import Optional
+
+import pytest
 
 from tests.helpers import tiny_runs
 
@@ -102,3 +105,18 @@ def assert_refused(result: Result, *named, max_rss_mib: float = 1e9):
   for name in named:
     assert str(name) in errors[0], (name, errors[0])
   assert result.max_rss_mib < max_rss_mib, (result.max_rss_mib, errors[0])
+
+
+@contextlib.contextmanager
+def small_disk(path: pathlib.Path, options: str):
+  """A small tmpfs at `path` (root only: the way to fill or lock a disk);
+  skips the test where it cannot be mounted."""
+  path.mkdir(parents=True, exist_ok=True)
+  mount = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs",
+                          str(path)], capture_output=True, text=True)
+  if mount.returncode:
+    pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
+  try:
+    yield path
+  finally:
+    subprocess.run(["umount", str(path)], check=True)

@@ -214,3 +214,86 @@ def face_jpeg(size: int = 32, seed: int = 0) -> bytes:
   from qgjt_jax.data import synthetic  # pylint: disable=g-import-not-at-top
   return cv2.imencode(".jpg", synthetic.render_photo(seed, 0, 0, size))[1
                                                                          ].tobytes()
+
+
+# ---------------------------------------------------------------------------
+# Second round: a few bytes that ask for gigabytes, crash or hang a reader.
+
+
+def shared_lists(depth: int = 40) -> bytes:
+  """A pickle of `depth` lists, each holding the one before twice (through
+  the memo): 2**depth leaves to anything that walks it as a tree."""
+  program = b"\x80\x02]q\x00"
+  for i in range(1, depth + 1):
+    program += b"](h" + bytes([i - 1]) + b"h" + bytes([i - 1]) + b"eq" + (
+        bytes([i]))
+  return program + b"."
+
+
+def bytearray8(count: int = 1 << 32) -> bytes:
+  """12 bytes of pickle whose BYTEARRAY8 declares `count` bytes."""
+  return b"\x80\x05\x96" + struct.pack("<Q", count) + b"."
+
+
+def deep_tuple_key(depth: int = 300_000) -> bytes:
+  """A dict keyed by a tuple nested `depth` deep: hashing it recurses."""
+  return b"\x80\x02})" + b"\x85" * depth + b"Ns."
+
+
+def numpy_object_array() -> bytes:
+  """numpy.ndarray((5e8,), 'O'): 35 bytes asking for 4 GB."""
+  return (b"\x80\x02cnumpy\nndarray\nJ\x00e\xcd\x1d\x85X\x01\x00\x00\x00O"
+          b"\x86R.")
+
+
+def many_small_members(folder: pathlib.Path, name: str, count: int = 1500,
+                       member_mib: int = 1, npz: bool = False
+                       ) -> pathlib.Path:
+  """A zip of `count` deflated members of `member_mib` MiB of zeros each:
+  every member under the per-member floor, together gigabytes."""
+  path = folder / name
+  zeros = bytes(member_mib << 20)
+  with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+    if not npz:
+      archive.writestr("model/data.pkl", b"\x80\x02}.")
+    for i in range(count):
+      archive.writestr(f"model/data/{i}" if not npz else f"w{i}.npy", zeros)
+  return path
+
+
+def pickle_file(folder: pathlib.Path, name: str, program: bytes
+                ) -> pathlib.Path:
+  path = folder / name
+  path.write_bytes(program)
+  return path
+
+
+def fifo(path: pathlib.Path) -> pathlib.Path:
+  """A named pipe: opening it for reading waits for a writer forever."""
+  os.mkfifo(path)
+  return path
+
+
+def odd_npz(folder: pathlib.Path, name: str, **changes) -> pathlib.Path:
+  """The reference-layout r18 of `valid_state` with tensors replaced."""
+  path = folder / name
+  np.savez(path, **{**{k: np.asarray(v) for k, v in
+                       _adaface_state().items()}, **changes})
+  return path
+
+
+def _adaface_state() -> dict:
+  """A narrow AdaFace-layout IR-18 state dict, as the converter reads it."""
+  from qgjt_jax.interop import state_dicts  # pylint: disable=g-import-not-at-top
+  from qgjt_jax.models import build_backbone  # pylint: disable=g-import-not-at-top
+  from qgjt_jax.models import iresnet  # pylint: disable=g-import-not-at-top
+  model = build_backbone("ir18", base_width=4, embedding_size=8)
+  shapes = iresnet.init_shapes(model, (32, 32))
+  variables = {c: _zeros_like(shapes[c]) for c in ("params", "batch_stats")}
+  return state_dicts.flax_to_torch_state_dict(variables, num_layers=18)
+
+
+def _zeros_like(tree):
+  if isinstance(tree, dict) or hasattr(tree, "items"):
+    return {k: _zeros_like(v) for k, v in tree.items()}
+  return np.ones(tree.shape, np.float32)

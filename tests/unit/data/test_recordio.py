@@ -366,13 +366,13 @@ def test_label_outside_class_range(tmp_path):
     src[2]
   with pytest.raises(recordio.RecordIOError, match="record 3: label 5"):
     src.record.label(2)
-  negative = write_rec(tmp_path / "neg", [(1, pack(-1, jpeg(0), 1))], "2,16,16")
+  negative = write_rec(tmp_path / "neg", [(1, pack(-1, jpeg(0), 1))], "1,16,16")
   with pytest.raises(recordio.RecordIOError, match="record 1: label -1"):
     sources.RecSource(negative)[0]
 
 
 def test_non_integer_label(tmp_path):
-  rec = write_rec(tmp_path, [(1, pack(0.5, jpeg(0), 1))], "2,16,16")
+  rec = write_rec(tmp_path, [(1, pack(0.5, jpeg(0), 1))], "1,16,16")
   with pytest.raises(recordio.RecordIOError, match="record 1: label 0.5"):
     sources.RecSource(rec)[0]
 

@@ -117,5 +117,5 @@ def test_a_hostile_pairs_file_is_refused_before_reading(tmp_path,
     own_data.read_pairs_file(tmp_path / "bin.txt")
   monkeypatch.setattr(own_data, "MAX_PAIRS_FILE_BYTES", 100)
   (tmp_path / "big.txt").write_text("a.jpg b.jpg 1\n" * 20)
-  with pytest.raises(own_data.OwnDataError, match="over 100 bytes"):
+  with pytest.raises(own_data.OwnDataError, match="over the 100 a pairs file may hold"):
     own_data.read_pairs_file(tmp_path / "big.txt")

@@ -1,10 +1,8 @@
 """What an untrusted file may declare: image sizes read from headers, the
 limits' configuration and how it reaches worker processes."""
 import io
-import os
+import multiprocessing
 import pickle
-import subprocess
-import sys
 
 import cv2
 import numpy as np
@@ -12,6 +10,7 @@ from PIL import Image
 import pytest
 
 from qgjt_jax import errors
+from qgjt_jax.data import pipeline
 from qgjt_jax.files import images
 from qgjt_jax.files import limits
 from tests.helpers import hostile
@@ -19,10 +18,7 @@ from tests.helpers import hostile
 
 @pytest.fixture(autouse=True)
 def _restore_limits():
-  before = dict(os.environ)
   yield
-  os.environ.clear()
-  os.environ.update(before)
   limits.configure()
 
 
@@ -67,7 +63,12 @@ def test_an_image_over_the_limits_is_refused_by_name(tmp_path):
     images.check_encoded_image(bomb, "bomb.png")
 
 
-def test_configuration_is_checked_and_reaches_child_processes():
+def _worker_limit(init, answer) -> None:
+  init(0, 1)
+  answer.put(limits.current().max_pickle_depth)
+
+
+def test_configuration_is_checked_and_reaches_worker_processes():
   for bad in ({"max_image_pixels": 0}, {"max_image_pixels": 1.5},
               {"max_image_pixels": "many"}):
     with pytest.raises(errors.UserError, match="must be a positive integer"):
@@ -75,11 +76,13 @@ def test_configuration_is_checked_and_reaches_child_processes():
   with pytest.raises(errors.UserError, match="unknown limit 'max_pixels'"):
     limits.configure({"max_pixels": 3})
   limits.configure({"max_pickle_depth": 7})
-  child = subprocess.run(
-      [sys.executable, "-c", "from qgjt_jax.files import limits; "
-       "print(limits.current().max_pickle_depth)"],
-      capture_output=True, text=True, check=True)
-  assert child.stdout.strip() == "7"
+  context = multiprocessing.get_context("spawn")  # a fresh interpreter
+  answer = context.Queue()
+  worker = context.Process(target=_worker_limit,
+                           args=(pipeline.worker_init(), answer))
+  worker.start()
+  assert answer.get(timeout=120) == 7
+  worker.join(timeout=60)
 
 
 def test_a_limit_error_survives_a_worker_process():
