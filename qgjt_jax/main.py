@@ -24,19 +24,17 @@ with --traceback or QGJT_TRACEBACK=1; absl logging with --verbosity=0).
 A run stopped by SIGTERM or SIGINT checkpoints and exits 0; the same command
 resumes it.
 """
-import difflib
 import os
 import sys
-import traceback
 
 from absl import app
 from absl import flags
 import ml_collections
 from ml_collections import config_flags
 
-from qgjt_jax import base_config
 from qgjt_jax import errors
 from qgjt_jax import parallel
+from qgjt_jax import recipe_flags
 from qgjt_jax.files import limits
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -197,106 +195,20 @@ _RECORDED_RECIPE = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                 "inference", "recorded_recipe.py")
 
 
-def _flag_value(argv: list[str], name: str) -> str | None:
-  """The value of --name=V or --name V in argv (before absl parses it)."""
-  for i, arg in enumerate(argv):
-    if arg.startswith(f"--{name}="):
-      return arg.split("=", 1)[1]
-    if arg == f"--{name}" and i + 1 < len(argv):
-      return argv[i + 1]
-  return None
-
-
 def _with_recorded_config(argv: list[str]) -> list[str]:
   """argv with --config standing for the workdir's record, for a mode that
   uses a workdir's model and was given no recipe."""
-  mode, workdir = _flag_value(argv, "mode"), _flag_value(argv, "workdir")
+  mode, workdir = recipe_flags.flag_value(argv, "mode"), recipe_flags.flag_value(argv, "workdir")
   if (mode in (None, "train") or not workdir or
-      _flag_value(argv, "config") is not None):
+      recipe_flags.flag_value(argv, "config") is not None):
     return argv
   return [argv[0], f"--config={_RECORDED_RECIPE}:{workdir}", *argv[1:]]
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, every mistake one ERROR line: a flag absl refuses,
-  a recipe that does not load (it is Python: its own failure is named with
-  its line), an unknown `--config.KEY`."""
-  argv = _with_recorded_config(argv)
-  recipe = _flag_value(argv, "config")
-  if recipe:
-    path = recipe.split(":", 1)[0]
-    if not os.path.isfile(path):
-      sys.exit(f"ERROR: --config={recipe}: No such file: give a recipe "
-               "file such as configs/synthetic.py")
-    base_config.make_siblings_importable(path)
-  try:
-    return flags.FLAGS(argv)
-  except errors.UserError as e:  # the workdir's record, as the recipe
-    if errors.traceback_requested("--traceback" in argv):
-      traceback.print_exc()
-    sys.exit(f"ERROR: {errors.one_line(e)}")
-  except SyntaxError as e:
-    sys.exit(f"ERROR: --config={e.filename}: {e.msg} at line {e.lineno}: "
-             "fix the recipe file")
-  except Exception as e:  # pylint: disable=broad-except
-    failure = _recipe_failure(recipe, e) or _unknown_key(argv, recipe)
-    if failure:
-      if errors.traceback_requested("--traceback" in argv):
-        traceback.print_exc()
-      sys.exit(failure)
-    if isinstance(e, flags.Error):
-      sys.exit(errors.flag_mistake(e))
-    raise
-
-
-def _recipe_failure(recipe: str | None, e: Exception) -> str | None:
-  """The line for a recipe file whose own code failed (it is Python, run
-  as the program's own code): None when the failure is not the file's."""
-  if not recipe:
-    return None
-  path = os.path.abspath(recipe.split(":", 1)[0])
-  lines = [line for f, line in traceback.walk_tb(e.__traceback__)
-           if os.path.abspath(f.f_code.co_filename) == path]
-  if lines:
-    return (f"ERROR: --config={recipe}: running it raised "
-            f"{type(e).__name__} at line {lines[-1]}: "
-            f"{errors.one_line(e)[:200]}: fix the recipe file (it is Python, "
-            "run as code)")
-  if not base_config.defines_get_config(path):
-    return (f"ERROR: --config={recipe} defines no get_config(): a recipe "
-            "file returns its ConfigDict from get_config() (see "
-            "configs/synthetic.py)")
-  return None
-
-
-def _unknown_key(argv: list[str], recipe: str | None) -> str | None:
-  """The line naming the first `--config.KEY` override that the recipe's
-  config has no key for (found by walking the config, with the nearest
-  names), or None."""
-  if not recipe:
-    return None
-  try:
-    config = base_config.load_recipe(recipe)
-  except Exception:  # pylint: disable=broad-except
-    return None  # the recipe fails by itself: not an override's fault
-  for arg in argv[1:]:
-    if not arg.startswith("--config."):
-      continue
-    key = arg[len("--config."):].split("=", 1)[0]
-    node = config
-    for depth, part in enumerate(key.split(".")):
-      if not isinstance(node, ml_collections.ConfigDict):
-        break
-      if part not in node:
-        near = difflib.get_close_matches(part, list(node.keys()), n=1)
-        where = ".".join(key.split(".")[:depth]) or "the config"
-        return (f"ERROR: {arg}: unknown config key {part!r} in {where}" +
-                (f': Did you mean "{near[0]}" instead of "{part}"?'
-                 if near else "") +
-                ": the keys are listed in the --config file and "
-                "qgjt_jax/base_config.py")
-      node = node[part]
-  return None
+  """absl's flag parsing, every mistake one ERROR line
+  (`recipe_flags.parse`)."""
+  return recipe_flags.parse(flags.FLAGS, _with_recorded_config(argv))
 
 
 if __name__ == "__main__":

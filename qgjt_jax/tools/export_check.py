@@ -28,6 +28,7 @@ import ml_collections
 from qgjt_jax import config_checks
 from qgjt_jax import errors
 from qgjt_jax import parallel
+from qgjt_jax import recipe_flags
 from qgjt_jax import stack as stack_lib
 from qgjt_jax.inference import model as model_lib
 from qgjt_jax.tools import step_bench
@@ -72,8 +73,9 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
   p = argparse.ArgumentParser(
       prog="python -m qgjt_jax.export_check",
       description="Export a recipe's train step and eval forward pass for "
-      "other platforms; one JSON line per program.")
-  p.add_argument("--config", default=str(step_bench.DEFAULT_CONFIG))
+      "other platforms; one JSON line per program. --config=RECIPE "
+      "(default configs/ms1m.py) and --config.KEY=VALUE as for "
+      "qgjt_jax.main.")
   p.add_argument("--platforms", default="tpu,cuda",
                  help="comma-separated: tpu, cuda, rocm, cpu")
   p.add_argument("--classes", type=int, default=step_bench.MS1MV2_CLASSES)
@@ -81,13 +83,17 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
                  help="the mesh's model axis (default: the recipe's)")
   p.add_argument("--traceback", action="store_true",
                     help="show the traceback of an expected failure")
-  return p.parse_args(argv)
+  recipe, rest = recipe_flags.recipe_and_rest(
+      list(argv), str(step_bench.DEFAULT_CONFIG))
+  a = p.parse_args(rest)
+  a.recipe = recipe
+  return a
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
   a = _parse(sys.argv[1:] if argv is None else argv)
   with errors.expected_failures(verbose=a.traceback):
-    config = step_bench.load_config(a.config)
+    config = a.recipe
     if a.model_parallelism is not None:
       config.model_parallelism = a.model_parallelism
     config_checks.check_values(config)

@@ -25,7 +25,6 @@ accelerator images often lack.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import pathlib
@@ -41,6 +40,7 @@ from qgjt_jax import base_config
 from qgjt_jax import config_checks
 from qgjt_jax import errors
 from qgjt_jax import parallel
+from qgjt_jax import recipe_flags
 from qgjt_jax import stack as stack_lib
 from qgjt_jax.method.batch import make_batch
 
@@ -75,17 +75,19 @@ DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[2] / "configs" / (
     "ms1m.py")
 
 
-def load_config(path: str | pathlib.Path) -> ml_collections.ConfigDict:
-  """`get_config()` of a recipe file (configs/*.py)."""
-  path = pathlib.Path(path)
-  if not path.is_file():
-    raise errors.UserError(f"--config={path}: no such recipe file; e.g. "
-                           f"--config={DEFAULT_CONFIG}")
-  base_config.make_siblings_importable(str(path))
-  spec = importlib.util.spec_from_file_location(f"_recipe_{path.stem}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+def default_recipe() -> ml_collections.ConfigDict:
+  return base_config.load_recipe(str(DEFAULT_CONFIG))
+
+
+# The keys the benchmark's own flags set over the recipe: a --config.KEY
+# override of one of them would be silently undone, so it is refused.
+FLAG_OF_KEY = {
+    "model.name": "arch", "model.dtype": "dtype",
+    "model.base_width": "base_width", "model.embedding_size":
+    "embedding_size", "model.remat": "remat", "data.image_size":
+    "image_size", "global_batch_size": "batch", "model_parallelism":
+    "model_parallelism", "head.sample_rate": "sample_rate",
+    "head.logits_dtype": "logits_dtype", "queue.capacity": "queue"}
 
 
 def bench_config(config: ml_collections.ConfigDict, *, arch: str,
@@ -165,17 +167,19 @@ def _peak_memory_gib(devices: Sequence[Any]) -> Optional[float]:
 
 
 def extras_cost(settings: dict[str, Any], classes: int,
-                config_path: str | pathlib.Path = DEFAULT_CONFIG
+                recipe: Optional[ml_collections.ConfigDict] = None
                 ) -> dict[str, Any]:
   """XLA's cost analysis of the step with and without the QGFace extras
   (queue, contrastive loss, quality gate), from the lowered programs: no
   compile, no run, so any host estimates the extras' share of the work.
 
-  `settings` are bench_config's keyword arguments but `qgface`.
+  `settings` are bench_config's keyword arguments but `qgface`; `recipe`
+  the config (default: configs/ms1m.py's).
   """
+  recipe = default_recipe() if recipe is None else recipe
   record = {}
   for qgface in (True, False):
-    config = bench_config(load_config(config_path), qgface=qgface,
+    config = bench_config(recipe, qgface=qgface,
                           **settings)
     config_checks.check_values(config)
     stack = stack_lib.build_stack(config, num_classes=classes,
@@ -203,14 +207,17 @@ def run(*, arch: str = "ir50", batch: int = 256, dtype: str = "bfloat16",
         image_size: int = 112, base_width: int = 64,
         embedding_size: int = 512, model_parallelism: int = 1,
         sample_rate: float = 1.0, logits_dtype: str = "float32",
-        remat: str = "none", config_path: str | pathlib.Path = DEFAULT_CONFIG,
+        remat: str = "none",
+        recipe: Optional[ml_collections.ConfigDict] = None,
         trace_dir: Optional[str] = None, dump_hlo: Optional[str] = None
         ) -> dict[str, Any]:
-  """Builds, warms up and times the step; returns the JSON record."""
+  """Builds, warms up and times the step of `recipe` (default:
+  configs/ms1m.py's config) with the settings given; returns the JSON
+  record."""
   if steps < 1 or warmup < 1 or repeats < 1:
     raise ValueError("steps, warmup and repeats must be >= 1")
   config = bench_config(
-      load_config(config_path), arch=arch, batch=batch, dtype=dtype,
+      default_recipe() if recipe is None else recipe, arch=arch, batch=batch, dtype=dtype,
       queue=queue, qgface=qgface, image_size=image_size,
       base_width=base_width, embedding_size=embedding_size,
       model_parallelism=model_parallelism, sample_rate=sample_rate,
@@ -299,9 +306,9 @@ def run(*, arch: str = "ir50", batch: int = 256, dtype: str = "bfloat16",
 def _parse(argv: Sequence[str]) -> argparse.Namespace:
   p = argparse.ArgumentParser(
       prog="python -m qgjt_jax.bench",
-      description="Time the QGFace train step; prints one JSON line.")
-  p.add_argument("--config", default=str(DEFAULT_CONFIG),
-                 help="the recipe whose step is timed (configs/*.py)")
+      description="Time the QGFace train step; prints one JSON line. "
+      "--config=RECIPE (default configs/ms1m.py) and --config.KEY=VALUE "
+      "as for qgjt_jax.main; the flags below set their keys over them.")
   p.add_argument("--arch", default="ir50", help="ir18 .. ir200, ir_se50 ...")
   p.add_argument("--batch", type=int, default=256,
                  help="samples per step (each gives 2 images)")
@@ -336,7 +343,15 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
   p.add_argument("--extras_cost", action="store_true",
                  help="instead of timing: XLA's FLOPs and bytes of the step "
                  "with and without the QGFace extras (lowered only)")
-  return p.parse_args(argv)
+  recipe, rest = recipe_flags.recipe_and_rest(list(argv), str(DEFAULT_CONFIG))
+  for arg in argv:
+    key = arg[len("--config."):].split("=", 1)[0]
+    if arg.startswith("--config.") and key in FLAG_OF_KEY:
+      sys.exit(f"ERROR: {arg}: the benchmark sets {key} from its own flag; "
+               f"give --{FLAG_OF_KEY[key]}= instead")
+  a = p.parse_args(rest)
+  a.recipe = recipe
+  return a
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -355,7 +370,7 @@ def _run(a: argparse.Namespace) -> dict[str, Any]:
         image_size=a.image_size, base_width=a.base_width,
         embedding_size=a.embedding_size,
         model_parallelism=a.model_parallelism, sample_rate=a.sample_rate,
-        logits_dtype=a.logits_dtype, remat=a.remat), a.classes, a.config)
+        logits_dtype=a.logits_dtype, remat=a.remat), a.classes, a.recipe)
   return run(arch=a.arch, batch=a.batch, dtype=a.dtype, classes=a.classes,
              queue=a.queue, steps=a.steps, warmup=a.warmup,
              repeats=a.repeats, qgface=not a.no_qgface,
@@ -363,7 +378,7 @@ def _run(a: argparse.Namespace) -> dict[str, Any]:
              embedding_size=a.embedding_size,
              model_parallelism=a.model_parallelism,
              sample_rate=a.sample_rate, logits_dtype=a.logits_dtype,
-             remat=a.remat, config_path=a.config, trace_dir=a.trace_dir,
+             remat=a.remat, recipe=a.recipe, trace_dir=a.trace_dir,
              dump_hlo=a.dump_hlo)
 
 

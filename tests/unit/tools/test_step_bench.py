@@ -69,7 +69,7 @@ def _bench_config(**changes):
                   qgface=True, image_size=16, base_width=4,
                   embedding_size=16, model_parallelism=1, sample_rate=1.0,
                   logits_dtype="float32", remat="none")
-  return step_bench.bench_config(step_bench.load_config(step_bench.DEFAULT_CONFIG),
+  return step_bench.bench_config(step_bench.default_recipe(),
                             **{**settings, **changes})
 
 
@@ -116,3 +116,20 @@ def test_no_qgface_removes_queue_and_gate_and_the_contrastive_term():
 ])
 def test_peak_flops_table(kind, peak):
   assert step_bench.peak_flops(kind) == peak
+
+
+def test_config_flags_are_taken_as_main_takes_them():
+  """--config and --config.KEY= as for qgjt_jax.main, in both argparse
+  tools; a key one of the benchmark's own flags sets is refused, naming
+  the flag, and an unknown key names the nearest."""
+  from qgjt_jax.tools import export_check
+  a = step_bench._parse(["--config.seed=3", "--arch=ir18"])
+  assert (a.recipe.seed, a.arch) == (3, "ir18")
+  assert a.recipe.model.name == ms1m.get_config().model.name  # the default
+  a = export_check._parse(["--config=configs/synthetic.py",
+                           "--config.head.s=32.0", "--platforms=cpu"])
+  assert a.recipe.head.s == 32.0 and a.platforms == "cpu"
+  with pytest.raises(SystemExit, match="give --arch= instead"):
+    step_bench._parse(["--config.model.name=ir18"])
+  with pytest.raises(SystemExit, match='Did you mean "seed"'):
+    export_check._parse(["--config.sed=3"])
