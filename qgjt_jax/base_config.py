@@ -155,7 +155,10 @@ def get_base_config() -> ml_collections.ConfigDict:
       # script's), "unit" pools unit features (the authors' in-training
       # path). tar_rule: which ROC point of several at one FAR counts,
       # "insightface" or "authors" (docs/FIDELITY.md); own-data sets too.
-      ijb_pooling="norm", tar_rule="insightface",
+      # ijb_detector_score: also weight each image by its detector score
+      # (insightface's scripts do; AdaFace and QGFace do not); every IJB
+      # result names the choice.
+      ijb_pooling="norm", tar_rule="insightface", ijb_detector_score=False,
       # Your own faces (qgjt_jax/eval/own_data.py): folders of one
       # sub-folder per person, and text files of "A B LABEL" pairs. align
       # "detect" finds and aligns the face of each photo first (the

@@ -12,6 +12,7 @@ the trainer uses; with neither library, metrics go to stdout.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -210,13 +211,14 @@ class ProgressLine:
     self._last_step, self._last_time = step, now
     images_per_sec = steps * self.images_per_step / seconds
     eta = (self.total_steps - step) * seconds / steps
+    auc = metrics.get("quality_auc")  # absent with the moco queue
+    auc = "n/a" if auc is None or not math.isfinite(auc) else f"{auc:.2f}"
     note(f"step {step}/{self.total_steps} "
           f"loss_cls {metrics['loss_cls']:.3f} "
           f"loss_con {metrics['loss_con']:.3f} "
           f"hq {metrics['hq_fraction']:.2f} "
           f"(clean {metrics['hq_fraction_clean']:.2f}, degraded "
-          f"{metrics['hq_fraction_degraded']:.2f}; norm AUC "
-          f"{metrics['quality_auc']:.2f}) "
+          f"{metrics['hq_fraction_degraded']:.2f}; norm AUC {auc}) "
           f"norm {metrics['norm_mean']:.2f}±{metrics['norm_std']:.2f} "
           f"queue {metrics['queue_fill']:.2f} "
           f"lr {metrics['lr']:.4g} "

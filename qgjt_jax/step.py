@@ -197,30 +197,37 @@ def _loss(ctx: StepContext, state: TrainState, batch: Batch,
         copies=views.keys.shape[0] // labels.shape[0])
   loss = loss_cls + schedule["con_weight"] * loss_con
   return loss, (new, _loss_metrics(loss, loss_cls, loss_con, con_aux,
-                                   views.by_view, online.quality, schedule))
+                                   views, online.quality, schedule))
 
 
 def _loss_metrics(loss, loss_cls, loss_con, con_aux, views, quality,
                   schedule) -> dict[str, jax.Array]:
-  """Scalars of the step. `views` maps "clean"/"degraded" to (norms, the
-  gates' scaler) of each view's encoded images."""
+  """Scalars of the step, from the encoder's `views` (queues.Views).
+
+  `quality_auc` compares the online encoder's norms of the clean views with
+  its norms of the degraded views that really were degraded; it is left out
+  where the online encoder sees no degraded view (the `moco` queue) and is
+  NaN in a batch whose recipe degraded none (the `adaface` recipe skips the
+  low resolution step for about half of the views)."""
+  by_view = views.by_view
   hq = lambda scaler: (quality_lib.quality_from_scaler(scaler) >=
                        schedule["head_b"]).astype(jnp.float32)
-  norms = jnp.concatenate([n for n, _ in views.values()])
+  norms = jnp.concatenate([n for n, _ in by_view.values()])
   metrics = {
       "loss": loss, "loss_cls": loss_cls, "loss_con": loss_con,
       "hq_fraction": jnp.mean(jnp.concatenate(
-          [hq(s) for _, s in views.values()])),
+          [hq(s) for _, s in by_view.values()])),
       "norm_mean": jnp.mean(norms), "norm_std": jnp.std(norms),
       "quality_mean": quality.mean, "quality_std": quality.std,
       "con_weight": schedule["con_weight"],
       "head_b": schedule["head_b"], "con_b": schedule["con_b"],
   }
-  for view, (view_norms, scaler) in views.items():
+  for view, (view_norms, scaler) in by_view.items():
     metrics[f"hq_fraction_{view}"] = jnp.mean(hq(scaler))
     metrics[f"norm_mean_{view}"] = jnp.mean(view_norms)
-  metrics["quality_auc"] = quality_lib.separation_auc(views["clean"][0],
-                                                  views["degraded"][0])
+  if views.truly_degraded is not None:
+    metrics["quality_auc"] = quality_lib.separation_auc(
+        by_view["clean"][0], by_view["degraded"][0], views.truly_degraded)
   metrics.update({f"con_{k}": v for k, v in con_aux.items()
                   if jnp.ndim(v) == 0})
   return metrics

@@ -16,8 +16,9 @@ Protocol (insightface ijb_11.py as used by AdaFace/QGFace):
    black border.
 2. Embed with flip fusion. With 'pre_norm_add' and use_norm_score the image
    feature is n1 e1 + n2 e2 (the un-normalised sum, insightface's "F2 N1");
-   use_detector_score further multiplies by the detector score ("D1", off in
-   the reference).
+   use_detector_score further multiplies by the detector score ("D1":
+   insightface's scripts turn it on, AdaFace's and QGFace's leave it off;
+   every result says which, as `detector_score_weighting`).
 3. Average the features of each (template, media), sum a template's media
    features, L2-normalise; score = cosine of the two templates of each pair.
 4. ROC of the scores; TAR at each target FAR is the TPR of the ROC point
@@ -248,10 +249,23 @@ def ijb_metrics(image_feats: np.ndarray, templates: np.ndarray,
   return metrics
 
 
-# 1:N identification (insightface's ijb_1n.py, which the authors' standalone
-# script runs): gallery sets and mixed probes, by template and subject id.
+# 1:N identification: the release's two gallery sets and its mixed probes,
+# by template and subject id, under two definitions that give different
+# numbers, each named in the results.
 _GALLERIES = {'IJBB': ('S1', 'S2'), 'IJBC': ('G1', 'G2')}
 TPIR_FPIRS = (0.01, 0.1)
+IDENTIFICATION_CONVENTIONS = {
+    '1n_insightface_': "insightface ijb_1n.py (the authors' standalone "
+                       "script): both gallery sets as one, every probe "
+                       "mated; the FPIR threshold from all probes' non-mate "
+                       "scores; TPIR counts a mate above it at any rank",
+    '1n_nist_': "NIST (IJB-C, Maze et al. 2018): each gallery set on its "
+                "own, probes whose subject it lacks are non-mated "
+                "searches; a false alarm is a non-mated search whose best "
+                "score reaches the threshold; TPIR counts a mate at rank 1 "
+                "(ties against the probe) reaching it; the mean over the "
+                "two sets beside each",
+}
 
 
 def _subject_list(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
@@ -282,20 +296,14 @@ def _chosen(unique_templates, feats, templates, subjects):
   return feats[rows], subjects[first]
 
 
-def identification_metrics(image_feats, templates, medias, files) -> dict:
-  """Rank-1/5/10 and TPIR at FPIR 0.01 and 0.1 of the mixed probes against
-  both gallery sets together, as insightface's ijb_1n.py computes them:
-  each probe's subject has one gallery template (its mate); rank-k is the
-  mate among the k highest similarities; the threshold at FPIR f is the
-  ceil(f P)-th largest non-mate similarity over all P probes, and TPIR the
-  share of probes whose mate scores above it."""
-  unique_templates, feats = template_features(image_feats, templates, medias)
-  lists = [_subject_list(f) for f in files]
-  gallery_t = np.concatenate([t for t, _ in lists[:-1]])
-  gallery_s = np.concatenate([s for _, s in lists[:-1]])
-  gallery, gallery_ids = _chosen(unique_templates, feats, gallery_t,
-                                 gallery_s)
-  probes, probe_ids = _chosen(unique_templates, feats, *lists[-1])
+def insightface_identification(gallery, gallery_ids, probes, probe_ids
+                               ) -> dict:
+  """Rank-1/5/10 and TPIR at FPIR 0.01 and 0.1 as insightface's
+  ijb_1n.py computes them: each probe's subject has one gallery template
+  (its mate); rank-k is the mate among the k highest similarities (a tie
+  broken by gallery order); the threshold at FPIR f is the ceil(f P)-th
+  largest non-mate similarity over all P probes, and TPIR the share of
+  probes whose mate scores above it."""
   mate = [np.flatnonzero(gallery_ids == i) for i in probe_ids]
   if any(len(m) != 1 for m in mate):
     raise ValueError('each probe subject needs exactly one gallery template')
@@ -303,14 +311,77 @@ def identification_metrics(image_feats, templates, medias, files) -> dict:
   similarity = probes @ gallery.T
   order = np.argsort(-similarity, axis=1, kind='stable')
   position = np.argmax(order == mate[:, None], axis=1)
-  out = {f'1n_rank{k}': float(np.mean(position < k)) for k in (1, 5, 10)}
+  prefix = '1n_insightface_'
+  out = {f'{prefix}rank{k}': float(np.mean(position < k)) for k in (1, 5, 10)}
   mate_scores = similarity[np.arange(len(mate)), mate]
   others = np.sort(np.delete(similarity.reshape(-1), np.arange(len(mate)) *
                              similarity.shape[1] + mate))[::-1]
   for fpir in TPIR_FPIRS:
     threshold = others[math.ceil(len(mate) * fpir) - 1]
-    out[f'1n_tpir@fpir={fpir:.0e}'] = float(np.mean(mate_scores > threshold))
-  out.update(num_probes=int(len(mate)), num_gallery=int(len(gallery)))
+    out[f'{prefix}tpir@fpir={fpir:.0e}'] = float(
+        np.mean(mate_scores > threshold))
+  out[f'{prefix}probes'] = int(len(mate))
+  return out
+
+
+def nist_identification(galleries, probes, probe_ids) -> dict:
+  """The NIST definition (see IDENTIFICATION_CONVENTIONS) for each of
+  `galleries` [(name, features, subject ids)], and the mean over them.
+
+  Per gallery set: a probe whose subject the set holds is a mated search
+  and its rank is 1 + the number of other templates scoring at least its
+  mate's; the others are non-mated searches. The threshold at FPIR f lets
+  at most floor(f N) of the N non-mated searches' best scores reach it
+  (`thresholds.cut_at`); a rate the searches do not resolve (f N < 1) is
+  left out, and so is the mean where a set leaves it out.
+  """
+  out, prefix = {}, '1n_nist_'
+  by_rate = {}
+  for name, gallery, gallery_ids in galleries:
+    similarity = probes @ gallery.T
+    mate = probe_ids[:, None] == gallery_ids[None, :]
+    mated = mate.any(axis=1)
+    mate_score = np.where(mate, similarity, -np.inf).max(axis=1)
+    rank = 1 + np.sum(~mate & (similarity >= mate_score[:, None]), axis=1)
+    best = np.sort(similarity[~mated].max(axis=1))[::-1]
+    key = f'{prefix}{name}_'
+    out[f'{key}mated_searches'] = int(mated.sum())
+    out[f'{key}non_mated_searches'] = int(len(best))
+    for k in (1, 5, 10):
+      if mated.any():
+        out[f'{key}rank{k}'] = float(np.mean(rank[mated] <= k))
+    for fpir in TPIR_FPIRS:
+      if len(best) * fpir < 1 or not mated.any():
+        continue
+      cosine = thresholds_lib.cut_at(best, fpir)
+      tpir = float(np.mean((rank[mated] == 1) &
+                           (mate_score[mated] >= cosine)))
+      out[f'{key}tpir@fpir={fpir:.0e}'] = tpir
+      out[f'{key}fpir_measured@fpir={fpir:.0e}'] = float(
+          np.mean(best >= cosine))
+      by_rate.setdefault(fpir, []).append(tpir)
+  for fpir, values in by_rate.items():
+    if len(values) == len(galleries):
+      out[f'{prefix}tpir@fpir={fpir:.0e}'] = float(np.mean(values))
+  return out
+
+
+def identification_metrics(image_feats, templates, medias, files) -> dict:
+  """1:N of the release's lists (`identification_files`) under both
+  definitions, with the conventions they follow."""
+  unique_templates, feats = template_features(image_feats, templates, medias)
+  lists = [_subject_list(f) for f in files]
+  galleries = [(pathlib.Path(f).stem.rsplit('_', 1)[-1],
+                *_chosen(unique_templates, feats, *l))
+               for f, l in zip(files[:-1], lists[:-1])]
+  probes, probe_ids = _chosen(unique_templates, feats, *lists[-1])
+  out = insightface_identification(
+      np.concatenate([g for _, g, _ in galleries]),
+      np.concatenate([i for _, _, i in galleries]), probes, probe_ids)
+  out.update(nist_identification(galleries, probes, probe_ids))
+  out.update(num_probes=int(len(probes)),
+             num_gallery=int(sum(len(g) for _, g, _ in galleries)),
+             identification_conventions=IDENTIFICATION_CONVENTIONS)
   return out
 
 
@@ -345,5 +416,6 @@ def evaluate_ijb(embed_fn: extract.EmbedFn, root: str | os.PathLike, *,
     metrics.update(identification_metrics(feats, layout.templates,
                                           layout.medias, files))
   metrics.update(pooling='norm-weighted' if use_norm_score else 'unit',
+                 detector_score_weighting=bool(use_detector_score),
                  tar_rule=tar_rule)
   return metrics

@@ -15,8 +15,15 @@ Each is scored three ways:
   person left out of a gallery of the others' templates in turn, the
   thresholds at each false-positive identification rate;
 * closed-set identification, leave one out: each image of a person with
-  two or more images is a probe against every other image; rank-1 and
-  rank-5 of its best mate (`identification.probe_ranks`'s rule).
+  two or more images is a probe against every other image; its rank is 1
+  + the number of other people's images scoring at least its best mate
+  (a tie counts against the probe). rank1/rank5 are shares of probes,
+  rank1_per_person/rank5_per_person the mean over people of each
+  person's share, so a person with many photos does not outweigh the
+  others;
+* files whose bytes are identical under two names are reported
+  (`duplicate_files`): within a person they double-count a photo, across
+  people they make an impostor pair of one photo.
 
 `config.eval.pairs_files`: text files of "PATH_A PATH_B LABEL" lines (label
 1: same person, 0: different; paths relative to the file; separated by
@@ -37,6 +44,7 @@ import stat
 import numpy as np
 
 from qgjt_jax import errors
+from qgjt_jax import reporting
 from qgjt_jax.eval import extract
 from qgjt_jax.eval import identification
 from qgjt_jax.eval import ijb
@@ -89,8 +97,9 @@ def sample_pairs(labels: np.ndarray, max_pairs: int = MAX_PAIRS,
 
 def leave_one_out_ranks(feats: np.ndarray, labels: np.ndarray,
                         chunk_size: int = 256) -> np.ndarray:
-  """1-based rank of each image's best mate among all other images (0:
-  no other image of its person)."""
+  """1-based rank of each image's best mate among all other images: 1 +
+  the other people's images scoring at least as high (ties count against
+  the probe); 0: no other image of its person."""
   feats = np.asarray(feats, np.float32)
   ranks = np.zeros(len(feats), np.int64)
   for start in range(0, len(feats), chunk_size):
@@ -100,7 +109,7 @@ def leave_one_out_ranks(feats: np.ndarray, labels: np.ndarray,
     mate = labels[rows, None] == labels[None, :]
     mate[np.arange(len(rows)), rows] = False
     best = np.where(mate, scores, -np.inf).max(axis=1)
-    higher = (scores > best[:, None]).sum(axis=1)
+    higher = (~mate & (scores >= best[:, None])).sum(axis=1)
     ranks[rows] = np.where(mate.any(axis=1), higher + 1, 0)
   return ranks
 
@@ -121,9 +130,8 @@ def _pair_metrics(feats, norms, pairs, issame, tar_rule: str,
                                                   labels[pairs[:, 1]]))
   out["impostor_pairs"] = int(np.sum(~issame))
   out["roc"] = thresholds.roc_points(scores[issame], scores[~issame])
-  out.update(reject.reject_curve(
-      scores, issame, np.minimum(norms[pairs[:, 0]], norms[pairs[:, 1]]))
-             or {})
+  out.update(reject.reject_metrics(
+      scores, issame, np.minimum(norms[pairs[:, 0]], norms[pairs[:, 1]])))
   return out
 
 
@@ -181,10 +189,17 @@ def folder_metrics(feats: np.ndarray, norms: np.ndarray, labels: np.ndarray,
                accuracy_std=fold["accuracy_std"],
                accuracy_folds=len(sizes))
   ranks = leave_one_out_ranks(feats, labels)
-  mated = ranks[ranks > 0]
-  if len(mated):
-    out.update(rank1=float(np.mean(mated <= 1)),
-               rank5=float(np.mean(mated <= 5)))
+  probes = ranks > 0
+  if probes.any():
+    images_of = np.bincount(labels)
+    probing = images_of > 1  # every image of such a person is a probe
+    for k in (1, 5):
+      hit = (ranks <= k) & probes
+      out[f"rank{k}"] = float(np.mean(hit[probes]))
+      out[f"rank{k}_per_person"] = float(np.mean(
+          np.bincount(labels, hit, len(images_of))[probing]
+          / images_of[probing]))
+    out["probe_people"] = int(probing.sum())
   out.update(num_images=int(len(labels)), num_people=int(labels.max() + 1),
              genuine_pairs=int(len(genuine)), impostor_pairs=int(len(impostor)),
              mean_norm=float(np.mean(norms)))
@@ -306,7 +321,24 @@ def evaluate_folder(embed_fn: extract.EmbedFn, folder: str, *,
       embed_fn, images_lib.LazyImages(lambda i: load(paths[i]), len(paths)),
       batch_size=batch_size, fusion=fusion, progress=progress,
       return_norms=True, desc=os.path.basename(os.path.normpath(folder)))
-  return folder_metrics(feats, norms, labels, tar_rule=tar_rule)
+  out = folder_metrics(feats, norms, labels, tar_rule=tar_rule)
+  out["duplicate_files"] = duplicate_report(people)
+  return out
+
+
+def duplicate_report(people: folders.People, listed: int = 20) -> dict:
+  """Byte-identical files of a folder of people: how many groups within
+  one person and across people, and the first `listed` groups' paths."""
+  groups = folders.identical_files(people.paths)
+  across = [g for g in groups if len(set(people.labels[g])) > 1]
+  if groups:
+    reporting.note(f"{people.root}: {len(groups)} group(s) of identical "
+                   f"files under different names ({len(across)} across "
+                   "people), e.g. " + ", ".join(
+                       str(people.paths[i]) for i in groups[0]))
+  return {"groups": len(groups), "across_people": len(across),
+          "examples": [[str(people.paths[i]) for i in g]
+                       for g in groups[:listed]]}
 
 
 def evaluate_pairs_file(embed_fn: extract.EmbedFn, path: str, *,

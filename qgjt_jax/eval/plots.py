@@ -3,7 +3,7 @@
 From the results themselves (so a JSON can be drawn again later):
 
   NAME.roc.png     TAR against FAR (log scale) of every set with a ROC
-  NAME.reject.png  the error-versus-reject curves of the norm (eval/reject.py)
+  NAME.reject.png  the EDC and ERC curves of the norm (eval/reject.py)
   NAME.norms.png   the norms of clean and degraded faces (HQ-LQ pairs)
 
 Drawn with matplotlib (no display needed); each file is written whole or
@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from typing import Any, Callable
 
 from qgjt_jax import outputs
+from qgjt_jax.eval import reject as reject_lib
 
 
 KINDS = ("roc", "reject", "norms")
@@ -55,13 +56,21 @@ def write_plots(results: Mapping[str, Any], stem: str) -> list[str]:
     return bool(curves)
 
   def reject(ax):
-    curves = _sets_with(results, "reject_curve")
-    for name, points in curves:
+    # Both conventions of eval/reject.py, each line named by its own.
+    edc = _sets_with(results, "edc_curve")
+    for name, points in edc:
       ax.plot([100 * p[0] for p in points], [p[1] for p in points],
-              label=f"{name} (FAR {results[name]['reject_far']:.0e})")
-    ax.set(xlabel="pairs rejected, lowest feature norm first (%)",
-           ylabel="false non-match rate", title="Error versus reject")
-    return bool(curves)
+              drawstyle="steps-post",
+              label=f"{name}: EDC, pAUC {results[name]['edc_pauc']:.4f}")
+    for name, points in _sets_with(results, "erc_curve"):
+      ax.plot([100 * p[0] for p in points], [p[1] for p in points], "--",
+              label=f"{name}: ERC at FMR {reject_lib.ERC_FMR:.0e}, "
+                    f"AUC {results[name]['erc_auc']:.4f}")
+    ax.set(xlabel="comparisons set aside, lowest feature norm first (%)",
+           ylabel="false non-match rate",
+           title="EDC (fixed threshold, genuine only) and ERC "
+                 "(recomputed threshold)")
+    return bool(edc)
 
   def norms(ax):
     found = _sets_with(results, "norm_histogram")

@@ -100,6 +100,7 @@ class Evaluator:
       add(cfg.ijb_target.lower(), "ijb_template", ijb.evaluate_ijb(
           embed_fn, cfg.ijb_root, subset=cfg.ijb_target, image_size=size,
           use_norm_score=cfg.ijb_pooling == "norm", tar_rule=cfg.tar_rule,
+          use_detector_score=cfg.ijb_detector_score,
           **common))
     load = (faces.photo_loader(size) if cfg.align == "detect" else None)
     own = dict(image_size=size, load=load, tar_rule=cfg.tar_rule, **common)

@@ -134,9 +134,10 @@ def evaluate_pairs(embed_fn: extract.EmbedFn, images: np.ndarray,
 
   Decode a set once with `bin_sets` and call this per checkpoint (and per
   `low_res`) to avoid decoding again. Adds 'mean_norm' (the average fused
-  feature norm, a cheap health check), 'low_res' and the error-versus-reject
-  curve of the norm as the pairs' quality (`reject.reject_curve`); with
-  `clean_then_degraded` (each pair a clean face, then a degraded one) also
+  feature norm, a cheap health check), 'low_res' and the norm's EDC and ERC
+  as the pairs' quality (`reject.reject_metrics`); with
+  `clean_then_degraded` (each pair a clean face, then a degraded one: in
+  the synthetic HQ-LQ set every one went through the downscale) also
   'quality_auc', how well the norm tells the two apart.
   """
   if low_res is not None:
@@ -149,9 +150,9 @@ def evaluate_pairs(embed_fn: extract.EmbedFn, images: np.ndarray,
   metrics = verification_metrics(feats, issame, nfolds=nfolds)
   metrics['mean_norm'] = float(np.mean(norms))
   metrics['low_res'] = low_res
-  metrics.update(reject.reject_curve(
+  metrics.update(reject.reject_metrics(
       1.0 - pair_distances(feats) / 2.0, issame,
-      np.minimum(norms[0::2], norms[1::2])) or {})
+      np.minimum(norms[0::2], norms[1::2])))
   if clean_then_degraded:
     metrics['quality_auc'] = float(quality.separation_auc(norms[0::2],
                                                           norms[1::2]))

@@ -20,6 +20,7 @@ Training (`data.prepare --format=image_folder`), evaluation
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import pathlib
 
@@ -28,6 +29,7 @@ import numpy as np
 from qgjt_jax import errors
 from qgjt_jax import reporting
 from qgjt_jax.files import images
+from qgjt_jax.files import regular
 
 
 class FolderError(errors.UserError, ValueError):
@@ -136,3 +138,26 @@ def _check_distinct(root: pathlib.Path, folders: list[pathlib.Path]) -> None:
                           f"({real}): its images would get two names; remove "
                           "the link")
       parent = os.path.dirname(parent)
+
+
+def identical_files(paths) -> list[list[int]]:
+  """Groups (of two or more indices into `paths`) of files whose bytes are
+  the same: one photo saved under two names, which a folder of people
+  would count as two photos (or, in two people's folders, as an impostor
+  pair at cosine 1). Only files of equal size are read, in chunks."""
+  by_size: dict[int, list[int]] = {}
+  for i, path in enumerate(paths):
+    by_size.setdefault(os.stat(path).st_size, []).append(i)
+  groups = []
+  for same_size in by_size.values():
+    if len(same_size) < 2:
+      continue
+    by_digest: dict[bytes, list[int]] = {}
+    for i in same_size:
+      digest = hashlib.sha256()
+      with regular.open_regular(paths[i]) as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+          digest.update(chunk)
+      by_digest.setdefault(digest.digest(), []).append(i)
+    groups += [g for g in by_digest.values() if len(g) > 1]
+  return sorted(groups)

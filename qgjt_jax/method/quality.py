@@ -114,14 +114,20 @@ def read_quality(settings: Any, stats: QualityStats, norms: jax.Array,
   return stats, scaler, scaler
 
 
-def separation_auc(clean: jax.Array, degraded: jax.Array) -> jax.Array:
+def separation_auc(clean: jax.Array, degraded: jax.Array,
+                   counted: jax.Array | None = None) -> jax.Array:
   """How well the feature norm tells clean views from degraded ones: the
   probability that a clean view's norm exceeds a degraded view's (ties
   count half), the area under the ROC of the norm as a clean-vs-degraded
-  score. 1: perfectly told apart; 0.5: not at all. Logged in training as
-  `quality_auc`, and by the evaluation of HQ-LQ pairs."""
+  score. 1: perfectly told apart; 0.5: not at all. `counted` marks the
+  degraded views to compare (all when None; NaN when it marks none).
+  Logged in training as `quality_auc`, and by the evaluation of HQ-LQ
+  pairs."""
   clean = jnp.asarray(clean, jnp.float32)
   degraded = jnp.asarray(degraded, jnp.float32)
+  weight = (jnp.ones(degraded.shape, jnp.float32) if counted is None
+            else jnp.asarray(counted, jnp.float32))
   above = (clean[:, None] > degraded[None, :]).astype(jnp.float32)
   ties = (clean[:, None] == degraded[None, :]).astype(jnp.float32)
-  return jnp.mean(above + 0.5 * ties)
+  per_degraded = jnp.mean(above + 0.5 * ties, axis=0)
+  return jnp.sum(per_degraded * weight) / jnp.sum(weight)

@@ -60,7 +60,10 @@ class Views:
   The classifier scores `online`'s rows with `labels`; the contrastive loss
   pairs q with k (B rows each, with their gate scalers); `keys` (with
   `key_labels`) are enqueued. `by_view` maps "clean"/"degraded" to the
-  (norms, gate scaler) of each view, for the step's metrics.
+  (norms, gate scaler) of each view, for the step's metrics;
+  `truly_degraded` marks the degraded view's rows that the recipe did
+  degrade (resolution factor below 1), when the online encoder saw that
+  view (None otherwise: `quality_auc` then is not measured).
   """
   online: encoder.Encoding
   labels: jax.Array
@@ -71,6 +74,7 @@ class Views:
   keys: jax.Array
   key_labels: jax.Array
   by_view: dict[str, tuple[jax.Array, jax.Array]]
+  truly_degraded: jax.Array | None = None
 
 
 class QueueVariant:
@@ -106,7 +110,8 @@ class QueueVariant:
     return Views(online, labels2, q=emb[b:], k=emb[:b], q_scaler=gate[b:],
                  k_scaler=gate[:b], keys=emb, key_labels=labels2,
                  by_view={"clean": (online.norms[:b], gate[:b]),
-                          "degraded": (online.norms[b:], gate[b:])})
+                          "degraded": (online.norms[b:], gate[b:])},
+                 truly_degraded=batch["degrade_l"] < 1.0)
 
   def negatives(self, ctx, queue, keys, labels, kernel, step
                 ) -> tuple[queue_buffer.QueueState, jax.Array]:

@@ -33,7 +33,19 @@ def _setup(config, mesh=None):
           stack.mesh)
 
 
-@pytest.mark.parametrize("queue_kind", ["proxy", "realtime"])
+def _both_views_outside_the_step(model, state, batch):
+  """(embeddings, norms, labels) of both views through the step's model,
+  in train mode, from `state`'s weights."""
+  images = normalize_images(np.concatenate([batch["image_h"],
+                                            batch["image_l"]]))
+  (emb, norms), _ = model.apply(
+      {"params": state.params["backbone"], "batch_stats": state.batch_stats},
+      images, train=True, mutable=["batch_stats"])
+  return emb, norms, jnp.asarray(np.concatenate([batch["label"]] * 2))
+
+
+@pytest.mark.parametrize("queue_kind", [
+    "proxy", pytest.param("realtime", marks=pytest.mark.slow)])
 def test_reported_loss_is_the_core_losses_on_the_same_features(queue_kind):
   config = tiny_runs.tiny_config()
   config.queue.kind = queue_kind
@@ -48,12 +60,7 @@ def test_reported_loss_is_the_core_losses_on_the_same_features(queue_kind):
 
   # The same forward pass, outside the step (dropout is 0 in this config).
   b = config.global_batch_size
-  images = normalize_images(np.concatenate([batch["image_h"],
-                                            batch["image_l"]]))
-  (emb, norms), _ = model.apply(
-      {"params": before.params["backbone"], "batch_stats": before.batch_stats},
-      images, train=True, mutable=["batch_stats"])
-  labels = jnp.asarray(np.concatenate([batch["label"]] * 2))
+  emb, norms, labels = _both_views_outside_the_step(model, before, batch)
   kernel = before.params["classifier"]["kernel"]
   qc, hc, cc = config.quality, config.head, config.contrastive
   loss_cls, stats, scaler = margin.adaface_loss(
@@ -182,6 +189,7 @@ def test_one_and_eight_devices_give_the_same_step():
   assert "EQUIVALENT" in result.stdout
 
 
+@pytest.mark.slow
 def test_partition_by_degradation_moves_the_gates_not_the_margin():
   """Only the HQ/LQ split follows the known downscale factor: the AdaFace
   margin still reads the feature-norm scaler."""
@@ -193,12 +201,7 @@ def test_partition_by_degradation_moves_the_gates_not_the_margin():
   batch = step_helpers.random_batch(3, config)
   _, metrics = fn(state, parallel.host_to_global(batch, mesh))
 
-  images = normalize_images(np.concatenate([batch["image_h"],
-                                            batch["image_l"]]))
-  (emb, norms), _ = model.apply(
-      {"params": before.params["backbone"], "batch_stats": before.batch_stats},
-      images, train=True, mutable=["batch_stats"])
-  labels = jnp.asarray(np.concatenate([batch["label"]] * 2))
+  emb, norms, labels = _both_views_outside_the_step(model, before, batch)
   qc, hc = config.quality, config.head
   stats = quality_lib.update_quality_stats(before.quality, norms, qc.alpha)
   norm_scaler = quality_lib.margin_scaler(norms, stats, qc.h, qc.eps)
@@ -282,3 +285,12 @@ def test_separation_auc_is_the_roc_area_of_the_norm():
   apart = quality_lib.separation_auc(jnp.arange(8.0) + 100, jnp.arange(8.0))
   same = quality_lib.separation_auc(jnp.ones(8), jnp.ones(8))
   assert float(apart) == 1.0 and float(same) == 0.5
+  # Only the views that really were degraded count (the adaface recipe
+  # leaves about half undegraded): the AUC against those alone.
+  counted = rng.random(64) < 0.5
+  want = roc_auc_score(np.r_[np.ones(64), np.zeros(counted.sum())],
+                       np.r_[clean, degraded[counted]])
+  got = quality_lib.separation_auc(clean, degraded, counted)
+  np.testing.assert_allclose(float(got), want, rtol=1e-6)
+  assert np.isnan(float(quality_lib.separation_auc(clean, degraded,
+                                                   np.zeros(64, bool))))

@@ -160,6 +160,11 @@ def test_evaluate_ijb_on_the_insightface_layout(tmp_path, use_detector_score):
     assert got[ijb.far_key(far)] == pytest.approx(tar), far
   assert got['num_templates'] == 8 and got['num_pairs'] == 28
   assert 0 < got['tar@far=1e-01'] < 1  # neither trivial nor perfect
+  assert got['detector_score_weighting'] is use_detector_score
+  assert set(got['identification_conventions']) == {'1n_insightface_',
+                                                   '1n_nist_'}
+  assert got['1n_nist_G1_mated_searches'] == 2  # subjects 0 and 1
+  assert got['1n_nist_G2_non_mated_searches'] == 2
 
 
 def test_ijb_reader_errors(tmp_path):
@@ -255,4 +260,60 @@ def test_1n_identification_against_their_code(tmp_path, seed):
   want = _their_identification(probes, gallery, [0, 1, 2, 3])
   assert got["num_probes"] == 4 and got["num_gallery"] == 4
   for key, value in want.items():
+    key = key.replace("1n_", "1n_insightface_")
     assert got[key] == pytest.approx(value), key
+
+
+def _nist_by_definition(probes, probe_ids, gallery, gallery_ids, fpir):
+  """NIST's open-set search read off its definition, one search at a time:
+  (rank-1 share of mated searches, TPIR, false alarms) at the loosest
+  threshold among the scores that keeps false alarms <= floor(fpir N)."""
+  mated_hits, best_non_mated = [], []
+  for feat, subject in zip(probes, probe_ids):
+    scores = gallery @ feat
+    if subject in gallery_ids:
+      mate = max(s for s, i in zip(scores, gallery_ids) if i == subject)
+      others = [s for s, i in zip(scores, gallery_ids) if i != subject]
+      mated_hits.append(mate if all(mate > o for o in others) else None)
+    else:
+      best_non_mated.append(max(scores))
+  allowed = int(np.floor(fpir * len(best_non_mated)))
+  # Accepting a score s can only start just above another search's best.
+  candidates = {np.nextafter(b, np.inf) for b in best_non_mated} | {-np.inf}
+  threshold = min(c for c in candidates
+                  if sum(b >= c for b in best_non_mated) <= allowed)
+  tpir = np.mean([h is not None and h >= threshold for h in mated_hits])
+  rank1 = np.mean([h is not None for h in mated_hits])
+  return rank1, tpir, sum(b >= threshold for b in best_non_mated)
+
+
+@pytest.mark.parametrize('seed', [0, 1])
+def test_nist_identification_against_its_definition(seed):
+  """Two gallery sets of 30 subjects each, 200 probes of 80 subjects (20
+  in neither set); features in halves, so scores are exact and tie."""
+  rng = np.random.default_rng(seed)
+  centres = rng.normal(size=(80, 6))
+  probe_ids = rng.integers(0, 80, 200)
+  probes = np.round(2 * (centres[probe_ids] + rng.normal(0, 0.8, (200, 6))))
+  probes /= 2
+  galleries = []
+  for name, ids in (('G1', np.arange(30)), ('G2', np.arange(30, 60))):
+    galleries.append((name, np.round(2 * (centres[ids] + rng.normal(
+        0, 0.5, (30, 6)))) / 2, ids))
+  got = ijb.nist_identification(galleries, probes, probe_ids)
+  for name, gallery, ids in galleries:
+    for fpir in ijb.TPIR_FPIRS:
+      rank1, tpir, alarms = _nist_by_definition(probes, probe_ids, gallery,
+                                                ids, fpir)
+      key = f'1n_nist_{name}_'
+      assert got[f'{key}rank1'] == pytest.approx(rank1)
+      assert got[f'{key}tpir@fpir={fpir:.0e}'] == pytest.approx(tpir)
+      searches = got[f'{key}non_mated_searches']
+      assert got[f'{key}fpir_measured@fpir={fpir:.0e}'] == pytest.approx(
+          alarms / searches)
+  assert got['1n_nist_tpir@fpir=1e-01'] == pytest.approx(np.mean(
+      [got['1n_nist_G1_tpir@fpir=1e-01'], got['1n_nist_G2_tpir@fpir=1e-01']]))
+  # The mean is there exactly when both sets resolve the rate.
+  resolved = [got[f'1n_nist_{n}_non_mated_searches'] * 0.01 >= 1
+              for n in ('G1', 'G2')]
+  assert ('1n_nist_tpir@fpir=1e-02' in got) == all(resolved)

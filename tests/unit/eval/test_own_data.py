@@ -43,16 +43,64 @@ def test_a_folder_scores_as_brute_force(tmp_path):
   assert got["impostor_pairs"] == (~same).sum()
   assert got["tar@far=1e-01"] == pytest.approx(_tar(same, scores, 0.1),
                                                abs=1e-12)
-  ranks = []
-  for i in range(len(paths)):
-    others = [j for j in range(len(paths)) if j != i]
-    mates = [feats[i] @ feats[j] for j in others if labels[j] == labels[i]]
-    if mates:
-      ranks.append(1 + sum(feats[i] @ feats[j] > max(mates) for j in others))
+  ranks = _ranks_by_definition(feats, labels)
   assert len(ranks) == 20  # the single-image person is no probe
   assert got["rank1"] == pytest.approx(np.mean(np.array(ranks) <= 1))
   assert got["rank5"] == pytest.approx(np.mean(np.array(ranks) <= 5))
   assert 0 <= got["accuracy_mean"] <= 1 and got["num_people"] == 6
+  assert got["duplicate_files"] == {"groups": 0, "across_people": 0,
+                                    "examples": []}
+
+
+def _ranks_by_definition(feats, labels):
+  """{image: rank} of each image with a mate: 1 + the other people's
+  images scoring at least its best mate (ties against the probe)."""
+  ranks = {}
+  for i in range(len(labels)):
+    others = [j for j in range(len(labels)) if j != i]
+    mates = [feats[i] @ feats[j] for j in others if labels[j] == labels[i]]
+    if mates:
+      ranks[i] = 1 + sum(feats[i] @ feats[j] >= max(mates) for j in others
+                         if labels[j] != labels[i])
+  return [ranks[i] for i in sorted(ranks)]
+
+
+def test_leave_one_out_counts_ties_against_the_probe_and_per_person():
+  """Features in halves so scores tie exactly; person 0 has 12 photos,
+  the others 2 or 3: the per-person mean weighs each person once."""
+  rng = np.random.default_rng(4)
+  counts = np.r_[12, rng.integers(2, 4, 7)]
+  labels = np.repeat(np.arange(8), counts)
+  centres = np.round(2 * rng.normal(size=(8, 4))) / 2
+  feats = centres[labels] + np.round(2 * rng.normal(0, 0.7, (len(labels),
+                                                             4))) / 2
+  got = own_data.folder_metrics(feats, np.ones(len(labels)), labels)
+  ranks = np.array(_ranks_by_definition(feats, labels))
+  scores = feats @ feats.T
+  np.fill_diagonal(scores, -np.inf)
+  mate = labels[:, None] == labels[None, :]
+  best = np.where(mate, scores, -np.inf).max(axis=1)
+  assert np.any(~mate & (scores == best[:, None]))  # a mate ties a stranger
+  assert got["rank1"] == pytest.approx(np.mean(ranks <= 1))
+  per_person = [np.mean(ranks[labels == p] <= 1) for p in range(8)]
+  assert got["rank1_per_person"] == pytest.approx(np.mean(per_person))
+  assert got["rank1_per_person"] != pytest.approx(got["rank1"])
+  assert got["probe_people"] == 8
+
+
+def test_identical_files_under_two_names_are_reported(tmp_path):
+  root = _folder(tmp_path / "people")
+  same = (root / "person1" / "0.jpg").read_bytes()
+  (root / "person1" / "copy.jpg").write_bytes(same)
+  (root / "person2" / "stray.jpg").write_bytes(same)
+  (root / "person3" / "a.jpg").write_bytes((root / "person3" / "0.jpg")
+                                           .read_bytes())
+  got = own_data.evaluate_folder(
+      eval_trees.embed_fn, str(root), batch_size=8,
+      image_size=eval_trees.SIZE, fusion=None, progress=False)
+  found = got["duplicate_files"]
+  assert found["groups"] == 2 and found["across_people"] == 1
+  assert sorted(map(len, found["examples"])) == [2, 3]
 
 
 def test_a_pairs_file_scores_as_brute_force(tmp_path):

@@ -1,46 +1,136 @@
-"""The error-versus-reject curve of a quality indicator."""
+"""EDC and ERC of a quality indicator, each against a transcription of its
+reference code on scores and qualities with ties."""
+import math
+
 import numpy as np
 import pytest
 
 from qgjt_jax.eval import reject
 
 
-def _pairs(informative: bool, seed=0):
-  """1000 genuine and 1000 impostor pairs; genuine pairs of low planted
-  quality score low (when `informative`)."""
+def _comparisons(seed: int, informative: bool = True, levels: int = 40):
+  """600 genuine and 1400 impostor comparisons. Qualities and scores are
+  rounded to a few levels, so both have many ties; genuine comparisons of
+  low quality score low when `informative`."""
   rng = np.random.default_rng(seed)
-  quality = rng.uniform(0, 1, 2000)
-  issame = np.r_[np.ones(1000, bool), np.zeros(1000, bool)]
-  scores = np.where(issame, 0.05 + 0.5 * (quality if informative else
-                                         rng.uniform(0, 1, 2000)),
-                    rng.normal(0.0, 0.1, 2000))
-  return scores, issame, quality
+  issame = rng.permutation(np.r_[np.ones(600, bool), np.zeros(1400, bool)])
+  quality = np.round(rng.uniform(0, 1, issame.size) * levels) / levels
+  genuine = 0.1 + 0.6 * (quality if informative else
+                         rng.uniform(0, 1, issame.size))
+  scores = np.where(issame, genuine + rng.normal(0, 0.05, issame.size),
+                    rng.normal(0.0, 0.12, issame.size))
+  return np.round(scores, 2), issame, quality
 
 
-def test_the_curve_falls_when_quality_predicts_failure():
-  out = reject.reject_curve(*_pairs(True))
-  curve = np.array(out["reject_curve"])
-  assert out["reject_far"] == 1e-3
-  assert out["fnmr_reject_0"] > out["fnmr_reject_10"] > (
-      out["fnmr_reject_20"]) > out["fnmr_reject_40"] >= 0
-  assert np.all(np.diff(curve[:, 1]) <= 1e-12)  # never rises
-  flat = reject.reject_curve(*_pairs(False))
-  assert out["reject_auc"] < 0.7 * flat["reject_auc"]
-  # Flat within sampling noise when quality says nothing.
-  assert abs(flat["fnmr_reject_40"] - flat["fnmr_reject_0"]) < 0.05
+# Transcription of dasec quality-assessment-evaluation edc.py (compute_edc
+# with starting_error, FNMR error type, pair quality min; compute_edc_pauc;
+# compute_edc_area_under_theoretical_best), on genuine comparisons.
+def _reference_edc(scores, quality, starting_error, limit):
+  order = np.argsort(quality)
+  quality, scores = quality[order], scores[order]
+  threshold = np.quantile(scores, starting_error)
+  counts = np.less(scores, threshold).astype(np.uint32)
+  counts = np.flipud(np.cumsum(np.flipud(counts)))
+  discard_counts = np.concatenate(
+      ([0], np.where(quality[:-1] != quality[1:])[0] + 1))
+  errors = counts[discard_counts] / (len(scores) - discard_counts)
+  discards = discard_counts / len(scores)
+  if discards[-1] != 1:
+    discards = np.concatenate((discards, [1]))
+    errors = np.concatenate((errors, [0]))
+  pauc = 0
+  for i in range(len(discards)):
+    if i == len(discards) - 1 or discards[i + 1] >= limit:
+      pauc += errors[i] * (limit - discards[i])
+      break
+    pauc += errors[i] * (discards[i + 1] - discards[i])
+  best = errors[0] ** 2 / 2
+  if limit < errors[0]:
+    best -= (errors[0] - limit) ** 2 / 2
+  return discards, errors, pauc - best
 
 
-def test_values_against_a_direct_count():
-  scores, issame, quality = _pairs(True, seed=1)
-  out = reject.reject_curve(scores, issame, quality)
-  impostor = np.sort(scores[~issame])[::-1]
-  threshold = np.nextafter(impostor[1], np.inf)  # FAR 1e-3 of 1000
-  keep = quality >= np.sort(quality)[200]  # the worst 10% of 2000 dropped
-  want = np.mean(scores[keep & issame] < threshold)
-  assert out["fnmr_reject_10"] == pytest.approx(want)
+# Transcription of CR-FIQA ERC/erc.py getFNMRFixedTH with ERC/roc.py
+# (calculate_roc on dissimilarity scores, get_fmr_op), for one FMR.
+# Its quality sort is not stable; ours is, so ties are cut by position.
+def _reference_erc(scores, issame, quality, fmr):
+  dist = np.arccos(np.clip(scores, -1, 1)) / math.pi
+  order = np.argsort(quality, kind="stable")
+  shares = np.arange(0, 0.98, 0.05)
+  fnmrs = []
+  for share in shares:
+    kept = order[int(share * len(order)):]
+    pos = np.sort(dist[kept][issame[kept] == 1])
+    neg = np.sort(dist[kept][issame[kept] == 0])
+    g, i = pos * -1, neg * -1
+    stacked = sorted(list(zip(g, [1] * len(g))) + list(zip(i, [0] * len(i))),
+                     key=lambda row: row[0])
+    stacked = np.array(stacked)
+    cumul = np.cumsum(stacked[:, 1])
+    thrs, u_indices = np.unique(stacked[:, 0], return_index=True)
+    fnm = cumul[u_indices] - stacked[u_indices][:, 1]
+    fm = len(i) - (u_indices - fnm)
+    index = np.argmin(abs(fm / len(i) - fmr))
+    threshold = thrs[index] * -1
+    fnmrs.append(1 - len([d for d in pos if d < threshold]) / len(pos))
+  return shares, np.array(fnmrs), np.trapezoid(fnmrs, shares)
 
 
-def test_too_few_impostors_give_no_curve():
-  assert reject.reject_curve(np.zeros(20), np.r_[np.ones(10, bool),
-                                                 np.zeros(10, bool)],
-                             np.zeros(20)) is None
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_edc_matches_the_reference_code(seed):
+  scores, issame, quality = _comparisons(seed)
+  got = reject.edc(scores[issame], quality[issame])
+  discards, errors, pauc = _reference_edc(
+      scores[issame], quality[issame], reject.STARTING_ERROR,
+      reject.PAUC_LIMIT)
+  assert len(np.unique(quality[issame])) < issame.sum() / 5  # ties
+  np.testing.assert_allclose(got["discard"], discards)
+  np.testing.assert_allclose(got["fnmr"], errors)
+  assert got["pauc"] == pytest.approx(pauc, abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_erc_matches_the_reference_code(seed):
+  scores, issame, quality = _comparisons(seed)
+  got = reject.erc(scores, issame, quality, fmr=1e-2)
+  shares, fnmrs, auc = _reference_erc(scores, issame, quality, 1e-2)
+  np.testing.assert_allclose(got["shares"], shares)
+  np.testing.assert_allclose(got["fnmr"], fnmrs, atol=1e-12)
+  assert got["auc"] == pytest.approx(auc, abs=1e-12)
+  # 1400 impostors resolve 1e-2 until fewer than 100 remain.
+  kept_impostors = [np.sum(~issame[np.argsort(quality, kind="stable")][
+      int(s * issame.size):]) for s in shares]
+  first = next(s for s, n in zip(shares, kept_impostors) if n < 100)
+  assert got["unresolved_from"] == pytest.approx(first)
+
+
+def test_the_conventions_disagree_and_results_name_theirs():
+  """The two are different numbers of one indicator; the results carry
+  both, each with its convention, and an informative norm beats a blind
+  one under each."""
+  good = reject.reject_metrics(*_comparisons(3))
+  blind = reject.reject_metrics(*_comparisons(3, informative=False))
+  assert good["edc_convention"].startswith("EDC: genuine comparisons")
+  assert good["erc_convention"].startswith("ERC: all comparisons")
+  assert good["edc_pauc"] < blind["edc_pauc"]
+  assert good["erc_auc"] < blind["erc_auc"]
+  assert good["edc_fnmr_discard_0"] == pytest.approx(
+      good["edc_starting_error"])
+  assert good["edc_fnmr_discard_0"] > good["edc_fnmr_discard_20"]
+  assert good["edc_genuine"] == 600
+
+
+def test_edc_discards_a_tied_quality_as_one_block():
+  """Four comparisons, the first three of one quality: discarding the
+  lowest quality takes all three at once, whatever their order."""
+  scores = np.array([0.1, 0.9, 0.9, 0.9])
+  quality = np.array([1.0, 1.0, 1.0, 2.0])
+  out = reject.edc(scores, quality, starting_error=0.25)
+  np.testing.assert_allclose(out["discard"], [0, 0.75, 1.0])
+  np.testing.assert_allclose(out["fnmr"], [0.25, 0.0, 0.0])
+
+
+def test_no_genuine_or_no_impostor_comparisons_give_no_curve():
+  assert reject.reject_metrics(np.zeros(5), np.zeros(5, bool),
+                               np.zeros(5)) == {}
+  assert reject.erc(np.zeros(5), np.ones(5, bool), np.zeros(5)) is None

@@ -56,13 +56,14 @@ def test_write_results(tmp_path):
 
 
 def test_results_are_drawn_beside_their_json(tmp_path):
+  from qgjt_jax.eval import reject
   from qgjt_jax.eval import verification
   rng = np.random.default_rng(0)
   emb = rng.normal(size=(400, 8))
   emb /= np.linalg.norm(emb, axis=1, keepdims=True)
   metrics = verification.verification_metrics(emb, rng.random(200) < 0.5)
-  metrics["reject_curve"] = [[0.0, 0.5], [0.4, 0.3]]
-  metrics["reject_far"] = 0.01
+  metrics.update(reject.reject_metrics(
+      rng.normal(0.3, 0.2, 200), rng.random(200) < 0.5, rng.random(200)))
   metrics["norm_histogram"] = verification.norm_histogram(
       rng.normal(20, 2, 50), rng.normal(15, 2, 50))
   path = report.write_results(str(tmp_path), "step_7", {"lfw": metrics})
