@@ -113,6 +113,7 @@ def test_config_record_keeps_the_config_and_version(reference_run):
   assert record["config"]["queue"]["capacity"] == 48
 
 
+@pytest.mark.slow
 def test_eval_mode_restores_the_model_on_another_device_count(
     tmp_path, reference_run):
   """Trained on one device, evaluated by `--mode=eval` on two."""

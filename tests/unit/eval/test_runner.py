@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from qgjt_jax import parallel
 from qgjt_jax import state as state_lib
@@ -29,6 +30,7 @@ def _variables(config):
                            jnp.zeros((1, size, size, 3)), train=False)
 
 
+@pytest.mark.slow
 def test_evaluation_runs_in_its_own_dtype(tmp_path):
   config = _config(tmp_path)
   assert config.eval.dtype == "float32"  # ...evaluated in float32

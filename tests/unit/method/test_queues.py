@@ -37,6 +37,7 @@ def registered():
   del queues._VARIANTS[DegradedOnlyQueue.name]  # pylint: disable=protected-access
 
 
+@pytest.mark.slow
 def test_a_registered_variant_trains_through_the_config(registered,
                                                          tmp_path):
   config = tiny_runs.tiny_config(**{
