@@ -50,7 +50,8 @@ def format_table(results: Mapping[str, Any], digits: int = 4) -> str:
   `results` maps set names to metric dicts ({'lfw': {'accuracy_mean': ...}});
   a flat {metric: value} mapping becomes a single row named 'result'. Scalar
   metrics are columns; integers (counts) print as integers. Text entries
-  (which images a set was scored on) follow the table, one line each.
+  (which images a set was scored on, the convention a number follows)
+  follow the table, one line each, once when every set has the same.
   """
   if not any(isinstance(v, Mapping) for v in results.values()):
     results = {'result': results}
@@ -76,10 +77,14 @@ def format_table(results: Mapping[str, Any], digits: int = 4) -> str:
                      for i, (h, w) in enumerate(zip(r, widths)))
            for r in [header] + body]
   lines.insert(1, '  '.join('-' * w for w in widths))
-  for name, metrics in results.items():
-    if isinstance(metrics, Mapping):
-      lines += [f'{name} {key}: {value}' for key, value in metrics.items()
-                if isinstance(value, str)]
+  texts = {name: [(k, v) for k, v in metrics.items() if isinstance(v, str)]
+           for name, metrics in results.items() if isinstance(metrics, Mapping)}
+  # A text every set shares (the convention a number follows) once.
+  shared = (set.intersection(*map(set, texts.values())) if len(texts) > 1
+            else set())
+  lines += [f'{key}: {value}' for key, value in sorted(shared)]
+  for name, entries in texts.items():
+    lines += [f'{name} {k}: {v}' for k, v in entries if (k, v) not in shared]
   return '\n'.join(lines)
 
 

@@ -38,6 +38,16 @@ def test_format_table_aligns_rows_and_columns():
   assert single[2].split() == ['result', '0.5000']
 
 
+def test_a_convention_every_set_shares_is_said_once():
+  results = {name: {'edc_pauc': 0.1, 'edc_convention': 'EDC: genuine',
+                    'images': name + ' crops'} for name in ('a', 'b')}
+  lines = report.format_table(results).splitlines()[4:]
+  assert lines == ['edc_convention: EDC: genuine', 'a images: a crops',
+                   'b images: b crops']
+  alone = report.format_table({'a': results['a']}).splitlines()[3:]
+  assert alone == ['a edc_convention: EDC: genuine', 'a images: a crops']
+
+
 def test_write_results(tmp_path):
   path = report.write_results(str(tmp_path / 'run'), 'step_1000', RESULTS)
   assert path == str(tmp_path / 'run' / 'eval' / 'step_1000.json')
