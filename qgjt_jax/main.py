@@ -50,7 +50,8 @@ _MODE = flags.DEFINE_enum(
     "of --images is among the people of --gallery, into --out (.csv).")
 _STEP = flags.DEFINE_integer("step", None,
                              "eval/embed/compare: the checkpoint step "
-                             "(default: the latest readable one).")
+                             "(default: the latest readable one).",
+                             lower_bound=0)
 _IMAGES = flags.DEFINE_string("images", None, "embed, identify: a folder of "
                               "face images; compare: two, A.jpg,B.jpg.")
 _OUT = flags.DEFINE_string("out", None, "embed: the .npz to write; "
