@@ -61,7 +61,8 @@ def write_plots(results: Mapping[str, Any], stem: str) -> list[str]:
     for name, points in edc:
       ax.plot([100 * p[0] for p in points], [p[1] for p in points],
               drawstyle="steps-post",
-              label=f"{name}: EDC, pAUC {results[name]['edc_pauc']:.4f}")
+              label=f"{name}: EDC of {results[name]['edc_genuine']} "
+                    f"genuine, pAUC {results[name]['edc_pauc']:.4f}")
     for name, points in _sets_with(results, "erc_curve"):
       ax.plot([100 * p[0] for p in points], [p[1] for p in points], "--",
               label=f"{name}: ERC at FMR {reject_lib.ERC_FMR:.0e}, "

@@ -175,7 +175,8 @@ def test_one_voice_and_one_copy_of_every_file(cluster_run):
       "step_16.json", f"step_{runs.STEPS}.json"]
   # Its pictures, once each, beside it (no .2 copies from process 1).
   assert [n for n in names if n.endswith(".png")] == [
-      f"step_{s}.{p}.png" for s in (16, runs.STEPS) for p in ("norms", "roc")]
+      f"step_{s}.{p}.png" for s in (16, runs.STEPS)
+      for p in ("norms", "reject", "roc")]
 
 
 def test_eval_mode_on_two_processes_gives_the_one_process_table(

@@ -167,12 +167,12 @@ def test_quickstart_trains_plots_and_prints_the_table(quickstart_run):
   assert "Restored the backbone of step 8." in text
   for label in ("same person", "same person, one LQ", "different people"):
     assert f"{label}: cosine" in text
-  # Loss curves, H/L views, norms, face pairs; and the evaluation's ROC and
-  # norm histogram, drawn beside its JSON (its 8 impostor pairs resolve no
-  # FAR: no reject curve).
-  for picture in ("roc", "norms"):
+  # Loss curves, H/L views, norms, face pairs; and the evaluation's ROC,
+  # EDC (genuine pairs only, so drawn though its 8 impostor pairs resolve no
+  # FAR) and norm histogram, drawn beside its JSON.
+  for picture in ("roc", "reject", "norms"):
     assert f"step_8.{picture}.png" in text
-  assert _images(nb) == 4 + 2
+  assert _images(nb) == 4 + 3
   assert (workdir / "checkpoints" / "8" / "model").is_dir()
   steps = {json.loads(line)["step"] for line in
            (workdir / "metrics.jsonl").read_text().splitlines()}

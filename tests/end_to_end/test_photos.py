@@ -295,9 +295,9 @@ def test_the_readme_photo_commands_run_with_only_the_workdir(
   block = readme[readme.index("From photos to decisions"):]
   block = block[block.index("```bash\n") + 8:]
   block = block[:block.index("```")]
-  commands = [shlex.split(c) for c in re.sub(r"\\\n\s*", " ", block)
-              .splitlines() if c.strip() and not c.startswith("#")]
-  assert len(commands) == 9
+  lines = [shlex.split(c) for c in re.sub(r"\\\n\s*", " ", block)
+           .splitlines() if c.strip() and not c.startswith("#")]
+  assert len(lines) == 9
   (tmp_path / "runs").mkdir()
   shutil.copytree(demo_run, tmp_path / "runs" / "demo")
   split = tmp_path / "split"
@@ -318,7 +318,7 @@ def test_the_readme_photo_commands_run_with_only_the_workdir(
                "/data/probes": str(split / "probes"),
                "/data/my_people": str(faces_dir),
                "/data/my_pairs.txt": str(tmp_path / "pairs.txt")}
-  for words in commands:
+  for words in lines:
     assert words[:2] == ["python", "-m"] and not any(
         w.startswith("--config=") for w in words), words
     for old, new in stand_ins.items():

@@ -130,7 +130,8 @@ _EQUIVALENCE_SCRIPT = textwrap.dedent("""
     sys.path[:0] = [{root!r}]
     import jax, jax.numpy as jnp, numpy as np
     from qgjt_jax import parallel
-    from tests.helpers import step_helpers, test_step, tiny_runs
+    from tests.helpers import step_helpers, tiny_runs
+    from tests.unit import test_step
     assert jax.device_count() == 8
     config = tiny_runs.tiny_config()
     copy = lambda tree: jax.tree.map(jnp.copy, tree)
