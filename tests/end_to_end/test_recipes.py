@@ -37,6 +37,16 @@ def test_a_recipe_that_builds_on_another_loads_from_elsewhere(tmp_path):
   assert traced.stderr.strip().splitlines()[-1].startswith("ERROR: ")
 
 
+@pytest.mark.parametrize("folder", sorted({
+    p.parent.relative_to(tiny_runs.ROOT).as_posix() for p in
+    (tiny_runs.ROOT / "qgjt_jax").rglob("*.py")
+    if "__pycache__" not in p.parts}))
+def test_every_package_folder_is_in_the_wheel(folder):
+  """setuptools' find: ships only folders with an __init__.py; one without
+  works from the checkout and is missing from `pip install .`."""
+  assert (tiny_runs.ROOT / folder / "__init__.py").is_file(), folder
+
+
 def test_a_non_editable_install_trains_a_recipe(tmp_path):
   """`pip install .` (a built wheel, not a link to the checkout), then the
   recipe named by path from another folder trains and evaluates."""
