@@ -55,19 +55,8 @@ def read_landmarks(path: str | os.PathLike
   path = pathlib.Path(path)
   if not os.path.lexists(path):
     raise LandmarksFileError(f"--landmarks={path}: no such file")
-  with regular.open_regular(path, "--landmarks=") as f:
-    size = os.fstat(f.fileno()).st_size
-    if size > MAX_FILE_BYTES:
-      raise LandmarksFileError(
-          f"--landmarks={path}: {size:,} bytes, over the {MAX_FILE_BYTES:,} "
-          "a landmarks file may hold: split it")
-    data = f.read(MAX_FILE_BYTES + 1)
-  try:
-    text = data.decode("utf-8-sig")
-  except UnicodeDecodeError as e:
-    raise LandmarksFileError(f"{path}: not UTF-8 text ({e.reason} at byte "
-                             f"{e.start}): write the CSV as text") from None
-  del data
+  text = regular.read_text(path, MAX_FILE_BYTES, "a landmarks file",
+                           LandmarksFileError, "--landmarks=")
   faces: dict[pathlib.Path, list[np.ndarray]] = {}
   reader = csv.reader(io.StringIO(text))
   line = 0

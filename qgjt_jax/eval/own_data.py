@@ -232,21 +232,11 @@ def read_pairs_file(path: str | os.PathLike) -> PairsFile:
   """
   path = pathlib.Path(path)
   try:
-    with regular.open_regular(path) as f:
-      size = os.fstat(f.fileno()).st_size
-      if size > MAX_PAIRS_FILE_BYTES:
-        raise OwnDataError(f"{path}: {size:,} bytes, over the "
-                           f"{MAX_PAIRS_FILE_BYTES:,} a pairs file may hold")
-      data = f.read(MAX_PAIRS_FILE_BYTES + 1)
+    text = regular.read_text(path, MAX_PAIRS_FILE_BYTES, "a pairs file",
+                             OwnDataError)
   except FileNotFoundError:
     raise OwnDataError(f"config.eval.pairs_files: {path} does not "
                        "exist") from None
-  try:
-    text = data.decode("utf-8-sig")
-  except UnicodeDecodeError as e:
-    raise OwnDataError(f"{path}: not UTF-8 text ({e.reason} at byte "
-                       f"{e.start})") from None
-  del data
   index: dict[str, int] = {}
   firsts, seconds, same = (array.array("i") for _ in range(3))
   for number, line in enumerate(io.StringIO(text), start=1):

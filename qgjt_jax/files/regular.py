@@ -66,12 +66,25 @@ def require_regular(path: str | os.PathLike, what: str = "") -> None:
     raise _refuse(path, mode, what)
 
 
-def read_bytes(path: str | os.PathLike, limit: int, what: str = "") -> bytes:
-  """The bytes of a regular file of at most `limit` bytes (more: refused
-  before reading, by the caller's message)."""
+def read_text(path: str | os.PathLike, limit: int, kind: str,
+              error: type[errors.UserError], what: str = "") -> str:
+  """The UTF-8 text (a byte-order mark dropped) of a regular file of at
+  most `limit` bytes, for the readers of users' text files (pairs files,
+  landmarks). A bigger file is refused before it is read, and bytes that
+  are not UTF-8 are named by offset; both as `error`, naming the file as
+  `what` + path and the file as `kind` ("a pairs file").
+
+  Raises:
+    error: as above; NotAFileError, OSError: as `open_regular`.
+  """
   with open_regular(path, what) as f:
     size = os.fstat(f.fileno()).st_size
     if size > limit:
-      raise errors.UserError(f"{what}{path}: {size:,} bytes, over the "
-                             f"{limit:,} this reads")
-    return f.read(limit + 1)
+      raise error(f"{what}{path}: {size:,} bytes, over the {limit:,} "
+                  f"{kind} may hold")
+    data = f.read(limit + 1)
+  try:
+    return data.decode("utf-8-sig")
+  except UnicodeDecodeError as e:
+    raise error(f"{what}{path}: not UTF-8 text ({e.reason} at byte "
+                f"{e.start})") from None
