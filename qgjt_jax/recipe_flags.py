@@ -5,11 +5,13 @@ returns the ConfigDict; any key can be overridden on the command line. Every
 mistake ends in one ERROR line that names the flag, the recipe's failing
 line or the unknown key with the nearest names. `python -m qgjt_jax.main`
 parses them with its other absl flags (`parse`); the argparse tools
-(`bench`, `export_check`) take them out of their argv first
-(`recipe_and_rest`).
+(`bench`, `export_check`) build their parser with `argument_parser` and
+read their argv with `parse_tool_args`, which takes the recipe's flags out
+first (`recipe_and_rest`).
 """
 from __future__ import annotations
 
+import argparse
 import difflib
 import os
 import sys
@@ -143,3 +145,26 @@ def recipe_and_rest(argv: list[str], default: str
                                   sys_argv=mine)
   parse(values, mine, show_traceback="--traceback" in rest)
   return values.config, rest
+
+
+def argument_parser(prog: str, doc: str) -> argparse.ArgumentParser:
+  """The parser of an argparse tool that reads a recipe: its module's
+  docstring `doc` as the help, how it takes the recipe, and --traceback."""
+  parser = argparse.ArgumentParser(
+      prog=prog, description=doc,
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      epilog="The recipe: --config=RECIPE (default configs/ms1m.py) and "
+      "--config.KEY=VALUE as for qgjt_jax.main.")
+  parser.add_argument("--traceback", action="store_true",
+                      help="show the traceback of an expected failure")
+  return parser
+
+
+def parse_tool_args(parser: argparse.ArgumentParser, argv: list[str],
+                    default: str) -> argparse.Namespace:
+  """`parser`'s reading of argv (without the program name) after its
+  recipe flags, whose config becomes the namespace's `recipe`."""
+  recipe, rest = recipe_and_rest(list(argv), default)
+  namespace = parser.parse_args(rest)
+  namespace.recipe = recipe
+  return namespace

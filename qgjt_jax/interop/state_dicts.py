@@ -44,13 +44,11 @@ _RES_LAYER_INDEX = {
     True: {"bn1": 0, "conv1": 1, "bn2": 2, "prelu1": 3, "conv2": 4, "bn3": 5,
            "prelu2": 6, "conv3": 7, "bn4": 8},
 }
-_FIXED_MODULES = {
-    ("input_layer", "conv"): "input_layer.0",
-    ("input_layer", "bn"): "input_layer.1",
-    ("input_layer", "prelu"): "input_layer.2",
-    ("output_layer", "bn"): "output_layer.0",
-    ("output_layer", "fc"): "output_layer.3",
-    ("output_layer", "feature_bn"): "output_layer.4",
+# ... and inside the stem and head Sequentials (the head's dropout and
+# flatten, 1 and 2, hold no weights).
+_STEM_HEAD_INDEX = {
+    "input_layer": {"conv": 0, "bn": 1, "prelu": 2},
+    "output_layer": {"bn": 0, "fc": 3, "feature_bn": 4},
 }
 _LEAF_NAMES = {
     ("params", "scale"): "weight",
@@ -200,8 +198,8 @@ def _torch_name(collection: str, path: tuple[str, ...], bottleneck: bool
   """PyTorch name of the Flax leaf `collection/path`."""
   *module, leaf = path
   module = tuple(module)
-  if module in _FIXED_MODULES:
-    torch_module = _FIXED_MODULES[module]
+  if len(module) == 2 and module[1] in _STEM_HEAD_INDEX.get(module[0], ()):
+    torch_module = f"{module[0]}.{_STEM_HEAD_INDEX[module[0]][module[1]]}"
   else:
     unit = re.fullmatch(r"body_(\d+)", module[0])
     if unit is None:

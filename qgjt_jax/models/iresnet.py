@@ -44,12 +44,10 @@ STAGE_UNITS: dict[int, tuple[int, int, int, int]] = {
 }
 
 
-# insightface arcface_torch: basic units only.
+# insightface arcface_torch: basic units only; the same counts up to 100,
+# its own at 200 (and no 152).
 INSIGHTFACE_STAGE_UNITS: dict[int, tuple[int, int, int, int]] = {
-    18: (2, 2, 2, 2),
-    34: (3, 4, 6, 3),
-    50: (3, 4, 14, 3),
-    100: (3, 13, 30, 3),
+    **{depth: STAGE_UNITS[depth] for depth in (18, 34, 50, 100)},
     200: (6, 26, 60, 6),
 }
 LAYOUTS = ("adaface", "insightface")

@@ -70,24 +70,14 @@ def export_programs(config: ml_collections.ConfigDict, num_classes: int,
 
 
 def _parse(argv: Sequence[str]) -> argparse.Namespace:
-  p = argparse.ArgumentParser(
-      prog="python -m qgjt_jax.export_check",
-      description="Export a recipe's train step and eval forward pass for "
-      "other platforms; one JSON line per program. --config=RECIPE "
-      "(default configs/ms1m.py) and --config.KEY=VALUE as for "
-      "qgjt_jax.main.")
+  p = recipe_flags.argument_parser("python -m qgjt_jax.export_check", __doc__)
   p.add_argument("--platforms", default="tpu,cuda",
                  help="comma-separated: tpu, cuda, rocm, cpu")
   p.add_argument("--classes", type=int, default=step_bench.MS1MV2_CLASSES)
   p.add_argument("--model_parallelism", type=int, default=None,
                  help="the mesh's model axis (default: the recipe's)")
-  p.add_argument("--traceback", action="store_true",
-                    help="show the traceback of an expected failure")
-  recipe, rest = recipe_flags.recipe_and_rest(
-      list(argv), str(step_bench.DEFAULT_CONFIG))
-  a = p.parse_args(rest)
-  a.recipe = recipe
-  return a
+  return recipe_flags.parse_tool_args(p, argv,
+                                      str(step_bench.DEFAULT_CONFIG))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -16,7 +16,9 @@ time, XLA's memory analysis of the compiled step (argument, output and
 temporary bytes, known on any host before running) and the peak device
 memory. `--no_qgface` times the same step without the QGFace extras (no
 queue, no contrastive loss, no quality gate: queue kind "none", b = 0), so the
-extras' overhead is the ratio of two runs of one process.
+extras' overhead is the ratio of two runs of one process. The flags set their
+config keys over the recipe's; a --config.KEY that one of them sets is
+refused, naming the flag.
 
 Needs jax, flax, optax, numpy and ml_collections; not TensorFlow, grain, clu
 or orbax (nothing here imports the data pipeline or the checkpointer), which
@@ -304,11 +306,7 @@ def run(*, arch: str = "ir50", batch: int = 256, dtype: str = "bfloat16",
 
 
 def _parse(argv: Sequence[str]) -> argparse.Namespace:
-  p = argparse.ArgumentParser(
-      prog="python -m qgjt_jax.bench",
-      description="Time the QGFace train step; prints one JSON line. "
-      "--config=RECIPE (default configs/ms1m.py) and --config.KEY=VALUE "
-      "as for qgjt_jax.main; the flags below set their keys over them.")
+  p = recipe_flags.argument_parser("python -m qgjt_jax.bench", __doc__)
   p.add_argument("--arch", default="ir50", help="ir18 .. ir200, ir_se50 ...")
   p.add_argument("--batch", type=int, default=256,
                  help="samples per step (each gives 2 images)")
@@ -336,22 +334,17 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
                  help="recompute each residual unit in the backward pass")
   p.add_argument("--trace_dir", default=None,
                  help="also write a jax.profiler trace of 3 steps here")
-  p.add_argument("--traceback", action="store_true",
-                    help="show the traceback of an expected failure")
   p.add_argument("--dump_hlo", default=None,
                  help="write the compiled step's HLO text to this file")
   p.add_argument("--extras_cost", action="store_true",
                  help="instead of timing: XLA's FLOPs and bytes of the step "
                  "with and without the QGFace extras (lowered only)")
-  recipe, rest = recipe_flags.recipe_and_rest(list(argv), str(DEFAULT_CONFIG))
   for arg in argv:
     key = arg[len("--config."):].split("=", 1)[0]
     if arg.startswith("--config.") and key in FLAG_OF_KEY:
       sys.exit(f"ERROR: {arg}: the benchmark sets {key} from its own flag; "
                f"give --{FLAG_OF_KEY[key]}= instead")
-  a = p.parse_args(rest)
-  a.recipe = recipe
-  return a
+  return recipe_flags.parse_tool_args(p, argv, str(DEFAULT_CONFIG))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
