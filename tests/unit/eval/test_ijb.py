@@ -264,6 +264,25 @@ def test_1n_identification_against_their_code(tmp_path, seed):
     assert got[key] == pytest.approx(value), key
 
 
+@pytest.mark.parametrize("block", [7, 4096])
+def test_1n_insightface_in_probe_blocks_against_their_code(monkeypatch,
+                                                          block):
+  """90 probes of 40 gallery subjects, scored 7 at a time (and at once):
+  the ranks and the largest non-mate similarities that the thresholds read
+  are those of the whole matrix."""
+  monkeypatch.setattr(ijb, "PROBE_BLOCK", block)
+  rng = np.random.default_rng(3)
+  gallery = rng.normal(size=(40, 8))
+  mask = rng.integers(0, 40, 90)
+  probes = gallery[mask] + rng.normal(0, 1.5, (90, 8))
+  got = ijb.insightface_identification(gallery, np.arange(40), probes, mask)
+  want = _their_identification(probes, gallery, mask)
+  assert 0 < want["1n_rank1"] < 1
+  for key, value in want.items():
+    assert got[key.replace("1n_", "1n_insightface_")] == pytest.approx(
+        value), key
+
+
 def _nist_by_definition(probes, probe_ids, gallery, gallery_ids, fpir):
   """NIST's open-set search read off its definition, one search at a time:
   (rank-1 share of mated searches, TPIR, false alarms) at the loosest
@@ -287,10 +306,13 @@ def _nist_by_definition(probes, probe_ids, gallery, gallery_ids, fpir):
   return rank1, tpir, sum(b >= threshold for b in best_non_mated)
 
 
-@pytest.mark.parametrize('seed', [0, 1])
-def test_nist_identification_against_its_definition(seed):
+@pytest.mark.parametrize('seed, block', [(0, 4096), (1, 7)])
+def test_nist_identification_against_its_definition(monkeypatch, seed,
+                                                    block):
   """Two gallery sets of 30 subjects each, 200 probes of 80 subjects (20
-  in neither set); features in halves, so scores are exact and tie."""
+  in neither set); features in halves, so scores are exact and tie. Once
+  with the probes scored 7 at a time."""
+  monkeypatch.setattr(ijb, 'PROBE_BLOCK', block)
   rng = np.random.default_rng(seed)
   centres = rng.normal(size=(80, 6))
   probe_ids = rng.integers(0, 80, 200)
