@@ -218,21 +218,11 @@ def _interrupt(workdir, processes, after_step: int, signal_to: int
                ) -> tuple[int, str]:
   """Runs until `after_step` is logged, sends SIGTERM to process
   `signal_to` alone; returns the step the run stopped at and its output."""
-  launcher = subprocess.Popen(
-      _launch_command(workdir, processes), stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT, text=True, cwd=runs.ROOT,
-      env=runs.subprocess_env())
-  reader = runs.OutputReader(
-      launcher, re.compile(rf"^step {after_step}/{runs.STEPS} "), TIMEOUT)
-  try:
-    assert reader.seen.wait(TIMEOUT), "no progress line"
-    os.kill(_child_pids(launcher)[signal_to], signal.SIGTERM)
-    launcher.wait(TIMEOUT)
-  finally:
-    if launcher.poll() is None:
-      launcher.kill()
-  output = reader.output()
-  assert launcher.returncode == 0, output
+  output = runs.signal_after_step(
+      _launch_command(workdir, processes), after_step,
+      lambda launcher: os.kill(_child_pids(launcher)[signal_to],
+                               signal.SIGTERM),
+      anchored=True, timeout=TIMEOUT)
   stop = re.search(rf"Stopped by SIGTERM to process {signal_to} at step "
                    r"(\d+);", output) if processes > 1 else re.search(
                        r"Stopped by SIGTERM at step (\d+);", output)

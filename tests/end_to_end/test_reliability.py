@@ -51,21 +51,10 @@ def test_sigterm_mid_run_checkpoints_exits_0_and_resumes_exactly(
   workdir = tmp_path / "run"
   command = runs.cli_command(workdir)
   env = runs.subprocess_env()
-  proc = subprocess.Popen(command, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, cwd=runs.ROOT,
-                          env=env)
   # Step 3's progress line: training is under way, with steps to spare.
-  reader = runs.OutputReader(proc, re.compile(rf"step 3/{runs.STEPS} "))
-  try:
-    assert reader.seen.wait(TIMEOUT), "no progress line"
-    if proc.poll() is None:
-      proc.send_signal(signal.SIGTERM)
-    proc.wait(TIMEOUT)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-  output = reader.output()
-  assert proc.returncode == 0, output
+  output = runs.signal_after_step(
+      command, 3, lambda proc: proc.send_signal(signal.SIGTERM),
+      timeout=TIMEOUT, env=env)
   stop = re.search(r"Stopped by SIGTERM at step (\d+); checkpoint written",
                    output)
   assert stop, output
@@ -99,20 +88,10 @@ def test_ctrl_c_with_worker_processes_stops_once_and_quietly(tmp_path):
   ignore it (no KeyboardInterrupt from each), the main process checkpoints
   and exits 0."""
   workdir = tmp_path / "run"
-  proc = subprocess.Popen(
-      runs.cli_command(workdir, **{"data.worker_count": 2}),
-      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-      cwd=runs.ROOT, env=runs.subprocess_env(), start_new_session=True)
-  reader = runs.OutputReader(proc, re.compile(rf"step 3/{runs.STEPS} "))
-  try:
-    assert reader.seen.wait(TIMEOUT), "no progress line"
-    os.killpg(proc.pid, signal.SIGINT)
-    proc.wait(TIMEOUT)
-  finally:
-    if proc.poll() is None:
-      os.killpg(proc.pid, signal.SIGKILL)
-  output = reader.output()
-  assert proc.returncode == 0, output
+  output = runs.signal_after_step(
+      runs.cli_command(workdir, **{"data.worker_count": 2}), 3,
+      lambda proc: os.killpg(proc.pid, signal.SIGINT), timeout=TIMEOUT,
+      start_new_session=True)
   assert re.search(r"Stopped by SIGINT at step \d+; checkpoint written",
                    output), output
   assert "KeyboardInterrupt" not in output and "Traceback" not in output

@@ -294,3 +294,32 @@ class OutputReader:
   def output(self) -> str:
     self._thread.join(timeout=self._timeout)
     return "".join(self.lines)
+
+
+def signal_after_step(command: list[str], step: int, send, *,
+                      anchored: bool = False, timeout: float = 600,
+                      **popen) -> str:
+  """Runs `command` until its progress line of `step` (at a line's start
+  with `anchored`), then calls `send(process)`; returns its output once it
+  has exited 0. A process that outlives `timeout` is killed (its whole
+  group when started with start_new_session)."""
+  proc = subprocess.Popen(command, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                          env=popen.pop("env", None) or subprocess_env(),
+                          **popen)
+  marker = re.compile(("^" if anchored else "") + rf"step {step}/{STEPS} ")
+  reader = OutputReader(proc, marker, timeout)
+  try:
+    assert reader.seen.wait(timeout), "no progress line"
+    if proc.poll() is None:
+      send(proc)
+    proc.wait(timeout)
+  finally:
+    if proc.poll() is None:
+      if popen.get("start_new_session"):
+        os.killpg(proc.pid, signal.SIGKILL)
+      else:
+        proc.kill()
+  output = reader.output()
+  assert proc.returncode == 0, output
+  return output

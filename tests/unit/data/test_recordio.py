@@ -322,23 +322,21 @@ def test_wrong_magic(insightface_rec_dir, tmp_path):
     r.label(6)
 
 
-@pytest.mark.parametrize("offset", [99999999, 2**63 - 5])
-def test_index_offset_past_end(insightface_rec_dir, tmp_path, offset):
-  """Also near 2**63, where adding the frame size would overflow."""
+@pytest.mark.parametrize("line, error", [
+    ("3\t99999999", r"train\.rec is shorter .*\(record 3 at offset "
+     r"99,999,999\)"),
+    # Near 2**63, where adding the frame size would overflow.
+    (f"3\t{2**63 - 5}", r"train\.rec is shorter .*\(record 3 at offset "
+     f"{2**63 - 5:,}\\)"),
+    ("3 15164 x", r"train\.idx: line 3 "),
+])
+def test_damaged_index_line(insightface_rec_dir, tmp_path, line, error):
+  """An index line whose offset no record could be at, or that is no
+  "key<TAB>offset" line: the file at fault is named."""
   d = copy_fixture(insightface_rec_dir, tmp_path / "set")
-  text = (d / "train.idx").read_text().replace("3\t15164", f"3\t{offset}")
+  text = (d / "train.idx").read_text().replace("3\t15164", line)
   (d / "train.idx").write_text(text)
-  with pytest.raises(recordio.RecordIOError,
-                     match=rf"train\.rec is shorter .*\(record 3 at offset "
-                           rf"{offset:,}\)"):
-    recordio.InsightFaceRecord(d / "train.rec")
-
-
-def test_malformed_index_line(insightface_rec_dir, tmp_path):
-  d = copy_fixture(insightface_rec_dir, tmp_path / "set")
-  text = (d / "train.idx").read_text().replace("3\t15164", "3 15164 x")
-  (d / "train.idx").write_text(text)
-  with pytest.raises(recordio.RecordIOError, match=r"train\.idx: line 3 "):
+  with pytest.raises(recordio.RecordIOError, match=error):
     recordio.InsightFaceRecord(d / "train.rec")
 
 
