@@ -64,12 +64,15 @@ def write_plots(results: Mapping[str, Any], stem: str) -> list[str]:
               label=f"{name}: EDC of {results[name]['edc_genuine']} "
                     f"genuine, pAUC {results[name]['edc_pauc']:.4f}")
     for name, points in _sets_with(results, "erc_curve"):
+      auc = results[name]["erc_auc"]
       ax.plot([100 * p[0] for p in points], [p[1] for p in points], "--",
-              label=f"{name}: ERC at FMR {reject_lib.ERC_FMR:.0e}, "
-                    f"AUC {results[name]['erc_auc']:.4f}")
+              label=f"{name}: ERC at FMR {reject_lib.ERC_FMR:.0e}, " + (
+                  f"AUC {auc:.4f}" if auc is not None else
+                  f"unresolved by {results[name]['erc_impostors']} "
+                  "impostors"))
     ax.set(xlabel="comparisons set aside, lowest feature norm first (%)",
            ylabel="false non-match rate",
-           title="EDC (fixed threshold, genuine only) and ERC "
+           title="EDC (fixed threshold, genuine only)\nand ERC "
                  "(recomputed threshold)")
     return bool(edc)
 

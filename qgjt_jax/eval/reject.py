@@ -28,8 +28,10 @@ are not comparable with the other, so each is computed under its own name:
   `erc_auc` is the trapezoid area under that curve over 0 to 95 %, as
   `sklearn.metrics.auc` gives it. Where few comparisons are left the
   impostors cannot resolve `ERC_FMR`; the reference reports the nearest
-  FMR anyway, and so do we, naming in `erc_unresolved_from` the first share
-  from which that happens.
+  FMR anyway, and so does our curve, naming in `erc_unresolved_from` the
+  first share from which that happens. Where even the whole set cannot
+  (fewer than 1 / `ERC_FMR` impostors), `erc_auc` is None: no point of the
+  curve stands at the FMR it is named for.
 """
 from __future__ import annotations
 
@@ -164,8 +166,11 @@ def reject_metrics(scores: np.ndarray, issame: np.ndarray,
       out[f"edc_fnmr_discard_{percent}"] = float(sampled[percent])
   curve = erc(scores, issame, quality)
   if curve is not None:
-    out.update(erc_convention=ERC_CONVENTION, erc_auc=curve["auc"],
-               erc_unresolved_from=curve["unresolved_from"],
+    unresolved = curve["unresolved_from"]
+    out.update(erc_convention=ERC_CONVENTION,
+               erc_auc=None if unresolved == 0.0 else curve["auc"],
+               erc_impostors=int((~issame).sum()),
+               erc_unresolved_from=unresolved,
                erc_curve=[[float(x), float(y)] for x, y in
                           zip(curve["shares"], curve["fnmr"])])
   return out

@@ -120,6 +120,20 @@ def test_the_conventions_disagree_and_results_name_theirs():
   assert good["edc_genuine"] == 600
 
 
+def test_erc_auc_is_withheld_where_the_set_cannot_resolve_its_fmr():
+  """Fewer impostors than 1 / ERC_FMR: the curve is kept (the reference
+  draws it) but no area is stated for an FMR no point reached."""
+  scores, issame, quality = _comparisons(3)
+  impostors = np.flatnonzero(~issame)
+  for count, withheld in ((999, True), (1000, False)):
+    keep = np.concatenate([np.flatnonzero(issame), impostors[:count]])
+    out = reject.reject_metrics(scores[keep], issame[keep], quality[keep])
+    assert out["erc_impostors"] == count
+    assert (out["erc_auc"] is None) == withheld, count
+    assert (out["erc_unresolved_from"] == 0.0) == withheld
+    assert len(out["erc_curve"]) == len(reject.ERC_SHARES)
+
+
 def test_edc_discards_a_tied_quality_as_one_block():
   """Four comparisons, the first three of one quality: discarding the
   lowest quality takes all three at once, whatever their order."""
