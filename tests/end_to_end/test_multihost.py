@@ -56,10 +56,14 @@ def eval_overrides(tmp_path_factory) -> dict:
                              np.random.default_rng(1))
   eval_trees.scface_tree(root / "scface", np.random.default_rng(2))
   eval_trees.ijb_tree(root / "ijb")
+  folder, pairs = eval_trees.own_faces(root / "own",
+                                       runs.TINY["data.image_size"])
   return {"eval.bin_sets": (str(root / "pairs.bin"),), "eval.low_res": (8,),
           "eval.tinyface_root": str(root / "tinyface"),
           "eval.scface_root": str(root / "scface"),
-          "eval.ijb_root": str(root / "ijb"), "eval_every_steps": 16}
+          "eval.ijb_root": str(root / "ijb"),
+          "eval.folders": (str(folder),), "eval.pairs_files": (str(pairs),),
+          "eval_every_steps": 16}
 
 
 def _launch_command(workdir, processes, *extra, heartbeat_s=60, **changes):
@@ -147,7 +151,7 @@ def test_every_evaluator_runs_over_all_processes(cluster_run):
   assert result.returncode == 0, result.stderr
   results = _results(cluster, runs.STEPS)
   assert {"pairs", "pairs@8px", "tinyface", "scface", "ijbc",
-          "synthetic_lq_lq"} <= set(results)
+          "synthetic_lq_lq", "folder_people", "pairs_pairs"} <= set(results)
   # (That they equal one process's numbers for the same checkpoint is the
   # eval-mode test below.) Process 1 computed the same table (its copy is in
   # its log only).

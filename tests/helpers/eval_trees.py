@@ -166,3 +166,26 @@ def write_bin(path: pathlib.Path, pairs: int = 20) -> None:
       images.append(buf.tobytes())
     issame.append(bool(i % 2))
   path.write_bytes(pickle.dumps((images, issame)))
+
+
+def own_faces(root: pathlib.Path, size: int, people: int = 8,
+              photos: int = 6) -> tuple[pathlib.Path, pathlib.Path]:
+  """A folder of one sub-folder per person (generated faces at `size` px,
+  aligned) and a pairs file over it: every same-person pair of a person's
+  first three photos, and as many pairs of neighbours' first photos."""
+  from qgjt_jax.data import synthetic
+  folder = root / "people"
+  for person in range(people):
+    (folder / f"p{person}").mkdir(parents=True)
+    for photo in range(photos):
+      cv2.imwrite(str(folder / f"p{person}" / f"{photo}.png"),
+                  synthetic.render_photo(1, person, photo, size))
+  lines = []
+  for person in range(people):
+    for a, b in itertools.combinations(range(3), 2):
+      lines.append(f"people/p{person}/{a}.png people/p{person}/{b}.png 1")
+    for other in range(person + 1, min(person + 4, people)):
+      lines.append(f"people/p{person}/0.png people/p{other}/0.png 0")
+  pairs = root / "pairs.txt"
+  pairs.write_text("\n".join(lines) + "\n")
+  return folder, pairs
