@@ -55,21 +55,29 @@ def get_base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
   # Fine-tuning (qgjt_jax/finetune.py): start a fresh run from the backbone
-  # of a workdir or of a PyTorch/.npz file; init_classifier "random", or
-  # "class_means" (each class's mean embedding through that backbone).
+  # of a workdir or of a weight file (.pth, .ckpt, .npz, .safetensors,
+  # .onnx); init_classifier "random", or "class_means" (each class's mean
+  # embedding through that backbone); init_quality "config"
+  # (quality.init_mean/init_std) or "measured" (the pretrained model's norms
+  # on the training images' two views).
   config.init_from = ml_collections.FieldReference(None, field_type=str)
   config.init_classifier = "random"
+  config.init_quality = "config"
 
-  # Encoder (docs/METHOD.md section 1): "ir18" .. "ir200", "ir_se50"... (AdaFace/
-  # QGFace layout) or "r18" .. "r200" (insightface arcface_torch). dtype is
+  # Encoder (docs/METHOD.md section 1): a name of the backbone registry
+  # (qgjt_jax.models.backbone_names(); base_width and dropout_rate are
+  # settings of the families that have them, ignored by the others). dtype is
   # the compute dtype; parameters and the loss math stay float32. remat:
   # "none", or "block" to recompute each residual unit's activations in the
   # backward pass (less memory for deep models or big batches, about a third
   # more compute). input_order: the channel order the weights expect ("RGB"
   # for insightface's published models); images are BGR everywhere else.
+  # batch_norm: "batch" (training normalises with each batch's statistics
+  # and updates the running ones, as PyTorch's train mode) or "frozen" (the
+  # running statistics throughout, never updated: fine-tuning on few faces).
   config.model = ml_collections.ConfigDict(dict(
       name="ir50", base_width=64, embedding_size=512, dropout_rate=0.4,
-      dtype="bfloat16", remat="none", input_order="BGR"))
+      dtype="bfloat16", remat="none", input_order="BGR", batch_norm="batch"))
 
   # Where the training images come from. kind: "rec" (insightface
   # train.rec/train.idx read directly), "tfds" (a prepared ArrayRecord set) or

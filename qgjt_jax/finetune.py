@@ -7,14 +7,17 @@ BatchNorm statistics replace the fresh ones; the classifier is new, for the
 new run's identities: random unit columns, or with `init_classifier =
 "class_means"` the normalised mean embedding of each class's training images
 through the pretrained backbone, so the run starts with a meaningful
-classifier instead of a loss in the forties. Only a fresh run reads
-`init_from`; a run that resumes from its own checkpoints ignores it.
+classifier instead of a loss in the forties. With `init_quality =
+"measured"` the quality statistics start at the pretrained model's norms
+on the training images (`measured_quality`) instead of
+quality.init_mean/init_std. Only a fresh run reads `init_from`; a run
+that resumes from its own checkpoints ignores it.
 """
 from __future__ import annotations
 
 import functools
 import os
-from typing import Any
+from typing import Any, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -22,13 +25,15 @@ import ml_collections
 import numpy as np
 
 from qgjt_jax import config_checks
-from qgjt_jax import config_keys
 from qgjt_jax import parallel
 from qgjt_jax import records
 from qgjt_jax import reporting
 from qgjt_jax.eval import extract
 from qgjt_jax.files import images as images_lib
 from qgjt_jax.inference import model as model_lib
+from qgjt_jax.method import quality as quality_lib
+from qgjt_jax.models import layers
+from qgjt_jax.models import normalize_images
 
 
 def _is_workdir(path: str) -> bool:
@@ -48,37 +53,36 @@ def _converted(path: str):
   """The file converted once (reading it is the slow part; checked and then
   used in one start-up, so only the last file is kept)."""
   from qgjt_jax.interop import convert  # pylint: disable=g-import-not-at-top
-  from qgjt_jax.interop import weight_files  # pylint: disable=g-import-not-at-top
   try:
-    return convert.convert_state_dict(weight_files.read_state_dict(path))
+    return convert.convert_file(path)
   except (OSError, ValueError) as e:
     raise config_checks.ConfigError(
         f"config.init_from={path!r}: {e}") from None
 
 
-def check_source(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Checks that `init_from` holds the config's architecture; returns the
-  config with the channel order its weights expect.
+def check_source(config: ml_collections.ConfigDict,
+                 explicit: Iterable[str] = ()) -> ml_collections.ConfigDict:
+  """The config with the model `init_from` holds: its architecture, sizes
+  and the channel order its weights expect replace the recipe's (one line
+  says so); a `--config.KEY=` typed (`explicit`) that contradicts it is
+  refused.
 
   Raises:
-    ConfigError: the source is missing, unreadable or of another
-      architecture (each differing key named, with the value to set).
+    ConfigError: the source is missing, unreadable or contradicted by an
+      explicit key (naming it and the source's value).
   """
   path = config.init_from
   if not _is_workdir(path) and not os.path.isfile(path):
     raise config_checks.ConfigError(
         f"config.init_from={path!r} does not exist: name a workdir, its "
-        "checkpoints folder, or a .pth/.ckpt/.npz file.")
-  settings = _source_settings(path)
-  diffs = [f"--config.{key}={value}" for key, value in settings.items()
-           if key in records.MODEL_KEYS and
-           config_keys.lookup(config, key) != value]
-  if diffs:
-    raise config_checks.ConfigError(
-        f"config.init_from={path!r} holds another architecture than the "
-        f"config; set {' '.join(diffs)}.")
-  return records.with_input_order(config, settings.get("model.input_order"),
-                                  f"The weights in {path}")
+        "checkpoints folder, or a .pth/.ckpt/.npz/.safetensors/.onnx file.")
+  settings = {k: v for k, v in _source_settings(path).items()
+              if k in records.model_keys() + records.MODEL_INPUT_KEYS}
+  try:
+    return records.adopt_settings(config, settings, explicit,
+                                  f"config.init_from={path}")
+  except records.RecordError as e:
+    raise config_checks.ConfigError(str(e)) from None
 
 
 def pretrained_backbone(config: ml_collections.ConfigDict, model,
@@ -129,11 +133,65 @@ def class_mean_classifier(config: ml_collections.ConfigDict, model, mesh,
   return kernel
 
 
+# Records the measured start of the quality statistics reads at most.
+_MEASURED_RECORDS = 2048
+
+
+def measured_quality(config: ml_collections.ConfigDict, model, variables: Any,
+                     source) -> quality_lib.QualityStats:
+  """The mean and (unbiased) std of the feature norms training will read
+  first: each record's two views of the first epoch (the clean face and
+  the degraded one, `pipeline.TwoViews`) through the pretrained backbone in
+  train mode, in batches of the run's global batch, at most 2,048 records
+  (seeded). A model imported without statistics starts from these rather
+  than from 0/0, which would call every face high quality until the
+  running averages catch up."""
+  from qgjt_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from qgjt_jax.data import degrade  # pylint: disable=g-import-not-at-top
+  views = pipeline.TwoViews(source, config.seed,
+                            degrade.view_config_from(config.data.view),
+                            config.data.image_size)
+  count = min(len(source), _MEASURED_RECORDS)
+  records = np.random.default_rng(config.seed).permutation(len(source))[
+      :count]
+  batch = max(2, min(config.global_batch_size, count))
+
+  @jax.jit
+  def norms_of(variables, images):
+    with layers.frozen_statistics(config.model.batch_norm == "frozen"):
+      (_, norms), _ = model.apply(
+          variables, normalize_images(images, model.dtype), train=True,
+          mutable=["batch_stats"], rngs={"dropout": jax.random.key(0)})
+    return norms
+
+  found = []
+  host = jax.device_get(variables)
+  for start in range(0, count - batch + 1, batch):
+    items = [views((0, int(i))) for i in records[start:start + batch]]
+    images = np.concatenate([np.stack([b["image_h"] for b in items]),
+                             np.stack([b["image_l"] for b in items])])
+    found.append(np.asarray(norms_of(host, images), np.float64))
+  norms = np.clip(np.concatenate(found), quality_lib.NORM_MIN,
+                  quality_lib.NORM_MAX)
+  stats = quality_lib.init_quality_stats(float(norms.mean()),
+                                         float(norms.std(ddof=1)))
+  reporting.note(f"Quality statistics start at the pretrained model's norms: "
+                 f"mean {float(stats.mean):.2f}, std {float(stats.std):.2f} "
+                 f"({len(norms)} views of {len(norms) // 2} training "
+                 "images, train mode).")
+  return stats
+
+
 def initialise(state, stack, config: ml_collections.ConfigDict, source):
   """The fresh `state` with the pretrained backbone (and, if asked, the
-  class-mean classifier) of `config.init_from`."""
+  class-mean classifier and the measured quality statistics) of
+  `config.init_from`."""
   variables = pretrained_backbone(config, stack.model, stack.mesh)
   params = dict(state.params, backbone=variables["params"])
+  if config.init_quality == "measured":
+    state = state.replace(quality=jax.device_put(
+        measured_quality(config, stack.model, variables, source),
+        stack.state_shardings.quality))
   if config.init_classifier == "class_means":
     kernel = class_mean_classifier(
         config, stack.model, stack.mesh, variables, source,

@@ -128,7 +128,8 @@ def main(argv):
     config = _loaded_config()
     if _MODE.value == "train":
       train.train_and_evaluate(config, _WORKDIR.value,
-                               force_lock=_FORCE_LOCK.value)
+                               force_lock=_FORCE_LOCK.value,
+                               explicit=_explicit_keys(sys.argv))
     else:
       _use_a_checkpoint(config)
 

@@ -23,11 +23,16 @@ from qgjt_jax.config_keys import MISSING, lookup
 CONFIG_RECORD = "config.json"
 CONVERTED_RECORD = "converted_from.json"
 
-# What rebuilding the backbone alone (evaluation, fine-tuning) depends on.
-MODEL_KEYS = ("model.name", "model.base_width", "model.embedding_size",
-              "data.image_size")
-# ... and what feeding it right does: the channel order its weights expect.
+# What feeding a model right depends on, beside its variables
+# (`model_keys`): the channel order its weights expect.
 MODEL_INPUT_KEYS = ("model.input_order",)
+
+
+def model_keys() -> tuple[str, ...]:
+  """What rebuilding the backbone alone (evaluation, fine-tuning) depends
+  on: the registry's `recorded_model_keys`."""
+  from qgjt_jax import models  # pylint: disable=g-import-not-at-top
+  return models.recorded_model_keys()
 _MAX_RECORD_BYTES = 16 << 20
 
 
@@ -72,20 +77,21 @@ def read_record(path: epath.Path, key: str) -> dict[str, Any]:
 
 
 def recorded_model_settings(workdir: str) -> dict[str, Any]:
-  """{dotted key: value} of MODEL_KEYS and MODEL_INPUT_KEYS as the workdir
+  """{dotted key: value} of `model_keys()` and MODEL_INPUT_KEYS as the workdir
   recorded them: config.json of a training run, or converted_from.json of a
   converted model; {} without either."""
   directory = epath.Path(workdir)
+  keys = model_keys() + MODEL_INPUT_KEYS
   if (directory / CONFIG_RECORD).exists():
     recorded = read_record(directory / CONFIG_RECORD, "config")["config"]
-    values = {k: lookup(recorded, k) for k in MODEL_KEYS + MODEL_INPUT_KEYS}
+    values = {k: lookup(recorded, k) for k in keys}
   elif (directory / CONVERTED_RECORD).exists():
     values = read_record(directory / CONVERTED_RECORD, "config_overrides")[
         "config_overrides"]
   else:
     return {}
   return {k: v for k, v in values.items()
-          if k in MODEL_KEYS + MODEL_INPUT_KEYS and v is not MISSING}
+          if k in keys and v is not MISSING}
 
 
 def has_record(workdir: str) -> bool:
@@ -165,7 +171,15 @@ def adopt_model_settings(config: ml_collections.ConfigDict, workdir: str,
   Raises:
     RecordError: naming the key and both values.
   """
-  recorded = recorded_model_settings(workdir)
+  return adopt_settings(config, recorded_model_settings(workdir), explicit,
+                        workdir)
+
+
+def adopt_settings(config: ml_collections.ConfigDict,
+                   recorded: dict[str, Any], explicit: Iterable[str],
+                   where: str) -> ml_collections.ConfigDict:
+  """`config` with the model settings `recorded` (those of the model in
+  `where`), as `adopt_model_settings`."""
   explicit = set(explicit)
   changed = {}
   for key, value in recorded.items():
@@ -174,16 +188,16 @@ def adopt_model_settings(config: ml_collections.ConfigDict, workdir: str,
       continue
     if key in explicit:
       raise RecordError(
-          f"--config.{key}={current!r} contradicts the model in {workdir} "
+          f"--config.{key}={current!r} contradicts the model in {where} "
           f"({key} = {value!r} in its record): leave the flag out")
     changed[key] = value
   if not changed:
     return config
   config = config.copy_and_resolve_references()
   for key, value in changed.items():
-    _set(config, key, value, f"{workdir}'s record")
+    _set(config, key, value, f"{where}'s record")
   reporting.note(
-      f"The model in {workdir} is used as recorded: " + ", ".join(
+      f"The model in {where} is used as recorded: " + ", ".join(
           f"{k}={v!r}" for k, v in changed.items()) + " (not the recipe's).")
   return config
 

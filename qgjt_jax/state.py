@@ -20,7 +20,7 @@ from qgjt_jax.method import contrastive
 from qgjt_jax.method import quality as quality_lib
 from qgjt_jax.method import queue_buffer as queue_lib
 from qgjt_jax.method import queues
-from qgjt_jax.models import build_backbone
+from qgjt_jax import models
 import ml_collections
 
 
@@ -52,12 +52,13 @@ class TrainState:
 
 
 def build_model(config: ml_collections.ConfigDict) -> nn.Module:
+  """The backbone config.model describes (its family's own settings
+  included)."""
   m = config.model
-  return build_backbone(m.name, dtype=jnp.dtype(m.dtype),
-                        base_width=m.base_width,
-                        embedding_size=m.embedding_size,
-                        dropout_rate=m.dropout_rate,
-                        remat=m.remat == "block", input_order=m.input_order)
+  return models.build_backbone(
+      m.name, dtype=jnp.dtype(m.dtype), embedding_size=m.embedding_size,
+      remat=m.remat == "block", input_order=m.input_order,
+      **models.family_settings(m.name, m))
 
 
 def init_classifier(rng: jax.Array, dim: int, num_classes: int) -> jax.Array:

@@ -16,7 +16,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any
+from typing import Any, Iterable
 
 from absl import logging
 import jax
@@ -130,8 +130,13 @@ class NonFiniteError(errors.UserError, RuntimeError):
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       force_lock: bool = False) -> dict:
+                       force_lock: bool = False,
+                       explicit: Iterable[str] = ()) -> dict:
   """Trains config's recipe in workdir; returns the final evaluation.
+
+  `explicit`: the config keys typed as flags (`--config.KEY=`); a fine-tune
+  takes its model from `config.init_from` unless one of them contradicts
+  it.
 
   Returns {} when stopped by a signal (after checkpointing). Raises
   config_checks.ConfigError for a bad config, WorkdirLockedError when
@@ -145,7 +150,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   lock = _lock_workdir(workdir, force_lock)
   try:
     with StopRequested() as stop:
-      return _train_and_evaluate(config, workdir, stop)
+      return _train_and_evaluate(config, workdir, stop, tuple(explicit))
   finally:
     if lock is not None:
       lock.release()
@@ -172,15 +177,15 @@ def _lock_workdir(workdir: str, force: bool):
   return lock
 
 
-def _weights_config(config, workdir: str):
+def _weights_config(config, workdir: str, explicit: tuple[str, ...]):
   """The config with the channel order of the weights this run trains: its
-  own record's on a resume, else that of `config.init_from`'s weights."""
+  own record's on a resume, else the model of `config.init_from`."""
   settings = records.recorded_model_settings(workdir)
   if settings:
     return records.with_input_order(config, settings.get("model.input_order"),
                                     f"The model in {workdir}")
   if config.init_from:
-    return finetune.check_source(config)
+    return finetune.check_source(config, explicit)
   return config
 
 
@@ -197,9 +202,9 @@ class _Run:
   writer: Any = None
 
 
-def _set_up(config, workdir: str) -> _Run:
+def _set_up(config, workdir: str, explicit: tuple[str, ...] = ()) -> _Run:
   """Checks, data source and training stack, before anything is written."""
-  config = _weights_config(config, workdir)
+  config = _weights_config(config, workdir, explicit)
   source = sources.train_source(config)
   config_checks.check_num_classes(source.num_classes)
   mesh = parallel.make_mesh(config.model_parallelism)
@@ -246,8 +251,9 @@ def _batches(run: _Run, start_step: int):
       image_size=config.data.image_size, start_step=start_step))
 
 
-def _train_and_evaluate(config, workdir, stop: StopRequested) -> dict:
-  run = _set_up(config, workdir)
+def _train_and_evaluate(config, workdir, stop: StopRequested,
+                        explicit: tuple[str, ...] = ()) -> dict:
+  run = _set_up(config, workdir, explicit)
   run.manager = ckpt.make_manager(ckpt.checkpoints_dir(workdir),
                                   max_to_keep=run.config.keep_checkpoints)
   try:

@@ -99,6 +99,23 @@ def faces_dir() -> pathlib.Path:
 
 
 @pytest.fixture(scope="session")
+def pretrained_dir() -> pathlib.Path:
+  """insightface's buffalo_s recogniser, w600k_mbf.onnx (non-commercial
+  research licence: used here, never copied; QGJT_PRETRAINED_FIXTURES
+  overrides)."""
+  return _fixture_dir("QGJT_PRETRAINED_FIXTURES",
+                      SHARED_FIXTURES / "pretrained")
+
+
+@pytest.fixture(scope="session")
+def more_faces_dir() -> pathlib.Path:
+  """Real photos of 18 more people, s13-s30 (QGJT_MORE_FACES_FIXTURES
+  overrides)."""
+  return _fixture_dir("QGJT_MORE_FACES_FIXTURES",
+                      SHARED_FIXTURES / "faces" / "orl_more")
+
+
+@pytest.fixture(scope="session")
 def demo_run(tmp_path_factory):
   """A workdir of the embedded default (configs/synthetic.py: 40 px,
   IR-18 width 16) trained for one epoch on the command line, evaluated.

@@ -31,6 +31,7 @@ import concurrent.futures
 import dataclasses
 import os
 import pathlib
+import threading
 from typing import Any, Iterator
 
 from absl import logging
@@ -65,6 +66,10 @@ class BadImageError(DataError):
     super().__init__(f"{path}: {reason}")
     self.path = str(path)
     self.reason = reason
+
+
+class NoFaceError(BadImageError):
+  """A photo in which --align=detect finds no face to keep."""
 
 
 class _ManualBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -300,9 +305,17 @@ class FaceImageFolderConfig(tfds.core.BuilderConfig):
   Attributes:
     image_size: side of the stored square images.
     jpeg_quality: quality of the JPEGs made here.
+    align: "none" (the files are aligned crops, resized) or "detect" (each
+      photo's largest face found and warped onto the five-point template;
+      a photo without a face is left out and named).
   """
   image_size: int = IMAGE_SIZE
   jpeg_quality: int = JPEG_QUALITY
+  align: str = "none"
+
+  def parameters(self) -> dict[str, Any]:
+    """What a reused set must have been prepared with."""
+    return {"image_size": self.image_size, "align": self.align}
 
 
 class FaceImageFolder(_ManualBuilder):
@@ -332,6 +345,7 @@ class FaceImageFolder(_ManualBuilder):
     self.skip_bad = skip_bad
     self.num_threads = num_threads
     self.skipped: list[BadImageError] = []
+    self._local = threading.local()
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -356,16 +370,21 @@ class FaceImageFolder(_ManualBuilder):
     people = folders.read(root, "--src")
     files = list(zip(people.paths, people.labels.tolist()))
     self.info.features["label"].names = people.names
-    self.info.metadata.update(source=os.fspath(root), format="image_folder")
+    self.info.metadata.update(source=os.fspath(root), format="image_folder",
+                              parameters=self.builder_config.parameters())
     self.skipped = []
     return {"train": self._generate_examples(root, files)}
 
   def _convert(self, path: pathlib.Path) -> bytes | BadImageError:
     config: FaceImageFolderConfig = self.builder_config
     try:
+      if config.align == "detect":
+        return self._aligned(path)
       data = images.read_image_file(path)
       return convert_face_image(data, config.image_size, config.jpeg_quality,
                                 where=os.fspath(path))
+    except NoFaceError as e:
+      return e  # left out and named, with or without --skip_bad
     except OSError as e:
       error = BadImageError(path, f"unreadable ({e.strerror or e})")
     except limits.LimitError as e:
@@ -376,6 +395,30 @@ class FaceImageFolder(_ManualBuilder):
       raise BadImageError(error.path, f"{error.reason}; pass --skip_bad to "
                           "leave unreadable files out")
     return error
+
+  def _aligned(self, path: pathlib.Path) -> bytes:
+    """The photo's largest face on the template, as a JPEG (one detector
+    per thread: dlib's are not shared between threads)."""
+    from qgjt_jax.align import detector as detector_lib  # pylint: disable=g-import-not-at-top
+    from qgjt_jax.align import five_points  # pylint: disable=g-import-not-at-top
+    config: FaceImageFolderConfig = self.builder_config
+    if not hasattr(self._local, "detect"):
+      self._local.detect = detector_lib.Detector()
+    photo = images.imread_bgr(path)
+    faces = self._local.detect(photo)
+    if not faces:
+      raise NoFaceError(path, "no face found; left out")
+    try:
+      five_points.check_face(faces[0].points, *photo.shape[:2],
+                             os.fspath(path))
+    except ValueError as e:
+      raise NoFaceError(path, f"{e}; left out") from None
+    crop = five_points.align_face(photo, faces[0].points, config.image_size)
+    ok, encoded = cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_QUALITY,
+                                              int(config.jpeg_quality)])
+    if not ok:
+      raise BadImageError(path, "could not be encoded as JPEG")
+    return encoded.tobytes()
 
   def _generate_examples(self, root: pathlib.Path,
                          files: list[tuple[pathlib.Path, int]]
@@ -404,20 +447,25 @@ class FaceImageFolder(_ManualBuilder):
       raise DataError(f"{root}: none of the {len(files)} files is a readable "
                       "image: the folder must hold face images, "
                       "<root>/<identity>/<image>")
+    listed = self.skipped[:_MAX_LISTED_SKIPS]
     self.info.metadata.update(
         num_images=num_images, num_skipped=len(self.skipped),
-        skipped=[os.path.relpath(e.path, root)
-                 for e in self.skipped[:_MAX_LISTED_SKIPS]])
+        num_no_face=sum(isinstance(e, NoFaceError) for e in self.skipped),
+        skipped=[os.path.relpath(e.path, root) for e in listed],
+        skipped_reasons=[e.reason for e in listed])
 
 
-def image_folder_config(name: str, image_size: int = IMAGE_SIZE
-                        ) -> FaceImageFolderConfig | str:
+def image_folder_config(name: str, image_size: int = IMAGE_SIZE,
+                        align: str = "none") -> FaceImageFolderConfig | str:
   """The config for preparing one folder under `name`."""
-  if name == "default" and image_size == IMAGE_SIZE:
+  if align not in ("none", "detect"):
+    raise DataError(f"--align={align}: use none (aligned crops) or detect")
+  if name == "default" and image_size == IMAGE_SIZE and align == "none":
     return name
   return FaceImageFolderConfig(
-      name=name, image_size=image_size,
-      description="Prepared from an identity-per-folder image tree.")
+      name=name, image_size=image_size, align=align,
+      description="Prepared from an identity-per-folder image tree" + (
+          ", faces detected and aligned." if align == "detect" else "."))
 
 
 # -- the generated set ---------------------------------------------------------

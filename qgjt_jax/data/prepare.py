@@ -53,6 +53,7 @@ class PrepareRequest:
   data_dir: str
   name: str
   skip_bad: bool = False
+  align: str = "none"
   num_identities: int | None = None
   images_per_identity: int | None = None
   image_size: int | None = None
@@ -78,9 +79,10 @@ _GENERATION_PARAMETERS = ("num_identities", "images_per_identity",
                           "image_size", "seed")
 
 
-def _require_src(request: PrepareRequest) -> str:
+def _require_src(request: PrepareRequest, takes: tuple[str, ...] = ()
+                 ) -> str:
   given = [k for k in _GENERATION_PARAMETERS
-           if getattr(request, k) is not None]
+           if getattr(request, k) is not None and k not in takes]
   if given:
     raise ValueError(f"--{given[0]} is for --format=synthetic only")
   if not request.src:
@@ -93,6 +95,9 @@ def _require_src(request: PrepareRequest) -> str:
 @register_format("insightface_rec")
 def _insightface_rec(request: PrepareRequest) -> tfds.core.DatasetBuilder:
   src = _require_src(request)
+  if request.align != "none":
+    raise ValueError("--align is for --format=image_folder (a .rec holds "
+                     "aligned crops)")
   return builders.InsightFaceRec(
       data_dir=request.data_dir, file_format="array_record",
       config=builders.insightface_config(request.name, src))
@@ -100,10 +105,12 @@ def _insightface_rec(request: PrepareRequest) -> tfds.core.DatasetBuilder:
 
 @register_format("image_folder")
 def _image_folder(request: PrepareRequest) -> tfds.core.DatasetBuilder:
-  _require_src(request)
+  _require_src(request, takes=("image_size",))
   return builders.FaceImageFolder(
       data_dir=request.data_dir, file_format="array_record",
-      config=builders.image_folder_config(request.name),
+      config=builders.image_folder_config(
+          request.name, request.image_size or builders.IMAGE_SIZE,
+          request.align),
       skip_bad=request.skip_bad)
 
 
@@ -112,6 +119,8 @@ def _synthetic(request: PrepareRequest) -> tfds.core.DatasetBuilder:
   if request.src:
     raise ValueError("--src is not used by --format=synthetic (the set is "
                      "generated)")
+  if request.align != "none":
+    raise ValueError("--align is for --format=image_folder")
   return builders.SyntheticFacesBuilder(
       data_dir=request.data_dir, file_format="array_record",
       config=builders.synthetic_config(
@@ -132,7 +141,7 @@ def _check_reused_parameters(builder: tfds.core.DatasetBuilder,
   if differ:
     said = ", ".join(f"{k}={stored.get(k)} (requested {wanted[k]})"
                      for k in differ)
-    raise ValueError(f"{builder.data_dir} was generated with {said}; pass "
+    raise ValueError(f"{builder.data_dir} was prepared with {said}; pass "
                      "--overwrite to regenerate it, or choose another --name")
 
 
@@ -145,6 +154,9 @@ class PrepareResult:
   num_classes: int
   num_skipped: int
   reused: bool
+  num_no_face: int = 0
+  # "path: reason" of each file left out (at most the first 1,000).
+  left_out: tuple[str, ...] = ()
 
 
 def _stale_incomplete_dirs(builder: tfds.core.DatasetBuilder) -> list[str]:
@@ -157,7 +169,7 @@ def _stale_incomplete_dirs(builder: tfds.core.DatasetBuilder) -> list[str]:
 
 def prepare(fmt: str, *, src: str | None = None, data_dir: str, name: str,
             skip_bad: bool = False, overwrite: bool = False,
-            **parameters: int | None) -> PrepareResult:
+            align: str = "none", **parameters: int | None) -> PrepareResult:
   """Prepares (or reuses) one dataset; the body of the command.
 
   Args:
@@ -167,6 +179,7 @@ def prepare(fmt: str, *, src: str | None = None, data_dir: str, name: str,
     name: the dataset's config name (known insightface names check counts).
     skip_bad: skip unreadable images instead of failing (image folders).
     overwrite: rebuild even if the dataset exists.
+    align: "detect" to find and align each photo's face (image folders).
     **parameters: the generated set's `num_identities`,
       `images_per_identity`, `image_size`, `seed` ("synthetic" format).
 
@@ -178,7 +191,7 @@ def prepare(fmt: str, *, src: str | None = None, data_dir: str, name: str,
   if fmt not in FORMATS:
     raise ValueError(f"unknown format {fmt!r}; known: {sorted(FORMATS)}")
   request = PrepareRequest(src=src, data_dir=data_dir, name=name,
-                           skip_bad=skip_bad, **parameters)
+                           skip_bad=skip_bad, align=align, **parameters)
   builder = FORMATS[fmt](request)
   reused = builder.is_prepared() and not overwrite
   if reused:
@@ -208,7 +221,9 @@ def prepare(fmt: str, *, src: str | None = None, data_dir: str, name: str,
       num_images=int(info.splits["train"].num_examples),
       num_classes=int(info.features["label"].num_classes),
       num_skipped=int(metadata.get("num_skipped", 0)),
-      reused=reused)
+      reused=reused, num_no_face=int(metadata.get("num_no_face", 0)),
+      left_out=tuple(f"{path}: {reason}" for path, reason in zip(
+          metadata.get("skipped", ()), metadata.get("skipped_reasons", ()))))
 
 
 def _define_flags() -> None:
@@ -225,13 +240,18 @@ def _define_flags() -> None:
   flags.DEFINE_bool("skip_bad", False, "Skip and count unreadable images "
                     "instead of stopping at the first one.")
   flags.DEFINE_bool("overwrite", False, "Rebuild an existing dataset.")
+  flags.DEFINE_enum("align", "none", ["none", "detect"], "image_folder: "
+                    "none (the files are aligned face crops) or detect (find "
+                    "each photo's largest face and align it to the "
+                    "five-point template; the `.[align]` extra).")
   synthetic = " (--format=synthetic; default: the named set's or "
   flags.DEFINE_integer("num_identities", None, "Generated identities"
                        f"{synthetic}1000).", lower_bound=1)
   flags.DEFINE_integer("images_per_identity", None, "Generated images per "
                        f"identity{synthetic}20).", lower_bound=1)
-  flags.DEFINE_integer("image_size", None, "Side of the generated images"
-                       f"{synthetic}112).", lower_bound=1)
+  flags.DEFINE_integer("image_size", None, "Side of the stored images "
+                       "(image_folder, synthetic; default 112).",
+                       lower_bound=8, upper_bound=1024)
   flags.DEFINE_integer("seed", None, f"Which faces are generated{synthetic}"
                        "0).", lower_bound=0)
   limits.define_flags()
@@ -263,12 +283,20 @@ def main(argv: Sequence[str]) -> None:
     limits.configure_from_flags()
     result = prepare(f.format, src=f.src, data_dir=f.data_dir, name=f.name,
                      skip_bad=f.skip_bad, overwrite=f.overwrite,
-                     num_identities=f.num_identities,
+                     align=f.align, num_identities=f.num_identities,
                      images_per_identity=f.images_per_identity,
                      image_size=f.image_size, seed=f.seed)
   what = "Reused" if result.reused else "Prepared"
-  skipped = (f", {result.num_skipped} unreadable files skipped"
-             if result.num_skipped else "")
+  shown = 50
+  for line in result.left_out[:shown]:
+    print(f"  left out {line}", flush=True)
+  if result.num_skipped > shown:
+    print(f"  ... and {result.num_skipped - shown} more (the dataset's "
+          "metadata lists the first 1,000)", flush=True)
+  unreadable = result.num_skipped - result.num_no_face
+  skipped = (f", {unreadable} unreadable files skipped" if unreadable
+             else "") + (f", {result.num_no_face} photos without a face "
+                         "left out" if result.num_no_face else "")
   print(f"{what} {result.name} in {result.dataset_dir}: "
         f"{result.num_images} images, {result.num_classes} identities"
         f"{skipped}", flush=True)

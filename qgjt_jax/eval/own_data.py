@@ -115,11 +115,13 @@ def leave_one_out_ranks(feats: np.ndarray, labels: np.ndarray,
 
 
 def _pair_metrics(feats, norms, pairs, issame, tar_rule: str,
-                  labels=None) -> dict:
+                  labels=None, first=None) -> dict:
   """TAR at FAR, thresholds and the reject curve of scored pairs (with
   `labels`, each image's person, thresholds also state their spread over
-  people)."""
-  scores = np.sum(feats[pairs[:, 0]] * feats[pairs[:, 1]], axis=1)
+  people; with `first`, the (feats, norms) the first image of each pair is
+  scored by, its low-resolution copy)."""
+  first_feats, first_norms = first or (feats, norms)
+  scores = np.sum(first_feats[pairs[:, 0]] * feats[pairs[:, 1]], axis=1)
   out = {}
   fars = [f for f in ijb.FAR_TARGETS if (~issame).sum() * f >= 1]
   if fars and issame.any():
@@ -131,7 +133,8 @@ def _pair_metrics(feats, norms, pairs, issame, tar_rule: str,
   out["impostor_pairs"] = int(np.sum(~issame))
   out["roc"] = thresholds.roc_points(scores[issame], scores[~issame])
   out.update(reject.reject_metrics(
-      scores, issame, np.minimum(norms[pairs[:, 0]], norms[pairs[:, 1]])))
+      scores, issame, np.minimum(first_norms[pairs[:, 0]],
+                                 norms[pairs[:, 1]])))
   return out
 
 
@@ -170,24 +173,35 @@ def person_folds(genuine: np.ndarray, impostor: np.ndarray,
 
 def folder_metrics(feats: np.ndarray, norms: np.ndarray, labels: np.ndarray,
                    *, max_pairs: int = MAX_PAIRS, nfolds: int = 10,
-                   tar_rule: str = "insightface") -> dict:
+                   tar_rule: str = "insightface", first=None) -> dict:
   """Verification, open-set and leave-one-out identification (see
-  module)."""
+  module). With `first` (the (feats, norms) of every image shrunk to a low
+  resolution), verification only, each pair's first image low-resolution
+  and its second clean."""
   genuine, impostor = sample_pairs(labels, max_pairs)
   pairs = np.concatenate([genuine, impostor])
   issame = np.r_[np.ones(len(genuine), bool), np.zeros(len(impostor), bool)]
-  out = _pair_metrics(feats, norms, pairs, issame, tar_rule, labels)
-  out["open_set"] = identification.open_set_calibration(feats, labels)
+  out = _pair_metrics(feats, norms, pairs, issame, tar_rule, labels, first)
   # k-fold accuracy with folds of disjoint people (two people a fold at
   # least, so each fold has impostors).
   folds = min(nfolds, (int(labels.max()) + 1) // 2)
   balanced, same, sizes = person_folds(genuine, impostor, labels, folds)
   if len(sizes) >= 2:
+    first_feats = feats if first is None else first[0]
+    pair_rows = np.stack([first_feats[balanced[:, 0]], feats[balanced[:, 1]]],
+                         axis=1)
     fold = verification.verification_metrics(
-        feats[balanced].reshape(-1, feats.shape[1]), same, fold_sizes=sizes)
+        pair_rows.reshape(-1, feats.shape[1]), same, fold_sizes=sizes)
     out.update(accuracy_mean=fold["accuracy_mean"],
                accuracy_std=fold["accuracy_std"],
                accuracy_folds=len(sizes))
+  out.update(num_images=int(len(labels)), num_people=int(labels.max() + 1),
+             genuine_pairs=int(len(genuine)), impostor_pairs=int(len(impostor)))
+  if first is not None:
+    out.update(mean_norm=float(np.mean(first[1])), mean_norm_clean=float(
+        np.mean(norms)))
+    return out
+  out["open_set"] = identification.open_set_calibration(feats, labels)
   ranks = leave_one_out_ranks(feats, labels)
   probes = ranks > 0
   if probes.any():
@@ -200,9 +214,7 @@ def folder_metrics(feats: np.ndarray, norms: np.ndarray, labels: np.ndarray,
           np.bincount(labels, hit, len(images_of))[probing]
           / images_of[probing]))
     out["probe_people"] = int(probing.sum())
-  out.update(num_images=int(len(labels)), num_people=int(labels.max() + 1),
-             genuine_pairs=int(len(genuine)), impostor_pairs=int(len(impostor)),
-             mean_norm=float(np.mean(norms)))
+  out["mean_norm"] = float(np.mean(norms))
   return out
 
 
@@ -301,18 +313,30 @@ def check_pairs_file(path: str) -> None:
 def evaluate_folder(embed_fn: extract.EmbedFn, folder: str, *,
                     batch_size: int, image_size: int, load=None,
                     fusion=extract.DEFAULT_FUSION, progress: bool = True,
-                    tar_rule: str = "insightface") -> dict:
-  """Embeds a folder of people and scores it (`folder_metrics`). `load`
+                    tar_rule: str = "insightface", low_res=()
+                    ) -> dict[str, dict]:
+  """Embeds a folder of people and scores it (`folder_metrics`): {"": the
+  clean faces' metrics, "@Npx": verification with the first image of each
+  pair shrunk to N px and enlarged back, for each N of `low_res`}. `load`
   turns a path into a crop (default: the image resized)."""
   people = folders.read(folder, "config.eval.folders", min_people=2)
   paths, labels = people.paths, people.labels
   load = load or (lambda p: images_lib.read_image(p, image_size))
-  feats, norms = extract.extract_embeddings(
-      embed_fn, images_lib.LazyImages(lambda i: load(paths[i]), len(paths)),
-      batch_size=batch_size, fusion=fusion, progress=progress,
-      return_norms=True, desc=os.path.basename(os.path.normpath(folder)))
-  out = folder_metrics(feats, norms, labels, tar_rule=tar_rule)
-  out["duplicate_files"] = duplicate_report(people)
+  name = os.path.basename(os.path.normpath(folder))
+  crops = images_lib.LazyImages(lambda i: load(paths[i]), len(paths))
+  embed = lambda faces, desc: extract.extract_embeddings(
+      embed_fn, faces, batch_size=batch_size, fusion=fusion,
+      progress=progress, return_norms=True, desc=desc)
+  feats, norms = embed(crops, name)
+  out = {"": folder_metrics(feats, norms, labels, tar_rule=tar_rule)}
+  out[""]["duplicate_files"] = duplicate_report(people)
+  for size in low_res:
+    shrunk = images_lib.LazyImages(
+        lambda i, size=size: verification.shrink(crops.load(i), size), len(paths))
+    out[f"@{size}px"] = folder_metrics(
+        feats, norms, labels, tar_rule=tar_rule,
+        first=embed(shrunk, f"{name}@{size}px"))
+    out[f"@{size}px"]["low_res"] = size
   return out
 
 

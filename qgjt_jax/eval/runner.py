@@ -108,8 +108,14 @@ class Evaluator:
                           ("own_folder", cfg.folders)):
       prefix = "calibration_" if kind == "calibration" else "folder_"
       for folder in folders:
-        add(prefix + _set_name(os.path.normpath(folder)), kind,
-            own_data.evaluate_folder(embed_fn, folder, **own), folder)
+        name = prefix + _set_name(os.path.normpath(folder))
+        # Decisions stand on the clean faces only; the low-resolution
+        # variants are measurements.
+        for suffix, metrics in own_data.evaluate_folder(
+            embed_fn, folder, low_res=cfg.low_res if kind == "own_folder"
+            else (), **own).items():
+          add(name + suffix, kind if not suffix else "low_res_folder",
+              metrics, folder)
     for path in cfg.pairs_files:
       add(f"pairs_{_set_name(path)}", "own_pairs",
           own_data.evaluate_pairs_file(embed_fn, path, **own))

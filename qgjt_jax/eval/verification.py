@@ -110,16 +110,22 @@ def verification_metrics(embeddings: np.ndarray, issame: np.ndarray,
   }
 
 
+def shrink(image: np.ndarray, low_res: int) -> np.ndarray:
+  """One uint8 (H, W, 3) face shrunk to low_res px and enlarged back (PIL
+  bilinear both ways)."""
+  if low_res < 1:
+    raise ValueError(f'low_res must be a positive size, got {low_res}')
+  height, width = image.shape[:2]
+  small = Image.fromarray(image).resize((low_res, low_res),
+                                        Image.Resampling.BILINEAR)
+  return np.asarray(small.resize((width, height), Image.Resampling.BILINEAR))
+
+
 def degrade_first_of_pairs(images: np.ndarray, low_res: int) -> np.ndarray:
-  """Copy of `images` with every even-indexed image shrunk to low_res px and
-  enlarged back (PIL bilinear both ways)."""
+  """Copy of `images` with every even-indexed image shrunk (`shrink`)."""
   out = np.array(images, copy=True)
-  height, width = out.shape[1:3]
   for i in range(0, len(out), 2):
-    small = Image.fromarray(out[i]).resize((low_res, low_res),
-                                           Image.Resampling.BILINEAR)
-    out[i] = np.asarray(small.resize((width, height),
-                                     Image.Resampling.BILINEAR))
+    out[i] = shrink(out[i], low_res)
   return out
 
 
@@ -141,8 +147,6 @@ def evaluate_pairs(embed_fn: extract.EmbedFn, images: np.ndarray,
   'quality_auc', how well the norm tells the two apart.
   """
   if low_res is not None:
-    if low_res < 1:
-      raise ValueError(f'low_res must be a positive size, got {low_res}')
     images = degrade_first_of_pairs(images, low_res)
   feats, norms = extract.extract_embeddings(
       embed_fn, images, batch_size=batch_size, flip=flip, fusion=fusion,

@@ -38,7 +38,7 @@ from qgjt_jax.eval import extract
 # Kinds of evaluated set, as the evaluation labels them, best first for a
 # decision on photos; the last two are used only when named.
 PHOTO_KINDS = ("calibration", "own_folder", "own_pairs", "bin")
-NAMED_ONLY = ("generated", "ijb_template")
+NAMED_ONLY = ("generated", "ijb_template", "low_res_folder")
 KIND_TEXT = {
     "calibration": "calibration people",
     "own_folder": "your own folder of people",
@@ -46,6 +46,7 @@ KIND_TEXT = {
     "bin": "a .bin set of aligned pairs",
     "generated": "generated faces",
     "ijb_template": "IJB templates (pooled photos)",
+    "low_res_folder": "your own folder, one face of each pair shrunk",
 }
 HOW_TO_CALIBRATE = (
     "calibrate on photos of people who are not in your gallery: "

@@ -40,7 +40,7 @@ from qgjt_jax import records
 from qgjt_jax import state as state_lib
 from qgjt_jax.eval import extract
 from qgjt_jax.method import quality as quality_lib
-from qgjt_jax.models.iresnet import normalize_images
+from qgjt_jax.models import normalize_images
 
 
 def locate(path: str) -> tuple[str, Optional[int]]:
@@ -61,7 +61,7 @@ class Model:
   workdir: str
   step: int
   config: ml_collections.ConfigDict
-  module: Any             # the IResNet, in the evaluation's compute dtype
+  module: Any             # the backbone, in the evaluation's compute dtype
   variables: Any          # {'params', 'batch_stats'}, replicated on `mesh`
   mesh: Mesh
   norm_stats: Optional[dict[str, float]]  # {'mean', 'std'}; None: converted
@@ -147,22 +147,28 @@ def make_embed_fn(module, mesh: Mesh, variables: Any
       extract.HostShard(jax.process_index(), jax.process_count()))
 
 
+def fused_features(module, variables: Any, x: jax.Array
+                   ) -> tuple[jax.Array, jax.Array]:
+  """Normalised BGR faces (B, S, S, 3) and their mirror images through the
+  network, fused as `Model.embed` scores: (unit embeddings (B, D), the
+  mean of the two norms (B,))."""
+  both = jnp.concatenate([x, jnp.flip(x, axis=2)])
+  emb, norms = module.apply(variables, both, train=False)
+  raw = emb.astype(jnp.float32) * norms.astype(jnp.float32)[:, None]
+  # The two halves summed over a reshape: plain ops whatever the
+  # (symbolic) batch.
+  fused = raw.reshape(2, -1, raw.shape[-1]).sum(axis=0)
+  unit = fused / jnp.maximum(jnp.linalg.norm(fused, axis=1, keepdims=True),
+                             1e-12)
+  return unit, norms.astype(jnp.float32).reshape(2, -1).sum(axis=0) / 2
+
+
 def fused_forward(module, variables: Any):
   """uint8 BGR faces (B, S, S, 3) -> (unit embeddings (B, D), norms (B,)),
   flip-fused as `Model.embed` scores: the function the exported models
   compute."""
-  def forward(images):
-    x = normalize_images(images, module.dtype)
-    both = jnp.concatenate([x, x[:, :, ::-1]])
-    emb, norms = module.apply(variables, both, train=False)
-    emb, norms = emb.astype(jnp.float32), norms.astype(jnp.float32)
-    raw = emb * norms[:, None]
-    half = images.shape[0]
-    fused = raw[:half] + raw[half:]
-    unit = fused / jnp.maximum(jnp.linalg.norm(fused, axis=1, keepdims=True),
-                               1e-12)
-    return unit, (norms[:half] + norms[half:]) / 2
-  return forward
+  return lambda images: fused_features(
+      module, variables, normalize_images(images, module.dtype))
 
 
 def abstract_variables(module, image_size: int, sharding) -> Any:

@@ -1,36 +1,36 @@
-r"""Imports PyTorch IResNet weights into Flax: AdaFace/QGFace `net.py`
-models and insightface arcface_torch backbones (`backbone.pth` of their model
-zoo).
+r"""Imports pretrained weights into a workdir: PyTorch and safetensors
+state dicts and insightface's ONNX recognisers, of every registered
+backbone family.
 
-Command line: turn a pretrained checkpoint into an orbax checkpoint of this
+Command line: turn a pretrained file into an orbax checkpoint of this
 project (step 0, the `model` item that `--mode=eval` and fine-tuning read):
 
   python -m qgjt_jax.convert --src=adaface_ir101_ms1mv2.ckpt \
-      --workdir=runs/adaface_ir101 [--arch=auto|ir50|ir_se50|...] \
-      [--overwrite]
+      --workdir=runs/adaface_ir101 [--arch=auto|NAME] [--overwrite]
+  python -m qgjt_jax.convert --src=w600k_mbf.onnx --workdir=runs/w600k_mbf
 
 `--src` is a Lightning `.ckpt`, a `.pth`/`.pt` state dict, a
 `.safetensors` file (CVLFace's hub models, or `export --format=safetensors`,
-whose recorded input size and channel order are used) or an `.npz` of
-name -> array, all read without torch (`torch_files`) and without running
-anything from the file. The architecture, base width,
-embedding size and input size are read from the tensors (`--arch` names the
-depth instead); the program prints them and the parameter count, and records
-them in WORKDIR/converted_from.json, from which every command that uses the
-model (`--mode=eval`, embed, compare, identify, export, `qgjt_jax.load_model`)
+whose recorded input size and channel order are used), an `.npz` of
+name -> array (all read without torch, `weight_files`) or an `.onnx` graph
+(`onnx_import`); nothing from the file runs. The family, model, sizes and
+input size are read from the tensors' names and shapes (each family's
+`recognise`; `--arch` says which model the file must hold); the program
+prints them and the parameter count, and records them in
+WORKDIR/converted_from.json, from which every command that uses the model
+(`--mode=eval`, embed, compare, identify, export, `qgjt_jax.load_model`)
 rebuilds it. It refuses to replace an existing WORKDIR/checkpoints unless
 `--overwrite`.
 
-Their models take RGB input where AdaFace's take BGR: the converted workdir
-records `model.input_order`, which every use of the model follows. The names
-and layouts of both PyTorch codes are mapped by `state_dicts`; the files are
-read by `weight_files`, neither running anything from them.
+Published weights read BGR (AdaFace/QGFace) or RGB (insightface): the
+family says which, and the converted workdir records `model.input_order`,
+which every use of the model follows. The PyTorch names of each family are
+mapped by `state_dicts`.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import shlex
 from typing import Any, Mapping
@@ -49,7 +49,6 @@ from qgjt_jax import workdir_lock
 from qgjt_jax.files import limits
 from qgjt_jax.interop import state_dicts
 from qgjt_jax.interop import weight_files
-from qgjt_jax.models import iresnet
 
 
 # --- Command line: a pretrained checkpoint -> this project's orbax layout.
@@ -59,105 +58,110 @@ from qgjt_jax.models import iresnet
 class ConvertedModel:
   """Converted backbone variables and the settings that rebuild the model."""
   variables: dict
-  num_layers: int
-  use_se: bool
-  base_width: int
+  name: str                  # the canonical config.model.name
   embedding_size: int
   image_size: int
-  layout: str = "adaface"
-  input_order: str = "BGR"
-
-  @property
-  def name(self) -> str:
-    """The canonical `config.model.name` ("ir100", "ir_se50", "r50", ...)."""
-    if self.layout == "insightface":
-      return f"r{self.num_layers}"
-    return f"ir{'_se' if self.use_se else ''}{self.num_layers}"
+  input_order: str
+  settings: dict[str, Any]   # the family's own (config.model.KEY)
+  description: str           # the family's one line
 
   @property
   def num_params(self) -> int:
-    return iresnet.count_params(self.variables["params"])
+    return models.count_params(self.variables["params"])
+
+  def module(self):
+    """The Flax module of these variables (float32)."""
+    return models.build_backbone(self.name,
+                                 embedding_size=self.embedding_size,
+                                 input_order=self.input_order,
+                                 **self.settings)
 
   def config_overrides(self) -> dict[str, Any]:
     """config key -> the value a config needs to build this very model."""
     return {"model.name": self.name,
-            "model.base_width": self.base_width,
+            **{f"model.{k}": v for k, v in self.settings.items()},
             "model.embedding_size": self.embedding_size,
             "model.input_order": self.input_order,
             "data.image_size": self.image_size}
 
 
-# The channel order each layout's published models were trained on.
-DEFAULT_INPUT_ORDER = {"adaface": "BGR", "insightface": "RGB"}
-
-
-def parse_arch(name: str) -> tuple[str, int, bool]:
-  """(layout, num_layers, use_se) of a backbone name ("ir101", "r50")."""
-  model = models.build_backbone(name)
-  return model.layout, model.num_layers, model.use_se
-
-
 def convert_state_dict(state_dict: Mapping[str, Any], arch: str = "auto",
                        input_order: str = "auto",
                        image_size: int | None = None) -> ConvertedModel:
-  """Converts a state dict for the named (or, with "auto", inferred) IResNet.
+  """Converts a state dict of any registered backbone family.
 
-  `input_order` "auto" takes the layout's convention (AdaFace/QGFace models
-  read BGR, insightface's RGB). The input size is 16 times the side of the
-  head's feature map unless `image_size` (a file's own record) says which
-  of the sizes that map fits.
+  The family, model and sizes are read from the tensors' names and shapes
+  (`state_dicts.find_backbone`); `arch` (not "auto") is the name the file
+  must hold. `input_order` "auto" takes the channel order the family's
+  published weights read (AdaFace/QGFace BGR, insightface RGB). The input
+  size is the one the head's shapes imply unless `image_size` (a file's own
+  record) says which of the sizes that fit it is.
 
   Raises:
-    state_dicts.StateDictMismatchError: the tensors do not fit (names listed); with an
-      explicit `arch` the message also says what the file looks like.
+    state_dicts.StateDictMismatchError: the tensors do not fit (names
+      listed), or are not the `arch` asked for (saying what they are).
     ValueError: an unknown `arch` or `input_order`.
   """
-  found, _ = state_dicts.detect_layout(state_dict)
-  _check_finite(state_dicts.backbone_state(state_dict))
-  if arch == "auto":
-    layout = found
-    num_layers, use_se = state_dicts.infer_architecture(state_dict)
-  else:
-    layout, num_layers, use_se = parse_arch(arch)
+  if arch != "auto":
+    _, wanted = models.family_of(arch)
+  found = state_dicts.find_backbone(state_dict)
+  recognised = found.recognised
+  _check_finite(found.tensors)
+  if arch != "auto" and wanted != recognised.name:
+    raise state_dicts.StateDictMismatchError(
+        f"{arch} was asked for, but the tensors look like {recognised.name}")
   if input_order == "auto":
-    input_order = DEFAULT_INPUT_ORDER[layout]
+    input_order = found.family.input_order(recognised.name)
   if input_order not in ("BGR", "RGB"):
     raise ValueError(f"input order {input_order!r}: use BGR, RGB or auto")
+  module = models.build_backbone(
+      recognised.name, embedding_size=recognised.embedding_size,
+      input_order=input_order, **recognised.settings)
+  size = image_size or recognised.image_size
   try:
-    if layout != found:
-      raise state_dicts.StateDictMismatchError(
-          f"{arch} is an {layout}-layout backbone; the state dict has "
-          f"{found} names")
-    variables = state_dicts.torch_state_dict_to_flax(state_dict, num_layers=num_layers,
-                                         use_se=use_se)
+    variables = state_dicts.to_flax(found.tensors, module, size)
   except state_dicts.StateDictMismatchError as e:
-    if arch == "auto":
+    if size == recognised.image_size:
       raise
-    try:
-      depth, se = state_dicts.infer_architecture(state_dict)
-      name = (f"r{depth}" if found == "insightface" else
-              f"ir{'_se' if se else ''}{depth}")
-      hint = f"\nthe tensors look like {name}"
-    except state_dicts.StateDictMismatchError:
-      hint = ""
-    raise state_dicts.StateDictMismatchError(f"{e}{hint}") from e
-  params = variables["params"]
-  base_width = params["input_layer"]["conv"]["kernel"].shape[-1]
-  fc_in, embedding_size = params["output_layer"]["fc"]["kernel"].shape
-  final_channels = iresnet.unit_specs(num_layers, base_width,
-                                      layout)[-1].out_channels
-  # Four stride-2 stages: a side x side map before the head means input
-  # images of 16 * side pixels (112 -> 7 for the published models).
-  side = math.isqrt(fc_in // final_channels)
-  if image_size is not None and -(-image_size // 16) != side:
     raise state_dicts.StateDictMismatchError(
-        f"the file records {image_size} px images, but its head sees a "
-        f"{side} x {side} map, which {16 * side} px images give")
-  return ConvertedModel(variables=variables, num_layers=num_layers,
-                        use_se=use_se, base_width=int(base_width),
-                        embedding_size=int(embedding_size),
-                        image_size=image_size or 16 * side, layout=layout,
-                        input_order=input_order)
+        f"the file records {image_size} px images, but its head's shapes "
+        f"are those of {recognised.image_size} px ones:\n{e}") from None
+  return ConvertedModel(variables=variables, name=recognised.name,
+                        embedding_size=recognised.embedding_size,
+                        image_size=size, input_order=input_order,
+                        settings=dict(recognised.settings),
+                        description=found.family.describe(module))
+
+
+def convert_file(path: str, arch: str = "auto", input_order: str = "auto"
+                 ) -> ConvertedModel:
+  """The model in a weight file of any format convert reads (see the
+  module doc); an ONNX graph's convolutions are checked against the
+  model's own.
+
+  Raises:
+    errors.UserError: the file cannot be read or holds no backbone this
+      package builds (each naming the file).
+  """
+  from qgjt_jax.interop import onnx_import  # pylint: disable=g-import-not-at-top
+  if os.fspath(path).endswith(".onnx"):
+    weights = onnx_import.read_onnx(path)
+    state, recorded = weights.state_dict, {"image_size": weights.image_size}
+  else:
+    weights = None
+    state, recorded = weight_files.read_with_record(path)
+  try:
+    converted = convert_state_dict(
+        state, arch, recorded.get("input_order", "auto")
+        if input_order == "auto" else input_order,
+        recorded.get("image_size"))
+  except state_dicts.StateDictMismatchError as e:
+    raise state_dicts.StateDictMismatchError(f"{path}: {e}") from e
+  if weights is not None:
+    onnx_import.check_conv_attributes(path, weights, converted.module(),
+                                      converted.variables,
+                                      converted.image_size)
+  return converted
 
 
 def _check_finite(tensors: Mapping[str, Any]) -> None:
@@ -221,10 +225,9 @@ def write_checkpoint(workdir: str, converted: ConvertedModel, *,
     staging.rmtree()
   checkpoint.save_model_only(str(staging), converted.variables, step=0)
   record = {"source": os.path.abspath(source) if source else "",
-            "architecture": converted.name, "layout": converted.layout,
+            "architecture": converted.name,
+            "description": converted.description,
             "input_order": converted.input_order,
-            "num_layers": converted.num_layers, "use_se": converted.use_se,
-            "base_width": converted.base_width,
             "embedding_size": converted.embedding_size,
             "image_size": converted.image_size,
             "num_params": converted.num_params,
@@ -245,16 +248,12 @@ def write_checkpoint(workdir: str, converted: ConvertedModel, *,
 
 def summary(src: str, workdir: str, converted: ConvertedModel) -> str:
   """What the program prints after a conversion."""
-  se = "with" if converted.use_se else "no"
   size = converted.image_size
   return "\n".join([
       f"Converted {src}",
-      f"  architecture    {converted.name} ({converted.num_layers} layers, "
-      f"{se} SE)",
-      f"  base width      {converted.base_width}",
+      f"  architecture    {converted.name}: {converted.description}",
       f"  embedding size  {converted.embedding_size}",
-      f"  input           {converted.input_order} ({converted.layout} "
-      "layout)",
+      f"  input           {converted.input_order}",
       f"  input size      {size} x {size}",
       f"  parameters      {converted.num_params:,}",
       f"Wrote the model (step 0) to {checkpoint.checkpoints_dir(workdir)}; "
@@ -268,17 +267,17 @@ def summary(src: str, workdir: str, converted: ConvertedModel) -> str:
 
 
 def _define_flags() -> None:
-  flags.DEFINE_string("src", None, "The PyTorch checkpoint: .ckpt "
-                      "(Lightning), .pth/.pt (state dict; AdaFace/QGFace or "
-                      "insightface arcface_torch), .safetensors (CVLFace, "
-                      "or this project's export) or .npz.")
+  flags.DEFINE_string("src", None, "The pretrained file: .ckpt "
+                      "(Lightning), .pth/.pt (a state dict), .safetensors "
+                      "(CVLFace, or this project's export), .npz, or .onnx "
+                      "(insightface's recognisers).")
   flags.DEFINE_string("workdir", None, "Work directory to create; the model "
                       "goes to WORKDIR/checkpoints (step 0).")
   flags.DEFINE_string("arch", "auto", "auto (read from the tensors) or a "
                       "backbone name: " + ", ".join(models.backbone_names()))
   flags.DEFINE_enum("input_order", "auto", ["auto", "BGR", "RGB"],
                     "The channel order the weights were trained on: auto "
-                    "(AdaFace/QGFace BGR, insightface RGB) or as given.")
+                    "(the family's published weights') or as given.")
   flags.DEFINE_bool("overwrite", False, "Delete an existing "
                     "WORKDIR/checkpoints and write the converted model.")
   flags.DEFINE_bool("force_lock", False, "Take the workdir's lock even when "
@@ -295,19 +294,12 @@ def main(argv: list[str]) -> None:
     # Before the (slow) read: a bad name or a workdir in use fails at once.
     if cfg.arch != "auto":
       try:
-        parse_arch(cfg.arch)
+        models.family_of(cfg.arch)
       except ValueError as e:
         raise errors.UserError(f"--arch={cfg.arch}: {e}") from None
     check_writable(cfg.workdir, cfg.overwrite)
     limits.configure_from_flags()
-    state, recorded = weight_files.read_with_record(cfg.src)
-    try:
-      converted = convert_state_dict(
-          state, cfg.arch,
-          recorded.get("input_order", "auto") if cfg.input_order == "auto"
-          else cfg.input_order, recorded.get("image_size"))
-    except state_dicts.StateDictMismatchError as e:
-      raise state_dicts.StateDictMismatchError(f"{cfg.src}: {e}") from e
+    converted = convert_file(cfg.src, cfg.arch, cfg.input_order)
     lock = workdir_lock.acquire(cfg.workdir, force=cfg.force_lock)
     try:
       write_checkpoint(cfg.workdir, converted, source=cfg.src,

@@ -1,5 +1,5 @@
 r"""A workdir's model, out of JAX: ONNX (onnxruntime, TensorRT, insightface's
-client), StableHLO, or the PyTorch weights of its IResNet (safetensors).
+client), StableHLO, or the PyTorch weights of its backbone (safetensors).
 
   python -m qgjt_jax.export --workdir=runs/ms1m --format=onnx \
       --out=model.onnx [--onnx_layout=qgjt|insightface] [--batch=N] [--step=N]
@@ -29,8 +29,8 @@ DECISION_SCORING`), so a deployment scores as the thresholds were measured.
     in   input.1     (batch, 3, S, S) float32, RGB, (x - 127.5) / 127.5
     out  embedding   (batch, D) float32: the unit embedding times the norm
 
-The ONNX graph is written from the model's structure (`onnx_graph`). The
-StableHLO file is
+The ONNX graph is translated from the jaxpr of the very function that
+embeds (`onnx_export`), so every backbone exports. The StableHLO file is
 `jax.export`'s serialisation: `jax.export.deserialize(open(path, 'rb').
 read()).call(images)` runs it without this project; its conventions go to
 a .json beside it, written together with it. Both carry every threshold the
@@ -38,11 +38,11 @@ evaluation of the exported step measured ("qgjt_jax.thresholds"), each with
 its set, kind of faces, scoring, impostor count and FAR interval.
 
 The safetensors file is a state dict in the names and layouts of the
-model's own PyTorch code (AdaFace/QGFace `net.py` for ir* models,
-insightface's `iresnet.py` for r* models). Those programs build only
-width-64 models for 112 px faces (AdaFace's also only 512-d), so the
-command says whether theirs loads this one or only `qgjt_jax.convert` reads
-it back; the file's metadata records the input size and channel order.
+public PyTorch code of the model's family (each family names its code in
+models/). Those programs build only the published sizes (112 px faces,
+...), so the command says whether theirs loads this one or only
+`qgjt_jax.convert` reads it back; the file's metadata records the input
+size and channel order.
 """
 from __future__ import annotations
 
@@ -53,7 +53,6 @@ from typing import Any, Optional, Sequence
 
 from qgjt_jax import errors
 from qgjt_jax import outputs
-from qgjt_jax.interop import onnx_graph
 
 LAYOUTS = {
     "qgjt": {
@@ -71,14 +70,6 @@ LAYOUTS = {
 FORMATS = ("onnx", "stablehlo", "safetensors")
 # What each format needs beyond the base install, and the extra naming it.
 _NEEDS = {"onnx": ("onnx", "onnx"), "stablehlo": ("flatbuffers", None)}
-# The public PyTorch code whose state dict each layout is written in, and
-# what that code can build.
-_PUBLIC_CODE = {
-    "adaface": ("AdaFace/QGFace net.py", dict(base_width=64, image_size=112,
-                                              embedding_size=512)),
-    "insightface": ("insightface's iresnet.py", dict(base_width=64,
-                                                     image_size=112)),
-}
 
 
 def load(path: str, step: Optional[int] = None):
@@ -131,12 +122,35 @@ def _require(fmt: str) -> None:
 def loads_in(module, image_size: int) -> tuple[str, Optional[str]]:
   """(the public code whose names the safetensors file uses, why that code
   cannot build this model, or None when it can)."""
-  code, builds = _PUBLIC_CODE[module.layout]
-  have = dict(base_width=module.base_width, image_size=image_size,
-              embedding_size=module.embedding_size)
-  differ = [f"{k.replace('_', ' ')} {have[k]} (it builds {v})"
-            for k, v in builds.items() if have[k] != v]
-  return code, "; ".join(differ) or None
+  from qgjt_jax import models  # pylint: disable=g-import-not-at-top
+  return models.family_of_module(module).public_code(module, image_size)
+
+
+def onnx_proto(module, variables: dict, image_size: int,
+               batch: Optional[int], metadata: dict, layout: str):
+  """The ONNX model of a layout (see the module doc), translated from the
+  jaxpr of the function that embeds (`interop.onnx_export`)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from qgjt_jax.inference import model as model_lib  # pylint: disable=g-import-not-at-top
+  from qgjt_jax.interop import onnx_export  # pylint: disable=g-import-not-at-top
+  size = image_size
+  if layout == "insightface":
+    def insightface_layout(x):
+      # (B, 3, S, S) RGB in [-1, 1] -> the BGR NHWC faces every model takes.
+      bgr = jnp.flip(jnp.transpose(x, (0, 2, 3, 1)), axis=-1)
+      unit, norms = model_lib.fused_features(module, variables, bgr)
+      return (unit * norms[:, None],)
+    return onnx_export.onnx_model(
+        insightface_layout, jax.ShapeDtypeStruct((1, 3, size, size),
+                                                 jnp.float32),
+        input_name="input.1", output_names=("embedding",), batch=batch,
+        metadata=metadata)
+  return onnx_export.onnx_model(
+      forward_fn(module, variables),
+      jax.ShapeDtypeStruct((1, size, size, 3), jnp.uint8),
+      input_name="images", output_names=("embeddings", "norms"),
+      batch=batch, metadata=metadata)
 
 
 def export(path: str, fmt: str, out: str, *, batch: Optional[int] = None,
@@ -177,10 +191,11 @@ def export(path: str, fmt: str, out: str, *, batch: Optional[int] = None,
     metadata["qgjt_jax.loads_in"] = (
         f"qgjt_jax.convert only ({code} cannot build it: {why_not})"
         if why_not else f"{code} (strict load), and qgjt_jax.convert")
-    _write_safetensors(out, module, variables, metadata, overwrite)
+    _write_safetensors(out, module, variables, image_size, metadata,
+                       overwrite)
   elif fmt == "onnx":
-    proto = onnx_graph.onnx_model(module, variables, image_size, batch,
-                                  {**LAYOUTS[layout], **metadata}, layout)
+    proto = onnx_proto(module, variables, image_size, batch,
+                       {**LAYOUTS[layout], **metadata}, layout)
     outputs.write(out, proto.SerializeToString(), overwrite=overwrite)
   else:
     data = stablehlo_bytes(module, variables, image_size, batch)
@@ -200,16 +215,14 @@ def _scoring(fmt: str) -> str:
   return extract.DECISION_SCORING
 
 
-def _write_safetensors(out: str, model, variables: dict, metadata: dict,
-                       overwrite: bool) -> None:
-  """The model as the PyTorch state dict its layout's IResNet code loads
-  (AdaFace/QGFace `net.py` names, or insightface's for r* models)."""
+def _write_safetensors(out: str, model, variables: dict, image_size: int,
+                       metadata: dict, overwrite: bool) -> None:
+  """The model as the PyTorch state dict of its family's public code
+  (`models.registry.TorchLayer`)."""
   import safetensors.numpy  # pylint: disable=g-import-not-at-top
   from qgjt_jax.interop import state_dicts  # pylint: disable=g-import-not-at-top
-  state = state_dicts.flax_to_torch_state_dict(
-      variables, num_layers=model.num_layers, layout=model.layout)
-  text = {"format": "pt", "qgjt_jax.layout": model.layout,
-          **{k: str(v) for k, v in metadata.items()}}
+  state = state_dicts.to_torch(variables, model, image_size)
+  text = {"format": "pt", **{k: str(v) for k, v in metadata.items()}}
   outputs.write(out, safetensors.numpy.save(state, metadata=text),
                 overwrite=overwrite)
 
@@ -250,7 +263,7 @@ def _summary(args, metadata: dict) -> list[str]:
   size = metadata["qgjt_jax.image_size"]
   if args.format == "safetensors":
     return [f"Wrote {args.out}: a PyTorch state dict in the names of "
-            f"{metadata['qgjt_jax.model']}'s IResNet code, for {size} px "
+            f"{metadata['qgjt_jax.model']}'s PyTorch code, for {size} px "
             f"{metadata['qgjt_jax.weights_input_order']} input. Loads in: "
             f"{metadata['qgjt_jax.loads_in']}."]
   layout = args.onnx_layout if args.format == "onnx" else "qgjt"

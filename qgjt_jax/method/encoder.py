@@ -15,7 +15,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from qgjt_jax import parallel
 from qgjt_jax.method import quality as quality_lib
-from qgjt_jax.models.iresnet import normalize_images
+from qgjt_jax.models import layers
+from qgjt_jax.models import normalize_images
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,10 +48,11 @@ def encode(ctx: StepContext, params: Any, batch_stats: Any,
   quality statistics updated over their norms and read."""
   images = jax.lax.with_sharding_constraint(
       images, NamedSharding(ctx.mesh, P(parallel.BATCH_AXES)))
-  (embeddings, norms), updates = ctx.model.apply(
-      {"params": params, "batch_stats": batch_stats},
-      normalize_images(images, ctx.settings.compute_dtype), train=True,
-      mutable=["batch_stats"], rngs={"dropout": dropout_rng})
+  with layers.frozen_statistics(ctx.settings.frozen_batch_norm):
+    (embeddings, norms), updates = ctx.model.apply(
+        {"params": params, "batch_stats": batch_stats},
+        normalize_images(images, ctx.settings.compute_dtype), train=True,
+        mutable=["batch_stats"], rngs={"dropout": dropout_rng})
   norms = norms.astype(jnp.float32)
   stats, scaler, gate_scaler = quality_lib.read_quality(
       ctx.settings.quality, stats, norms, degradation)

@@ -182,6 +182,7 @@ class StepSettings:
   Hashable and frozen: the step is traced with these as constants.
   """
   compute_dtype: Any
+  frozen_batch_norm: bool
   steps_per_epoch: float
   num_epochs: float
   global_batch_size: int
@@ -195,6 +196,7 @@ class StepSettings:
                   steps_per_epoch: float) -> "StepSettings":
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     return cls(compute_dtype=jnp.dtype(config.model.dtype),
+               frozen_batch_norm=config.model.batch_norm == "frozen",
                steps_per_epoch=float(steps_per_epoch),
                num_epochs=float(config.num_epochs),
                global_batch_size=config.global_batch_size,

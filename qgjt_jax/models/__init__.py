@@ -1,55 +1,55 @@
-"""Face encoders, built by name (`build_backbone("ir50")`)."""
+"""Face encoders, built by name (`build_backbone("ir50")`, "mbf", "vit_t").
+
+One module per family (iresnet, mobilefacenet, vit) declares it in the
+registry (`registry.Family`); everything else in the package reaches a
+family through the functions here.
+"""
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import jax.numpy as jnp
 
-from qgjt_jax.models.iresnet import INSIGHTFACE_STAGE_UNITS
+from qgjt_jax.models import iresnet  # registers  # noqa: F401
+from qgjt_jax.models import mobilefacenet  # registers  # noqa: F401
+from qgjt_jax.models import vit  # registers  # noqa: F401
 from qgjt_jax.models.iresnet import IResNet
-from qgjt_jax.models.iresnet import normalize_images
-from qgjt_jax.models.iresnet import STAGE_UNITS
+from qgjt_jax.models.layers import count_params
+from qgjt_jax.models.layers import init_shapes
+from qgjt_jax.models.layers import normalize_images
+from qgjt_jax.models.registry import backbone_names
+from qgjt_jax.models.registry import families
+from qgjt_jax.models.registry import family_of
+from qgjt_jax.models.registry import family_of_module
+from qgjt_jax.models.registry import family_settings
+from qgjt_jax.models.registry import recorded_model_keys
 
-__all__ = ["IResNet", "build_backbone", "backbone_names", "normalize_images"]
-
-# AdaFace/QGFace: "ir50", "ir_se100"; also the reference spellings "ir_50",
-# "ir_se_50" and "ir101" (AdaFace calls the 100-layer model IR_101).
-# insightface arcface_torch: "r50", "r100" (their names).
-_NAME = re.compile(r"^(?:(?P<insightface>r)|ir(?P<se>_se)?_?)(?P<depth>\d+)$")
-_ALIASES = {101: 100}
-
-
-def backbone_names() -> list[str]:
-  """The canonical backbone names `build_backbone` accepts."""
-  depths = sorted(STAGE_UNITS)
-  return ([f"ir{d}" for d in depths] + [f"ir_se{d}" for d in depths] +
-          [f"r{d}" for d in sorted(INSIGHTFACE_STAGE_UNITS)])
+__all__ = ["IResNet", "build_backbone", "backbone_names", "count_params",
+           "families", "family_of", "family_of_module", "family_settings", "init_shapes",
+           "normalize_images", "recorded_model_keys"]
 
 
-def build_backbone(name: str, dtype: Any = jnp.float32, **overrides
-                   ) -> IResNet:
-  """Returns the IResNet called `name` ("ir18" .. "ir200", "ir_se50",
-  insightface's "r18" .. "r200").
+def build_backbone(name: str, dtype: Any = jnp.float32, *,
+                   embedding_size: int = 512, remat: bool = False,
+                   input_order: str = "BGR", **settings):
+  """The backbone called `name`, computing in `dtype` (parameters stay
+  float32).
 
   Args:
-    name: backbone name, case-insensitive.
-    dtype: compute dtype (parameters stay float32).
-    **overrides: other `IResNet` fields (embedding_size, base_width,
-      dropout_rate).
+    name: a backbone name, case-insensitive (`backbone_names()`).
+    dtype: compute dtype.
+    embedding_size, remat, input_order: the settings every family takes.
+    **settings: the family's own (IResNet: base_width, dropout_rate);
+      a setting the family does not have is refused.
 
   Raises:
-    ValueError: for an unknown name, listing the valid ones.
+    ValueError: an unknown name (listing the valid ones) or setting.
   """
-  match = _NAME.match(name.strip().lower())
-  depth = int(match["depth"]) if match else None
-  insightface = bool(match and match["insightface"])
-  if not insightface:
-    depth = _ALIASES.get(depth, depth)
-  table = INSIGHTFACE_STAGE_UNITS if insightface else STAGE_UNITS
-  if depth not in table:
-    raise ValueError(f"unknown backbone {name!r}; valid names: "
-                     f"{', '.join(backbone_names())}")
-  return IResNet(num_layers=depth, use_se=bool(match["se"]), dtype=dtype,
-                 layout="insightface" if insightface else "adaface",
-                 **overrides)
+  family, canonical = family_of(name)
+  unknown = sorted(set(settings) - set(family.settings))
+  if unknown:
+    raise ValueError(f"{canonical} ({family.name}) has no setting "
+                     f"{', '.join(unknown)}; its own settings: "
+                     f"{', '.join(family.settings) or 'none'}")
+  return family.build(canonical, dtype=dtype, embedding_size=embedding_size,
+                      remat=remat, input_order=input_order, **settings)

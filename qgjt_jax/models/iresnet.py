@@ -18,18 +18,20 @@ instead, so the forward pass pays nothing for compatibility.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+import math
+import re
+from typing import Any, Mapping, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from qgjt_jax.models import layers
+from qgjt_jax.models import registry
+
 # PyTorch's `initialize_weights` uses kaiming_normal(fan_out, relu) for every
 # conv and linear layer (including the SE convs: it runs after their own init).
-_kaiming_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-
-_BN_MOMENTUM = 0.9  # flax's momentum is 1 - PyTorch's (0.1).
-_BN_EPSILON = 1e-5
+_kaiming_fan_out = layers.kaiming_fan_out
 _SE_REDUCTION = 16
 
 # Units per stage. Depths up to 100 use the two-conv basic unit, deeper ones
@@ -92,85 +94,6 @@ def unit_specs(num_layers: int, base_width: int = 64,
   return specs
 
 
-def normalize_images(images_uint8: jax.Array, dtype: Any = jnp.float32
-                     ) -> jax.Array:
-  """Maps uint8 pixels to [-1, 1] as (x/255 - 0.5)/0.5, in `dtype`.
-
-  Meant to run on the device, so the host ships compact uint8 batches.
-  """
-  x = jnp.asarray(images_uint8).astype(jnp.float32)
-  return (x * (2.0 / 255.0) - 1.0).astype(dtype)
-
-
-class BatchNorm(nn.Module):
-  """BatchNorm as PyTorch computes it, over every axis but the last.
-
-  Training normalises with the batch's biased variance (as flax does) but
-  keeps the *unbiased* one, n / (n - 1) times larger, in the running
-  average, as torch.nn.BatchNorm does; flax keeps the biased one. The
-  running statistics are what evaluation normalises with, so with flax's
-  rule every eval-mode feature norm (the quality indicator at test time)
-  would drift from the reference's (by sqrt(16/15) for a batch of 16 at the
-  last BatchNorm1d). Statistics are in float32 whatever the compute dtype.
-  Variable names are flax's ('scale', 'bias'; 'mean', 'var').
-  """
-  use_running_average: bool
-  momentum: float = _BN_MOMENTUM
-  epsilon: float = _BN_EPSILON
-  dtype: Any = jnp.float32
-  use_scale: bool = True
-  use_bias: bool = True
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    features = x.shape[-1]
-    running_mean = self.variable("batch_stats", "mean", jnp.zeros,
-                                 (features,), jnp.float32)
-    running_var = self.variable("batch_stats", "var", jnp.ones, (features,),
-                                jnp.float32)
-    x32 = x.astype(jnp.float32)
-    if self.use_running_average:
-      mean, var = running_mean.value, running_var.value
-    else:
-      axes = tuple(range(x.ndim - 1))
-      # One pass (E[x], E[x^2]), as flax: the two reductions fuse into one
-      # read of x, and under a data-parallel mesh into one all-reduce.
-      mean = jnp.mean(x32, axis=axes)
-      var = jnp.maximum(jnp.mean(jnp.square(x32), axis=axes) -
-                        jnp.square(mean), 0.0)
-      if not self.is_initializing():
-        count = x.size // features
-        unbiased = var * (count / max(count - 1, 1))
-        m = self.momentum
-        running_mean.value = m * running_mean.value + (1 - m) * mean
-        running_var.value = m * running_var.value + (1 - m) * unbiased
-    y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
-    if self.use_scale:
-      y = y * self.param("scale", nn.initializers.ones, (features,),
-                         jnp.float32)
-    if self.use_bias:
-      y = y + self.param("bias", nn.initializers.zeros, (features,),
-                         jnp.float32)
-    return y.astype(self.dtype)
-
-
-def _batch_norm(train: bool, dtype: Any, name: str) -> BatchNorm:
-  return BatchNorm(use_running_average=not train, dtype=dtype, name=name)
-
-
-class PReLU(nn.Module):
-  """Per-channel PReLU (flax's own PReLU has a single scalar slope)."""
-  param_dtype: Any = jnp.float32
-  negative_slope_init: float = 0.25
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    slope = self.param("negative_slope",
-                       nn.initializers.constant(self.negative_slope_init),
-                       (x.shape[-1],), self.param_dtype)
-    return jnp.where(x >= 0, x, slope.astype(x.dtype) * x)
-
-
 class SqueezeExcite(nn.Module):
   """Squeeze-and-excitation gate: global pool, 1x1 down, ReLU, 1x1 up, sigmoid.
 
@@ -217,13 +140,15 @@ class ResidualUnit(nn.Module):
         features, (kernel, kernel), strides=stride,
         padding=[(kernel // 2, kernel // 2)] * 2, use_bias=False,
         dtype=self.dtype, kernel_init=_kaiming_fan_out, name=name)
-    norm = lambda name: _batch_norm(train, self.dtype, name)
+    norm = lambda name: layers.batch_norm(train, self.dtype, name)
     s = self.stride
 
     if x.shape[-1] == self.out_channels and not (
         self.project_strided_shortcut and s > 1):
-      # MaxPool2d(kernel 1, stride s) is plain subsampling.
-      shortcut = x[:, ::s, ::s, :] if s > 1 else x
+      # MaxPool2d(kernel 1, stride s) is plain subsampling (one strided
+      # slice, whatever the batch size).
+      shortcut = jax.lax.slice(x, (0, 0, 0, 0), x.shape, (1, s, s, 1)
+                               ) if s > 1 else x
     else:
       shortcut = conv(self.out_channels, 1, s, "shortcut_conv")(x)
       shortcut = norm("shortcut_bn")(shortcut)
@@ -233,16 +158,16 @@ class ResidualUnit(nn.Module):
       inner = self.out_channels // 4
       y = conv(inner, 1, 1, "conv1")(y)
       y = norm("bn2")(y)
-      y = PReLU(name="prelu1")(y)
+      y = layers.PReLU(name="prelu1")(y)
       y = conv(inner, 3, 1, "conv2")(y)
       y = norm("bn3")(y)
-      y = PReLU(name="prelu2")(y)
+      y = layers.PReLU(name="prelu2")(y)
       y = conv(self.out_channels, 1, s, "conv3")(y)
       y = norm("bn4")(y)
     else:
       y = conv(self.out_channels, 3, 1, "conv1")(y)
       y = norm("bn2")(y)
-      y = PReLU(name="prelu1")(y)
+      y = layers.PReLU(name="prelu1")(y)
       y = conv(self.out_channels, 3, s, "conv2")(y)
       y = norm("bn3")(y)
     if self.use_se:
@@ -260,8 +185,8 @@ class InputLayer(nn.Module):
     x = nn.Conv(self.features, (3, 3), padding=[(1, 1), (1, 1)],
                 use_bias=False, dtype=self.dtype, kernel_init=_kaiming_fan_out,
                 name="conv")(x)
-    x = _batch_norm(train, self.dtype, "bn")(x)
-    return PReLU(name="prelu")(x)
+    x = layers.batch_norm(train, self.dtype, "bn")(x)
+    return layers.PReLU(name="prelu")(x)
 
 
 class OutputLayer(nn.Module):
@@ -278,14 +203,14 @@ class OutputLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    x = _batch_norm(train, self.dtype, "bn")(x)
+    x = layers.batch_norm(train, self.dtype, "bn")(x)
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     # NHWC flatten; `convert.py` reorders PyTorch's NCHW-flattened rows, so
     # no transpose is needed here.
     x = x.reshape(x.shape[0], -1)
     z = nn.Dense(self.embedding_size, dtype=self.dtype,
                  kernel_init=_kaiming_fan_out, name="fc")(x)
-    return BatchNorm(use_running_average=not train, dtype=jnp.float32,
+    return layers.BatchNorm(use_running_average=not train, dtype=jnp.float32,
                      use_scale=self.affine_features,
                      use_bias=self.affine_features,
                      name="feature_bn")(z.astype(jnp.float32))
@@ -338,11 +263,7 @@ class IResNet(nn.Module):
     Returns:
       (unit embeddings (N, D) float32, norms (N,) float32).
     """
-    if self.input_order not in ("BGR", "RGB"):
-      raise ValueError(f"input_order={self.input_order!r}: 'BGR' or 'RGB'")
-    x = images.astype(self.dtype)
-    if self.input_order == "RGB":
-      x = x[..., ::-1]
+    x = layers.to_input_order(images.astype(self.dtype), self.input_order)
     x = InputLayer(self.base_width, dtype=self.dtype, name="input_layer")(
         x, train)
     bottleneck = uses_bottleneck(self.num_layers, self.layout)
@@ -359,18 +280,201 @@ class IResNet(nn.Module):
     z = OutputLayer(self.embedding_size, self.dropout_rate, dtype=self.dtype,
                     affine_features=insightface, name="output_layer")(x, train)
     # The norm is the quality signal the losses read: float32, like z.
-    norms = jnp.sqrt(jnp.sum(z * z, axis=-1))
-    return z / norms[:, None], norms
+    return layers.unit_and_norm(z)
 
 
-def count_params(params: Any) -> int:
-  """Total number of scalars in a parameter tree."""
-  return sum(int(p.size) for p in jax.tree_util.tree_leaves(params))
+# ---------------------------------------------------------------------------
+# The family: names, PyTorch names, recognition.
+
+# AdaFace/QGFace: "ir50", "ir_se100"; also the reference spellings "ir_50",
+# "ir_se_50" and "ir101" (AdaFace calls the 100-layer model IR_101).
+# insightface arcface_torch: "r50", "r100" (their names).
+_NAME = re.compile(r"^(?:(?P<insightface>r)|ir(?P<se>_se)?_?)(?P<depth>\d+)$")
+_ALIASES = {101: 100}
 
 
-def init_shapes(model: IResNet, image_size: Sequence[int] = (112, 112),
-                batch_size: int = 1) -> dict:
-  """Variable shapes of `model` for images of `image_size`, without compute."""
-  images = jax.ShapeDtypeStruct((batch_size, *image_size, 3), jnp.float32)
-  return jax.eval_shape(
-      lambda x: model.init(jax.random.PRNGKey(0), x, train=False), images)
+def names() -> list[str]:
+  depths = sorted(STAGE_UNITS)
+  return ([f"ir{d}" for d in depths] + [f"ir_se{d}" for d in depths] +
+          [f"r{d}" for d in sorted(INSIGHTFACE_STAGE_UNITS)])
+
+
+def _parse(name: str) -> Optional[tuple[str, int, bool]]:
+  """(layout, depth, use_se) of a name, or None."""
+  match = _NAME.match(name)
+  if not match:
+    return None
+  depth, insightface = int(match["depth"]), bool(match["insightface"])
+  if not insightface:
+    depth = _ALIASES.get(depth, depth)
+  table = INSIGHTFACE_STAGE_UNITS if insightface else STAGE_UNITS
+  if depth not in table:
+    return None
+  return ("insightface" if insightface else "adaface"), depth, bool(
+      match["se"])
+
+
+def _name(layout: str, depth: int, use_se: bool) -> str:
+  return (f"r{depth}" if layout == "insightface" else
+          f"ir{'_se' if use_se else ''}{depth}")
+
+
+def canonical(name: str) -> Optional[str]:
+  parsed = _parse(name)
+  return _name(*parsed) if parsed else None
+
+
+def build(name: str, **fields) -> IResNet:
+  """The IResNet called `name` ("ir18" .. "ir200", "ir_se50", insightface's
+  "r18" .. "r200"); `fields` are IResNet's other fields."""
+  layout, depth, use_se = _parse(name)
+  return IResNet(num_layers=depth, use_se=use_se, layout=layout, **fields)
+
+
+def head_side(image_size: int) -> int:
+  """The side of the map the head sees: the stem keeps the resolution and
+  the four stages halve it."""
+  return layers.halved(image_size, 4)
+
+
+def torch_layers(model: IResNet, image_size: int) -> list[registry.TorchLayer]:
+  """The weights of AdaFace's `net.py` or insightface's `iresnet.py`, in
+  their forward order (AdaFace runs a unit's shortcut first, insightface
+  after the residual branch)."""
+  layer = registry.TorchLayer
+  insightface = model.layout == "insightface"
+  bottleneck = uses_bottleneck(model.num_layers, model.layout)
+  specs = unit_specs(model.num_layers, model.base_width, model.layout)
+  stem = ("conv1", "bn1", "prelu") if insightface else tuple(
+      f"input_layer.{i}" for i in range(3))
+  out = [layer(t, ("input_layer", f), k) for t, f, k in zip(
+      stem, ("conv", "bn", "prelu"), ("conv", "batch_norm", "prelu"))]
+  branch = ["bn1", "conv1", "bn2", "prelu1", "conv2", "bn3"] + (
+      ["prelu2", "conv3", "bn4"] if bottleneck else [])
+  kind = lambda f: ("conv" if f.startswith("conv") else "prelu"
+                    if f.startswith("prelu") else "batch_norm")
+  stage_of = [s for s, n in enumerate(stage_units(model.num_layers,
+                                                  model.layout))
+              for _ in range(n)]
+  for i, spec in enumerate(specs):
+    if insightface:
+      base = f"layer{stage_of[i] + 1}.{i - stage_of.index(stage_of[i])}"
+      names_ = {"bn1": "bn1", "conv1": "conv1", "bn2": "bn2",
+                "prelu1": "prelu", "conv2": "conv2", "bn3": "bn3"}
+      res = [layer(f"{base}.{names_[f]}", (f"body_{i}", f), kind(f))
+             for f in branch]
+      short = [layer(f"{base}.downsample.{j}", (f"body_{i}", f), k)
+               for j, (f, k) in enumerate((("shortcut_conv", "conv"),
+                                           ("shortcut_bn", "batch_norm")))]
+    else:
+      base = f"body.{i}"
+      res = [layer(f"{base}.res_layer.{j}", (f"body_{i}", f), kind(f))
+             for j, f in enumerate(branch)]
+      if model.use_se:
+        res += [layer(f"{base}.res_layer.se_block.{f}", (f"body_{i}", "se", f),
+                      "conv_as_linear") for f in ("fc1", "fc2")]
+      short = [layer(f"{base}.shortcut_layer.{j}", (f"body_{i}", f), k)
+               for j, (f, k) in enumerate((("shortcut_conv", "conv"),
+                                           ("shortcut_bn", "batch_norm")))]
+    projected = spec.in_channels != spec.out_channels or (
+        insightface and spec.stride > 1)
+    short = short if projected else []
+    out += res + short if insightface else short + res
+  side = head_side(image_size)
+  head = ("bn2", "fc", "features") if insightface else tuple(
+      f"output_layer.{i}" for i in (0, 3, 4))
+  out += [layer(head[0], ("output_layer", "bn"), "batch_norm"),
+          layer(head[1], ("output_layer", "fc"), "linear",
+                flatten=(specs[-1].out_channels, side, side)),
+          layer(head[2], ("output_layer", "feature_bn"), "batch_norm")]
+  return out
+
+
+_MAX_SIDE = 64  # the head's map: 1024 px faces, far past any model's input
+_MAX_WIDTH = 1024  # the stem's channels: 16 times the standard models'
+
+
+def recognise(shapes: Mapping[str, tuple[int, ...]]
+              ) -> Optional[registry.Recognised]:
+  """Depth from the number of residual units (per stage for insightface's
+  layout), SE from `se_block` tensors, widths and the input size from the
+  stem's and the head's shapes."""
+  if "input_layer.0.weight" in shapes:
+    layout, stem, fc = "adaface", "input_layer.0.weight", "output_layer.3.weight"
+  elif "conv1.weight" in shapes and "layer1.0.bn1.weight" in shapes:
+    layout, stem, fc = "insightface", "conv1.weight", "fc.weight"
+  else:
+    return None
+  if fc not in shapes:
+    raise ValueError(f"missing the head's {fc!r}, which sizes the model")
+  stem_shape, fc_shape = tuple(shapes[stem]), tuple(shapes[fc])
+  if len(stem_shape) != 4 or stem_shape[1:] != (3, 3, 3) or not (
+      1 <= stem_shape[0] <= _MAX_WIDTH):
+    raise ValueError(f"{stem} has shape {stem_shape}, not (width, 3, 3, 3) "
+                     f"with a width from 1 to {_MAX_WIDTH}: not an IResNet "
+                     "stem")
+  if len(fc_shape) != 2 or min(fc_shape) < 1:
+    raise ValueError(f"{fc} has shape {fc_shape}, not (embedding size, "
+                     "inputs)")
+  if layout == "insightface":
+    per_stage = tuple(len({m[1] for k in shapes
+                           if (m := re.match(rf"layer{s}\.(\d+)\.", k))})
+                      for s in range(1, 5))
+    by_units = {v: d for d, v in INSIGHTFACE_STAGE_UNITS.items()}
+    if per_stage not in by_units:
+      raise ValueError(f"cannot infer the depth: {per_stage} units per "
+                       f"stage; insightface depths have {sorted(by_units)}")
+    depth, use_se = by_units[per_stage], False
+  else:
+    units = {int(m[1]) for k in shapes if (m := re.match(r"body\.(\d+)\.", k))}
+    num_units = max(units) + 1 if units else 0
+    by_count = {sum(v): d for d, v in STAGE_UNITS.items()}
+    if num_units not in by_count or len(units) != num_units:
+      raise ValueError(f"cannot infer the depth: {len(units)} residual units "
+                       f"(max index {num_units - 1}); known depths have "
+                       f"{sorted(by_count)} units")
+    depth, use_se = by_count[num_units], any(".se_block." in k for k in shapes)
+  width, (embedding_size, fc_in) = stem_shape[0], fc_shape
+  channels = unit_specs(depth, width, layout)[-1].out_channels
+  side = math.isqrt(max(fc_in // channels, 0))
+  if not 1 <= side <= _MAX_SIDE or side * side * channels != fc_in:
+    raise ValueError(f"{fc} has {fc_in} inputs, not {channels} channels "
+                     f"times a square feature map of at most {_MAX_SIDE} x "
+                     f"{_MAX_SIDE} (wrong depth or width?)")
+  return registry.Recognised(_name(layout, depth, use_se), embedding_size,
+                             16 * side, {"base_width": width})
+
+
+def describe(model: IResNet) -> str:
+  return (f"IResNet-{model.num_layers} ({'with' if model.use_se else 'no'} "
+          f"SE, base width {model.base_width}, {model.layout} layout)")
+
+
+# The public PyTorch code whose state dict each layout is written in, and
+# what that code can build.
+_PUBLIC_CODE = {
+    "adaface": ("AdaFace/QGFace net.py", dict(base_width=64, image_size=112,
+                                              embedding_size=512)),
+    "insightface": ("insightface's arcface_torch iresnet.py",
+                    dict(base_width=64, image_size=112)),
+}
+
+
+def public_code(model: IResNet, image_size: int
+                ) -> tuple[str, Optional[str]]:
+  code, builds = _PUBLIC_CODE[model.layout]
+  have = dict(base_width=model.base_width, image_size=image_size,
+              embedding_size=model.embedding_size)
+  differ = [f"{k.replace('_', ' ')} {have[k]} (it builds {v})"
+            for k, v in builds.items() if have[k] != v]
+  return code, "; ".join(differ) or None
+
+
+FAMILY = registry.register(registry.Family(
+    module=IResNet, name="iresnet", names=names, canonical=canonical, build=build,
+    weight_settings=("base_width",), settings={"base_width": 64, "dropout_rate": 0.4},
+    torch_layers=torch_layers, recognise=recognise,
+    stem_keys=("input_layer.0.weight", "conv1.weight"),
+    # AdaFace/QGFace models read BGR, insightface's RGB.
+    input_order=lambda name: "RGB" if name.startswith("r") else "BGR",
+    public_code=public_code, describe=describe, onnx_import=True))

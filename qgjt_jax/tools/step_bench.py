@@ -41,6 +41,7 @@ import numpy as np
 from qgjt_jax import base_config
 from qgjt_jax import config_checks
 from qgjt_jax import errors
+from qgjt_jax import models
 from qgjt_jax import parallel
 from qgjt_jax import recipe_flags
 from qgjt_jax import stack as stack_lib
@@ -307,7 +308,8 @@ def run(*, arch: str = "ir50", batch: int = 256, dtype: str = "bfloat16",
 
 def _parse(argv: Sequence[str]) -> argparse.Namespace:
   p = recipe_flags.argument_parser("python -m qgjt_jax.bench", __doc__)
-  p.add_argument("--arch", default="ir50", help="ir18 .. ir200, ir_se50 ...")
+  p.add_argument("--arch", default="ir50",
+                 help="a backbone name: " + ", ".join(models.backbone_names()))
   p.add_argument("--batch", type=int, default=256,
                  help="samples per step (each gives 2 images)")
   p.add_argument("--dtype", default="bfloat16",
@@ -322,7 +324,8 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
   p.add_argument("--no_qgface", action="store_true",
                  help="no queue, contrastive loss or quality gate")
   p.add_argument("--image_size", type=int, default=112)
-  p.add_argument("--base_width", type=int, default=64)
+  p.add_argument("--base_width", type=int, default=64,
+                 help="for the backbones that have this setting")
   p.add_argument("--embedding_size", type=int, default=512)
   p.add_argument("--model_parallelism", type=int, default=1)
   p.add_argument("--sample_rate", type=float, default=1.0,

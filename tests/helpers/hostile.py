@@ -286,11 +286,11 @@ def _adaface_state() -> dict:
   """A narrow AdaFace-layout IR-18 state dict, as the converter reads it."""
   from qgjt_jax.interop import state_dicts  # pylint: disable=g-import-not-at-top
   from qgjt_jax.models import build_backbone  # pylint: disable=g-import-not-at-top
-  from qgjt_jax.models import iresnet  # pylint: disable=g-import-not-at-top
+  from qgjt_jax.models import layers  # pylint: disable=g-import-not-at-top
   model = build_backbone("ir18", base_width=4, embedding_size=8)
-  shapes = iresnet.init_shapes(model, (32, 32))
+  shapes = layers.init_shapes(model, (32, 32))
   variables = {c: _zeros_like(shapes[c]) for c in ("params", "batch_stats")}
-  return state_dicts.flax_to_torch_state_dict(variables, num_layers=18)
+  return state_dicts.to_torch(variables, model, 32)
 
 
 def _zeros_like(tree):

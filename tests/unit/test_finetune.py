@@ -17,6 +17,7 @@ from qgjt_jax import config_checks
 from qgjt_jax import finetune
 from qgjt_jax import records
 from qgjt_jax import stack as stack_lib
+from qgjt_jax import state as state_lib
 from qgjt_jax.data import prepare
 from qgjt_jax.data import sources
 from qgjt_jax.data import synthetic
@@ -112,7 +113,7 @@ def test_fine_tuning_end_to_end_then_resuming_without_the_source(
   run = tmp_path / "run"
   _, output = run_in_process(config, run)
   assert "Starting from the weights of" in output
-  assert "reads RGB images" in output and "step 3/3 " in output
+  assert "model.input_order='RGB'" in output and "step 3/3 " in output
   state = _saved_state(run)
   # A zero backbone learning rate: the weights are the pretrained ones (the
   # BatchNorm statistics moved), the classifier trained.
@@ -136,13 +137,18 @@ def _saved_state(workdir):
   return load_state(workdir, manager.latest_step())
 
 
-def test_a_source_of_another_architecture_is_named(converted_dir,
-                                                   folder_set, tmp_path):
+def test_the_source_s_model_is_adopted_unless_a_flag_says_otherwise(
+    converted_dir, folder_set, tmp_path):
   workdir, _, _ = converted_dir
+  recipe = _config(folder_set, init_from=str(workdir),
+                   **{"model.name": "ir18", "model.embedding_size": 512})
+  adopted = finetune.check_source(recipe)
+  assert (adopted.model.name, adopted.model.embedding_size,
+          adopted.model.input_order) == ("r18", insightface.EMBEDDING, "RGB")
   with pytest.raises(config_checks.ConfigError,
-                     match=r"another architecture.*--config.model.name=r18"):
-    finetune.check_source(_config(folder_set, init_from=str(workdir),
-                                  **{"model.name": "ir18"}))
+                     match=r"--config.model.name='ir18' contradicts the model "
+                     r"in config.init_from=.*model.name = 'r18'"):
+    finetune.check_source(recipe, explicit=("model.name",))
   with pytest.raises(config_checks.ConfigError, match="does not exist"):
     finetune.check_source(_config(folder_set,
                                   init_from=str(tmp_path / "nope.pth")))
@@ -163,3 +169,58 @@ def test_the_backbone_learning_rate_scale():
   updates, _ = tx.update(grads, tx.init(params), params)
   np.testing.assert_allclose(updates["backbone"]["w"], -0.025)
   np.testing.assert_allclose(updates["classifier"]["kernel"], -0.1)
+
+
+def test_measured_quality_is_the_pretrained_norms_of_both_views(
+    converted_dir, folder_set):
+  """The statistics an imported model starts from: the mean and unbiased
+  std of its norms on the first epoch's two views, in the mode training
+  runs (frozen BatchNorms here: the evaluation's norms)."""
+  from qgjt_jax.data import degrade, pipeline  # pylint: disable=g-import-not-at-top
+  workdir, _, converted = converted_dir
+  config = finetune.check_source(_config(
+      folder_set, init_from=str(workdir), **{"model.batch_norm": "frozen"}))
+  source = sources.train_source(config)
+  model = state_lib.build_model(config)
+  stats = finetune.measured_quality(config, model, converted.variables,
+                                    source)
+  views = pipeline.TwoViews(source, config.seed,
+                            degrade.view_config_from(config.data.view),
+                            config.data.image_size)
+  order = np.random.default_rng(config.seed).permutation(len(source))
+  batch = config.global_batch_size
+  items = [views((0, int(i))) for i in order[:len(order) // batch * batch]]
+  images = np.concatenate([np.stack([b[k] for b in items])
+                           for k in ("image_h", "image_l")])
+  _, norms = model.apply(converted.variables, normalize_images(images),
+                         train=False)
+  assert float(stats.mean) == pytest.approx(float(np.mean(norms)), rel=1e-4)
+  assert float(stats.std) == pytest.approx(float(np.std(norms, ddof=1)),
+                                           rel=1e-3)
+
+
+def test_frozen_batch_norm_trains_on_the_running_statistics(converted_dir):
+  """model.batch_norm="frozen": the train-mode forward normalises as
+  evaluation does and leaves the statistics as they were."""
+  from qgjt_jax.models import layers  # pylint: disable=g-import-not-at-top
+  _, _, converted = converted_dir
+  model = state_lib.build_model(tiny_config(**{
+      "model.name": "r18", "model.base_width": insightface.WIDTH,
+      "model.embedding_size": insightface.EMBEDDING,
+      "model.dtype": "float32", "model.dropout_rate": 0.0}))
+  images = normalize_images(np.random.default_rng(0).integers(
+      0, 256, (4, insightface.SIZE, insightface.SIZE, 3), np.uint8))
+  apply = lambda: model.apply(converted.variables, images, train=True,
+                              mutable=["batch_stats"])
+  with layers.frozen_statistics():
+    (emb, norms), updates = apply()
+  want_emb, want_norms = model.apply(converted.variables, images, train=False)
+  np.testing.assert_allclose(emb, want_emb, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(norms, want_norms, rtol=1e-5)
+  jax.tree.map(np.testing.assert_array_equal, updates["batch_stats"],
+               converted.variables["batch_stats"])
+  (_, moved), updates = apply()  # outside: batch statistics, updated
+  assert np.abs(np.asarray(moved) - np.asarray(want_norms)).max() > 1e-3
+  assert not np.array_equal(
+      updates["batch_stats"]["output_layer"]["feature_bn"]["mean"],
+      converted.variables["batch_stats"]["output_layer"]["feature_bn"]["mean"])

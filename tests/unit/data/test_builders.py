@@ -7,6 +7,7 @@ TensorFlow cannot be imported, which is the promise: preparing needs no TF.
 import os
 import pathlib
 import pickle
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -315,6 +316,42 @@ def test_cli_insightface_without_tensorflow(insightface_rec_dir, hide_dir,
   stored = sources.ArrayRecordSource.from_name(tmp_path,
                                                "insightface_rec/generic")
   assert len(stored) == 160 and stored.num_classes == 20
+
+
+def test_photos_are_detected_aligned_and_the_faceless_named(
+    faces_dir, hide_dir, tmp_path):
+  """--align=detect: each photo's largest face on the 112 px template, as
+  --mode=embed aligns it; a photo without a face is left out and named."""
+  from qgjt_jax.align import faces  # pylint: disable=g-import-not-at-top
+  src = tmp_path / "photos"
+  for person in ("s1", "s2"):
+    (src / person).mkdir(parents=True)
+    for photo in sorted((faces_dir / person).iterdir())[:3]:
+      shutil.copy(photo, src / person / photo.name)
+  noise = np.random.default_rng(0).integers(0, 256, (112, 92, 3), np.uint8)
+  cv2.imwrite(str(src / "s2" / "wall.png"), noise)
+  data_dir = tmp_path / "tfds"
+  result = run_cli(["--format=image_folder", f"--src={src}", "--align=detect",
+                    "--image_size=112", f"--data_dir={data_dir}",
+                    "--name=orl"], hide_dir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = result.stdout.strip().splitlines()
+  assert lines[-1].endswith(": 6 images, 2 identities, 1 photos without a "
+                            "face left out")
+  assert "  left out s2/wall.png: no face found; left out" in lines
+  stored = sources.ArrayRecordSource.from_name(data_dir,
+                                               "face_image_folder/orl")
+  load = faces.photo_loader(112)
+  for i in range(len(stored)):
+    record = stored.example(i)
+    crop = images.decode_image(record["image"])
+    want = load(src / record["path"].decode())
+    assert crop.shape == (112, 112, 3)
+    assert np.abs(crop.astype(int) - want).mean() < 3  # JPEG at 95
+  again = run_cli(["--format=image_folder", f"--src={src}",
+                   "--image_size=96", f"--data_dir={data_dir}",
+                   "--name=orl"], hide_dir)
+  assert again.returncode == 1 and "image_size=112" in again.stderr
 
 
 def test_bad_source_is_reported(tmp_path, data_dir):

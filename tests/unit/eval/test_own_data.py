@@ -32,7 +32,7 @@ def test_a_folder_scores_as_brute_force(tmp_path):
   root = _folder(tmp_path / "people")
   got = own_data.evaluate_folder(
       eval_trees.embed_fn, str(root), batch_size=8,
-      image_size=eval_trees.SIZE, fusion=None, progress=False)
+      image_size=eval_trees.SIZE, fusion=None, progress=False)[""]
   people = folders.read(root, "config.eval.folders", min_people=2)
   paths, labels = people.paths, people.labels
   feats = np.stack([eval_trees.stored_feature(p) for p in paths])
@@ -50,6 +50,36 @@ def test_a_folder_scores_as_brute_force(tmp_path):
   assert 0 <= got["accuracy_mean"] <= 1 and got["num_people"] == 6
   assert got["duplicate_files"] == {"groups": 0, "across_people": 0,
                                     "examples": []}
+
+
+def test_low_resolution_scores_the_shrunk_first_face_of_each_pair(tmp_path):
+  """folder@8px: every pair (i < j) scores image i shrunk to 8 px and
+  enlarged back against image j as it is."""
+  from qgjt_jax.eval import verification  # pylint: disable=g-import-not-at-top
+  from qgjt_jax.files import images  # pylint: disable=g-import-not-at-top
+  root = _folder(tmp_path / "people", people=6, per_person=5)
+  got = own_data.evaluate_folder(
+      eval_trees.embed_fn, str(root), batch_size=8,
+      image_size=eval_trees.SIZE, fusion=None, progress=False,
+      low_res=(8,))
+  assert sorted(got) == ["", "@8px"]
+  low = got["@8px"]
+  people = folders.read(root, "config.eval.folders", min_people=2)
+  crops = [images.read_image(p, eval_trees.SIZE) for p in people.paths]
+  clean, clean_norms = eval_trees.embed_fn(np.stack(crops))
+  shrunk, shrunk_norms = eval_trees.embed_fn(np.stack(
+      [verification.shrink(c, 8) for c in crops]))
+  pairs = list(itertools.combinations(range(len(crops)), 2))
+  same = np.array([people.labels[a] == people.labels[b] for a, b in pairs])
+  scores = np.array([shrunk[a] @ clean[b] for a, b in pairs])
+  assert low["tar@far=1e-01"] == pytest.approx(_tar(same, scores, 0.1),
+                                               abs=1e-12)
+  assert low["low_res"] == 8 and "accuracy_mean" in low
+  # Verification only: searches of shrunk faces are not what it measures.
+  assert "open_set" not in low and "rank1" not in low
+  assert low["mean_norm"] == pytest.approx(np.mean(shrunk_norms))
+  assert low["mean_norm_clean"] == pytest.approx(np.mean(clean_norms))
+  assert low["mean_norm"] != pytest.approx(low["mean_norm_clean"])
 
 
 def _ranks_by_definition(feats, labels):
@@ -97,7 +127,7 @@ def test_identical_files_under_two_names_are_reported(tmp_path):
                                            .read_bytes())
   got = own_data.evaluate_folder(
       eval_trees.embed_fn, str(root), batch_size=8,
-      image_size=eval_trees.SIZE, fusion=None, progress=False)
+      image_size=eval_trees.SIZE, fusion=None, progress=False)[""]
   found = got["duplicate_files"]
   assert found["groups"] == 2 and found["across_people"] == 1
   assert sorted(map(len, found["examples"])) == [2, 3]

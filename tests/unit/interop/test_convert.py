@@ -36,7 +36,7 @@ def converted(reference_dir, tmp_path_factory):
 
 def test_summary_describes_the_model(reference_dir, converted):
   workdir, stdout = converted
-  assert "ir18 (18 layers, no SE)" in stdout
+  assert "ir18: IResNet-18 (no SE, base width 64, adaface layout)" in stdout
   with np.load(reference_dir / WEIGHTS) as weights:
     # Trainable tensors: everything but BatchNorm's running statistics.
     num_params = sum(weights[k].size for k in weights.files
@@ -128,14 +128,16 @@ def test_unreadable_input_is_named(tmp_path):
 def test_not_a_backbone_is_named(tmp_path):
   path = tmp_path / "head_only.npz"
   np.savez(path, **{"head.kernel": np.zeros((4, 2), np.float32)})
-  with pytest.raises(state_dicts.StateDictMismatchError, match="no IResNet"):
+  with pytest.raises(state_dicts.StateDictMismatchError,
+                     match="no backbone found"):
     convert.convert_state_dict(weight_files.read_state_dict(path))
 
 
 def test_wrong_arch_says_what_the_file_holds(reference_dir):
   state = weight_files.read_state_dict(reference_dir / WEIGHTS)
   with pytest.raises(state_dicts.StateDictMismatchError,
-                     match="the tensors look like ir18"):
+                     match="ir_se50 was asked for, but the tensors look "
+                     "like ir18"):
     convert.convert_state_dict(state, arch="ir_se50")
   with pytest.raises(ValueError, match="unknown backbone"):
     convert.convert_state_dict(state, arch="resnet50")

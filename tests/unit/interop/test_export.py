@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 from qgjt_jax.interop import export
-from qgjt_jax.interop import onnx_graph
 from qgjt_jax.models import build_backbone
 from tests.helpers import commands
 from tests.helpers import tiny_runs
@@ -49,29 +48,64 @@ def test_onnx_at_sizes_that_are_not_multiples_of_16(size):
   images = np.random.default_rng(1).integers(0, 256, (2, size, size, 3),
                                              np.uint8)
   want = [np.asarray(a) for a in export.forward_fn(model, variables)(images)]
-  session = ort.InferenceSession(
-      onnx_graph.onnx_model(model, variables, size).SerializeToString())
+  session = ort.InferenceSession(_onnx(model, variables, size))
   _assert_close(session.run(["embeddings", "norms"], {"images": images}),
                 want)
 
 
-@pytest.mark.parametrize("name, options", [
-    ("ir18", {}), ("ir_se18", {}), ("r18", {"input_order": "RGB"}),
-    ("ir152", {})], ids=["ir18", "se", "insightface_rgb", "bottleneck"])
-def test_every_layout_in_onnxruntime_and_reloaded_stablehlo(name, options):
-  model = build_backbone(name, base_width=4, embedding_size=8, **options)
-  variables = _random_variables(model)
-  images = np.random.default_rng(1).integers(0, 256, (3, 32, 32, 3),
+def _onnx(model, variables, size, batch=None, layout="qgjt") -> bytes:
+  return export.onnx_proto(model, variables, size, batch, {},
+                           layout).SerializeToString()
+
+
+_IRESNET = dict(base_width=4, embedding_size=8)
+
+
+@pytest.mark.parametrize("name, size, options", [
+    ("ir18", 32, _IRESNET), ("ir_se18", 32, _IRESNET),
+    ("r18", 32, {**_IRESNET, "input_order": "RGB"}), ("ir152", 32, _IRESNET),
+    ("mbf", 40, {"input_order": "RGB", "embedding_size": 16}),
+    ("mbf_buffalo", 40, {"input_order": "RGB", "embedding_size": 16}),
+    ("vit_t", 27, {"input_order": "RGB", "embedding_size": 16})],
+    ids=["ir18", "se", "insightface_rgb", "bottleneck", "mbf", "mbf_buffalo",
+         "vit_t"])
+def test_every_backbone_in_onnxruntime_and_reloaded_stablehlo(name, size,
+                                                              options):
+  """The ONNX graph is the jaxpr of the function that embeds, for every
+  family: both layouts, a dynamic and a fixed batch."""
+  model = build_backbone(name, **options)
+  variables = _random_variables(model, size)
+  images = np.random.default_rng(1).integers(0, 256, (3, size, size, 3),
                                              np.uint8)
   want = [np.asarray(a) for a in export.forward_fn(model, variables)(images)]
-  session = ort.InferenceSession(
-      onnx_graph.onnx_model(model, variables, 32).SerializeToString())
-  _assert_close(session.run(["embeddings", "norms"], {"images": images}),
-                want)
+  for batch in (None, 3):
+    session = ort.InferenceSession(_onnx(model, variables, size, batch))
+    _assert_close(session.run(["embeddings", "norms"], {"images": images}),
+                  want)
+  insightface = ort.InferenceSession(_onnx(model, variables, size,
+                                           layout="insightface"))
+  rgb = ((images[..., ::-1].astype(np.float32) - 127.5) / 127.5).transpose(
+      0, 3, 1, 2)
+  feature = insightface.run(["embedding"], {"input.1": rgb})[0]
+  norms = np.linalg.norm(feature, axis=1)
+  _assert_close([feature / norms[:, None], norms], want)
   reloaded = jax.export.deserialize(
-      export.stablehlo_bytes(model, variables, 32))
+      export.stablehlo_bytes(model, variables, size))
   _assert_close([np.asarray(a) for a in reloaded.call(images[:2])],
                 [w[:2] for w in want])
+
+
+def test_the_onnx_graph_holds_no_hand_written_network():
+  """Every node comes from a primitive of the traced function: a grouped
+  convolution is one Conv node (the accelerators' branch), not its CPU
+  form."""
+  model = build_backbone("mbf", input_order="RGB", embedding_size=16)
+  graph = onnx.load_from_string(_onnx(model, _random_variables(model, 40),
+                                      40)).graph
+  grouped = [n for n in graph.node if n.op_type == "Conv" and any(
+      a.name == "group" and a.i > 1 for a in n.attribute)]
+  # layers.1 and one depthwise conv per DepthWise unit, and the GDC.
+  assert len(grouped) == 1 + (1 + 4 + 1 + 6 + 1 + 2) + 1
 
 
 @pytest.mark.slow

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from qgjt_jax.interop import convert
-
 from qgjt_jax.interop import state_dicts
 from qgjt_jax.interop import torch_files
 from qgjt_jax.models import build_backbone
@@ -31,8 +30,8 @@ def backbone_pth(tmp_path_factory):
 def test_an_insightface_backbone_converts_and_reads_rgb(backbone_pth):
   state = torch_files.state_dict(backbone_pth)
   converted = convert.convert_state_dict(state)
-  assert (converted.name, converted.layout, converted.input_order) == (
-      "r18", "insightface", "RGB")
+  assert (converted.name, converted.input_order) == ("r18", "RGB")
+  assert "insightface layout" in converted.description
   assert converted.image_size == SIZE
   assert converted.config_overrides()["model.input_order"] == "RGB"
   rgb = np.random.default_rng(1).integers(0, 256, (3, SIZE, SIZE, 3),
@@ -60,15 +59,18 @@ def test_names_and_depths_of_their_layout():
   for depth, units in ((34, (3, 4, 6, 3)), (200, (6, 26, 60, 6))):
     state = {f"backbone.layer{s + 1}.{j}.bn1.weight": np.ones(1)
              for s, count in enumerate(units) for j in range(count)}
-    state.update({"backbone.conv1.weight": np.ones(1),
+    state.update({"backbone.conv1.weight": np.ones((64, 3, 3, 3)),
                   "backbone.layer1.0.bn1.weight": np.ones(1)})
-    assert state_dicts.detect_layout(state) == ("insightface", "backbone.")
-    assert state_dicts.infer_architecture(state) == (depth, False)
+    state.update({"backbone.fc.weight": np.ones((8, 512 * 49))})
+    found = state_dicts.find_backbone(state)
+    assert (found.prefix, found.recognised.name) == ("backbone.",
+                                                     f"r{depth}")
 
 
 def test_a_mismatched_architecture_names_what_the_file_holds(backbone_pth):
   state = torch_files.state_dict(backbone_pth)
-  with pytest.raises(state_dicts.StateDictMismatchError, match="look like r18"):
+  with pytest.raises(state_dicts.StateDictMismatchError,
+                     match="ir18 was asked for, but the tensors look like r18"):
     convert.convert_state_dict(state, arch="ir18")
   del state["layer2.0.downsample.1.running_var"]
   with pytest.raises(state_dicts.StateDictMismatchError,
@@ -83,7 +85,8 @@ def test_the_converted_workdir_records_the_input_order(backbone_pth,
   convert.write_checkpoint(str(tmp_path), converted,
                            source=str(backbone_pth))
   record = json.loads((tmp_path / "converted_from.json").read_text())
-  assert record["input_order"] == "RGB" and record["layout"] == "insightface"
+  assert record["input_order"] == "RGB"
+  assert "insightface layout" in record["description"]
   assert record["config_overrides"]["model.name"] == "r18"
 
 

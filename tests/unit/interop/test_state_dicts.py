@@ -5,13 +5,27 @@ import numpy as np
 import pytest
 
 from qgjt_jax.interop import convert
-
 from qgjt_jax.interop import state_dicts
-
 from qgjt_jax.interop import weight_files
+from qgjt_jax.models import build_backbone
 from qgjt_jax.models import IResNet
-from qgjt_jax.models.iresnet import init_shapes
 from qgjt_jax.models.iresnet import ResidualUnit
+from qgjt_jax.models.layers import init_shapes
+
+
+def _to_flax(state, num_layers=18, use_se=False, width=64, embedding=512,
+             size=112):
+  """The state dict (its backbone found by `find_backbone`) as the
+  variables of the AdaFace-layout IResNet named, whatever the tensors
+  say."""
+  found = state_dicts.find_backbone(state)
+  model = IResNet(num_layers, use_se=use_se, base_width=width,
+                  embedding_size=embedding)
+  return state_dicts.to_flax(found.tensors, model, size)
+
+
+def _recognised(state):
+  return state_dicts.find_backbone(state).recognised
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +36,7 @@ def ir18_state(reference_dir):
 
 @pytest.fixture(scope="module")
 def ir18_variables(ir18_state):
-  return state_dicts.torch_state_dict_to_flax(ir18_state, num_layers=18)
+  return _to_flax(ir18_state)
 
 
 def test_ir18_matches_pytorch_reference(reference_dir, ir18_variables):
@@ -68,12 +82,15 @@ def test_linear_rows_follow_nchw_flatten(ir18_state, ir18_variables):
         weight[out, c * 49 + h * 7 + w])
 
 
-def test_infer_architecture(ir18_state):
-  assert state_dicts.infer_architecture(ir18_state) == (18, False)
+def test_recognise_the_architecture(ir18_state):
+  recognised = _recognised(ir18_state)
+  assert (recognised.name, recognised.embedding_size, recognised.image_size,
+          recognised.settings) == ("ir18", 512, 112, {"base_width": 64})
   truncated = {k: v for k, v in ir18_state.items()
                if not k.startswith("body.7.")}
-  with pytest.raises(state_dicts.StateDictMismatchError, match="7 residual units"):
-    state_dicts.infer_architecture(truncated)
+  with pytest.raises(state_dicts.StateDictMismatchError,
+                     match="7 residual units"):
+    state_dicts.find_backbone(truncated)
 
 
 @pytest.mark.parametrize("prefix", ["model.", "backbone.", "module."])
@@ -85,8 +102,8 @@ def test_lightning_prefixes_and_extras_are_handled(ir18_state, ir18_variables,
   # What a QGFace Lightning module also stores beside its backbone.
   wrapped["queue_embeds"] = np.zeros((4, 512), np.float32)
   wrapped["moco_backbone.input_layer.0.weight"] = np.zeros((64, 3, 3, 3))
-  assert state_dicts.infer_architecture(wrapped) == (18, False)
-  converted = state_dicts.torch_state_dict_to_flax(wrapped, num_layers=18)
+  assert _recognised(wrapped).name == "ir18"
+  converted = _to_flax(wrapped)
   jax.tree_util.tree_map(np.testing.assert_array_equal, converted,
                          ir18_variables)
 
@@ -95,8 +112,8 @@ def test_bare_state_dict_ignores_head_and_counters(ir18_state):
   state = dict(ir18_state)
   state["head.kernel"] = np.zeros((512, 10), np.float32)
   state["body.0.res_layer.0.num_batches_tracked"] = np.array(3)
-  converted = state_dicts.torch_state_dict_to_flax(state, num_layers=18)
-  want = state_dicts.torch_state_dict_to_flax(ir18_state, num_layers=18)
+  converted = _to_flax(state)
+  want = _to_flax(ir18_state)
   jax.tree_util.tree_map(np.testing.assert_array_equal, converted, want)
 
 
@@ -105,7 +122,7 @@ def test_missing_keys_are_listed(ir18_state):
   del state["body.5.res_layer.3.weight"]
   del state["output_layer.4.running_mean"]
   with pytest.raises(state_dicts.StateDictMismatchError) as error:
-    state_dicts.torch_state_dict_to_flax(state, num_layers=18)
+    _to_flax(state)
   message = str(error.value)
   assert "missing (2)" in message
   assert "body.5.res_layer.3.weight" in message
@@ -118,13 +135,13 @@ def test_unexpected_keys_are_listed(ir18_state):
   state["body.1.res_layer.se_block.fc1.weight"] = np.zeros((4, 64, 1, 1))
   with pytest.raises(state_dicts.StateDictMismatchError,
                      match=r"unexpected \(1\): body\.1\.res_layer\.se_block"):
-    state_dicts.torch_state_dict_to_flax(state, num_layers=18)
+    _to_flax(state)
 
 
 def test_wrong_depth_is_reported(ir18_state):
   with pytest.raises(state_dicts.StateDictMismatchError,
                      match=r"missing \(\d+\): .*body\.8\."):
-    state_dicts.torch_state_dict_to_flax(ir18_state, num_layers=34)
+    _to_flax(ir18_state, num_layers=34)
 
 
 def test_shape_mismatch_is_listed(ir18_state):
@@ -133,13 +150,13 @@ def test_shape_mismatch_is_listed(ir18_state):
   with pytest.raises(state_dicts.StateDictMismatchError,
                      match=r"shape mismatch \(1\): body\.3\.res_layer\.1\."
                      r"weight: got \(128, 128, 1, 1\), want \(128, 128, 3, 3\)"):
-    state_dicts.torch_state_dict_to_flax(state, num_layers=18)
+    _to_flax(state)
 
 
 def test_no_backbone_is_an_error():
-  with pytest.raises(state_dicts.StateDictMismatchError, match="no IResNet"):
-    state_dicts.torch_state_dict_to_flax({"head.kernel": np.zeros((2, 2))},
-                                     num_layers=18)
+  with pytest.raises(state_dicts.StateDictMismatchError,
+                     match="no backbone found"):
+    state_dicts.find_backbone({"head.kernel": np.zeros((2, 2))})
 
 
 # --- SE and bottleneck units, against an NCHW forward written directly on
@@ -264,9 +281,12 @@ def test_se_and_bottleneck_units_match_nchw_reference(num_layers, use_se,
                                                       width):
   names = _pytorch_names(num_layers, use_se, width, embedding=8, side=2)
   state = _random_state(names)
-  assert state_dicts.infer_architecture(state) == (num_layers, use_se)
-  variables = state_dicts.torch_state_dict_to_flax(
-      state, num_layers=num_layers, use_se=use_se)
+  recognised = _recognised(state)
+  assert recognised.name == f"ir{'_se' if use_se else ''}{num_layers}"
+  assert (recognised.image_size, recognised.settings) == (
+      32, {"base_width": width})
+  variables = _to_flax(state, num_layers, use_se, width, embedding=8,
+                       size=32)
   assert variables["params"]["output_layer"]["fc"]["kernel"].shape == (
       names["output_layer.3.weight"][1], 8)
 
@@ -300,8 +320,8 @@ def test_pytorch_files_are_read_without_torch(tmp_path, ir18_state):
   write_torch_file(tmp_path / "lightning.ckpt",
                    {"state_dict": tensors, "epoch": 3})
   loaded = weight_files.read_state_dict(tmp_path / "lightning.ckpt")
-  converted = state_dicts.torch_state_dict_to_flax(loaded, num_layers=18)
-  want = state_dicts.torch_state_dict_to_flax(ir18_state, num_layers=18)
+  converted = _to_flax(loaded)
+  want = _to_flax(ir18_state)
   np.testing.assert_array_equal(
       converted["params"]["body_3"]["conv1"]["kernel"],
       want["params"]["body_3"]["conv1"]["kernel"])
@@ -316,7 +336,7 @@ def test_torch_checkpoints(tmp_path, ir18_state):
               "epoch": 3}, tmp_path / "lightning.ckpt")
   for name in ("plain.pth", "lightning.ckpt"):
     loaded = weight_files.read_state_dict(tmp_path / name)
-    converted = state_dicts.torch_state_dict_to_flax(loaded, num_layers=18)
+    converted = _to_flax(loaded)
     assert converted["params"]["input_layer"]["conv"]["kernel"].shape == (
         3, 3, 3, 64)
 
@@ -324,12 +344,15 @@ def test_torch_checkpoints(tmp_path, ir18_state):
 # --- safetensors, both directions.
 
 
-def _exported(state, num_layers, use_se=False):
-  variables = state_dicts.torch_state_dict_to_flax(state, num_layers=num_layers,
-                                               use_se=use_se)
-  layout, _ = state_dicts.detect_layout(state)
-  return state_dicts.flax_to_torch_state_dict(variables, num_layers=num_layers,
-                                          layout=layout)
+def _exported(state):
+  """The state dict converted and exported again (the model it holds)."""
+  found = state_dicts.find_backbone(state)
+  recognised = found.recognised
+  model = build_backbone(recognised.name,
+                         embedding_size=recognised.embedding_size,
+                         **recognised.settings)
+  variables = state_dicts.to_flax(found.tensors, model, recognised.image_size)
+  return state_dicts.to_torch(variables, model, recognised.image_size)
 
 
 def _assert_is_their_state_dict(exported, state):
@@ -347,7 +370,7 @@ def _assert_is_their_state_dict(exported, state):
 
 
 def test_export_gives_back_the_authors_ir18_state_dict(ir18_state):
-  _assert_is_their_state_dict(_exported(ir18_state, 18), ir18_state)
+  _assert_is_their_state_dict(_exported(ir18_state), ir18_state)
 
 
 @pytest.mark.parametrize("num_layers,use_se,width", [(18, True, 16),
@@ -355,13 +378,13 @@ def test_export_gives_back_the_authors_ir18_state_dict(ir18_state):
 def test_export_of_se_and_bottleneck_units(num_layers, use_se, width):
   state = _random_state(_pytorch_names(num_layers, use_se, width,
                                        embedding=8, side=2))
-  _assert_is_their_state_dict(_exported(state, num_layers, use_se), state)
+  _assert_is_their_state_dict(_exported(state), state)
 
 
 def test_export_in_insightface_names_runs_in_their_forward():
   from tests.helpers import insightface_model as theirs
   state = theirs.random_state()
-  exported = _exported(state, 18)
+  exported = _exported(state)
   _assert_is_their_state_dict(exported, state)
   images = np.random.default_rng(3).uniform(
       -1, 1, (2, 3, theirs.SIZE, theirs.SIZE))

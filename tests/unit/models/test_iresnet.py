@@ -9,8 +9,8 @@ import pytest
 from qgjt_jax.models import build_backbone
 from qgjt_jax.models import IResNet
 from qgjt_jax.models import normalize_images
-from qgjt_jax.models.iresnet import count_params
-from qgjt_jax.models.iresnet import PReLU
+from qgjt_jax.models.layers import count_params
+from qgjt_jax.models.layers import PReLU
 
 DEPTHS = (18, 34, 50, 100, 152, 200)
 
