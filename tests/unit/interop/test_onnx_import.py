@@ -30,7 +30,7 @@ _COSINE_TOLERANCE = 1e-5
 
 
 def _refilled(name: str, folder: pathlib.Path) -> pathlib.Path:
-  model = onnx.load(zoo.FIXTURES / f"{name}.skeleton.onnx")
+  model = onnx.load(zoo.FIXTURES / f"{name}.skeleton.pb")
   zoo.refill(model)
   path = folder / f"{name}.onnx"
   onnx.save(model, path)
