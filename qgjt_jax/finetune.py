@@ -175,10 +175,12 @@ def measured_quality(config: ml_collections.ConfigDict, model, variables: Any,
                   quality_lib.NORM_MAX)
   stats = quality_lib.init_quality_stats(float(norms.mean()),
                                          float(norms.std(ddof=1)))
+  mode = ("BatchNorms frozen" if config.model.batch_norm == "frozen" else
+          "batch statistics")
   reporting.note(f"Quality statistics start at the pretrained model's norms: "
                  f"mean {float(stats.mean):.2f}, std {float(stats.std):.2f} "
                  f"({len(norms)} views of {len(norms) // 2} training "
-                 "images, train mode).")
+                 f"images, train mode, {mode}).")
   return stats
 
 

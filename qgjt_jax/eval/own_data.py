@@ -332,7 +332,8 @@ def evaluate_folder(embed_fn: extract.EmbedFn, folder: str, *,
   out[""]["duplicate_files"] = duplicate_report(people)
   for size in low_res:
     shrunk = images_lib.LazyImages(
-        lambda i, size=size: verification.shrink(crops.load(i), size), len(paths))
+        lambda i, size=size: verification.shrink(crops.load(i), size),
+        len(paths))
     out[f"@{size}px"] = folder_metrics(
         feats, norms, labels, tar_rule=tar_rule,
         first=embed(shrunk, f"{name}@{size}px"))

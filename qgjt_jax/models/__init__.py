@@ -25,8 +25,8 @@ from qgjt_jax.models.registry import family_settings
 from qgjt_jax.models.registry import recorded_model_keys
 
 __all__ = ["IResNet", "build_backbone", "backbone_names", "count_params",
-           "families", "family_of", "family_of_module", "family_settings", "init_shapes",
-           "normalize_images", "recorded_model_keys"]
+           "families", "family_of", "family_of_module", "family_settings",
+           "init_shapes", "normalize_images", "recorded_model_keys"]
 
 
 def build_backbone(name: str, dtype: Any = jnp.float32, *,

@@ -400,7 +400,8 @@ def recognise(shapes: Mapping[str, tuple[int, ...]]
   layout), SE from `se_block` tensors, widths and the input size from the
   stem's and the head's shapes."""
   if "input_layer.0.weight" in shapes:
-    layout, stem, fc = "adaface", "input_layer.0.weight", "output_layer.3.weight"
+    layout, stem = "adaface", "input_layer.0.weight"
+    fc = "output_layer.3.weight"
   elif "conv1.weight" in shapes and "layer1.0.bn1.weight" in shapes:
     layout, stem, fc = "insightface", "conv1.weight", "fc.weight"
   else:
@@ -471,9 +472,10 @@ def public_code(model: IResNet, image_size: int
 
 
 FAMILY = registry.register(registry.Family(
-    module=IResNet, name="iresnet", names=names, canonical=canonical, build=build,
-    weight_settings=("base_width",), settings={"base_width": 64, "dropout_rate": 0.4},
-    torch_layers=torch_layers, recognise=recognise,
+    module=IResNet, name="iresnet", names=names, canonical=canonical,
+    build=build, settings={"base_width": 64, "dropout_rate": 0.4},
+    weight_settings=("base_width",), torch_layers=torch_layers,
+    recognise=recognise,
     stem_keys=("input_layer.0.weight", "conv1.weight"),
     # AdaFace/QGFace models read BGR, insightface's RGB.
     input_order=lambda name: "RGB" if name.startswith("r") else "BGR",

@@ -144,6 +144,8 @@ def conv(features: int, kernel: int, stride: int = 1, *, padding: int = 0,
   """A square PyTorch-style Conv2d without bias: symmetric zero padding,
   groups (`GroupedConv` when grouped)."""
   if groups > 1:
+    if use_bias:
+      raise ValueError("a grouped convolution here has no bias")
     return GroupedConv(features, kernel, stride, padding, groups, dtype,
                        name=name)
   if kernel == 1 and padding == 0 and not use_bias:

@@ -319,8 +319,9 @@ def public_code(model: MobileFaceNet, image_size: int
 
 
 FAMILY = registry.register(registry.Family(
-    module=MobileFaceNet, name="mobilefacenet", names=lambda: list(VARIANTS), canonical=canonical,
-    build=build, weight_settings=(), settings={}, torch_layers=torch_layers, recognise=recognise,
+    module=MobileFaceNet, name="mobilefacenet", names=lambda: list(VARIANTS),
+    canonical=canonical, build=build, settings={}, weight_settings=(),
+    torch_layers=torch_layers, recognise=recognise,
     stem_keys=("layers.0.layers.0.weight",),
     input_order=lambda name: "RGB", public_code=public_code,
     describe=lambda m: (f"MobileFaceNet {m.variant} (blocks "

@@ -252,7 +252,8 @@ def public_code(model: VisionTransformer, image_size: int
 FAMILY = registry.register(registry.Family(
     module=VisionTransformer, name="vit", names=lambda: list(VARIANTS),
     canonical=lambda name: name if name in VARIANTS else None,
-    build=build, weight_settings=(), settings={}, torch_layers=torch_layers, recognise=recognise,
+    build=build, settings={}, weight_settings=(), torch_layers=torch_layers,
+    recognise=recognise,
     stem_keys=("patch_embed.proj.weight",), input_order=lambda name: "RGB",
     public_code=public_code,
     describe=lambda m: (f"ViT {m.variant} (width "

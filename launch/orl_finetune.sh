@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# The measurement of docs/RESULTS.md: insightface's buffalo_s recogniser
+# fine-tuned on ORL people s1-s20 and tested on the unseen s21-s30, clean
+# and with one face of each pair shrunk to 12 and 8 px; QGFace fine-tuning
+# and the same recipe without its contrastive branch, three seeds each.
+#
+#   launch/orl_finetune.sh ../shared/fixtures OUT [SEEDS]
+#
+# FIXTURES holds faces/orl (s1-s12), faces/orl_more (s13-s30) and
+# pretrained/w600k_mbf.onnx (insightface's file: non-commercial research
+# licence; it is read, never copied). Every command is the one a user types;
+# each run's wall time goes to OUT/times.txt, and the last step prints the
+# table (OUT/results.json).
+set -euo pipefail
+fixtures=$(cd "$1" && pwd)
+out=$2
+seeds=${3:-"0 1 2"}
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+
+# One folder of photos per split, one sub-folder per person.
+for i in $(seq 1 30); do
+  person="$fixtures/faces/orl/s$i"
+  [ -d "$person" ] || person="$fixtures/faces/orl_more/s$i"
+  split=$([ "$i" -le 20 ] && echo train_photos || echo test_photos)
+  mkdir -p "$out/$split"
+  [ -d "$out/$split/s$i" ] || cp -r "$person" "$out/$split/s$i"
+done
+
+timed() {  # name, command...
+  local name=$1 start=$SECONDS
+  shift
+  "$@"
+  echo "$name $((SECONDS - start)) s" >> "$out/times.txt"
+}
+
+timed prepare python -m qgjt_jax.data.prepare --format=image_folder \
+    --src="$out/train_photos" --align=detect --image_size=112 \
+    --data_dir="$out/tfds" --name=orl_s1_s20
+[ -d "$out/w600k_mbf/checkpoints" ] || timed convert python -m qgjt_jax.convert \
+    --src="$fixtures/pretrained/w600k_mbf.onnx" --workdir="$out/w600k_mbf"
+
+evaluation=(--config.eval.folders="('$out/test_photos',)"
+            --config.eval.align=detect --config.eval.low_res="(12, 8)")
+[ -d "$out/w600k_mbf/eval" ] || timed pretrained python -m qgjt_jax.main \
+    --workdir="$out/w600k_mbf" --mode=eval "${evaluation[@]}"
+
+finetune=(--config=configs/finetune.py --config.init_from="$out/w600k_mbf"
+          --config.data.tfds_name=face_image_folder/orl_s1_s20
+          --config.data.tfds_data_dir="$out/tfds" "${evaluation[@]}")
+for seed in $seeds; do
+  [ -d "$out/qgface_$seed/eval" ] || timed "qgface_$seed" python -m \
+      qgjt_jax.main "${finetune[@]}" --workdir="$out/qgface_$seed" \
+      --config.seed="$seed"
+  [ -d "$out/adaface_$seed/eval" ] || timed "adaface_$seed" python -m \
+      qgjt_jax.main "${finetune[@]}" --workdir="$out/adaface_$seed" \
+      --config.seed="$seed" --config.queue.kind=none \
+      --config.contrastive.weight=0.0
+done
+
+python - "$out" <<'EOF'
+import glob, json, os, sys
+out = sys.argv[1]
+rows = {}
+for workdir in sorted(glob.glob(f"{out}/*/eval")):
+  name = os.path.basename(os.path.dirname(workdir))
+  last = max(glob.glob(f"{workdir}/step_*.json"),
+             key=lambda p: int(os.path.basename(p)[5:].split(".")[0]))
+  results = json.load(open(last))
+  rows[name] = {size: results[f"folder_test_photos{suffix}"]["accuracy_mean"]
+                for size, suffix in (("clean", ""), ("12px", "@12px"),
+                                     ("8px", "@8px"))}
+json.dump(rows, open(f"{out}/results.json", "w"), indent=2)
+for name, row in rows.items():
+  print(f"{name:14s}", "  ".join(f"{k} {v:.4f}" for k, v in row.items()))
+EOF
