@@ -44,13 +44,14 @@ def _onnx_type(dtype) -> int:
 class _Graph:
   """The ONNX graph under construction, and what each jaxpr value is."""
 
-  def __init__(self, input_name: str):
+  def __init__(self, input_name: str, batch_symbol):
     from onnx import helper, numpy_helper  # pylint: disable=g-import-not-at-top
     self.helper, self.numpy_helper = helper, numpy_helper
     self.nodes, self.initializers = [], []
     self.values: dict[Any, Any] = {}   # Var -> np.ndarray | ONNX name
     self._count = 0
     self.input_name = input_name
+    self.batch_symbol = batch_symbol  # the input's symbolic first size
     self._batch: dict[int, str] = {}
 
   def fresh(self, stem: str) -> str:
@@ -81,7 +82,7 @@ class _Graph:
     of the input's batch)."""
     if isinstance(d, (int, np.integer)):
       return self.const(np.array([int(d)], np.int64), "dim")
-    factor = _batch_factor(d)
+    factor = self._batch_factor(d)
     if factor not in self._batch:
       if 1 not in self._batch:
         shape = self.op("Shape", [self.input_name])
@@ -93,26 +94,17 @@ class _Graph:
                   self.const(np.array([factor], np.int64))])
     return self._batch[factor]
 
+  def _batch_factor(self, d) -> int:
+    """k where the symbolic size d is k times the batch."""
+    for k in range(1, 65):
+      if self.batch_symbol is not None and d == k * self.batch_symbol:
+        return k
+    raise OnnxExportError(f"a size {d} that is no multiple of the batch")
+
   def shape(self, dims: Sequence[Any]) -> str:
     if all(isinstance(d, (int, np.integer)) for d in dims):
       return self.const(np.array([int(d) for d in dims], np.int64), "shape")
     return self.op("Concat", [self.dim(d) for d in dims], axis=0)
-
-
-_BATCH_SYMBOL: list[Any] = []
-
-
-def _batch_factor(d) -> int:
-  """k where the symbolic size d is k times the batch."""
-  batch = _BATCH_SYMBOL[0]
-  for k in range(1, 65):
-    if d == k * batch:
-      return k
-  raise OnnxExportError(f"a size {d} that is no multiple of the batch")
-
-
-def _static(shape) -> bool:
-  return all(isinstance(d, (int, np.integer)) for d in shape)
 
 
 # --- primitives -------------------------------------------------------------
@@ -293,15 +285,12 @@ def onnx_model(function: Callable, example: jax.ShapeDtypeStruct, *,
   """
   import onnx  # pylint: disable=g-import-not-at-top
   from onnx import helper  # pylint: disable=g-import-not-at-top
-  if batch is None:
-    symbol = jax.export.symbolic_shape("batch")[0]
-    spec = jax.ShapeDtypeStruct((symbol, *example.shape[1:]), example.dtype)
-  else:
-    symbol = None
-    spec = jax.ShapeDtypeStruct((batch, *example.shape[1:]), example.dtype)
-  _BATCH_SYMBOL[:] = [symbol]
+  symbol = jax.export.symbolic_shape("batch")[0] if batch is None else None
+  spec = jax.ShapeDtypeStruct((symbol if batch is None else batch,
+                               *example.shape[1:]),
+                              example.dtype)
   flat = jaxprs.flatten(jax.make_jaxpr(function)(spec))
-  g = _Graph(input_name)
+  g = _Graph(input_name, symbol)
   (invar,) = flat.invars
   g.values[invar] = input_name
   for var, value in zip(flat.constvars, flat.consts):
@@ -326,9 +315,8 @@ def onnx_model(function: Callable, example: jax.ShapeDtypeStruct, *,
   for name, var in zip(output_names, flat.outvars):
     g.nodes.append(helper.make_node("Identity", [g.name(value_of(var))],
                                     [name]))
-    shape = [dim if (d is symbol and symbol is not None) or (
-        symbol is not None and not isinstance(d, (int, np.integer)))
-             else int(d) for d in var.aval.shape]
+    shape = [int(d) if isinstance(d, (int, np.integer)) else dim
+             for d in var.aval.shape]
     outputs.append(helper.make_tensor_value_info(
         name, _onnx_type(var.aval.dtype), shape))
   inputs = [helper.make_tensor_value_info(

@@ -150,11 +150,11 @@ def test_convert_on_files_that_are_no_model(tmp_path):
                    text, "is not a PyTorch checkpoint")
   commands.assert_refused(commands.run("qgjt_jax.convert", f"--src={tmp_path / 'no.pth'}",
                         f"--workdir={tmp_path / 'b'}"), tmp_path / "no.pth")
-  other = tmp_path / "resnet.pth"  # tensors, but not an IResNet's
+  other = tmp_path / "resnet.pth"  # tensors, but no backbone's
   write_torch_file(other, {"layer.weight": np.zeros((2, 2), np.float32)})
   commands.assert_refused(commands.run("qgjt_jax.convert", f"--src={other}",
                         f"--workdir={tmp_path / 'c'}"),
-                   "no IResNet backbone found")
+                   other, "no backbone found")
   pickled = tmp_path / "objects.pth"  # anything but tensors
   write_torch_file(pickled, {"weight": np.zeros(2, np.float32),
                              "hook": collections_counter()})

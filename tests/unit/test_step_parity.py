@@ -36,7 +36,7 @@ from qgjt_jax import base_config as common
 from qgjt_jax import parallel
 from qgjt_jax import stack as stack_lib
 from qgjt_jax import state as state_lib
-from qgjt_jax.interop import state_dicts
+from qgjt_jax.interop import convert
 from qgjt_jax.interop import weight_files
 from qgjt_jax.method import contrastive
 from qgjt_jax.method import quality as quality_lib
@@ -122,7 +122,9 @@ def step_config(settings: dict):
 
 def _initial_state(config, settings, arrays, state_dict, stack):
   """Our TrainState holding exactly the fixture's starting point."""
-  variables = state_dicts.torch_state_dict_to_flax(state_dict, num_layers=18)
+  variables = convert.convert_state_dict(state_dict, arch="ir18",
+                                         image_size=settings["image_size"]
+                                         ).variables
   state = stack.init_state(jax.random.key(settings["seed"]))
   params = {"backbone": variables["params"],
             "classifier": {"kernel": jnp.asarray(arrays["w0/head.kernel"],
