@@ -10,7 +10,7 @@
 # pretrained/w600k_mbf.onnx (insightface's file: non-commercial research
 # licence; it is read, never copied). Every command is the one a user types;
 # each run's wall time goes to OUT/times.txt, and the last step prints the
-# table (OUT/results.json).
+# table (launch/orl_table.py: every run, each method's mean over seeds).
 set -euo pipefail
 fixtures=$(cd "$1" && pwd)
 out=$2
@@ -58,19 +58,4 @@ for seed in $seeds; do
       --config.contrastive.weight=0.0
 done
 
-python - "$out" <<'EOF'
-import glob, json, os, sys
-out = sys.argv[1]
-rows = {}
-for workdir in sorted(glob.glob(f"{out}/*/eval")):
-  name = os.path.basename(os.path.dirname(workdir))
-  last = max(glob.glob(f"{workdir}/step_*.json"),
-             key=lambda p: int(os.path.basename(p)[5:].split(".")[0]))
-  results = json.load(open(last))
-  rows[name] = {size: results[f"folder_test_photos{suffix}"]["accuracy_mean"]
-                for size, suffix in (("clean", ""), ("12px", "@12px"),
-                                     ("8px", "@8px"))}
-json.dump(rows, open(f"{out}/results.json", "w"), indent=2)
-for name, row in rows.items():
-  print(f"{name:14s}", "  ".join(f"{k} {v:.4f}" for k, v in row.items()))
-EOF
+python "$(dirname "$0")/orl_table.py" "$out"

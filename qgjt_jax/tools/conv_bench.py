@@ -17,7 +17,7 @@ import json
 import statistics
 import sys
 import time
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -56,11 +56,12 @@ def _forms(channels: int) -> dict[str, tuple[Callable, Callable, tuple]]:
   }
 
 
-def run(batch: int, side: int, channels: int, repeats: int) -> list[dict]:
+def run(batch: int, side: int, channels: int, repeats: int
+        ) -> Iterator[dict]:
+  """The records, each as soon as it is measured."""
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(batch, side, side, channels)),
                   jnp.float32)
-  records = []
   for name, (native, ours, shape) in _forms(channels).items():
     kernel = jnp.asarray(rng.normal(size=shape), jnp.float32)
     diff = float(jnp.max(jnp.abs(native(x, kernel) - ours(x, kernel))))
@@ -69,12 +70,12 @@ def run(batch: int, side: int, channels: int, repeats: int) -> list[dict]:
       for part, timed in (("forward", function),
                           ("input_gradient", jax.grad(loss, 0)),
                           ("kernel_gradient", jax.grad(loss, 1))):
-        records.append({
+        yield {
             "convolution": name, "form": form, "pass": part,
-            "seconds": round(_seconds(timed, x, kernel, repeats=repeats), 4),
+            "seconds": float(
+                f"{_seconds(timed, x, kernel, repeats=repeats):.4g}"),
             "shape": [batch, side, side, channels], "max_abs_diff": diff,
-            "device": jax.devices()[0].device_kind})
-  return records
+            "device": jax.devices()[0].device_kind}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
