@@ -20,8 +20,8 @@ branch). Evaluate on people the run did not see with
 --config.eval.low_res="(12, 8)"` (at the end of training, or later with
 --mode=eval).
 
-The defaults suit a few hundred photos on a CPU (about 300 photos at
-112 px in under 20 minutes on two cores; docs/RESULTS.md):
+The defaults suit a few hundred photos on a CPU (200 photos at 112 px in
+about 11 minutes on two cores, 300 estimated at 16-17; docs/RESULTS.md):
 * the degraded view is shrunk to 5-30% of its side (6-34 px at 112 px),
   JPEG-compressed and enlarged back, so training reaches the 8-12 px faces
   that hurt a model trained on sharp ones;
@@ -69,8 +69,8 @@ def get_config():
   # clean view without gradient: the low-quality features move towards the
   # pretrained clean ones, which stay where the pretrained model put them
   # (both views anchoring, the authors' default, pulled the clean features
-  # towards the degraded ones: 8-12 points lower at 8 and 12 px in
-  # docs/RESULTS.md's single-seed comparison).
+  # towards the degraded ones: 3 and 4 points lower accuracy at 12 and
+  # 8 px in docs/RESULTS.md's single-seed comparison).
   config.contrastive.update(coupling="S2N", detach_pos=True)
   config.queue.capacity = 512
   config.log_every_steps = 10
