@@ -144,17 +144,6 @@ def write_together(files: dict[str, bytes | str], *, overwrite: bool,
           os.unlink(old)
 
 
-def free_name(path: str) -> str:
-  """`path`, or the first of NAME.2.EXT, NAME.3.EXT... that is free: for
-  results that are kept rather than replaced (a re-evaluation)."""
-  stem, ext = os.path.splitext(path)
-  candidate, n = path, 1
-  while os.path.lexists(candidate):
-    n += 1
-    candidate = f"{stem}.{n}{ext}"
-  return candidate
-
-
 def _umask() -> int:
   """The process's umask, read without changing it (threads may write)."""
   try:

@@ -13,7 +13,6 @@ from qgjt_jax import errors
 TEMPLATE_112 = np.array(
     [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
      [41.5493, 92.3655], [70.7299, 92.2041]], np.float64)
-POINT_NAMES = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
 
 
 def template(image_size: int) -> np.ndarray:

@@ -4,7 +4,7 @@ client), StableHLO, or the PyTorch weights of its backbone (safetensors).
   python -m qgjt_jax.export --workdir=runs/ms1m --format=onnx \
       --out=model.onnx [--onnx_layout=qgjt|insightface] [--batch=N] [--step=N]
   python -m qgjt_jax.export --workdir=runs/ms1m --format=stablehlo \
-      --out=model.stablehlo
+      --out=model.stablehlo [--platforms=cpu,cuda,tpu]
   python -m qgjt_jax.export --workdir=runs/ms1m --format=safetensors \
       --out=model.safetensors
 
@@ -31,9 +31,11 @@ DECISION_SCORING`), so a deployment scores as the thresholds were measured.
 
 The ONNX graph is translated from the jaxpr of the very function that
 embeds (`onnx_export`), so every backbone exports. The StableHLO file is
-`jax.export`'s serialisation: `jax.export.deserialize(open(path, 'rb').
-read()).call(images)` runs it without this project; its conventions go to
-a .json beside it, written together with it. Both carry every threshold the
+`jax.export`'s serialisation, lowered for every platform of --platforms
+(default cpu, cuda and tpu) and free of source paths: `jax.export.
+deserialize(open(path, 'rb').read()).call(images)` runs it on any of them
+without this project; its conventions go to a .json beside it, written
+together with it. Both carry every threshold the
 evaluation of the exported step measured ("qgjt_jax.thresholds"), each with
 its set, kind of faces, scoring, impostor count and FAR interval.
 
@@ -92,17 +94,44 @@ def forward_fn(model, variables):
 # StableHLO through jax.export.
 
 
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+DEFAULT_PLATFORMS = ("cpu", "cuda", "tpu")
+
+
 def stablehlo_bytes(model, variables: dict, image_size: int,
-                    batch: Optional[int] = None) -> bytes:
-  """jax.export's serialisation of the forward pass (symbolic batch when
-  `batch` is None)."""
+                    batch: Optional[int] = None,
+                    platforms: Sequence[str] = DEFAULT_PLATFORMS) -> bytes:
+  """jax.export's serialisation of the forward pass for `platforms`
+  (symbolic batch when `batch` is None).
+
+  The module carries no source locations: they would name this machine's
+  paths to the package's files in a file that is handed to others.
+  """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   shape = ((batch,) if batch else jax.export.symbolic_shape("batch")) + (
       image_size, image_size, 3)
-  exported = jax.export.export(jax.jit(forward_fn(model, variables)))(
-      jax.ShapeDtypeStruct(shape, jnp.uint8))
+  previous = jax.config.jax_traceback_in_locations_limit
+  jax.config.update("jax_traceback_in_locations_limit", 0)
+  try:
+    exported = jax.export.export(jax.jit(forward_fn(model, variables)),
+                                 platforms=tuple(platforms))(
+                                     jax.ShapeDtypeStruct(shape, jnp.uint8))
+  finally:
+    jax.config.update("jax_traceback_in_locations_limit", previous)
   return bytes(exported.serialize())
+
+
+def parse_platforms(text: str) -> tuple[str, ...]:
+  """'cpu,cuda' -> ('cpu', 'cuda'); an unknown or missing name is one
+  line."""
+  names = tuple(p.strip() for p in text.split(",") if p.strip())
+  unknown = [p for p in names if p not in PLATFORMS]
+  if unknown or not names:
+    raise errors.UserError(
+        f"--platforms={text}: a comma-separated list of "
+        f"{', '.join(PLATFORMS)}")
+  return tuple(dict.fromkeys(names))
 
 
 def _require(fmt: str) -> None:
@@ -155,13 +184,15 @@ def onnx_proto(module, variables: dict, image_size: int,
 
 def export(path: str, fmt: str, out: str, *, batch: Optional[int] = None,
            step: Optional[int] = None, overwrite: bool = False,
-           layout: str = "qgjt") -> dict[str, Any]:
+           layout: str = "qgjt",
+           platforms: Optional[Sequence[str]] = None) -> dict[str, Any]:
   """Writes the model of a workdir (or a checkpoints or step folder) to
   `out`; returns what the file says.
 
   `out` (and for StableHLO `out`.json) is checked before the model is
   loaded and written whole or not at all; an existing one is refused
-  unless `overwrite`.
+  unless `overwrite`. `platforms` are StableHLO's (default
+  DEFAULT_PLATFORMS; the other formats run wherever their runtime does).
   """
   from qgjt_jax.inference import decisions  # pylint: disable=g-import-not-at-top
   if fmt not in FORMATS:
@@ -169,6 +200,10 @@ def export(path: str, fmt: str, out: str, *, batch: Optional[int] = None,
   if layout not in LAYOUTS or (layout != "qgjt" and fmt != "onnx"):
     raise errors.UserError(f"--onnx_layout={layout}: use qgjt or (for "
                            "--format=onnx) insightface")
+  if platforms is not None and fmt != "stablehlo":
+    raise errors.UserError(f"--platforms is for --format=stablehlo; "
+                           f"--format={fmt} runs wherever its runtime does")
+  platforms = tuple(platforms or DEFAULT_PLATFORMS)
   _require(fmt)
   targets = [out] + ([out + ".json"] if fmt == "stablehlo" else [])
   for target in targets:
@@ -183,6 +218,8 @@ def export(path: str, fmt: str, out: str, *, batch: Optional[int] = None,
               "qgjt_jax.source": f"workdir {workdir_name}, step {loaded.step}",
               "qgjt_jax.batch": batch or "dynamic",
               "qgjt_jax.scoring": _scoring(fmt)}
+  if fmt == "stablehlo":
+    metadata["qgjt_jax.platforms"] = ",".join(platforms)
   measured = decisions.exported(loaded.workdir, loaded.step)
   if measured:
     metadata["qgjt_jax.thresholds"] = json.dumps(measured)
@@ -198,7 +235,7 @@ def export(path: str, fmt: str, out: str, *, batch: Optional[int] = None,
                        {**LAYOUTS[layout], **metadata}, layout)
     outputs.write(out, proto.SerializeToString(), overwrite=overwrite)
   else:
-    data = stablehlo_bytes(module, variables, image_size, batch)
+    data = stablehlo_bytes(module, variables, image_size, batch, platforms)
     sidecar = {**LAYOUTS["qgjt"], **metadata}
     if measured:
       sidecar["qgjt_jax.thresholds"] = measured
@@ -245,6 +282,10 @@ def _parse(argv):
                       "feature out, as insightface's client expects")
   parser.add_argument("--batch", default="dynamic",
                       help="'dynamic' or a fixed batch size")
+  parser.add_argument("--platforms", default=None,
+                      help="StableHLO's platforms, comma-separated, from "
+                      f"{', '.join(PLATFORMS)} (one file runs on each; "
+                      f"default {','.join(DEFAULT_PLATFORMS)})")
   parser.add_argument("--step", type=int, default=None,
                       help="the checkpoint step (default: the latest)")
   parser.add_argument("--overwrite", action="store_true",
@@ -267,7 +308,9 @@ def _summary(args, metadata: dict) -> list[str]:
             f"{metadata['qgjt_jax.weights_input_order']} input. Loads in: "
             f"{metadata['qgjt_jax.loads_in']}."]
   layout = args.onnx_layout if args.format == "onnx" else "qgjt"
-  lines = [f"Wrote {args.out} ({args.format}, {layout} layout, batch "
+  where = (f", for {metadata['qgjt_jax.platforms']}"
+           if args.format == "stablehlo" else "")
+  lines = [f"Wrote {args.out} ({args.format}{where}, {layout} layout, batch "
            f"{metadata['qgjt_jax.batch']}, {size} px): in "
            f"{LAYOUTS[layout]['input']}; out {LAYOUTS[layout]['outputs']}."]
   if layout == "insightface" and not (size >= 112 and size % 16 == 0 and
@@ -286,7 +329,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   with errors.expected_failures(verbose=args.traceback):
     metadata = export(args.workdir, args.format, args.out, batch=batch,
                       step=args.step, overwrite=args.overwrite,
-                      layout=args.onnx_layout)
+                      layout=args.onnx_layout,
+                      platforms=(parse_platforms(args.platforms)
+                                 if args.platforms is not None else None))
   for line in _summary(args, metadata):
     print(line, flush=True)
   if "qgjt_jax.thresholds" not in metadata:

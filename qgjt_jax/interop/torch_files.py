@@ -211,12 +211,6 @@ def _materialise(obj, where: str, budget: list[int]):
   return pickles.walk(obj, visit, where)
 
 
-def _from_bytes(data):
-  if not isinstance(data, (bytes, bytearray)):
-    raise TypeError("bytearray() of something other than bytes")
-  return bytearray(data)
-
-
 _ALLOWED = {
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
     ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,

@@ -90,9 +90,31 @@ def test_every_backbone_in_onnxruntime_and_reloaded_stablehlo(name, size,
   norms = np.linalg.norm(feature, axis=1)
   _assert_close([feature / norms[:, None], norms], want)
   reloaded = jax.export.deserialize(
-      export.stablehlo_bytes(model, variables, size))
+      export.stablehlo_bytes(model, variables, size, platforms=("cpu",)))
   _assert_close([np.asarray(a) for a in reloaded.call(images[:2])],
                 [w[:2] for w in want])
+
+
+def test_stablehlo_for_every_platform_asked_and_no_source_paths():
+  """One file for cpu, cuda and tpu (MobileFaceNet's convolutions take a
+  CPU-only form on CPU: each platform gets its branch), runnable here, and
+  nothing in it names a file of this machine."""
+  model = build_backbone("mbf", input_order="RGB", embedding_size=16)
+  variables = _random_variables(model, 40)
+  images = np.random.default_rng(1).integers(0, 256, (2, 40, 40, 3),
+                                             np.uint8)
+  data = export.stablehlo_bytes(model, variables, 40,
+                                platforms=("cpu", "cuda", "tpu"))
+  reloaded = jax.export.deserialize(data)
+  assert reloaded.platforms == ("cpu", "cuda", "tpu")
+  _assert_close([np.asarray(a) for a in reloaded.call(images)],
+                [np.asarray(a) for a in
+                 export.forward_fn(model, variables)(images)])
+  assert b".py" not in data and b"qgjt_jax" not in data
+  assert export.parse_platforms("tpu, cuda,tpu") == ("tpu", "cuda")
+  for bad in ("", "gpu", "cpu,metal"):
+    with pytest.raises(export.errors.UserError, match="--platforms="):
+      export.parse_platforms(bad)
 
 
 def test_the_onnx_graph_holds_no_hand_written_network():
@@ -119,6 +141,7 @@ def test_the_command_exports_a_trained_workdir(reference_run, tmp_path):
                           f"--format={fmt}", f"--out={tmp_path / out}",
                           f"--batch={batch}", check=True)
     assert "uint8, BGR" in result.stdout
+  assert "for cpu,cuda,tpu" in result.stdout
   loaded, model, variables = export.load(str(workdir))
   assert loaded.step == tiny_runs.STEPS
   images = np.random.default_rng(2).integers(0, 256, (5, 32, 32, 3),
@@ -133,6 +156,7 @@ def test_the_command_exports_a_trained_workdir(reference_run, tmp_path):
   assert fixed.get_inputs()[0].shape == [4, 32, 32, 3]
   sidecar = json.loads((tmp_path / "model.stablehlo.json").read_text())
   assert "BGR" in sidecar["input"]
+  assert sidecar["qgjt_jax.platforms"] == "cpu,cuda,tpu"
   # The StableHLO file runs in a process that cannot import this project.
   script = textwrap.dedent(f"""
       import sys
@@ -152,6 +176,17 @@ def test_a_workdir_without_a_record_is_one_line(tmp_path):
   result = commands.run("qgjt_jax.export", f"--workdir={tmp_path}",
                         "--format=onnx", f"--out={tmp_path / 'm.onnx'}")
   commands.assert_refused(result, f"--workdir={tmp_path}", "config.json")
+
+
+def test_platforms_only_for_stablehlo(tmp_path):
+  result = commands.run("qgjt_jax.export", f"--workdir={tmp_path}",
+                        "--format=onnx", "--platforms=cuda",
+                        f"--out={tmp_path / 'm.onnx'}")
+  commands.assert_refused(result, "--platforms", "--format=onnx")
+  result = commands.run("qgjt_jax.export", f"--workdir={tmp_path}",
+                        "--format=stablehlo", "--platforms=gpu",
+                        f"--out={tmp_path / 'm.stablehlo'}")
+  commands.assert_refused(result, "--platforms=gpu", "cuda")
 
 
 def test_a_missing_package_names_the_extra(tmp_path, reference_run):
