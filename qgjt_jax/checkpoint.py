@@ -394,12 +394,17 @@ def restore_quality(directory: str, step: int) -> Optional[dict[str, float]]:
   return {k: float(v) for k, v in restored.items()}
 
 
-def save_model_only(directory: str, model: dict[str, Any], step: int = 0
-                    ) -> None:
-  """Writes a checkpoint with just the `model` item (converted weights)."""
+def save_model_only(directory: str, model: dict[str, Any], step: int = 0,
+                    quality: Optional[dict[str, float]] = None) -> None:
+  """Writes a checkpoint with just the `model` item (converted weights),
+  and the `quality` item when the statistics are known (an exported
+  model's)."""
+  items = {MODEL: ocp.args.StandardSave(model)}
+  if quality is not None:
+    items[QUALITY] = ocp.args.StandardSave(
+        {k: jnp.float32(quality[k]) for k in ("mean", "std")})
   manager = make_manager(directory, asynchronous=False)
-  manager.save(step, args=ocp.args.Composite(
-      **{MODEL: ocp.args.StandardSave(model)}), force=True)
+  manager.save(step, args=ocp.args.Composite(**items), force=True)
   manager.wait_until_finished()
   manager.close()
 

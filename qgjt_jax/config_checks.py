@@ -3,8 +3,8 @@
 Run before anything expensive, so a typo or an impossible value fails in
 seconds instead of after compiling (or hours into a run). Each check raises
 ConfigError with the offending `config.KEY`, its value and what would work.
-Unknown keys given on the command line are refused by ml_collections while
-the flags are parsed (see main.py).
+Unknown keys given on the command line are refused, with the nearest known
+key, when the flags are parsed (recipe_flags.py).
 """
 from __future__ import annotations
 

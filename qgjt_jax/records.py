@@ -11,6 +11,7 @@ recipe typed again: `recorded_config` is the workdir's own config, and
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, Iterable
 
 from etils import epath
@@ -94,18 +95,35 @@ def recorded_model_settings(workdir: str) -> dict[str, Any]:
           if k in keys and v is not MISSING}
 
 
+def _quality_settings(path: epath.Path) -> dict[str, float]:
+  """The quality settings a converted record carries from an exported
+  model (`interop.carried`): {config key: value}, each a finite number."""
+  from qgjt_jax.interop import carried  # pylint: disable=g-import-not-at-top
+  found = read_record(path, "config_overrides").get("quality_settings", {})
+  allowed = set(carried.QUALITY_SETTINGS.values())
+  if not isinstance(found, dict) or not all(
+      k in allowed and isinstance(v, (int, float)) and not isinstance(
+          v, bool) and math.isfinite(v) for k, v in found.items()):
+    raise RecordError(f"{path}: quality_settings is damaged; restore it "
+                      "from a copy, or convert the model again")
+  return found
+
+
 def has_record(workdir: str) -> bool:
   directory = epath.Path(workdir)
   return any((directory / name).exists()
              for name in (CONFIG_RECORD, CONVERTED_RECORD))
 
 
-def recorded_config(workdir: str) -> ml_collections.ConfigDict:
+def recorded_config(workdir: str, *, advice: str = (
+    "name a training run's workdir or one qgjt_jax.convert wrote")
+                    ) -> ml_collections.ConfigDict:
   """The config a workdir's model was made with: the shared defaults with
   everything config.json recorded, or with a converted model's settings.
 
   Raises:
-    RecordError: the workdir records no model (naming what to pass).
+    RecordError: the workdir records no model or does not exist (the
+      message ends in `advice`, what the caller can pass instead).
   """
   from qgjt_jax import base_config  # pylint: disable=g-import-not-at-top
   config = base_config.get_base_config()
@@ -117,12 +135,15 @@ def recorded_config(workdir: str) -> ml_collections.ConfigDict:
   elif (directory / CONVERTED_RECORD).exists():
     for key, value in recorded_model_settings(workdir).items():
       _set(config, key, value, str(directory / CONVERTED_RECORD))
+    for key, value in _quality_settings(directory / CONVERTED_RECORD).items():
+      _set(config, key, value, str(directory / CONVERTED_RECORD))
+  elif not directory.exists():
+    raise RecordError(f"--workdir={workdir} does not exist: {advice}")
   else:
     raise RecordError(
         f"--workdir={workdir} holds neither {CONFIG_RECORD} (a training "
         f"run's) nor {CONVERTED_RECORD} (qgjt_jax.convert's), so it does not "
-        "say which model it holds: name a workdir of either, or pass "
-        "--config=configs/NAME.py with the model's settings")
+        f"say which model it holds: {advice}")
   return config
 
 

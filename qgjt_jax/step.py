@@ -4,7 +4,7 @@
 one global batch; `make_train_step` jits it once with explicit shardings,
 and everything it changes is in the state. Every config value it reads is
 read once, outside the trace, into `method.settings.StepSettings`. (The
-evaluation forward pass is `evaluate.make_embed_fn`.)
+evaluation forward pass is `inference.model.make_embed_fn`.)
 
 One step, as the authors' `FaceModel.training_step`, in the words of the
 queue variant it runs with (`method/queues.py`):

@@ -29,7 +29,6 @@ import grain
 import numpy as np
 
 from qgjt_jax.data import degrade
-# Re-exported: train.py builds the view settings through the pipeline module.
 from qgjt_jax.files import images
 from qgjt_jax.files import limits
 from qgjt_jax.method.batch import make_batch

@@ -81,8 +81,10 @@ class Threshold:
     kind = KIND_TEXT.get(self.kind, self.kind)
     if self.kind in NAMED_ONLY:
       kind += ", not single photos"
+    carried = self.provenance.get("carried_from")
     return (f"{self.set_name} ({kind}; evaluation of step {self.step}, "
-            f"eval/{self.file})")
+            f"eval/{self.file}" + (f", carried in {carried}" if carried
+                                   else "") + ")")
 
   def describe(self) -> str:
     if self.far is None:
@@ -343,7 +345,8 @@ def exported(workdir: str, step: int) -> Optional[dict[str, Any]]:
             # The folder's local path stays on this machine.
             "provenance": {k: v for k, v in _provenance(metrics).items()
                            if k != "folder"},
-            "impostor_pairs": metrics.get("impostor_pairs")})
+            "impostor_pairs": metrics.get("impostor_pairs"),
+            "num_images": metrics.get("num_images")})
         entry[key] = metrics[key]
   if not sets:
     return None

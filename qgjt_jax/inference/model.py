@@ -5,6 +5,15 @@
   embeddings, norms = model.embed(faces)      # uint8 BGR (N, S, S, 3) crops
   model.quality(norms)                        # q in [0, 1] (NaN: no stats)
 
+`Model.embed` takes aligned face crops of the model's size, in OpenCV's
+BGR order, as uint8 0-255. It converts by rule only where nothing is
+guessed (integers within 0-255 to uint8, a grey channel (N, S, S, 1) to
+three) and
+refuses everything else in one line (`FaceInputError`, a ValueError):
+floats (0-1 or 0-255 cannot be told apart), four channels (alpha, and RGB
+or BGR?), another size (an unaligned or differently cropped face embeds
+as another person).
+
 The path is a workdir (a training run's, or one `qgjt_jax.convert` wrote),
 its `checkpoints` folder, or one step folder in it. The model is rebuilt
 from the workdir's record (`records.py`), not from a recipe typed again; its
@@ -35,12 +44,67 @@ import numpy as np
 from jax.sharding import Mesh
 
 from qgjt_jax import checkpoint as ckpt
+from qgjt_jax import errors
 from qgjt_jax import parallel
 from qgjt_jax import records
 from qgjt_jax import state as state_lib
 from qgjt_jax.eval import extract
+from qgjt_jax.files import images as images_lib
 from qgjt_jax.method import quality as quality_lib
 from qgjt_jax.models import normalize_images
+
+
+class ModelNotFoundError(errors.UserError, FileNotFoundError):
+  """`qgjt_jax.load_model` was given a path that holds no model."""
+
+
+class FaceInputError(errors.UserError, ValueError):
+  """Images `Model.embed` cannot take as they are (see module)."""
+
+
+def as_faces(images, image_size: int) -> np.ndarray:
+  """`images` as uint8 BGR (N, image_size, image_size, 3) by the module's
+  rules, or FaceInputError naming what is wrong and what to pass."""
+  if not isinstance(images, (np.ndarray, list, tuple)) and not hasattr(
+      images, "__array__"):
+    images = list(images)  # an iterable of faces
+  try:
+    images = np.asarray(images)
+  except ValueError as e:  # ragged: faces of several sizes
+    raise FaceInputError(f"faces of different shapes ({e}): pass "
+                         f"{image_size} x {image_size} crops") from None
+  want = f"(N, {image_size}, {image_size}, 3) uint8 BGR aligned faces"
+  if images.ndim == 3:
+    raise FaceInputError(f"images of shape {images.shape}: pass {want} "
+                         "(images[None] for one face, images[..., None] for "
+                         "grey ones)")
+  if images.ndim != 4:
+    raise FaceInputError(f"images of shape {images.shape}: pass {want}")
+  if images.shape[-1] not in (1, 3):
+    hint = {4: " (drop the alpha channel; the order must be BGR)"}.get(
+        images.shape[-1], " (channels last: x.transpose(0, 2, 3, 1))"
+        if images.shape[1] in (1, 3, 4) else "")
+    raise FaceInputError(f"{images.shape[-1]} channels: pass {want}{hint}")
+  if images.shape[1:3] != (image_size, image_size):
+    raise FaceInputError(
+        f"faces of {images.shape[2]} x {images.shape[1]} px: this model "
+        f"takes {image_size} x {image_size} px crops aligned to the "
+        "five-point template (qgjt_jax.align, or read them with "
+        "--mode=embed, which aligns and resizes)")
+  if images.dtype != np.uint8:
+    if images.dtype.kind == "f":
+      raise FaceInputError(
+          f"{images.dtype} images: pass uint8 0-255 (for floats in 0-1, "
+          "(x * 255).round().astype(np.uint8)); the range of floats is "
+          "not guessed")
+    if images.dtype.kind not in "iu" or (images.size and (
+        images.min() < 0 or images.max() > 255)):
+      raise FaceInputError(f"{images.dtype} images: pass {want}, values "
+                           "0-255")
+    images = images.astype(np.uint8)
+  if images.shape[-1] == 1:
+    images = np.repeat(images, 3, axis=-1)
+  return images
 
 
 def locate(path: str) -> tuple[str, Optional[int]]:
@@ -94,8 +158,11 @@ class Model:
   def embed(self, images, *, progress: bool = False, desc: str = "embed"
             ) -> tuple[np.ndarray, np.ndarray]:
     """(unit embeddings (N, D), norms (N,)) of uint8 BGR faces (an
-    (N, S, S, 3) array, or eval.images.LazyImages), scored as every
-    decision is (see module)."""
+    (N, S, S, 3) array, or files.images.LazyImages), scored as every
+    decision is. Other inputs are converted or refused by the module's
+    rules (FaceInputError)."""
+    if not isinstance(images, images_lib.LazyImages):
+      images = as_faces(images, self.image_size)
     return extract.extract_embeddings(
         self.embed_fn, images, batch_size=self.batch_size, flip=True,
         fusion=extract.DECISION_FUSION, return_norms=True, progress=progress,
@@ -225,3 +292,21 @@ def load_model(path: str, step: Optional[int] = None, *,
                variables=variables, mesh=mesh,
                norm_stats=ckpt.restore_quality(directory, restored),
                batch_size=batch_size)
+
+
+def load_model_from_python(path: str, step: Optional[int] = None,
+                           **kwargs) -> Model:
+  """`load_model` with errors that speak Python rather than the commands'
+  flags: a path that does not exist, or is no workdir of a model."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  workdir, _ = locate(path)
+  if not epath.Path(os.fspath(path)).exists():
+    raise ModelNotFoundError(f"load_model({os.fspath(path)!r}): no such "
+                             "file or folder")
+  if kwargs.get("config") is None and not records.has_record(workdir):
+    raise ModelNotFoundError(
+        f"load_model({os.fspath(path)!r}): {workdir} holds no model record "
+        f"({records.CONFIG_RECORD} of a training run, or "
+        f"{records.CONVERTED_RECORD} of qgjt_jax.convert); pass such a "
+        "workdir, its checkpoints folder or one of its step folders")
+  return load_model(path, step, **kwargs)

@@ -9,4 +9,6 @@ from qgjt_jax import records
 
 
 def get_config(workdir: str):
-  return records.recorded_config(workdir)
+  return records.recorded_config(
+      workdir, advice="name a training run's workdir or one qgjt_jax.convert "
+      "wrote, or pass --config=configs/NAME.py with the model's settings")

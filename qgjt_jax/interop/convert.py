@@ -22,6 +22,12 @@ WORKDIR/converted_from.json, from which every command that uses the model
 rebuilds it. It refuses to replace an existing WORKDIR/checkpoints unless
 `--overwrite`.
 
+A file this project exported (safetensors) also carries its norm
+statistics, quality settings and calibrated thresholds (`carried`): they
+are checked to add up and restored (the checkpoint's `quality` item,
+converted_from.json's `quality_settings`, eval/step_0.json), so the
+converted workdir rates quality and decides as its source did.
+
 Published weights read BGR (AdaFace/QGFace) or RGB (insightface): the
 family says which, and the converted workdir records `model.input_order`,
 which every use of the model follows. The PyTorch names of each family are
@@ -33,7 +39,7 @@ import dataclasses
 import json
 import os
 import shlex
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 from absl import app
 from absl import flags
@@ -64,6 +70,9 @@ class ConvertedModel:
   input_order: str
   settings: dict[str, Any]   # the family's own (config.model.KEY)
   description: str           # the family's one line
+  # What an exported file carries beyond the weights: norm statistics,
+  # quality settings, thresholds.
+  carried: Optional[Any] = None   # carried.Carried
 
   @property
   def num_params(self) -> int:
@@ -143,10 +152,13 @@ def convert_file(path: str, arch: str = "auto", input_order: str = "auto"
     errors.UserError: the file cannot be read or holds no backbone this
       package builds (each naming the file).
   """
+  from qgjt_jax.interop import carried  # pylint: disable=g-import-not-at-top
   from qgjt_jax.interop import onnx_import  # pylint: disable=g-import-not-at-top
   if os.fspath(path).endswith(".onnx"):
     weights = onnx_import.read_onnx(path)
-    state, recorded = weights.state_dict, {"image_size": weights.image_size}
+    state, recorded = weights.state_dict, {
+        "image_size": weights.image_size,
+        "carried": carried.read(weights.metadata, path)}
   else:
     weights = None
     state, recorded = weight_files.read_with_record(path)
@@ -161,7 +173,7 @@ def convert_file(path: str, arch: str = "auto", input_order: str = "auto"
     onnx_import.check_conv_attributes(path, weights, converted.module(),
                                       converted.variables,
                                       converted.image_size)
-  return converted
+  return dataclasses.replace(converted, carried=recorded.get("carried"))
 
 
 def _check_finite(tensors: Mapping[str, Any]) -> None:
@@ -223,7 +235,9 @@ def write_checkpoint(workdir: str, converted: ConvertedModel, *,
   staging = root / ".checkpoints.converting"
   if staging.exists():
     staging.rmtree()
-  checkpoint.save_model_only(str(staging), converted.variables, step=0)
+  carried = converted.carried
+  checkpoint.save_model_only(str(staging), converted.variables, step=0,
+                             quality=carried and carried.norm_stats())
   record = {"source": os.path.abspath(source) if source else "",
             "architecture": converted.name,
             "description": converted.description,
@@ -232,6 +246,8 @@ def write_checkpoint(workdir: str, converted: ConvertedModel, *,
             "image_size": converted.image_size,
             "num_params": converted.num_params,
             "config_overrides": converted.config_overrides()}
+  if carried and carried.quality:
+    record["quality_settings"] = carried.settings()
   for name in _MODEL_RECORDS:
     old = root / name
     if old.is_dir():
@@ -241,6 +257,11 @@ def write_checkpoint(workdir: str, converted: ConvertedModel, *,
   if directory.exists():
     directory.rmtree()
   staging.rename(directory)
+  evaluation = carried and carried.evaluation(os.path.basename(source))
+  if evaluation:
+    (root / "eval").mkdir(exist_ok=True)
+    outputs.write(str(root / "eval" / "step_0.json"),
+                  json.dumps(evaluation, indent=2) + "\n", overwrite=True)
   outputs.write(str(root / records.CONVERTED_RECORD),
                 json.dumps(record, indent=2) + "\n", overwrite=True)
   return str(directory)

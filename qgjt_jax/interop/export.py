@@ -35,9 +35,14 @@ embeds (`onnx_export`), so every backbone exports. The StableHLO file is
 (default cpu, cuda and tpu) and free of source paths: `jax.export.
 deserialize(open(path, 'rb').read()).call(images)` runs it on any of them
 without this project; its conventions go to a .json beside it, written
-together with it. Both carry every threshold the
-evaluation of the exported step measured ("qgjt_jax.thresholds"), each with
-its set, kind of faces, scoring, impostor count and FAR interval.
+together with it.
+
+Every format carries what the workdir knows beyond its weights
+(`carried`): every threshold the evaluation of the exported step measured,
+each with its set, kind of faces, scoring, counts and intervals, and the
+feature-norm statistics and quality settings. `qgjt_jax.convert` of an
+exported file restores both, so the converted workdir decides and rates
+quality as this one does.
 
 The safetensors file is a state dict in the names and layouts of the
 public PyTorch code of the model's family (each family names its code in
@@ -195,6 +200,7 @@ def export(path: str, fmt: str, out: str, *, batch: Optional[int] = None,
   DEFAULT_PLATFORMS; the other formats run wherever their runtime does).
   """
   from qgjt_jax.inference import decisions  # pylint: disable=g-import-not-at-top
+  from qgjt_jax.interop import carried  # pylint: disable=g-import-not-at-top
   if fmt not in FORMATS:
     raise errors.UserError(f"--format={fmt}: use {', '.join(FORMATS)}")
   if layout not in LAYOUTS or (layout != "qgjt" and fmt != "onnx"):
@@ -222,7 +228,12 @@ def export(path: str, fmt: str, out: str, *, batch: Optional[int] = None,
     metadata["qgjt_jax.platforms"] = ",".join(platforms)
   measured = decisions.exported(loaded.workdir, loaded.step)
   if measured:
-    metadata["qgjt_jax.thresholds"] = json.dumps(measured)
+    metadata[carried.THRESHOLDS_KEY] = json.dumps(measured)
+  quality = carried.quality_record(
+      loaded.norm_stats, loaded.config.quality.h, loaded.config.quality.eps,
+      loaded.hq_threshold)
+  if quality:
+    metadata[carried.QUALITY_KEY] = quality
   if fmt == "safetensors":
     code, why_not = loads_in(module, image_size)
     metadata["qgjt_jax.loads_in"] = (
@@ -237,8 +248,9 @@ def export(path: str, fmt: str, out: str, *, batch: Optional[int] = None,
   else:
     data = stablehlo_bytes(module, variables, image_size, batch, platforms)
     sidecar = {**LAYOUTS["qgjt"], **metadata}
-    if measured:
-      sidecar["qgjt_jax.thresholds"] = measured
+    for key in (carried.THRESHOLDS_KEY, carried.QUALITY_KEY):
+      if key in metadata:
+        sidecar[key] = json.loads(metadata[key])
     outputs.write_together({out: data,
                             out + ".json": json.dumps(sidecar, indent=2)},
                            overwrite=overwrite)

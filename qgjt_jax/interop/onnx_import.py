@@ -91,6 +91,7 @@ class OnnxWeights:
   name: str
   image_size: Optional[int]
   conv_attributes: dict[str, dict]   # torch conv name -> its ONNX attributes
+  metadata: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def read_model(path: str):
@@ -337,7 +338,8 @@ def read_onnx(path: str) -> OnnxWeights:
     for name in family.names():
       matched = _match(family, name, found, size or 112, embedding_size)
       if matched is not None:
-        return OnnxWeights(matched[0], name, size, matched[1])
+        return OnnxWeights(matched[0], name, size, matched[1],
+                           {p.key: p.value for p in model.metadata_props})
   kinds = [layer.kind for layer in found]
   names = [n for f in models.families() if f.onnx_import for n in f.names()]
   raise OnnxImportError(

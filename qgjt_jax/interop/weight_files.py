@@ -112,11 +112,13 @@ def _first_line(e: Exception) -> str:
 
 def read_with_record(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
   """The state dict of a file, and what a file exported by this project
-  records about its model (input size and channel order)."""
+  records about its model (input size and channel order; "carried": its
+  thresholds and quality statistics, `carried.Carried`)."""
+  from qgjt_jax.interop import carried  # pylint: disable=g-import-not-at-top
   if not path.endswith(".safetensors") or not os.path.isfile(path):
     return read_state_dict(path), {}
   state, metadata = read_safetensors(path)
-  recorded = {}
+  recorded = {"carried": carried.read(metadata, path)}
   size = metadata.get(IMAGE_SIZE_KEY, "")
   if size.isascii() and size.isdigit() and 0 < int(size) <= 4096:
     recorded["image_size"] = int(size)

@@ -263,10 +263,12 @@ def test_unaligned_photos_are_said_once(demo_run, faces_dir, tmp_path):
           "resized, not aligned") in result.stdout
 
 
-def test_safetensors_round_trip_gives_the_same_embeddings(demo_run, faces_dir,
-                                                         tmp_path):
+def test_safetensors_round_trip_keeps_embeddings_quality_and_thresholds(
+    calibrated, orl_people, faces_dir, tmp_path):
+  """convert of an export restores what the workdir knew beyond its
+  weights: the norm statistics (quality) and the calibrated thresholds."""
   exported = tmp_path / "model.safetensors"
-  result = _run(f"--workdir={demo_run}", "--format=safetensors",
+  result = _run(f"--workdir={calibrated}", "--format=safetensors",
                 f"--out={exported}", module="qgjt_jax.export")
   assert "for 40 px BGR input" in result.stdout
   # The authors' net.py builds width-64, 112 px, 512-d models only.
@@ -278,12 +280,23 @@ def test_safetensors_round_trip_gives_the_same_embeddings(demo_run, faces_dir,
                 module="qgjt_jax.convert")
   assert "input size      40 x 40" in result.stdout
   folder = faces_dir / "s4"
-  want = _embed(demo_run, folder, tmp_path / "a.npz")
+  want = _embed(calibrated, folder, tmp_path / "a.npz")
   got = _embed(back, folder, tmp_path / "b.npz")
   np.testing.assert_allclose(got["embeddings"], want["embeddings"],
                              atol=1e-5)
   np.testing.assert_allclose(got["norms"], want["norms"], rtol=1e-5)
-  assert np.isnan(got["quality"]).all()  # a converted model has no stats
+  np.testing.assert_allclose(got["quality"], want["quality"], rtol=1e-5)
+  np.testing.assert_array_equal(got["hq"], want["hq"])
+  pair = ",".join(str(p) for p in sorted((orl_people / "unseen").glob(
+      "*/1.pgm"))[:2])
+  decided = [_run(f"--workdir={w}", "--mode=compare", f"--images={pair}",
+                  "--align=detect", "--far=1e-2").stdout
+             for w in (calibrated, back)]
+  threshold = re.compile(r"threshold (\S+) at FAR 1e-02 on "
+                         r"calibration_calibration .*: (\d+ of [\d,]+)")
+  assert threshold.search(decided[0]).groups() == threshold.search(
+      decided[1]).groups()
+  assert "carried in model.safetensors" in decided[1]
 
 
 def test_the_readme_photo_commands_run_with_only_the_workdir(
