@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import sys
 import traceback
 from typing import Callable, Optional
@@ -45,10 +46,19 @@ class UserError(Exception):
   """An expected failure whose message says what went wrong and what to do."""
 
 
+# Control characters but the line break: a terminal acts on them (ESC
+# sequences retitle the window, clear the screen or move the cursor, BEL
+# rings), so a file name holding them is shown, not obeyed.
+_CONTROLS = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f]")
+
+
 def displayable(text: str) -> str:
-  """`text` as valid UTF-8: the bytes of a file name that is no UTF-8 (made
-  on another system; Python keeps them as surrogates) shown as \\xNN."""
-  return os.fsencode(text).decode("utf-8", "backslashreplace")
+  """`text` as valid UTF-8 a terminal shows and does not act on: the bytes
+  of a file name that is no UTF-8 (made on another system; Python keeps
+  them as surrogates) and control characters (ESC, BEL, tab... but not the
+  line break) shown as \\xNN."""
+  text = os.fsencode(text).decode("utf-8", "backslashreplace")
+  return _CONTROLS.sub(lambda m: f"\\x{ord(m[0]):02x}", text)
 
 
 def describe_os_error(e: OSError) -> Optional[str]:

@@ -289,7 +289,7 @@ def main(argv: Sequence[str]) -> None:
   what = "Reused" if result.reused else "Prepared"
   shown = 50
   for line in result.left_out[:shown]:
-    print(f"  left out {line}", flush=True)
+    print(errors.displayable(f"  left out {line}"), flush=True)
   if result.num_skipped > shown:
     print(f"  ... and {result.num_skipped - shown} more (the dataset's "
           "metadata lists the first 1,000)", flush=True)
@@ -297,9 +297,9 @@ def main(argv: Sequence[str]) -> None:
   skipped = (f", {unreadable} unreadable files skipped" if unreadable
              else "") + (f", {result.num_no_face} photos without a face "
                          "left out" if result.num_no_face else "")
-  print(f"{what} {result.name} in {result.dataset_dir}: "
-        f"{result.num_images} images, {result.num_classes} identities"
-        f"{skipped}", flush=True)
+  print(errors.displayable(
+      f"{what} {result.name} in {result.dataset_dir}: {result.num_images} "
+      f"images, {result.num_classes} identities{skipped}"), flush=True)
 
 
 if __name__ == "__main__":

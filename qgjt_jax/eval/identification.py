@@ -118,6 +118,8 @@ def open_set_calibration(feats: np.ndarray, labels: np.ndarray,
   for fpir in fpirs:
     if len(descending) * fpir >= 1:
       cuts.append((fpir, thresholds.cut_at(descending, fpir)))
+  if not cuts:  # too few searches to resolve any rate
+    return []
   passing = np.zeros(len(cuts), np.int64)  # comparisons at or above each
   for _, scores in chunks():
     passing += [int(np.sum(scores >= cosine)) for _, cosine in cuts]

@@ -5,10 +5,13 @@ Training (`data.prepare --format=image_folder`), evaluation
 (`--gallery`) read such folders here, by one set of rules:
 
 * a person is a visible sub-folder of the root, named by its folder;
-* every visible file below a person's folder (at any depth, linked folders
-  followed, each real folder once) is one of that person's images, so a
-  file that is not a readable image is named when it is read (or left out,
-  named, where the command takes --skip_bad), never dropped unseen;
+* every visible file below a person's folder (at any depth) is one of that
+  person's images, so a file that is not a readable image is named when it
+  is read (or left out, named, where the command takes --skip_bad), never
+  dropped unseen;
+* a person's folder may itself be a link, but a linked folder below it is
+  not followed (it could lead into another person's photos, upward, or
+  across the whole file system): it is left out and named;
 * an image file directly in the root belongs to nobody and is refused,
   named; other files there (a README) are ignored, and said to be;
 * hidden files and folders (".DS_Store") are ignored;
@@ -80,9 +83,9 @@ def read(root: str | os.PathLike, what: str, *, min_people: int = 1
   if all(p.name.isdigit() for p in folders):
     folders.sort(key=lambda p: (int(p.name), p.name))
   _check_distinct(root, folders)
-  names, paths, labels, empty = [], [], [], []
+  names, paths, labels, empty, links = [], [], [], [], []
   for folder in folders:
-    found = _files_below(folder)
+    found = _files_below(folder, links)
     if not found:
       empty.append(folder.name)
       continue
@@ -93,6 +96,12 @@ def read(root: str | os.PathLike, what: str, *, min_people: int = 1
     reporting.note(f"{root}: {len(empty)} person folder(s) without files "
                    f"left out ({', '.join(empty[:3])}"
                    f"{', ...' if len(empty) > 3 else ''}).")
+  if links:
+    reporting.note(f"{root}: {len(links)} linked folder(s) inside person "
+                   "folders not followed, their photos left out (" +
+                   ", ".join(f"{p.relative_to(root)} -> {os.readlink(p)}"
+                             for p in links[:3]) +
+                   (", ..." if len(links) > 3 else "") + ").")
   if len(names) < min_people:
     raise FolderError(
         f"{what}={root} holds {len(names)} person folder(s) with files; "
@@ -100,15 +109,16 @@ def read(root: str | os.PathLike, what: str, *, min_people: int = 1
   return People(root, names, paths, np.asarray(labels, np.int64))
 
 
-def _files_below(folder: pathlib.Path) -> list[pathlib.Path]:
-  found, seen = [], set()
-  for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-    real = os.path.realpath(dirpath)
-    if real in seen:  # a link loop, or a folder linked twice
-      dirnames[:] = []
-      continue
-    seen.add(real)
-    dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+def _files_below(folder: pathlib.Path, links: list[pathlib.Path]
+                 ) -> list[pathlib.Path]:
+  """The visible files below a person's folder (itself perhaps a link),
+  without following the linked folders inside it, which go to `links`."""
+  found = []
+  for dirpath, dirnames, filenames in os.walk(folder):
+    inside = [pathlib.Path(dirpath) / d for d in sorted(dirnames)
+              if not d.startswith(".")]
+    links += [p for p in inside if p.is_symlink()]
+    dirnames[:] = [p.name for p in inside if not p.is_symlink()]
     found += [pathlib.Path(dirpath) / f for f in filenames
               if not f.startswith(".")]
   return sorted(found)

@@ -89,14 +89,16 @@ def search(probes: np.ndarray, gallery: np.ndarray
 
 def cell(text: str) -> str:
   """A name as a CSV cell a spreadsheet shows and does not run: one that
-  starts like a formula (=, +, -, @, tab, carriage return) gets a leading
-  apostrophe; bytes of a name that are no UTF-8 (a file named on another
-  system) are written as \\xNN escapes."""
+  starts like a formula (=, +, -, @, also after spaces, and their
+  full-width forms, which spreadsheets read as the same) gets a leading
+  apostrophe; control characters and bytes of a name that are no UTF-8 (a
+  file named on another system) are written as \\xNN escapes."""
   text = errors.displayable(text)
-  return "'" + text if text[:1] in _FORMULA_STARTS else text
+  starts = text.lstrip(" \u3000")[:1]
+  return "'" + text if starts and starts in _FORMULA_STARTS else text
 
 
-_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+_FORMULA_STARTS = "=+-@\uff1d\uff0b\uff0d\uff20"
 
 
 def _csv(paths, names, scores, indices, threshold: float) -> str:

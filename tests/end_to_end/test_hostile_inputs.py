@@ -741,6 +741,10 @@ def test_identify_writes_names_a_spreadsheet_shows_and_does_not_run(
   gallery, probes = tmp_path / "gallery", tmp_path / "probes"
   _faces(gallery / "=HYPERLINK(\"http:\"&A1)", count=2)
   _faces(gallery / "bob", count=2)
+  # After a space and in full width, a spreadsheet still reads a formula;
+  # a terminal obeys ESC ] ... BEL (it retitles the window).
+  for name in (" =1+1", "\uff1dSUM(A1)", "\x1b]0;owned\x07eve"):
+    _faces(gallery / name, count=2)
   _faces(probes, count=1)
   odd = probes / os.fsdecode(b"\xff\xfeprobe.jpg")
   odd.write_bytes(hostile.face_jpeg(seed=7))
@@ -751,7 +755,10 @@ def test_identify_writes_names_a_spreadsheet_shows_and_does_not_run(
   cells = [c for row in rows[1:] for c in row]
   assert not any(c[:1] in "=+-@" for c in cells if c), cells
   assert "'=HYPERLINK(\"http:\"&A1)" in cells
+  assert "' =1+1" in cells and "'\uff1dSUM(A1)" in cells
   assert any(c.startswith("\\xff\\xfe") for c in cells)  # escaped, named
+  assert "\\x1b]0;owned\\x07eve" in cells
+  assert not any(c in "\x1b\x07" for c in out.read_text() + result.output)
 
 
 def test_identify_with_a_gallery_of_only_bad_photos(reference_run, tmp_path):

@@ -217,3 +217,13 @@ def test_open_set_calibration_against_brute_force():
     assert row["template_false_match_rate"] == pytest.approx(match_rate)
     assert row["mated_searches"] == int(np.sum(np.bincount(labels)[labels]
                                                > 1))
+
+
+def test_open_set_calibration_too_small_for_any_rate():
+  """3 people of 3 photos: 9 searches resolve no FPIR of the grid (was a
+  numpy casting error when a calibration was that small)."""
+  feats = np.random.default_rng(0).normal(size=(9, 8))
+  feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+  assert min(identification.FPIRS) * 9 < 1
+  assert identification.open_set_calibration(feats, np.repeat(
+      np.arange(3), 3)) == []

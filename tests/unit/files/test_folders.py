@@ -61,3 +61,27 @@ def test_too_few_people_or_not_a_folder(tmp_path):
     folders.read(tmp_path, "config.eval.folders", min_people=2)
   with pytest.raises(folders.FolderError, match="is not a folder"):
     folders.read(tmp_path / "ann" / "1.jpg", "--gallery")
+
+
+def test_links_inside_a_person_are_named_never_followed(tmp_path, capsys):
+  """alice/more -> ../bob would enrol bob's photos as alice's; alice/up ->
+  .. the whole set again; alice/root -> / the whole file system. A person
+  folder that is itself a link is that person's."""
+  _person(tmp_path / "set", "alice", "1.jpg")
+  _person(tmp_path / "set", "bob", "2.jpg")
+  _person(tmp_path / "elsewhere", "carol", "3.jpg")
+  os.symlink(tmp_path / "elsewhere" / "carol", tmp_path / "set" / "carol")
+  alice = tmp_path / "set" / "alice"
+  os.symlink("../bob", alice / "more")
+  os.symlink("..", alice / "up")
+  os.symlink("/", alice / "root")
+  (alice / "real").mkdir()
+  (alice / "real" / "4.jpg").write_bytes(b"x")
+  people = folders.read(tmp_path / "set", "--gallery")
+  assert people.names == ["alice", "bob", "carol"]
+  assert [p.relative_to(tmp_path / "set").as_posix() for p in people.paths
+          ] == ["alice/1.jpg", "alice/real/4.jpg", "bob/2.jpg", "carol/3.jpg"]
+  printed = capsys.readouterr().out
+  assert ("3 linked folder(s) inside person folders not followed, their "
+          "photos left out (alice/more -> ../bob, alice/root -> /, "
+          "alice/up -> ..)") in printed
