@@ -14,7 +14,11 @@ file can make it do bounded, before anything is allocated:
   never ask the file for more than is left (`limits.BoundedReader`);
 * tuples and frozensets, the containers a dict key or set member can be,
   may nest no deeper than `max_pickle_depth` (hashing a 300,000-deep tuple
-  overflows the interpreter's stack);
+  overflows the interpreter's stack), and hashing keys and members visits
+  at most `_MAX_HASH_VISITS` objects over the whole pickle, counted before
+  it happens: a hash visits a tuple's items every time they are shared, so
+  60 tuples each holding the last twice are a few bytes to build and 2**60
+  visits to hash;
 * whatever fails while reading is the file's: `PickleError` naming it.
 
 What the objects mean (tensors, images) is the subclass's and its caller's
@@ -29,6 +33,11 @@ from typing import Any, Callable
 
 from qgjt_jax import errors
 from qgjt_jax.files import limits
+
+# What hashing every dict key and set member of one pickle may visit: a
+# state dict's keys are strings (one visit each); 16 M is well under a
+# second of hashing.
+_MAX_HASH_VISITS = 1 << 24
 
 
 class PickleError(errors.UserError, ValueError):
@@ -51,7 +60,10 @@ class RestrictedUnpickler(pickle._Unpickler):  # pylint: disable=protected-acces
     self.where = where
     self._size = size
     self._max_depth = limits.current().max_pickle_depth
-    self._nesting = {}  # id -> (object, depth) of hashable containers
+    # id -> (object, depth, objects a hash of it visits) of the hashable
+    # containers built so far.
+    self._nesting = {}
+    self._hash_visits = 0
 
   def find_class(self, module, name):
     raise pickle.UnpicklingError(
@@ -72,37 +84,99 @@ class RestrictedUnpickler(pickle._Unpickler):  # pylint: disable=protected-acces
     self.append(bytearray(data))
   dispatch[pickle.BYTEARRAY8[0]] = _load_bytearray8
 
-  def _depth(self, item: Any) -> int:
+  def _known(self, item: Any) -> tuple[int, int]:
+    """(depth, hash visits) of a built object (0 and 1 for a leaf)."""
     found = self._nesting.get(id(item))
-    return found[1] if found is not None and found[0] is item else 0
+    return found[1:] if found is not None and found[0] is item else (0, 1)
 
-  def _nested(self, container):
-    """Records how deep a new tuple or frozenset nests; refuses one deeper
-    than the limit, before anything hashes it."""
-    depth = 1 + max((self._depth(v) for v in container), default=0)
+  def _nested(self, items, make=tuple):
+    """`make(items)` (a tuple or frozenset), refused before anything hashes
+    it when it nests deeper than the limit, or when a frozenset's members
+    would take the pickle's hashing past its budget."""
+    known = [self._known(v) for v in items]
+    depth = 1 + max((d for d, _ in known), default=0)
     if depth > self._max_depth:
       raise limits.exceeded(self.where, "tuples nested", depth,
                             "max_pickle_depth")
-    self._nesting[id(container)] = (container, depth)
+    # Capped: only whether it passes the budget matters.
+    visits = min(1 + sum(v for _, v in known), _MAX_HASH_VISITS + 1)
+    if make is frozenset:
+      self._charge(items)
+    container = make(items)
+    self._nesting[id(container)] = (container, depth, visits)
     return container
+
+  def _charge(self, keys) -> None:
+    """Counts what hashing `keys` visits; refuses past the budget."""
+    self._hash_visits += sum(self._known(k)[1] for k in keys)
+    if self._hash_visits > _MAX_HASH_VISITS:
+      raise pickle.UnpicklingError(
+          f"hashing its dict keys and set members would visit more than "
+          f"{_MAX_HASH_VISITS:,} objects (tuples that hold the same tuple "
+          "many times over): no file of this kind holds such keys")
+
+  def hashing(self, make: Callable[..., Any], pairs: bool = False
+              ) -> Callable[..., Any]:
+    """`make` (set, frozenset, OrderedDict: a callable that hashes the
+    items, or with `pairs` the keys, of its one argument) as a file may
+    call it, that hashing charged first."""
+    def call(*args):
+      if len(args) > 1 or (args and not isinstance(args[0], (list, tuple))):
+        raise pickle.UnpicklingError(
+            f"it calls {make.__name__} with {len(args)} argument(s) of "
+            f"{', '.join(type(a).__name__ for a in args)}, not one list")
+      if args:
+        items = args[0]
+        self._charge([p[0] for p in items if isinstance(p, (list, tuple))
+                      and p] if pairs else items)
+      return make(*args)
+    return call
+
+  def _load_dict(self):
+    items = self.pop_mark()
+    self._charge(items[0::2])
+    self.append({items[i]: items[i + 1] for i in range(0, len(items), 2)})
+
+  def _load_setitem(self):
+    self._charge(self.stack[-2:-1])
+    value, key = self.stack.pop(), self.stack.pop()
+    self.stack[-1][key] = value
+
+  def _load_setitems(self):
+    items = self.pop_mark()
+    self._charge(items[0::2])
+    target = self.stack[-1]
+    for i in range(0, len(items), 2):
+      target[items[i]] = items[i + 1]
+
+  def _load_additems(self):
+    items = self.pop_mark()
+    self._charge(items)
+    target = self.stack[-1]
+    for item in items:
+      target.add(item)
+
+  dispatch[pickle.DICT[0]] = _load_dict
+  dispatch[pickle.SETITEM[0]] = _load_setitem
+  dispatch[pickle.SETITEMS[0]] = _load_setitems
+  dispatch[pickle.ADDITEMS[0]] = _load_additems
 
   def _load_tuple(self):
     items = self.pop_mark()  # before self.append: it rebinds it
-    self.append(self._nested(tuple(items)))
+    self.append(self._nested(items))
 
   def _load_tuple1(self):
-    self.stack[-1] = self._nested((self.stack[-1],))
+    self.stack[-1] = self._nested(self.stack[-1:])
 
   def _load_tuple2(self):
-    self.stack[-2:] = [self._nested((self.stack[-2], self.stack[-1]))]
+    self.stack[-2:] = [self._nested(self.stack[-2:])]
 
   def _load_tuple3(self):
-    self.stack[-3:] = [self._nested((self.stack[-3], self.stack[-2],
-                                     self.stack[-1]))]
+    self.stack[-3:] = [self._nested(self.stack[-3:])]
 
   def _load_frozenset(self):
     items = self.pop_mark()
-    self.append(self._nested(frozenset(items)))
+    self.append(self._nested(items, frozenset))
 
   dispatch[pickle.TUPLE[0]] = _load_tuple
   dispatch[pickle.TUPLE1[0]] = _load_tuple1

@@ -216,10 +216,14 @@ _ALLOWED = {
     ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("torch.nn.parameter", "Parameter"): _rebuild_parameter,
-    ("collections", "OrderedDict"): collections.OrderedDict,
     ("argparse", "Namespace"): argparse.Namespace,
-    ("builtins", "set"): set, ("builtins", "frozenset"): frozenset,
     ("builtins", "slice"): slice, ("builtins", "complex"): complex,
+}
+# Allowed too, but they hash what they are given: called through the
+# unpickler's budget (`pickles.RestrictedUnpickler.hashing`).
+_HASHING = {
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("builtins", "set"): set, ("builtins", "frozenset"): frozenset,
 }
 _DTYPE_NAMES = ("float32", "float16", "bfloat16", "float64", "int64", "int32",
                 "uint8", "int8", "int16", "bool")
@@ -256,6 +260,9 @@ class _Unpickler(pickles.RestrictedUnpickler):
     if self._plain:
       raise pickle.UnpicklingError(f"its header refers to {full}; a "
                                    "PyTorch header holds plain values only")
+    if (module, name) in _HASHING:
+      make = _HASHING[(module, name)]
+      return self.hashing(make, pairs=make is collections.OrderedDict)
     if (module, name) in _ALLOWED:
       return _ALLOWED[(module, name)]
     if module == "torch" and name in _STORAGE_DTYPES:

@@ -230,6 +230,29 @@ def shared_lists(depth: int = 40) -> bytes:
   return program + b"."
 
 
+def shared_tuples(use: str, depth: int = 60) -> bytes:
+  """A pickle of `depth` tuples, each holding the one before twice
+  (through the memo), the last one hashed as `use` says: "key" (SETITEM),
+  "keys" (DICT), "member" (ADDITEMS), "frozenset" (FROZENSET), or "set"
+  and "ordered_dict" (builtins.set and collections.OrderedDict called on
+  a list, as protocol 2 pickles them). A few hundred bytes; hashing the
+  last tuple visits 2**depth."""
+  program = b"\x80\x04)q\x00"
+  for i in range(1, depth + 1):
+    program += b"h" + bytes([i - 1]) + b"h" + bytes([i - 1]) + b"\x86q" + (
+        bytes([i]))
+  last = b"h" + bytes([depth])
+  program += {
+      "key": b"}" + last + b"NsX\x01\x00\x00\x00a" + last + b"s",
+      "keys": b"(" + last + b"Nd",
+      "member": b"\x8f(" + last + b"\x90",
+      "frozenset": b"(" + last + b"\x91",
+      "set": b"cbuiltins\nset\n]" + last + b"a\x85R",
+      "ordered_dict": b"ccollections\nOrderedDict\n]" + last + b"N\x86a\x85R",
+  }[use]
+  return program + b"."
+
+
 def bytearray8(count: int = 1 << 32) -> bytes:
   """12 bytes of pickle whose BYTEARRAY8 declares `count` bytes."""
   return b"\x80\x05\x96" + struct.pack("<Q", count) + b"."

@@ -52,3 +52,26 @@ def test_walk_visits_each_shared_object_once():
   cycle.append(cycle)
   with pytest.raises(limits.LimitError, match="a cycle"):
     pickles.walk(cycle, visit, "the.pkl")
+
+
+@pytest.mark.parametrize("use", ["key", "keys", "member", "frozenset"])
+def test_shared_tuples_are_never_hashed_past_the_budget(use):
+  """60 tuples, each the one before twice: fine to build, 2**60 visits to
+  hash as a dict key or set member. Refused before hashing (this test
+  would not end otherwise)."""
+  with pytest.raises(pickles.PickleError, match="the.pkl.*would visit more "
+                     "than 16,777,216"):
+    _load(hostile.shared_tuples(use))
+  small = _load(hostile.shared_tuples(use, depth=8))  # 2**8: hashed
+  assert small is not None
+
+
+@pytest.mark.parametrize("use", ["set", "ordered_dict"])
+def test_allowed_callables_that_hash_are_charged_too(use):
+  from qgjt_jax.interop import torch_files  # pylint: disable=g-import-not-at-top
+  def load(program):
+    return pickles.load(torch_files._Unpickler(  # pylint: disable=protected-access
+        io.BytesIO(program), len(program), "the.pth"))
+  with pytest.raises(pickles.PickleError, match="the.pth.*would visit"):
+    load(hostile.shared_tuples(use))
+  assert len(load(hostile.shared_tuples(use, depth=8))) == 1
