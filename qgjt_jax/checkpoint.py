@@ -35,6 +35,7 @@ import orbax.checkpoint as ocp
 from qgjt_jax import errors
 from qgjt_jax import records
 from qgjt_jax import reporting
+from qgjt_jax import workdir as workdir_layout
 
 STATE, MODEL, QUALITY = "state", "model", "quality"
 
@@ -268,7 +269,7 @@ def restore_model(directory: str, abstract_model: Any,
                         "\n  ".join(errors))
 
 
-CHECKPOINTS = "checkpoints"  # the folder of a workdir that holds its steps
+CHECKPOINTS = workdir_layout.CHECKPOINTS  # the folder that holds the steps
 
 
 def checkpoints_dir(workdir: str) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from typing import Any, Iterable
 
 from etils import epath
@@ -19,6 +20,7 @@ import ml_collections
 
 from qgjt_jax import errors
 from qgjt_jax import reporting
+from qgjt_jax.files import regular
 from qgjt_jax.config_keys import MISSING, lookup
 
 CONFIG_RECORD = "config.json"
@@ -59,18 +61,27 @@ def record_config(workdir: str, config_dict: dict[str, Any],
 
 
 def read_record(path: epath.Path, key: str) -> dict[str, Any]:
-  """A workdir's JSON record, which must hold a mapping under `key`.
+  """A workdir's JSON record, which must hold a mapping under `key`: a
+  regular file of bounded size (a link to /dev/zero or a FIFO is refused,
+  not read or waited on; gs:// paths hold neither).
 
   Raises:
-    RecordError: the file is damaged (naming it).
+    RecordError: the file is damaged or no file (naming it).
   """
   try:
-    if path.stat().length > _MAX_RECORD_BYTES:
-      raise ValueError(f"over {_MAX_RECORD_BYTES:,} bytes")
-    record = json.loads(path.read_text())
+    if "://" in os.fspath(path):
+      if path.stat().length > _MAX_RECORD_BYTES:
+        raise ValueError(f"over {_MAX_RECORD_BYTES:,} bytes")
+      text = path.read_text()
+    else:
+      text = regular.read_text(path, _MAX_RECORD_BYTES, "a workdir record",
+                               RecordError)
+    record = json.loads(text)
     if not isinstance(record, dict) or not isinstance(record.get(key), dict):
       raise ValueError(f"no {key!r} mapping")
-  except (ValueError, UnicodeDecodeError) as e:
+  except regular.NotAFileError as e:
+    raise RecordError(f"{e}; restore the record from a copy") from None
+  except (ValueError, UnicodeDecodeError, RecursionError) as e:
     raise RecordError(
         f"{path} is damaged ({type(e).__name__}: {str(e)[:100]}); restore it "
         "from a copy, or use another --workdir") from None
@@ -131,6 +142,9 @@ def recorded_config(workdir: str, *, advice: str = (
   if (directory / CONFIG_RECORD).exists():
     recorded = read_record(directory / CONFIG_RECORD, "config")["config"]
     recorded.pop("num_classes", None)  # the data's, not a config key
+    # Limits are the user's, from their flags and config: a workdir from
+    # others never raises them (and one's own keeps the defaults).
+    recorded.pop("limits", None)
     _merge(config, recorded, directory / CONFIG_RECORD)
   elif (directory / CONVERTED_RECORD).exists():
     for key, value in recorded_model_settings(workdir).items():

@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from qgjt_jax import errors
+from qgjt_jax import workdir as workdir_layout
 
 _process_log = None  # this process's log file, on processes other than 0
 
@@ -37,8 +38,9 @@ def open_process_log(workdir: str) -> None:
   index = jax.process_index()
   if index == 0 or _process_log is not None or "://" in workdir:
     return
-  os.makedirs(os.path.join(workdir, "logs"), exist_ok=True)
-  _process_log = open(os.path.join(workdir, "logs", f"process_{index}.log"),
+  os.makedirs(os.path.join(workdir, workdir_layout.LOGS), exist_ok=True)
+  _process_log = open(os.path.join(workdir, workdir_layout.LOGS,
+                                   f"process_{index}.log"),
                       "a", buffering=1)
 
 

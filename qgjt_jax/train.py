@@ -32,6 +32,7 @@ from qgjt_jax import parallel
 from qgjt_jax import records
 from qgjt_jax import reporting
 from qgjt_jax import stack as stack_lib
+from qgjt_jax import workdir as workdir_layout
 from qgjt_jax import workdir_lock
 from qgjt_jax.data import degrade
 from qgjt_jax.data import pipeline
@@ -288,7 +289,7 @@ def _loop(run: _Run, state, stop: StopRequested) -> dict:
   evaluator = runner.Evaluator(config, run.stack.model, run.stack.mesh)
   guard = _NonFiniteGuard(config.max_consecutive_nonfinite)
   profiler = reporting.StepProfiler(config.get("profile_steps", ()),
-                                    os.path.join(run.workdir, "profile"))
+                                    os.path.join(run.workdir, workdir_layout.PROFILE))
   pending = None  # the previous step's metrics, read one step late
   evaluated = (None, {})  # (step, results) of the last evaluation
   while step < run.num_train_steps:

@@ -28,6 +28,7 @@ import sys
 from typing import Callable, Optional
 
 from qgjt_jax import errors
+from qgjt_jax import workdir as workdir_layout
 
 LOCK_NAME = "run.lock"
 
@@ -169,6 +170,7 @@ def acquire(workdir: str, *, force: bool = False,
          "taken: make sure no other run uses it.")
     return None
   os.makedirs(workdir, exist_ok=True)
+  workdir_layout.check_writes_stay_inside(workdir)
   path = os.path.join(workdir, LOCK_NAME)
   mine = _me()
   for _ in range(50):

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from qgjt_jax import outputs
+from qgjt_jax import workdir as workdir_layout
 from qgjt_jax.eval import plots
 
 try:  # Handles gs:// workdirs; orbax depends on it, so it is normally present.
@@ -113,12 +114,12 @@ def write_results(workdir: str, name: str, results: Mapping[str, Any]) -> str:
   """
   text = json.dumps(_jsonable(results), indent=2, sort_keys=True)
   if '://' in workdir:  # object storage: each object is written whole
-    directory = _epath.Path(workdir) / 'eval'
+    directory = _epath.Path(workdir) / workdir_layout.EVAL
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f'{name}.json'
     path.write_text(text)
     return str(path)
-  directory = pathlib.Path(workdir) / 'eval'
+  directory = pathlib.Path(workdir) / workdir_layout.EVAL
   directory.mkdir(parents=True, exist_ok=True)
   # The first of NAME, NAME.2, ... with neither a JSON nor pictures (a
   # JSON deleted by hand leaves its pictures, which are kept too).

@@ -17,6 +17,7 @@ from jax.sharding import Mesh
 
 from qgjt_jax import checkpoint as ckpt
 from qgjt_jax import reporting
+from qgjt_jax import workdir as workdir_layout
 from qgjt_jax.align import faces
 from qgjt_jax.data import degrade
 from qgjt_jax.eval import extract
@@ -161,7 +162,8 @@ def evaluate_checkpoint(path: str, step: Optional[int] = None,
                  f"{jax.device_count()} device(s).")
   evaluator = Evaluator(model.config, model.module, model.mesh)
   results_dir = results_dir or model.workdir
-  writer = reporting.create_writer(f"{results_dir}/eval")
+  workdir_layout.check_writes_stay_inside(results_dir)
+  writer = reporting.create_writer(f"{results_dir}/{workdir_layout.EVAL}")
   results = evaluator.publish(
       evaluator.evaluate(model.embed_fn, model.batch_size), model.step,
       writer, results_dir)

@@ -33,12 +33,14 @@ import re
 from typing import Any, Optional
 
 from qgjt_jax import errors
+from qgjt_jax import workdir as workdir_layout
 from qgjt_jax.eval import extract
+from qgjt_jax.eval import identification
+from qgjt_jax.eval import stored
+from qgjt_jax.eval import thresholds
+from qgjt_jax.files import regular
+from qgjt_jax.eval.stored import NAMED_ONLY, PHOTO_KINDS
 
-# Kinds of evaluated set, as the evaluation labels them, best first for a
-# decision on photos; the last two are used only when named.
-PHOTO_KINDS = ("calibration", "own_folder", "own_pairs", "bin")
-NAMED_ONLY = ("generated", "ijb_template", "low_res_folder")
 KIND_TEXT = {
     "calibration": "calibration people",
     "own_folder": "your own folder of people",
@@ -127,25 +129,30 @@ def _over(row: dict) -> str:
 
 def results_files(workdir: str) -> list[tuple[tuple[int, int], pathlib.Path]]:
   """(step, repeat) and path of each evaluation result, oldest first."""
-  folder = pathlib.Path(workdir) / "eval"
+  folder = pathlib.Path(workdir) / workdir_layout.EVAL
   found = []
   if folder.is_dir():
     for path in folder.iterdir():
       match = _RESULT_NAME.match(path.name)
-      if match and path.is_file():
+      # Not only regular files: a link to a device or a FIFO under a
+      # result's name is named when read, not passed over.
+      if match and not path.is_dir():
         found.append(((int(match[1]), int(match[2] or 1)), path))
   return sorted(found)
 
 
 def _read(path: pathlib.Path) -> dict[str, Any]:
-  if path.stat().st_size > _MAX_JSON_BYTES:
-    raise DecisionError(f"{path}: over {_MAX_JSON_BYTES:,} bytes; not an "
-                        "evaluation result of this project")
+  """A stored evaluation: a regular file of bounded size holding JSON (its
+  sets are checked where they are used, `checked`)."""
+  text = regular.read_text(path, _MAX_JSON_BYTES, "an evaluation result",
+                           DecisionError)
   try:
-    data = json.loads(path.read_text())
-  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    data = json.loads(text)
+  except (ValueError, RecursionError) as e:
     raise DecisionError(f"{path}: not a readable evaluation result "
-                        f"({e}); pass --threshold=COSINE") from None
+                        f"({errors.one_line(e)[:100] or type(e).__name__}); "
+                        "run --mode=eval again, or pass --threshold=COSINE"
+                        ) from None
   return data if isinstance(data, dict) else {}
 
 
@@ -173,10 +180,10 @@ def evaluation(workdir: str, step: int
 
 def _measured(results: dict[str, Any], key: str) -> dict[str, dict]:
   """{set: its metrics} of the sets that measured `key` (thresholds or
-  open_set rows, perhaps none: too few comparisons for any rate)."""
+  open_set rows, perhaps none: too few comparisons for any rate); their
+  rows are checked where they are used (`checked`)."""
   return {name: metrics for name, metrics in results.items()
-          if isinstance(metrics, dict) and isinstance(metrics.get(key), list)
-          and all(isinstance(r, dict) and "cosine" in r for r in metrics[key])}
+          if isinstance(metrics, dict) and isinstance(metrics.get(key), list)}
 
 
 def _provenance(metrics: dict) -> dict:
@@ -227,7 +234,8 @@ def _best(sets: dict[str, dict], count: str) -> str:
     kind = _provenance(sets[name]).get("kind")
     order = PHOTO_KINDS.index(kind) if kind in PHOTO_KINDS else len(
         PHOTO_KINDS)
-    return (order, -int(sets[name].get(count) or 0))
+    found = sets[name].get(count)
+    return (order, -(found if isinstance(found, int) else 0))
   return min(sets, key=rank)
 
 
@@ -242,16 +250,18 @@ class _Rate:
   more: str      # what to calibrate on more of
   format: str
   none: str      # when no set measured any
+  grid: tuple[float, ...]  # the rates evaluations store rows at
 
 
 _FAR = _Rate("thresholds", "far", "--far", "impostor_pairs",
              "impostor pairs", "people", ".0e",
-             f"{HOW_TO_CALIBRATE}; or pass --threshold=COSINE")
+             f"{HOW_TO_CALIBRATE}; or pass --threshold=COSINE",
+             thresholds.FARS)
 _FPIR = _Rate("open_set", "fpir", "--fpir", "num_images",
               "non-mated searches", "photos", "g",
               "they come from folders of people: "
               f"{HOW_TO_CALIBRATE}; or pass --far (a 1:1 rate) or "
-              "--threshold=COSINE")
+              "--threshold=COSINE", identification.FPIRS)
 
 
 def _row_at(rate: _Rate, value: float, workdir: str, step: int,
@@ -269,19 +279,37 @@ def _row_at(rate: _Rate, value: float, workdir: str, step: int,
     raise DecisionError(f"{path} measured no {rate.key.replace('_', '-')} "
                         f"thresholds: {rate.none}")
   name = _best(sets, rate.count)
-  rows = sets[name][rate.key]
+  entry = checked(sets[name], path, name)
+  rows = entry[rate.key]
   row = next((r for r in rows if math.isclose(r[rate.field], value)), None)
   if row is None:
-    coarsest = min((r[rate.field] for r in rows), default=None)
+    # The coarsest rate the set resolves is the one most likely to hold.
+    coarsest = max((r[rate.field] for r in rows), default=None)
+    use = (f"use {rate.flag}={coarsest:{rate.format}}, the coarsest it "
+           "resolves" if coarsest else HOW_TO_CALIBRATE)
+    if not any(math.isclose(value, g) for g in rate.grid):
+      raise DecisionError(
+          f"{rate.flag}={value:g}: evaluations store thresholds at "
+          f"{', '.join(f'{g:{rate.format}}' for g in rate.grid)} only; {use}")
     raise DecisionError(
         f"{rate.field.upper()} {value:{rate.format}} needs "
         f"{math.ceil(1 / value):,} {rate.needs}; {name} ({path.name}) has "
-        f"{int(sets[name].get(rate.count) or 0):,}" +
-        (f": use {rate.flag}={coarsest:{rate.format}} or calibrate on more "
-         f"{rate.more}" if coarsest else f": {HOW_TO_CALIBRATE}"))
-  return dict(cosine=float(row["cosine"]), set_name=name, step=measured,
-              file=path.name, provenance=_provenance(sets[name]),
-              row=row), notes
+        f"{entry.get(rate.count, 0):,}: {use}" +
+        (f", or calibrate on more {rate.more}" if coarsest else ""))
+  return dict(cosine=row["cosine"], set_name=name, step=measured,
+              file=path.name, provenance=entry["provenance"], row=row), notes
+
+
+def checked(entry: dict, path: pathlib.Path, name: str) -> dict:
+  """A stored set read through `eval.stored.check_set`: one whose numbers
+  do not add up decides nothing."""
+  try:
+    return stored.check_set(entry, name)
+  except stored.StoredSetError as e:
+    raise DecisionError(
+        f"{path}: {e}: the stored evaluation was altered or damaged; run "
+        "--mode=eval again to measure the thresholds, or pass "
+        "--threshold=COSINE") from None
 
 
 def at_far(workdir: str, step: int, far: float,
@@ -331,8 +359,13 @@ def calibration_people(threshold: Threshold) -> set[str]:
 
 
 def exported(workdir: str, step: int) -> Optional[dict[str, Any]]:
-  """Every threshold the evaluation of `step` (else the newest) measured,
-  with its provenance, for the metadata of exported models; None without."""
+  """Every threshold the evaluation of `step` (else the newest) measured as
+  decisions score, with its provenance, for the metadata of exported
+  models; None without.
+
+  Raises:
+    DecisionError: a set's numbers do not add up (`checked`).
+  """
   try:
     measured, path, results, _ = evaluation(workdir, step)
   except DecisionError:
@@ -340,14 +373,11 @@ def exported(workdir: str, step: int) -> Optional[dict[str, Any]]:
   sets = {}
   for key in ("thresholds", "open_set"):
     for name, metrics in _measured(results, key).items():
-      if metrics[key]:
-        entry = sets.setdefault(name, {
-            # The folder's local path stays on this machine.
-            "provenance": {k: v for k, v in _provenance(metrics).items()
-                           if k != "folder"},
-            "impostor_pairs": metrics.get("impostor_pairs"),
-            "num_images": metrics.get("num_images")})
-        entry[key] = metrics[key]
+      scored = _provenance(metrics).get("scoring") == extract.DECISION_SCORING
+      if metrics[key] and scored and name not in sets:
+        sets[name] = checked(metrics, path, name)
+        # The folder's local path stays on this machine.
+        sets[name]["provenance"].pop("folder", None)
   if not sets:
     return None
   return {"evaluation": f"eval/{path.name}", "step": measured,

@@ -309,4 +309,7 @@ def load_model_from_python(path: str, step: Optional[int] = None,
         f"({records.CONFIG_RECORD} of a training run, or "
         f"{records.CONVERTED_RECORD} of qgjt_jax.convert); pass such a "
         "workdir, its checkpoints folder or one of its step folders")
+  from qgjt_jax import config_checks  # pylint: disable=g-import-not-at-top
+  if kwargs.get("config") is None:  # the record's values, checked as the
+    config_checks.check_values(records.recorded_config(workdir))  # CLI does
   return load_model(path, step, **kwargs)

@@ -51,6 +51,7 @@ from qgjt_jax import errors
 from qgjt_jax import models
 from qgjt_jax import outputs
 from qgjt_jax import records
+from qgjt_jax import workdir as workdir_layout
 from qgjt_jax import workdir_lock
 from qgjt_jax.files import limits
 from qgjt_jax.interop import state_dicts
@@ -191,7 +192,8 @@ def _check_finite(tensors: Mapping[str, Any]) -> None:
 # What a workdir holds about its model: replaced together by --overwrite,
 # so no record of the old model (a training run's config.json, its
 # evaluations) is left to describe the new one.
-_MODEL_RECORDS = (records.CONFIG_RECORD, records.CONVERTED_RECORD, "eval")
+_MODEL_RECORDS = (records.CONFIG_RECORD, records.CONVERTED_RECORD,
+                  workdir_layout.EVAL)
 
 
 def check_writable(workdir: str, overwrite: bool = False) -> None:
@@ -259,8 +261,8 @@ def write_checkpoint(workdir: str, converted: ConvertedModel, *,
   staging.rename(directory)
   evaluation = carried and carried.evaluation(os.path.basename(source))
   if evaluation:
-    (root / "eval").mkdir(exist_ok=True)
-    outputs.write(str(root / "eval" / "step_0.json"),
+    (root / workdir_layout.EVAL).mkdir(exist_ok=True)
+    outputs.write(str(root / workdir_layout.EVAL / "step_0.json"),
                   json.dumps(evaluation, indent=2) + "\n", overwrite=True)
   outputs.write(str(root / records.CONVERTED_RECORD),
                 json.dumps(record, indent=2) + "\n", overwrite=True)

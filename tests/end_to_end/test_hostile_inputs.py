@@ -790,3 +790,31 @@ def test_a_full_disk_leaves_neither_half_of_a_stablehlo_export(
     assert (small / "model.stablehlo.json").read_text() == "old sidecar"
     assert sorted(p.name for p in small.iterdir()) == [
         "model.stablehlo", "model.stablehlo.json"]
+
+
+@pytest.mark.parametrize("folder", ["eval", "checkpoints"])
+def test_writes_never_go_through_a_workdir_link(reference_run, tmp_path,
+                                                folder):
+  """A downloaded workdir whose eval (or checkpoints) folder is a link:
+  evaluation (or training on) refuses, naming it, and nothing lands where
+  the link points."""
+  workdir = tmp_path / "run"
+  shutil.copytree(reference_run[0], workdir)
+  elsewhere = tmp_path / "elsewhere"
+  elsewhere.mkdir()
+  if folder == "eval":
+    shutil.rmtree(workdir / "eval", ignore_errors=True)
+    (workdir / "eval").symlink_to(elsewhere)
+    result = _main(workdir, "--mode=eval")
+  else:
+    shutil.move(workdir / "checkpoints", elsewhere / "checkpoints")
+    (workdir / "checkpoints").symlink_to(elsewhere / "checkpoints")
+    before = sorted(p.name for p in (elsewhere / "checkpoints").iterdir())
+    result = _main(workdir, num_epochs=2.0)
+  commands.assert_refused(result, workdir / folder, "is a link",
+                          max_rss_mib=MAIN_MIB)
+  if folder == "eval":
+    assert list(elsewhere.iterdir()) == []
+  else:
+    assert sorted(p.name for p in (elsewhere / "checkpoints").iterdir()
+                  ) == before

@@ -132,3 +132,81 @@ def test_open_set_thresholds_and_what_a_gallery_expects(tmp_path):
   assert kept["provenance"] == {"kind": "calibration", "scoring": FUSED,
                                 "step": 3}
   assert exported["scoring"] == FUSED and exported["step"] == 3
+
+
+def _tampered(change):
+  sets = _sets(folder_mine=("own_folder", 2000))
+  sets["folder_mine"]["num_images"] = 100
+  sets["folder_mine"]["open_set"] = [{
+      "fpir": 0.1, "cosine": 0.35, "searches": 100, "false_alarms": 10,
+      "fpir_interval": [0.05, 0.18], "gallery_people": 9,
+      "template_false_match_rate": 0.01, "tpir": 0.9}]
+  change(sets["folder_mine"])
+  return sets
+
+
+def _set(where, key, value):
+  where[key] = value
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda s: s["thresholds"][1].update(cosine=-1, accepted=0,
+                                         impostors=10**9),
+     ["impostors", "1,000,000,000", "exceeds"]),
+    (lambda s: _set(s["thresholds"][1], "cosine", float("nan")), ["cosine"]),
+    (lambda s: _set(s["thresholds"][1], "cosine", 2), ["cosine", "2"]),
+    (lambda s: _set(s["thresholds"][1], "accepted", "2"), ["accepted"]),
+    (lambda s: s["thresholds"][1].pop("far_interval"), ["far_interval"]),
+    (lambda s: s["thresholds"][1].pop("far"), ["far", "None"]),
+    (lambda s: _set(s, "impostor_pairs", 10**9), ["impostor_pairs", "100 "
+                                                  "photos"]),
+    (lambda s: _set(s["open_set"][0], "template_false_match_rate", -35),
+     ["template_false_match_rate"]),
+    (lambda s: _set(s["thresholds"], 0, "row"), ["is not a row"]),
+], ids=["claimed_pairs", "nan", "two", "string", "no_interval", "no_far",
+        "set_pairs", "negative_rate", "row"])
+def test_stored_thresholds_that_do_not_add_up_decide_nothing(
+    tmp_path, change, words):
+  """A downloaded workdir's stored evaluation is believed only where its
+  numbers add up: the file and field are named, and nothing decides."""
+  _write(tmp_path, "step_5.json", _tampered(change))
+  with pytest.raises(decisions.DecisionError) as refused:
+    decisions.at_far(str(tmp_path), 5, 1e-3)
+    decisions.at_fpir(str(tmp_path), 5, 0.1)
+  message = str(refused.value)
+  assert "step_5.json: folder_mine." in message and "\n" not in message
+  for word in words:
+    assert word in message, (word, message)
+  with pytest.raises(decisions.DecisionError):
+    decisions.exported(str(tmp_path), 5)  # nor is it exported
+
+
+def test_a_sound_stored_set_still_decides_and_exports(tmp_path):
+  _write(tmp_path, "step_5.json", _tampered(lambda s: None))
+  assert decisions.at_far(str(tmp_path), 5, 1e-3)[0].cosine == 0.4
+  assert decisions.at_fpir(str(tmp_path), 5, 0.1)[0].cosine == 0.35
+  assert decisions.exported(str(tmp_path), 5)["sets"]["folder_mine"][
+      "thresholds"][1]["cosine"] == 0.4
+
+
+def test_stored_files_that_are_no_results(tmp_path):
+  (tmp_path / "eval").mkdir()
+  (tmp_path / "eval" / "step_5.json").write_text("[" * 100_000)
+  with pytest.raises(decisions.DecisionError, match="step_5.json: not a "
+                     "readable evaluation result"):
+    decisions.at_far(str(tmp_path), 5, 1e-3)
+  (tmp_path / "eval" / "step_5.json").unlink()
+  (tmp_path / "eval" / "step_5.json").symlink_to("/dev/zero")
+  with pytest.raises(Exception, match="not a regular file"):
+    decisions.at_far(str(tmp_path), 5, 1e-3)
+
+
+def test_rates_outside_the_grid_name_the_grid_and_the_coarsest(tmp_path):
+  _write(tmp_path, "step_5.json", _sets(folder_mine=("own_folder", 2000)))
+  with pytest.raises(decisions.DecisionError, match=r"--far=0.05: "
+                     r"evaluations store thresholds at 1e-02, 1e-03, .* "
+                     r"only; use --far=1e-02, the coarsest"):
+    decisions.at_far(str(tmp_path), 5, 0.05)
+  with pytest.raises(decisions.DecisionError, match=r"FAR 1e-04 needs "
+                     r"10,000 impostor pairs.* has 2,000: use --far=1e-02"):
+    decisions.at_far(str(tmp_path), 5, 1e-4)

@@ -72,3 +72,30 @@ def test_embed_refuses_a_wrong_size_before_the_network(reference_run):
   want = model.embed(faces)
   got = model.embed(faces.astype(np.int32))
   np.testing.assert_array_equal(got[0], want[0])
+
+
+def test_a_record_from_others_neither_allocates_nor_raises_limits(
+    reference_run, tmp_path):
+  """A downloaded workdir's config.json is read like any file from
+  others: an eval batch of 2**40 faces is refused by name, raised limits
+  are not adopted, and a record that is a device is not read."""
+  import json  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  from qgjt_jax import base_config  # pylint: disable=g-import-not-at-top
+  from qgjt_jax import records  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / "run"
+  shutil.copytree(reference_run[0], workdir)
+  record_path = workdir / records.CONFIG_RECORD
+  record = json.loads(record_path.read_text())
+  record["config"]["eval"]["batch_size"] = 2**40
+  record["config"]["limits"]["max_image_pixels"] = 10**12
+  record_path.write_text(json.dumps(record))
+  with pytest.raises(ValueError, match=r"config.eval.batch_size=1099511627776"
+                     r" must be in \[1, 65536\]"):
+    qgjt_jax.load_model(str(workdir))
+  assert records.recorded_config(str(workdir)).limits.max_image_pixels == (
+      base_config.get_base_config().limits.max_image_pixels)
+  record_path.unlink()
+  record_path.symlink_to("/dev/zero")
+  with pytest.raises(records.RecordError, match="not a regular file"):
+    records.recorded_config(str(workdir))

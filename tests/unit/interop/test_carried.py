@@ -61,8 +61,8 @@ def test_a_sound_record_is_read_back_whole(metadata):
     for got, want in zip(evaluation[key], stored[key]):
       assert {k: got[k] for k in got} == {k: want[k] for k in got}
   assert evaluation["provenance"] == {
-      "kind": "calibration", "scoring": extract.DECISION_SCORING,
-      "carried_from": "m.safetensors"}
+      "kind": "calibration", "scoring": extract.DECISION_SCORING, "step": 7,
+      "carried_from": "m.safetensors"}  # the local folder stays behind
   assert carried.read({}, "m.onnx") == carried.Carried()
 
 

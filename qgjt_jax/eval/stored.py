@@ -1,0 +1,176 @@
+"""Stored threshold sets, checked before anything decides on them.
+
+An evaluation stores, for each set, its threshold rows (FAR), open-set rows
+(FPIR) and provenance (`thresholds.py`, `identification.py`, `runner.py`);
+decisions read them from a workdir's eval/ folder and exports carry them.
+Both are files others can hand us, so `check_set` is the one reader of a
+stored set: it keeps only the fields decisions read, and every number must
+add up (a cosine in [-1, 1], rates in (0, 1], whole counts with accepted
+<= impostors <= the set's impostor pairs <= the pairs its photos can make,
+every interval holding the rate it was measured at, a known kind of set,
+the scoring decisions use). Anything else is a `StoredSetError` naming the
+field; the caller names the file.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from qgjt_jax import errors
+from qgjt_jax.eval import extract
+
+# Kinds of evaluated set, as the evaluation labels them, best first for a
+# decision on photos; the last ones are used only when named.
+PHOTO_KINDS = ("calibration", "own_folder", "own_pairs", "bin")
+NAMED_ONLY = ("generated", "ijb_template", "low_res_folder")
+MAX_ROWS = 64
+
+
+class StoredSetError(errors.UserError):
+  """A stored set that does not add up: "FIELD why"."""
+
+
+def _fail(field: str, why: str):
+  raise StoredSetError(f"{field} {why}")
+
+
+def _number(value: Any, field: str, low: float = -math.inf,
+            high: float = math.inf, *, open_low: bool = False) -> float:
+  ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+        and math.isfinite(value) and low <= value <= high
+        and not (open_low and value == low))
+  if not ok:
+    _fail(field, f"is {str(value)[:40]!r}, not a number in "
+          f"{'(' if open_low else '['}{low:g}, {high:g}]")
+  return float(value)
+
+
+def _count(value: Any, field: str, low: int = 0) -> int:
+  if not isinstance(value, int) or isinstance(value, bool) or value < low:
+    _fail(field, f"is {str(value)[:40]!r}, not a whole count of at least "
+          f"{low}")
+  return value
+
+
+def _interval(row: dict, key: str, estimate: float, field: str
+              ) -> list[float]:
+  interval = row.get(key)
+  if not (isinstance(interval, list) and len(interval) == 2):
+    _fail(f"{field}.{key}", "is not a [low, high] pair")
+  low = _number(interval[0], f"{field}.{key}", 0, 1)
+  high = _number(interval[1], f"{field}.{key}", 0, 1)
+  if not low - 1e-9 <= estimate <= high + 1e-9:
+    _fail(f"{field}.{key}", f"[{low:g}, {high:g}] does not hold the "
+          f"measured rate {estimate:g}")
+  return [low, high]
+
+
+def _optional(row: dict, clean: dict, field: str, counts=(), rates=(),
+              intervals=(), estimate: float = 0.0) -> dict:
+  for key in counts:
+    if row.get(key) is not None:
+      clean[key] = _count(row[key], f"{field}.{key}")
+  for key in rates:
+    if row.get(key) is not None:
+      clean[key] = _number(row[key], f"{field}.{key}", 0, 1)
+  for key in intervals:
+    if key in row:
+      clean[key] = _interval(row, key, estimate, field)
+  return clean
+
+
+def far_row(row: Any, field: str, pairs_bound: float = math.inf) -> dict:
+  """A FAR row; `pairs_bound`: the set's impostor pairs."""
+  if not isinstance(row, dict):
+    _fail(field, "is not a row")
+  impostors = _count(row.get("impostors"), f"{field}.impostors", 1)
+  accepted = _count(row.get("accepted"), f"{field}.accepted")
+  if accepted > impostors:
+    _fail(f"{field}.accepted", f"({accepted}) exceeds the impostor pairs "
+          f"({impostors})")
+  if impostors > pairs_bound:
+    _fail(f"{field}.impostors", f"({impostors:,}) exceeds the set's "
+          f"impostor pairs ({pairs_bound:,})")
+  clean = {"cosine": _number(row.get("cosine"), f"{field}.cosine", -1, 1),
+           "far": _number(row.get("far"), f"{field}.far", 0, 1,
+                          open_low=True),
+           "accepted": accepted, "impostors": impostors,
+           "far_interval": _interval(row, "far_interval",
+                                     accepted / impostors, field)}
+  return _optional(row, clean, field, counts=("genuine",), rates=("tar",),
+                   intervals=("far_interval_pairs", "far_interval_people"),
+                   estimate=accepted / impostors)
+
+
+def open_set_row(row: Any, field: str) -> dict:
+  """An FPIR row."""
+  if not isinstance(row, dict):
+    _fail(field, "is not a row")
+  searches = _count(row.get("searches"), f"{field}.searches", 1)
+  alarms = _count(row.get("false_alarms"), f"{field}.false_alarms")
+  if alarms > searches:
+    _fail(f"{field}.false_alarms", f"({alarms}) exceeds the searches "
+          f"({searches})")
+  clean = {"cosine": _number(row.get("cosine"), f"{field}.cosine", -1, 1),
+           "fpir": _number(row.get("fpir"), f"{field}.fpir", 0, 1,
+                           open_low=True),
+           "false_alarms": alarms, "searches": searches,
+           "gallery_people": _count(row.get("gallery_people"),
+                                    f"{field}.gallery_people", 1),
+           "template_false_match_rate": _number(
+               row.get("template_false_match_rate"),
+               f"{field}.template_false_match_rate", 0, 1),
+           "fpir_interval": _interval(row, "fpir_interval",
+                                      alarms / searches, field)}
+  return _optional(row, clean, field, counts=("mated_searches",),
+                   rates=("tpir",),
+                   intervals=("fpir_interval_people",
+                              "fpir_interval_searches"),
+                   estimate=alarms / searches)
+
+
+def check_set(entry: Any, field: str) -> dict:
+  """A stored set ({"thresholds", "open_set", "provenance",
+  "impostor_pairs", "num_images"}) with only what decisions read, every
+  number checked (see module).
+
+  Raises:
+    StoredSetError: "FIELD why".
+  """
+  if not isinstance(entry, dict):
+    _fail(field, "is not a mapping")
+  provenance = entry.get("provenance")
+  if not isinstance(provenance, dict):
+    _fail(f"{field}.provenance", "is not a mapping")
+  kind = provenance.get("kind")
+  if kind not in PHOTO_KINDS + NAMED_ONLY:
+    _fail(f"{field}.provenance.kind", f"is {str(kind)[:40]!r}, no kind of "
+          "set this project evaluates")
+  if provenance.get("scoring") != extract.DECISION_SCORING:
+    _fail(f"{field}.provenance.scoring", "is not the scoring decisions use "
+          f"({extract.DECISION_SCORING})")
+  clean = {"provenance": {k: provenance[k] for k in ("kind", "scoring")}}
+  for key in ("step", "carried_from", "folder"):
+    if isinstance(provenance.get(key), (int, str)):
+      clean["provenance"][key] = provenance[key]
+  bound = math.inf
+  # Sets of photos record how many; sets of given pairs (.bin, pairs files)
+  # and templates do not.
+  if entry.get("num_images") is not None:
+    images = _count(entry["num_images"], f"{field}.num_images", 2)
+    clean["num_images"] = bound = images
+    bound = images * (images - 1) // 2
+  if entry.get("impostor_pairs") is not None:
+    pairs = _count(entry["impostor_pairs"], f"{field}.impostor_pairs")
+    if pairs > bound:
+      _fail(f"{field}.impostor_pairs", f"({pairs:,}) exceeds the pairs "
+            f"{clean['num_images']:,} photos can make ({bound:,})")
+    clean["impostor_pairs"] = bound = pairs
+  for key, check in (("thresholds", lambda r, f: far_row(r, f, bound)),
+                     ("open_set", open_set_row)):
+    rows = entry.get(key, [])
+    if not isinstance(rows, list) or len(rows) > MAX_ROWS:
+      _fail(f"{field}.{key}", f"is not a list of at most {MAX_ROWS} rows")
+    clean[key] = [check(r, f"{field}.{key}[{i}]")
+                  for i, r in enumerate(rows)]
+  return clean
