@@ -74,7 +74,9 @@ def peak_flops(device_kind: str) -> Optional[float]:
   return None
 
 
-DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[2] / "configs" / (
+# The recipes are part of the package (configs/ at the repository's root
+# is a link to them), so the default is found from an installed wheel too.
+DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / (
     "ms1m.py")
 
 

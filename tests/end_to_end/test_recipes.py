@@ -74,3 +74,10 @@ def test_a_non_editable_install_trains_a_recipe(tmp_path):
       [sys.executable, "-c", "import qgjt_jax; print(qgjt_jax.__file__)"],
       capture_output=True, text=True, cwd=tmp_path, env=env)
   assert where.stdout.startswith(str(site)), where.stdout
+  # The bench's default recipe is found inside the installed package.
+  bench = subprocess.run(
+      [sys.executable, "-c", "from qgjt_jax.tools import step_bench; "
+       "print(step_bench.DEFAULT_CONFIG, step_bench.default_recipe()."
+       "model.name)"], capture_output=True, text=True, cwd=tmp_path, env=env)
+  assert bench.stdout.startswith(str(site)) and bench.stdout.split()[-1] == (
+      "ir50"), bench.stdout + bench.stderr
