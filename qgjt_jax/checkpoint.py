@@ -21,6 +21,7 @@ readable the run stops instead of silently starting over.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 import time
@@ -388,11 +389,23 @@ def _model_difference(directory: str, step: int, abstract_model: Any
 
 def restore_quality(directory: str, step: int) -> Optional[dict[str, float]]:
   """{'mean', 'std'} of the running norm statistics at `step`, or None for
-  a checkpoint without them (a converted model)."""
+  a checkpoint without them (a converted model) or with a damaged item
+  (said in a warning: the model still embeds; its quality is not rated)."""
   if not _item_path(directory, step, QUALITY).exists():
     return None
-  restored = restore_item(directory, step, QUALITY)
-  return {k: float(v) for k, v in restored.items()}
+  try:
+    restored = restore_item(directory, step, QUALITY)
+    stats = {k: float(restored[k]) for k in ("mean", "std")}
+    if not (math.isfinite(stats["mean"]) and stats["mean"] > 0 and
+            math.isfinite(stats["std"]) and stats["std"] >= 0):
+      raise ValueError(f"mean {stats['mean']}, std {stats['std']}")
+  except Exception as e:  # orbax raises many types for damaged files
+    reporting.note(
+        f"WARNING: the norm statistics of step {step} in {directory} are "
+        f"unreadable ({type(e).__name__}: {_first_line(e)[:120]}); faces "
+        "are embedded, their quality is not rated")
+    return None
+  return stats
 
 
 def save_model_only(directory: str, model: dict[str, Any], step: int = 0,

@@ -99,3 +99,28 @@ def test_a_record_from_others_neither_allocates_nor_raises_limits(
   record_path.symlink_to("/dev/zero")
   with pytest.raises(records.RecordError, match="not a regular file"):
     records.recorded_config(str(workdir))
+
+
+@pytest.mark.parametrize("damage", ["_METADATA", "d"])
+def test_a_damaged_quality_item_leaves_quality_unrated(reference_run,
+                                                       tmp_path, capsys,
+                                                       damage):
+  """The norm statistics are optional: a damaged item (JSON, or the
+  array data) is said in a warning, and the model still embeds."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / "run"
+  shutil.copytree(reference_run[0], workdir)
+  step = max(int(p.name) for p in (workdir / "checkpoints").iterdir()
+             if p.name.isdigit())
+  item = workdir / "checkpoints" / str(step) / "quality" / damage
+  if item.is_dir():
+    for path in item.rglob("*"):
+      if path.is_file():
+        path.write_bytes(b"\0" * 16)
+  else:
+    item.write_text("{not json")
+  model = qgjt_jax.load_model(str(workdir))
+  assert model.norm_stats is None
+  assert "norm statistics of step" in capsys.readouterr().out
+  _, norms = model.embed(_faces(size=model.image_size))
+  assert np.isnan(model.quality(norms)).all()
