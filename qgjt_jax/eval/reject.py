@@ -19,12 +19,15 @@ are not comparable with the other, so each is computed under its own name:
   curve that removes one error per discarded comparison): 0 is a perfect
   indicator, lower is better.
 
-`erc_*`: the error-versus-reject curve as MagFace's `eval_quality.py` and
-  CR-FIQA's `ERC/erc.py` draw it. All comparisons, genuine and impostor;
-  at each unconsidered share 0, 5, ..., 95 % the threshold is recomputed on
-  the comparisons kept, at the score whose FMR is nearest `ERC_FMR`, and
-  the FNMR is read there; ties in quality are cut by position (the
-  reference sorts without regard to ties; ours keeps the set's order).
+`erc_*`: the error-versus-reject curve as CR-FIQA's `ERC/erc.py` draws it
+  (MagFace's `eval_quality.py` cuts its threshold at an impostor order
+  statistic instead: another convention, not computed here). All
+  comparisons, genuine and impostor; at each unconsidered share 0, 5, ...,
+  95 % the threshold is recomputed on the comparisons kept, at the score
+  whose FMR is nearest `ERC_FMR`, and the FNMR is read there. Ties in
+  quality are cut in a seeded shuffle (`quality_order`): the reference
+  sorts without regard to ties, and the set's own order (genuine pairs
+  listed first, say) would favour one kind of comparison.
   `erc_auc` is the trapezoid area under that curve over 0 to 95 %, as
   `sklearn.metrics.auc` gives it. Where few comparisons are left the
   impostors cannot resolve `ERC_FMR`; the reference reports the nearest
@@ -40,6 +43,7 @@ import numpy as np
 STARTING_ERROR = 0.05  # the reference code's default
 PAUC_LIMIT = 0.20  # the discard share the EDC papers report pAUC to
 ERC_FMR = 1e-3
+TIE_SEED = 0  # the ERC's order within tied qualities (`quality_order`)
 ERC_SHARES = np.arange(0, 0.98, 0.05)  # 0, 5, ..., 95 %, as the reference
 # Where the EDC curve is sampled for plots and summaries (the pAUC is exact).
 CURVE_SHARES = np.round(np.arange(0, 41) / 100.0, 2)
@@ -112,7 +116,7 @@ def erc(scores: np.ndarray, issame: np.ndarray, pair_quality: np.ndarray,
   quality = np.asarray(pair_quality, np.float64).reshape(-1)
   if issame.all() or not issame.any():
     return None
-  order = np.argsort(quality, kind="stable")
+  order = quality_order(quality)
   fnmr, unresolved_from = [], None
   for share in ERC_SHARES:
     kept = order[int(share * len(order)):]
@@ -130,6 +134,13 @@ def erc(scores: np.ndarray, issame: np.ndarray, pair_quality: np.ndarray,
                                         np.asarray(fnmr[:-1])) / 2))
   return {"shares": shares, "fnmr": np.asarray(fnmr), "auc": auc,
           "unresolved_from": unresolved_from}
+
+
+def quality_order(quality: np.ndarray, seed: int = TIE_SEED) -> np.ndarray:
+  """Indices by ascending quality, ties in a seeded shuffle (the same on
+  every run): a tied block is cut without regard to the set's order."""
+  shuffled = np.random.default_rng(seed).permutation(len(quality))
+  return shuffled[np.argsort(quality[shuffled], kind="stable")]
 
 
 def _nearest_fmr_threshold(genuine: np.ndarray, impostor: np.ndarray,

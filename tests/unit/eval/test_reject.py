@@ -52,10 +52,11 @@ def _reference_edc(scores, quality, starting_error, limit):
 
 # Transcription of CR-FIQA ERC/erc.py getFNMRFixedTH with ERC/roc.py
 # (calculate_roc on dissimilarity scores, get_fmr_op), for one FMR.
-# Its quality sort is not stable; ours is, so ties are cut by position.
+# Its quality sort leaves ties in no stated order; both use ours
+# (`reject.quality_order`, tested on its own below).
 def _reference_erc(scores, issame, quality, fmr):
   dist = np.arccos(np.clip(scores, -1, 1)) / math.pi
-  order = np.argsort(quality, kind="stable")
+  order = reject.quality_order(quality)
   shares = np.arange(0, 0.98, 0.05)
   fnmrs = []
   for share in shares:
@@ -98,7 +99,7 @@ def test_erc_matches_the_reference_code(seed):
   np.testing.assert_allclose(got["fnmr"], fnmrs, atol=1e-12)
   assert got["auc"] == pytest.approx(auc, abs=1e-12)
   # 1400 impostors resolve 1e-2 until fewer than 100 remain.
-  kept_impostors = [np.sum(~issame[np.argsort(quality, kind="stable")][
+  kept_impostors = [np.sum(~issame[reject.quality_order(quality)][
       int(s * issame.size):]) for s in shares]
   first = next(s for s, n in zip(shares, kept_impostors) if n < 100)
   assert got["unresolved_from"] == pytest.approx(first)
@@ -148,3 +149,17 @@ def test_no_genuine_or_no_impostor_comparisons_give_no_curve():
   assert reject.reject_metrics(np.zeros(5), np.zeros(5, bool),
                                np.zeros(5)) == {}
   assert reject.erc(np.zeros(5), np.ones(5, bool), np.zeros(5)) is None
+
+
+def test_erc_ties_are_cut_without_favouring_the_sets_order():
+  """One quality for all: genuine pairs listed first must not be the ones
+  set aside first (they were, with a stable sort)."""
+  quality = np.ones(2000)
+  issame = np.arange(2000) < 1000
+  order = reject.quality_order(quality)
+  first = issame[order[:200]].mean()
+  assert 0.4 < first < 0.6
+  np.testing.assert_array_equal(order, reject.quality_order(quality))
+  assert sorted(order) == list(range(2000))
+  ranked = reject.quality_order(np.array([3.0, 1.0, 2.0, 1.0]))
+  assert set(ranked[:2]) == {1, 3} and list(ranked[2:]) == [2, 0]
