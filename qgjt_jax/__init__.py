@@ -5,7 +5,8 @@ evaluation, export and conversion are commands (`python -m qgjt_jax.main`,
 `qgjt_jax.export`, `qgjt_jax.convert`; see the README).
 """
 
-__version__ = "0.1.0"
+from qgjt_jax.version import __version__
+
 __all__ = ["load_model", "__version__"]
 
 

@@ -106,12 +106,16 @@ def recorded_model_settings(workdir: str) -> dict[str, Any]:
           if k in keys and v is not MISSING}
 
 
+# The quality settings an exported model carries (`interop.carried`) and a
+# converted record keeps: {name in the export: config key}.
+QUALITY_SETTINGS = {"h": "quality.h", "eps": "quality.eps", "b": "head.b"}
+
+
 def _quality_settings(path: epath.Path) -> dict[str, float]:
   """The quality settings a converted record carries from an exported
-  model (`interop.carried`): {config key: value}, each a finite number."""
-  from qgjt_jax.interop import carried  # pylint: disable=g-import-not-at-top
+  model: {config key: value}, each a finite number."""
   found = read_record(path, "config_overrides").get("quality_settings", {})
-  allowed = set(carried.QUALITY_SETTINGS.values())
+  allowed = set(QUALITY_SETTINGS.values())
   if not isinstance(found, dict) or not all(
       k in allowed and isinstance(v, (int, float)) and not isinstance(
           v, bool) and math.isfinite(v) for k, v in found.items()):

@@ -23,7 +23,6 @@ import jax
 import ml_collections
 import numpy as np
 
-import qgjt_jax
 from qgjt_jax import checkpoint as ckpt
 from qgjt_jax import config_checks
 from qgjt_jax import errors
@@ -33,6 +32,7 @@ from qgjt_jax import records
 from qgjt_jax import reporting
 from qgjt_jax import stack as stack_lib
 from qgjt_jax import workdir as workdir_layout
+from qgjt_jax.version import __version__
 from qgjt_jax import workdir_lock
 from qgjt_jax.data import degrade
 from qgjt_jax.data import pipeline
@@ -259,7 +259,7 @@ def _train_and_evaluate(config, workdir, stop: StopRequested,
                                   max_to_keep=run.config.keep_checkpoints)
   try:
     state = _starting_state(run)
-    records.record_config(workdir, run.record, qgjt_jax.__version__)
+    records.record_config(workdir, run.record, __version__)
     run.writer = reporting.create_writer(workdir)
     run.writer.write_hparams({k: str(v) for k, v in run.record.items()})
     reporting.log_parameter_overview(state.params)

@@ -24,13 +24,12 @@ import re
 from typing import Any, Mapping, Optional
 
 from qgjt_jax import errors
+from qgjt_jax import records
 from qgjt_jax.eval import extract
 from qgjt_jax.eval import stored
 
 QUALITY_KEY = "qgjt_jax.quality"
 THRESHOLDS_KEY = "qgjt_jax.thresholds"
-# The config keys the quality record sets in a converted workdir.
-QUALITY_SETTINGS = {"h": "quality.h", "eps": "quality.eps", "b": "head.b"}
 _MAX_RECORD_CHARS = 4 << 20
 _SET_NAME = re.compile(r"^[\w.@+-]{1,120}$")
 
@@ -54,7 +53,8 @@ class Carried:
     """{config key: value} of the quality settings."""
     if self.quality is None:
       return {}
-    return {key: self.quality[name] for name, key in QUALITY_SETTINGS.items()}
+    return {key: self.quality[name] for name, key in
+            records.QUALITY_SETTINGS.items()}
 
   def evaluation(self, source: str) -> Optional[dict[str, Any]]:
     """The sets as an evaluation result of the converted step (the form
