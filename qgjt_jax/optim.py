@@ -78,5 +78,5 @@ def make_optimizer(optim: ml_collections.ConfigDict,
 
 def backbone_mask(params: Any) -> Any:
   """True on the backbone's leaves ({'backbone', 'classifier'} params)."""
-  return {name: jax.tree.map(lambda _: name == "backbone", subtree)
+  return {name: jax.tree.map(lambda _, mine=name == "backbone": mine, subtree)
           for name, subtree in params.items()}

@@ -8,8 +8,9 @@ and the `.rec` given with --rec): two-view samples per second in total and per
 worker, and samples per CPU-second, counting this process and all its
 children (the grain workers). The authors' pipeline is the yardstick; compare
 samples per CPU-second measured in the same session (see the shared bench
-README; docs/PERFORMANCE.md has a measured comparison). --write_rec writes an insightface-layout `.rec` of generated faces
-(readable by MXNet too) for such comparisons.
+README; docs/PERFORMANCE.md has a measured comparison). --write_rec writes
+an insightface-layout `.rec` of generated faces (readable by MXNet too) for
+such comparisons.
 """
 from __future__ import annotations
 

@@ -293,7 +293,8 @@ def test_cli_twice_without_tensorflow(folder, hide_dir, tmp_path):
   assert first.stdout.strip().splitlines()[-1] == (
       f"Prepared face_image_folder/cli_faces in {version_dir}: 6 images, "
       "3 identities, 2 unreadable files skipped")
-  assert "face_image_folder/cli_faces: [##############################] 8/8 (100.0%)" in first.stderr
+  assert ("face_image_folder/cli_faces: [##############################] "
+          "8/8 (100.0%)") in first.stderr
   assert str(stale) in first.stderr  # named in a warning
   files = {p: p.stat().st_mtime_ns for p in version_dir.iterdir()}
 
