@@ -69,10 +69,12 @@ class Evaluator:
     scoring = extract.scoring_name(cfg.fusion)
     results = {}
 
-    def add(name, kind, metrics, folder=None):
+    def add(name, kind, metrics, folder=None, align=None):
       metrics["provenance"] = {"kind": kind, "scoring": scoring}
       if folder:
         metrics["provenance"]["folder"] = os.path.abspath(folder)
+      if align:  # how photos became faces: decisions must do the same
+        metrics["provenance"]["align"] = align
       results[name] = metrics
 
     if self.config.data.kind == "synthetic":
@@ -116,10 +118,11 @@ class Evaluator:
             embed_fn, folder, low_res=cfg.low_res if kind == "own_folder"
             else (), **own).items():
           add(name + suffix, kind if not suffix else "low_res_folder",
-              metrics, folder)
+              metrics, folder, cfg.align)
     for path in cfg.pairs_files:
       add(f"pairs_{_set_name(path)}", "own_pairs",
-          own_data.evaluate_pairs_file(embed_fn, path, **own))
+          own_data.evaluate_pairs_file(embed_fn, path, **own),
+          align=cfg.align)
     return results
 
   def run(self, state, step: int, writer, workdir: str) -> dict[str, dict]:

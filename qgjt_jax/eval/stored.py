@@ -24,6 +24,9 @@ from qgjt_jax.eval import extract
 PHOTO_KINDS = ("calibration", "own_folder", "own_pairs", "bin")
 NAMED_ONLY = ("generated", "ijb_template", "low_res_folder")
 MAX_ROWS = 64
+# How photos became faces (config.eval.align; decisions' --align, and
+# --landmarks).
+ALIGNMENTS = ("none", "detect", "landmarks")
 
 
 class StoredSetError(errors.UserError):
@@ -153,6 +156,14 @@ def check_set(entry: Any, field: str) -> dict:
   for key in ("step", "carried_from", "folder"):
     if isinstance(provenance.get(key), (int, str)):
       clean["provenance"][key] = provenance[key]
+  if provenance.get("align") is not None:
+    if provenance["align"] not in ALIGNMENTS:
+      _fail(f"{field}.provenance.align", f"is {str(provenance['align'])[:40]!r}"
+            f", not one of {', '.join(ALIGNMENTS)}")
+    clean["provenance"]["align"] = provenance["align"]
+  if entry.get("num_people") is not None:
+    clean["num_people"] = _count(entry["num_people"], f"{field}.num_people",
+                                 1)
   bound = math.inf
   # Sets of photos record how many; sets of given pairs (.bin, pairs files)
   # and templates do not.

@@ -73,6 +73,7 @@ class Threshold:
   file: Optional[str] = None
   provenance: dict = dataclasses.field(default_factory=dict)
   row: dict = dataclasses.field(default_factory=dict)
+  people: Optional[int] = None  # how many people the set's photos show
 
   @property
   def kind(self) -> Optional[str]:
@@ -95,7 +96,19 @@ class Threshold:
     low, high = self.row.get("far_interval", (math.nan, math.nan))
     return (f"threshold {self.cosine:.4f} at FAR {self.far:.0e} on "
             f"{self.origin()}: {k:,} of {n:,} impostor pairs accepted, true "
-            f"FAR {low:.1e} to {high:.1e} ({_over(self.row)})")
+            f"FAR {low:.1e} to {high:.1e} ({_over(self.row)})"
+            f"{self.rests_on()}")
+
+  def rests_on(self) -> str:
+    """What the threshold does for genuine pairs, and how many people it
+    rests on (as far as the set recorded them)."""
+    tar, genuine = self.row.get("tar"), self.row.get("genuine")
+    parts = ([f"TAR {tar:.3f} there" + (f" ({genuine:,} genuine pairs)"
+                                         if genuine else "")]
+             if tar is not None else [])
+    if self.people:
+      parts.append(f"{self.people:,} people")
+    return "; " + ", ".join(parts) if parts else ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,11 +119,14 @@ class OpenSetThreshold(Threshold):
   def describe(self) -> str:
     k, n = self.row.get("false_alarms"), self.row.get("searches")
     low, high = self.row.get("fpir_interval", (math.nan, math.nan))
+    tpir = self.row.get("tpir")
     return (f"threshold {self.cosine:.4f} at FPIR {self.fpir:g} on "
             f"{self.origin()}: {k:,} false alarms in {n:,} non-mated "
             f"searches against galleries of "
             f"{self.row.get('gallery_people', 0):,} people, true FPIR "
-            f"{low:.1e} to {high:.1e} ({_over(self.row)})")
+            f"{low:.1e} to {high:.1e} ({_over(self.row)})"
+            + (f"; TPIR {tpir:.3f} there" if tpir is not None else "")
+            + (f", {self.people:,} people" if self.people else ""))
 
   def expected_false_alarms(self, people: int) -> tuple[float, float]:
     """(expected gallery people above the threshold for one unknown face,
@@ -265,7 +281,8 @@ _FPIR = _Rate("open_set", "fpir", "--fpir", "num_images",
 
 
 def _row_at(rate: _Rate, value: float, workdir: str, step: int,
-            set_name: Optional[str]) -> tuple[dict, list[str]]:
+            set_name: Optional[str], align: Optional[str]
+            ) -> tuple[dict, list[str]]:
   """The stored row of `rate` at `value` that may decide for the weights of
   `step` (see module), with where it comes from, and notes to print.
 
@@ -296,8 +313,44 @@ def _row_at(rate: _Rate, value: float, workdir: str, step: int,
         f"{math.ceil(1 / value):,} {rate.needs}; {name} ({path.name}) has "
         f"{entry.get(rate.count, 0):,}: {use}" +
         (f", or calibrate on more {rate.more}" if coarsest else ""))
+  _check_use(entry, f"{name} ({path.name})", align)
   return dict(cosine=row["cosine"], set_name=name, step=measured,
-              file=path.name, provenance=entry["provenance"], row=row), notes
+              file=path.name, provenance=entry["provenance"], row=row,
+              people=entry.get("num_people")), notes
+
+
+# How faces were made, as a threshold records it and a decision says it.
+_ALIGNED = ("detect", "landmarks")
+_FACES = {True: "photos whose faces were found and aligned to the template",
+          False: "images resized as they are, not aligned"}
+# A threshold's true-accept rate within this factor of its false-accept
+# rate tells people apart no better than chance does.
+_MIN_SEPARATION = 2.0
+
+
+def _check_use(entry: dict, where: str, align: Optional[str]) -> None:
+  """Refuses a threshold measured on faces made differently from the
+  decision's, or on a set whose people it does not tell apart."""
+  measured = entry["provenance"].get("align")
+  if align is not None and measured is not None and (
+      (measured in _ALIGNED) != (align in _ALIGNED)):
+    raise DecisionError(
+        f"{where} measured its thresholds on {_FACES[measured in _ALIGNED]}"
+        f", and this decision uses {_FACES[align in _ALIGNED]}: the same "
+        "pair scores differently either way. Decide as it was measured ("
+        + ("--align=detect or --landmarks" if measured in _ALIGNED else
+           "without --align or --landmarks") + "), or calibrate again with "
+        f"--config.eval.align={'detect' if align in _ALIGNED else 'none'}")
+  # Read at the set's coarsest 1:1 rate, for open-set decisions too (a
+  # TPIR has no such chance level: it depends on the gallery's size).
+  coarsest = max(entry["thresholds"], key=lambda r: r["far"], default=None)
+  if coarsest is not None and coarsest.get("tar") is not None and (
+      coarsest["tar"] <= _MIN_SEPARATION * coarsest["far"]):
+    raise DecisionError(
+        f"{where} does not tell its people apart: TAR "
+        f"{coarsest['tar']:.3f} at FAR {coarsest['far']:g}, within "
+        f"{_MIN_SEPARATION:g}x of chance (photos of noise, or faces this "
+        f"model cannot see): {HOW_TO_CALIBRATE}")
 
 
 def checked(entry: dict, path: pathlib.Path, name: str) -> dict:
@@ -313,19 +366,22 @@ def checked(entry: dict, path: pathlib.Path, name: str) -> dict:
 
 
 def at_far(workdir: str, step: int, far: float,
-           set_name: Optional[str] = None) -> tuple[Threshold, list[str]]:
+           set_name: Optional[str] = None, align: Optional[str] = None
+           ) -> tuple[Threshold, list[str]]:
   """The threshold of a 1:1 FAR for the weights of `step` (see module),
-  and notes to print with it.
+  and notes to print with it. `align` is how the decision's faces are made
+  (none, detect, landmarks): a threshold measured otherwise, or on a set
+  whose people it does not tell apart, is refused.
 
   Raises:
     DecisionError: none may be used (saying why and what to do).
   """
-  found, notes = _row_at(_FAR, far, workdir, step, set_name)
+  found, notes = _row_at(_FAR, far, workdir, step, set_name, align)
   return Threshold(far=float(found["row"]["far"]), **found), notes
 
 
 def at_fpir(workdir: str, step: int, fpir: float,
-            set_name: Optional[str] = None
+            set_name: Optional[str] = None, align: Optional[str] = None
             ) -> tuple[OpenSetThreshold, list[str]]:
   """The threshold of an open-set false-positive identification rate,
   from the non-mated searches of calibration or own folders.
@@ -333,7 +389,7 @@ def at_fpir(workdir: str, step: int, fpir: float,
   Raises:
     DecisionError: none may be used (saying why and what to do).
   """
-  found, notes = _row_at(_FPIR, fpir, workdir, step, set_name)
+  found, notes = _row_at(_FPIR, fpir, workdir, step, set_name, align)
   return OpenSetThreshold(fpir=float(found["row"]["fpir"]), **found), notes
 
 

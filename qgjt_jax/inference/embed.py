@@ -179,8 +179,8 @@ _SHOWN = 5  # photos left out that the console names
 
 def decision_threshold(model: model_lib.Model, *, far: float = 1e-4,
                        threshold: Optional[float] = None,
-                       threshold_set: Optional[str] = None
-                       ) -> decisions.Threshold:
+                       threshold_set: Optional[str] = None,
+                       align: Optional[str] = None) -> decisions.Threshold:
   """--threshold, else the threshold of `far` the evaluations of the
   model's step measured (inference/decisions.py), its notes printed.
 
@@ -190,7 +190,7 @@ def decision_threshold(model: model_lib.Model, *, far: float = 1e-4,
   if threshold is not None:
     return decisions.by_hand(threshold)
   chosen, notes = decisions.at_far(model.workdir, model.step, far,
-                                   threshold_set)
+                                   threshold_set, align)
   for note in notes:
     reporting.note(note)
   return chosen
@@ -210,7 +210,8 @@ def run_compare(model: model_lib.Model, images: Sequence[str], *,
   if result.no_face:
     raise images_lib.ImageError(f"{result.no_face[0]}: no face to compare")
   chosen = decision_threshold(model, far=far, threshold=threshold,
-                              threshold_set=threshold_set)
+                              threshold_set=threshold_set,
+                              align=alignment.mode)
   cosine = float(result.embeddings[0] @ result.embeddings[1])
   same = cosine >= chosen.cosine
   lines = [f"cosine similarity {cosine:.4f}: "

@@ -128,14 +128,17 @@ def _left_out(result) -> str:
 def decision_threshold(model, *, fpir: float = 0.01,
                        far: Optional[float] = None,
                        threshold: Optional[float] = None,
-                       threshold_set: Optional[str] = None):
+                       threshold_set: Optional[str] = None,
+                       align: Optional[str] = None):
   """--threshold, else the threshold of --far (a 1:1 rate, if given), else
-  the open-set one of --fpir, its notes printed."""
+  the open-set one of --fpir, its notes printed (`align`: how the faces
+  are made, checked against the threshold's)."""
   if threshold is not None or far is not None:
     return embed_lib.decision_threshold(model, far=far, threshold=threshold,
-                                        threshold_set=threshold_set)
+                                        threshold_set=threshold_set,
+                                        align=align)
   chosen, notes = decisions.at_fpir(model.workdir, model.step, fpir,
-                                    threshold_set)
+                                    threshold_set, align)
   for note in notes:
     reporting.note(note)
   return chosen
@@ -183,7 +186,8 @@ def run_identify(model, gallery: str, probes: str, out: str, *,
   photos = folders.read(gallery, "--gallery").paths
   probe_paths = embed_lib.list_photos(probes, "--images")
   chosen = decision_threshold(model, fpir=fpir, far=far, threshold=threshold,
-                              threshold_set=threshold_set)
+                              threshold_set=threshold_set,
+                              align=alignment.mode)
   embedder = embed_lib.Embedder(model, alignment)
   enrolled = embedder.embed(photos, root=gallery, skip_bad=skip_bad,
                             desc="gallery")

@@ -210,3 +210,40 @@ def test_rates_outside_the_grid_name_the_grid_and_the_coarsest(tmp_path):
   with pytest.raises(decisions.DecisionError, match=r"FAR 1e-04 needs "
                      r"10,000 impostor pairs.* has 2,000: use --far=1e-02"):
     decisions.at_far(str(tmp_path), 5, 1e-4)
+
+
+def test_a_threshold_is_used_on_faces_made_as_it_was_measured(tmp_path):
+  """Measured on detected, aligned faces: refused for resized photos, used
+  for detected or landmark-aligned ones; and the reverse."""
+  sets = _sets(folder_mine=("own_folder", 2000))
+  sets["folder_mine"]["provenance"]["align"] = "detect"
+  sets["folder_mine"]["num_people"] = 20
+  _write(tmp_path, "step_5.json", sets)
+  with pytest.raises(decisions.DecisionError, match=(
+      r"folder_mine \(step_5.json\) measured its thresholds on photos whose "
+      r"faces were found and aligned .* images resized as they are.*"
+      r"--align=detect or --landmarks")):
+    decisions.at_far(str(tmp_path), 5, 1e-3, align="none")
+  for align in ("detect", "landmarks"):
+    chosen, _ = decisions.at_far(str(tmp_path), 5, 1e-3, align=align)
+  assert chosen.describe().endswith(
+      "; TAR 0.500 there (100 genuine pairs), 20 people")
+  sets["folder_mine"]["provenance"]["align"] = "none"
+  _write(tmp_path, "step_6.json", sets)
+  with pytest.raises(decisions.DecisionError, match="config.eval.align="
+                     "detect"):
+    decisions.at_far(str(tmp_path), 6, 1e-3, align="detect")
+  assert decisions.at_far(str(tmp_path), 6, 1e-3, align="none")[0]
+
+
+def test_a_calibration_that_does_not_tell_people_apart_is_refused(tmp_path):
+  """Photos of noise: the threshold at FAR 1e-2 accepts about as many
+  genuine pairs as impostors (TAR 0.011)."""
+  sets = _sets(calibration_noise=("calibration", 2000))
+  for row in sets["calibration_noise"]["thresholds"]:
+    row["tar"] = 1.1 * row["far"]
+  _write(tmp_path, "step_5.json", sets)
+  with pytest.raises(decisions.DecisionError, match=(
+      r"calibration_noise \(step_5.json\) does not tell its people apart: "
+      r"TAR 0.011 at FAR 0.01, within 2x of chance")):
+    decisions.at_far(str(tmp_path), 5, 1e-2)
