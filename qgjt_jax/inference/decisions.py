@@ -128,13 +128,6 @@ class OpenSetThreshold(Threshold):
             + (f"; TPIR {tpir:.3f} there" if tpir is not None else "")
             + (f", {self.people:,} people" if self.people else ""))
 
-  def expected_false_alarms(self, people: int) -> tuple[float, float]:
-    """(expected gallery people above the threshold for one unknown face,
-    chance of at least one) in a gallery of `people`, from the rate at
-    which single templates passed it in calibration."""
-    rate = float(self.row.get("template_false_match_rate", math.nan))
-    return people * rate, 1.0 - (1.0 - rate) ** people
-
 
 def _over(row: dict) -> str:
   """What a row's interval accounts for."""
