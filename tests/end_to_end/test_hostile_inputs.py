@@ -818,3 +818,64 @@ def test_writes_never_go_through_a_workdir_link(reference_run, tmp_path,
   else:
     assert sorted(p.name for p in (elsewhere / "checkpoints").iterdir()
                   ) == before
+
+
+def _tampered_workdir(reference_run, tmp_path, record) -> pathlib.Path:
+  """A downloaded workdir whose stored evaluation was edited: a
+  calibration set holding `record`'s rows."""
+  workdir = tmp_path / "run"
+  shutil.copytree(reference_run[0], workdir)
+  result = workdir / "eval" / f"step_{tiny_runs.STEPS}.json"
+  stored = json.loads(result.read_text())
+  stored["calibration_people"] = record
+  result.write_text(json.dumps(stored))
+  return workdir
+
+
+_SCORING = "flip-fused n1 e1 + n2 e2"
+
+
+@pytest.mark.parametrize("row, words", [
+    # A threshold of -1 "at FAR 1e-6, 0 of 1,000,000,000 impostor pairs":
+    # anyone would be the same person. 30 photos make 435 pairs.
+    ({"far": 1e-6, "cosine": -1.0, "accepted": 0, "impostors": 10**9,
+      "far_interval": [0.0, 3e-9], "tar": 1.0, "genuine": 100},
+     ["impostors", "1,000,000,000"]),
+    ({"far": 1e-6, "cosine": float("nan"), "accepted": 0, "impostors": 400,
+      "far_interval": [0.0, 0.01], "tar": 1.0}, ["cosine", "nan"]),
+    ({"far": 1e-6, "cosine": 0.5, "accepted": "0", "impostors": 400,
+      "far_interval": [0.0, 0.01]}, ["accepted", "'0'"]),
+], ids=["everyone", "nan", "string"])
+def test_stored_thresholds_that_do_not_add_up_decide_and_export_nothing(
+    reference_run, tmp_path, row, words):
+  workdir = _tampered_workdir(reference_run, tmp_path, {
+      "thresholds": [row], "impostor_pairs": 400, "num_images": 30,
+      "num_people": 3, "provenance": {"kind": "calibration",
+                                      "scoring": _SCORING,
+                                      "step": tiny_runs.STEPS}})
+  folder = _faces(tmp_path / "faces", count=2)
+  result = _main(workdir, "--mode=compare",
+                 f"--images={folder / 'face0.jpg'},{folder / 'face1.jpg'}",
+                 "--far=1e-6")
+  commands.assert_refused(result, "calibration_people.thresholds[0].",
+                          *words, max_rss_mib=MAIN_MIB)
+  assert "same person" not in result.output
+  exported = commands.run("qgjt_jax.export", f"--workdir={workdir}",
+                          "--format=safetensors",
+                          f"--out={tmp_path / 'm.safetensors'}")
+  commands.assert_refused(exported, "calibration_people", *words,
+                          max_rss_mib=MAIN_MIB)
+  assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_a_deeply_nested_stored_evaluation_is_one_line(reference_run,
+                                                       tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(reference_run[0], workdir)
+  (workdir / "eval" / f"step_{tiny_runs.STEPS}.json").write_text(
+      "[" * 200_000 + "]" * 200_000)
+  folder = _faces(tmp_path / "faces", count=2)
+  result = _main(workdir, "--mode=compare",
+                 f"--images={folder / 'face0.jpg'},{folder / 'face1.jpg'}")
+  commands.assert_refused(result, "not a readable evaluation result",
+                          max_rss_mib=MAIN_MIB)
