@@ -11,18 +11,26 @@
 # licence; it is read, never copied). Every command is the one a user types;
 # each run's wall time goes to OUT/times.txt, and the last step prints the
 # table (launch/orl_table.py: every run, each method's mean over seeds).
+#
+# Other splits and settings (launch/orl_select.sh uses them): ORL_TUNED=N
+# tunes on s1..sN and tests on the rest of s1..s$ORL_PEOPLE (default 20 of
+# 30); ORL_WEIGHTS="W ..." runs QGFace at each contrastive weight
+# (qgface_wW_SEED) instead of the recipe's own (qgface_SEED).
 set -euo pipefail
 fixtures=$(cd "$1" && pwd)
 out=$2
 seeds=${3:-"0 1 2"}
+tuned=${ORL_TUNED:-20}
+people=${ORL_PEOPLE:-30}
+weights=${ORL_WEIGHTS:-}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 
 # One folder of photos per split, one sub-folder per person.
-for i in $(seq 1 30); do
+for i in $(seq 1 "$people"); do
   person="$fixtures/faces/orl/s$i"
   [ -d "$person" ] || person="$fixtures/faces/orl_more/s$i"
-  split=$([ "$i" -le 20 ] && echo train_photos || echo test_photos)
+  split=$([ "$i" -le "$tuned" ] && echo train_photos || echo test_photos)
   mkdir -p "$out/$split"
   [ -d "$out/$split/s$i" ] || cp -r "$person" "$out/$split/s$i"
 done
@@ -34,9 +42,10 @@ timed() {  # name, command...
   echo "$name $((SECONDS - start)) s" >> "$out/times.txt"
 }
 
-timed prepare python -m qgjt_jax.data.prepare --format=image_folder \
-    --src="$out/train_photos" --align=detect --image_size=112 \
-    --data_dir="$out/tfds" --name=orl_s1_s20
+set_name=orl_s1_s$tuned
+[ -d "$out/tfds" ] || timed prepare python -m qgjt_jax.data.prepare \
+    --format=image_folder --src="$out/train_photos" --align=detect \
+    --image_size=112 --data_dir="$out/tfds" --name="$set_name"
 [ -d "$out/w600k_mbf/checkpoints" ] || timed convert python -m qgjt_jax.convert \
     --src="$fixtures/pretrained/w600k_mbf.onnx" --workdir="$out/w600k_mbf"
 
@@ -46,12 +55,20 @@ evaluation=(--config.eval.folders="('$out/test_photos',)"
     --workdir="$out/w600k_mbf" --mode=eval "${evaluation[@]}"
 
 finetune=(--config=configs/finetune.py --config.init_from="$out/w600k_mbf"
-          --config.data.tfds_name=face_image_folder/orl_s1_s20
+          --config.data.tfds_name="face_image_folder/$set_name"
           --config.data.tfds_data_dir="$out/tfds" "${evaluation[@]}")
 for seed in $seeds; do
-  [ -d "$out/qgface_$seed/eval" ] || timed "qgface_$seed" python -m \
-      qgjt_jax.main "${finetune[@]}" --workdir="$out/qgface_$seed" \
-      --config.seed="$seed"
+  if [ -z "$weights" ]; then
+    [ -d "$out/qgface_$seed/eval" ] || timed "qgface_$seed" python -m \
+        qgjt_jax.main "${finetune[@]}" --workdir="$out/qgface_$seed" \
+        --config.seed="$seed"
+  fi
+  for weight in $weights; do
+    run="qgface_w${weight}_$seed"
+    [ -d "$out/$run/eval" ] || timed "$run" python -m qgjt_jax.main \
+        "${finetune[@]}" --workdir="$out/$run" --config.seed="$seed" \
+        --config.contrastive.weight="$weight"
+  done
   [ -d "$out/adaface_$seed/eval" ] || timed "adaface_$seed" python -m \
       qgjt_jax.main "${finetune[@]}" --workdir="$out/adaface_$seed" \
       --config.seed="$seed" --config.queue.kind=none \

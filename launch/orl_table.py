@@ -1,10 +1,7 @@
 """The table of launch/orl_finetune.sh: every run's last evaluation, and
 each method's mean and spread (population std) over its seeds.
 
-  python launch/orl_table.py OUT [FOLDER]   # writes OUT/results.json
-
-FOLDER is the evaluated photo folder's name (test_photos by default;
-launch/orl_select.sh evaluates validation_photos).
+  python launch/orl_table.py OUT   # writes OUT/results.json, prints Markdown
 """
 import glob
 import json
@@ -12,7 +9,7 @@ import os
 import statistics
 import sys
 
-COLUMNS = [(f"{size} {metric}", suffix, key)
+COLUMNS = [(f"{size} {metric}", f"folder_test_photos{suffix}", key)
            for size, suffix in (("clean", ""), ("12px", "@12px"),
                                 ("8px", "@8px"))
            for metric, key in (("acc", "accuracy_mean"),
@@ -27,13 +24,12 @@ def last_evaluation(eval_dir):
     return json.load(f)
 
 
-def main(out, folder="test_photos"):
+def main(out):
   runs = {}
   for eval_dir in sorted(glob.glob(f"{out}/*/eval")):
     results = last_evaluation(eval_dir)
     runs[os.path.basename(os.path.dirname(eval_dir))] = {
-        column: results[f"folder_{folder}{suffix}"][metric]
-        for column, suffix, metric in COLUMNS}
+        column: results[key][metric] for column, key, metric in COLUMNS}
   by_method = {}
   for name, row in runs.items():  # qgface_0, qgface_1 -> qgface
     stem, _, seed = name.rpartition("_")
@@ -56,4 +52,4 @@ def main(out, folder="test_photos"):
 
 
 if __name__ == "__main__":
-  main(*sys.argv[1:3])
+  main(sys.argv[1])
