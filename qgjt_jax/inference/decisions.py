@@ -38,8 +38,8 @@ from qgjt_jax.eval import extract
 from qgjt_jax.eval import identification
 from qgjt_jax.eval import stored
 from qgjt_jax.eval import thresholds
-from qgjt_jax.files import regular
 from qgjt_jax.eval.stored import NAMED_ONLY, PHOTO_KINDS
+from qgjt_jax.files import regular
 
 KIND_TEXT = {
     "calibration": "calibration people",
@@ -100,12 +100,16 @@ class Threshold:
             f"{self.rests_on()}")
 
   def rests_on(self) -> str:
-    """What the threshold does for genuine pairs, and how many people it
-    rests on (as far as the set recorded them)."""
+    """What the threshold does for genuine pairs (TAR; TPIR for open-set
+    rows), and how many people it rests on, as far as the set recorded
+    them."""
     tar, genuine = self.row.get("tar"), self.row.get("genuine")
+    tpir = self.row.get("tpir")
     parts = ([f"TAR {tar:.3f} there" + (f" ({genuine:,} genuine pairs)"
                                          if genuine else "")]
              if tar is not None else [])
+    if tpir is not None:
+      parts.append(f"TPIR {tpir:.3f} there")
     if self.people:
       parts.append(f"{self.people:,} people")
     return "; " + ", ".join(parts) if parts else ""
@@ -119,14 +123,11 @@ class OpenSetThreshold(Threshold):
   def describe(self) -> str:
     k, n = self.row.get("false_alarms"), self.row.get("searches")
     low, high = self.row.get("fpir_interval", (math.nan, math.nan))
-    tpir = self.row.get("tpir")
     return (f"threshold {self.cosine:.4f} at FPIR {self.fpir:g} on "
             f"{self.origin()}: {k:,} false alarms in {n:,} non-mated "
             f"searches against galleries of "
             f"{self.row.get('gallery_people', 0):,} people, true FPIR "
-            f"{low:.1e} to {high:.1e} ({_over(self.row)})"
-            + (f"; TPIR {tpir:.3f} there" if tpir is not None else "")
-            + (f", {self.people:,} people" if self.people else ""))
+            f"{low:.1e} to {high:.1e} ({_over(self.row)}){self.rests_on()}")
 
 
 def _over(row: dict) -> str:
