@@ -82,54 +82,52 @@ def _optional(row: dict, clean: dict, field: str, counts=(), rates=(),
   return clean
 
 
-def far_row(row: Any, field: str, pairs_bound: float = math.inf) -> dict:
-  """A FAR row; `pairs_bound`: the set's impostor pairs."""
+def _rate_row(row: Any, field: str, rate: str, k: str, n: str,
+              what: str, bound: float = math.inf) -> dict:
+  """The fields every stored row has: its cosine, its rate, k of n (`what`
+  counts n, at most `bound`, the set's own count) and the interval of the
+  rate, holding k / n."""
   if not isinstance(row, dict):
     _fail(field, "is not a row")
-  impostors = _count(row.get("impostors"), f"{field}.impostors", 1)
-  accepted = _count(row.get("accepted"), f"{field}.accepted")
-  if accepted > impostors:
-    _fail(f"{field}.accepted", f"({accepted}) exceeds the impostor pairs "
-          f"({impostors})")
-  if impostors > pairs_bound:
-    _fail(f"{field}.impostors", f"({impostors:,}) exceeds the set's "
-          f"impostor pairs ({pairs_bound:,})")
-  clean = {"cosine": _number(row.get("cosine"), f"{field}.cosine", -1, 1),
-           "far": _number(row.get("far"), f"{field}.far", 0, 1,
-                          open_low=True),
-           "accepted": accepted, "impostors": impostors,
-           "far_interval": _interval(row, "far_interval",
-                                     accepted / impostors, field)}
+  total = _count(row.get(n), f"{field}.{n}", 1)
+  hits = _count(row.get(k), f"{field}.{k}")
+  if hits > total:
+    _fail(f"{field}.{k}", f"({hits}) exceeds the {what} ({total})")
+  if total > bound:
+    _fail(f"{field}.{n}", f"({total:,}) exceeds the set's {what} "
+          f"({bound:,})")
+  return {"cosine": _number(row.get("cosine"), f"{field}.cosine", -1, 1),
+          rate: _number(row.get(rate), f"{field}.{rate}", 0, 1,
+                        open_low=True),
+          k: hits, n: total,
+          f"{rate}_interval": _interval(row, f"{rate}_interval",
+                                        hits / total, field)}
+
+
+def far_row(row: Any, field: str, pairs_bound: float = math.inf) -> dict:
+  """A FAR row; `pairs_bound`: the set's impostor pairs."""
+  clean = _rate_row(row, field, "far", "accepted", "impostors",
+                    "impostor pairs", pairs_bound)
   return _optional(row, clean, field, counts=("genuine",), rates=("tar",),
                    intervals=("far_interval_pairs", "far_interval_people"),
-                   estimate=accepted / impostors)
+                   estimate=clean["accepted"] / clean["impostors"])
 
 
 def open_set_row(row: Any, field: str) -> dict:
   """An FPIR row."""
-  if not isinstance(row, dict):
-    _fail(field, "is not a row")
-  searches = _count(row.get("searches"), f"{field}.searches", 1)
-  alarms = _count(row.get("false_alarms"), f"{field}.false_alarms")
-  if alarms > searches:
-    _fail(f"{field}.false_alarms", f"({alarms}) exceeds the searches "
-          f"({searches})")
-  clean = {"cosine": _number(row.get("cosine"), f"{field}.cosine", -1, 1),
-           "fpir": _number(row.get("fpir"), f"{field}.fpir", 0, 1,
-                           open_low=True),
-           "false_alarms": alarms, "searches": searches,
-           "gallery_people": _count(row.get("gallery_people"),
-                                    f"{field}.gallery_people", 1),
-           "template_false_match_rate": _number(
-               row.get("template_false_match_rate"),
-               f"{field}.template_false_match_rate", 0, 1),
-           "fpir_interval": _interval(row, "fpir_interval",
-                                      alarms / searches, field)}
+  clean = _rate_row(row, field, "fpir", "false_alarms", "searches",
+                    "searches")
+  clean.update(
+      gallery_people=_count(row.get("gallery_people"),
+                            f"{field}.gallery_people", 1),
+      template_false_match_rate=_number(
+          row.get("template_false_match_rate"),
+          f"{field}.template_false_match_rate", 0, 1))
   return _optional(row, clean, field, counts=("mated_searches",),
                    rates=("tpir",),
                    intervals=("fpir_interval_people",
                               "fpir_interval_searches"),
-                   estimate=alarms / searches)
+                   estimate=clean["false_alarms"] / clean["searches"])
 
 
 def check_set(entry: Any, field: str) -> dict:
