@@ -85,7 +85,8 @@ def read(root: str | os.PathLike, what: str, *, min_people: int = 1
   _check_distinct(root, folders)
   names, paths, labels, empty, links = [], [], [], [], []
   for folder in folders:
-    found = _files_below(folder, links)
+    found, linked = images.files_below(folder)
+    links += linked
     if not found:
       empty.append(folder.name)
       continue
@@ -99,29 +100,12 @@ def read(root: str | os.PathLike, what: str, *, min_people: int = 1
   if links:
     reporting.note(f"{root}: {len(links)} linked folder(s) inside person "
                    "folders not followed, their photos left out (" +
-                   ", ".join(f"{p.relative_to(root)} -> {os.readlink(p)}"
-                             for p in links[:3]) +
-                   (", ..." if len(links) > 3 else "") + ").")
+                   images.described_links(root, links) + ").")
   if len(names) < min_people:
     raise FolderError(
         f"{what}={root} holds {len(names)} person folder(s) with files; "
         f"this needs at least {min_people} (one sub-folder per person)")
   return People(root, names, paths, np.asarray(labels, np.int64))
-
-
-def _files_below(folder: pathlib.Path, links: list[pathlib.Path]
-                 ) -> list[pathlib.Path]:
-  """The visible files below a person's folder (itself perhaps a link),
-  without following the linked folders inside it, which go to `links`."""
-  found = []
-  for dirpath, dirnames, filenames in os.walk(folder):
-    inside = [pathlib.Path(dirpath) / d for d in sorted(dirnames)
-              if not d.startswith(".")]
-    links += [p for p in inside if p.is_symlink()]
-    dirnames[:] = [p.name for p in inside if not p.is_symlink()]
-    found += [pathlib.Path(dirpath) / f for f in filenames
-              if not f.startswith(".")]
-  return sorted(found)
 
 
 def _check_distinct(root: pathlib.Path, folders: list[pathlib.Path]) -> None:

@@ -9,8 +9,8 @@ compare and identify) goes through here:
   (`limits.py`: a 48 KB PNG can declare 20000 x 20000 pixels);
 * `decode_image` decodes to uint8 (H, W, 3) **BGR**;
 * `imread_bgr` / `read_image` read a file (a regular file, within
-  max_image_file_bytes) and decode it; `list_images` finds them below a
-  folder; `LazyImages` reads them on demand, in threads.
+  max_image_file_bytes) and decode it; `files_below` and `list_images`
+  find them below a folder, by one rule on links; `LazyImages` reads them on demand, in threads.
 
 Colour convention (the one place it is written down): the images in the
 insightface `.rec` sets are ordinary JPEGs with true colours. The authors'
@@ -37,6 +37,7 @@ import cv2
 import numpy as np
 
 from qgjt_jax import errors
+from qgjt_jax import reporting
 from qgjt_jax.files import limits
 from qgjt_jax.files import regular
 
@@ -130,24 +131,46 @@ def image_files(paths: Sequence[str | os.PathLike], image_size: int = 112, *,
                     num_threads)
 
 
-def list_images(directory: pathlib.Path) -> list[pathlib.Path]:
-  """Image files below `directory` (recursively), sorted for determinism.
+def files_below(folder: pathlib.Path) -> tuple[list[pathlib.Path],
+                                                list[pathlib.Path]]:
+  """The visible files below `folder` (at any depth, sorted) and the linked
+  folders inside it, which are not followed.
 
-  Every name with an image suffix is listed, readable or not (a folder
-  named x.jpg, a dangling or looping link): reading it then says what is
-  wrong, instead of the image silently missing. Linked folders are
-  followed, each real folder once (a link loop ends there).
+  The one rule for every folder of photos read: `folder` may itself be a
+  link, but a link below it could lead into another person's photos,
+  upward, or across the whole file system, so it is left for the caller to
+  name. Hidden names (".DS_Store") are skipped. A dangling or looping link
+  to a file is listed: reading it says what is wrong.
   """
-  found, seen = [], set()
-  for folder, subfolders, files in os.walk(directory, followlinks=True):
-    real = os.path.realpath(folder)
-    if real in seen:
-      subfolders[:] = []
-      continue
-    seen.add(real)
-    found += [pathlib.Path(folder) / name for name in files + subfolders
-              if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS]
-  return sorted(found)
+  found, links = [], []
+  for path, subfolders, files in os.walk(folder):
+    inside = [pathlib.Path(path) / name for name in sorted(subfolders)
+              if not name.startswith(".")]
+    links += [p for p in inside if p.is_symlink()]
+    subfolders[:] = [p.name for p in inside if not p.is_symlink()]
+    found += [pathlib.Path(path) / name for name in files
+              if not name.startswith(".")]
+  return sorted(found), sorted(links)
+
+
+def described_links(root: pathlib.Path, links: list[pathlib.Path]) -> str:
+  """The first few linked folders left out, as 'a/b -> target, ...'."""
+  return ", ".join(f"{p.relative_to(root)} -> {os.readlink(p)}"
+                   for p in links[:3]) + (", ..." if len(links) > 3 else "")
+
+
+def list_images(directory: pathlib.Path) -> list[pathlib.Path]:
+  """The image files below `directory` (`files_below`: linked folders inside
+  it are not followed, and a note names them). Every name with an image
+  suffix is listed, readable or not: reading it then says what is wrong,
+  instead of the image silently missing."""
+  found, links = files_below(directory)
+  if links:
+    reporting.note(f"{directory}: {len(links)} linked folder(s) inside not "
+                   "followed, their images left out (" +
+                   described_links(directory, links) + ").")
+  return [p for p in found
+          if os.path.splitext(p.name)[1].lower() in IMAGE_EXTENSIONS]
 
 
 def require_dir(path: pathlib.Path, what: str) -> pathlib.Path:

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import tempfile
@@ -39,11 +40,15 @@ class Result:
 # wait4 figures. A process's peak memory (ru_maxrss) keeps, across exec, the
 # peak of the process it was forked from: started from the test process
 # (gigabytes, after a training run), every child would seem that large.
+# A cap on the address space (bytes, 0 for none) is set in the child alone.
 _LAUNCHER = """
-import json, os, sys
+import json, os, resource, sys
 pid = os.fork()
 if pid == 0:
-  os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
+  cap = int(sys.argv[2])
+  if cap:
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+  os.execv(sys.executable, [sys.executable, *sys.argv[3:]])
 _, status, usage = os.wait4(pid, 0)
 with open(sys.argv[1], "w") as f:
   json.dump({"status": os.waitstatus_to_exitcode(status),
@@ -53,10 +58,11 @@ with open(sys.argv[1], "w") as f:
 
 def run(module: Optional[str], *args, devices: Optional[int] = None,
         env: Optional[dict] = None, cwd=tiny_runs.ROOT, timeout: float = 600,
-        check: bool = False) -> Result:
+        check: bool = False, address_space_gib: float = 0) -> Result:
   """`python -m module args...` (module None: `python args...`): its exit
   status (negative: killed by that signal), output and peak resident
-  memory. `check`: it must exit 0 without a traceback."""
+  memory. `check`: it must exit 0 without a traceback. `address_space_gib`:
+  the command runs under that cap on its address space (ulimit -v)."""
   command = (["-m", module] if module else []) + [str(a) for a in args]
   env = env or tiny_runs.subprocess_env(devices)
   with tempfile.TemporaryDirectory() as tmp:
@@ -64,7 +70,8 @@ def run(module: Optional[str], *args, devices: Optional[int] = None,
     with open(report.with_suffix(".out"), "w+b") as out, open(
         report.with_suffix(".err"), "w+b") as err:
       proc = subprocess.Popen(
-          [sys.executable, "-c", _LAUNCHER, str(report), *command],
+          [sys.executable, "-c", _LAUNCHER, str(report),
+           str(int(address_space_gib * (1 << 30))), *command],
           stdout=out, stderr=err, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
           start_new_session=True)
       try:
@@ -86,6 +93,9 @@ def run(module: Optional[str], *args, devices: Optional[int] = None,
   return result
 
 
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f]")  # all but tab, line break
+
+
 def main(*args, **kwargs) -> Result:
   """`python -m qgjt_jax.main args...` (see `run`)."""
   return run("qgjt_jax.main", *args, **kwargs)
@@ -93,9 +103,10 @@ def main(*args, **kwargs) -> Result:
 
 def assert_refused(result: Result, *named, max_rss_mib: float = 1e9):
   """The contract of every command on a bad input: exit 1 (never 0, never a
-  signal), one ERROR line, the last, naming `named`, no traceback, and a
-  bounded peak memory."""
+  signal), one ERROR line, the last, naming `named`, no traceback, no raw
+  control byte a terminal would act on, and a bounded peak memory."""
   output = result.output
+  assert not _CONTROL.search(output), output[-3000:]
   assert result.returncode == 1, (result.returncode, output[-3000:])
   assert "Traceback" not in output, output[-3000:]
   errors = [l for l in output.splitlines() if "ERROR" in l]

@@ -1,5 +1,6 @@
 """Threaded image loading: order, bounded prefetch, resizing, errors."""
 import threading
+import os
 
 import cv2
 import numpy as np
@@ -53,3 +54,23 @@ def test_read_image_resizes_and_names_bad_files(tmp_path):
   (tmp_path / 'broken.jpg').write_bytes(b'not a jpeg')
   with pytest.raises(ValueError, match='broken.jpg'):
     images.read_image(tmp_path / 'broken.jpg')
+
+
+def test_list_images_follows_no_link_below_the_folder(tmp_path, capsys):
+  """The folder handed may be a link; links inside it (one to `/` would walk
+  the whole file system) are named, never followed."""
+  photos = tmp_path / "photos"
+  (photos / "day1").mkdir(parents=True)
+  for name in ("day1/a.jpg", "b.PNG", "notes.txt", ".hidden.jpg"):
+    (photos / name).write_bytes(b"x")
+  (tmp_path / "other").mkdir()
+  (tmp_path / "other" / "c.jpg").write_bytes(b"x")
+  os.symlink("/", photos / "root")
+  os.symlink("../../other", photos / "day1" / "more")
+  os.symlink("missing.jpg", photos / "dangling.jpg")
+  os.symlink(photos, tmp_path / "handed")
+  listed = images.list_images(tmp_path / "handed")
+  assert [p.relative_to(tmp_path / "handed").as_posix() for p in listed] == [
+      "b.PNG", "dangling.jpg", "day1/a.jpg"]
+  assert ("2 linked folder(s) inside not followed, their images left out "
+          "(day1/more -> ../../other, root -> /)") in capsys.readouterr().out
