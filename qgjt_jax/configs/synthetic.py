@@ -18,7 +18,7 @@ def get_config():
   # 4 to 20 px before upscaling.
   config.data.update(kind="synthetic", image_size=40, worker_count=0)
   config.data.synthetic.update(num_identities=64, images_per_identity=32,
-                               eval_identities=40, eval_pairs=300)
+                               eval_identities=40, eval_pairs=600)
   # A short run: faster statistics, and a threshold that marks the clearly
   # degraded views as LQ so both branches are visible.
   config.quality.alpha = 0.05

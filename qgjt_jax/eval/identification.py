@@ -7,6 +7,7 @@ identity is among its k highest-scoring gallery entries. Equal scores are
 resolved in the probe's favour (measure-zero for real-valued embeddings).
 """
 from collections.abc import Sequence
+import dataclasses
 
 import numpy as np
 
@@ -71,6 +72,36 @@ def mean_templates(feats: np.ndarray, labels: np.ndarray
                                                 keepdims=True), 1e-12)
 
 
+@dataclasses.dataclass(frozen=True)
+class Searches:
+  """A folder's photos as the non-mated searches of a gallery to come: unit
+  embeddings (n, D) and each one's person (n,). An evaluation stores them
+  beside its results, so identify can measure its threshold against the
+  gallery it searches (`open_set_cut`)."""
+  embeddings: np.ndarray
+  people: np.ndarray
+
+
+def open_set_cut(best: np.ndarray, people: np.ndarray, fpir: float,
+                 gallery_people: int) -> dict | None:
+  """The open-set row of `fpir` for one gallery: `best` (n,) is each stored
+  search's best cosine in that gallery (its false-alarm score) and
+  `people` (n,) whose photo it is. Cut as `open_set_calibration` cuts, the
+  searching person the unit; None where the searches do not resolve the
+  rate."""
+  best = np.asarray(best, np.float64)
+  count = len(np.unique(people))
+  unit, members = (thresholds.units_of(people) if count >=
+                   thresholds.MIN_PEOPLE else (None, None))
+  cut = thresholds.cut_holding(best, fpir, unit, members)
+  if cut is None:
+    return None
+  return {"fpir": fpir, "cosine": cut["cosine"], "searches": int(len(best)),
+          "false_alarms": cut["accepted"], "fpir_upper": cut["upper"],
+          "design_effect": cut["design_effect"], "people": count,
+          "gallery_people": int(gallery_people)}
+
+
 def open_set_calibration(feats: np.ndarray, labels: np.ndarray,
                          fpirs: Sequence[float] = FPIRS,
                          chunk_size: int = 256) -> list[dict]:
@@ -78,17 +109,17 @@ def open_set_calibration(feats: np.ndarray, labels: np.ndarray,
 
   Every image is a non-mated search: its person is left out and the
   gallery holds the mean templates of the P - 1 others; its false-alarm
-  score is its best score there. The threshold at each FPIR accepts at
-  most floor(FPIR n) of the n non-mated searches (`thresholds.cut_at`),
-  with the exact 95% interval of the true FPIR given that count, the
-  bootstrap one over people (as `thresholds.at_far`'s) and an interval
-  spanning both. Every
-  image of a person with two or more is also a mated search against all
-  P templates, its own built from its person's other images: TPIR is the
-  share whose mate ranks first, strictly above every other template, and
-  reaches the threshold. `template_false_match_rate` is the share of
-  single (non-mated image, template) comparisons at or above the
-  threshold, from which a gallery of another size's false alarms follow.
+  score is its best score there. The threshold at each FPIR is cut as
+  `thresholds.cut_holding` cuts a FAR's, with the searching person as the
+  unit (a person's photos raise false alarms together): with at least
+  MIN_PEOPLE people, the lowest whose one-sided 95% upper bound
+  (`fpir_upper`) is at or below the FPIR; with fewer, the point estimate,
+  and no bound. Every image of a person with two or more is also a mated
+  search against all P templates, its own built from its person's other
+  images: TPIR is the share whose mate ranks first, strictly above every
+  other template, and reaches the threshold.
+  `template_false_match_rate` is the share of single (non-mated image,
+  template) comparisons at or above the threshold.
   """
   feats = np.asarray(feats, np.float64)
   labels = np.asarray(labels)
@@ -113,32 +144,24 @@ def open_set_calibration(feats: np.ndarray, labels: np.ndarray,
   mated = counts[labels] > 1
   mate = np.where(mated, np.sum(feats * rest, axis=1) / np.maximum(
       np.linalg.norm(rest, axis=1), 1e-12), -np.inf)
-  descending = np.sort(non_mated)[::-1]
-  rows_out, cuts = [], []
-  for fpir in fpirs:
-    if len(descending) * fpir >= 1:
-      cuts.append((fpir, thresholds.cut_at(descending, fpir)))
+  unit, members = (thresholds.units_of(labels) if people >=
+                   thresholds.MIN_PEOPLE else (None, None))
+  cuts = [(fpir, cut) for fpir in fpirs if (cut := thresholds.cut_holding(
+      non_mated, fpir, unit, members)) is not None]
   if not cuts:  # too few searches to resolve any rate
     return []
   passing = np.zeros(len(cuts), np.int64)  # comparisons at or above each
   for _, scores in chunks():
-    passing += [int(np.sum(scores >= cosine)) for _, cosine in cuts]
+    passing += [int(np.sum(scores >= cut["cosine"])) for _, cut in cuts]
   comparisons = len(feats) * (people - 1)
-  # Over people: each person's searches weigh its draws.
-  by_people = thresholds.people_intervals(
-      np.arange(people)[:, None], counts, np.stack(
-          [np.bincount(labels, weights=non_mated >= c, minlength=people)
-           for _, c in cuts], 1), people) if cuts else []
-  for (fpir, cosine), passed, spread in zip(cuts, passing, by_people):
-    alarms = int(np.sum(descending >= cosine))
-    hit = (mate > non_mated) & (mate >= cosine)
-    pairs = thresholds.rate_interval(alarms, len(descending))
+  rows_out = []
+  for (fpir, cut), passed in zip(cuts, passing):
+    hit = (mate > non_mated) & (mate >= cut["cosine"])
     rows_out.append({
-        "fpir": fpir, "cosine": cosine, "searches": int(len(descending)),
-        "false_alarms": alarms, "fpir_interval_searches": pairs,
-        "fpir_interval_people": [float(spread[0]), float(spread[1])],
-        "fpir_interval": [min(pairs[0], float(spread[0])),
-                          max(pairs[1], float(spread[1]))],
+        "fpir": fpir, "cosine": cut["cosine"], "searches": int(len(feats)),
+        "false_alarms": cut["accepted"], "fpir_upper": cut["upper"],
+        "design_effect": cut["design_effect"],
+        "people": people,
         "gallery_people": people - 1,
         "template_false_match_rate": float(passed / comparisons),
         "tpir": float(np.mean(hit[mated])) if mated.any() else None,

@@ -390,7 +390,7 @@ def nist_identification(galleries, probes, probe_ids) -> dict:
     for fpir in TPIR_FPIRS:
       if len(best) * fpir < 1 or not mated.any():
         continue
-      cosine = thresholds_lib.cut_at(best, fpir)
+      cosine = thresholds_lib.cut_at(best, math.floor(fpir * len(best)))
       tpir = float(np.mean((rank[mated] == 1) &
                            (mate_score[mated] >= cosine)))
       out[f'{key}tpir@fpir={fpir:.0e}'] = tpir

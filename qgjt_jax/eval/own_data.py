@@ -202,6 +202,8 @@ def folder_metrics(feats: np.ndarray, norms: np.ndarray, labels: np.ndarray,
         np.mean(norms)))
     return out
   out["open_set"] = identification.open_set_calibration(feats, labels)
+  out["searches"] = identification.Searches(np.asarray(feats, np.float32),
+                                            np.asarray(labels, np.int32))
   ranks = leave_one_out_ranks(feats, labels)
   probes = ranks > 0
   if probes.any():

@@ -1,5 +1,7 @@
 """Evaluation results as an aligned text table and as JSON in the workdir."""
 from collections.abc import Mapping
+import hashlib
+import io
 import json
 import numbers
 import pathlib
@@ -9,6 +11,7 @@ import numpy as np
 
 from qgjt_jax import outputs
 from qgjt_jax import workdir as workdir_layout
+from qgjt_jax.eval import identification
 from qgjt_jax.eval import plots
 
 try:  # Handles gs:// workdirs; orbax depends on it, so it is normally present.
@@ -20,6 +23,8 @@ except ImportError:  # pragma: no cover
 # Where a set's numbers come from (kind of faces, scoring, step): kept in the
 # JSON for the decisions that read it, not a metric.
 PROVENANCE = 'provenance'
+# A folder's photos kept as searches for identify (`write_results`).
+SEARCHES = 'searches'
 
 
 def _flatten(results: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
@@ -109,27 +114,48 @@ def write_results(workdir: str, name: str, results: Mapping[str, Any]) -> str:
   """Writes `results` to <workdir>/eval/<name>.json, and its pictures beside
   it (`plots.write_plots`: <name>.roc.png...); returns the JSON's path.
 
+  A set's stored searches (`identification.Searches`) go to
+  <name>.<k>.searches.npy (float32 embeddings, k counting the sets), landing with the JSON or
+  not at all; the JSON names the file, its SHA-256 and each row's person.
   An earlier result of the same name is kept: the new one goes to
   <name>.2.json (then .3 ...). Local files are written whole or not at all.
   """
-  text = json.dumps(_jsonable(results), indent=2, sort_keys=True)
-  if '://' in workdir:  # object storage: each object is written whole
-    directory = _epath.Path(workdir) / workdir_layout.EVAL
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f'{name}.json'
-    path.write_text(text)
-    return str(path)
-  directory = pathlib.Path(workdir) / workdir_layout.EVAL
+  remote = '://' in workdir  # object storage: each object is written whole
+  directory = (_epath.Path(workdir) if remote else pathlib.Path(workdir)
+               ) / workdir_layout.EVAL
   directory.mkdir(parents=True, exist_ok=True)
-  # The first of NAME, NAME.2, ... with neither a JSON nor pictures (a
-  # JSON deleted by hand leaves its pictures, which are kept too).
   base, n = name, 1
-  while (directory / f'{base}.json').exists() or any(
-      (directory / f'{base}.{kind}.png').exists() for kind in plots.KINDS):
-    n += 1
-    base = f'{name}.{n}'
+  if not remote:
+    # The first of NAME, NAME.2, ... with neither a JSON nor pictures (a
+    # JSON deleted by hand leaves its pictures, which are kept too).
+    while (directory / f'{base}.json').exists() or any(
+        (directory / f'{base}.{kind}.png').exists() for kind in plots.KINDS):
+      n += 1
+      base = f'{name}.{n}'
+  files, results = {}, dict(results)
+  for set_name, metrics in results.items():
+    searches = (metrics.get(SEARCHES) if isinstance(metrics, Mapping)
+                else None)
+    if isinstance(searches, identification.Searches):
+      array = io.BytesIO()
+      np.save(array, np.asarray(searches.embeddings, np.float32),
+              allow_pickle=False)
+      data = array.getvalue()
+      file = f'{base}.{len(files) + 1}.searches.npy'  # set names are free
+      files[str(directory / file)] = data
+      results[set_name] = {**metrics, SEARCHES: {
+          'file': file, 'sha256': hashlib.sha256(data).hexdigest(),
+          'people': np.asarray(searches.people).tolist()}}
   path = str(directory / f'{base}.json')
-  outputs.write(path, text, overwrite=False)
+  files[path] = json.dumps(_jsonable(results), indent=2, sort_keys=True)
+  if remote:
+    for where, data in files.items():
+      if isinstance(data, bytes):
+        _epath.Path(where).write_bytes(data)
+      else:
+        _epath.Path(where).write_text(data)
+    return path
+  outputs.write_together(files, overwrite=False)
   try:
     plots.write_plots(results, path[:-len('.json')])
   except ImportError:  # matplotlib missing: the JSON holds the curves

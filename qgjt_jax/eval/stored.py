@@ -7,17 +7,20 @@ Both are files others can hand us, so `check_set` is the one reader of a
 stored set: it keeps only the fields decisions read, and every number must
 add up (a cosine in [-1, 1], rates in (0, 1], whole counts with accepted
 <= impostors <= the set's impostor pairs <= the pairs its photos can make,
-every interval holding the rate it was measured at, a known kind of set,
-the scoring decisions use). Anything else is a `StoredSetError` naming the
+enough of them for the rate, the measured rate within it and its bound
+between the two, stated only over enough people, a known kind of set, the
+scoring decisions use). Anything else is a `StoredSetError` naming the
 field; the caller names the file.
 """
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 from qgjt_jax import errors
 from qgjt_jax.eval import extract
+from qgjt_jax.eval import thresholds
 
 # Kinds of evaluated set, as the evaluation labels them, best first for a
 # decision on photos; the last ones are used only when named.
@@ -55,62 +58,59 @@ def _count(value: Any, field: str, low: int = 0) -> int:
   return value
 
 
-def _interval(row: dict, key: str, estimate: float, field: str
-              ) -> list[float]:
-  interval = row.get(key)
-  if not (isinstance(interval, list) and len(interval) == 2):
-    _fail(f"{field}.{key}", "is not a [low, high] pair")
-  low = _number(interval[0], f"{field}.{key}", 0, 1)
-  high = _number(interval[1], f"{field}.{key}", 0, 1)
-  if not low - 1e-9 <= estimate <= high + 1e-9:
-    _fail(f"{field}.{key}", f"[{low:g}, {high:g}] does not hold the "
-          f"measured rate {estimate:g}")
-  return [low, high]
-
-
-def _optional(row: dict, clean: dict, field: str, counts=(), rates=(),
-              intervals=(), estimate: float = 0.0) -> dict:
+def _optional(row: dict, clean: dict, field: str, counts=(), rates=()
+              ) -> dict:
   for key in counts:
     if row.get(key) is not None:
       clean[key] = _count(row[key], f"{field}.{key}")
   for key in rates:
     if row.get(key) is not None:
       clean[key] = _number(row[key], f"{field}.{key}", 0, 1)
-  for key in intervals:
-    if key in row:
-      clean[key] = _interval(row, key, estimate, field)
   return clean
 
 
 def _rate_row(row: Any, field: str, rate: str, k: str, n: str,
               what: str, bound: float = math.inf) -> dict:
   """The fields every stored row has: its cosine, its rate, k of n (`what`
-  counts n, at most `bound`, the set's own count) and the interval of the
-  rate, holding k / n."""
+  counts n, at most `bound`, the set's own count, and enough to resolve
+  the rate) with k / n within the rate, and the rate's upper bound over
+  people (none below MIN_PEOPLE) between the two."""
   if not isinstance(row, dict):
     _fail(field, "is not a row")
+  cosine = _number(row.get("cosine"), f"{field}.cosine", -1, 1)
+  target = _number(row.get(rate), f"{field}.{rate}", 0, 1, open_low=True)
   total = _count(row.get(n), f"{field}.{n}", 1)
   hits = _count(row.get(k), f"{field}.{k}")
-  if hits > total:
-    _fail(f"{field}.{k}", f"({hits}) exceeds the {what} ({total})")
   if total > bound:
     _fail(f"{field}.{n}", f"({total:,}) exceeds the set's {what} "
           f"({bound:,})")
-  return {"cosine": _number(row.get("cosine"), f"{field}.cosine", -1, 1),
-          rate: _number(row.get(rate), f"{field}.{rate}", 0, 1,
-                        open_low=True),
-          k: hits, n: total,
-          f"{rate}_interval": _interval(row, f"{rate}_interval",
-                                        hits / total, field)}
+  if total * target < thresholds.PER_RATE * (1 - 1e-9):
+    _fail(f"{field}.{n}", f"({total:,}) is too few {what} to resolve "
+          f"{rate.upper()} {target:g} (it needs {thresholds.PER_RATE} / "
+          f"{rate.upper()})")
+  if hits > total * target * (1 + 1e-9):
+    _fail(f"{field}.{k}", f"({hits:,} of {total:,}) is above the "
+          f"{rate.upper()} {target:g} it was cut at")
+  clean = {"cosine": cosine, rate: target, k: hits, n: total, f"{rate}_upper": None,
+           "design_effect": None, "people": None}
+  if row.get(f"{rate}_upper") is not None:
+    clean[f"{rate}_upper"] = _number(
+        row[f"{rate}_upper"], f"{field}.{rate}_upper", hits / total,
+        target * (1 + 1e-9))
+    clean["design_effect"] = _number(row.get("design_effect"),
+                                     f"{field}.design_effect", 1)
+    clean["people"] = _count(row.get("people"), f"{field}.people",
+                             thresholds.MIN_PEOPLE)
+  elif row.get("people") is not None:
+    clean["people"] = _count(row["people"], f"{field}.people", 1)
+  return clean
 
 
 def far_row(row: Any, field: str, pairs_bound: float = math.inf) -> dict:
   """A FAR row; `pairs_bound`: the set's impostor pairs."""
   clean = _rate_row(row, field, "far", "accepted", "impostors",
                     "impostor pairs", pairs_bound)
-  return _optional(row, clean, field, counts=("genuine",), rates=("tar",),
-                   intervals=("far_interval_pairs", "far_interval_people"),
-                   estimate=clean["accepted"] / clean["impostors"])
+  return _optional(row, clean, field, counts=("genuine",), rates=("tar",))
 
 
 def open_set_row(row: Any, field: str) -> dict:
@@ -124,10 +124,29 @@ def open_set_row(row: Any, field: str) -> dict:
           row.get("template_false_match_rate"),
           f"{field}.template_false_match_rate", 0, 1))
   return _optional(row, clean, field, counts=("mated_searches",),
-                   rates=("tpir",),
-                   intervals=("fpir_interval_people",
-                              "fpir_interval_searches"),
-                   estimate=clean["false_alarms"] / clean["searches"])
+                   rates=("tpir",))
+
+
+_SEARCHES_FILE = re.compile(r"^step_\d+(\.\d+)?\.\d+\.searches\.npy$")
+
+
+def _searches(ref: Any, field: str, images: int | None) -> dict:
+  """Where a set's photos were stored as searches: a file of eval/ by the
+  name evaluation gives it, its SHA-256, and the person of each photo."""
+  if not isinstance(ref, dict):
+    _fail(field, "is not a mapping")
+  file, digest, people = ref.get("file"), ref.get("sha256"), ref.get("people")
+  if not (isinstance(file, str) and _SEARCHES_FILE.match(file)):
+    _fail(f"{field}.file", f"is {str(file)[:40]!r}, not a file name "
+          "evaluation writes")
+  if not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
+    _fail(f"{field}.sha256", "is not a SHA-256 digest")
+  if not (isinstance(people, list) and len(people) == images and all(
+      isinstance(p, int) and not isinstance(p, bool) and 0 <= p < len(people)
+      for p in people)):
+    _fail(f"{field}.people", "is not a list of person numbers, one for "
+          "each of the set's photos")
+  return {"file": file, "sha256": digest, "people": people}
 
 
 def check_set(entry: Any, field: str) -> dict:
@@ -175,6 +194,9 @@ def check_set(entry: Any, field: str) -> dict:
       _fail(f"{field}.impostor_pairs", f"({pairs:,}) exceeds the pairs "
             f"{clean['num_images']:,} photos can make ({bound:,})")
     clean["impostor_pairs"] = bound = pairs
+  if entry.get("searches") is not None:
+    clean["searches"] = _searches(entry["searches"], f"{field}.searches",
+                                  clean.get("num_images"))
   for key, check in (("thresholds", lambda r, f: far_row(r, f, bound)),
                      ("open_set", open_set_row)):
     rows = entry.get(key, [])

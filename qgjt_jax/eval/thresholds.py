@@ -1,131 +1,182 @@
-"""Decision thresholds that mean something: the cosine at a false accept rate.
+"""Decision thresholds that hold: the cosine at which a false accept rate is
+bounded, over people.
 
 Every verification evaluation (the `.bin` sets, the synthetic pairs, own
 folders and pairs files, IJB) stores, for each FAR of `FARS` that its
-impostor count can resolve (at least 1 / FAR impostor pairs), the cosine
-threshold that accepts at most that share of its impostors, what it
-accepted, and how sure that is:
+impostor pairs can resolve (at least `PER_RATE` / FAR of them), a row:
 
   "thresholds": [{"far": 0.001, "cosine": 0.3215, "tar": 0.9412,
-                  "genuine": 3000, "impostors": 15658, "accepted": 15,
-                  "far_interval": [0.00054, 0.00158], ...}, ...]
+                  "genuine": 3000, "impostors": 177000, "accepted": 73,
+                  "far_upper": 0.00097, "design_effect": 3.1,
+                  "people": 60}, ...]
 
-`accepted` of `impostors` is the FAR measured at the threshold (never above
-the target). `far_interval_pairs` is the exact (Clopper-Pearson) 95%
-interval of the true FAR given that count, as if every pair were drawn
-independently; where the people of each pair are known (folders of people),
-`far_interval_people` is the percentile bootstrap over people (people drawn
-with replacement, each pair counted once for every draw of both its
-people), which is what varies when the same threshold meets other people;
-`far_interval` spans both. With few accepted impostors, or few people, it is
-wide: that is the honest statement. The evaluation adds what the scores were,
-on which faces and at which step (the set's `provenance`);
-`inference/decisions.py` chooses among them for compare, identify and the
-exports. A pair is "same person" when its cosine is >= the threshold.
+Where the people of each pair are known (folders of people) and there are
+at least `MIN_PEOPLE` of them, `cosine` is the lowest threshold whose
+one-sided 95% upper bound of the FAR (`far_upper`) is at or below the
+target: "FAR <= 1e-3 at 95% confidence", with the measured `accepted` /
+`impostors` beside it. The bound (`upper_bound`) treats people, not
+pairs, as the unit drawn: pairs that share a person are not independent
+(a look-alike raises all of their pairs at once), so the variance of the
+measured rate is taken from leaving each person out in turn (the
+jackknife), its ratio to the binomial variance is the design effect, and
+the bound is the exact binomial (Clopper-Pearson) one of the effective
+count of pairs (Schuckers' design-effect correction). Fewer people, or
+pairs of unknown people (`.bin` sets, pairs files), state no bound:
+`cosine` is then the point estimate (at most floor(FAR n) impostors
+accepted) and `far_upper` is None, which decisions say.
+
+Measured by simulation (docs/DECISIONS.md; tests/unit/eval/test_coverage.py
+keeps it so), with person effects as strong as ORL's under insightface's
+w600k_mbf (design effect about 23 at FAR 1e-2 over 30 people): calibrated on
+30 to 60 people, the true FAR at the chosen threshold was at or below the
+target in 92.5-97% of 400 draws; on 20-25 people in 91.5-93.5%, hence
+MIN_PEOPLE. A pair is "same person" when its cosine is >= the threshold.
 """
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import numpy as np
 from scipy import stats
 
 FARS = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
 CONFIDENCE = 0.95
-_ROUNDS = 500  # bootstrap draws of people
+# People below which no bound is stated (where simulated coverage reached
+# 95%, see module), and comparisons needed per 1 / rate: with none accepted, n
+# comparisons bound a rate at -ln(0.05) / n, about 3 / n.
+MIN_PEOPLE = 30
+PER_RATE = 3
 
 
-def rate_interval(k: int, n: int, confidence: float = CONFIDENCE
-                  ) -> list[float]:
-  """Clopper-Pearson interval of a rate seen k times in n trials."""
-  alpha = 1.0 - confidence
-  low = 0.0 if k == 0 else float(stats.beta.ppf(alpha / 2, k, n - k + 1))
-  high = 1.0 if k >= n else float(stats.beta.ppf(1 - alpha / 2, k + 1, n - k))
-  return [low, high]
+def upper_bound(accepted: np.ndarray, totals: np.ndarray,
+                members: np.ndarray, confidence: float = CONFIDENCE
+                ) -> tuple[float, float]:
+  """(one-sided upper bound, design effect) of the rate sum(accepted) /
+  sum(totals) over units of people (see module).
 
-
-def people_intervals(members: np.ndarray, totals: np.ndarray,
-                     accepted: np.ndarray, num_people: int,
-                     confidence: float = CONFIDENCE, rounds: int = _ROUNDS,
-                     seed: int = 0) -> np.ndarray:
-  """(L, 2) percentile-bootstrap intervals over people of L rates.
-
-  Each unit (a pair of people, or one person) has `members` (U, m) person
-  indices, `totals` (U,) comparisons and `accepted` (U, L) of them counted
-  at each of L thresholds. A draw takes `num_people` people with
-  replacement; a unit weighs the product of its members' draw counts.
+  Each unit (a pair of people, or one searching person) has `members`
+  (U, m) person indices (distinct within a unit), `totals` (U,)
+  comparisons and `accepted` (U,) of them accepted.
   """
-  rng = np.random.default_rng(seed)
   accepted = np.asarray(accepted, np.float64)
   totals = np.asarray(totals, np.float64)
-  some = np.flatnonzero(accepted.any(axis=1))
-  rates = np.full((rounds, accepted.shape[1]), np.nan)
-  for r in range(rounds):
-    drawn = rng.multinomial(num_people, np.full(num_people, 1 / num_people))
-    weights = np.prod(drawn[members].astype(np.float64), axis=1)
-    denominator = weights @ totals
-    if denominator:
-      rates[r] = weights[some] @ accepted[some] / denominator
-  tail = 50 * (1 - confidence)
-  return np.nanpercentile(rates, [tail, 100 - tail], axis=0).T
+  members = np.asarray(members, np.int64).reshape(len(totals), -1)
+  hits, count = float(accepted.sum()), float(totals.sum())
+  rate = hits / count
+  design_effect = 1.0
+  if 0 < rate < 1:
+    # The rate with each person's comparisons left out (the jackknife;
+    # for pairs of people it errs on the wide side, which the skew of rare
+    # look-alikes needs: see the module's measurements).
+    people = int(members.max()) + 1
+    mine_hits = sum(np.bincount(m, accepted, people) for m in members.T)
+    mine = sum(np.bincount(m, totals, people) for m in members.T)
+    present = (mine > 0) & (mine < count)
+    if present.sum() > 1:
+      left_out = (hits - mine_hits[present]) / (count - mine[present])
+      n = present.sum()
+      variance = (n - 1) / n * np.sum((left_out - left_out.mean()) ** 2)
+      design_effect = max(1.0, variance / (rate * (1 - rate) / count))
+      # That variance is itself estimated from n people: the confidence is
+      # taken at Student's t with n - 1 degrees of freedom.
+      confidence = float(stats.norm.cdf(stats.t.ppf(confidence, n - 1)))
+  effective = count / design_effect
+  k = rate * effective
+  bound = 1.0 if k >= effective else float(
+      stats.beta.ppf(confidence, k + 1, effective - k))
+  return bound, float(design_effect)
 
 
-def cut_at(descending: np.ndarray, rate: float) -> float:
-  """The lowest threshold that accepts at most floor(rate n) of n scores
+def units_of(first: np.ndarray, second: Optional[np.ndarray] = None
+             ) -> tuple[np.ndarray, np.ndarray]:
+  """(unit of each comparison, (U, m) members of each unit): the pair of
+  people of each impostor pair (order ignored), or with `second` None the
+  searching person of each search."""
+  first = np.asarray(first, np.int64).reshape(-1)
+  if second is None:
+    people, unit = np.unique(first, return_inverse=True)
+    return unit.reshape(-1), people[:, None]
+  second = np.asarray(second, np.int64).reshape(-1)
+  low, high = np.minimum(first, second), np.maximum(first, second)
+  size = int(high.max()) + 1
+  pairs, unit = np.unique(low * size + high, return_inverse=True)
+  return unit.reshape(-1), np.stack([pairs // size, pairs % size], 1)
+
+
+def cut_at(descending: np.ndarray, count: int) -> float:
+  """The lowest threshold that accepts at most `count` of the scores
   sorted in decreasing order: the next float above the first score that
   must be refused (so its ties are refused too)."""
-  return float(np.nextafter(descending[int(math.floor(rate * len(
-      descending)))], np.inf))
+  return float(np.nextafter(descending[count], np.inf))
+
+
+def cut_holding(scores: np.ndarray, rate: float, unit: Optional[np.ndarray]
+                = None, members: Optional[np.ndarray] = None
+                ) -> Optional[dict]:
+  """The threshold of one rate over comparisons `scores`: {"cosine",
+  "accepted", "upper", "design_effect"}, None where fewer than PER_RATE /
+  rate comparisons resolve it.
+
+  With `unit` and `members` (`units_of`): the lowest threshold at an
+  impostor score whose `upper_bound` is at or below `rate`, found by
+  bisection over the count accepted (the bound grows with it). Without:
+  the point estimate, at most floor(rate n) accepted, and no bound.
+  """
+  scores = np.asarray(scores, np.float64).reshape(-1)
+  if len(scores) * rate < PER_RATE:
+    return None
+  descending = np.sort(scores)[::-1]
+  most = int(math.floor(rate * len(scores)))
+  if unit is None:
+    cosine = cut_at(descending, most)
+    return {"cosine": cosine, "accepted": int(np.sum(scores >= cosine)),
+            "upper": None, "design_effect": None}
+  totals = np.bincount(unit, minlength=len(members))
+
+  def bounded(count):
+    cosine = cut_at(descending, count)
+    hits = np.bincount(unit, scores >= cosine, len(members))
+    bound, effect = upper_bound(hits, totals, members)
+    return {"cosine": cosine, "accepted": int(hits.sum()), "upper": bound,
+            "design_effect": effect}
+
+  low, high, best = 0, most, bounded(0)
+  while low < high:  # the largest count whose bound holds
+    middle = (low + high + 1) // 2
+    found = bounded(middle)
+    if found["upper"] <= rate:
+      low, best = middle, found
+    else:
+      high = middle - 1
+  return best if best["upper"] <= rate else None
 
 
 def at_far(genuine: np.ndarray, impostor: np.ndarray, fars=FARS,
            impostor_people: tuple[np.ndarray, np.ndarray] | None = None
-           ) -> list[dict[str, float]]:
-  """The threshold of each FAR the impostors resolve (see module).
-
-  With the n impostor scores in decreasing order s_1 >= s_2 >= ..., at
-  most k = floor(FAR n) may be accepted: the threshold is the next float
-  above s_(k+1), so a tie at s_(k+1) is rejected too and the measured FAR
-  never exceeds the target. `impostor_people`, the person index of each
-  impostor pair's two faces, adds the interval over people.
-  """
+           ) -> list[dict]:
+  """The threshold of each FAR the impostors resolve (see module);
+  `impostor_people`, the person index of each impostor pair's two faces,
+  bounds it over people where they are at least MIN_PEOPLE."""
   genuine = np.asarray(genuine, np.float64).reshape(-1)
   scores = np.asarray(impostor, np.float64).reshape(-1)
-  impostor = np.sort(scores)[::-1]
+  unit = members = people = None
+  if impostor_people is not None and len(scores):
+    unit, members = units_of(*impostor_people)
+    people = len(np.unique(members))
+    if people < MIN_PEOPLE:
+      unit = members = None
   out = []
   for far in fars:
-    if len(impostor) * far < 1 or not len(genuine):
+    cut = cut_holding(scores, far, unit, members) if len(genuine) else None
+    if cut is None:
       continue
-    cosine = cut_at(impostor, far)
-    accepted = int(np.sum(impostor >= cosine))
-    interval = rate_interval(accepted, len(impostor))
-    out.append({"far": far, "cosine": cosine,
-                "tar": float(np.mean(genuine >= cosine)),
-                "genuine": int(len(genuine)), "impostors": int(len(impostor)),
-                "accepted": accepted, "far_interval": interval,
-                "far_interval_pairs": interval})
-  if impostor_people is not None and out:
-    _widen_by_people(out, scores, impostor_people)
+    out.append({"far": far, "cosine": cut["cosine"],
+                "tar": float(np.mean(genuine >= cut["cosine"])),
+                "genuine": int(len(genuine)), "impostors": int(len(scores)),
+                "accepted": cut["accepted"], "far_upper": cut["upper"],
+                "design_effect": cut["design_effect"], "people": people})
   return out
-
-
-def _widen_by_people(rows: list[dict], scores: np.ndarray,
-                     people: tuple[np.ndarray, np.ndarray]) -> None:
-  """Adds each row's interval over people and widens its far_interval."""
-  first, second = (np.asarray(p, np.int64) for p in people)
-  low, high = np.minimum(first, second), np.maximum(first, second)
-  num_people = int(high.max()) + 1
-  pair, unit = np.unique(low * num_people + high, return_inverse=True)
-  unit = unit.reshape(-1)
-  totals = np.bincount(unit, minlength=len(pair))
-  accepted = np.stack([np.bincount(unit, weights=scores >= r["cosine"],
-                                   minlength=len(pair)) for r in rows], 1)
-  members = np.stack([pair // num_people, pair % num_people], 1)
-  for row, (lo, hi) in zip(rows, people_intervals(members, totals, accepted,
-                                                  num_people)):
-    row["far_interval_people"] = [float(lo), float(hi)]
-    row["far_interval"] = [min(row["far_interval"][0], float(lo)),
-                           max(row["far_interval"][1], float(hi))]
 
 
 def from_labels(labels: np.ndarray, scores: np.ndarray,

@@ -160,17 +160,30 @@ def described_links(root: pathlib.Path, links: list[pathlib.Path]) -> str:
 
 
 def list_images(directory: pathlib.Path) -> list[pathlib.Path]:
-  """The image files below `directory` (`files_below`: linked folders inside
-  it are not followed, and a note names them). Every name with an image
-  suffix is listed, readable or not: reading it then says what is wrong,
-  instead of the image silently missing."""
+  """The image files below `directory` by `files_below`'s rule, where the
+  folders directly in it count as the folder handed (a folder of people
+  whose folders are links, as `folders.read` takes them), unless one holds
+  `directory` or lies inside it. The linked folders left out are named in
+  a note. Every name with an image suffix is listed, readable or not:
+  reading it then says what is wrong, instead of the image silently
+  missing."""
+  directory = pathlib.Path(directory)
   found, links = files_below(directory)
+  real_root = os.path.realpath(directory)
+  for link in [p for p in links if p.parent == directory]:
+    real = os.path.realpath(link)
+    if not (real_root == real or real.startswith(real_root + os.sep) or
+            real_root.startswith(real.rstrip(os.sep) + os.sep)):
+      links.remove(link)
+      more, deeper = files_below(link)
+      found += more
+      links += deeper
   if links:
     reporting.note(f"{directory}: {len(links)} linked folder(s) inside not "
                    "followed, their images left out (" +
-                   described_links(directory, links) + ").")
-  return [p for p in found
-          if os.path.splitext(p.name)[1].lower() in IMAGE_EXTENSIONS]
+                   described_links(directory, sorted(links)) + ").")
+  return sorted(p for p in found
+                if os.path.splitext(p.name)[1].lower() in IMAGE_EXTENSIONS)
 
 
 def require_dir(path: pathlib.Path, what: str) -> pathlib.Path:

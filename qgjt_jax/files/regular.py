@@ -66,6 +66,23 @@ def require_regular(path: str | os.PathLike, what: str = "") -> None:
     raise _refuse(path, mode, what)
 
 
+def read_bytes(path: str | os.PathLike, limit: int, kind: str,
+               error: type[errors.UserError], what: str = "") -> bytes:
+  """The bytes of a regular file of at most `limit` bytes; a bigger one is
+  refused before it is read, as `error` naming `what` + path and the file
+  as `kind`.
+
+  Raises:
+    error: as above; NotAFileError, OSError: as `open_regular`.
+  """
+  with open_regular(path, what) as f:
+    size = os.fstat(f.fileno()).st_size
+    if size > limit:
+      raise error(f"{what}{path}: {size:,} bytes, over the {limit:,} "
+                  f"{kind} may hold")
+    return f.read(limit + 1)
+
+
 def read_text(path: str | os.PathLike, limit: int, kind: str,
               error: type[errors.UserError], what: str = "") -> str:
   """The UTF-8 text (a byte-order mark dropped) of a regular file of at
@@ -77,12 +94,7 @@ def read_text(path: str | os.PathLike, limit: int, kind: str,
   Raises:
     error: as above; NotAFileError, OSError: as `open_regular`.
   """
-  with open_regular(path, what) as f:
-    size = os.fstat(f.fileno()).st_size
-    if size > limit:
-      raise error(f"{what}{path}: {size:,} bytes, over the {limit:,} "
-                  f"{kind} may hold")
-    data = f.read(limit + 1)
+  data = read_bytes(path, limit, kind, error, what)
   try:
     return data.decode("utf-8-sig")
   except UnicodeDecodeError as e:

@@ -14,8 +14,10 @@ these rules, and stated with where it comes from:
   sets. Generated faces and IJB templates (pooled photos) say nothing of
   single photos: they are used only when named (`--threshold_set`), and
   the decision then says what they are;
-* enough impostors for the FAR asked (at least 1 / FAR); otherwise the
-  decision is refused, naming the count and the FAR that count resolves.
+* enough impostors for the FAR asked (at least 3 / FAR); otherwise the
+  decision is refused, naming the count and the FAR that count resolves;
+* stated as a bound where the set's people allow one ("FAR <= 1e-3 at 95%
+  confidence over 60 people"), else said to be a point estimate.
 
 `identify` asks for a false-positive identification rate instead: the
 threshold at which the calibration's non-mated searches (each person left
@@ -25,12 +27,16 @@ expected false alarms for the gallery searched (`OpenSetThreshold`).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io
 import json
 import math
 import os
 import pathlib
 import re
 from typing import Any, Optional
+
+import numpy as np
 
 from qgjt_jax import errors
 from qgjt_jax import workdir as workdir_layout
@@ -74,6 +80,7 @@ class Threshold:
   provenance: dict = dataclasses.field(default_factory=dict)
   row: dict = dataclasses.field(default_factory=dict)
   people: Optional[int] = None  # how many people the set's photos show
+  searches: Optional[dict] = None  # where the set's photos are stored
 
   @property
   def kind(self) -> Optional[str]:
@@ -92,12 +99,10 @@ class Threshold:
   def describe(self) -> str:
     if self.far is None:
       return f"threshold {self.cosine:.4f}, given by --threshold"
-    k, n = self.row.get("accepted"), self.row.get("impostors")
-    low, high = self.row.get("far_interval", (math.nan, math.nan))
-    return (f"threshold {self.cosine:.4f} at FAR {self.far:.0e} on "
-            f"{self.origin()}: {k:,} of {n:,} impostor pairs accepted, true "
-            f"FAR {low:.1e} to {high:.1e} ({_over(self.row)})"
-            f"{self.rests_on()}")
+    return (f"threshold {self.cosine:.4f} on {self.origin()}: " +
+            _stated(self.row, "FAR", self.far, ".0e", "accepted",
+                    "impostors", "impostor pairs accepted") +
+            self.rests_on())
 
   def rests_on(self) -> str:
     """What the threshold does for genuine pairs (TAR; TPIR for open-set
@@ -111,30 +116,57 @@ class Threshold:
     if tpir is not None:
       parts.append(f"TPIR {tpir:.3f} there")
     if self.people:
-      parts.append(f"{self.people:,} people")
+      parts.append(f"{self.people:,} people in the set")
     return "; " + ", ".join(parts) if parts else ""
 
 
 @dataclasses.dataclass(frozen=True)
 class OpenSetThreshold(Threshold):
-  """A threshold at a false-positive identification rate."""
+  """A threshold at a false-positive identification rate: measured on
+  galleries of the calibration's own people (each left out in turn), or
+  with `on_gallery`, against the very gallery searched (`on_gallery()`)."""
   fpir: Optional[float] = None
+  on_gallery: bool = False
 
   def describe(self) -> str:
-    k, n = self.row.get("false_alarms"), self.row.get("searches")
-    low, high = self.row.get("fpir_interval", (math.nan, math.nan))
-    return (f"threshold {self.cosine:.4f} at FPIR {self.fpir:g} on "
-            f"{self.origin()}: {k:,} false alarms in {n:,} non-mated "
-            f"searches against galleries of "
-            f"{self.row.get('gallery_people', 0):,} people, true FPIR "
-            f"{low:.1e} to {high:.1e} ({_over(self.row)}){self.rests_on()}")
+    where = ("this gallery of" if self.on_gallery else "galleries of")
+    return (f"threshold {self.cosine:.4f} on {self.origin()}: " +
+            _stated(self.row, "FPIR", self.fpir, "g", "false_alarms",
+                    "searches", "non-mated searches raising a false alarm") +
+            f" against {where} {self.row.get('gallery_people', 0):,} "
+            f"people{self.rests_on()}")
 
 
-def _over(row: dict) -> str:
-  """What a row's interval accounts for."""
-  if any(k.endswith("_people") for k in row):
-    return "95%, over pairs and over people"
-  return "95%, over pairs"
+def on_gallery(threshold: OpenSetThreshold, searches: identification.Searches,
+               best: np.ndarray, gallery_people: int
+               ) -> Optional[OpenSetThreshold]:
+  """The threshold of `threshold`'s FPIR cut again against the gallery a
+  search is about to use (of `gallery_people`): `best` holds each stored
+  search's best cosine among its templates (`identification.open_set_cut`);
+  None where that does not resolve the rate."""
+  row = identification.open_set_cut(best, searches.people, threshold.fpir,
+                                    gallery_people)
+  if row is None:
+    return None
+  return dataclasses.replace(threshold, cosine=row["cosine"], row=row,
+                             on_gallery=True)
+
+
+def _stated(row: dict, rate: str, value: float, form: str, k: str, n: str,
+            counted: str) -> str:
+  """What a stored row claims: a bound over people where it has one, the
+  measured count beside it; else a point estimate, said to be one."""
+  measured = f"{row[k]:,} of {row[n]:,} {counted}"
+  upper = row.get(f"{rate.lower()}_upper")
+  if upper is not None:
+    return (f"{rate} <= {value:{form}} at 95% confidence over "
+            f"{row['people']:,} people (bound {upper:.1e}; measured "
+            f"{row[k] / row[n]:.1e}, {measured})")
+  why = (f"only {row['people']:,} people" if row.get("people") else
+         "pairs of people it does not know")
+  return (f"{rate} about {value:{form}}, a point estimate ({measured}) "
+          f"that no bound backs: it rests on {why}, and a bound needs "
+          f"{thresholds.MIN_PEOPLE} people or more")
 
 
 def results_files(workdir: str) -> list[tuple[tuple[int, int], pathlib.Path]]:
@@ -304,13 +336,14 @@ def _row_at(rate: _Rate, value: float, workdir: str, step: int,
           f"{', '.join(f'{g:{rate.format}}' for g in rate.grid)} only; {use}")
     raise DecisionError(
         f"{rate.field.upper()} {value:{rate.format}} needs "
-        f"{math.ceil(1 / value):,} {rate.needs}; {name} ({path.name}) has "
+        f"{math.ceil(thresholds.PER_RATE / value):,} {rate.needs}; {name} ({path.name}) has "
         f"{entry.get(rate.count, 0):,}: {use}" +
         (f", or calibrate on more {rate.more}" if coarsest else ""))
   _check_use(entry, f"{name} ({path.name})", align)
   return dict(cosine=row["cosine"], set_name=name, step=measured,
               file=path.name, provenance=entry["provenance"], row=row,
-              people=entry.get("num_people")), notes
+              people=entry.get("num_people"),
+              searches=entry.get("searches")), notes
 
 
 # How faces were made, as a threshold records it and a decision says it.
@@ -387,6 +420,54 @@ def at_fpir(workdir: str, step: int, fpir: float,
   return OpenSetThreshold(fpir=float(found["row"]["fpir"]), **found), notes
 
 
+def stored_searches(workdir: str, threshold: Threshold, dim: int
+                    ) -> Optional[identification.Searches]:
+  """The photos of the set a threshold was measured on, stored by its
+  evaluation as searches (`eval.report.write_results`), for identify to
+  measure the threshold against its own gallery; None where the set
+  stored none (an older evaluation, or one carried in an export).
+
+  Raises:
+    DecisionError: the stored file is not the one the evaluation wrote
+      (its digest), or not `dim`-wide float32 embeddings of its photos.
+  """
+  ref = threshold.searches
+  if not ref:
+    return None
+  path = pathlib.Path(workdir) / workdir_layout.EVAL / ref["file"]
+  if not os.path.lexists(path):
+    return None
+  count = len(ref["people"])
+  limit = 4096 + count * dim * 4  # an .npy header and the float32 rows
+  data = regular.read_bytes(path, limit, "stored searches", DecisionError)
+  if hashlib.sha256(data).hexdigest() != ref["sha256"]:
+    raise DecisionError(f"{path}: not the file {threshold.file} recorded "
+                        "(its SHA-256 differs): run --mode=eval again")
+  # The header is read and checked first: numpy allocates the shape an
+  # .npy declares before it reads the rows.
+  stream = io.BytesIO(data)
+  try:
+    version = np.lib.format.read_magic(stream)
+    shape, fortran, dtype = (np.lib.format.read_array_header_1_0(stream)
+                             if version == (1, 0) else
+                             np.lib.format.read_array_header_2_0(stream))
+  except ValueError as e:
+    raise DecisionError(f"{path}: not an .npy array ({errors.one_line(e)})"
+                        ) from None
+  expected = (count, dim)
+  if (dtype != np.dtype("<f4") or fortran or shape != expected or
+      len(data) - stream.tell() != count * dim * 4):
+    raise DecisionError(
+        f"{path}: holds {dtype} {shape}, not the float32 {expected} "
+        "embeddings of the set's photos: run --mode=eval again")
+  embeddings = np.frombuffer(data, "<f4", offset=stream.tell()).reshape(
+      expected)
+  if not np.isfinite(embeddings).all():
+    raise DecisionError(f"{path}: holds values that are no numbers: run "
+                        "--mode=eval again")
+  return identification.Searches(embeddings, np.asarray(ref["people"]))
+
+
 def check_rate(rate: float, flag: str) -> None:
   if not (isinstance(rate, (int, float)) and 0 < rate < 1):
     raise DecisionError(f"{flag}={rate}: a rate between 0 and 1 (e.g. "
@@ -426,8 +507,10 @@ def exported(workdir: str, step: int) -> Optional[dict[str, Any]]:
       scored = _provenance(metrics).get("scoring") == extract.DECISION_SCORING
       if metrics[key] and scored and name not in sets:
         sets[name] = checked(metrics, path, name)
-        # The folder's local path stays on this machine.
+        # The folder's local path stays on this machine, and the stored
+        # photos in the workdir (identify falls back without them).
         sets[name]["provenance"].pop("folder", None)
+        sets[name].pop("searches", None)
   if not sets:
     return None
   return {"evaluation": f"eval/{path.name}", "step": measured,

@@ -12,13 +12,15 @@ gets its five best identities and their cosines; its decision is the best
 identity when that cosine reaches the threshold, else "unknown": an
 open-set search.
 
-The threshold is the one at which the calibration's non-mated searches
-(each calibration person left out of a gallery of the others) raised a
-false alarm at the rate --fpir (`inference/decisions.py`); with --far a
-1:1 threshold instead, or --threshold by hand. A search against N people
-has N chances of a false match, so the command prints the expected false
-alarms for this gallery's size, and warns when the gallery's people are
-the very people the threshold was measured on. The search runs on the
+The threshold of --fpir is measured against the gallery searched: the
+calibration's photos, which its evaluation stores, search this gallery as
+people it does not hold, and the threshold is cut where their false alarms
+stay at the rate, bounded over the calibration's people where there are
+enough (`inference/decisions.py`). An evaluation that stored no photos
+gives the threshold of its own galleries (each calibration person left out
+of the others'), and a warning where this gallery is bigger. With --far a
+1:1 threshold instead, or --threshold by hand. The command warns when the
+gallery's people are the very people the threshold was measured on. The search runs on the
 accelerator, a block of probes against every template at a time, so
 galleries of 100,000 people fit.
 """
@@ -144,10 +146,27 @@ def decision_threshold(model, *, fpir: float = 0.01,
   return chosen
 
 
+def _on_this_gallery(model, chosen, gallery: np.ndarray):
+  """The open-set threshold measured against the gallery searched: the
+  calibration's photos, stored by its evaluation, search it as people it
+  does not hold, and the threshold is cut on their best scores. As it was
+  where the evaluation stored none."""
+  searches = decisions.stored_searches(model.workdir, chosen,
+                                       gallery.shape[1])
+  if searches is None:
+    return chosen
+  best = search(searches.embeddings, gallery)[0][:, 0]
+  return decisions.on_gallery(chosen, searches, best, len(gallery)) or chosen
+
+
 def _what_it_means(chosen, people: list[str]) -> list[str]:
   """Lines saying what the threshold stands for with this gallery."""
   count = len(people)
-  if isinstance(chosen, decisions.OpenSetThreshold):
+  if getattr(chosen, "on_gallery", False):
+    lines = [f"Decided at {chosen.describe()}: the calibration's "
+             f"{chosen.row['searches']:,} photos searched this gallery as "
+             "people it does not hold."]
+  elif isinstance(chosen, decisions.OpenSetThreshold):
     measured = int(chosen.row.get("gallery_people", 0))
     lines = [f"Decided at {chosen.describe()}. The FPIR was measured on "
              f"galleries of {measured:,} people; this gallery has "
@@ -212,6 +231,8 @@ def run_identify(model, gallery: str, probes: str, out: str, *,
                            "photo(s) gave a face to enrol (" + _left_out(
                                enrolled) + ")")
   names, gallery_feats = templates(enrolled.embeddings, weights, owner)
+  if isinstance(chosen, decisions.OpenSetThreshold):
+    chosen = _on_this_gallery(model, chosen, gallery_feats)
   searched = embedder.embed(probe_paths, root=probes, skip_bad=skip_bad,
                             desc="probes")
   if not searched.paths:

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from qgjt_jax.eval import identification
+from qgjt_jax.eval import thresholds
 from qgjt_jax.eval import scface
 from qgjt_jax.eval import tinyface
 from tests.helpers.eval_trees import (SIZE, embed_fn, scface_tree, stored_feature,
@@ -206,8 +207,11 @@ def test_open_set_calibration_against_brute_force():
   feats /= np.linalg.norm(feats, axis=1, keepdims=True)
   rows = identification.open_set_calibration(feats, labels, chunk_size=7)
   assert [r["fpir"] for r in rows] == [
-      f for f in identification.FPIRS if len(labels) * f >= 1]
+      f for f in identification.FPIRS
+      if len(labels) * f >= thresholds.PER_RATE]
   for row in rows:
+    # 12 people: a point estimate, with no bound.
+    assert row["fpir_upper"] is None and row["people"] == 12
     cosine, alarms, tpir, match_rate = _brute_force_open_set(
         feats, labels, row["fpir"])
     assert row["cosine"] == pytest.approx(cosine, abs=1e-12)
@@ -224,6 +228,6 @@ def test_open_set_calibration_too_small_for_any_rate():
   numpy casting error when a calibration was that small)."""
   feats = np.random.default_rng(0).normal(size=(9, 8))
   feats /= np.linalg.norm(feats, axis=1, keepdims=True)
-  assert min(identification.FPIRS) * 9 < 1
+  assert max(identification.FPIRS) * 9 < thresholds.PER_RATE
   assert identification.open_set_calibration(feats, np.repeat(
       np.arange(3), 3)) == []

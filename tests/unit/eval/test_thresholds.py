@@ -15,7 +15,8 @@ def test_each_threshold_accepts_at_most_its_share_and_no_less(impostors):
   impostor = np.round(rng.normal(0.0, 0.2, impostors), 3)  # with ties
   genuine = rng.normal(0.5, 0.2, 500)
   rows = thresholds.at_far(genuine, impostor)
-  resolvable = [f for f in thresholds.FARS if impostors * f >= 1]
+  resolvable = [f for f in thresholds.FARS
+                if impostors * f >= thresholds.PER_RATE]
   assert [r["far"] for r in rows] == resolvable
   for row in rows:
     allowed = math.floor(row["far"] * impostors)
@@ -46,28 +47,81 @@ def test_verification_reports_cosines_of_its_own_rule():
   for got, expected in zip(metrics["thresholds"], want, strict=True):
     assert got.keys() == expected.keys()
     for key in got:
-      np.testing.assert_allclose(got[key], expected[key], rtol=1e-12)
+      if expected[key] is None:
+        assert got[key] is None, key
+      else:
+        np.testing.assert_allclose(got[key], expected[key], rtol=1e-12)
 
 
-def test_each_threshold_states_its_count_and_exact_interval():
-  """The interval is Clopper-Pearson's, checked against scipy's own exact
-  binomial interval, and covers the true rate as often as it says."""
-  rng = np.random.default_rng(7)
-  impostor = rng.normal(0.0, 0.2, 3000)
-  for row in thresholds.at_far(rng.normal(0.5, 0.2, 100), impostor):
-    k, n = row["accepted"], row["impostors"]
-    assert k == np.sum(impostor >= row["cosine"]) and n == 3000
-    exact = stats.binomtest(k, n).proportion_ci(confidence_level=0.95,
-                                                method="exact")
-    np.testing.assert_allclose(row["far_interval"], [exact.low, exact.high],
-                               rtol=1e-9)
-  assert thresholds.rate_interval(0, 100)[0] == 0.0
-  assert thresholds.rate_interval(100, 100)[1] == 1.0
-  # Coverage: 2,000 samples of 1,000 trials at a true rate of 0.004.
-  counts = rng.binomial(1000, 0.004, 2000)
-  covered = [lo <= 0.004 <= hi for lo, hi in
-             (thresholds.rate_interval(int(k), 1000) for k in counts)]
-  assert np.mean(covered) >= 0.95
+def test_the_bound_of_independent_comparisons_is_clopper_pearsons():
+  """One comparison per person: nothing is shared, the design effect is
+  1 and the bound is the exact one-sided binomial one (scipy's)."""
+  for k, n in ((0, 300), (4, 1000), (37, 5000)):
+    accepted = np.r_[np.ones(k), np.zeros(n - k)]
+    bound, effect = thresholds.upper_bound(accepted, np.ones(n),
+                                           np.arange(n)[:, None])
+    exact = stats.binomtest(k, n, alternative="less").proportion_ci(
+        confidence_level=0.95, method="exact").high
+    # The jackknife's n / (n - 1) is all that separates them.
+    assert effect == pytest.approx(1.0, abs=n / (n - 1) - 1 + 1e-12)
+    assert bound == pytest.approx(exact, rel=2e-3)
+
+
+def _leave_each_out(scores, p, q, cosine):
+  """The design effect by a plain loop: the rate without each person."""
+  accepted = scores >= cosine
+  rate = accepted.mean()
+  people = np.unique(np.r_[p, q])
+  rates = np.array([accepted[(p != i) & (q != i)].mean() for i in people])
+  variance = (len(people) - 1) / len(people) * np.sum(
+      (rates - rates.mean()) ** 2)
+  return max(1.0, variance / (rate * (1 - rate) / len(scores)))
+
+
+def test_thresholds_over_people_are_the_lowest_whose_bound_holds():
+  """Against a plain loop: the design effect is the jackknife's over
+  people, the bound is at or below the FAR, and accepting the next
+  impostor pair lifts it above; a person who looks like everyone widens
+  it (a design effect well above 1)."""
+  rng = np.random.default_rng(11)
+  labels = np.repeat(np.arange(40), 5)
+  first, second = np.triu_indices(len(labels), 1)
+  impostor = labels[first] != labels[second]
+  p, q = labels[first][impostor], labels[second][impostor]
+  scores = rng.normal(0, 0.2, len(p)) + 0.4 * ((p < 2) | (q < 2))
+  rows = thresholds.at_far(rng.normal(0.6, 0.1, 50), scores,
+                           impostor_people=(p, q))
+  assert [r["far"] for r in rows] == [1e-2, 1e-3]
+  unit, members = thresholds.units_of(p, q)
+  descending = np.sort(scores)[::-1]
+  for row in rows:
+    accepted = int(np.sum(scores >= row["cosine"]))
+    assert row["accepted"] == accepted and row["people"] == 40
+    assert row["design_effect"] == pytest.approx(
+        _leave_each_out(scores, p, q, row["cosine"]), rel=1e-9)
+    assert row["design_effect"] > 2
+    assert row["accepted"] / row["impostors"] <= row["far_upper"] <= (
+        row["far"])
+    if accepted < len(descending):  # one more pair accepted: too high
+      lower = thresholds.cut_at(descending, accepted + 1)
+      hits = np.bincount(unit, scores >= lower, len(members))
+      bound, _ = thresholds.upper_bound(
+          hits, np.bincount(unit, minlength=len(members)), members)
+      assert bound > row["far"]
+
+
+def test_too_few_people_state_a_point_estimate_without_a_bound():
+  rng = np.random.default_rng(2)
+  labels = np.repeat(np.arange(thresholds.MIN_PEOPLE - 1), 6)
+  first, second = np.triu_indices(len(labels), 1)
+  impostor = labels[first] != labels[second]
+  scores = rng.normal(0, 0.2, impostor.sum())
+  rows = thresholds.at_far(np.ones(3), scores, impostor_people=(
+      labels[first][impostor], labels[second][impostor]))
+  alone = thresholds.at_far(np.ones(3), scores)
+  assert [{**r, "people": None} for r in rows] == alone
+  assert all(r["far_upper"] is None and r["people"] == len(set(labels))
+             for r in rows)
 
 
 def test_roc_points_count_what_each_far_allows():
@@ -81,35 +135,3 @@ def test_roc_points_count_what_each_far_allows():
     assert np.sum(impostor > cut) <= far * 5000 + 1e-9
     assert tar == pytest.approx(np.mean(genuine > cut))
   assert np.all(np.diff([t for _, t in points]) >= 0)
-
-
-def test_the_interval_over_people_resamples_people():
-  """Against a plain loop over draws of people and over pairs; and when one
-  person causes every false accept, draws without that person accept none,
-  so the interval reaches 0 while the one over pairs does not."""
-  rng = np.random.default_rng(11)
-  labels = np.repeat(np.arange(9), 5)
-  first, second = np.triu_indices(len(labels), 1)
-  impostor = labels[first] != labels[second]
-  p, q = labels[first][impostor], labels[second][impostor]
-  scores = rng.normal(0, 0.2, len(p)) + 0.5 * ((p == 0) | (q == 0))
-  genuine = rng.normal(0.6, 0.1, 50)
-  rows = thresholds.at_far(genuine, scores, impostor_people=(p, q))
-  draws = np.random.default_rng(0)
-  for row in rows:
-    rates = []
-    for _ in range(500):
-      counts = draws.multinomial(9, np.full(9, 1 / 9))
-      weight = counts[p] * counts[q]
-      rates.append(np.sum(weight * (scores >= row["cosine"])) /
-                   np.sum(weight))
-    draws = np.random.default_rng(0)  # each row sees the same draws
-    np.testing.assert_allclose(row["far_interval_people"],
-                               np.percentile(rates, [2.5, 97.5]), rtol=1e-9)
-    assert row["far_interval"] == [
-        min(row["far_interval_pairs"][0], row["far_interval_people"][0]),
-        max(row["far_interval_pairs"][1], row["far_interval_people"][1])]
-  culprit = rows[0]  # FAR 1e-2: its accepted pairs all involve person 0
-  assert np.all(((p == 0) | (q == 0))[scores >= culprit["cosine"]])
-  assert culprit["far_interval_people"][0] == 0.0
-  assert culprit["far_interval_pairs"][0] > 0.0

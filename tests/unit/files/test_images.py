@@ -57,8 +57,9 @@ def test_read_image_resizes_and_names_bad_files(tmp_path):
 
 
 def test_list_images_follows_no_link_below_the_folder(tmp_path, capsys):
-  """The folder handed may be a link; links inside it (one to `/` would walk
-  the whole file system) are named, never followed."""
+  """The folder handed, and the folders directly in it (people), may be
+  links; deeper links, and one to `/` (it would walk the whole file
+  system), are named, never followed."""
   photos = tmp_path / "photos"
   (photos / "day1").mkdir(parents=True)
   for name in ("day1/a.jpg", "b.PNG", "notes.txt", ".hidden.jpg"):
@@ -69,8 +70,9 @@ def test_list_images_follows_no_link_below_the_folder(tmp_path, capsys):
   os.symlink("../../other", photos / "day1" / "more")
   os.symlink("missing.jpg", photos / "dangling.jpg")
   os.symlink(photos, tmp_path / "handed")
+  os.symlink(tmp_path / "other", photos / "carol")
   listed = images.list_images(tmp_path / "handed")
   assert [p.relative_to(tmp_path / "handed").as_posix() for p in listed] == [
-      "b.PNG", "dangling.jpg", "day1/a.jpg"]
+      "b.PNG", "carol/c.jpg", "dangling.jpg", "day1/a.jpg"]
   assert ("2 linked folder(s) inside not followed, their images left out "
           "(day1/more -> ../../other, root -> /)") in capsys.readouterr().out
