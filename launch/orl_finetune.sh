@@ -57,6 +57,8 @@ evaluation=(--config.eval.folders="('$out/test_photos',)"
 finetune=(--config=configs/finetune.py --config.init_from="$out/w600k_mbf"
           --config.data.tfds_name="face_image_folder/$set_name"
           --config.data.tfds_data_dir="$out/tfds" "${evaluation[@]}")
+read -r -a extra <<< "${ORL_FLAGS:-}"
+finetune+=("${extra[@]}")
 for seed in $seeds; do
   if [ -z "$weights" ]; then
     [ -d "$out/qgface_$seed/eval" ] || timed "qgface_$seed" python -m \

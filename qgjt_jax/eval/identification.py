@@ -89,16 +89,13 @@ def open_set_cut(best: np.ndarray, people: np.ndarray, fpir: float,
   `people` (n,) whose photo it is. Cut as `open_set_calibration` cuts, the
   searching person the unit; None where the searches do not resolve the
   rate."""
-  best = np.asarray(best, np.float64)
-  count = len(np.unique(people))
-  unit, members = (thresholds.units_of(people) if count >=
-                   thresholds.MIN_PEOPLE else (None, None))
-  cut = thresholds.cut_holding(best, fpir, unit, members)
+  units = thresholds.units_of(people)
+  cut = thresholds.cut_holding(best, fpir, units)
   if cut is None:
     return None
   return {"fpir": fpir, "cosine": cut["cosine"], "searches": int(len(best)),
           "false_alarms": cut["accepted"], "fpir_upper": cut["upper"],
-          "design_effect": cut["design_effect"], "people": count,
+          "design_effect": cut["design_effect"], "people": units.people,
           "gallery_people": int(gallery_people)}
 
 
@@ -144,10 +141,9 @@ def open_set_calibration(feats: np.ndarray, labels: np.ndarray,
   mated = counts[labels] > 1
   mate = np.where(mated, np.sum(feats * rest, axis=1) / np.maximum(
       np.linalg.norm(rest, axis=1), 1e-12), -np.inf)
-  unit, members = (thresholds.units_of(labels) if people >=
-                   thresholds.MIN_PEOPLE else (None, None))
+  units = thresholds.units_of(labels)
   cuts = [(fpir, cut) for fpir in fpirs if (cut := thresholds.cut_holding(
-      non_mated, fpir, unit, members)) is not None]
+      non_mated, fpir, units)) is not None]
   if not cuts:  # too few searches to resolve any rate
     return []
   passing = np.zeros(len(cuts), np.int64)  # comparisons at or above each

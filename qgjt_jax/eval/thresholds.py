@@ -34,6 +34,7 @@ MIN_PEOPLE. A pair is "same person" when its cosine is >= the threshold.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Optional
 
@@ -88,20 +89,34 @@ def upper_bound(accepted: np.ndarray, totals: np.ndarray,
   return bound, float(design_effect)
 
 
+@dataclasses.dataclass(frozen=True)
+class Units:
+  """What a bound over people resamples: the unit of each comparison (a
+  pair of people, or a searching person), the (U, m) people of each unit,
+  and how many people there are."""
+  unit: np.ndarray
+  members: np.ndarray
+  people: int
+
+  @property
+  def bounded(self) -> bool:
+    return self.people >= MIN_PEOPLE
+
+
 def units_of(first: np.ndarray, second: Optional[np.ndarray] = None
-             ) -> tuple[np.ndarray, np.ndarray]:
-  """(unit of each comparison, (U, m) members of each unit): the pair of
-  people of each impostor pair (order ignored), or with `second` None the
-  searching person of each search."""
+             ) -> Units:
+  """The pair of people of each impostor pair (order ignored), or with
+  `second` None the searching person of each search."""
   first = np.asarray(first, np.int64).reshape(-1)
   if second is None:
     people, unit = np.unique(first, return_inverse=True)
-    return unit.reshape(-1), people[:, None]
+    return Units(unit.reshape(-1), people[:, None], len(people))
   second = np.asarray(second, np.int64).reshape(-1)
   low, high = np.minimum(first, second), np.maximum(first, second)
   size = int(high.max()) + 1
   pairs, unit = np.unique(low * size + high, return_inverse=True)
-  return unit.reshape(-1), np.stack([pairs // size, pairs % size], 1)
+  members = np.stack([pairs // size, pairs % size], 1)
+  return Units(unit.reshape(-1), members, len(np.unique(members)))
 
 
 def cut_at(descending: np.ndarray, count: int) -> float:
@@ -111,33 +126,33 @@ def cut_at(descending: np.ndarray, count: int) -> float:
   return float(np.nextafter(descending[count], np.inf))
 
 
-def cut_holding(scores: np.ndarray, rate: float, unit: Optional[np.ndarray]
-                = None, members: Optional[np.ndarray] = None
-                ) -> Optional[dict]:
+def cut_holding(scores: np.ndarray, rate: float,
+                units: Optional[Units] = None) -> Optional[dict]:
   """The threshold of one rate over comparisons `scores`: {"cosine",
   "accepted", "upper", "design_effect"}, None where fewer than PER_RATE /
   rate comparisons resolve it.
 
-  With `unit` and `members` (`units_of`): the lowest threshold at an
-  impostor score whose `upper_bound` is at or below `rate`, found by
-  bisection over the count accepted (the bound grows with it). Without:
-  the point estimate, at most floor(rate n) accepted, and no bound.
+  Over `units` of MIN_PEOPLE people or more: the lowest threshold at a
+  score whose `upper_bound` is at or below `rate`, found by bisection over
+  the count accepted (the bound grows with it). Otherwise: the point
+  estimate, at most floor(rate n) accepted, and no bound.
   """
   scores = np.asarray(scores, np.float64).reshape(-1)
   if len(scores) * rate < PER_RATE:
     return None
   descending = np.sort(scores)[::-1]
   most = int(math.floor(rate * len(scores)))
-  if unit is None:
+  if units is None or not units.bounded:
     cosine = cut_at(descending, most)
     return {"cosine": cosine, "accepted": int(np.sum(scores >= cosine)),
             "upper": None, "design_effect": None}
-  totals = np.bincount(unit, minlength=len(members))
+  count_of = len(units.members)
+  totals = np.bincount(units.unit, minlength=count_of)
 
   def bounded(count):
     cosine = cut_at(descending, count)
-    hits = np.bincount(unit, scores >= cosine, len(members))
-    bound, effect = upper_bound(hits, totals, members)
+    hits = np.bincount(units.unit, scores >= cosine, count_of)
+    bound, effect = upper_bound(hits, totals, units.members)
     return {"cosine": cosine, "accepted": int(hits.sum()), "upper": bound,
             "design_effect": effect}
 
@@ -160,22 +175,19 @@ def at_far(genuine: np.ndarray, impostor: np.ndarray, fars=FARS,
   bounds it over people where they are at least MIN_PEOPLE."""
   genuine = np.asarray(genuine, np.float64).reshape(-1)
   scores = np.asarray(impostor, np.float64).reshape(-1)
-  unit = members = people = None
-  if impostor_people is not None and len(scores):
-    unit, members = units_of(*impostor_people)
-    people = len(np.unique(members))
-    if people < MIN_PEOPLE:
-      unit = members = None
+  units = (units_of(*impostor_people) if impostor_people is not None and
+           len(scores) else None)
   out = []
   for far in fars:
-    cut = cut_holding(scores, far, unit, members) if len(genuine) else None
+    cut = cut_holding(scores, far, units) if len(genuine) else None
     if cut is None:
       continue
     out.append({"far": far, "cosine": cut["cosine"],
                 "tar": float(np.mean(genuine >= cut["cosine"])),
                 "genuine": int(len(genuine)), "impostors": int(len(scores)),
                 "accepted": cut["accepted"], "far_upper": cut["upper"],
-                "design_effect": cut["design_effect"], "people": people})
+                "design_effect": cut["design_effect"],
+                "people": units.people if units else None})
   return out
 
 

@@ -92,7 +92,9 @@ def test_thresholds_over_people_are_the_lowest_whose_bound_holds():
   rows = thresholds.at_far(rng.normal(0.6, 0.1, 50), scores,
                            impostor_people=(p, q))
   assert [r["far"] for r in rows] == [1e-2, 1e-3]
-  unit, members = thresholds.units_of(p, q)
+  units = thresholds.units_of(p, q)
+  unit, members = units.unit, units.members
+  assert units.people == 40 and units.bounded
   descending = np.sort(scores)[::-1]
   for row in rows:
     accepted = int(np.sum(scores >= row["cosine"]))
