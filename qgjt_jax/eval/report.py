@@ -115,8 +115,9 @@ def write_results(workdir: str, name: str, results: Mapping[str, Any]) -> str:
   it (`plots.write_plots`: <name>.roc.png...); returns the JSON's path.
 
   A set's stored searches (`identification.Searches`) go to
-  <name>.<k>.searches.npy (float32 embeddings, k counting the sets), landing with the JSON or
-  not at all; the JSON names the file, its SHA-256 and each row's person.
+  <name>.<k>.searches.npy (float32 embeddings, k counting the sets),
+  landing with the JSON or not at all; the JSON names the file, its
+  SHA-256 and each row's person.
   An earlier result of the same name is kept: the new one goes to
   <name>.2.json (then .3 ...). Local files are written whole or not at all.
   """

@@ -20,9 +20,9 @@ enough (`inference/decisions.py`). An evaluation that stored no photos
 gives the threshold of its own galleries (each calibration person left out
 of the others'), and a warning where this gallery is bigger. With --far a
 1:1 threshold instead, or --threshold by hand. The command warns when the
-gallery's people are the very people the threshold was measured on. The search runs on the
-accelerator, a block of probes against every template at a time, so
-galleries of 100,000 people fit.
+gallery's people are the very people the threshold was measured on. The
+search runs on the accelerator, a block of probes against every template
+at a time, so galleries of 100,000 people fit.
 """
 from __future__ import annotations
 

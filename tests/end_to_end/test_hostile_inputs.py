@@ -31,12 +31,14 @@ pytestmark = pytest.mark.slow
 # each file below used to cost from 1 GiB to 16 GiB, or crashed.
 CONVERT_MIB = 600
 MAIN_MIB = 800
-_run = functools.partial(commands.run, address_space_gib=6)
+# Every command: a 6 GiB address space, and done within 3 minutes (a hang
+# or a crawl is a failure, not a wait).
+_run = functools.partial(commands.run, address_space_gib=6, timeout=180)
 
 
 def _convert(src, workdir, *extra):
   return _run(*["qgjt_jax.convert", f"--src={src}",
-                               f"--workdir={workdir}", *extra])
+                 f"--workdir={workdir}", *extra])
 
 
 # ---------------------------------------------------------------------------
@@ -139,9 +141,9 @@ def test_a_trusted_large_file_passes_with_a_raised_limit(tmp_path):
 # Images and sets: decoded only after their declared size is checked.
 
 
-def _main(workdir, *extra, timeout=600, **changes):
+def _main(workdir, *extra, timeout=180, **changes):
   return _run(*tiny_runs.cli_command(workdir, *extra, **changes)[2:],
-                      timeout=timeout)
+              timeout=timeout)
 
 
 def _faces(folder: pathlib.Path, count: int = 3) -> pathlib.Path:
@@ -391,7 +393,7 @@ def test_prepare_refuses_an_identity_linked_to_the_set(tmp_path):
 
 def _export(workdir, out, *extra):
   return _run(*["qgjt_jax.export", f"--workdir={workdir}",
-                               "--format=stablehlo", f"--out={out}", *extra])
+                 "--format=stablehlo", f"--out={out}", *extra])
 
 
 def test_export_never_replaces_or_empties_a_file(reference_run, tmp_path,
@@ -456,7 +458,7 @@ def test_a_recipe_that_fails(tmp_path, case):
   recipe = tmp_path / "recipe.py"
   recipe.write_text(text)
   result = _run(*["qgjt_jax.main", f"--config={recipe}",
-                                 f"--workdir={tmp_path / 'run'}"])
+                   f"--workdir={tmp_path / 'run'}"])
   commands.assert_refused(result, recipe, *words, max_rss_mib=MAIN_MIB)
 
 
@@ -467,9 +469,8 @@ def test_a_recipe_that_fails(tmp_path, case):
     ("--config.limits.max_image_pixels=-3", ["max_image_pixels=-3"]),
 ])
 def test_values_that_are_no_numbers(tmp_path, flag, words):
-  result = _run(*["qgjt_jax.main",
-                                 "--config=configs/synthetic.py",
-                                 f"--workdir={tmp_path / 'run'}", flag])
+  result = _run(*["qgjt_jax.main", "--config=configs/synthetic.py",
+                   f"--workdir={tmp_path / 'run'}", flag])
   commands.assert_refused(result, *words, max_rss_mib=MAIN_MIB)
   assert not (tmp_path / "run" / "checkpoints").exists()
 
@@ -481,7 +482,7 @@ def test_a_checkpoint_of_another_model_without_its_record(tmp_path):
   assert _convert(src, workdir).returncode == 0
   (workdir / "converted_from.json").unlink()
   result = _run(*["qgjt_jax.main", "--config=configs/ms1m.py",
-                                 f"--workdir={workdir}", "--mode=eval"])
+                   f"--workdir={workdir}", "--mode=eval"])
   commands.assert_refused(result, workdir / "checkpoints",
                          "holds another model", "--config.model",
                          max_rss_mib=MAIN_MIB)
@@ -866,8 +867,7 @@ def test_stored_thresholds_that_do_not_add_up_decide_and_export_nothing(
                           *words, max_rss_mib=MAIN_MIB)
   assert "same person" not in result.output
   exported = _run("qgjt_jax.export", f"--workdir={workdir}",
-                          "--format=safetensors",
-                          f"--out={tmp_path / 'm.safetensors'}")
+                  "--format=safetensors", f"--out={tmp_path / 'm.safetensors'}")
   commands.assert_refused(exported, "calibration_people", *words,
                           max_rss_mib=MAIN_MIB)
   assert not (tmp_path / "m.safetensors").exists()
