@@ -336,7 +336,8 @@ def _row_at(rate: _Rate, value: float, workdir: str, step: int,
           f"{', '.join(f'{g:{rate.format}}' for g in rate.grid)} only; {use}")
     raise DecisionError(
         f"{rate.field.upper()} {value:{rate.format}} needs "
-        f"{math.ceil(thresholds.PER_RATE / value):,} {rate.needs}; {name} ({path.name}) has "
+        f"{math.ceil(round(thresholds.PER_RATE / value, 6)):,} {rate.needs}; "
+        f"{name} ({path.name}) has "
         f"{entry.get(rate.count, 0):,}: {use}" +
         (f", or calibrate on more {rate.more}" if coarsest else ""))
   _check_use(entry, f"{name} ({path.name})", align)
