@@ -245,5 +245,10 @@ def main(argv: Sequence[str]) -> int:
                   port=args.port)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+  """The `qgjt-launch-local` console script."""
   sys.exit(main(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+  cli()

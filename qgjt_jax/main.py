@@ -213,5 +213,10 @@ def _parse_flags(argv: list[str]) -> list[str]:
   return recipe_flags.parse(flags.FLAGS, _with_recorded_config(argv))
 
 
-if __name__ == "__main__":
+def cli() -> None:
+  """The `qgjt` console script: `python -m qgjt_jax.main`."""
   app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+  cli()

@@ -302,6 +302,11 @@ def main(argv: Sequence[str]) -> None:
       f"images, {result.num_classes} identities{skipped}"), flush=True)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+  """The `qgjt-prepare` console script: `python -m qgjt_jax.data.prepare`."""
   _define_flags()
   app.run(main, flags_parser=errors.parse_flags)
+
+
+if __name__ == "__main__":
+  cli()

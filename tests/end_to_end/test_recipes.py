@@ -81,3 +81,17 @@ def test_a_non_editable_install_trains_a_recipe(tmp_path):
        "model.name)"], capture_output=True, text=True, cwd=tmp_path, env=env)
   assert bench.stdout.startswith(str(site)) and bench.stdout.split()[-1] == (
       "ir50"), bench.stdout + bench.stderr
+  # Every command is a console script too, each running its own code.
+  for script, words in (("qgjt", "--workdir"), ("qgjt-convert", "--src"),
+                        ("qgjt-export", "--format"),
+                        ("qgjt-export-check", "--platforms"),
+                        ("qgjt-bench", "--config"),
+                        ("qgjt-prepare", "--data_dir"),
+                        ("qgjt-launch-local", "--processes")):
+    shown = subprocess.run([site / "bin" / script, "--help"],
+                           capture_output=True, text=True, cwd=tmp_path,
+                           env=env, timeout=300)
+    # (absl's --help exits 1, argparse's 0.)
+    assert shown.returncode in (0, 1) and "Traceback" not in shown.stderr and (
+        words in shown.stdout + shown.stderr), (
+            script, shown.stdout[-2000:], shown.stderr[-2000:])
