@@ -82,13 +82,16 @@ def test_a_non_editable_install_trains_a_recipe(tmp_path):
   assert bench.stdout.startswith(str(site)) and bench.stdout.split()[-1] == (
       "ir50"), bench.stdout + bench.stderr
   # Every command is a console script too, each running its own code.
-  for script, words in (("qgjt", "--workdir"), ("qgjt-convert", "--src"),
-                        ("qgjt-export", "--format"),
-                        ("qgjt-export-check", "--platforms"),
-                        ("qgjt-bench", "--config"),
-                        ("qgjt-prepare", "--data_dir"),
-                        ("qgjt-launch-local", "--processes")):
-    shown = subprocess.run([site / "bin" / script, "--help"],
+  # (absl lists a console script's flags with --helpfull.)
+  for script, words, ask in (
+      ("qgjt", "--workdir", "--helpfull"),
+      ("qgjt-convert", "--src", "--helpfull"),
+      ("qgjt-export", "--format", "--help"),
+      ("qgjt-export-check", "--platforms", "--help"),
+      ("qgjt-bench", "--config", "--help"),
+      ("qgjt-prepare", "--data_dir", "--helpfull"),
+      ("qgjt-launch-local", "--processes", "--help")):
+    shown = subprocess.run([site / "bin" / script, ask],
                            capture_output=True, text=True, cwd=tmp_path,
                            env=env, timeout=300)
     # (absl's --help exits 1, argparse's 0.)
