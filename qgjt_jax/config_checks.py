@@ -17,26 +17,34 @@ from jax.sharding import Mesh
 
 from qgjt_jax import config_keys
 from qgjt_jax import errors
+from qgjt_jax import optim
 from qgjt_jax import parallel
+from qgjt_jax.align import faces
+from qgjt_jax.data import degrade
+from qgjt_jax.data import sources
+from qgjt_jax.eval import extract
+from qgjt_jax.eval import ijb
 from qgjt_jax.method import queues
 from qgjt_jax.method import settings
+from qgjt_jax.models import layers
 
+# Allowed values, from the code that consumes each key where it names them.
 _CHOICES = {
-    "data.kind": ("rec", "tfds", "synthetic"),
-    "data.view.recipe": ("qgface", "adaface"),
+    "data.kind": sources.KINDS,
+    "data.view.recipe": degrade.RECIPES,
     "model.remat": ("none", "block"),
-    "model.input_order": ("BGR", "RGB"),
+    "model.input_order": layers.INPUT_ORDERS,
     "model.batch_norm": ("batch", "frozen"),
     "init_classifier": ("random", "class_means"),
     "init_quality": ("config", "measured"),
     "eval.dtype": ("float32", "bfloat16", "float16"),
-    "optim.schedule": ("multistep", "cosine"),
+    "optim.schedule": optim.SCHEDULES,
     "model.dtype": ("float32", "bfloat16", "float16"),
-    "eval.fusion": ("pre_norm_add", "norm_weighted", "mean", "concat"),
-    "eval.ijb_target": ("IJBB", "IJBC"),
-    "eval.align": ("none", "detect"),
+    "eval.fusion": extract.FUSIONS,
+    "eval.ijb_target": ijb.SUBSETS,
+    "eval.align": faces.MODES,
     "eval.ijb_pooling": ("norm", "unit"),
-    "eval.tar_rule": ("insightface", "authors"),
+    "eval.tar_rule": ijb.TAR_RULES,
 }
 
 # (key, lowest, highest, what the key is): closed intervals, None = unbounded.

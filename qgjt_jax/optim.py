@@ -18,15 +18,19 @@ import ml_collections
 import optax
 
 
+# config.optim.schedule's values.
+SCHEDULES = ("multistep", "cosine")
+
+
 def make_lr_schedule(optim: ml_collections.ConfigDict, steps_per_epoch: float,
                      num_epochs: float) -> Callable[[jax.Array], jax.Array]:
   """Linear warm-up, then multi-step (x gamma at each milestone) or cosine."""
   warmup_steps = optim.warmup_epochs * steps_per_epoch
   total_steps = max(num_epochs * steps_per_epoch, 1.0)
   boundaries = [m * steps_per_epoch for m in optim.milestones]
-  if optim.schedule not in ("multistep", "cosine"):
+  if optim.schedule not in SCHEDULES:
     raise ValueError(f"config.optim.schedule={optim.schedule!r}: expected "
-                     "'multistep' or 'cosine'.")
+                     f"one of {', '.join(SCHEDULES)}.")
 
   def schedule(step):
     step = jnp.asarray(step, jnp.float32)

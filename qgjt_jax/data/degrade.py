@@ -25,6 +25,8 @@ import numpy as np
 
 # The reference picks one of PIL's five filters uniformly, down and up
 # independently: bicubic, bilinear, nearest, box, Lanczos.
+# config.data.view.recipe's values: the QGFace L view, or AdaFace's.
+RECIPES = ("qgface", "adaface")
 INTERPOLATIONS = (cv2.INTER_CUBIC, cv2.INTER_LINEAR, cv2.INTER_NEAREST,
                   cv2.INTER_AREA, cv2.INTER_LANCZOS4)
 
@@ -60,7 +62,7 @@ class ViewConfig:
   lowres_p: float = 0.0
 
   def __post_init__(self):
-    if self.recipe not in ("qgface", "adaface"):
+    if self.recipe not in RECIPES:
       raise ValueError(f"unknown view recipe {self.recipe!r}")
     if not 0 < self.min_scale <= self.max_scale <= 1:
       raise ValueError(f"need 0 < min_scale <= max_scale <= 1, got "

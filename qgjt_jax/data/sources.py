@@ -207,6 +207,10 @@ def default_tfds_data_dir() -> str:
       os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets"))
 
 
+# config.data.kind's values (`train_source`).
+KINDS = ("rec", "tfds", "synthetic")
+
+
 def train_source(config: Any):
   """The training source that `config.data` describes.
 
