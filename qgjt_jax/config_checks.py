@@ -186,6 +186,46 @@ def check_values(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config.data.view: {e}") from None
 
 
+def allowed(key: str) -> str | None:
+  """What config.`key` may hold, in words, as `check_values` checks it
+  (None: any value of its type)."""
+  if key in _CHOICES:
+    return "one of " + ", ".join(map(str, _CHOICES[key]))
+  if key == "model.name":
+    from qgjt_jax.models import backbone_names
+    return "one of " + ", ".join(backbone_names())
+  for name, low, high, _ in _RANGES:
+    if name == key:
+      return f"in [{low}, {'inf' if high is None else high}]"
+  if key in _POSITIVE:
+    return "> 0"
+  section, _, name = key.partition(".")
+  for settings_class in settings.SECTIONS:
+    if settings_class.NAME == section:
+      return settings_class.allowed(name)
+  return None
+
+
+def keys_table(config: ml_collections.ConfigDict,
+               meanings: dict[str, str]) -> list[str]:
+  """Every key of `config` with its value, allowed values and meaning, as
+  `--mode=keys` prints them."""
+  lines = []
+
+  def walk(tree, prefix):
+    for name, value in tree.items():
+      key = prefix + name
+      if isinstance(value, ml_collections.ConfigDict):
+        walk(value, key + ".")
+        continue
+      rule = allowed(key)
+      lines.append(f"{key} = {value!r}" + (f"  [{rule}]" if rule else ""))
+      lines.append(f"    {meanings.get(key, '(a key of this recipe only)')}")
+
+  walk(config, "")
+  return lines
+
+
 def check_num_classes(num_classes: int) -> None:
   if num_classes < 2:
     raise ConfigError(f"The training set has {num_classes} identities; at "

@@ -43,11 +43,14 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Where checkpoints, logs and evaluation results go.")
 _MODE = flags.DEFINE_enum(
-    "mode", "train", ["train", "eval", "embed", "compare", "identify"],
+    "mode", "train", ["train", "eval", "embed", "compare", "identify",
+                      "keys"],
     "train (and evaluate at the end); eval: evaluate a checkpoint of the "
     "workdir; embed: embeddings of --images (a folder) into --out; compare: "
     "the cosine of two --images and the decision; identify: who each face "
-    "of --images is among the people of --gallery, into --out (.csv).")
+    "of --images is among the people of --gallery, into --out (.csv); "
+    "keys: every config key of --config (with its overrides), its value, "
+    "allowed values and meaning (no --workdir needed).")
 _STEP = flags.DEFINE_integer("step", None,
                              "eval/embed/compare: the checkpoint step "
                              "(default: the latest readable one).",
@@ -97,7 +100,6 @@ _FORCE_LOCK = flags.DEFINE_bool(
     "force_lock", False, "train: take the workdir's lock even when its note "
     "says another run holds it (a run on another host that is gone).")
 errors.define_traceback_flag()
-flags.mark_flags_as_required(["workdir"])
 
 
 def _loaded_config():
@@ -119,9 +121,16 @@ def main(argv):
   # Imported here so that --help stays fast.
   from qgjt_jax import reporting
   from qgjt_jax import train
-  reporting.open_process_log(_WORKDIR.value)
+  if _WORKDIR.value:
+    reporting.open_process_log(_WORKDIR.value)
   show = lambda line: reporting.note(line, error=True)
   with errors.expected_failures(verbose=verbose, show=show):
+    if _MODE.value == "keys":
+      _print_keys()
+      return
+    if not _WORKDIR.value:
+      raise errors.UserError(f"--mode={_MODE.value} needs --workdir (where "
+                             "the run's checkpoints and results are)")
     if _MODE.value == "train" and _CONFIG.value is None:
       raise errors.UserError("--mode=train needs --config, the recipe to "
                              "train (e.g. --config=configs/synthetic.py)")
@@ -132,6 +141,19 @@ def main(argv):
                                explicit=_explicit_keys(sys.argv))
     else:
       _use_a_checkpoint(config)
+
+
+def _print_keys() -> None:
+  """--mode=keys: the recipe's every key, as `config_checks.keys_table`."""
+  from qgjt_jax import base_config
+  from qgjt_jax import config_checks
+  if _CONFIG.value is None:
+    raise errors.UserError("--mode=keys needs --config, the recipe whose "
+                           "keys to print (e.g. --config=configs/ms1m.py), "
+                           "or --workdir, a run whose recorded config to "
+                           "print")
+  print("\n".join(config_checks.keys_table(_loaded_config(),
+                                           base_config.meanings())))
 
 
 def _explicit_keys(argv: list[str]) -> list[str]:

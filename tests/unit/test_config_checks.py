@@ -190,3 +190,46 @@ def test_the_defaults_follow_the_authors_code():
   assert (config.quality.init_mean, config.quality.init_std) == (0.0, 0.0)
   assert (config.queue.kind, config.contrastive.mask) == ("proxy", "zero")
   assert config.contrastive.b_warmup == "epoch"
+
+
+def _leaves(tree, prefix=""):
+  for name, value in tree.items():
+    if hasattr(value, "items"):
+      yield from _leaves(value, f"{prefix}{name}.")
+    else:
+      yield prefix + name
+
+
+def test_every_key_is_declared_once_with_its_meaning():
+  """The base config's keys are exactly the declared ones, each with a
+  meaning; every key a check names exists; choice keys state their
+  values."""
+  from qgjt_jax import base_config
+  meanings = base_config.meanings()
+  keys = list(_leaves(base_config.get_base_config()))
+  assert len(keys) == len(set(keys))
+  assert set(keys) == set(meanings)
+  assert all(len(meanings[k]) > 8 for k in keys), [
+      k for k in keys if len(meanings[k]) <= 8]
+  checked = [*config_checks._CHOICES, *config_checks._POSITIVE,
+             *(r[0] for r in config_checks._RANGES)]
+  assert set(checked) <= set(keys), set(checked) - set(keys)
+  assert config_checks.allowed("eval.fusion").startswith(
+      "one of pre_norm_add")
+  assert config_checks.allowed("queue.kind").startswith("one of ")
+  assert config_checks.allowed("optim.grad_clip_norm") == "in [0.0, inf]"
+
+
+def test_keys_mode_prints_each_key_value_and_meaning(tmp_path):
+  result = commands.main(f"--config={ROOT / 'configs' / 'finetune.py'}",
+                         "--mode=keys", "--config.optim.lr=0.05",
+                         cwd=tmp_path)
+  assert result.returncode == 0, result.output[-2000:]
+  lines = result.stdout.splitlines()
+  assert "optim.lr = 0.05  [> 0]" in lines
+  at = lines.index("optim.grad_clip_norm = 5.0  [in [0.0, inf]]")
+  assert "clipped" in lines[at + 1]
+  assert "data.kind = 'tfds'  [one of rec, tfds, synthetic]" in lines
+  assert len(lines) == 2 * len(list(_leaves(ms1m.get_config())))
+  refused = commands.main("--mode=keys", cwd=tmp_path)
+  commands.assert_refused(refused, "--mode=keys needs --config")
