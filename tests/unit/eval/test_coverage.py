@@ -112,5 +112,5 @@ def test_identify_fpir_holds_on_galleries_ten_times_the_calibration():
     calibration = next(r for r in identification.open_set_calibration(
         searches, labels) if r["fpir"] == fpir)
     own += np.mean(alarms >= calibration["cosine"]) <= fpir
-  assert held / trials >= 0.90, held / trials
+  assert held / trials >= 0.95, held / trials
   assert own / trials < 0.5, own / trials

@@ -54,17 +54,18 @@ def test_verification_reports_cosines_of_its_own_rule():
 
 
 def test_the_bound_of_independent_comparisons_is_clopper_pearsons():
-  """One comparison per person: nothing is shared, the design effect is
-  1 and the bound is the exact one-sided binomial one (scipy's)."""
-  for k, n in ((0, 300), (4, 1000), (37, 5000)):
+  """One comparison per person: nothing is shared, the design effect is 1
+  (but for the jackknife's n / (n - 1)), and the bound is the exact
+  one-sided binomial one (scipy's), widened only by the skew correction:
+  not at all with none accepted, 10% at 4 of 1,000, 1% at 37 of 5,000."""
+  for k, n, wider in ((0, 300, 1e-9), (4, 1000, 0.11), (37, 5000, 0.015)):
     accepted = np.r_[np.ones(k), np.zeros(n - k)]
     bound, effect = thresholds.upper_bound(accepted, np.ones(n),
                                            np.arange(n)[:, None])
     exact = stats.binomtest(k, n, alternative="less").proportion_ci(
         confidence_level=0.95, method="exact").high
-    # The jackknife's n / (n - 1) is all that separates them.
     assert effect == pytest.approx(1.0, abs=n / (n - 1) - 1 + 1e-12)
-    assert bound == pytest.approx(exact, rel=2e-3)
+    assert exact * (1 - 1e-9) <= bound <= exact * (1 + wider)
 
 
 def _leave_each_out(scores, p, q, cosine):
