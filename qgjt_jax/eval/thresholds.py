@@ -20,7 +20,8 @@ pairs, as the unit drawn: pairs that share a person are not independent
 measured rate is taken from leaving each person out in turn (the
 jackknife), its ratio to the binomial variance is the design effect, and
 the bound is the exact binomial (Clopper-Pearson) one of the effective
-count of pairs (Schuckers' design-effect correction). Fewer people, or
+count of pairs (Schuckers' design-effect correction), read at a confidence
+moved by the skew the people show (`_adjusted`). Fewer people, or
 pairs of unknown people (`.bin` sets, pairs files), state no bound:
 `cosine` is then the point estimate (at most floor(FAR n) impostors
 accepted) and `far_upper` is None, which decisions say.
@@ -29,7 +30,7 @@ Measured by simulation (docs/DECISIONS.md; tests/unit/eval/test_coverage.py
 keeps it so), with person effects as strong as ORL's under insightface's
 w600k_mbf (design effect about 23 at FAR 1e-2 over 30 people): calibrated on
 30 to 60 people, the true FAR at the chosen threshold was at or below the
-target in 92.5-97% of 400 draws; on 20-25 people in 91.5-93.5%, hence
+target in 92.5-97.5% of 400 draws; on 20-25 people in 93.5-94.8%, hence
 MIN_PEOPLE. A pair is "same person" when its cosine is >= the threshold.
 """
 from __future__ import annotations

