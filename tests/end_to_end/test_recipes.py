@@ -81,20 +81,22 @@ def test_a_non_editable_install_trains_a_recipe(tmp_path):
        "model.name)"], capture_output=True, text=True, cwd=tmp_path, env=env)
   assert bench.stdout.startswith(str(site)) and bench.stdout.split()[-1] == (
       "ir50"), bench.stdout + bench.stderr
-  # Every command is a console script too, each running its own code.
+  # Every command is a console script too, each running its own code
+  # (started together: each is an interpreter importing jax).
   # (absl lists a console script's flags with --helpfull.)
-  for script, words, ask in (
-      ("qgjt", "--workdir", "--helpfull"),
-      ("qgjt-convert", "--src", "--helpfull"),
-      ("qgjt-export", "--format", "--help"),
-      ("qgjt-export-check", "--platforms", "--help"),
-      ("qgjt-bench", "--config", "--help"),
-      ("qgjt-prepare", "--data_dir", "--helpfull"),
-      ("qgjt-launch-local", "--processes", "--help")):
-    shown = subprocess.run([site / "bin" / script, ask],
-                           capture_output=True, text=True, cwd=tmp_path,
-                           env=env, timeout=300)
+  asked = {"qgjt": ("--workdir", "--helpfull"),
+           "qgjt-convert": ("--src", "--helpfull"),
+           "qgjt-export": ("--format", "--help"),
+           "qgjt-export-check": ("--platforms", "--help"),
+           "qgjt-bench": ("--config", "--help"),
+           "qgjt-prepare": ("--data_dir", "--helpfull"),
+           "qgjt-launch-local": ("--processes", "--help")}
+  running = {script: subprocess.Popen(
+      [site / "bin" / script, ask], stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
+             for script, (_, ask) in asked.items()}
+  for script, process in running.items():
+    out, err = process.communicate(timeout=300)
     # (absl's --help exits 1, argparse's 0.)
-    assert shown.returncode in (0, 1) and "Traceback" not in shown.stderr and (
-        words in shown.stdout + shown.stderr), (
-            script, shown.stdout[-2000:], shown.stderr[-2000:])
+    assert process.returncode in (0, 1) and "Traceback" not in err and (
+        asked[script][0] in out + err), (script, out[-2000:], err[-2000:])
