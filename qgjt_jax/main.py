@@ -13,6 +13,8 @@ r"""Entry point: train a recipe, or use the model of a workdir.
       --gallery=/data/people --images=/data/probes --out=who.csv \
       [--align=detect | --landmarks=points.csv] [--fpir=0.01]
 
+  python -m qgjt_jax.main --config=configs/ms1m.py --mode=keys
+
 Training needs --config. The other modes take the model and its settings
 from the workdir's record (config.json of a training run, converted_from.json
 of a converted model), so --config is optional there; --config.KEY=VALUE
