@@ -40,7 +40,6 @@ import math
 from typing import Optional
 
 import numpy as np
-from scipy import stats
 
 FARS = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
 CONFIDENCE = 0.95
@@ -49,6 +48,13 @@ CONFIDENCE = 0.95
 # comparisons bound a rate at -ln(0.05) / n, about 3 / n.
 MIN_PEOPLE = 30
 PER_RATE = 3
+
+
+def _stats():
+  """scipy.stats, imported when a bound is first computed: it costs most
+  of a second, and every command imports this module (config_checks)."""
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  return stats
 
 
 def upper_bound(accepted: np.ndarray, totals: np.ndarray,
@@ -84,7 +90,7 @@ def upper_bound(accepted: np.ndarray, totals: np.ndarray,
   effective = count / design_effect
   k = rate * effective
   bound = 1.0 if k >= effective else float(
-      stats.beta.ppf(confidence, k + 1, effective - k))
+      _stats().beta.ppf(confidence, k + 1, effective - k))
   return bound, float(design_effect)
 
 
@@ -112,6 +118,7 @@ def _adjusted(confidence: float, left_out: np.ndarray) -> float:
   deviations = left_out.mean() - left_out
   spread = np.sum(deviations ** 2)
   skew = np.sum(deviations ** 3) / (6 * spread ** 1.5) if spread > 0 else 0
+  stats = _stats()
   z = stats.norm.ppf(confidence)
   z = z / (1 - skew * z) if skew * z < 1 else np.inf
   return float(stats.norm.cdf(stats.t.ppf(stats.norm.cdf(z),
