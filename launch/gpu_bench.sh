@@ -85,12 +85,13 @@ fi
 
 bench=("$PY" -m qgjt_jax.bench)
 step calib_ir50 "$PY" "$CALIB" --arch=50 --batch=512
-step qgface_ir50 "${bench[@]}" --arch=ir50 --batch=256
-step plain_ir50 "${bench[@]}" --arch=ir50 --batch=256 --no_qgface
-step qgface_ir100 "${bench[@]}" --arch=ir100 --batch=256
+step qgface_ir50 "${bench[@]}" --config.global_batch_size=256
+step plain_ir50 "${bench[@]}" --config.global_batch_size=256 --no_qgface
+step qgface_ir100 "${bench[@]}" --config.global_batch_size=256 \
+    --config.model.name=ir100
 if [[ "$STAGES" == "all" ]]; then
   # What the tensor-core classifier matmul buys (numerics change: bf16 logits).
-  step qgface_ir50_bf16_logits "${bench[@]}" --arch=ir50 --batch=256 \
-      --logits_dtype=bfloat16
+  step qgface_ir50_bf16_logits "${bench[@]}" --config.global_batch_size=256 \
+      --config.head.logits_dtype=bfloat16
   step calib_ir100 "$PY" "$CALIB" --arch=100 --batch=512
 fi

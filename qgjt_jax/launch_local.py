@@ -21,7 +21,6 @@ log. A process that dies makes the others stop within the heartbeat timeout
 """
 from __future__ import annotations
 
-import argparse
 import os
 import pathlib
 import signal
@@ -31,6 +30,9 @@ import sys
 import threading
 import time
 from typing import Optional, Sequence
+
+from absl import app
+from absl import flags
 
 from qgjt_jax import errors
 from qgjt_jax import parallel
@@ -211,43 +213,41 @@ def _wait(processes: list[_Process], heartbeat_timeout_s: int
     time.sleep(0.2)
 
 
-def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
-  argv = list(argv)
-  if "--" in argv:
-    split = argv.index("--")
-    ours, main_flags = argv[:split], argv[split + 1:]
-  else:
-    ours, main_flags = argv, []
-  parser = argparse.ArgumentParser(
-      prog="python -m qgjt_jax.launch_local",
-      description="Runs qgjt_jax.main as N local processes of one jax "
-                  "cluster: --processes=N --devices_per_process=K -- "
-                  "<qgjt_jax.main flags>.")
-  parser.add_argument("--processes", type=int, default=2)
-  parser.add_argument("--devices_per_process", type=int, default=1)
-  parser.add_argument("--heartbeat_timeout_s", type=int, default=60,
-                      help="how long the processes wait for a silent peer "
-                      "before stopping with an error")
-  parser.add_argument("--port", type=int, default=None,
-                      help="coordinator port (default: a free one)")
-  args = parser.parse_args(ours)
-  if not main_flags:
-    parser.error("give qgjt_jax.main's flags after `--`, e.g. -- "
-                 "--config=configs/synthetic.py --workdir=runs/demo")
-  return args, main_flags
+_PROCESSES = flags.DEFINE_integer("processes", 2, "Processes of the cluster.",
+                                  lower_bound=1)
+_DEVICES_PER_PROCESS = flags.DEFINE_integer(
+    "devices_per_process", 1, "CPU devices of each process.", lower_bound=1)
+_HEARTBEAT_TIMEOUT_S = flags.DEFINE_integer(
+    "heartbeat_timeout_s", 60, "How long the processes wait for a silent "
+    "peer before stopping with an error.", lower_bound=1)
+_PORT = flags.DEFINE_integer("port", None, "Coordinator port (default: a "
+                             "free one).", lower_bound=1, upper_bound=65535)
 
 
-def main(argv: Sequence[str]) -> int:
-  args, main_flags = _parse(argv)
+def _parse_flags(argv: list[str]) -> list[str]:
+  """Our flags before `--`; [program, qgjt_jax.main's flags after it]."""
+  split = argv.index("--") if "--" in argv else len(argv)
+  stray = errors.parse_flags(argv[:split])[1:]
+  main_flags = argv[split + 1:]
+  if stray or not main_flags:
+    sys.exit("ERROR: give qgjt_jax.main's flags after `--`, e.g. "
+             "--processes=2 -- --config=configs/synthetic.py "
+             "--workdir=runs/demo" +
+             (f" (unexpected before it: {' '.join(stray)})" if stray else ""))
+  return [argv[0], *main_flags]
+
+
+def main(argv: list[str]) -> int:
+  """argv: [program, qgjt_jax.main's flags...] (`_parse_flags`)."""
   with errors.expected_failures():
-    return launch(args.processes, args.devices_per_process, main_flags,
-                  heartbeat_timeout_s=args.heartbeat_timeout_s,
-                  port=args.port)
+    return launch(_PROCESSES.value, _DEVICES_PER_PROCESS.value, argv[1:],
+                  heartbeat_timeout_s=_HEARTBEAT_TIMEOUT_S.value,
+                  port=_PORT.value)
 
 
 def cli() -> None:
   """The `qgjt-launch-local` console script."""
-  sys.exit(main(sys.argv[1:]))
+  app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

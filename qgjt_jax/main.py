@@ -32,16 +32,15 @@ import sys
 from absl import app
 from absl import flags
 import ml_collections
-from ml_collections import config_flags
 
 from qgjt_jax import errors
 from qgjt_jax import parallel
 from qgjt_jax import recipe_flags
 from qgjt_jax.files import limits
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "The recipe (a configs/*.py file): needed to train; "
-    "other modes default to the workdir's record.", lock_config=True)
+_CONFIG = recipe_flags.define_config(
+    None, "The recipe (a configs/*.py file): needed to train; other modes "
+    "default to the workdir's record.")
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Where checkpoints, logs and evaluation results go.")
 _MODE = flags.DEFINE_enum(

@@ -3,15 +3,13 @@
 The recipe is a configs/*.py file (Python, run as code) whose get_config()
 returns the ConfigDict; any key can be overridden on the command line. Every
 mistake ends in one ERROR line that names the flag, the recipe's failing
-line or the unknown key with the nearest names. `python -m qgjt_jax.main`
-parses them with its other absl flags (`parse`); the argparse tools
-(`bench`, `export_check`) build their parser with `argument_parser` and
-read their argv with `parse_tool_args`, which takes the recipe's flags out
-first (`recipe_and_rest`).
+line or the unknown key with the nearest names. Every command that reads
+a recipe (main, bench, export_check) defines `--config` with
+ml_collections' config_flags beside its other absl flags and parses them
+with `parse`.
 """
 from __future__ import annotations
 
-import argparse
 import difflib
 import os
 import sys
@@ -35,16 +33,34 @@ def flag_value(argv: list[str], name: str) -> str | None:
   return None
 
 
+def define_config(default: str | None, help_text: str):
+  """The `--config` flag of a command (its FlagHolder), locked against
+  changes after parsing. A `default` recipe is read, and the `--config.KEY`
+  overrides of the command line applied to it, when the flag is defined
+  (config_flags' way): a mistake there is the one ERROR line `parse` gives."""
+  try:
+    return config_flags.DEFINE_config_file("config", default, help_text,
+                                           lock_config=True)
+  except Exception as e:  # pylint: disable=broad-except
+    recipe = flag_value(sys.argv, "config") or default
+    failure = recipe_failure(recipe, e) or unknown_key(sys.argv, recipe)
+    if failure:
+      sys.exit(failure)
+    raise
+
+
 def parse(parser: flags.FlagValues, argv: list[str],
-          show_traceback: bool | None = None) -> list[str]:
+          show_traceback: bool | None = None,
+          default_recipe: str | None = None) -> list[str]:
   """`parser(argv)` (absl's parsing into those flag values, `--config`
   among them), every mistake one ERROR line: a flag absl refuses, a recipe
   that does not load (it is Python: its own failure is named with its
   line), an unknown `--config.KEY`. The traceback too with --traceback in
-  argv (or `show_traceback`)."""
+  argv (or `show_traceback`). `default_recipe`: the file of a `--config`
+  defined with a default, for the messages when argv names none."""
   if show_traceback is None:
     show_traceback = "--traceback" in argv
-  recipe = flag_value(argv, "config")
+  recipe = flag_value(argv, "config") or default_recipe
   if recipe:
     path = recipe.split(":", 1)[0]
     if not os.path.isfile(path):
@@ -119,52 +135,3 @@ def unknown_key(argv: list[str], recipe: str | None) -> str | None:
                 "qgjt_jax/base_config.py")
       node = node[part]
   return None
-
-
-def recipe_and_rest(argv: list[str], default: str
-                    ) -> tuple[ml_collections.ConfigDict, list[str]]:
-  """(the config of `--config` (else `default`) with its `--config.KEY=`
-  overrides applied, the other arguments) of an argparse program's argv
-  (without the program name); mistakes as `parse`'s."""
-  mine, rest = [], []
-  args = iter(argv)
-  for arg in args:
-    if arg == "--config":  # its value is the next argument
-      mine.append(f"--config={next(args, '')}")
-    elif arg.startswith(("--config=", "--config.")):
-      mine.append(arg)
-    else:
-      rest.append(arg)
-  if not any(a.split("=", 1)[0] == "--config" for a in mine):
-    mine.insert(0, f"--config={default}")
-  mine = ["program", *mine]
-  values = flags.FlagValues()
-  # The overrides become flags from `sys_argv` (else sys.argv's).
-  config_flags.DEFINE_config_file("config", None, "the recipe",
-                                  flag_values=values, lock_config=True,
-                                  sys_argv=mine)
-  parse(values, mine, show_traceback="--traceback" in rest)
-  return values.config, rest
-
-
-def argument_parser(prog: str, doc: str) -> argparse.ArgumentParser:
-  """The parser of an argparse tool that reads a recipe: its module's
-  docstring `doc` as the help, how it takes the recipe, and --traceback."""
-  parser = argparse.ArgumentParser(
-      prog=prog, description=doc,
-      formatter_class=argparse.RawDescriptionHelpFormatter,
-      epilog="The recipe: --config=RECIPE (default configs/ms1m.py) and "
-      "--config.KEY=VALUE as for qgjt_jax.main.")
-  parser.add_argument("--traceback", action="store_true",
-                      help="show the traceback of an expected failure")
-  return parser
-
-
-def parse_tool_args(parser: argparse.ArgumentParser, argv: list[str],
-                    default: str) -> argparse.Namespace:
-  """`parser`'s reading of argv (without the program name) after its
-  recipe flags, whose config becomes the namespace's `recipe`."""
-  recipe, rest = recipe_and_rest(list(argv), default)
-  namespace = parser.parse_args(rest)
-  namespace.recipe = recipe
-  return namespace

@@ -2,12 +2,9 @@ r"""Imports pretrained weights into a workdir: PyTorch and safetensors
 state dicts and insightface's ONNX recognisers, of every registered
 backbone family.
 
-Command line: turn a pretrained file into an orbax checkpoint of this
-project (step 0, the `model` item that `--mode=eval` and fine-tuning read):
-
-  python -m qgjt_jax.convert --src=adaface_ir101_ms1mv2.ckpt \
-      --workdir=runs/adaface_ir101 [--arch=auto|NAME] [--overwrite]
-  python -m qgjt_jax.convert --src=w600k_mbf.onnx --workdir=runs/w600k_mbf
+The code of `python -m qgjt_jax.convert` (qgjt_jax/convert.py): a
+pretrained file into an orbax checkpoint of this project (step 0, the
+`model` item that `--mode=eval` and fine-tuning read).
 
 `--src` is a Lightning `.ckpt`, a `.pth`/`.pt` state dict, a
 `.safetensors` file (CVLFace's hub models, or `export --format=safetensors`,
@@ -41,19 +38,14 @@ import os
 import shlex
 from typing import Any, Mapping, Optional
 
-from absl import app
-from absl import flags
 from etils import epath
 import numpy as np
 
 from qgjt_jax import checkpoint
-from qgjt_jax import errors
 from qgjt_jax import models
 from qgjt_jax import outputs
 from qgjt_jax import records
 from qgjt_jax import workdir as workdir_layout
-from qgjt_jax import workdir_lock
-from qgjt_jax.files import limits
 from qgjt_jax.interop import state_dicts
 from qgjt_jax.interop import weight_files
 
@@ -287,57 +279,3 @@ def summary(src: str, workdir: str, converted: ConvertedModel) -> str:
       "      --config.eval.bin_sets=\"('/data/lfw.bin', '/data/agedb_30.bin')\"",
       "(or eval.tinyface_root, scface_root, ijb_root, folders).",
   ])
-
-
-def _define_flags() -> None:
-  flags.DEFINE_string("src", None, "The pretrained file: .ckpt "
-                      "(Lightning), .pth/.pt (a state dict), .safetensors "
-                      "(CVLFace, or this project's export), .npz, or .onnx "
-                      "(insightface's recognisers).")
-  flags.DEFINE_string("workdir", None, "Work directory to create; the model "
-                      "goes to WORKDIR/checkpoints (step 0).")
-  flags.DEFINE_string("arch", "auto", "auto (read from the tensors) or a "
-                      "backbone name: " + ", ".join(models.backbone_names()))
-  flags.DEFINE_enum("input_order", "auto", ["auto", "BGR", "RGB"],
-                    "The channel order the weights were trained on: auto "
-                    "(the family's published weights') or as given.")
-  flags.DEFINE_bool("overwrite", False, "Delete an existing "
-                    "WORKDIR/checkpoints and write the converted model.")
-  flags.DEFINE_bool("force_lock", False, "Take the workdir's lock even when "
-                    "its note says another run holds it.")
-  limits.define_flags()
-  errors.define_traceback_flag()
-  flags.mark_flags_as_required(["src", "workdir"])
-
-
-def main(argv: list[str]) -> None:
-  verbose = errors.start_absl_command(argv)
-  cfg = flags.FLAGS
-  with errors.expected_failures(verbose=verbose):
-    # Before the (slow) read: a bad name or a workdir in use fails at once.
-    if cfg.arch != "auto":
-      try:
-        models.family_of(cfg.arch)
-      except ValueError as e:
-        raise errors.UserError(f"--arch={cfg.arch}: {e}") from None
-    check_writable(cfg.workdir, cfg.overwrite)
-    limits.configure_from_flags()
-    converted = convert_file(cfg.src, cfg.arch, cfg.input_order)
-    lock = workdir_lock.acquire(cfg.workdir, force=cfg.force_lock)
-    try:
-      write_checkpoint(cfg.workdir, converted, source=cfg.src,
-                       overwrite=cfg.overwrite)
-    finally:
-      if lock is not None:
-        lock.release()
-  print(summary(cfg.src, cfg.workdir, converted), flush=True)
-
-
-def cli() -> None:
-  """`python -m qgjt_jax.convert`."""
-  _define_flags()
-  app.run(main, flags_parser=errors.parse_flags)
-
-
-if __name__ == "__main__":
-  cli()

@@ -1,12 +1,6 @@
 r"""A workdir's model, out of JAX: ONNX (onnxruntime, TensorRT, insightface's
 client), StableHLO, or the PyTorch weights of its backbone (safetensors).
-
-  python -m qgjt_jax.export --workdir=runs/ms1m --format=onnx \
-      --out=model.onnx [--onnx_layout=qgjt|insightface] [--batch=N] [--step=N]
-  python -m qgjt_jax.export --workdir=runs/ms1m --format=stablehlo \
-      --out=model.stablehlo [--platforms=cpu,cuda,tpu]
-  python -m qgjt_jax.export --workdir=runs/ms1m --format=safetensors \
-      --out=model.safetensors
+The code of `python -m qgjt_jax.export` (qgjt_jax/export.py).
 
 --workdir is a workdir (a training run's, or one `qgjt_jax.convert` wrote),
 its checkpoints folder or a step folder; the model is the one its record
@@ -55,7 +49,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from typing import Any, Optional, Sequence
 
 from qgjt_jax import errors
@@ -276,53 +269,18 @@ def _write_safetensors(out: str, model, variables: dict, image_size: int,
                 overwrite=overwrite)
 
 
-def _parse(argv):
-  import argparse  # pylint: disable=g-import-not-at-top
-  parser = argparse.ArgumentParser(
-      prog="python -m qgjt_jax.export",
-      description="Writes a workdir's model as ONNX, serialized StableHLO "
-      "or a PyTorch state dict (safetensors).")
-  parser.add_argument("--workdir", required=True,
-                      help="a workdir, its checkpoints folder or a step "
-                      "folder")
-  parser.add_argument("--format", required=True, choices=FORMATS)
-  parser.add_argument("--out", required=True)
-  parser.add_argument("--onnx_layout", default="qgjt",
-                      choices=sorted(LAYOUTS),
-                      help="qgjt: uint8 BGR NHWC in, unit embeddings and "
-                      "norms out; insightface: float32 RGB NCHW in, one "
-                      "feature out, as insightface's client expects")
-  parser.add_argument("--batch", default="dynamic",
-                      help="'dynamic' or a fixed batch size")
-  parser.add_argument("--platforms", default=None,
-                      help="StableHLO's platforms, comma-separated, from "
-                      f"{', '.join(PLATFORMS)} (one file runs on each; "
-                      f"default {','.join(DEFAULT_PLATFORMS)})")
-  parser.add_argument("--step", type=int, default=None,
-                      help="the checkpoint step (default: the latest)")
-  parser.add_argument("--overwrite", action="store_true",
-                      help="replace an existing --out")
-  parser.add_argument("--traceback", action="store_true",
-                      help="show the traceback of an expected failure")
-  args = parser.parse_args(argv)
-  if args.batch != "dynamic" and not (args.batch.isdigit() and
-                                      int(args.batch) > 0):
-    parser.error(f"--batch={args.batch}: 'dynamic' or a positive size")
-  return args
-
-
-def _summary(args, metadata: dict) -> list[str]:
+def summary(out: str, fmt: str, layout: str, metadata: dict) -> list[str]:
   """What the command prints about the file it wrote."""
   size = metadata["qgjt_jax.image_size"]
-  if args.format == "safetensors":
-    return [f"Wrote {args.out}: a PyTorch state dict in the names of "
+  if fmt == "safetensors":
+    return [f"Wrote {out}: a PyTorch state dict in the names of "
             f"{metadata['qgjt_jax.model']}'s PyTorch code, for {size} px "
             f"{metadata['qgjt_jax.weights_input_order']} input. Loads in: "
             f"{metadata['qgjt_jax.loads_in']}."]
-  layout = args.onnx_layout if args.format == "onnx" else "qgjt"
+  layout = layout if fmt == "onnx" else "qgjt"
   where = (f", for {metadata['qgjt_jax.platforms']}"
-           if args.format == "stablehlo" else "")
-  lines = [f"Wrote {args.out} ({args.format}{where}, {layout} layout, batch "
+           if fmt == "stablehlo" else "")
+  lines = [f"Wrote {out} ({fmt}{where}, {layout} layout, batch "
            f"{metadata['qgjt_jax.batch']}, {size} px): in "
            f"{LAYOUTS[layout]['input']}; out {LAYOUTS[layout]['outputs']}."]
   if layout == "insightface" and not (size >= 112 and size % 16 == 0 and
@@ -332,30 +290,8 @@ def _summary(args, metadata: dict) -> list[str]:
         f"(square, at least 112 px, a multiple of 16) and returns None for "
         f"{size} px: load it with insightface.model_zoo.arcface_onnx."
         "ArcFaceONNX(model_file=PATH) instead.")
-  return lines
-
-
-def main(argv: Optional[Sequence[str]] = None) -> None:
-  args = _parse(sys.argv[1:] if argv is None else argv)
-  batch = None if args.batch == "dynamic" else int(args.batch)
-  with errors.expected_failures(verbose=args.traceback):
-    metadata = export(args.workdir, args.format, args.out, batch=batch,
-                      step=args.step, overwrite=args.overwrite,
-                      layout=args.onnx_layout,
-                      platforms=(parse_platforms(args.platforms)
-                                 if args.platforms is not None else None))
-  for line in _summary(args, metadata):
-    print(line, flush=True)
   if "qgjt_jax.thresholds" not in metadata:
-    print("No decision thresholds recorded: the workdir has no evaluation "
-          "that measured them (run --mode=eval first, with "
-          "config.eval.calibration_folders for photos).", flush=True)
-
-
-def cli() -> None:
-  """`python -m qgjt_jax.export`."""
-  main()
-
-
-if __name__ == "__main__":
-  cli()
+    lines.append("No decision thresholds recorded: the workdir has no "
+                 "evaluation that measured them (run --mode=eval first, "
+                 "with config.eval.calibration_folders for photos).")
+  return lines

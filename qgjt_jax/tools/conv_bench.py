@@ -12,12 +12,13 @@ squares, jitted, after a warm-up call. The forms compute the same numbers
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
-import sys
 import time
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterator
+
+from absl import app
+from absl import flags
 
 import jax
 import jax.numpy as jnp
@@ -78,17 +79,21 @@ def run(batch: int, side: int, channels: int, repeats: int
             "device": jax.devices()[0].device_kind}
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-  parser = argparse.ArgumentParser(prog="python -m qgjt_jax.tools.conv_bench",
-                                   description=__doc__.split("\n")[0])
-  parser.add_argument("--batch", type=int, default=64)
-  parser.add_argument("--side", type=int, default=56)
-  parser.add_argument("--channels", type=int, default=128)
-  parser.add_argument("--repeats", type=int, default=3)
-  a = parser.parse_args(sys.argv[1:] if argv is None else argv)
-  for record in run(a.batch, a.side, a.channels, a.repeats):
+_BATCH = flags.DEFINE_integer("batch", 64, "Images a call.", lower_bound=1)
+_SIDE = flags.DEFINE_integer("side", 56, "Pixels a side.", lower_bound=1)
+_CHANNELS = flags.DEFINE_integer("channels", 128, "Channels in and out.",
+                                 lower_bound=1)
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls; the median is "
+                                "printed.", lower_bound=1)
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  for record in run(_BATCH.value, _SIDE.value, _CHANNELS.value,
+                    _REPEATS.value):
     print(json.dumps(record), flush=True)
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

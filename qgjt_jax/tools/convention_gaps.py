@@ -18,9 +18,11 @@ gap over the draws): the numbers docs/FIDELITY.md quotes.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import sys
+from typing import Iterator
+
+from absl import app
+from absl import flags
 
 import numpy as np
 
@@ -61,23 +63,33 @@ def _summary(name: str, rows: list[dict]) -> dict:
   return summary
 
 
-def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--draws", type=int, default=8)
-  parser.add_argument("--genuine", type=int, default=10_270)
-  parser.add_argument("--impostors", type=int, default=8_010_270)
-  args = parser.parse_args(argv)
-  if args.draws < 2:
-    parser.error("--draws must be 2 or more (the spread needs two)")
+def records(draws: int, genuine: int, impostors: int) -> Iterator[dict]:
+  """A line per draw and convention, then each convention's summary."""
   for name, measure in (
-      ("tar_rule", lambda s: tar_rule_gaps(s, args.genuine, args.impostors)),
+      ("tar_rule", lambda seed: tar_rule_gaps(seed, genuine, impostors)),
       ("reject", reject_numbers)):
     rows = []
-    for seed in range(args.draws):
+    for seed in range(draws):
       rows.append(measure(seed))
-      print(json.dumps({name: rows[-1], "seed": seed}), flush=True)
-    print(json.dumps(_summary(name, rows)), flush=True)
+      yield {name: rows[-1], "seed": seed}
+    yield _summary(name, rows)
+
+
+_DRAWS = flags.DEFINE_integer("draws", 8, "Draws of each score set (the "
+                              "spread needs two).", lower_bound=2)
+_GENUINE = flags.DEFINE_integer("genuine", 10_270, "Genuine template "
+                                "pairs of the 1:1 set.", lower_bound=1)
+_IMPOSTORS = flags.DEFINE_integer("impostors", 8_010_270, "Impostor "
+                                  "template pairs of the 1:1 set.",
+                                  lower_bound=1)
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  for record in records(_DRAWS.value, _GENUINE.value, _IMPOSTORS.value):
+    print(json.dumps(record), flush=True)
 
 
 if __name__ == "__main__":
-  main(sys.argv[1:])
+  app.run(main)

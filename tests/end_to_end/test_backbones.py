@@ -104,7 +104,7 @@ def test_trains_on_a_cluster_then_every_mode_and_export(name, faces,
 def test_the_vit_programs_lower_for_tpu_and_gpu():
   result = commands.run("qgjt_jax.export_check", "--config=configs/ms1m.py",
                         "--config.model.name=vit_t", "--platforms=tpu,cuda",
-                        "--model_parallelism=2", devices=8, timeout=900,
+                        "--config.model_parallelism=2", devices=8, timeout=900,
                         check=True)
   records = [json.loads(l) for l in result.stdout.splitlines()
              if l.startswith("{")]

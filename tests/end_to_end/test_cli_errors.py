@@ -169,7 +169,8 @@ def collections_counter():
 
 
 def test_the_other_commands(tmp_path):
-  commands.assert_refused(commands.run("qgjt_jax.bench", "--arch=resnet50"),
+  commands.assert_refused(commands.run("qgjt_jax.bench",
+                                       "--config.model.name=resnet50"),
                    "config.model.name='resnet50'")
   commands.assert_refused(commands.run("qgjt_jax.data.bench", f"--rec={tmp_path / 'nope'}",
                         "--synthetic_images=0"), tmp_path / "nope")

@@ -132,9 +132,9 @@ def test_gpu_bench_runs_the_yardstick_and_three_benchmarks():
                          "--batch=512"]
   bench = [c[3:] for c in commands[1:]]
   assert all(c[1:3] == ["-m", "qgjt_jax.bench"] for c in commands[1:])
-  assert bench == [["--arch=ir50", "--batch=256"],
-                   ["--arch=ir50", "--batch=256", "--no_qgface"],
-                   ["--arch=ir100", "--batch=256"]]
+  assert bench == [["--config.global_batch_size=256"],
+                   ["--config.global_batch_size=256", "--no_qgface"],
+                   ["--config.global_batch_size=256", "--config.model.name=ir100"]]
 
 
 @pytest.mark.parametrize("environ,expected", [
@@ -189,7 +189,8 @@ def test_gpu_bench_collects_json_lines_and_survives_a_failure(tmp_path):
            .splitlines()]
   assert printed == saved and len(saved) == 4
   assert saved[0]["args"] == "calib_step.py --arch=50 --batch=512"
-  assert saved[2]["args"].endswith("--arch=ir50 --batch=256 --no_qgface")
+  assert saved[2]["args"].endswith(
+      "--config.global_batch_size=256 --no_qgface")
   assert saved[3] == {"failed": "qgface_ir100", "rc": 3}
   assert "out of memory" in (out / "bench.log").read_text()
 

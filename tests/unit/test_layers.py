@@ -9,9 +9,10 @@ are no import cycles (imports inside functions count too: they run).
   3 services     data/, align/, eval/, inference/, interop/, config_checks
                  (it checks configs against the services' own registries),
                  train, finetune
-  4 commands     main, the `python -m` names kept (convert, export, bench,
-                 export_check, data.bench), launch_local, recipe_flags,
-                 notebook_utils, tools/, configs/ (the recipes)
+  4 commands     main, convert, export, bench, export_check, data.bench,
+                 launch_local (each the module its `python -m` name says,
+                 flags and printing only), recipe_flags, notebook_utils,
+                 tools/, configs/ (the recipes)
   5 the root     qgjt_jax (`load_model`, the public face)
 
 A new module must be given a layer here; moving one down is a change of
@@ -151,3 +152,34 @@ def test_the_checks_catch_what_they_are_for():
                   "eval.c": {"eval.a"}, "files": set()}) == [
                       ["eval.a", "eval.b", "eval.c"]]
   assert _layer("data.bench") == 4 and _layer("data.prepare") == 3
+
+
+def _argv_writes(tree: ast.AST) -> bool:
+  """Whether the code assigns sys.argv or one of its items."""
+  def is_argv(node):
+    node = node.value if isinstance(node, ast.Subscript) else node
+    return (isinstance(node, ast.Attribute) and node.attr == "argv" and
+            isinstance(node.value, ast.Name) and node.value.id == "sys")
+  for node in ast.walk(tree):
+    targets = (node.targets if isinstance(node, ast.Assign) else
+               [node.target] if isinstance(node, ast.AugAssign) else [])
+    if any(is_argv(t) for t in targets):
+      return True
+  return False
+
+
+def test_one_flag_library_and_argv_left_alone():
+  """Every command reads its flags with absl (config_flags for a recipe):
+  no module builds an argparse parser, and none assigns sys.argv."""
+  found = []
+  for name, path in _modules().items():
+    tree = ast.parse(path.read_text())
+    if any(isinstance(n, ast.Attribute) and n.attr == "ArgumentParser"
+           for n in ast.walk(tree)):
+      found.append(f"{name} builds an argparse parser")
+    if _argv_writes(tree):
+      found.append(f"{name} assigns sys.argv")
+  assert not found, "\n".join(found)
+  # The check bites.
+  assert _argv_writes(ast.parse("import sys\nsys.argv[1:] = []\n"))
+  assert _argv_writes(ast.parse("import sys\nsys.argv = ['x']\n"))

@@ -20,7 +20,8 @@ def _run(module, *args, devices=None):
 
 def test_the_ms1m_step_and_forward_lower_for_tpu_and_gpu():
   records = _run("qgjt_jax.export_check", "--config=configs/ms1m.py",
-                 "--platforms=tpu,cuda", "--model_parallelism=2", devices=8)
+                 "--platforms=tpu,cuda", "--config.model_parallelism=2",
+                 devices=8)
   assert [r["program"] for r in records] == ["train_step", "eval_forward"]
   for record in records:
     assert record["platforms"] == ["tpu", "cuda"]
@@ -33,7 +34,7 @@ def test_the_ms1m_step_and_forward_lower_for_tpu_and_gpu():
 def test_the_qgface_extras_cost_little_by_xla_estimate():
   """The CPU-side check of the <= 5% target: the queue, the contrastive
   loss and the gates add little to the IR-50 step's FLOPs and bytes."""
-  (record,) = _run("qgjt_jax.bench", "--extras_cost", "--batch=256")
+  (record,) = _run("qgjt_jax.bench", "--extras_cost", "--config.global_batch_size=256")
   assert record["qgface_flops"] > record["plain_flops"] > 1e12
   assert 1.0 < record["extras_flops_ratio"] < 1.05
   assert 1.0 < record["extras_bytes_accessed_ratio"] < 1.05

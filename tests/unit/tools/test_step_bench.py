@@ -18,9 +18,12 @@ ROOT = str(tiny_runs.ROOT)
 BLOCKED = ("tensorflow", "tensorflow_datasets", "grain", "clu", "orbax",
            "orbax.checkpoint", "array_record")
 
-TINY = ["--arch=ir18", "--base_width=4", "--embedding_size=16",
-        "--image_size=16", "--batch=4", "--classes=37", "--queue=16",
-        "--steps=1", "--warmup=1", "--repeats=1", "--dtype=float32"]
+# The benchmark's settings are the recipe's keys; its own flags, the run's.
+TINY = ["--config.model.name=ir18", "--config.model.base_width=4",
+        "--config.model.embedding_size=16", "--config.data.image_size=16",
+        "--config.global_batch_size=4", "--config.queue.capacity=16",
+        "--config.model.dtype=float32", "--classes=37", "--steps=1",
+        "--warmup=1", "--repeats=1"]
 
 
 @pytest.mark.slow
@@ -29,15 +32,19 @@ def test_smoke_run_without_tensorflow_grain_clu_orbax():
       import sys
       for name in {BLOCKED!r}:
         sys.modules[name] = None  # any import of it now fails
-      from qgjt_jax.tools import step_bench
-      step_bench.main({TINY!r})
+      from qgjt_jax import bench
+      try:
+        bench.cli()
+      except SystemExit as e:
+        assert not e.code, e.code
       loaded = [m for m in {BLOCKED!r} if sys.modules.get(m) is not None]
       print("LOADED", loaded)
   """)
   # Unoptimised CPU code: compiling dominates a one-step smoke run.
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_backend_optimization_level=0")
-  result = subprocess.run([sys.executable, "-c", script], capture_output=True,
+  result = subprocess.run([sys.executable, "-c", script, *TINY],
+                          capture_output=True,
                           text=True, timeout=600, cwd=ROOT, env=env)
   assert result.returncode == 0, result.stdout + result.stderr
   lines = [json.loads(l) for l in result.stdout.splitlines()
@@ -64,13 +71,14 @@ def test_smoke_run_without_tensorflow_grain_clu_orbax():
   assert record["compiled_temp_bytes"] >= 0
 
 
-def _bench_config(**changes):
-  settings = dict(arch="ir18", batch=4, dtype="float32", queue=16,
-                  qgface=True, image_size=16, base_width=4,
-                  embedding_size=16, model_parallelism=1, sample_rate=1.0,
-                  logits_dtype="float32", remat="none")
-  return step_bench.bench_config(step_bench.default_recipe(),
-                            **{**settings, **changes})
+def _bench_config(qgface=True):
+  recipe = step_bench.default_recipe()
+  recipe.update_from_flattened_dict({
+      "model.name": "ir18", "model.base_width": 4,
+      "model.embedding_size": 16, "data.image_size": 16,
+      "global_batch_size": 4, "queue.capacity": 16,
+      "model.dtype": "float32"})
+  return step_bench.bench_config(recipe, qgface=qgface)
 
 
 def test_the_benchmark_times_the_recipe_of_its_config_file():
@@ -81,8 +89,6 @@ def test_the_benchmark_times_the_recipe_of_its_config_file():
   for section in ("quality", "optim", "head"):
     want = recipe[section].to_dict()
     got = config[section].to_dict()
-    for key in ("sample_rate", "logits_dtype"):
-      want.pop(key, None), got.pop(key, None)
     assert got == want, section
   assert config.queue.kind == recipe.queue.kind == "proxy"
 
@@ -118,18 +124,24 @@ def test_peak_flops_table(kind, peak):
   assert step_bench.peak_flops(kind) == peak
 
 
-def test_config_flags_are_taken_as_main_takes_them():
-  """--config and --config.KEY= as for qgjt_jax.main, in both argparse
-  tools; a key one of the benchmark's own flags sets is refused, naming
-  the flag, and an unknown key names the nearest."""
-  from qgjt_jax.tools import export_check
-  a = step_bench._parse(["--config.seed=3", "--arch=ir18"])
-  assert (a.recipe.seed, a.arch) == (3, "ir18")
-  assert a.recipe.model.name == ms1m.get_config().model.name  # the default
-  a = export_check._parse(["--config=configs/synthetic.py",
-                           "--config.head.s=32.0", "--platforms=cpu"])
-  assert a.recipe.head.s == 32.0 and a.platforms == "cpu"
-  with pytest.raises(SystemExit, match="give --arch= instead"):
-    step_bench._parse(["--config.model.name=ir18"])
-  with pytest.raises(SystemExit, match='Did you mean "seed"'):
-    export_check._parse(["--config.sed=3"])
+def test_the_recipe_is_taken_as_main_takes_it():
+  """--config (default configs/ms1m.py) and --config.KEY= as for
+  qgjt_jax.main; an unknown key names the nearest, in one line."""
+  script = textwrap.dedent("""
+      import sys
+      from absl import flags
+      from qgjt_jax import bench, recipe_flags
+      recipe_flags.parse(flags.FLAGS, sys.argv,
+                         default_recipe=str(bench.step_bench.DEFAULT_CONFIG))
+      print(flags.FLAGS.config.seed, flags.FLAGS.config.model.name)
+  """)
+  def parsed(*args):
+    return subprocess.run([sys.executable, "-c", script, *args],
+                          capture_output=True, text=True, cwd=ROOT,
+                          timeout=120)
+  result = parsed("--config.seed=3", "--steps=2")
+  assert result.stdout.split() == ["3", ms1m.get_config().model.name], (
+      result.stderr)
+  result = parsed("--config.sed=3")
+  assert result.returncode != 0 and result.stdout == ""
+  assert 'Did you mean "seed"' in result.stderr.strip().splitlines()[-1]
