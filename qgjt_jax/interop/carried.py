@@ -30,6 +30,9 @@ from qgjt_jax.eval import stored
 
 QUALITY_KEY = "qgjt_jax.quality"
 THRESHOLDS_KEY = "qgjt_jax.thresholds"
+# An ONNX export's model settings ({config key: value}): what rebuilds the
+# model around the weights it holds under their own names.
+MODEL_SETTINGS_KEY = "qgjt_jax.model_settings"
 _MAX_RECORD_CHARS = 4 << 20
 _SET_NAME = re.compile(r"^[\w.@+-]{1,120}$")
 

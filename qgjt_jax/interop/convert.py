@@ -10,7 +10,9 @@ pretrained file into an orbax checkpoint of this project (step 0, the
 `.safetensors` file (CVLFace's hub models, or `export --format=safetensors`,
 whose recorded input size and channel order are used), an `.npz` of
 name -> array (all read without torch, `weight_files`) or an `.onnx` graph
-(`onnx_import`); nothing from the file runs. The family, model, sizes and
+(`onnx_import`: insightface's recognisers, matched layer by layer, or this
+project's export, whose weights carry their variables' names and whose
+metadata the model's settings); nothing from the file runs. The family, model, sizes and
 input size are read from the tensors' names and shapes (each family's
 `recognise`; `--arch` says which model the file must hold); the program
 prints them and the parameter count, and records them in
@@ -19,10 +21,10 @@ WORKDIR/converted_from.json, from which every command that uses the model
 rebuilds it. It refuses to replace an existing WORKDIR/checkpoints unless
 `--overwrite`.
 
-A file this project exported (safetensors) also carries its norm
-statistics, quality settings and calibrated thresholds (`carried`): they
-are checked to add up and restored (the checkpoint's `quality` item,
-converted_from.json's `quality_settings`, eval/step_0.json), so the
+A file this project exported also carries its norm statistics, quality
+settings and calibrated thresholds (`carried`): they are checked to add up
+and restored (the checkpoint's `quality` item, converted_from.json's
+`quality_settings`, eval/step_0.json), so the
 converted workdir rates quality and decides as its source did.
 
 Published weights read BGR (AdaFace/QGFace) or RGB (insightface): the
@@ -148,7 +150,13 @@ def convert_file(path: str, arch: str = "auto", input_order: str = "auto"
   from qgjt_jax.interop import carried  # pylint: disable=g-import-not-at-top
   from qgjt_jax.interop import onnx_import  # pylint: disable=g-import-not-at-top
   if os.fspath(path).endswith(".onnx"):
-    weights = onnx_import.read_onnx(path)
+    model = onnx_import.read_model(path)
+    own = onnx_import.own_export(model, path)
+    if own is not None:
+      converted = _own_export(own, path, arch, input_order)
+      return dataclasses.replace(
+          converted, carried=carried.read(own.metadata, path))
+    weights = onnx_import.read_onnx(path, model)
     state, recorded = weights.state_dict, {
         "image_size": weights.image_size,
         "carried": carried.read(weights.metadata, path)}
@@ -167,6 +175,72 @@ def convert_file(path: str, arch: str = "auto", input_order: str = "auto"
                                       converted.variables,
                                       converted.image_size)
   return dataclasses.replace(converted, carried=recorded.get("carried"))
+
+
+def _own_export(own, path: str, arch: str, input_order: str
+                ) -> ConvertedModel:
+  """The model of an ONNX file this project exported: rebuilt from the
+  settings it records, its variables read by name, each checked against
+  the model's own shape (`onnx_import.OwnExport`)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from qgjt_jax.interop import onnx_export  # pylint: disable=g-import-not-at-top
+  settings = own.settings
+
+  def setting(key, kind, low=None, high=None):
+    value = settings.get(key)
+    if not isinstance(value, kind) or isinstance(value, bool) or (
+        low is not None and not low <= value <= high):
+      raise state_dicts.StateDictMismatchError(
+          f"{path}: its recorded {key}={value!r} is not a model setting "
+          "this project writes")
+    return value
+
+  try:
+    family, name = models.family_of(setting("model.name", str))
+  except ValueError as e:
+    raise state_dicts.StateDictMismatchError(f"{path}: {e}") from None
+  if arch != "auto" and models.family_of(arch)[1] != name:
+    raise state_dicts.StateDictMismatchError(
+        f"{path}: {arch} was asked for, but the file holds {name}")
+  embedding_size = setting("model.embedding_size", int, 1, 65536)
+  image_size = setting("data.image_size", int, 1, 4096)
+  if input_order == "auto":
+    input_order = setting("model.input_order", str)
+  if input_order not in ("BGR", "RGB"):
+    raise ValueError(f"input order {input_order!r}: use BGR, RGB or auto")
+  own_settings = {key: settings[f"model.{key}"]
+                  for key in family.weight_settings
+                  if f"model.{key}" in settings}
+  module = models.build_backbone(name, embedding_size=embedding_size,
+                                 input_order=input_order, **own_settings)
+  shapes = jax.eval_shape(lambda: module.init(
+      jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)),
+      train=False))
+  leaves, tree = jax.tree_util.tree_flatten_with_path(shapes)
+  names = [onnx_export.weight_name(p) for p, _ in leaves]
+  missing = [n for n in names if n not in own.weights]
+  extra = sorted(set(own.weights) - set(names))
+  wrong = [f"{n} {own.weights[n].shape} (the model's {leaf.shape})"
+           for n, (_, leaf) in zip(names, leaves)
+           if n in own.weights and own.weights[n].shape != leaf.shape]
+  if missing or extra or wrong:
+    raise state_dicts.StateDictMismatchError(
+        f"{path}: its weights are not those of the {name} it records: " +
+        "; ".join(f"{what}: {', '.join(items[:5])}" for what, items in (
+            ("missing", missing), ("not the model's", extra),
+            ("of other shapes", wrong)) if items))
+  try:
+    _check_finite(own.weights)
+  except state_dicts.StateDictMismatchError as e:
+    raise state_dicts.StateDictMismatchError(f"{path}: {e}") from None
+  variables = jax.tree_util.tree_unflatten(tree, [
+      np.asarray(own.weights[n], leaf.dtype)
+      for n, (_, leaf) in zip(names, leaves)])
+  return ConvertedModel(variables=variables, name=name,
+                        embedding_size=embedding_size, image_size=image_size,
+                        input_order=input_order, settings=own_settings,
+                        description=family.describe(module))
 
 
 def _check_finite(tensors: Mapping[str, Any]) -> None:

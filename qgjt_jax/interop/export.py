@@ -51,8 +51,10 @@ import json
 import os
 from typing import Any, Optional, Sequence
 
+from qgjt_jax import config_keys
 from qgjt_jax import errors
 from qgjt_jax import outputs
+from qgjt_jax import records
 
 LAYOUTS = {
     "qgjt": {
@@ -163,21 +165,21 @@ def onnx_proto(module, variables: dict, image_size: int,
   from qgjt_jax.interop import onnx_export  # pylint: disable=g-import-not-at-top
   size = image_size
   if layout == "insightface":
-    def insightface_layout(x):
+    def insightface_layout(x, weights):
       # (B, 3, S, S) RGB in [-1, 1] -> the BGR NHWC faces every model takes.
       bgr = jnp.flip(jnp.transpose(x, (0, 2, 3, 1)), axis=-1)
-      unit, norms = model_lib.fused_features(module, variables, bgr)
+      unit, norms = model_lib.fused_features(module, weights, bgr)
       return (unit * norms[:, None],)
     return onnx_export.onnx_model(
         insightface_layout, jax.ShapeDtypeStruct((1, 3, size, size),
                                                  jnp.float32),
         input_name="input.1", output_names=("embedding",), batch=batch,
-        metadata=metadata)
+        weights=variables, metadata=metadata)
   return onnx_export.onnx_model(
-      forward_fn(module, variables),
+      lambda x, weights: model_lib.fused_forward(module, weights)(x),
       jax.ShapeDtypeStruct((1, size, size, 3), jnp.uint8),
       input_name="images", output_names=("embeddings", "norms"),
-      batch=batch, metadata=metadata)
+      batch=batch, weights=variables, metadata=metadata)
 
 
 def export(path: str, fmt: str, out: str, *, batch: Optional[int] = None,
@@ -235,8 +237,15 @@ def export(path: str, fmt: str, out: str, *, batch: Optional[int] = None,
     _write_safetensors(out, module, variables, image_size, metadata,
                        overwrite)
   elif fmt == "onnx":
+    # What rebuilds the model around the weights (`convert` of the file).
+    settings = {key: config_keys.lookup(loaded.config, key) for key in
+                records.model_keys() + records.MODEL_INPUT_KEYS}
+    settings = {k: v for k, v in settings.items()
+                if v is not config_keys.MISSING}
     proto = onnx_proto(module, variables, image_size, batch,
-                       {**LAYOUTS[layout], **metadata}, layout)
+                       {**LAYOUTS[layout], **metadata,
+                        carried.MODEL_SETTINGS_KEY: json.dumps(settings)},
+                       layout)
     outputs.write(out, proto.SerializeToString(), overwrite=overwrite)
   else:
     data = stablehlo_bytes(module, variables, image_size, batch, platforms)

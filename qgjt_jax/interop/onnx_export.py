@@ -1,13 +1,16 @@
 """A JAX function as an ONNX graph, translated from its own jaxpr.
 
 The export traces the function that embeds (`inference.model.fused_forward`
-and its insightface-layout twin), with the weights closed over, and writes
+and its insightface-layout twin) with the weights as an argument, and writes
 one ONNX node per primitive (`jaxprs.flatten` inlines the calls and picks
 the accelerators' branch of `platform_dependent`): no second description of
 any network exists, so every registered backbone exports, and the file
-computes what `--mode=embed` computes. Equations whose inputs are all
-constants (the weights' transposes, casts, iotas) are evaluated here and
-stored as initialisers.
+computes what `--mode=embed` computes. Each weight is an initialiser named
+by its variable's path, as it is (so `convert` reads the very variables
+back, `onnx_import.own_export`); what depends on weights alone (their
+transposes, a BatchNorm's scale) stays in the graph for the runtime's
+constant folding. Equations whose inputs are all other constants (iotas,
+shapes) are evaluated here and stored as initialisers.
 
 The batch may stay symbolic: the function is traced with a symbolic batch
 (jax.export's shape polymorphism) and every size that depends on it is
@@ -60,6 +63,12 @@ class _Graph:
 
   def const(self, array, stem: str = "const") -> str:
     name = self.fresh(stem)
+    self.initializers.append(self.numpy_helper.from_array(
+        np.ascontiguousarray(np.asarray(array)), name))
+    return name
+
+  def named_const(self, array, name: str) -> str:
+    """An initialiser under its own name (a weight: not folded here)."""
     self.initializers.append(self.numpy_helper.from_array(
         np.ascontiguousarray(np.asarray(array)), name))
     return name
@@ -272,13 +281,23 @@ def _evaluate(eq: jaxprs.Equation, values: list[np.ndarray]) -> list[Any]:
   return [np.asarray(o) for o in out]
 
 
+def weight_name(path) -> str:
+  """The initialiser name of a variable leaf: its path, '/'-joined
+  ("params/conv1/kernel"), which `onnx_import.own_export` reads back."""
+  return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
 def onnx_model(function: Callable, example: jax.ShapeDtypeStruct, *,
                input_name: str, output_names: Sequence[str],
-               batch: Optional[int], metadata: Optional[dict] = None,
+               batch: Optional[int], weights: Any,
+               metadata: Optional[dict] = None,
                graph_name: str = "qgjt_jax"):
-  """The onnx.ModelProto of `function` on inputs like `example` (its first
-  axis the batch: `batch`, or symbolic when None), with `metadata` as its
-  metadata_props.
+  """The onnx.ModelProto of `function(x, weights)` on inputs x like
+  `example` (its first axis the batch: `batch`, or symbolic when None),
+  with `metadata` as its metadata_props. Each leaf of `weights` is an
+  initialiser named by `weight_name`, as it is: the graph computes from
+  it (what depends on weights alone, a BatchNorm's scale, say, is left to
+  the runtime's constant folding), so the file holds the very variables.
 
   Raises:
     OnnxExportError: a primitive without a translation.
@@ -289,10 +308,13 @@ def onnx_model(function: Callable, example: jax.ShapeDtypeStruct, *,
   spec = jax.ShapeDtypeStruct((symbol if batch is None else batch,
                                *example.shape[1:]),
                               example.dtype)
-  flat = jaxprs.flatten(jax.make_jaxpr(function)(spec))
+  leaves, _ = jax.tree_util.tree_flatten_with_path(weights)
+  flat = jaxprs.flatten(jax.make_jaxpr(function)(spec, weights))
   g = _Graph(input_name, symbol)
-  (invar,) = flat.invars
+  invar, *weight_vars = flat.invars
   g.values[invar] = input_name
+  for var, (path, leaf) in zip(weight_vars, leaves):
+    g.values[var] = g.named_const(leaf, weight_name(path))
   for var, value in zip(flat.constvars, flat.consts):
     g.values[var] = np.asarray(value)
 

@@ -158,6 +158,50 @@ def _array(tensor, where: str) -> np.ndarray:
   return values.astype(dtype).reshape(dims)
 
 
+@dataclasses.dataclass(frozen=True)
+class OwnExport:
+  """An ONNX file this project's export wrote: the model's settings and its
+  variables, each initialiser under its leaf's path (`onnx_export.
+  weight_name`)."""
+  settings: dict[str, Any]          # {config key: value}
+  weights: dict[str, np.ndarray]    # "params/conv1/kernel" -> array
+  metadata: dict[str, str]
+
+
+# More than any model's settings take; bounds what is parsed.
+_MAX_SETTINGS_CHARS = 1 << 16
+
+
+def own_export(model, path: str) -> Optional[OwnExport]:
+  """The settings and weights of a file `qgjt_jax.export` wrote (its
+  producer, and its settings in the metadata), read as any file's; None
+  for other producers' files.
+
+  Raises:
+    OnnxImportError: settings that are no record of ours (naming the file).
+  """
+  import json  # pylint: disable=g-import-not-at-top
+  from qgjt_jax.interop import carried  # pylint: disable=g-import-not-at-top
+  metadata = {p.key: p.value for p in model.metadata_props}
+  text = metadata.get(carried.MODEL_SETTINGS_KEY)
+  if model.producer_name != "qgjt_jax" or text is None:
+    return None
+  try:
+    settings = (json.loads(text) if len(text) <= _MAX_SETTINGS_CHARS
+                else None)
+  except (ValueError, RecursionError):
+    settings = None
+  if not isinstance(settings, dict) or not all(
+      isinstance(v, (str, int, float, bool)) for v in settings.values()):
+    raise OnnxImportError(f"{path}: {carried.MODEL_SETTINGS_KEY} is not the "
+                          "record of model settings this project writes")
+  if model.graph.sparse_initializer:
+    raise OnnxImportError(f"{path}: sparse initialisers are not taken")
+  weights = {t.name: _array(t, path) for t in model.graph.initializer
+             if t.name.split("/")[0] in ("params", "batch_stats")}
+  return OwnExport(settings, weights, metadata)
+
+
 def _attributes(node) -> dict[str, Any]:
   from onnx import helper  # pylint: disable=g-import-not-at-top
   return {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -313,14 +357,15 @@ def _input_size(model) -> Optional[int]:
   return None
 
 
-def read_onnx(path: str) -> OnnxWeights:
-  """The weights of an ONNX recogniser as a registered model's state dict.
+def read_onnx(path: str, model=None) -> OnnxWeights:
+  """The weights of an ONNX recogniser (`model`, the file's ModelProto
+  when already read) as a registered model's state dict.
 
   Raises:
     OnnxImportError: the file is no ONNX model, uses what this reader does
       not take, or matches no registered backbone (each naming the file).
   """
-  model = read_model(path)
+  model = read_model(path) if model is None else model
   found = weighted_layers(model, path)
   size = _input_size(model)
   heads = [layer for layer in found if layer.kind == "linear"]

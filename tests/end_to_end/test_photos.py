@@ -264,41 +264,47 @@ def test_unaligned_photos_are_said_once(demo_run, faces_dir, tmp_path):
           "resized, not aligned") in result.stdout
 
 
-def test_safetensors_round_trip_keeps_embeddings_quality_and_thresholds(
+def test_exports_convert_back_with_embeddings_quality_and_thresholds(
     calibrated, orl_people, faces_dir, tmp_path):
-  """convert of an export restores what the workdir knew beyond its
-  weights: the norm statistics (quality) and the calibrated thresholds."""
-  exported = tmp_path / "model.safetensors"
-  result = _run(f"--workdir={calibrated}", "--format=safetensors",
-                f"--out={exported}", module="qgjt_jax.export")
-  assert "for 40 px BGR input" in result.stdout
-  # The authors' net.py builds width-64, 112 px, 512-d models only.
-  assert ("Loads in: qgjt_jax.convert only (AdaFace/QGFace net.py cannot "
-          "build it: base width 16 (it builds 64); image size 40") in (
-              result.stdout)
-  back = tmp_path / "converted"
-  result = _run(f"--src={exported}", f"--workdir={back}",
-                module="qgjt_jax.convert")
-  assert "input size      40 x 40" in result.stdout
+  """convert of an export (safetensors, ONNX) restores what the workdir
+  knew beyond its weights: the norm statistics (quality) and the
+  calibrated thresholds."""
   folder = faces_dir / "s4"
   want = _embed(calibrated, folder, tmp_path / "a.npz")
-  got = _embed(back, folder, tmp_path / "b.npz")
-  np.testing.assert_allclose(got["embeddings"], want["embeddings"],
-                             atol=1e-5)
-  np.testing.assert_allclose(got["norms"], want["norms"], rtol=1e-5)
-  np.testing.assert_allclose(got["quality"], want["quality"], rtol=1e-5)
-  np.testing.assert_array_equal(got["hq"], want["hq"])
   pair = ",".join(str(p) for p in sorted((orl_people / "unseen").glob(
       "*/1.pgm"))[:2])
-  decided = [_run(f"--workdir={w}", "--mode=compare", f"--images={pair}",
-                  "--align=detect", "--far=1e-2").stdout
-             for w in (calibrated, back)]
   threshold = re.compile(r"threshold (\S+) on calibration_calibration .*: "
                          r"FAR about 1e-02, a point estimate \((\d+ of "
                          r"[\d,]+)")
-  assert threshold.search(decided[0]).groups() == threshold.search(
-      decided[1]).groups()
-  assert "carried in model.safetensors" in decided[1]
+
+  def decided(workdir):
+    return _run(f"--workdir={workdir}", "--mode=compare", f"--images={pair}",
+                "--align=detect", "--far=1e-2").stdout
+
+  measured = threshold.search(decided(calibrated)).groups()
+  for name in ("model.safetensors", "model.onnx"):
+    exported = tmp_path / name
+    result = _run(f"--workdir={calibrated}", f"--format={name[6:]}",
+                  f"--out={exported}", module="qgjt_jax.export")
+    if name.endswith("safetensors"):
+      assert "for 40 px BGR input" in result.stdout
+      # The authors' net.py builds width-64, 112 px, 512-d models only.
+      assert ("Loads in: qgjt_jax.convert only (AdaFace/QGFace net.py "
+              "cannot build it: base width 16 (it builds 64); image size 40"
+              ) in result.stdout
+    back = tmp_path / f"from_{name}"
+    result = _run(f"--src={exported}", f"--workdir={back}",
+                  module="qgjt_jax.convert")
+    assert "input size      40 x 40" in result.stdout
+    got = _embed(back, folder, tmp_path / f"{name}.npz")
+    np.testing.assert_allclose(got["embeddings"], want["embeddings"],
+                               atol=1e-5)
+    for key in ("norms", "quality"):
+      np.testing.assert_allclose(got[key], want[key], rtol=1e-5)
+    np.testing.assert_array_equal(got["hq"], want["hq"])
+    again = decided(back)
+    assert threshold.search(again).groups() == measured, name
+    assert f"carried in {name}" in again
 
 
 def test_the_readme_photo_commands_run_with_only_the_workdir(

@@ -130,6 +130,45 @@ def test_the_onnx_graph_holds_no_hand_written_network():
   assert len(grouped) == 1 + (1 + 4 + 1 + 6 + 1 + 2) + 1
 
 
+def test_convert_reads_its_own_onnx_back_exactly(tmp_path):
+  """The export holds the variables under their own names beside the
+  settings that rebuild the model: convert restores them bit for bit, and
+  refuses a file whose records and weights disagree, naming it."""
+  from qgjt_jax.interop import carried  # pylint: disable=g-import-not-at-top
+  from qgjt_jax.interop import convert  # pylint: disable=g-import-not-at-top
+  model = build_backbone("ir18", base_width=4, embedding_size=8,
+                         input_order="RGB")
+  variables = _random_variables(model, 32)
+  settings = {"model.name": "ir18", "model.base_width": 4,
+              "model.embedding_size": 8, "data.image_size": 32,
+              "model.input_order": "RGB"}
+
+  def exported(name, changes=None, nan=False):
+    v = jax.tree.map(lambda x: x.copy(), variables)
+    if nan:
+      jax.tree.leaves(v["params"])[0].flat[0] = np.nan
+    metadata = {carried.MODEL_SETTINGS_KEY: json.dumps(
+        {**settings, **(changes or {})})}
+    path = tmp_path / name
+    path.write_bytes(export.onnx_proto(model, v, 32, None, metadata,
+                                       "insightface").SerializeToString())
+    return str(path)
+
+  back = convert.convert_file(exported("m.onnx"))
+  assert (back.name, back.image_size, back.input_order) == ("ir18", 32, "RGB")
+  assert back.settings == {"base_width": 4}
+  jax.tree.map(np.testing.assert_array_equal, back.variables, variables)
+  for path, said in (
+      (exported("wide.onnx", {"model.base_width": 8}), "of other shapes"),
+      (exported("big.onnx", {"model.embedding_size": 2**40}),
+       "model.embedding_size=1099511627776"),
+      (exported("vit.onnx", {"model.name": "vit_t"}), "missing"),
+      (exported("nan.onnx", nan=True), "NaN")):
+    with pytest.raises(ValueError, match=said) as raised:
+      convert.convert_file(path)
+    assert path in str(raised.value)
+
+
 @pytest.mark.slow
 def test_the_command_exports_a_trained_workdir(reference_run, tmp_path):
   workdir = tmp_path / "run"
