@@ -36,6 +36,7 @@ from absl import flags
 
 from qgjt_jax import errors
 from qgjt_jax import parallel
+from qgjt_jax import workdir as workdir_layout
 
 # What the children inherit besides the cluster variables: fake CPU devices,
 # and collectives that cross processes (without them, XLA's CPU client has
@@ -135,7 +136,7 @@ def launch(num_processes: int, devices_per_process: int,
   if "://" in workdir:
     raise LaunchError(f"--workdir={workdir}: a local cluster writes its logs "
                       "beside the run; use a local folder.")
-  log_dir = pathlib.Path(workdir) / "logs"
+  log_dir = pathlib.Path(workdir) / workdir_layout.LOGS
   try:
     log_dir.mkdir(parents=True, exist_ok=True)
   except OSError as e:

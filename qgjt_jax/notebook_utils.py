@@ -15,9 +15,11 @@ import cv2
 import ml_collections
 import numpy as np
 
+from qgjt_jax import workdir as workdir_layout
 from qgjt_jax.data import degrade
 from qgjt_jax.data import synthetic
 from qgjt_jax.files import images
+
 
 def apply_overrides(config: ml_collections.ConfigDict,
                     overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
@@ -60,7 +62,8 @@ def read_metrics(workdir: str) -> dict[str, np.ndarray]:
   """
   from etils import epath
   by_step = {}
-  for line in (epath.Path(workdir) / "metrics.jsonl").read_text().splitlines():
+  metrics = epath.Path(workdir) / workdir_layout.METRICS
+  for line in metrics.read_text().splitlines():
     if line.strip():
       record = json.loads(line)
       by_step.setdefault(int(record["step"]), {}).update(record)

@@ -173,7 +173,8 @@ def create_writer(workdir: str, *, tensorboard: bool = True):
   os.makedirs(workdir, exist_ok=True)
   writer = (_tensorboard_writer(workdir) if tensorboard else None) or (
       StdoutWriter())
-  return Writers([writer, JsonlWriter(os.path.join(workdir, "metrics.jsonl"))])
+  return Writers([writer, JsonlWriter(os.path.join(workdir,
+                                                   workdir_layout.METRICS))])
 
 
 def create_report_progress(num_train_steps: int, writer: Any):

@@ -17,6 +17,8 @@ LOGS = "logs"
 PROFILE = "profile"
 # The folders commands write to, beside the record files.
 WRITTEN = (CHECKPOINTS, EVAL, LOGS, PROFILE)
+# Training's metrics, one JSON object a line.
+METRICS = "metrics.jsonl"
 
 
 class WorkdirLinkError(errors.UserError):
