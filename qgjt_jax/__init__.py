@@ -21,4 +21,5 @@ def load_model(path, step=None, **kwargs):
   """
   # pylint: disable=g-import-not-at-top
   from qgjt_jax.inference import model
+
   return model.load_model_from_python(path, step, **kwargs)

@@ -27,6 +27,7 @@ runs of one process. The contrastive branch is live from the first step
 The code is qgjt_jax/tools/step_bench.py; it needs jax, flax, optax, numpy
 and ml_collections, not TensorFlow, grain, clu or orbax.
 """
+
 import json
 
 from absl import app
@@ -38,31 +39,45 @@ from qgjt_jax.tools import step_bench
 
 _CONFIG = recipe_flags.define_config(
     str(step_bench.DEFAULT_CONFIG),
-    "The recipe whose step is timed (default: configs/ms1m.py).")
+    "The recipe whose step is timed (default: configs/ms1m.py).",
+)
 _CLASSES = flags.DEFINE_integer(
-    "classes", step_bench.MS1MV2_CLASSES,
-    "Identities of the classifier (default: MS1MV2's).", lower_bound=1)
-_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per window.",
-                              lower_bound=1)
-_WARMUP = flags.DEFINE_integer("warmup", 3, "Steps run before timing.",
-                               lower_bound=1)
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed windows; step_ms is "
-                                "their median.", lower_bound=1)
-_NO_QGFACE = flags.DEFINE_bool("no_qgface", False, "No queue, contrastive "
-                               "loss or quality gate.")
-_TRACE_DIR = flags.DEFINE_string("trace_dir", None, "Also write a "
-                                 "jax.profiler trace of 3 steps here.")
-_DUMP_HLO = flags.DEFINE_string("dump_hlo", None, "Write the compiled "
-                                "step's HLO text to this file.")
+    "classes",
+    step_bench.MS1MV2_CLASSES,
+    "Identities of the classifier (default: MS1MV2's).",
+    lower_bound=1,
+)
+_STEPS = flags.DEFINE_integer(
+    "steps", 20, "Timed steps per window.", lower_bound=1
+)
+_WARMUP = flags.DEFINE_integer(
+    "warmup", 3, "Steps run before timing.", lower_bound=1
+)
+_REPEATS = flags.DEFINE_integer(
+    "repeats", 3, "Timed windows; step_ms is " "their median.", lower_bound=1
+)
+_NO_QGFACE = flags.DEFINE_bool(
+    "no_qgface", False, "No queue, contrastive " "loss or quality gate."
+)
+_TRACE_DIR = flags.DEFINE_string(
+    "trace_dir", None, "Also write a " "jax.profiler trace of 3 steps here."
+)
+_DUMP_HLO = flags.DEFINE_string(
+    "dump_hlo", None, "Write the compiled " "step's HLO text to this file."
+)
 _EXTRAS_COST = flags.DEFINE_bool(
-    "extras_cost", False, "Instead of timing: XLA's FLOPs and bytes of the "
-    "step with and without the QGFace extras (lowered only).")
+    "extras_cost",
+    False,
+    "Instead of timing: XLA's FLOPs and bytes of the "
+    "step with and without the QGFace extras (lowered only).",
+)
 errors.define_traceback_flag()
 
 
 def main(argv: list[str]) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   from qgjt_jax import parallel  # pylint: disable=g-import-not-at-top
+
   verbose = errors.start_absl_command(argv)
   parallel.maybe_initialize_distributed()
   with errors.expected_failures(verbose=verbose):
@@ -70,18 +85,27 @@ def main(argv: list[str]) -> None:
       record = step_bench.extras_cost(_CONFIG.value, _CLASSES.value)
     else:
       record = step_bench.run(
-          _CONFIG.value, classes=_CLASSES.value, steps=_STEPS.value,
-          warmup=_WARMUP.value, repeats=_REPEATS.value,
-          qgface=not _NO_QGFACE.value, trace_dir=_TRACE_DIR.value,
-          dump_hlo=_DUMP_HLO.value)
+          _CONFIG.value,
+          classes=_CLASSES.value,
+          steps=_STEPS.value,
+          warmup=_WARMUP.value,
+          repeats=_REPEATS.value,
+          qgface=not _NO_QGFACE.value,
+          trace_dir=_TRACE_DIR.value,
+          dump_hlo=_DUMP_HLO.value,
+      )
   if jax.process_index() == 0:
     print(json.dumps(record), flush=True)
 
 
 def cli() -> None:
   """The `qgjt-bench` console script."""
-  app.run(main, flags_parser=lambda argv: recipe_flags.parse(
-      flags.FLAGS, argv, default_recipe=str(step_bench.DEFAULT_CONFIG)))
+  app.run(
+      main,
+      flags_parser=lambda argv: recipe_flags.parse(
+          flags.FLAGS, argv, default_recipe=str(step_bench.DEFAULT_CONFIG)
+      ),
+  )
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ fails to restore is reported, renamed to `<step>.damaged-<time>` (kept for
 inspection, ignored by orbax) and the one before it is used; when no step is
 readable the run stops instead of silently starting over.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -62,12 +63,15 @@ def _keep_latest(count: int) -> dict[str, Any]:
   return {"max_to_keep": count}
 
 
-def make_manager(directory: str, *, max_to_keep: int = 3,
-                 asynchronous: bool = True) -> ocp.CheckpointManager:
+def make_manager(
+    directory: str, *, max_to_keep: int = 3, asynchronous: bool = True
+) -> ocp.CheckpointManager:
   _remove_unfinished_saves(directory)
   options = ocp.CheckpointManagerOptions(
-      create=True, enable_async_checkpointing=asynchronous,
-      **_keep_latest(max_to_keep))
+      create=True,
+      enable_async_checkpointing=asynchronous,
+      **_keep_latest(max_to_keep),
+  )
   return ocp.CheckpointManager(_absolute(directory), options=options)
 
 
@@ -88,6 +92,7 @@ def _remove_unfinished_saves(directory: str) -> None:
         path.rmtree() if path.is_dir() else path.unlink()
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
+
     multihost_utils.sync_global_devices("qgjt_unfinished_saves_removed")
 
 
@@ -95,8 +100,7 @@ def model_item(state) -> dict[str, Any]:
   return {"params": state.params["backbone"], "batch_stats": state.batch_stats}
 
 
-def save(manager: ocp.CheckpointManager, state, *, force: bool = False
-         ) -> bool:
+def save(manager: ocp.CheckpointManager, state, *, force: bool = False) -> bool:
   """Saves (asynchronously) state and model at state.step.
 
   Returns False when nothing was saved: `force=False` leaves the decision to
@@ -107,10 +111,13 @@ def save(manager: ocp.CheckpointManager, state, *, force: bool = False
   if step in manager.all_steps():
     return False
   _check_free_space(manager, state, step)
-  items = {STATE: ocp.args.StandardSave(state),
-           MODEL: ocp.args.StandardSave(model_item(state)),
-           QUALITY: ocp.args.StandardSave({"mean": state.quality.mean,
-                                           "std": state.quality.std})}
+  items = {
+      STATE: ocp.args.StandardSave(state),
+      MODEL: ocp.args.StandardSave(model_item(state)),
+      QUALITY: ocp.args.StandardSave(
+          {"mean": state.quality.mean, "std": state.quality.std}
+      ),
+  }
   with _disk_full_is_checkpoint_error(manager, step):
     return manager.save(step, args=ocp.args.Composite(**items), force=force)
 
@@ -121,8 +128,7 @@ def wait(manager: ocp.CheckpointManager) -> None:
     manager.wait_until_finished()
 
 
-def _check_free_space(manager: ocp.CheckpointManager, state, step: int
-                      ) -> None:
+def _check_free_space(manager: ocp.CheckpointManager, state, step: int) -> None:
   """Refuses a save that cannot fit, before writing anything of it.
 
   Orbax writes a step into a temporary folder and renames it when complete,
@@ -135,14 +141,16 @@ def _check_free_space(manager: ocp.CheckpointManager, state, step: int
     return
   # The state, and the backbone once more in the `model` item.
   needed = sum(x.nbytes for x in jax.tree.leaves(state)) + sum(
-      x.nbytes for x in jax.tree.leaves(model_item(state)))
+      x.nbytes for x in jax.tree.leaves(model_item(state))
+  )
   needed = needed // max(jax.process_count(), 1) + (1 << 20)
   free = shutil.disk_usage(directory).free
   if free < needed:
     raise CheckpointError(
         f"{directory}: {free / 2**20:.1f} MiB free, checkpoint step {step} "
         f"needs about {needed / 2**20:.1f} MiB: free some space or use "
-        "another --workdir (the checkpoints written so far are kept)")
+        "another --workdir (the checkpoints written so far are kept)"
+    )
 
 
 @contextlib.contextmanager
@@ -154,22 +162,27 @@ def _disk_full_is_checkpoint_error(manager, step):
   except (ValueError, RuntimeError) as e:
     text = str(e)
     if "No space left on device" not in text and "os_error_code='28'" not in (
-        text):
+        text
+    ):
       raise
     raise CheckpointError(
         f"{manager.directory}: no space left on the device while writing "
         f"checkpoint step {step}: free some space or use another --workdir "
-        "(that step was not committed; the ones before it are kept)") from e
+        "(that step was not committed; the ones before it are kept)"
+    ) from e
 
 
 def _abstract(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      tree, shardings)
+      tree,
+      shardings,
+  )
 
 
-def restore_latest(manager: ocp.CheckpointManager, state, shardings
-                   ) -> Optional[Any]:
+def restore_latest(
+    manager: ocp.CheckpointManager, state, shardings
+) -> Optional[Any]:
   """Restores the newest readable step into `state`'s layout, or None.
 
   A step that fails to restore (damaged or
@@ -183,16 +196,23 @@ def restore_latest(manager: ocp.CheckpointManager, state, shardings
   damaged, errors = [], []
   for step in sorted(manager.all_steps(), reverse=True):
     try:
-      restored = manager.restore(step, args=ocp.args.Composite(
-          **{STATE: ocp.args.StandardRestore(target)}))
+      restored = manager.restore(
+          step,
+          args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(target)}),
+      )
     except Exception as e:  # orbax raises many types for damaged files
       reason = f"{type(e).__name__}: {_first_line(e)}"
       # The full text (tensorstore adds kilobytes of spec) only at INFO.
-      logging.info("Checkpoint step %d in %s could not be restored: %r",
-                   step, manager.directory, e)
+      logging.info(
+          "Checkpoint step %d in %s could not be restored: %r",
+          step,
+          manager.directory,
+          e,
+      )
       reporting.note(
           f"WARNING: checkpoint step {step} in {manager.directory} could "
-          f"not be restored ({reason}); trying the previous step.")
+          f"not be restored ({reason}); trying the previous step."
+      )
       damaged.append(step)
       errors.append(f"step {step}: {reason}")
       continue
@@ -201,9 +221,11 @@ def restore_latest(manager: ocp.CheckpointManager, state, shardings
     return restored[STATE]
   if errors:
     raise CheckpointError(
-        f"No checkpoint in {manager.directory} can be restored:\n  " +
-        "\n  ".join(errors) + "\nMove the folder aside (or use another "
-        "--workdir) to start a new run, or fix the code/config mismatch.")
+        f"No checkpoint in {manager.directory} can be restored:\n  "
+        + "\n  ".join(errors)
+        + "\nMove the folder aside (or use another "
+        "--workdir) to start a new run, or fix the code/config mismatch."
+    )
   return None
 
 
@@ -222,12 +244,14 @@ def _set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
       reporting.note(f"Checkpoint step {step} was moved to {target}.")
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
+
     multihost_utils.sync_global_devices("qgjt_set_aside_damaged_steps")
   manager.reload()
 
 
-def restore_model(directory: str, abstract_model: Any,
-                  step: Optional[int] = None) -> tuple[Any, int]:
+def restore_model(
+    directory: str, abstract_model: Any, step: Optional[int] = None
+) -> tuple[Any, int]:
   """Backbone {'params', 'batch_stats'} of a step (default the latest).
 
   `abstract_model` carries the target shapes and shardings, so a checkpoint
@@ -242,7 +266,8 @@ def restore_model(directory: str, abstract_model: Any,
     if step not in steps:
       raise CheckpointError(
           f"No checkpoint step {step} in {directory}; available: "
-          f"{sorted(steps) or 'none'}.")
+          f"{sorted(steps) or 'none'}."
+      )
     steps = [step]
   if not steps:
     raise CheckpointError(f"No checkpoint in {directory}.")
@@ -251,13 +276,17 @@ def restore_model(directory: str, abstract_model: Any,
     difference = _model_difference(directory, s, abstract_model)
     if difference:
       workdir = os.path.dirname(os.path.abspath(directory))
-      how = ("leave out --config to use the model the workdir records" if
-             records.has_record(workdir) else
-             "pass the --config.model.* and --config.data.image_size of "
-             "the model that wrote it: the workdir records none (neither "
-             f"{records.CONFIG_RECORD} nor {records.CONVERTED_RECORD})")
-      raise CheckpointError(f"{directory}/{s} holds another model than the "
-                            f"config builds ({difference}); {how}")
+      how = (
+          "leave out --config to use the model the workdir records"
+          if records.has_record(workdir)
+          else "pass the --config.model.* and --config.data.image_size of "
+          "the model that wrote it: the workdir records none (neither "
+          f"{records.CONFIG_RECORD} nor {records.CONVERTED_RECORD})"
+      )
+      raise CheckpointError(
+          f"{directory}/{s} holds another model than the "
+          f"config builds ({difference}); {how}"
+      )
     try:
       return restore_item(directory, s, MODEL, abstract_model), s
     except Exception as e:  # damaged step: report, try an older one
@@ -265,9 +294,11 @@ def restore_model(directory: str, abstract_model: Any,
       logging.info("Could not restore the model of step %d: %r", s, e)
       reporting.note(
           f"WARNING: the model of checkpoint step {s} in {directory} could "
-          f"not be restored ({errors[-1]}).")
-  raise CheckpointError(f"No readable checkpoint in {directory}:\n  " +
-                        "\n  ".join(errors))
+          f"not be restored ({errors[-1]})."
+      )
+  raise CheckpointError(
+      f"No readable checkpoint in {directory}:\n  " + "\n  ".join(errors)
+  )
 
 
 CHECKPOINTS = workdir_layout.CHECKPOINTS  # the folder that holds the steps
@@ -302,8 +333,13 @@ def stored_tree(directory: str, step: int, item: str) -> Any:
     handler.close()
 
 
-def restore_item(directory: str, step: int, item: str, target: Any = None,
-                 sharding: Any = None) -> Any:
+def restore_item(
+    directory: str,
+    step: int,
+    item: str,
+    target: Any = None,
+    sharding: Any = None,
+) -> Any:
   """An item of a step, into `target` (ShapeDtypeStructs with shardings).
 
   Without a target, one is made from the item's own metadata with every
@@ -313,14 +349,17 @@ def restore_item(directory: str, step: int, item: str, target: Any = None,
   """
   if target is None:
     sharding = sharding or jax.sharding.SingleDeviceSharding(
-        jax.local_devices()[0])
+        jax.local_devices()[0]
+    )
     target = jax.tree.map(
         lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
-        stored_tree(directory, step, item))
+        stored_tree(directory, step, item),
+    )
   handler = ocp.StandardCheckpointHandler()
   try:
-    return handler.restore(_item_path(directory, step, item),
-                           args=ocp.args.StandardRestore(target))
+    return handler.restore(
+        _item_path(directory, step, item), args=ocp.args.StandardRestore(target)
+    )
   finally:
     handler.close()
 
@@ -328,8 +367,10 @@ def restore_item(directory: str, step: int, item: str, target: Any = None,
 def _leaf_name(path) -> str:
   """A leaf's path as "params/backbone/...": the same for the saved tree
   (dicts) and the live one (dataclasses, named tuples)."""
-  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(
-      k, "idx", k)))) for k in path)
+  return "/".join(
+      str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+      for k in path
+  )
 
 
 _KEY, _EMPTY = "a PRNG key", "an empty node"
@@ -344,19 +385,23 @@ def _shapes(tree: Any) -> dict[str, Any]:
   empty node (an optimiser part without state: orbax restores only into
   the same structure); a PRNG key's is _KEY (its stored form is the raw
   key data, whatever the config)."""
+
   def shape(v):
     if _is_empty(v):
       return _EMPTY
-    if jax.dtypes.issubdtype(getattr(v, "dtype", None) or jnp.float32,
-                             jax.dtypes.prng_key):
+    if jax.dtypes.issubdtype(
+        getattr(v, "dtype", None) or jnp.float32, jax.dtypes.prng_key
+    ):
       return _KEY
     return tuple(v.shape)
+
   leaves, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_empty)
   return {_leaf_name(p): shape(v) for p, v in leaves}
 
 
-def _stored_shapes(directory: str, step: int, item: str
-                   ) -> Optional[dict[str, tuple[int, ...]]]:
+def _stored_shapes(
+    directory: str, step: int, item: str
+) -> Optional[dict[str, tuple[int, ...]]]:
   """{leaf name: shape} of an item saved at `step`, from the checkpoint's
   metadata (nothing restored); None when the metadata cannot be read (then
   the restore itself reports what is wrong)."""
@@ -367,15 +412,18 @@ def _stored_shapes(directory: str, step: int, item: str
 
 
 def _differences(stored: dict, wanted: dict) -> list[str]:
-  return [f"{name}: stored {stored.get(name, 'nothing')}, this run has "
-          f"{wanted.get(name, 'nothing')}"
-          for name in sorted(set(stored) | set(wanted))
-          if stored.get(name) != wanted.get(name) and _KEY not in (
-              stored.get(name), wanted.get(name))]
+  return [
+      f"{name}: stored {stored.get(name, 'nothing')}, this run has "
+      f"{wanted.get(name, 'nothing')}"
+      for name in sorted(set(stored) | set(wanted))
+      if stored.get(name) != wanted.get(name)
+      and _KEY not in (stored.get(name), wanted.get(name))
+  ]
 
 
-def _model_difference(directory: str, step: int, abstract_model: Any
-                      ) -> Optional[str]:
+def _model_difference(
+    directory: str, step: int, abstract_model: Any
+) -> Optional[str]:
   """How the model saved at `step` differs from `abstract_model` (the first
   array whose name or shape differs), from the checkpoint's metadata: so a
   checkpoint of another model is named before orbax starts (and fails in)
@@ -396,35 +444,46 @@ def restore_quality(directory: str, step: int) -> Optional[dict[str, float]]:
   try:
     restored = restore_item(directory, step, QUALITY)
     stats = {k: float(restored[k]) for k in ("mean", "std")}
-    if not (math.isfinite(stats["mean"]) and stats["mean"] > 0 and
-            math.isfinite(stats["std"]) and stats["std"] >= 0):
+    if not (
+        math.isfinite(stats["mean"])
+        and stats["mean"] > 0
+        and math.isfinite(stats["std"])
+        and stats["std"] >= 0
+    ):
       raise ValueError(f"mean {stats['mean']}, std {stats['std']}")
   except Exception as e:  # orbax raises many types for damaged files
     reporting.note(
         f"WARNING: the norm statistics of step {step} in {directory} are "
         f"unreadable ({type(e).__name__}: {_first_line(e)[:120]}); faces "
-        "are embedded, their quality is not rated")
+        "are embedded, their quality is not rated"
+    )
     return None
   return stats
 
 
-def save_model_only(directory: str, model: dict[str, Any], step: int = 0,
-                    quality: Optional[dict[str, float]] = None) -> None:
+def save_model_only(
+    directory: str,
+    model: dict[str, Any],
+    step: int = 0,
+    quality: Optional[dict[str, float]] = None,
+) -> None:
   """Writes a checkpoint with just the `model` item (converted weights),
   and the `quality` item when the statistics are known (an exported
   model's)."""
   items = {MODEL: ocp.args.StandardSave(model)}
   if quality is not None:
     items[QUALITY] = ocp.args.StandardSave(
-        {k: jnp.float32(quality[k]) for k in ("mean", "std")})
+        {k: jnp.float32(quality[k]) for k in ("mean", "std")}
+    )
   manager = make_manager(directory, asynchronous=False)
   manager.save(step, args=ocp.args.Composite(**items), force=True)
   manager.wait_until_finished()
   manager.close()
 
 
-def check_resumable(workdir: str, record: dict[str, Any],
-                    abstract_state: Any) -> None:
+def check_resumable(
+    workdir: str, record: dict[str, Any], abstract_state: Any
+) -> None:
   """Stops before training when no checkpoint of the workdir holds a state
   of the structure and shapes this run builds (a damaged step, whose
   metadata says something else, is left to the restore to set aside).
@@ -452,15 +511,21 @@ def check_resumable(workdir: str, record: dict[str, Any],
     return
   path = epath.Path(workdir) / records.CONFIG_RECORD
   recorded = records.read_record(path, "config") if path.exists() else {}
-  keys = [f"{'config.' if key != 'num_classes' else ''}{key}: recorded "
-          f"{old!r}, now {new!r}" for key, old, new in records.changed_keys(
-              recorded.get("config", {}), record)]
+  keys = [
+      f"{'config.' if key != 'num_classes' else ''}{key}: recorded "
+      f"{old!r}, now {new!r}"
+      for key, old, new in records.changed_keys(
+          recorded.get("config", {}), record
+      )
+  ]
   raise IncompatibleRunError(
       f"The checkpoints in {workdir} were written by an incompatible run "
       f"(qgjt_jax {recorded.get('version', '?')}): the saved state differs "
-      f"from this run's in {len(found)} array(s), e.g.\n  " +
-      "\n  ".join(found[:3]) + "\nConfig keys that differ from the "
-      "recorded run (num_classes: identities in the training data):\n  " +
-      ("\n  ".join(keys[:12]) or "none recorded") +
-      "\nUse another --workdir, or set the recorded values again "
-      f"(all of them are in {path}).")
+      f"from this run's in {len(found)} array(s), e.g.\n  "
+      + "\n  ".join(found[:3])
+      + "\nConfig keys that differ from the "
+      "recorded run (num_classes: identities in the training data):\n  "
+      + ("\n  ".join(keys[:12]) or "none recorded")
+      + "\nUse another --workdir, or set the recorded values again "
+      f"(all of them are in {path})."
+  )

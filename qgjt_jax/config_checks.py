@@ -6,6 +6,7 @@ ConfigError with the offending `config.KEY`, its value and what would work.
 Unknown keys given on the command line are refused, with the nearest known
 key, when the flags are parsed (recipe_flags.py).
 """
+
 from __future__ import annotations
 
 import math
@@ -66,10 +67,19 @@ _RANGES = (
 # Keys that must be > 0 (counts, sizes, rates). The method's sections
 # (quality, head, contrastive, queue) check themselves: method/settings.py.
 _POSITIVE = (
-    "global_batch_size", "num_epochs", "optim.lr", "optim.gamma",
-    "model.base_width", "model.embedding_size", "data.image_size",
-    "eval.batch_size", "log_every_steps", "checkpoint_every_steps",
-    "keep_checkpoints", "max_consecutive_nonfinite", "model_parallelism",
+    "global_batch_size",
+    "num_epochs",
+    "optim.lr",
+    "optim.gamma",
+    "model.base_width",
+    "model.embedding_size",
+    "data.image_size",
+    "eval.batch_size",
+    "log_every_steps",
+    "checkpoint_every_steps",
+    "keep_checkpoints",
+    "max_consecutive_nonfinite",
+    "model_parallelism",
 )
 
 
@@ -85,12 +95,14 @@ def _check_finite(config: ml_collections.ConfigDict, prefix: str = "") -> None:
       continue
     for item in (value if isinstance(value, (tuple, list)) else (value,)):
       if isinstance(item, float) and not math.isfinite(item):
-        raise ConfigError(f"config.{prefix}{key}={value!r} is not a finite "
-                          "number.")
+        raise ConfigError(
+            f"config.{prefix}{key}={value!r} is not a finite " "number."
+        )
 
 
-def check_train_config(config: ml_collections.ConfigDict,
-                       num_classes: int | None = None) -> None:
+def check_train_config(
+    config: ml_collections.ConfigDict, num_classes: int | None = None
+) -> None:
   """Every check that needs neither data nor devices (and the class count)."""
   check_values(config)
   batch = config.global_batch_size
@@ -98,51 +110,70 @@ def check_train_config(config: ml_collections.ConfigDict,
     raise ConfigError(
         f"config.global_batch_size={batch} is not divisible by the "
         f"{jax.process_count()} processes; use a multiple of "
-        f"{jax.process_count()}.")
+        f"{jax.process_count()}."
+    )
   keys_per_step = queues.get(config.queue.kind).keys_per_step(batch)
   if config.queue.capacity < keys_per_step:
     raise ConfigError(
         f"config.queue.capacity={config.queue.capacity} is smaller than the "
         f"{keys_per_step} keys the {config.queue.kind!r} queue enqueues per "
         f"step (global_batch_size={batch}); use at least {keys_per_step}, "
-        f"e.g. --config.queue.capacity={keys_per_step}.")
+        f"e.g. --config.queue.capacity={keys_per_step}."
+    )
   cc = config.contrastive
-  if cc.b_warmup_epochs > 0 and cc.b_warmup == "epoch" and (
-      config.head.b != cc.b):
+  if (
+      cc.b_warmup_epochs > 0
+      and cc.b_warmup == "epoch"
+      and (config.head.b != cc.b)
+  ):
     raise ConfigError(
         f"config.head.b={config.head.b} differs from config.contrastive.b="
         f"{cc.b}, but config.contrastive.b_warmup='epoch' (the authors' "
         "warm-up) gives both gates the one threshold contrastive.b; set "
         f"--config.head.b={cc.b}, or --config.contrastive.b_warmup=step to "
-        "ramp each gate's own b.")
+        "ramp each gate's own b."
+    )
   if cc.end_epoch and cc.end_epoch <= cc.start_epoch:
     raise ConfigError(
         f"config.contrastive.end_epoch={cc.end_epoch} is not after "
         f"config.contrastive.start_epoch={cc.start_epoch}: the contrastive "
-        "loss would never be on; use 0 for no end.")
+        "loss would never be on; use 0 for no end."
+    )
   milestones = config.optim.milestones
-  if not isinstance(milestones, (tuple, list)) or not all(
-      config_keys.is_number(m) and m > 0 for m in milestones) or (
-          list(milestones) != sorted(milestones)):
+  if (
+      not isinstance(milestones, (tuple, list))
+      or not all(config_keys.is_number(m) and m > 0 for m in milestones)
+      or (list(milestones) != sorted(milestones))
+  ):
     raise ConfigError(
         f"config.optim.milestones={milestones!r} must be positive epochs in "
-        "increasing order, e.g. --config.optim.milestones='(12, 20, 24)'.")
+        "increasing order, e.g. --config.optim.milestones='(12, 20, 24)'."
+    )
   profile = config.get("profile_steps", ())
   if profile and not (
-      isinstance(profile, (tuple, list)) and len(profile) == 2 and all(
-          isinstance(s, int) and not isinstance(s, bool) for s in profile)
-      and 0 <= profile[0] < profile[1]):
+      isinstance(profile, (tuple, list))
+      and len(profile) == 2
+      and all(isinstance(s, int) and not isinstance(s, bool) for s in profile)
+      and 0 <= profile[0] < profile[1]
+  ):
     raise ConfigError(
         f"config.profile_steps={profile!r} must be () or (START, STOP), two "
         "step numbers with 0 <= START < STOP, e.g. "
-        "--config.profile_steps='(100, 110)'.")
+        "--config.profile_steps='(100, 110)'."
+    )
   if config.data.kind == "synthetic":
     spec = config.data.synthetic
-    for key, least in (("num_identities", 2), ("images_per_identity", 1),
-                       ("eval_identities", 2), ("eval_pairs", 1)):
+    for key, least in (
+        ("num_identities", 2),
+        ("images_per_identity", 1),
+        ("eval_identities", 2),
+        ("eval_pairs", 1),
+    ):
       if spec[key] < least:
-        raise ConfigError(f"config.data.synthetic.{key}={spec[key]} must be "
-                          f"at least {least}.")
+        raise ConfigError(
+            f"config.data.synthetic.{key}={spec[key]} must be "
+            f"at least {least}."
+        )
   if num_classes is not None:
     check_num_classes(num_classes)
   check_data_paths(config)
@@ -154,32 +185,42 @@ def check_values(config: ml_collections.ConfigDict) -> None:
   for key, allowed in _CHOICES.items():
     value = config_keys.lookup(config, key)
     if value not in allowed:
-      raise ConfigError(f"config.{key}={value!r} is not one of {allowed}; "
-                        f"e.g. --config.{key}={allowed[0]}.")
+      raise ConfigError(
+          f"config.{key}={value!r} is not one of {allowed}; "
+          f"e.g. --config.{key}={allowed[0]}."
+      )
   from qgjt_jax.models import backbone_names, build_backbone
+
   try:
     build_backbone(config.model.name)
   except (ValueError, TypeError, AttributeError):
     raise ConfigError(
         f"config.model.name={config.model.name!r} is not a known backbone; "
-        f"use one of {', '.join(backbone_names())}.") from None
+        f"use one of {', '.join(backbone_names())}."
+    ) from None
   for key in _POSITIVE:
     value = config_keys.lookup(config, key)
     if not config_keys.is_number(value) or value <= 0:
-      raise ConfigError(f"config.{key}={value!r} must be a positive (finite) "
-                        "number.")
+      raise ConfigError(
+          f"config.{key}={value!r} must be a positive (finite) " "number."
+      )
   for key, low, high, what in _RANGES:
     value = config_keys.lookup(config, key)
-    if not config_keys.is_number(value) or (low is not None and value < low) or (
-        high is not None and value > high):
-      interval = (f"in [{low}, {high}]" if high is not None else f">= {low}")
-      raise ConfigError(f"config.{key}={value!r} must be {interval} "
-                        f"({what}).")
+    if (
+        not config_keys.is_number(value)
+        or (low is not None and value < low)
+        or (high is not None and value > high)
+    ):
+      interval = f"in [{low}, {high}]" if high is not None else f">= {low}"
+      raise ConfigError(
+          f"config.{key}={value!r} must be {interval} " f"({what})."
+      )
   for section in settings.SECTIONS:
     problems = section.problems(config)
     if problems:
       raise ConfigError(problems[0])
   from qgjt_jax.data import degrade
+
   try:
     degrade.view_config_from(config.data.view)
   except (ValueError, TypeError) as e:
@@ -193,6 +234,7 @@ def allowed(key: str) -> str | None:
     return "one of " + ", ".join(map(str, _CHOICES[key]))
   if key == "model.name":
     from qgjt_jax.models import backbone_names
+
     return "one of " + ", ".join(backbone_names())
   for name, low, high, _ in _RANGES:
     if name == key:
@@ -206,8 +248,9 @@ def allowed(key: str) -> str | None:
   return None
 
 
-def keys_table(config: ml_collections.ConfigDict,
-               meanings: dict[str, str]) -> list[str]:
+def keys_table(
+    config: ml_collections.ConfigDict, meanings: dict[str, str]
+) -> list[str]:
   """Every key of `config` with its value, allowed values and meaning, as
   `--mode=keys` prints them."""
   lines = []
@@ -228,8 +271,10 @@ def keys_table(config: ml_collections.ConfigDict,
 
 def check_num_classes(num_classes: int) -> None:
   if num_classes < 2:
-    raise ConfigError(f"The training set has {num_classes} identities; at "
-                      "least 2 are needed (check config.data).")
+    raise ConfigError(
+        f"The training set has {num_classes} identities; at "
+        "least 2 are needed (check config.data)."
+    )
 
 
 def check_data_paths(config: ml_collections.ConfigDict) -> None:
@@ -240,21 +285,29 @@ def check_data_paths(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(
           "config.data.rec_dir is not set: point it at the folder holding "
           "insightface's train.rec and train.idx, e.g. "
-          "--config.data.rec_dir=/data/faces_emore.")
+          "--config.data.rec_dir=/data/faces_emore."
+      )
     if "://" not in data.rec_dir and not os.path.exists(data.rec_dir):
-      raise ConfigError(f"config.data.rec_dir={data.rec_dir!r} does not "
-                        "exist: point it at the folder holding train.rec "
-                        "and train.idx.")
+      raise ConfigError(
+          f"config.data.rec_dir={data.rec_dir!r} does not "
+          "exist: point it at the folder holding train.rec "
+          "and train.idx."
+      )
   if data.kind == "tfds":
     if not data.tfds_name:
       raise ConfigError(
           "config.data.tfds_name is not set: name a prepared set such as "
-          "'insightface_rec/ms1mv2' (see `python -m qgjt_jax.data.prepare`).")
-    if data.tfds_data_dir and "://" not in data.tfds_data_dir and (
-        not os.path.isdir(data.tfds_data_dir)):
+          "'insightface_rec/ms1mv2' (see `python -m qgjt_jax.data.prepare`)."
+      )
+    if (
+        data.tfds_data_dir
+        and "://" not in data.tfds_data_dir
+        and (not os.path.isdir(data.tfds_data_dir))
+    ):
       raise ConfigError(
           f"config.data.tfds_data_dir={data.tfds_data_dir!r} does not exist: "
-          "use the --data_dir given to `python -m qgjt_jax.data.prepare`.")
+          "use the --data_dir given to `python -m qgjt_jax.data.prepare`."
+      )
   check_eval_paths(config)
 
 
@@ -262,31 +315,42 @@ def check_eval_paths(config: ml_collections.ConfigDict) -> None:
   """Every evaluation set exists; the .bin sets are read (not decoded), so
   a damaged one stops a run now rather than after its training."""
   from qgjt_jax.eval import bin_sets  # pylint: disable=g-import-not-at-top
+
   for path in config.eval.bin_sets:
     if "://" not in path and not os.path.isfile(path):
-      raise ConfigError(f"config.eval.bin_sets lists {path!r}, which does not "
-                        "exist; fix the path or drop it from the list.")
+      raise ConfigError(
+          f"config.eval.bin_sets lists {path!r}, which does not "
+          "exist; fix the path or drop it from the list."
+      )
     if "://" not in path:
       bin_sets.load_bin(path)
   for key in ("tinyface_root", "scface_root", "ijb_root"):
     path = config.eval[key]
     if path and "://" not in path and not os.path.isdir(path):
-      raise ConfigError(f"config.eval.{key}={path!r} does not exist; fix the "
-                        "path or leave the key unset.")
+      raise ConfigError(
+          f"config.eval.{key}={path!r} does not exist; fix the "
+          "path or leave the key unset."
+      )
   for dataset in ("tinyface", "scface"):
     root = config.eval[f"{dataset}_root"]
     aligned = config.eval[f"{dataset}_aligned_dir"]
-    if root and aligned and "://" not in root and not os.path.isdir(
-        os.path.join(root, aligned)):
+    if (
+        root
+        and aligned
+        and "://" not in root
+        and not os.path.isdir(os.path.join(root, aligned))
+    ):
       raise ConfigError(
           f"config.eval.{dataset}_aligned_dir={aligned!r}: there is no "
           f"{os.path.join(root, aligned)}. The authors score the aligned "
           "copies there; point the key at them, or set "
           f"--config.eval.{dataset}_aligned_dir='' to score the raw images "
-          "(not comparable with the paper).")
+          "(not comparable with the paper)."
+      )
   # Own folders and pairs files are read now, so a problem stops the run
   # before its training, not after.
   from qgjt_jax.eval import own_data  # pylint: disable=g-import-not-at-top
+
   for key in ("folders", "calibration_folders"):
     for folder in config.eval[key]:
       if "://" not in folder:
@@ -295,17 +359,22 @@ def check_eval_paths(config: ml_collections.ConfigDict) -> None:
     if "://" not in path:
       own_data.check_pairs_file(path)
   if config.eval.align == "detect" and (
-      config.eval.folders or config.eval.pairs_files or
-      config.eval.calibration_folders):
+      config.eval.folders
+      or config.eval.pairs_files
+      or config.eval.calibration_folders
+  ):
     from qgjt_jax.align import detector  # pylint: disable=g-import-not-at-top
+
     try:
       detector.Detector()
     except errors.UserError as e:
       raise ConfigError(f"config.eval.align='detect': {e}") from None
   for size in config.eval.low_res:
     if not config_keys.is_number(size) or size <= 0:
-      raise ConfigError(f"config.eval.low_res lists {size!r}; use positive "
-                        "pixel sizes such as (14, 28).")
+      raise ConfigError(
+          f"config.eval.low_res lists {size!r}; use positive "
+          "pixel sizes such as (14, 28)."
+      )
 
 
 def check_eval_config(config: ml_collections.ConfigDict) -> None:
@@ -314,17 +383,20 @@ def check_eval_config(config: ml_collections.ConfigDict) -> None:
   check_eval_paths(config)
 
 
-def check_mesh(config: ml_collections.ConfigDict, mesh: Mesh, *,
-               train: bool = True) -> None:
+def check_mesh(
+    config: ml_collections.ConfigDict, mesh: Mesh, *, train: bool = True
+) -> None:
   """Batch sizes split evenly over the data-parallel devices."""
   data_devices = parallel.data_parallel_size(mesh)
   if train and config.global_batch_size % data_devices:
     raise ConfigError(
         f"config.global_batch_size={config.global_batch_size} is not "
         f"divisible by the {data_devices} data-parallel devices; use a "
-        f"multiple of {data_devices}.")
+        f"multiple of {data_devices}."
+    )
   if config.eval.batch_size % data_devices:
     raise ConfigError(
         f"config.eval.batch_size={config.eval.batch_size} is not divisible by "
         f"the {data_devices} data-parallel devices; use a multiple of "
-        f"{data_devices}.")
+        f"{data_devices}."
+    )

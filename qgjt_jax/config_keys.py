@@ -1,4 +1,5 @@
 """Dotted config keys ("model.name") in configs and their JSON records."""
+
 import math
 from typing import Any
 
@@ -18,5 +19,8 @@ def lookup(tree: Any, dotted: str) -> Any:
 
 def is_number(value: Any) -> bool:
   """A finite int or float (not a bool, NaN or infinity)."""
-  return isinstance(value, (int, float)) and not isinstance(value, bool) and (
-      math.isfinite(value))
+  return (
+      isinstance(value, (int, float))
+      and not isinstance(value, bool)
+      and (math.isfinite(value))
+  )

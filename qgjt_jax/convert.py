@@ -7,6 +7,7 @@ r"""`python -m qgjt_jax.convert`: a pretrained file into a workdir.
 The files read, how the model is recognised and what is restored:
 qgjt_jax/interop/convert.py, the code.
 """
+
 from absl import app
 from absl import flags
 
@@ -17,25 +18,47 @@ from qgjt_jax.files import limits
 from qgjt_jax.interop import convert
 
 _SRC = flags.DEFINE_string(
-    "src", None, "The pretrained file: .ckpt (Lightning), .pth/.pt (a state "
+    "src",
+    None,
+    "The pretrained file: .ckpt (Lightning), .pth/.pt (a state "
     "dict), .safetensors (CVLFace, or this project's export), .npz, or "
-    ".onnx (insightface's recognisers).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Work directory to create; "
-                               "the model goes to WORKDIR/checkpoints (step "
-                               "0).")
-_ARCH = flags.DEFINE_string("arch", "auto", "auto (read from the tensors) or "
-                            "a backbone name: " +
-                            ", ".join(models.backbone_names()))
+    ".onnx (insightface's recognisers).",
+)
+_WORKDIR = flags.DEFINE_string(
+    "workdir",
+    None,
+    "Work directory to create; "
+    "the model goes to WORKDIR/checkpoints (step "
+    "0).",
+)
+_ARCH = flags.DEFINE_string(
+    "arch",
+    "auto",
+    "auto (read from the tensors) or "
+    "a backbone name: " + ", ".join(models.backbone_names()),
+)
 _INPUT_ORDER = flags.DEFINE_enum(
-    "input_order", "auto", ["auto", "BGR", "RGB"], "The channel order the "
+    "input_order",
+    "auto",
+    ["auto", "BGR", "RGB"],
+    "The channel order the "
     "weights were trained on: auto (the family's published weights') or as "
-    "given.")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Delete an existing "
-                               "WORKDIR/checkpoints and write the converted "
-                               "model.")
-_FORCE_LOCK = flags.DEFINE_bool("force_lock", False, "Take the workdir's "
-                                "lock even when its note says another run "
-                                "holds it.")
+    "given.",
+)
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite",
+    False,
+    "Delete an existing "
+    "WORKDIR/checkpoints and write the converted "
+    "model.",
+)
+_FORCE_LOCK = flags.DEFINE_bool(
+    "force_lock",
+    False,
+    "Take the workdir's "
+    "lock even when its note says another run "
+    "holds it.",
+)
 limits.define_flags()
 errors.define_traceback_flag()
 flags.mark_flags_as_required(["src", "workdir"])
@@ -52,12 +75,17 @@ def main(argv: list[str]) -> None:
         raise errors.UserError(f"--arch={_ARCH.value}: {e}") from None
     convert.check_writable(_WORKDIR.value, _OVERWRITE.value)
     limits.configure_from_flags()
-    converted = convert.convert_file(_SRC.value, _ARCH.value,
-                                     _INPUT_ORDER.value)
+    converted = convert.convert_file(
+        _SRC.value, _ARCH.value, _INPUT_ORDER.value
+    )
     lock = workdir_lock.acquire(_WORKDIR.value, force=_FORCE_LOCK.value)
     try:
-      convert.write_checkpoint(_WORKDIR.value, converted, source=_SRC.value,
-                               overwrite=_OVERWRITE.value)
+      convert.write_checkpoint(
+          _WORKDIR.value,
+          converted,
+          source=_SRC.value,
+          overwrite=_OVERWRITE.value,
+      )
     finally:
       if lock is not None:
         lock.release()

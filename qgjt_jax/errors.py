@@ -17,6 +17,7 @@ Logging is absl's, as across the JAX ecosystem: `--verbosity=0` shows INFO
 warnings are logged, and orbax's notes on how this project's read-only
 restores are set up are left out.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -90,6 +91,7 @@ def start_absl_command(argv: list[str]) -> bool:
   """The start of every absl command's main: no stray arguments, the
   logging described above; returns whether tracebacks were asked for."""
   from absl import app  # pylint: disable=g-import-not-at-top
+
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   setup_absl_logging()
@@ -100,6 +102,7 @@ def setup_absl_logging() -> None:
   """For absl commands, after flag parsing: the logging described above."""
   from absl import flags  # pylint: disable=g-import-not-at-top
   from absl import logging  # pylint: disable=g-import-not-at-top
+
   if flags.FLAGS["verbosity"].present:
     return
   logging.set_verbosity(logging.WARNING)
@@ -120,6 +123,7 @@ def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing for the absl commands, a flag mistake one ERROR
   line (absl itself prints two, a FATAL and a pointer to --helpshort)."""
   from absl import flags  # pylint: disable=g-import-not-at-top
+
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
@@ -134,16 +138,23 @@ def flag_mistake(e: Exception) -> str:
 def define_traceback_flag() -> None:
   """--traceback for an absl command (once per process)."""
   from absl import flags  # pylint: disable=g-import-not-at-top
+
   if "traceback" not in flags.FLAGS:
-    flags.DEFINE_bool("traceback", False, "Show the traceback of an "
-                      f"expected failure too (or set {TRACEBACK_ENV}=1).")
+    flags.DEFINE_bool(
+        "traceback",
+        False,
+        "Show the traceback of an "
+        f"expected failure too (or set {TRACEBACK_ENV}=1).",
+    )
 
 
 def absl_traceback_asked() -> bool:
   """Whether --traceback (or the environment) asked for tracebacks."""
   from absl import flags  # pylint: disable=g-import-not-at-top
-  return traceback_requested("traceback" in flags.FLAGS and
-                             flags.FLAGS.traceback)
+
+  return traceback_requested(
+      "traceback" in flags.FLAGS and flags.FLAGS.traceback
+  )
 
 
 def traceback_requested(verbose: bool = False) -> bool:
@@ -151,8 +162,9 @@ def traceback_requested(verbose: bool = False) -> bool:
 
 
 @contextlib.contextmanager
-def expected_failures(verbose: bool = False,
-                      show: Optional[Callable[[str], None]] = None):
+def expected_failures(
+    verbose: bool = False, show: Optional[Callable[[str], None]] = None
+):
   """Turns a UserError (every error a user can cause and fix subclasses
   it), or an OSError a user can fix, into one line and exit status 1.
 

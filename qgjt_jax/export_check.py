@@ -16,6 +16,7 @@ XLA_FLAGS=--xla_force_host_platform_device_count=8.
 
 The code is qgjt_jax/tools/export_check.py.
 """
+
 import json
 
 from absl import app
@@ -27,12 +28,17 @@ from qgjt_jax.tools import step_bench
 
 _CONFIG = recipe_flags.define_config(
     str(step_bench.DEFAULT_CONFIG),
-    "The recipe whose programs are lowered (default: configs/ms1m.py).")
-_PLATFORMS = flags.DEFINE_list("platforms", ["tpu", "cuda"],
-                               "Comma-separated: tpu, cuda, rocm, cpu.")
+    "The recipe whose programs are lowered (default: configs/ms1m.py).",
+)
+_PLATFORMS = flags.DEFINE_list(
+    "platforms", ["tpu", "cuda"], "Comma-separated: tpu, cuda, rocm, cpu."
+)
 _CLASSES = flags.DEFINE_integer(
-    "classes", step_bench.MS1MV2_CLASSES,
-    "Identities of the classifier (default: MS1MV2's).", lower_bound=1)
+    "classes",
+    step_bench.MS1MV2_CLASSES,
+    "Identities of the classifier (default: MS1MV2's).",
+    lower_bound=1,
+)
 errors.define_traceback_flag()
 
 
@@ -40,6 +46,7 @@ def main(argv: list[str]) -> None:
   from qgjt_jax import config_checks  # pylint: disable=g-import-not-at-top
   from qgjt_jax import parallel  # pylint: disable=g-import-not-at-top
   from qgjt_jax.tools import export_check  # pylint: disable=g-import-not-at-top
+
   verbose = errors.start_absl_command(argv)
   with errors.expected_failures(verbose=verbose):
     config = _CONFIG.value
@@ -49,16 +56,21 @@ def main(argv: list[str]) -> None:
     except ValueError as e:
       raise config_checks.ConfigError(str(e)) from None
     config_checks.check_mesh(config, mesh)
-    records = export_check.export_programs(config, _CLASSES.value,
-                                           _PLATFORMS.value)
+    records = export_check.export_programs(
+        config, _CLASSES.value, _PLATFORMS.value
+    )
   for record in records:
     print(json.dumps(record), flush=True)
 
 
 def cli() -> None:
   """The `qgjt-export-check` console script."""
-  app.run(main, flags_parser=lambda argv: recipe_flags.parse(
-      flags.FLAGS, argv, default_recipe=str(step_bench.DEFAULT_CONFIG)))
+  app.run(
+      main,
+      flags_parser=lambda argv: recipe_flags.parse(
+          flags.FLAGS, argv, default_recipe=str(step_bench.DEFAULT_CONFIG)
+      ),
+  )
 
 
 if __name__ == "__main__":

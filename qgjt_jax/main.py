@@ -26,6 +26,7 @@ with --traceback or QGJT_TRACEBACK=1; absl logging with --verbosity=0).
 A run stopped by SIGTERM or SIGINT checkpoints and exits 0; the same command
 resumes it.
 """
+
 import os
 import sys
 
@@ -39,67 +40,117 @@ from qgjt_jax import recipe_flags
 from qgjt_jax.files import limits
 
 _CONFIG = recipe_flags.define_config(
-    None, "The recipe (a configs/*.py file): needed to train; other modes "
-    "default to the workdir's record.")
+    None,
+    "The recipe (a configs/*.py file): needed to train; other modes "
+    "default to the workdir's record.",
+)
 _WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Where checkpoints, logs and evaluation results go.")
+    "workdir", None, "Where checkpoints, logs and evaluation results go."
+)
 _MODE = flags.DEFINE_enum(
-    "mode", "train", ["train", "eval", "embed", "compare", "identify",
-                      "keys"],
+    "mode",
+    "train",
+    ["train", "eval", "embed", "compare", "identify", "keys"],
     "train (and evaluate at the end); eval: evaluate a checkpoint of the "
     "workdir; embed: embeddings of --images (a folder) into --out; compare: "
     "the cosine of two --images and the decision; identify: who each face "
     "of --images is among the people of --gallery, into --out (.csv); "
     "keys: every config key of --config (with its overrides), its value, "
-    "allowed values and meaning (no --workdir needed).")
-_STEP = flags.DEFINE_integer("step", None,
-                             "eval/embed/compare: the checkpoint step "
-                             "(default: the latest readable one).",
-                             lower_bound=0)
-_IMAGES = flags.DEFINE_string("images", None, "embed, identify: a folder of "
-                              "face images; compare: two, A.jpg,B.jpg.")
-_OUT = flags.DEFINE_string("out", None, "embed: the .npz to write; "
-                           "identify: the .csv.")
-_GALLERY = flags.DEFINE_string("gallery", None, "identify: a folder with one "
-                               "sub-folder of photos per person.")
+    "allowed values and meaning (no --workdir needed).",
+)
+_STEP = flags.DEFINE_integer(
+    "step",
+    None,
+    "eval/embed/compare: the checkpoint step "
+    "(default: the latest readable one).",
+    lower_bound=0,
+)
+_IMAGES = flags.DEFINE_string(
+    "images",
+    None,
+    "embed, identify: a folder of " "face images; compare: two, A.jpg,B.jpg.",
+)
+_OUT = flags.DEFINE_string(
+    "out", None, "embed: the .npz to write; " "identify: the .csv."
+)
+_GALLERY = flags.DEFINE_string(
+    "gallery",
+    None,
+    "identify: a folder with one " "sub-folder of photos per person.",
+)
 _ALIGN = flags.DEFINE_enum(
-    "align", "none", ["none", "detect"], "embed, compare, identify: none "
+    "align",
+    "none",
+    ["none", "detect"],
+    "embed, compare, identify: none "
     "(the images are aligned crops) or detect (find the face and its five "
-    "points in raw photos and align them; the `.[align]` extra).")
+    "points in raw photos and align them; the `.[align]` extra).",
+)
 _LANDMARKS = flags.DEFINE_string(
-    "landmarks", None, "embed, compare, identify: a CSV of image path and "
+    "landmarks",
+    None,
+    "embed, compare, identify: a CSV of image path and "
     "the x,y of five points per face (eyes, nose tip, mouth corners), to "
-    "align raw photos with points from any detector.")
-_ALL_FACES = flags.DEFINE_bool("all_faces", False, "With --align or "
-                               "--landmarks: every face of a photo, not "
-                               "only the largest.")
+    "align raw photos with points from any detector.",
+)
+_ALL_FACES = flags.DEFINE_bool(
+    "all_faces",
+    False,
+    "With --align or "
+    "--landmarks: every face of a photo, not "
+    "only the largest.",
+)
 _FAR = flags.DEFINE_float(
-    "far", 1e-4, "compare: the 1:1 false accept rate whose threshold, "
+    "far",
+    1e-4,
+    "compare: the 1:1 false accept rate whose threshold, "
     "measured on photos by the evaluation of the model's step, decides; "
-    "identify: a 1:1 threshold instead of --fpir's.")
+    "identify: a 1:1 threshold instead of --fpir's.",
+)
 _FPIR = flags.DEFINE_float(
-    "fpir", 0.01, "identify: the false-positive identification rate (the "
+    "fpir",
+    0.01,
+    "identify: the false-positive identification rate (the "
     "share of unknown faces given a name) whose threshold the calibration's "
-    "open-set searches measured.")
-_THRESHOLD = flags.DEFINE_float("threshold", None, "compare, identify: the "
-                                "cosine threshold, instead of --far/--fpir.")
+    "open-set searches measured.",
+)
+_THRESHOLD = flags.DEFINE_float(
+    "threshold",
+    None,
+    "compare, identify: the " "cosine threshold, instead of --far/--fpir.",
+)
 _THRESHOLD_SET = flags.DEFINE_string(
-    "threshold_set", None, "compare, identify: the evaluated set to take "
+    "threshold_set",
+    None,
+    "compare, identify: the evaluated set to take "
     "the threshold from (default: calibration folders, then your folders "
     "and pairs files, then .bin sets; generated faces and IJB templates "
-    "only when named here).")
-_TEMPLATE = flags.DEFINE_enum("template", "mean", ["mean", "quality"],
-                              "identify: a person's template is the mean of "
-                              "its unit embeddings, or weighted by quality.")
-_SKIP_BAD = flags.DEFINE_bool("skip_bad", False, "embed, identify: leave "
-                              "unreadable "
-                              "images out (listed in the .npz) instead of "
-                              "stopping at the first.")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False,
-                               "embed, identify: replace an existing --out.")
+    "only when named here).",
+)
+_TEMPLATE = flags.DEFINE_enum(
+    "template",
+    "mean",
+    ["mean", "quality"],
+    "identify: a person's template is the mean of "
+    "its unit embeddings, or weighted by quality.",
+)
+_SKIP_BAD = flags.DEFINE_bool(
+    "skip_bad",
+    False,
+    "embed, identify: leave "
+    "unreadable "
+    "images out (listed in the .npz) instead of "
+    "stopping at the first.",
+)
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False, "embed, identify: replace an existing --out."
+)
 _FORCE_LOCK = flags.DEFINE_bool(
-    "force_lock", False, "train: take the workdir's lock even when its note "
-    "says another run holds it (a run on another host that is gone).")
+    "force_lock",
+    False,
+    "train: take the workdir's lock even when its note "
+    "says another run holds it (a run on another host that is gone).",
+)
 errors.define_traceback_flag()
 
 
@@ -111,7 +162,8 @@ def _loaded_config():
     raise errors.UserError(
         f"--config={recipe}: get_config() returned {type(config).__name__}, "
         "not an ml_collections.ConfigDict: fix the recipe file (see "
-        "configs/synthetic.py)")
+        "configs/synthetic.py)"
+    )
   limits.configure(config.get("limits", {}), "config.limits")
   return config
 
@@ -122,6 +174,7 @@ def main(argv):
   # Imported here so that --help stays fast.
   from qgjt_jax import reporting
   from qgjt_jax import train
+
   if _WORKDIR.value:
     reporting.open_process_log(_WORKDIR.value)
   show = lambda line: reporting.note(line, error=True)
@@ -130,16 +183,23 @@ def main(argv):
       _print_keys()
       return
     if not _WORKDIR.value:
-      raise errors.UserError(f"--mode={_MODE.value} needs --workdir (where "
-                             "the run's checkpoints and results are)")
+      raise errors.UserError(
+          f"--mode={_MODE.value} needs --workdir (where "
+          "the run's checkpoints and results are)"
+      )
     if _MODE.value == "train" and _CONFIG.value is None:
-      raise errors.UserError("--mode=train needs --config, the recipe to "
-                             "train (e.g. --config=configs/synthetic.py)")
+      raise errors.UserError(
+          "--mode=train needs --config, the recipe to "
+          "train (e.g. --config=configs/synthetic.py)"
+      )
     config = _loaded_config()
     if _MODE.value == "train":
-      train.train_and_evaluate(config, _WORKDIR.value,
-                               force_lock=_FORCE_LOCK.value,
-                               explicit=_explicit_keys(sys.argv))
+      train.train_and_evaluate(
+          config,
+          _WORKDIR.value,
+          force_lock=_FORCE_LOCK.value,
+          explicit=_explicit_keys(sys.argv),
+      )
     else:
       _use_a_checkpoint(config)
 
@@ -148,19 +208,28 @@ def _print_keys() -> None:
   """--mode=keys: the recipe's every key, as `config_checks.keys_table`."""
   from qgjt_jax import base_config
   from qgjt_jax import config_checks
+
   if _CONFIG.value is None:
-    raise errors.UserError("--mode=keys needs --config, the recipe whose "
-                           "keys to print (e.g. --config=configs/ms1m.py), "
-                           "or --workdir, a run whose recorded config to "
-                           "print")
-  print("\n".join(config_checks.keys_table(_loaded_config(),
-                                           base_config.meanings())))
+    raise errors.UserError(
+        "--mode=keys needs --config, the recipe whose "
+        "keys to print (e.g. --config=configs/ms1m.py), "
+        "or --workdir, a run whose recorded config to "
+        "print"
+    )
+  print(
+      "\n".join(
+          config_checks.keys_table(_loaded_config(), base_config.meanings())
+      )
+  )
 
 
 def _explicit_keys(argv: list[str]) -> list[str]:
   """The config keys typed as --config.KEY=VALUE."""
-  return [a[len("--config."):].split("=", 1)[0] for a in argv
-          if a.startswith("--config.")]
+  return [
+      a[len("--config.") :].split("=", 1)[0]
+      for a in argv
+      if a.startswith("--config.")
+  ]
 
 
 def _use_a_checkpoint(config) -> None:
@@ -169,24 +238,32 @@ def _use_a_checkpoint(config) -> None:
   from qgjt_jax import config_checks
   from qgjt_jax.eval import runner
   from qgjt_jax.inference import model as model_lib
+
   config_checks.check_eval_config(config)
   explicit = _explicit_keys(sys.argv)
   if _MODE.value == "eval":
-    runner.evaluate_checkpoint(_WORKDIR.value, _STEP.value, config=config,
-                                 explicit=explicit)
+    runner.evaluate_checkpoint(
+        _WORKDIR.value, _STEP.value, config=config, explicit=explicit
+    )
     return
   if not _IMAGES.value:
-    raise errors.UserError(f"--mode={_MODE.value} needs --images (a folder "
-                           "for embed and identify, A.jpg,B.jpg for compare)")
+    raise errors.UserError(
+        f"--mode={_MODE.value} needs --images (a folder "
+        "for embed and identify, A.jpg,B.jpg for compare)"
+    )
   if _MODE.value != "compare" and not _OUT.value:
     raise errors.UserError(
-        f"--mode={_MODE.value} needs --out, the file to write (e.g. --out=" +
-        ("faces.npz)" if _MODE.value == "embed" else "who.csv)"))
+        f"--mode={_MODE.value} needs --out, the file to write (e.g. --out="
+        + ("faces.npz)" if _MODE.value == "embed" else "who.csv)")
+    )
   if _MODE.value == "identify" and not _GALLERY.value:
-    raise errors.UserError("--mode=identify needs --gallery, a folder with "
-                           "one sub-folder of photos per person")
-  model = model_lib.load_model(_WORKDIR.value, _STEP.value, config=config,
-                               explicit=explicit)
+    raise errors.UserError(
+        "--mode=identify needs --gallery, a folder with "
+        "one sub-folder of photos per person"
+    )
+  model = model_lib.load_model(
+      _WORKDIR.value, _STEP.value, config=config, explicit=explicit
+  )
   _embed_mode(model)
 
 
@@ -195,37 +272,60 @@ def _embed_mode(model) -> None:
   from qgjt_jax.inference import embed
   from qgjt_jax.inference import identify
   from qgjt_jax.align import faces
+
   mode = _MODE.value
-  alignment = faces.Alignment.from_flags(_ALIGN.value, _LANDMARKS.value,
-                                         _ALL_FACES.value)
-  decision = dict(threshold=_THRESHOLD.value,
-                  threshold_set=_THRESHOLD_SET.value)
+  alignment = faces.Alignment.from_flags(
+      _ALIGN.value, _LANDMARKS.value, _ALL_FACES.value
+  )
+  decision = dict(
+      threshold=_THRESHOLD.value, threshold_set=_THRESHOLD_SET.value
+  )
   if mode == "compare":
-    embed.run_compare(model, _IMAGES.value.split(","), alignment=alignment,
-                      far=_FAR.value, **decision)
+    embed.run_compare(
+        model,
+        _IMAGES.value.split(","),
+        alignment=alignment,
+        far=_FAR.value,
+        **decision,
+    )
     return
-  common = dict(alignment=alignment, skip_bad=_SKIP_BAD.value,
-                overwrite=_OVERWRITE.value)
+  common = dict(
+      alignment=alignment, skip_bad=_SKIP_BAD.value, overwrite=_OVERWRITE.value
+  )
   if mode == "embed":
     embed.run_embed(model, _IMAGES.value, _OUT.value, **common)
     return
   identify.run_identify(
-      model, _GALLERY.value, _IMAGES.value, _OUT.value,
-      template=_TEMPLATE.value, fpir=_FPIR.value,
-      far=_FAR.value if flags.FLAGS["far"].present else None, **decision,
-      **common)
+      model,
+      _GALLERY.value,
+      _IMAGES.value,
+      _OUT.value,
+      template=_TEMPLATE.value,
+      fpir=_FPIR.value,
+      far=_FAR.value if flags.FLAGS["far"].present else None,
+      **decision,
+      **common,
+  )
 
 
-_RECORDED_RECIPE = os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                "inference", "recorded_recipe.py")
+_RECORDED_RECIPE = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)),
+    "inference",
+    "recorded_recipe.py",
+)
 
 
 def _with_recorded_config(argv: list[str]) -> list[str]:
   """argv with --config standing for the workdir's record, for a mode that
   uses a workdir's model and was given no recipe."""
-  mode, workdir = recipe_flags.flag_value(argv, "mode"), recipe_flags.flag_value(argv, "workdir")
-  if (mode in (None, "train") or not workdir or
-      recipe_flags.flag_value(argv, "config") is not None):
+  mode, workdir = recipe_flags.flag_value(
+      argv, "mode"
+  ), recipe_flags.flag_value(argv, "workdir")
+  if (
+      mode in (None, "train")
+      or not workdir
+      or recipe_flags.flag_value(argv, "config") is not None
+  ):
     return argv
   return [argv[0], f"--config={_RECORDED_RECIPE}:{workdir}", *argv[1:]]
 

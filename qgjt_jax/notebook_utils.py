@@ -5,6 +5,7 @@ host-side numpy/matplotlib around the public training and evaluation APIs.
 Plot functions return a matplotlib Figure and never pick a backend, so they
 work inline in Jupyter/Colab and headless (Agg) alike.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,9 @@ from qgjt_jax.data import synthetic
 from qgjt_jax.files import images
 
 
-def apply_overrides(config: ml_collections.ConfigDict,
-                    overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
+def apply_overrides(
+    config: ml_collections.ConfigDict, overrides: Mapping[str, Any]
+) -> ml_collections.ConfigDict:
   """Sets dotted keys ({'model.base_width': 8}) in place; returns config.
 
   Unknown keys raise KeyError naming the key, as `--config.KEY=VALUE` does.
@@ -40,8 +42,9 @@ def apply_overrides(config: ml_collections.ConfigDict,
   return config
 
 
-def round_batch_sizes(config: ml_collections.ConfigDict,
-                      device_count: int) -> ml_collections.ConfigDict:
+def round_batch_sizes(
+    config: ml_collections.ConfigDict, device_count: int
+) -> ml_collections.ConfigDict:
   """Rounds the train and eval batch sizes up to multiples of device_count.
 
   A batch is split evenly over the data-parallel devices (8 TPU cores on a
@@ -61,6 +64,7 @@ def read_metrics(workdir: str) -> dict[str, np.ndarray]:
   later one wins. Metrics a step lacks are NaN.
   """
   from etils import epath
+
   by_step = {}
   metrics = epath.Path(workdir) / workdir_layout.METRICS
   for line in metrics.read_text().splitlines():
@@ -69,12 +73,15 @@ def read_metrics(workdir: str) -> dict[str, np.ndarray]:
       by_step.setdefault(int(record["step"]), {}).update(record)
   steps = sorted(by_step)
   names = sorted({k for r in by_step.values() for k in r})
-  return {n: np.array([by_step[s].get(n, np.nan) for s in steps], np.float64)
-          for n in names}
+  return {
+      n: np.array([by_step[s].get(n, np.nan) for s in steps], np.float64)
+      for n in names
+  }
 
 
-def hq_threshold_norm(mean: float, std: float, b: float, h: float,
-                      eps: float) -> float:
+def hq_threshold_norm(
+    mean: float, std: float, b: float, h: float, eps: float
+) -> float:
   """The feature norm whose quality equals b: the HQ/LQ boundary.
 
   Quality is q = (a + 1) / 2 with a = clip(h (n - mu) / (sigma + eps), -1, 1)
@@ -83,8 +90,9 @@ def hq_threshold_norm(mean: float, std: float, b: float, h: float,
   return float(mean + (std + eps) * (2.0 * b - 1.0) / h)
 
 
-def final_quality_stats(metrics: Mapping[str, np.ndarray]
-                        ) -> tuple[float, float]:
+def final_quality_stats(
+    metrics: Mapping[str, np.ndarray],
+) -> tuple[float, float]:
   """(mu, sigma) after the last logged step.
 
   The train step logs the running statistics after its update, the values
@@ -94,8 +102,9 @@ def final_quality_stats(metrics: Mapping[str, np.ndarray]
   return float(metrics["quality_mean"][-1]), float(metrics["quality_std"][-1])
 
 
-def training_views(config: ml_collections.ConfigDict, count: int,
-                   seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def training_views(
+    config: ml_collections.ConfigDict, count: int, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """`count` training faces as the step sees them: H views, L views, r.
 
   Faces are spread over every identity of the synthetic training set. The H
@@ -104,8 +113,11 @@ def training_views(config: ml_collections.ConfigDict, count: int,
   """
   spec = config.data.synthetic
   source = synthetic.SyntheticFaces(
-      spec.num_identities, spec.images_per_identity,
-      image_size=config.data.image_size, seed=spec.seed)
+      spec.num_identities,
+      spec.images_per_identity,
+      image_size=config.data.image_size,
+      seed=spec.seed,
+  )
   count = min(count, len(source))
   rng = np.random.default_rng(seed)
   indices = np.linspace(0, len(source) - 1, count).round().astype(int)
@@ -120,24 +132,35 @@ def training_views(config: ml_collections.ConfigDict, count: int,
   return np.stack(clean), np.stack(degraded), np.asarray(scales, np.float64)
 
 
-def heldout_faces(config: ml_collections.ConfigDict, identity: int,
-                  variations: Sequence[int]) -> np.ndarray:
+def heldout_faces(
+    config: ml_collections.ConfigDict, identity: int, variations: Sequence[int]
+) -> np.ndarray:
   """Photos of a held-out (never trained on) identity, uint8 BGR."""
   spec = config.data.synthetic
-  return np.stack([
-      synthetic.render_photo(spec.seed, identity, v,
-                             config.data.image_size, heldout=True)
-      for v in variations])
+  return np.stack(
+      [
+          synthetic.render_photo(
+              spec.seed, identity, v, config.data.image_size, heldout=True
+          )
+          for v in variations
+      ]
+  )
 
 
-def low_quality(config: ml_collections.ConfigDict, images: np.ndarray,
-                seed: int = 0) -> np.ndarray:
+def low_quality(
+    config: ml_collections.ConfigDict, images: np.ndarray, seed: int = 0
+) -> np.ndarray:
   """The evaluation's LQ version of faces: downscaled, JPEG, upscaled."""
   cfg = degrade.view_config_from(config.data.view)
   rng = np.random.default_rng(seed)
-  return np.stack([
-      degrade.low_resolution(im, rng, cfg.min_scale, cfg.max_scale,
-                             cfg.jpeg_quality)[0] for im in images])
+  return np.stack(
+      [
+          degrade.low_resolution(
+              im, rng, cfg.min_scale, cfg.max_scale, cfg.jpeg_quality
+          )[0]
+          for im in images
+      ]
+  )
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -152,6 +175,7 @@ def _rgb(img: np.ndarray) -> np.ndarray:
 
 def _figure(*args, **kwargs):
   from matplotlib import pyplot as plt
+
   return plt.subplots(*args, **kwargs)
 
 
@@ -166,11 +190,17 @@ def plot_losses(metrics: Mapping[str, np.ndarray]):
   if "con_weight" in metrics:
     on = np.flatnonzero(metrics["con_weight"] > 0)
     if on.size:
-      axes[1].axvline(step[on[0]], color="gray", ls="--",
-                      label="contrastive loss switched on")
+      axes[1].axvline(
+          step[on[0]],
+          color="gray",
+          ls="--",
+          label="contrastive loss switched on",
+      )
       axes[1].legend(loc="best", fontsize=8)
-  for name, label in (("hq_fraction_clean", "clean (H) views"),
-                      ("hq_fraction_degraded", "degraded (L) views")):
+  for name, label in (
+      ("hq_fraction_clean", "clean (H) views"),
+      ("hq_fraction_degraded", "degraded (L) views"),
+  ):
     if name in metrics:
       axes[2].plot(step, metrics[name], label=label)
   axes[2].set_ylim(-0.05, 1.05)
@@ -183,9 +213,13 @@ def plot_losses(metrics: Mapping[str, np.ndarray]):
   return fig
 
 
-def plot_norms(clean_norms: np.ndarray, degraded_norms: np.ndarray,
-               scales: np.ndarray, threshold: Optional[float] = None,
-               threshold_label: str = "HQ/LQ threshold"):
+def plot_norms(
+    clean_norms: np.ndarray,
+    degraded_norms: np.ndarray,
+    scales: np.ndarray,
+    threshold: Optional[float] = None,
+    threshold_label: str = "HQ/LQ threshold",
+):
   """Norm histograms of both views, and the L-view norm against its r."""
   fig, axes = _figure(1, 2, figsize=(12, 4))
   values = np.concatenate([clean_norms, degraded_norms])
@@ -193,15 +227,20 @@ def plot_norms(clean_norms: np.ndarray, degraded_norms: np.ndarray,
   if not np.all(np.isfinite(bins)) or bins[0] == bins[-1]:
     bins = 40
   axes[0].hist(clean_norms, bins=bins, alpha=0.6, label="clean (H) views")
-  axes[0].hist(degraded_norms, bins=bins, alpha=0.6,
-               label="degraded (L) views")
+  axes[0].hist(degraded_norms, bins=bins, alpha=0.6, label="degraded (L) views")
   axes[0].set_xlabel("feature norm |z|")
   axes[0].set_ylabel("faces")
   axes[0].set_title("feature norm distribution")
-  axes[1].scatter(np.ones_like(clean_norms), clean_norms, s=10,
-                  color="tab:blue", label="H view (r = 1)")
-  axes[1].scatter(scales, degraded_norms, s=10, color="tab:orange",
-                  label="L view")
+  axes[1].scatter(
+      np.ones_like(clean_norms),
+      clean_norms,
+      s=10,
+      color="tab:blue",
+      label="H view (r = 1)",
+  )
+  axes[1].scatter(
+      scales, degraded_norms, s=10, color="tab:orange", label="L view"
+  )
   axes[1].set_xlabel("resolution factor r")
   axes[1].set_ylabel("feature norm |z|")
   axes[1].set_title("norm vs degradation")
@@ -215,8 +254,12 @@ def plot_norms(clean_norms: np.ndarray, degraded_norms: np.ndarray,
   return fig
 
 
-def plot_views(clean: np.ndarray, degraded: np.ndarray, scales: np.ndarray,
-               columns: int = 8):
+def plot_views(
+    clean: np.ndarray,
+    degraded: np.ndarray,
+    scales: np.ndarray,
+    columns: int = 8,
+):
   """Two rows: H views above, their L views (with r) below.
 
   The columns are spread over the given faces (different identities when the
@@ -224,8 +267,7 @@ def plot_views(clean: np.ndarray, degraded: np.ndarray, scales: np.ndarray,
   """
   columns = min(columns, len(clean))
   picks = np.linspace(0, len(clean) - 1, columns).round().astype(int)
-  fig, axes = _figure(2, columns, figsize=(1.6 * columns, 3.6),
-                      squeeze=False)
+  fig, axes = _figure(2, columns, figsize=(1.6 * columns, 3.6), squeeze=False)
   for j, i in enumerate(picks):
     axes[0, j].imshow(_rgb(clean[i]))
     axes[1, j].imshow(_rgb(degraded[i]))
@@ -239,11 +281,14 @@ def plot_views(clean: np.ndarray, degraded: np.ndarray, scales: np.ndarray,
   return fig
 
 
-def plot_pairs(pairs: Sequence[tuple[np.ndarray, np.ndarray, str]],
-               similarities: Sequence[float]):
+def plot_pairs(
+    pairs: Sequence[tuple[np.ndarray, np.ndarray, str]],
+    similarities: Sequence[float],
+):
   """One column per pair: the two faces, titled with their cosine."""
-  fig, axes = _figure(2, len(pairs), figsize=(2.6 * len(pairs), 5.4),
-                      squeeze=False)
+  fig, axes = _figure(
+      2, len(pairs), figsize=(2.6 * len(pairs), 5.4), squeeze=False
+  )
   for j, ((a, b, label), sim) in enumerate(zip(pairs, similarities)):
     axes[0, j].imshow(_rgb(a))
     axes[1, j].imshow(_rgb(b))
@@ -263,6 +308,7 @@ def local_copy(path: str, directory: str = "/tmp/qgjt_eval") -> str:
   if "://" not in path:
     return path
   from etils import epath
+
   source = epath.Path(path)
   target = epath.Path(directory) / source.name
   target.parent.mkdir(parents=True, exist_ok=True)

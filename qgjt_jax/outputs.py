@@ -8,6 +8,7 @@ one. An existing file is refused with one line unless the command was given
 its `--overwrite`, and the target is checked before the work starts, so a
 missing folder fails in a second, not after an hour of embedding.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -22,8 +23,9 @@ class OutputExistsError(errors.UserError):
   """The output exists and replacing it was not asked for."""
 
 
-def check_output(path: str, *, overwrite: bool,
-                 flag: str = "--overwrite") -> None:
+def check_output(
+    path: str, *, overwrite: bool, flag: str = "--overwrite"
+) -> None:
   """Refuses, before any work, an output that could not be written.
 
   Raises:
@@ -32,21 +34,28 @@ def check_output(path: str, *, overwrite: bool,
   """
   parent = os.path.dirname(os.path.abspath(path))
   if not os.path.isdir(parent):
-    raise errors.UserError(f"{path}: the folder {parent} does not exist; "
-                           "create it first or write elsewhere")
+    raise errors.UserError(
+        f"{path}: the folder {parent} does not exist; "
+        "create it first or write elsewhere"
+    )
   if not os.access(parent, os.W_OK | os.X_OK):
-    raise errors.UserError(f"{path}: the folder {parent} is not writable; "
-                           "write elsewhere or fix its permissions")
+    raise errors.UserError(
+        f"{path}: the folder {parent} is not writable; "
+        "write elsewhere or fix its permissions"
+    )
   if os.path.isdir(path):
     raise errors.UserError(f"{path} is a folder; name a file to write")
   if os.path.lexists(path) and not overwrite:
-    raise OutputExistsError(f"{path} already exists; pass {flag} to replace "
-                            "it, or choose another name")
+    raise OutputExistsError(
+        f"{path} already exists; pass {flag} to replace "
+        "it, or choose another name"
+    )
 
 
 @contextlib.contextmanager
-def atomic_file(path: str, *, overwrite: bool, flag: str = "--overwrite"
-                ) -> Iterator[IO[bytes]]:
+def atomic_file(
+    path: str, *, overwrite: bool, flag: str = "--overwrite"
+) -> Iterator[IO[bytes]]:
   """A binary file that becomes `path` only when the block completes.
 
   Without `overwrite` the rename cannot replace a file that appeared
@@ -65,9 +74,9 @@ def _staged(path: str):
   """(an open binary file, its temporary name) beside `path`; the file is
   removed unless it was landed, and a failure to write names `path`."""
   parent = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=parent,
-                             prefix=f".{os.path.basename(path)}.",
-                             suffix=".partial")
+  fd, tmp = tempfile.mkstemp(
+      dir=parent, prefix=f".{os.path.basename(path)}.", suffix=".partial"
+  )
   try:
     with os.fdopen(fd, "wb") as f:
       try:
@@ -92,21 +101,25 @@ def _land(tmp: str, path: str, overwrite: bool, flag: str) -> None:
   try:
     os.link(tmp, path)
   except FileExistsError:
-    raise OutputExistsError(f"{path} appeared while it was being "
-                            f"written; pass {flag} to replace it") from None
+    raise OutputExistsError(
+        f"{path} appeared while it was being "
+        f"written; pass {flag} to replace it"
+    ) from None
   except OSError:  # a file system without hard links
     check_output(path, overwrite=False, flag=flag)
     os.rename(tmp, path)
 
 
-def write(path: str, data: bytes | str, *, overwrite: bool,
-          flag: str = "--overwrite") -> None:
+def write(
+    path: str, data: bytes | str, *, overwrite: bool, flag: str = "--overwrite"
+) -> None:
   """`data` (text as UTF-8) to `path`, atomically (see `atomic_file`)."""
   write_together({path: data}, overwrite=overwrite, flag=flag)
 
 
-def write_together(files: dict[str, bytes | str], *, overwrite: bool,
-                   flag: str = "--overwrite") -> None:
+def write_together(
+    files: dict[str, bytes | str], *, overwrite: bool, flag: str = "--overwrite"
+) -> None:
   """Several files that land together or not at all (a model and the
   sidecar describing it): each is written whole under a temporary name
   first, and only then are they moved into place; if a move fails, the

@@ -13,6 +13,7 @@ only names logical layouts. The mesh has two axes:
 Axes are built as `AxisType.Auto`: jax >= 0.11 defaults to Explicit axes, under
 which ordinary jitted code would need sharding annotations everywhere.
 """
+
 from __future__ import annotations
 
 import os
@@ -74,8 +75,9 @@ def detect_cluster(environ: Mapping[str, str]) -> Optional[dict[str, Any]]:
   return None
 
 
-def maybe_initialize_distributed(environ: Optional[Mapping[str, str]] = None
-                                 ) -> bool:
+def maybe_initialize_distributed(
+    environ: Optional[Mapping[str, str]] = None,
+) -> bool:
   """Starts jax.distributed when a multi-process cluster is detected.
 
   Must run before anything touches a device. Returns whether it started.
@@ -96,12 +98,17 @@ def maybe_initialize_distributed(environ: Optional[Mapping[str, str]] = None
   # first reduction. GPU and TPU clients ignore the setting.
   if not environ.get("JAX_CPU_COLLECTIVES_IMPLEMENTATION"):
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  logging.info("Multi-process launch detected; jax.distributed.initialize(%s)",
-               kwargs)
+  logging.info(
+      "Multi-process launch detected; jax.distributed.initialize(%s)", kwargs
+  )
   jax.distributed.initialize(**kwargs)
-  logging.info("Process %d of %d, %d local / %d global devices.",
-               jax.process_index(), jax.process_count(),
-               jax.local_device_count(), jax.device_count())
+  logging.info(
+      "Process %d of %d, %d local / %d global devices.",
+      jax.process_index(),
+      jax.process_count(),
+      jax.local_device_count(),
+      jax.device_count(),
+  )
   return True
 
 
@@ -119,11 +126,15 @@ def make_mesh(model_parallelism: int = 1, devices: Any = None) -> Mesh:
   if model_parallelism < 1 or num_devices % model_parallelism:
     raise ValueError(
         f"config.model_parallelism={model_parallelism} must divide the "
-        f"device count {num_devices}.")
+        f"device count {num_devices}."
+    )
   shape = (num_devices // model_parallelism, model_parallelism)
   device_grid = np.asarray(devices, dtype=object).reshape(shape)
-  return Mesh(device_grid, (DATA_AXIS, MODEL_AXIS),
-              axis_types=(AxisType.Auto, AxisType.Auto))
+  return Mesh(
+      device_grid,
+      (DATA_AXIS, MODEL_AXIS),
+      axis_types=(AxisType.Auto, AxisType.Auto),
+  )
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -154,4 +165,5 @@ def host_to_global(batch: Any, mesh: Mesh) -> Any:
   sharding = batch_sharding(mesh)
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
-      batch)
+      batch,
+  )

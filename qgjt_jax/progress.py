@@ -1,4 +1,5 @@
 """Progress lines of long work (embedding a set, preparing a dataset)."""
+
 import sys
 import time
 
@@ -7,10 +8,19 @@ class Progress:
   """A plain progress line on stderr, at most every `every_s` seconds, and
   once at the end (`close`)."""
 
-  def __init__(self, total: int | None, desc: str, enabled: bool = True,
-               every_s: float = 10.0):
-    self.total, self.desc, self.enabled, self.every_s = (total, desc, enabled,
-                                                         every_s)
+  def __init__(
+      self,
+      total: int | None,
+      desc: str,
+      enabled: bool = True,
+      every_s: float = 10.0,
+  ):
+    self.total, self.desc, self.enabled, self.every_s = (
+        total,
+        desc,
+        enabled,
+        every_s,
+    )
     self.done = 0
     self.start = self.last = time.monotonic()
 
@@ -31,8 +41,10 @@ class Progress:
       frac = self.done / self.total
       width = 30
       bar = '#' * int(width * frac) + '.' * (width - int(width * frac))
-      line = (f'{self.desc}: [{bar}] {self.done}/{self.total} '
-              f'({100 * frac:.1f}%) {rate:.0f} images/s')
+      line = (
+          f'{self.desc}: [{bar}] {self.done}/{self.total} '
+          f'({100 * frac:.1f}%) {rate:.0f} images/s'
+      )
     else:
       line = f'{self.desc}: {self.done} images, {rate:.0f} images/s'
     print(line, file=sys.stderr, flush=True)

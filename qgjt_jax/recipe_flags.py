@@ -8,6 +8,7 @@ a recipe (main, bench, export_check) defines `--config` with
 ml_collections' config_flags beside its other absl flags and parses them
 with `parse`.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -39,8 +40,9 @@ def define_config(default: str | None, help_text: str):
   overrides of the command line applied to it, when the flag is defined
   (config_flags' way): a mistake there is the one ERROR line `parse` gives."""
   try:
-    return config_flags.DEFINE_config_file("config", default, help_text,
-                                           lock_config=True)
+    return config_flags.DEFINE_config_file(
+        "config", default, help_text, lock_config=True
+    )
   except Exception as e:  # pylint: disable=broad-except
     recipe = flag_value(sys.argv, "config") or default
     failure = recipe_failure(recipe, e) or unknown_key(sys.argv, recipe)
@@ -49,9 +51,12 @@ def define_config(default: str | None, help_text: str):
     raise
 
 
-def parse(parser: flags.FlagValues, argv: list[str],
-          show_traceback: bool | None = None,
-          default_recipe: str | None = None) -> list[str]:
+def parse(
+    parser: flags.FlagValues,
+    argv: list[str],
+    show_traceback: bool | None = None,
+    default_recipe: str | None = None,
+) -> list[str]:
   """`parser(argv)` (absl's parsing into those flag values, `--config`
   among them), every mistake one ERROR line: a flag absl refuses, a recipe
   that does not load (it is Python: its own failure is named with its
@@ -64,8 +69,10 @@ def parse(parser: flags.FlagValues, argv: list[str],
   if recipe:
     path = recipe.split(":", 1)[0]
     if not os.path.isfile(path):
-      sys.exit(f"ERROR: --config={recipe}: No such file: give a recipe "
-               "file such as configs/synthetic.py")
+      sys.exit(
+          f"ERROR: --config={recipe}: No such file: give a recipe "
+          "file such as configs/synthetic.py"
+      )
     base_config.make_siblings_importable(path)
   try:
     return parser(argv)
@@ -74,8 +81,10 @@ def parse(parser: flags.FlagValues, argv: list[str],
       traceback.print_exc()
     sys.exit(f"ERROR: {errors.one_line(e)}")
   except SyntaxError as e:
-    sys.exit(f"ERROR: --config={e.filename}: {e.msg} at line {e.lineno}: "
-             "fix the recipe file")
+    sys.exit(
+        f"ERROR: --config={e.filename}: {e.msg} at line {e.lineno}: "
+        "fix the recipe file"
+    )
   except Exception as e:  # pylint: disable=broad-except
     failure = recipe_failure(recipe, e) or unknown_key(argv, recipe)
     if failure:
@@ -93,17 +102,24 @@ def recipe_failure(recipe: str | None, e: Exception) -> str | None:
   if not recipe:
     return None
   path = os.path.abspath(recipe.split(":", 1)[0])
-  lines = [line for f, line in traceback.walk_tb(e.__traceback__)
-           if os.path.abspath(f.f_code.co_filename) == path]
+  lines = [
+      line
+      for f, line in traceback.walk_tb(e.__traceback__)
+      if os.path.abspath(f.f_code.co_filename) == path
+  ]
   if lines:
-    return (f"ERROR: --config={recipe}: running it raised "
-            f"{type(e).__name__} at line {lines[-1]}: "
-            f"{errors.one_line(e)[:200]}: fix the recipe file (it is Python, "
-            "run as code)")
+    return (
+        f"ERROR: --config={recipe}: running it raised "
+        f"{type(e).__name__} at line {lines[-1]}: "
+        f"{errors.one_line(e)[:200]}: fix the recipe file (it is Python, "
+        "run as code)"
+    )
   if not base_config.defines_get_config(path):
-    return (f"ERROR: --config={recipe} defines no get_config(): a recipe "
-            "file returns its ConfigDict from get_config() (see "
-            "configs/synthetic.py)")
+    return (
+        f"ERROR: --config={recipe} defines no get_config(): a recipe "
+        "file returns its ConfigDict from get_config() (see "
+        "configs/synthetic.py)"
+    )
   return None
 
 
@@ -120,7 +136,7 @@ def unknown_key(argv: list[str], recipe: str | None) -> str | None:
   for arg in argv[1:]:
     if not arg.startswith("--config."):
       continue
-    key = arg[len("--config."):].split("=", 1)[0]
+    key = arg[len("--config.") :].split("=", 1)[0]
     node = config
     for depth, part in enumerate(key.split(".")):
       if not isinstance(node, ml_collections.ConfigDict):
@@ -128,10 +144,15 @@ def unknown_key(argv: list[str], recipe: str | None) -> str | None:
       if part not in node:
         near = difflib.get_close_matches(part, list(node.keys()), n=1)
         where = ".".join(key.split(".")[:depth]) or "the config"
-        return (f"ERROR: {arg}: unknown config key {part!r} in {where}" +
-                (f': Did you mean "{near[0]}" instead of "{part}"?'
-                 if near else "") +
-                ": the keys are listed in the --config file and "
-                "qgjt_jax/base_config.py")
+        return (
+            f"ERROR: {arg}: unknown config key {part!r} in {where}"
+            + (
+                f': Did you mean "{near[0]}" instead of "{part}"?'
+                if near
+                else ""
+            )
+            + ": the keys are listed in the --config file and "
+            "qgjt_jax/base_config.py"
+        )
       node = node[part]
   return None

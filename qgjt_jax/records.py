@@ -8,6 +8,7 @@ notebooks, fine-tuning from it) reads the model from here rather than from a
 recipe typed again: `recorded_config` is the workdir's own config, and
 `adopt_model_settings` puts the recorded model into a config given by hand.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,7 +36,10 @@ def model_keys() -> tuple[str, ...]:
   """What rebuilding the backbone alone (evaluation, fine-tuning) depends
   on: the registry's `recorded_model_keys`."""
   from qgjt_jax import models  # pylint: disable=g-import-not-at-top
+
   return models.recorded_model_keys()
+
+
 _MAX_RECORD_BYTES = 16 << 20
 
 
@@ -43,17 +47,23 @@ class RecordError(errors.UserError):
   """A workdir's record is missing, damaged or contradicted."""
 
 
-def record_config(workdir: str, config_dict: dict[str, Any],
-                  version: str) -> None:
+def record_config(
+    workdir: str, config_dict: dict[str, Any], version: str
+) -> None:
   """Keeps the config and package version that wrote the workdir (written
   by process 0)."""
   import jax  # pylint: disable=g-import-not-at-top
+
   if jax.process_index() != 0:
     return
   directory = epath.Path(workdir)
   directory.mkdir(parents=True, exist_ok=True)
-  text = json.dumps({"version": version, "config": config_dict}, indent=2,
-                    sort_keys=True, default=str)
+  text = json.dumps(
+      {"version": version, "config": config_dict},
+      indent=2,
+      sort_keys=True,
+      default=str,
+  )
   # Written beside and renamed, so a crash never leaves half a record.
   tmp = directory / (CONFIG_RECORD + ".tmp")
   tmp.write_text(text)
@@ -74,8 +84,9 @@ def read_record(path: epath.Path, key: str) -> dict[str, Any]:
         raise ValueError(f"over {_MAX_RECORD_BYTES:,} bytes")
       text = path.read_text()
     else:
-      text = regular.read_text(path, _MAX_RECORD_BYTES, "a workdir record",
-                               RecordError)
+      text = regular.read_text(
+          path, _MAX_RECORD_BYTES, "a workdir record", RecordError
+      )
     record = json.loads(text)
     if not isinstance(record, dict) or not isinstance(record.get(key), dict):
       raise ValueError(f"no {key!r} mapping")
@@ -84,7 +95,8 @@ def read_record(path: epath.Path, key: str) -> dict[str, Any]:
   except (ValueError, UnicodeDecodeError, RecursionError) as e:
     raise RecordError(
         f"{path} is damaged ({type(e).__name__}: {str(e)[:100]}); restore it "
-        "from a copy, or use another --workdir") from None
+        "from a copy, or use another --workdir"
+    ) from None
   return record
 
 
@@ -99,11 +111,11 @@ def recorded_model_settings(workdir: str) -> dict[str, Any]:
     values = {k: lookup(recorded, k) for k in keys}
   elif (directory / CONVERTED_RECORD).exists():
     values = read_record(directory / CONVERTED_RECORD, "config_overrides")[
-        "config_overrides"]
+        "config_overrides"
+    ]
   else:
     return {}
-  return {k: v for k, v in values.items()
-          if k in keys and v is not MISSING}
+  return {k: v for k, v in values.items() if k in keys and v is not MISSING}
 
 
 # The quality settings an exported model carries (`interop.carried`) and a
@@ -117,22 +129,33 @@ def _quality_settings(path: epath.Path) -> dict[str, float]:
   found = read_record(path, "config_overrides").get("quality_settings", {})
   allowed = set(QUALITY_SETTINGS.values())
   if not isinstance(found, dict) or not all(
-      k in allowed and isinstance(v, (int, float)) and not isinstance(
-          v, bool) and math.isfinite(v) for k, v in found.items()):
-    raise RecordError(f"{path}: quality_settings is damaged; restore it "
-                      "from a copy, or convert the model again")
+      k in allowed
+      and isinstance(v, (int, float))
+      and not isinstance(v, bool)
+      and math.isfinite(v)
+      for k, v in found.items()
+  ):
+    raise RecordError(
+        f"{path}: quality_settings is damaged; restore it "
+        "from a copy, or convert the model again"
+    )
   return found
 
 
 def has_record(workdir: str) -> bool:
   directory = epath.Path(workdir)
-  return any((directory / name).exists()
-             for name in (CONFIG_RECORD, CONVERTED_RECORD))
+  return any(
+      (directory / name).exists() for name in (CONFIG_RECORD, CONVERTED_RECORD)
+  )
 
 
-def recorded_config(workdir: str, *, advice: str = (
-    "name a training run's workdir or one qgjt_jax.convert wrote")
-                    ) -> ml_collections.ConfigDict:
+def recorded_config(
+    workdir: str,
+    *,
+    advice: str = (
+        "name a training run's workdir or one qgjt_jax.convert wrote"
+    ),
+) -> ml_collections.ConfigDict:
   """The config a workdir's model was made with: the shared defaults with
   everything config.json recorded, or with a converted model's settings.
 
@@ -141,6 +164,7 @@ def recorded_config(workdir: str, *, advice: str = (
       message ends in `advice`, what the caller can pass instead).
   """
   from qgjt_jax import base_config  # pylint: disable=g-import-not-at-top
+
   config = base_config.get_base_config()
   directory = epath.Path(workdir)
   if (directory / CONFIG_RECORD).exists():
@@ -161,22 +185,29 @@ def recorded_config(workdir: str, *, advice: str = (
     raise RecordError(
         f"--workdir={workdir} holds neither {CONFIG_RECORD} (a training "
         f"run's) nor {CONVERTED_RECORD} (qgjt_jax.convert's), so it does not "
-        f"say which model it holds: {advice}")
+        f"say which model it holds: {advice}"
+    )
   return config
 
 
-def _merge(node: ml_collections.ConfigDict, values: dict[str, Any], path,
-           prefix: str = "") -> None:
+def _merge(
+    node: ml_collections.ConfigDict,
+    values: dict[str, Any],
+    path,
+    prefix: str = "",
+) -> None:
   for key, value in values.items():
-    if isinstance(value, dict) and isinstance(node.get(key),
-                                               ml_collections.ConfigDict):
+    if isinstance(value, dict) and isinstance(
+        node.get(key), ml_collections.ConfigDict
+    ):
       _merge(node[key], value, path, f"{prefix}{key}.")
     else:
       _set_leaf(node, key, value, f"{path}: config.{prefix}{key}")
 
 
-def _set(config: ml_collections.ConfigDict, dotted: str, value: Any,
-         where: str) -> None:
+def _set(
+    config: ml_collections.ConfigDict, dotted: str, value: Any, where: str
+) -> None:
   *parents, leaf = dotted.split(".")
   node = config
   for name in parents:
@@ -184,8 +215,9 @@ def _set(config: ml_collections.ConfigDict, dotted: str, value: Any,
   _set_leaf(node, leaf, value, f"{where}: config.{dotted}")
 
 
-def _set_leaf(node: ml_collections.ConfigDict, leaf: str, value: Any,
-              where: str) -> None:
+def _set_leaf(
+    node: ml_collections.ConfigDict, leaf: str, value: Any, where: str
+) -> None:
   """node[leaf] = value, typed as the default is (JSON turns tuples into
   lists); a key the defaults lack (a recipe's own) is added."""
   if isinstance(node.get(leaf), tuple) and isinstance(value, list):
@@ -194,13 +226,17 @@ def _set_leaf(node: ml_collections.ConfigDict, leaf: str, value: Any,
     with node.unlocked():
       node[leaf] = value
   except (TypeError, ValueError) as e:
-    raise RecordError(f"{where}={value!r} does not fit the defaults "
-                      f"({errors.one_line(e)[:120]})") from None
+    raise RecordError(
+        f"{where}={value!r} does not fit the defaults "
+        f"({errors.one_line(e)[:120]})"
+    ) from None
 
 
-def adopt_model_settings(config: ml_collections.ConfigDict, workdir: str,
-                         explicit: Iterable[str] = ()
-                         ) -> ml_collections.ConfigDict:
+def adopt_model_settings(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    explicit: Iterable[str] = (),
+) -> ml_collections.ConfigDict:
   """`config` with the model the workdir records (a copy, when it changes).
 
   A recipe's own model settings give way to the record, saying so in one
@@ -210,13 +246,17 @@ def adopt_model_settings(config: ml_collections.ConfigDict, workdir: str,
   Raises:
     RecordError: naming the key and both values.
   """
-  return adopt_settings(config, recorded_model_settings(workdir), explicit,
-                        workdir)
+  return adopt_settings(
+      config, recorded_model_settings(workdir), explicit, workdir
+  )
 
 
-def adopt_settings(config: ml_collections.ConfigDict,
-                   recorded: dict[str, Any], explicit: Iterable[str],
-                   where: str) -> ml_collections.ConfigDict:
+def adopt_settings(
+    config: ml_collections.ConfigDict,
+    recorded: dict[str, Any],
+    explicit: Iterable[str],
+    where: str,
+) -> ml_collections.ConfigDict:
   """`config` with the model settings `recorded` (those of the model in
   `where`), as `adopt_model_settings`."""
   explicit = set(explicit)
@@ -228,7 +268,8 @@ def adopt_settings(config: ml_collections.ConfigDict,
     if key in explicit:
       raise RecordError(
           f"--config.{key}={current!r} contradicts the model in {where} "
-          f"({key} = {value!r} in its record): leave the flag out")
+          f"({key} = {value!r} in its record): leave the flag out"
+      )
     changed[key] = value
   if not changed:
     return config
@@ -236,35 +277,40 @@ def adopt_settings(config: ml_collections.ConfigDict,
   for key, value in changed.items():
     _set(config, key, value, f"{where}'s record")
   reporting.note(
-      f"The model in {where} is used as recorded: " + ", ".join(
-          f"{k}={v!r}" for k, v in changed.items()) + " (not the recipe's).")
+      f"The model in {where} is used as recorded: "
+      + ", ".join(f"{k}={v!r}" for k, v in changed.items())
+      + " (not the recipe's)."
+  )
   return config
 
 
-def with_input_order(config: ml_collections.ConfigDict, order: Any,
-                     whose: str) -> ml_collections.ConfigDict:
+def with_input_order(
+    config: ml_collections.ConfigDict, order: Any, whose: str
+) -> ml_collections.ConfigDict:
   """`config` with model.input_order `order` (None: unchanged), saying so:
   the channel order is the weights' property, whatever a recipe says."""
   if not order or order == config.model.input_order:
     return config
-  reporting.note(f"{whose} reads {order} images: config.model.input_order="
-                 f"{config.model.input_order!r} is overridden.")
+  reporting.note(
+      f"{whose} reads {order} images: config.model.input_order="
+      f"{config.model.input_order!r} is overridden."
+  )
   config = config.copy_and_resolve_references()
   with config.unlocked():
     config.model.input_order = order
   return config
 
 
-def changed_keys(old: dict, new: dict, prefix: str = ""
-                 ) -> list[tuple[str, Any, Any]]:
+def changed_keys(
+    old: dict, new: dict, prefix: str = ""
+) -> list[tuple[str, Any, Any]]:
   """(dotted key, old, new) of every leaf value that differs."""
   out = []
   for key in sorted(set(old) | set(new)):
     a, b = old.get(key, MISSING), new.get(key, MISSING)
     if isinstance(a, dict) and isinstance(b, dict):
       out += changed_keys(a, b, f"{prefix}{key}.")
-    elif a is not MISSING and b is not MISSING and _jsonish(a) != _jsonish(
-        b):
+    elif a is not MISSING and b is not MISSING and _jsonish(a) != _jsonish(b):
       out.append((f"{prefix}{key}", a, b))
   return out
 

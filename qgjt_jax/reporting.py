@@ -9,6 +9,7 @@ TensorBoard event files come from clu's writer where TensorFlow is installed
 dependency. Every writer here has the subset of clu's MetricWriter interface
 the trainer uses; with neither library, metrics go to stdout.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,9 +40,11 @@ def open_process_log(workdir: str) -> None:
   if index == 0 or _process_log is not None or "://" in workdir:
     return
   os.makedirs(os.path.join(workdir, workdir_layout.LOGS), exist_ok=True)
-  _process_log = open(os.path.join(workdir, workdir_layout.LOGS,
-                                   f"process_{index}.log"),
-                      "a", buffering=1)
+  _process_log = open(
+      os.path.join(workdir, workdir_layout.LOGS, f"process_{index}.log"),
+      "a",
+      buffering=1,
+  )
 
 
 def note(message: str, *, error: bool = False) -> None:
@@ -101,6 +104,7 @@ class TensorBoardXWriter(StdoutWriter):
 
   def __init__(self, logdir: str):
     from tensorboardX import SummaryWriter
+
     self._writer = SummaryWriter(logdir)
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
@@ -108,8 +112,9 @@ class TensorBoardXWriter(StdoutWriter):
       self._writer.add_scalar(key, float(value), int(step))
 
   def write_hparams(self, hparams: Mapping[str, Any]) -> None:
-    self._writer.add_text("hparams", json.dumps(dict(hparams), indent=1,
-                                                default=str))
+    self._writer.add_text(
+        "hparams", json.dumps(dict(hparams), indent=1, default=str)
+    )
 
   def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
     for key, value in texts.items():
@@ -155,6 +160,7 @@ def _tensorboard_writer(workdir: str):
     # TensorFlow's C++ start-up notices (oneDNN...) are INFO lines.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
     from clu import metric_writers  # imports TensorFlow
+
     return metric_writers.create_default_writer(workdir, asynchronous=True)
   except ImportError as e:
     logging.info("clu's TensorBoard writer unavailable (%s).", e)
@@ -172,9 +178,11 @@ def create_writer(workdir: str, *, tensorboard: bool = True):
     return StdoutWriter()
   os.makedirs(workdir, exist_ok=True)
   writer = (_tensorboard_writer(workdir) if tensorboard else None) or (
-      StdoutWriter())
-  return Writers([writer, JsonlWriter(os.path.join(workdir,
-                                                   workdir_layout.METRICS))])
+      StdoutWriter()
+  )
+  return Writers(
+      [writer, JsonlWriter(os.path.join(workdir, workdir_layout.METRICS))]
+  )
 
 
 def create_report_progress(num_train_steps: int, writer: Any):
@@ -183,13 +191,15 @@ def create_report_progress(num_train_steps: int, writer: Any):
     from clu import periodic_actions  # imports clu.metric_writers
   except ImportError:
     return None
-  return periodic_actions.ReportProgress(num_train_steps=num_train_steps,
-                                        writer=writer, every_secs=60)
+  return periodic_actions.ReportProgress(
+      num_train_steps=num_train_steps, writer=writer, every_secs=60
+  )
 
 
 def log_parameter_overview(params: Any) -> None:
   try:
     from clu import parameter_overview
+
     parameter_overview.log_parameter_overview(params)
     count = parameter_overview.count_parameters(params)
   except ImportError:
@@ -200,8 +210,9 @@ def log_parameter_overview(params: Any) -> None:
 class ProgressLine:
   """Periodic one-line progress: step, losses, HQ fraction, img/s, ETA."""
 
-  def __init__(self, total_steps: int, images_per_step: int,
-               start_step: int = 0):
+  def __init__(
+      self, total_steps: int, images_per_step: int, start_step: int = 0
+  ):
     self.total_steps = total_steps
     self.images_per_step = images_per_step
     self._last_step = start_step
@@ -216,17 +227,19 @@ class ProgressLine:
     eta = (self.total_steps - step) * seconds / steps
     auc = metrics.get("quality_auc")  # absent with the moco queue
     auc = "n/a" if auc is None or not math.isfinite(auc) else f"{auc:.2f}"
-    note(f"step {step}/{self.total_steps} "
-          f"loss_cls {metrics['loss_cls']:.3f} "
-          f"loss_con {metrics['loss_con']:.3f} "
-          f"hq {metrics['hq_fraction']:.2f} "
-          f"(clean {metrics['hq_fraction_clean']:.2f}, degraded "
-          f"{metrics['hq_fraction_degraded']:.2f}; norm AUC {auc}) "
-          f"norm {metrics['norm_mean']:.2f}±{metrics['norm_std']:.2f} "
-          f"queue {metrics['queue_fill']:.2f} "
-          f"lr {metrics['lr']:.4g} "
-          f"{images_per_sec:,.0f} img/s "
-          f"ETA {_format_seconds(eta)}")
+    note(
+        f"step {step}/{self.total_steps} "
+        f"loss_cls {metrics['loss_cls']:.3f} "
+        f"loss_con {metrics['loss_con']:.3f} "
+        f"hq {metrics['hq_fraction']:.2f} "
+        f"(clean {metrics['hq_fraction_clean']:.2f}, degraded "
+        f"{metrics['hq_fraction_degraded']:.2f}; norm AUC {auc}) "
+        f"norm {metrics['norm_mean']:.2f}±{metrics['norm_std']:.2f} "
+        f"queue {metrics['queue_fill']:.2f} "
+        f"lr {metrics['lr']:.4g} "
+        f"{images_per_sec:,.0f} img/s "
+        f"ETA {_format_seconds(eta)}"
+    )
     return {"images_per_sec": images_per_sec}
 
 
@@ -234,7 +247,11 @@ def _format_seconds(seconds: float) -> str:
   seconds = int(max(seconds, 0))
   hours, rest = divmod(seconds, 3600)
   minutes, seconds = divmod(rest, 60)
-  return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
+  return (
+      f"{hours}:{minutes:02d}:{seconds:02d}"
+      if hours
+      else f"{minutes}:{seconds:02d}"
+  )
 
 
 class StepProfiler:
@@ -266,6 +283,8 @@ class StepProfiler:
     jax.block_until_ready(pending)
     jax.profiler.stop_trace()
     self.active = False
-    note(f"Wrote a profile of steps {self.start}..{self.stop - 1} to "
-         f"{self.directory}: open it with tensorboard "
-         f"--logdir={self.directory} (Profile tab) or xprof.")
+    note(
+        f"Wrote a profile of steps {self.start}..{self.stop - 1} to "
+        f"{self.directory}: open it with tensorboard "
+        f"--logdir={self.directory} (Profile tab) or xprof."
+    )

@@ -4,6 +4,7 @@ Everything that changes during training is a field here (the quality running
 statistics, the queue and the dynamic margin included), so a checkpoint of
 this object is a complete snapshot and the train step has no hidden state.
 """
+
 from __future__ import annotations
 
 from typing import Any, Optional
@@ -27,7 +28,7 @@ import ml_collections
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array
-  params: Any                 # {'backbone': ..., 'classifier': {'kernel': (D, C)}}
+  params: Any  # {'backbone': ..., 'classifier': {'kernel': (D, C)}}
   batch_stats: Any
   opt_state: optax.OptState
   quality: quality_lib.QualityStats
@@ -43,8 +44,9 @@ class TrainState:
   # The real class count C (static). The classifier may hold a few more,
   # all-zero columns so that `model` devices split it evenly; the step keeps
   # them out of the softmax. None: every column is a class.
-  num_classes: Optional[int] = flax.struct.field(pytree_node=False,
-                                                 default=None)
+  num_classes: Optional[int] = flax.struct.field(
+      pytree_node=False, default=None
+  )
 
   @property
   def classifier_width(self) -> int:
@@ -56,9 +58,13 @@ def build_model(config: ml_collections.ConfigDict) -> nn.Module:
   included)."""
   m = config.model
   return models.build_backbone(
-      m.name, dtype=jnp.dtype(m.dtype), embedding_size=m.embedding_size,
-      remat=m.remat == "block", input_order=m.input_order,
-      **models.family_settings(m.name, m))
+      m.name,
+      dtype=jnp.dtype(m.dtype),
+      embedding_size=m.embedding_size,
+      remat=m.remat == "block",
+      input_order=m.input_order,
+      **models.family_settings(m.name, m),
+  )
 
 
 def init_classifier(rng: jax.Array, dim: int, num_classes: int) -> jax.Array:
@@ -76,15 +82,21 @@ def classifier_width(num_classes: int, model_parallelism: int = 1) -> int:
   keeps them at zero, and they change neither the loss nor the update.
   """
   if num_classes < 1 or model_parallelism < 1:
-    raise ValueError(f"num_classes={num_classes} and model_parallelism="
-                     f"{model_parallelism} must be positive.")
+    raise ValueError(
+        f"num_classes={num_classes} and model_parallelism="
+        f"{model_parallelism} must be positive."
+    )
   return -(-num_classes // model_parallelism) * model_parallelism
 
 
-def create_train_state(config: ml_collections.ConfigDict, model: nn.Module,
-                       tx: optax.GradientTransformation, num_classes: int,
-                       rng: jax.Array, model_parallelism: Optional[int] = None
-                       ) -> TrainState:
+def create_train_state(
+    config: ml_collections.ConfigDict,
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    num_classes: int,
+    rng: jax.Array,
+    model_parallelism: Optional[int] = None,
+) -> TrainState:
   """Initialises every field; pure, so it can run under jit with shardings.
 
   `model_parallelism` (default `config.model_parallelism`) only decides the
@@ -97,19 +109,26 @@ def create_train_state(config: ml_collections.ConfigDict, model: nn.Module,
   init_rng, cls_rng, state_rng = jax.random.split(rng, 3)
   size = config.data.image_size
   dummy = jnp.zeros((2, size, size, 3), jnp.float32)
-  variables = model.init({"params": init_rng, "dropout": init_rng}, dummy,
-                         train=False)
+  variables = model.init(
+      {"params": init_rng, "dropout": init_rng}, dummy, train=False
+  )
   params = {
       "backbone": variables["params"],
-      "classifier": {"kernel": jnp.pad(
-          init_classifier(cls_rng, config.model.embedding_size, num_classes),
-          ((0, 0), (0, width - num_classes)))},
+      "classifier": {
+          "kernel": jnp.pad(
+              init_classifier(
+                  cls_rng, config.model.embedding_size, num_classes
+              ),
+              ((0, 0), (0, width - num_classes)),
+          )
+      },
   }
   batch_stats = variables.get("batch_stats", {})
   variant = queues.get(config.queue.kind)
   capacity = config.queue.capacity if variant.contrastive else 1
-  quality = quality_lib.init_quality_stats(config.quality.init_mean,
-                                           config.quality.init_std)
+  quality = quality_lib.init_quality_stats(
+      config.quality.init_mean, config.quality.init_std
+  )
   return TrainState(
       step=jnp.zeros((), jnp.int32),
       params=params,
@@ -126,8 +145,9 @@ def create_train_state(config: ml_collections.ConfigDict, model: nn.Module,
   )
 
 
-def _leaf_sharding(mesh: Mesh, path: tuple[Any, ...], leaf: Any
-                   ) -> NamedSharding:
+def _leaf_sharding(
+    mesh: Mesh, path: tuple[Any, ...], leaf: Any
+) -> NamedSharding:
   """Class proxies (W, its optimiser state, the momentum copy) split over
   `model`.
 
@@ -153,6 +173,8 @@ def state_shardings(abstract_state: TrainState, mesh: Mesh) -> TrainState:
     raise ValueError(
         f"The classifier has {width} columns, which the {shards} devices of "
         "the mesh's `model` axis cannot split evenly; build the state with "
-        f"model_parallelism={shards} (see classifier_width).")
+        f"model_parallelism={shards} (see classifier_width)."
+    )
   return jax.tree_util.tree_map_with_path(
-      lambda path, leaf: _leaf_sharding(mesh, path, leaf), abstract_state)
+      lambda path, leaf: _leaf_sharding(mesh, path, leaf), abstract_state
+  )

@@ -9,6 +9,7 @@ per-step losses as a run that was never stopped. A run of
 `config.max_consecutive_nonfinite` skipped (non-finite) steps stops it with a
 checkpoint of the last good state and NonFiniteError.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -50,14 +51,16 @@ class StopRequested:
 
   def __init__(self):
     self.signal_name = None  # the signal this process received
-    self.stopped_by = None   # which process got which signal (several)
+    self.stopped_by = None  # which process got which signal (several)
     self._previous = {}
     self._share = self._in_flight = None
 
   def __enter__(self):
     if threading.current_thread() is not threading.main_thread():
-      logging.warning("Not in the main thread: SIGTERM/SIGINT will not stop "
-                      "training cleanly.")
+      logging.warning(
+          "Not in the main thread: SIGTERM/SIGINT will not stop "
+          "training cleanly."
+      )
       return self
     for sig in (signal.SIGTERM, signal.SIGINT):
       self._previous[sig] = signal.signal(sig, self._handle)
@@ -70,8 +73,11 @@ class StopRequested:
       raise KeyboardInterrupt
     self.signal_name = self.signal_name or name
     # os.write, not print: a handler may interrupt a print in progress.
-    os.write(2, f"{name} received: stopping after the current step with a "
-                "checkpoint (press Ctrl-C again to abort now).\n".encode())
+    os.write(
+        2,
+        f"{name} received: stopping after the current step with a "
+        "checkpoint (press Ctrl-C again to abort now).\n".encode(),
+    )
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
@@ -98,8 +104,10 @@ class StopRequested:
     if not len(senders):
       return False
     first = jax.devices()[int(senders[0])]
-    self.stopped_by = (f"{signal.Signals(int(codes[senders[0]])).name} to "
-                       f"process {first.process_index}")
+    self.stopped_by = (
+        f"{signal.Signals(int(codes[senders[0]])).name} to "
+        f"process {first.process_index}"
+    )
     return True
 
   def _share_signal(self) -> jax.Array:
@@ -107,13 +115,19 @@ class StopRequested:
     if self._share is None:
       mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("all",))
       self._sharding = jax.sharding.NamedSharding(
-          mesh, jax.sharding.PartitionSpec("all"))
-      self._share = jax.jit(lambda codes: codes, out_shardings=(
-          jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())))
+          mesh, jax.sharding.PartitionSpec("all")
+      )
+      self._share = jax.jit(
+          lambda codes: codes,
+          out_shardings=(
+              jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+          ),
+      )
     code = signal.Signals[self.signal_name].value if self.signal_name else 0
     local = np.full((jax.local_device_count(),), code, np.int32)
-    return self._share(jax.make_array_from_process_local_data(
-        self._sharding, local))
+    return self._share(
+        jax.make_array_from_process_local_data(self._sharding, local)
+    )
 
   @property
   def description(self) -> str:
@@ -130,9 +144,13 @@ class NonFiniteError(errors.UserError, RuntimeError):
   """Too many consecutive steps had a non-finite loss or gradient."""
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       force_lock: bool = False,
-                       explicit: Iterable[str] = ()) -> dict:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    force_lock: bool = False,
+    explicit: Iterable[str] = (),
+) -> dict:
   """Trains config's recipe in workdir; returns the final evaluation.
 
   `explicit`: the config keys typed as flags (`--config.KEY=`); a fine-tune
@@ -168,11 +186,13 @@ def _lock_workdir(workdir: str, force: bool):
       error = e  # raised below, once the other processes know
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
     failed = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
     if failed and error is None:
       error = workdir_lock.WorkdirLockedError(
           f"{workdir}: process 0 could not take the workdir's lock (its "
-          "output says why)")
+          "output says why)"
+      )
   if error is not None:
     raise error
   return lock
@@ -183,8 +203,9 @@ def _weights_config(config, workdir: str, explicit: tuple[str, ...]):
   own record's on a resume, else the model of `config.init_from`."""
   settings = records.recorded_model_settings(workdir)
   if settings:
-    return records.with_input_order(config, settings.get("model.input_order"),
-                                    f"The model in {workdir}")
+    return records.with_input_order(
+        config, settings.get("model.input_order"), f"The model in {workdir}"
+    )
   if config.init_from:
     return finetune.check_source(config, explicit)
   return config
@@ -193,6 +214,7 @@ def _weights_config(config, workdir: str, explicit: tuple[str, ...]):
 @dataclasses.dataclass
 class _Run:
   """What one training run works with, once it is set up."""
+
   config: ml_collections.ConfigDict
   workdir: str
   source: Any
@@ -217,12 +239,23 @@ def _set_up(config, workdir: str, explicit: tuple[str, ...] = ()) -> _Run:
     raise config_checks.ConfigError(
         f"config.global_batch_size={config.global_batch_size} is larger than "
         f"the training set ({len(source)} images); use at most "
-        f"{len(source)}.")
-  stack = stack_lib.build_stack(config, num_classes=source.num_classes,
-                                steps_per_epoch=steps_per_epoch, mesh=mesh)
+        f"{len(source)}."
+    )
+  stack = stack_lib.build_stack(
+      config,
+      num_classes=source.num_classes,
+      steps_per_epoch=steps_per_epoch,
+      mesh=mesh,
+  )
   ckpt.check_resumable(workdir, record, stack.abstract_state())
-  return _Run(config, workdir, source, stack, record,
-              int(config.num_epochs * steps_per_epoch))
+  return _Run(
+      config,
+      workdir,
+      source,
+      stack,
+      record,
+      int(config.num_epochs * steps_per_epoch),
+  )
 
 
 def _starting_state(run: _Run):
@@ -231,8 +264,9 @@ def _starting_state(run: _Run):
   state = run.stack.init_state(jax.random.key(run.config.seed))
   restored = ckpt.restore_latest(run.manager, state, run.stack.state_shardings)
   if restored is not None:
-    reporting.note(f"Resumed from step {int(restored.step)} in "
-                   f"{run.workdir}.")
+    reporting.note(
+        f"Resumed from step {int(restored.step)} in " f"{run.workdir}."
+    )
     return restored
   if run.config.init_from:
     return finetune.initialise(state, run.stack, run.config, run.source)
@@ -243,20 +277,28 @@ def _batches(run: _Run, start_step: int):
   """This process's batches from `start_step` on. The stream is a function
   of (seed, step): resuming needs no saved iterator, on any process count."""
   config = run.config
-  return iter(pipeline.make_train_dataset(
-      run.source, global_batch_size=config.global_batch_size,
-      seed=config.seed, process_index=jax.process_index(),
-      process_count=jax.process_count(),
-      view_config=degrade.view_config_from(config.data.view),
-      worker_count=config.data.worker_count,
-      image_size=config.data.image_size, start_step=start_step))
+  return iter(
+      pipeline.make_train_dataset(
+          run.source,
+          global_batch_size=config.global_batch_size,
+          seed=config.seed,
+          process_index=jax.process_index(),
+          process_count=jax.process_count(),
+          view_config=degrade.view_config_from(config.data.view),
+          worker_count=config.data.worker_count,
+          image_size=config.data.image_size,
+          start_step=start_step,
+      )
+  )
 
 
-def _train_and_evaluate(config, workdir, stop: StopRequested,
-                        explicit: tuple[str, ...] = ()) -> dict:
+def _train_and_evaluate(
+    config, workdir, stop: StopRequested, explicit: tuple[str, ...] = ()
+) -> dict:
   run = _set_up(config, workdir, explicit)
-  run.manager = ckpt.make_manager(ckpt.checkpoints_dir(workdir),
-                                  max_to_keep=run.config.keep_checkpoints)
+  run.manager = ckpt.make_manager(
+      ckpt.checkpoints_dir(workdir), max_to_keep=run.config.keep_checkpoints
+  )
   try:
     state = _starting_state(run)
     records.record_config(workdir, run.record, __version__)
@@ -267,7 +309,8 @@ def _train_and_evaluate(config, workdir, stop: StopRequested,
         f"Training {run.config.model.name} on {run.source.name}: "
         f"{len(run.source):,} images, {run.source.num_classes:,} identities, "
         f"{run.num_train_steps:,} steps of {run.config.global_batch_size} x 2 "
-        f"views on {jax.device_count()} device(s){_processes_text()}.")
+        f"views on {jax.device_count()} device(s){_processes_text()}."
+    )
     return _loop(run, state, stop)
   finally:
     # Pending asynchronous saves complete even when the loop raised.
@@ -282,14 +325,18 @@ def _loop(run: _Run, state, stop: StopRequested) -> dict:
   config, manager, writer = run.config, run.manager, run.writer
   step = int(state.step)
   batches = _batches(run, step)
-  report_progress = reporting.create_report_progress(run.num_train_steps,
-                                                     writer)
-  progress = reporting.ProgressLine(run.num_train_steps,
-                                    2 * config.global_batch_size, step)
+  report_progress = reporting.create_report_progress(
+      run.num_train_steps, writer
+  )
+  progress = reporting.ProgressLine(
+      run.num_train_steps, 2 * config.global_batch_size, step
+  )
   evaluator = runner.Evaluator(config, run.stack.model, run.stack.mesh)
   guard = _NonFiniteGuard(config.max_consecutive_nonfinite)
-  profiler = reporting.StepProfiler(config.get("profile_steps", ()),
-                                    os.path.join(run.workdir, workdir_layout.PROFILE))
+  profiler = reporting.StepProfiler(
+      config.get("profile_steps", ()),
+      os.path.join(run.workdir, workdir_layout.PROFILE),
+  )
   pending = None  # the previous step's metrics, read one step late
   evaluated = (None, {})  # (step, results) of the last evaluation
   while step < run.num_train_steps:
@@ -320,7 +367,8 @@ def _loop(run: _Run, state, stop: StopRequested) -> dict:
       reporting.note(
           f"Stopped by {stop.description} at step {step}; checkpoint "
           f"written to {ckpt.checkpoints_dir(run.workdir)}. Run the same command to "
-          "resume.")
+          "resume."
+      )
       return {}
   profiler.finish(state)
   if pending is not None and guard.exhausted(pending, step):
@@ -339,13 +387,15 @@ class _NonFiniteGuard:
     self.limit = limit
 
   def exhausted(self, metrics: dict[str, Any], step: int) -> bool:
-    skipped, streak = jax.device_get((metrics["nonfinite"],
-                                      metrics["nonfinite_streak"]))
+    skipped, streak = jax.device_get(
+        (metrics["nonfinite"], metrics["nonfinite_streak"])
+    )
     if skipped:
       reporting.note(
           f"WARNING: step {step} had a non-finite loss or gradient; its "
           f"update was skipped ({int(streak)} in a row, the limit is "
-          f"config.max_consecutive_nonfinite={self.limit}).")
+          f"config.max_consecutive_nonfinite={self.limit})."
+      )
     return int(streak) >= self.limit
 
 
@@ -360,4 +410,5 @@ def _stop_nonfinite(manager, state, config) -> None:
       "skipped in all). Each was skipped, so the checkpoint written at step "
       f"{int(step)} holds the last good parameters. Lower config.optim.lr, "
       "set config.optim.grad_clip_norm, or check the data, then run the same "
-      "command to resume from it.")
+      "command to resume from it."
+  )

@@ -5,6 +5,7 @@ command writes into it, each folder the project writes to there must be a
 real folder inside it: an `eval` folder that is a link would send
 evaluation results, pictures and events wherever it points.
 """
+
 from __future__ import annotations
 
 import os
@@ -42,8 +43,11 @@ def check_writes_stay_inside(workdir: str) -> None:
       raise WorkdirLinkError(
           f"{path} is a link to {os.readlink(path)}: this command writes "
           f"into the workdir's {name} folder and never through a link; "
-          "replace the link with a folder (or use another --workdir)")
+          "replace the link with a folder (or use another --workdir)"
+      )
     if os.path.lexists(path) and not os.path.isdir(path):
-      raise WorkdirLinkError(f"{path} is not a folder: this command writes "
-                             f"into the workdir's {name} folder; move it "
-                             "away (or use another --workdir)")
+      raise WorkdirLinkError(
+          f"{path} is not a folder: this command writes "
+          f"into the workdir's {name} folder; move it "
+          "away (or use another --workdir)"
+      )

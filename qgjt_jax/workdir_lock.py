@@ -15,6 +15,7 @@ checked from here: the lock is kept unless forced (`--force_lock`), which
 also takes a lock that looks alive, with a warning. Readers (evaluation,
 embed, compare, export) take no lock.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,6 +41,7 @@ class WorkdirLockedError(errors.UserError):
 @dataclasses.dataclass
 class Lock:
   """A held lock; `release` gives it up (the holder's exit does too)."""
+
   path: str
   fd: int
 
@@ -66,11 +68,15 @@ def _start_ticks(pid: int) -> Optional[int]:
 
 
 def _me() -> dict:
-  return {"host": socket.gethostname(), "pid": os.getpid(),
-          "process_start": _start_ticks(os.getpid()),
-          "started": datetime.datetime.now().astimezone().isoformat(
-              timespec="seconds"),
-          "command": " ".join(sys.argv)[:500]}
+  return {
+      "host": socket.gethostname(),
+      "pid": os.getpid(),
+      "process_start": _start_ticks(os.getpid()),
+      "started": datetime.datetime.now()
+      .astimezone()
+      .isoformat(timespec="seconds"),
+      "command": " ".join(sys.argv)[:500],
+  }
 
 
 def _alive_here(holder: dict) -> bool:
@@ -91,8 +97,10 @@ def _alive_here(holder: dict) -> bool:
 def describe(holder: Optional[dict]) -> str:
   if not holder:
     return "a run that left no readable note"
-  return (f"pid {holder.get('pid')} on {holder.get('host')}, started "
-          f"{holder.get('started')} ({holder.get('command')})")
+  return (
+      f"pid {holder.get('pid')} on {holder.get('host')}, started "
+      f"{holder.get('started')} ({holder.get('command')})"
+  )
 
 
 def _write(fd: int, info: dict) -> None:
@@ -156,8 +164,9 @@ def _create(path: str, info: dict) -> Optional[Lock]:
       pass
 
 
-def acquire(workdir: str, *, force: bool = False,
-            note: Callable[[str], None] = print) -> Optional[Lock]:
+def acquire(
+    workdir: str, *, force: bool = False, note: Callable[[str], None] = print
+) -> Optional[Lock]:
   """Takes WORKDIR/run.lock (see the module docstring).
 
   Returns None for object-storage workdirs (gs://), which cannot be locked.
@@ -166,8 +175,10 @@ def acquire(workdir: str, *, force: bool = False,
     WorkdirLockedError: another run holds it (naming the run).
   """
   if "://" in workdir:
-    note(f"WARNING: {workdir} is on object storage, where no lock can be "
-         "taken: make sure no other run uses it.")
+    note(
+        f"WARNING: {workdir} is on object storage, where no lock can be "
+        "taken: make sure no other run uses it."
+    )
     return None
   os.makedirs(workdir, exist_ok=True)
   workdir_layout.check_writes_stay_inside(workdir)
@@ -190,12 +201,16 @@ def acquire(workdir: str, *, force: bool = False,
     alive = (not locked) or (here and _alive_here(holder)) or not here
     if alive and not force:
       os.close(fd)
-      unknown = "" if here or not locked else (
-          "; it may have ended, which cannot be checked from this host")
+      unknown = (
+          ""
+          if here or not locked
+          else ("; it may have ended, which cannot be checked from this host")
+      )
       raise WorkdirLockedError(
           f"{workdir} is in use by another run ({describe(holder)}{unknown})"
           f": wait for it, use another --workdir, or if it is gone pass "
-          f"--force_lock (lock file {path})")
+          f"--force_lock (lock file {path})"
+      )
     if not locked:  # forced, and its holder still has it locked
       os.close(fd)
       aside = f"{path}.broken-{os.getpid()}"
@@ -203,13 +218,19 @@ def acquire(workdir: str, *, force: bool = False,
         os.rename(path, aside)
       except FileNotFoundError:
         continue
-      note(f"WARNING: --force_lock: took {path} from {describe(holder)}, "
-           f"which still holds it (its note is kept as {aside}).")
+      note(
+          f"WARNING: --force_lock: took {path} from {describe(holder)}, "
+          f"which still holds it (its note is kept as {aside})."
+      )
       continue
-    note(("WARNING: --force_lock: took " if alive else "Took over ") +
-         f"{path} from {describe(holder)}" +
-         ("." if alive else ", which is no longer running."))
+    note(
+        ("WARNING: --force_lock: took " if alive else "Took over ")
+        + f"{path} from {describe(holder)}"
+        + ("." if alive else ", which is no longer running.")
+    )
     _write(fd, mine)
     return Lock(path, fd)
-  raise WorkdirLockedError(f"{path}: could not be taken (another run keeps "
-                           "taking and releasing it); try again")
+  raise WorkdirLockedError(
+      f"{path}: could not be taken (another run keeps "
+      "taking and releasing it); try again"
+  )

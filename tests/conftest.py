@@ -6,6 +6,7 @@ copy; when it is set the data is required, so a missing folder fails instead of
 skipping. Under CI (CI=true) a missing folder fails too: a green CI run has
 always checked the authors' numbers.
 """
+
 import json
 import os
 import pathlib
@@ -17,8 +18,9 @@ import pytest
 # about half the time. Set before jax is imported; subprocesses inherit it.
 _FAST_COMPILE = "--xla_backend_optimization_level=0"
 if _FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " +
-                             _FAST_COMPILE).strip()
+  os.environ["XLA_FLAGS"] = (
+      os.environ.get("XLA_FLAGS", "") + " " + _FAST_COMPILE
+  ).strip()
 
 PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_FIXTURES = PROJECT_ROOT.parent / "shared" / "fixtures"
@@ -45,15 +47,19 @@ def _session_folders(tmp_path_factory):
   JAX_COMPILATION_CACHE_DIR names one to keep), and a folder that hides
   TensorFlow from the command-line runs (they then log without it, as on
   machines that lack it, and start faster)."""
-  saved = {k: os.environ.get(k) for k in ("JAX_COMPILATION_CACHE_DIR",
-                                          "QGJT_TEST_NO_TENSORFLOW")}
+  saved = {
+      k: os.environ.get(k)
+      for k in ("JAX_COMPILATION_CACHE_DIR", "QGJT_TEST_NO_TENSORFLOW")
+  }
   if not saved["JAX_COMPILATION_CACHE_DIR"]:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = str(
-        tmp_path_factory.mktemp("jax_cache"))
+        tmp_path_factory.mktemp("jax_cache")
+    )
   shim = tmp_path_factory.mktemp("no_tensorflow")
   (shim / "tensorflow").mkdir()
   (shim / "tensorflow" / "__init__.py").write_text(
-      "raise ImportError('TensorFlow is hidden in this test')\n")
+      "raise ImportError('TensorFlow is hidden in this test')\n"
+  )
   os.environ["QGJT_TEST_NO_TENSORFLOW"] = str(shim)
   yield
   for key, value in saved.items():
@@ -68,6 +74,7 @@ def reference_run(tmp_path_factory):
   """The uninterrupted tiny run (tests/helpers/tiny_runs.py): (workdir, step
   records). Do not write into the workdir; copy it."""
   from tests.helpers import tiny_runs
+
   return tiny_runs.make_reference_run(tmp_path_factory.mktemp("reference"))
 
 
@@ -76,6 +83,7 @@ def stopped_run(tmp_path_factory):
   """The tiny run stopped by SIGTERM at tiny_runs.STOP_STEP: (workdir,
   output). Do not write into the workdir; copy it."""
   from tests.helpers import tiny_runs
+
   return tiny_runs.make_stopped_run(tmp_path_factory.mktemp("stopped"))
 
 
@@ -88,8 +96,9 @@ def reference_dir() -> pathlib.Path:
 @pytest.fixture(scope="session")
 def insightface_rec_dir() -> pathlib.Path:
   """The MXNet-written .rec/.idx/.bin set (QGJT_INSIGHTFACE_FIXTURES overrides)."""
-  return _fixture_dir("QGJT_INSIGHTFACE_FIXTURES",
-                      SHARED_FIXTURES / "insightface_rec")
+  return _fixture_dir(
+      "QGJT_INSIGHTFACE_FIXTURES", SHARED_FIXTURES / "insightface_rec"
+  )
 
 
 @pytest.fixture(scope="session")
@@ -103,16 +112,18 @@ def pretrained_dir() -> pathlib.Path:
   """insightface's buffalo_s recogniser, w600k_mbf.onnx (non-commercial
   research licence: used here, never copied; QGJT_PRETRAINED_FIXTURES
   overrides)."""
-  return _fixture_dir("QGJT_PRETRAINED_FIXTURES",
-                      SHARED_FIXTURES / "pretrained")
+  return _fixture_dir(
+      "QGJT_PRETRAINED_FIXTURES", SHARED_FIXTURES / "pretrained"
+  )
 
 
 @pytest.fixture(scope="session")
 def more_faces_dir() -> pathlib.Path:
   """Real photos of 18 more people, s13-s30 (QGJT_MORE_FACES_FIXTURES
   overrides)."""
-  return _fixture_dir("QGJT_MORE_FACES_FIXTURES",
-                      SHARED_FIXTURES / "faces" / "orl_more")
+  return _fixture_dir(
+      "QGJT_MORE_FACES_FIXTURES", SHARED_FIXTURES / "faces" / "orl_more"
+  )
 
 
 @pytest.fixture(scope="session")
@@ -121,6 +132,7 @@ def demo_run(tmp_path_factory):
   IR-18 width 16) trained for one epoch on the command line, evaluated.
   Do not write into the workdir; copy it."""
   from tests.helpers import tiny_runs
+
   return tiny_runs.make_demo_run(tmp_path_factory.mktemp("demo"))
 
 
@@ -131,18 +143,22 @@ def reference_cases(prefix: str) -> list[str]:
   folder is absent this returns a single placeholder that skips in
   `load_case`.
   """
-  root = pathlib.Path(os.environ.get("QGJT_REFERENCE_FIXTURES")
-                      or SHARED_FIXTURES / "reference")
+  root = pathlib.Path(
+      os.environ.get("QGJT_REFERENCE_FIXTURES") or SHARED_FIXTURES / "reference"
+  )
   index = root / "index.json"
   if not index.is_file():
     return ["<fixtures absent>"]
-  names = sorted(n for n in json.loads(index.read_text()) if n.startswith(prefix))
+  names = sorted(
+      n for n in json.loads(index.read_text()) if n.startswith(prefix)
+  )
   return names or ["<no such case>"]
 
 
 def load_case(reference_dir: pathlib.Path, name: str):
   """Returns (settings, inputs, outputs) of one index.json case."""
   import numpy as np
+
   if name.startswith("<"):
     pytest.skip(f"reference fixtures unavailable: {name}")
   settings = json.loads((reference_dir / "index.json").read_text())[name]
@@ -158,7 +174,8 @@ def pytest_collection_modifyitems(config, items):
   minutes-long file handed out last keeps one worker busy while the other
   idles (the longest first is the classic remedy)."""
   del config  # unused
-  slow_files = {item.path for item in items
-                if item.get_closest_marker("slow") is not None}
+  slow_files = {
+      item.path for item in items if item.get_closest_marker("slow") is not None
+  }
   order = {id(item): i for i, item in enumerate(items)}
   items.sort(key=lambda item: (item.path not in slow_files, order[id(item)]))

@@ -12,6 +12,7 @@ Measured on the 120 ORL photos of the project's test faces: one face found
 in every photo; re-detected on the aligned 112 px crops, the eyes sit 3 px
 from the template on average. About 5 ms a photo on one CPU core.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,9 +36,10 @@ _NOSE_TIP, _MOUTH_LEFT, _MOUTH_RIGHT = 30, 48, 54
 @dataclasses.dataclass(frozen=True)
 class Face:
   """One face of a photo, in the photo's pixels."""
+
   points: np.ndarray  # (5, 2) x/y: eyes, nose tip, mouth corners
-  box: np.ndarray     # (4,) x0, y0, x1, y1; NaN when not known
-  score: float        # the detector's confidence; NaN when not known
+  box: np.ndarray  # (4,) x0, y0, x1, y1; NaN when not known
+  score: float  # the detector's confidence; NaN when not known
 
   @property
   def size(self) -> float:
@@ -52,8 +54,11 @@ class Face:
 
 def from_points(points: np.ndarray) -> Face:
   """A face known by its five points only (a landmarks file)."""
-  return Face(points=np.asarray(points, np.float64).reshape(5, 2),
-              box=np.full(4, np.nan), score=float("nan"))
+  return Face(
+      points=np.asarray(points, np.float64).reshape(5, 2),
+      box=np.full(4, np.nan),
+      score=float("nan"),
+  )
 
 
 class Detector:
@@ -67,32 +72,41 @@ class Detector:
       raise errors.UserError(
           f"--align=detect needs the alignment extra ({e.name} is not "
           "installed): pip install -e '.[align]', or give the five points "
-          "of each photo with --landmarks=FILE.csv") from None
+          "of each photo with --landmarks=FILE.csv"
+      ) from None
     self._detect = dlib.get_frontal_face_detector()
     self._landmarks = dlib.shape_predictor(
-        face_recognition_models.pose_predictor_model_location())
+        face_recognition_models.pose_predictor_model_location()
+    )
 
   def __call__(self, image: np.ndarray) -> list[Face]:
     scale = min(1.0, _SEARCH_SIDE / max(image.shape[:2]))
     if scale < 1.0:
-      image = cv2.resize(image, None, fx=scale, fy=scale,
-                         interpolation=cv2.INTER_AREA)
+      image = cv2.resize(
+          image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA
+      )
     rgb = np.ascontiguousarray(image[..., ::-1])
     boxes, scores, _ = self._detect.run(rgb, 0, 0.0)
     if not boxes and max(rgb.shape[:2]) < _UPSAMPLE_BELOW:
       boxes, scores, _ = self._detect.run(rgb, 1, 0.0)
-    faces = [self._face(rgb, box, score, scale)
-             for box, score in zip(boxes, scores)]
+    faces = [
+        self._face(rgb, box, score, scale) for box, score in zip(boxes, scores)
+    ]
     return sorted(faces, key=lambda f: -f.size)
 
   def _face(self, rgb: np.ndarray, box, score: float, scale: float) -> Face:
     shape = self._landmarks(rgb, box)
     marks = np.array([(p.x, p.y) for p in shape.parts()], np.float64)
-    points = np.stack([marks[_EYE_LEFT_OF_IMAGE].mean(axis=0),
-                       marks[_EYE_RIGHT_OF_IMAGE].mean(axis=0),
-                       marks[_NOSE_TIP], marks[_MOUTH_LEFT],
-                       marks[_MOUTH_RIGHT]])
-    corners = np.array([box.left(), box.top(), box.right() + 1,
-                        box.bottom() + 1], np.float64)
-    return Face(points=points / scale, box=corners / scale,
-                score=float(score))
+    points = np.stack(
+        [
+            marks[_EYE_LEFT_OF_IMAGE].mean(axis=0),
+            marks[_EYE_RIGHT_OF_IMAGE].mean(axis=0),
+            marks[_NOSE_TIP],
+            marks[_MOUTH_LEFT],
+            marks[_MOUTH_RIGHT],
+        ]
+    )
+    corners = np.array(
+        [box.left(), box.top(), box.right() + 1, box.bottom() + 1], np.float64
+    )
+    return Face(points=points / scale, box=corners / scale, score=float(score))

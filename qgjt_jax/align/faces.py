@@ -7,6 +7,7 @@ taken whole (an aligned crop, resized to the model's input); with
 then cuts a crop when the embedding reads its photo, so a folder of any size is
 held as points, not pixels.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,28 +30,37 @@ MODES = ("none", "detect")
 @dataclasses.dataclass(frozen=True)
 class Alignment:
   """How photos become crops: --align, --landmarks and --all_faces."""
-  mode: str = "none"          # none | detect | landmarks
+
+  mode: str = "none"  # none | detect | landmarks
   landmarks: Optional[str] = None
   all_faces: bool = False
 
   @classmethod
-  def from_flags(cls, align: str, landmarks: Optional[str],
-                 all_faces: bool) -> "Alignment":
+  def from_flags(
+      cls, align: str, landmarks: Optional[str], all_faces: bool
+  ) -> "Alignment":
     if align not in MODES:
-      raise errors.UserError(f"--align={align}: use one of {', '.join(MODES)}"
-                             " (or --landmarks=FILE.csv)")
+      raise errors.UserError(
+          f"--align={align}: use one of {', '.join(MODES)}"
+          " (or --landmarks=FILE.csv)"
+      )
     if landmarks and align == "detect":
-      raise errors.UserError("--landmarks and --align=detect both say where "
-                             "the faces are: give one of them")
+      raise errors.UserError(
+          "--landmarks and --align=detect both say where "
+          "the faces are: give one of them"
+      )
     if all_faces and not (landmarks or align == "detect"):
-      raise errors.UserError("--all_faces needs faces to choose from: add "
-                             "--align=detect or --landmarks=FILE.csv")
+      raise errors.UserError(
+          "--all_faces needs faces to choose from: add "
+          "--align=detect or --landmarks=FILE.csv"
+      )
     return cls("landmarks" if landmarks else align, landmarks, all_faces)
 
 
 @dataclasses.dataclass(frozen=True)
 class Crop:
   """One face crop to embed: a photo and, when aligned, its face."""
+
   path: pathlib.Path
   face: Optional[detector_lib.Face] = None
   index: int = 0  # the face's rank in its photo, 0 = largest
@@ -66,8 +76,9 @@ def crop_image(image: np.ndarray, crop: Crop, image_size: int) -> np.ndarray:
   """
   if crop.face is None:
     return images_lib.resize_square(image, image_size)
-  five_points.check_face(crop.face.points, *image.shape[:2],
-                         f"{crop.path} (face {crop.index})")
+  five_points.check_face(
+      crop.face.points, *image.shape[:2], f"{crop.path} (face {crop.index})"
+  )
   return five_points.align_face(image, crop.face.points, image_size)
 
 
@@ -75,14 +86,18 @@ def _faces_from_file(path: str) -> Callable[[pathlib.Path], list]:
   table = landmarks_file.read_landmarks(path)
 
   def faces(photo):
-    found = [detector_lib.from_points(p)
-             for p in table.get(landmarks_file.resolved(photo), [])]
+    found = [
+        detector_lib.from_points(p)
+        for p in table.get(landmarks_file.resolved(photo), [])
+    ]
     return sorted(found, key=lambda f: -f.size)
+
   return faces
 
 
-def _faces_from_detector(on_error: Callable[[pathlib.Path, Exception], None]
-                         ) -> Callable[[pathlib.Path], list]:
+def _faces_from_detector(
+    on_error: Callable[[pathlib.Path, Exception], None],
+) -> Callable[[pathlib.Path], list]:
   detect = detector_lib.Detector()
 
   def faces(photo):
@@ -92,13 +107,18 @@ def _faces_from_detector(on_error: Callable[[pathlib.Path, Exception], None]
       on_error(photo, e)
       return None
     return detect(image)
+
   return faces
 
 
-def locate(paths: Sequence[pathlib.Path], alignment: Alignment, *,
-           name: Callable[[pathlib.Path], str] = str,
-           on_error: Callable[[pathlib.Path, Exception], None],
-           show_progress: bool = True) -> list[Crop]:
+def locate(
+    paths: Sequence[pathlib.Path],
+    alignment: Alignment,
+    *,
+    name: Callable[[pathlib.Path], str] = str,
+    on_error: Callable[[pathlib.Path, Exception], None],
+    show_progress: bool = True,
+) -> list[Crop]:
   """The crops of `paths` (see module). A photo the detector cannot read
   goes to `on_error` (which raises, or records it and returns)."""
   if alignment.mode == "none":
@@ -119,8 +139,10 @@ def locate(paths: Sequence[pathlib.Path], alignment: Alignment, *,
     if not faces:
       lines.append(f"{name(photo)}: {missing}; left out")
     elif len(faces) > 1 and not alignment.all_faces:
-      lines.append(f"{name(photo)}: {len(faces)} faces; the largest is used "
-                   "(--all_faces for every one)")
+      lines.append(
+          f"{name(photo)}: {len(faces)} faces; the largest is used "
+          "(--all_faces for every one)"
+      )
     keep = faces if alignment.all_faces else faces[:1]
     crops += [Crop(photo, face, k) for k, face in enumerate(keep)]
   bar.close()
@@ -129,8 +151,9 @@ def locate(paths: Sequence[pathlib.Path], alignment: Alignment, *,
   return crops
 
 
-def note_unaligned(sizes: Sequence[tuple[int, int]], image_size: int,
-                   alignment: Alignment) -> None:
+def note_unaligned(
+    sizes: Sequence[tuple[int, int]], image_size: int, alignment: Alignment
+) -> None:
   """One line when crops taken whole were not at the model's input size."""
   if alignment.mode != "none":
     return
@@ -140,7 +163,8 @@ def note_unaligned(sizes: Sequence[tuple[int, int]], image_size: int,
         f"{len(off)} of {len(sizes)} image(s) are not {image_size} x "
         f"{image_size} px (e.g. {off[0][1]} x {off[0][0]}): they were "
         "resized, not aligned. For photos, pass --align=detect (the "
-        "`.[align]` extra) or --landmarks=FILE.csv.")
+        "`.[align]` extra) or --landmarks=FILE.csv."
+    )
 
 
 def face_records(crops: Sequence[Crop]) -> dict[str, np.ndarray]:
@@ -150,8 +174,9 @@ def face_records(crops: Sequence[Crop]) -> dict[str, np.ndarray]:
   faces = [c.face or nan_face for c in crops]
   return {
       "boxes": np.array([f.box for f in faces], np.float32).reshape(-1, 4),
-      "points": np.array([f.points for f in faces],
-                         np.float32).reshape(-1, 5, 2),
+      "points": np.array([f.points for f in faces], np.float32).reshape(
+          -1, 5, 2
+      ),
       "detector_scores": np.array([f.score for f in faces], np.float32),
       "face_index": np.array([c.index for c in crops], np.int32),
   }
@@ -167,6 +192,7 @@ def photo_loader(image_size: int) -> Callable[[pathlib.Path], np.ndarray]:
   resized when no face is found), one detector per thread: for evaluation
   sets of photos."""
   import threading  # pylint: disable=g-import-not-at-top
+
   local = threading.local()
 
   def load(path):
@@ -174,6 +200,8 @@ def photo_loader(image_size: int) -> Callable[[pathlib.Path], np.ndarray]:
       local.detect = detector_lib.Detector()
     image = images_lib.imread_bgr(path)
     found = local.detect(image)
-    return crop_image(image, Crop(pathlib.Path(path),
-                                  found[0] if found else None), image_size)
+    return crop_image(
+        image, Crop(pathlib.Path(path), found[0] if found else None), image_size
+    )
+
   return load

@@ -14,6 +14,7 @@ its row; memory stays a small multiple of the file (each face's points as
 ten float32 numbers). Whether the points are a face of their photo is
 checked when the photo is read (`five_points.check_face`).
 """
+
 from __future__ import annotations
 
 import csv
@@ -44,19 +45,27 @@ def _row_points(row: list[str], where: str) -> np.ndarray | None:
   except ValueError:
     return None
   if not all(math.isfinite(v) for v in values):
-    raise LandmarksFileError(f"{where}: coordinates must be finite numbers, "
-                             f"got {','.join(row[1:])}")
+    raise LandmarksFileError(
+        f"{where}: coordinates must be finite numbers, "
+        f"got {','.join(row[1:])}"
+    )
   return np.asarray(values, np.float32).reshape(5, 2)
 
 
-def read_landmarks(path: str | os.PathLike
-                   ) -> dict[pathlib.Path, list[np.ndarray]]:
+def read_landmarks(
+    path: str | os.PathLike,
+) -> dict[pathlib.Path, list[np.ndarray]]:
   """{resolved photo path: [(5, 2) points per face]} from a CSV file."""
   path = pathlib.Path(path)
   if not os.path.lexists(path):
     raise LandmarksFileError(f"--landmarks={path}: no such file")
-  text = regular.read_text(path, MAX_FILE_BYTES, "a landmarks file",
-                           LandmarksFileError, "--landmarks=")
+  text = regular.read_text(
+      path,
+      MAX_FILE_BYTES,
+      "a landmarks file",
+      LandmarksFileError,
+      "--landmarks=",
+  )
   faces: dict[pathlib.Path, list[np.ndarray]] = {}
   reader = csv.reader(io.StringIO(text))
   line = 0
@@ -66,33 +75,41 @@ def read_landmarks(path: str | os.PathLike
     except StopIteration:
       break
     except csv.Error as e:
-      raise LandmarksFileError(f"{path}:{reader.line_num}: not a CSV row "
-                               f"({e})") from None
+      raise LandmarksFileError(
+          f"{path}:{reader.line_num}: not a CSV row " f"({e})"
+      ) from None
     line = reader.line_num
     if not row or not "".join(row).strip():
       continue
     where = f"{path}:{line}"
     if max(map(len, row)) > _MAX_FIELD or not row[0].isprintable():
-      raise LandmarksFileError(f"{where}: a field over {_MAX_FIELD} "
-                               "characters, or a path with control "
-                               "characters")
+      raise LandmarksFileError(
+          f"{where}: a field over {_MAX_FIELD} "
+          "characters, or a path with control "
+          "characters"
+      )
     if len(row) != _FIELDS:
       raise LandmarksFileError(
           f"{where}: {len(row)} fields; a row is the image path and the x,y "
-          "of five points (11 fields)")
+          "of five points (11 fields)"
+      )
     points = _row_points(row, where)
     if points is None:
       if line == 1 or not faces:
         continue  # a header
-      raise LandmarksFileError(f"{where}: coordinates that are not numbers: "
-                               f"{','.join(row[1:])[:200]}")
+      raise LandmarksFileError(
+          f"{where}: coordinates that are not numbers: "
+          f"{','.join(row[1:])[:200]}"
+      )
     photo = pathlib.Path(row[0].strip())
     if not photo.is_absolute():
       photo = path.parent / photo
     listed = faces.setdefault(resolved(photo), [])
     if len(listed) >= MAX_FACES_PER_PHOTO:
-      raise LandmarksFileError(f"{where}: over {MAX_FACES_PER_PHOTO} faces "
-                               f"for {row[0].strip()[:200]}")
+      raise LandmarksFileError(
+          f"{where}: over {MAX_FACES_PER_PHOTO} faces "
+          f"for {row[0].strip()[:200]}"
+      )
     listed.append(points)
   if not faces:
     raise LandmarksFileError(f"--landmarks={path}: no rows of five points")

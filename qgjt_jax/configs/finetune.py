@@ -39,6 +39,7 @@ about 11 minutes on two cores, 300 estimated at 16-17; docs/RESULTS.md):
 * the queue holds a little more than an epoch of views, so its negatives
   are the people of the set, not stale copies.
 """
+
 from qgjt_jax import base_config
 
 
@@ -57,9 +58,14 @@ def get_config():
   config.num_epochs = 15.0
   # Without batch statistics nothing rescales a large step: the gradient's
   # norm is clipped (the margin and contrastive logits are scaled by 64).
-  config.optim.update(lr=0.02, backbone_lr_scale=0.1, schedule="cosine",
-                      warmup_epochs=1.0, weight_decay=5e-4,
-                      grad_clip_norm=5.0)
+  config.optim.update(
+      lr=0.02,
+      backbone_lr_scale=0.1,
+      schedule="cosine",
+      warmup_epochs=1.0,
+      weight_decay=5e-4,
+      grad_clip_norm=5.0,
+  )
   config.quality.alpha = 0.05
   # Low quality below q = 0.4 (the norm 0.6 running std under its mean):
   # about half of the degraded views, the smallest ones.

@@ -14,6 +14,7 @@ data.rec_dir is the folder holding insightface's train.rec / train.idx /
 property (or set data.kind=tfds and data.tfds_name=insightface_rec/ms1mv2 for
 a prepared ArrayRecord copy, see `python -m qgjt_jax.data.prepare`).
 """
+
 from qgjt_jax import base_config
 
 

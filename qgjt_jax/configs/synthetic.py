@@ -7,18 +7,28 @@ verification on held-out identities, and leaves an orbax checkpoint:
   python -m qgjt_jax.main --config=configs/synthetic.py --workdir=runs/demo \
       --mode=eval
 """
+
 from qgjt_jax import base_config
 
 
 def get_config():
   config = base_config.get_base_config()
-  config.model.update(name="ir18", base_width=16, embedding_size=128,
-                      dtype="float32", dropout_rate=0.0)
+  config.model.update(
+      name="ir18",
+      base_width=16,
+      embedding_size=128,
+      dtype="float32",
+      dropout_rate=0.0,
+  )
   # 40 px keeps a CPU step under a second; the degraded view still spans
   # 4 to 20 px before upscaling.
   config.data.update(kind="synthetic", image_size=40, worker_count=0)
-  config.data.synthetic.update(num_identities=64, images_per_identity=32,
-                               eval_identities=40, eval_pairs=600)
+  config.data.synthetic.update(
+      num_identities=64,
+      images_per_identity=32,
+      eval_identities=40,
+      eval_pairs=600,
+  )
   # A short run: faster statistics, and a threshold that marks the clearly
   # degraded views as LQ so both branches are visible.
   config.quality.alpha = 0.05

@@ -3,6 +3,7 @@
 The code is qgjt_jax/tools/pipeline_bench.py; this module keeps the
 command's name.
 """
+
 from qgjt_jax.tools import pipeline_bench
 
 if __name__ == "__main__":

@@ -94,13 +94,16 @@ class InsightFaceRecConfig(tfds.core.BuilderConfig):
     num_images: expected number of images (checked), or None.
     image_size: (height, width) of the stored images, or None.
   """
+
   num_classes: int | None = None
   num_images: int | None = None
   image_size: tuple[int, int] | None = (IMAGE_SIZE, IMAGE_SIZE)
 
 
-_ZOO = ("https://github.com/deepinsight/insightface/tree/master/recognition/"
-        "_datasets_")
+_ZOO = (
+    "https://github.com/deepinsight/insightface/tree/master/recognition/"
+    "_datasets_"
+)
 
 
 class InsightFaceRec(_ManualBuilder):
@@ -119,25 +122,37 @@ class InsightFaceRec(_ManualBuilder):
   """
   BUILDER_CONFIGS = [
       InsightFaceRecConfig(
-          name="ms1mv2", num_classes=85742, num_images=5822653,
+          name="ms1mv2",
+          num_classes=85742,
+          num_images=5822653,
           description="MS1M-ArcFace (faces_emore): 85,742 ids, 5,822,653 "
-          "images."),
+          "images.",
+      ),
       InsightFaceRecConfig(
-          name="ms1mv3", num_classes=93431, num_images=5179510,
+          name="ms1mv3",
+          num_classes=93431,
+          num_images=5179510,
           description="MS1M-RetinaFace (ms1m-retinaface-t1): 93,431 ids, "
-          "5,179,510 images."),
+          "5,179,510 images.",
+      ),
       InsightFaceRecConfig(
-          name="casia_webface", num_classes=10572, num_images=490623,
+          name="casia_webface",
+          num_classes=10572,
+          num_images=490623,
           description="CASIA-WebFace (faces_webface_112x112): 10,572 ids, "
-          "490,623 images."),
+          "490,623 images.",
+      ),
       InsightFaceRecConfig(
           name="vggface2",
           description="VGGFace2 (faces_vgg_112x112), about 9K ids and 3.3M "
-          "images; the counts are taken from the files."),
+          "images; the counts are taken from the files.",
+      ),
       InsightFaceRecConfig(
-          name="generic", image_size=None,
+          name="generic",
+          image_size=None,
           description="Any set in the insightface layout; counts and image "
-          "size are taken from the files."),
+          "size are taken from the files.",
+      ),
   ]
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -148,11 +163,17 @@ class InsightFaceRec(_ManualBuilder):
         description="Aligned face images and identity labels read from an "
         "insightface train.rec. Images are the stored JPEGs, unchanged; "
         "decode them to BGR (qgjt_jax.files.images.decode_image).",
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=shape, encoding_format="jpeg"),
-            "label": tfds.features.ClassLabel(num_classes=config.num_classes),
-            "key": tfds.features.Scalar(np.int64, doc="record key in .rec"),
-        }),
+        features=tfds.features.FeaturesDict(
+            {
+                "image": tfds.features.Image(
+                    shape=shape, encoding_format="jpeg"
+                ),
+                "label": tfds.features.ClassLabel(
+                    num_classes=config.num_classes
+                ),
+                "key": tfds.features.Scalar(np.int64, doc="record key in .rec"),
+            }
+        ),
         supervised_keys=("image", "label"),
         homepage=_ZOO,
         metadata=tfds.core.MetadataDict(),
@@ -160,31 +181,42 @@ class InsightFaceRec(_ManualBuilder):
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     root = pathlib.Path(os.fspath(dl_manager.manual_dir))
-    record = recordio.InsightFaceRecord(root / "train.rec", root / "train.idx",
-                                        root / "property")
+    record = recordio.InsightFaceRecord(
+        root / "train.rec", root / "train.idx", root / "property"
+    )
     config: InsightFaceRecConfig = self.builder_config
     where = f"config {self.builder_config.name!r}"
-    checks = [("classes", config.num_classes, record.num_classes),
-              ("images", config.num_images, len(record))]
+    checks = [
+        ("classes", config.num_classes, record.num_classes),
+        ("images", config.num_images, len(record)),
+    ]
     for what, expected, found in checks:
       if expected is not None and expected != found:
         raise DataError(
             f"{root}: {found} {what}, but {where} expects {expected}. Is this "
             "the right set? Prepare other sets under their own name "
-            "(qgjt_jax.data.prepare --name=<your name>).")
-    if (config.image_size is not None and record.image_size is not None
-        and tuple(config.image_size) != tuple(record.image_size)):
-      raise DataError(f"{root}: images are {record.image_size}, {where} "
-                      f"expects {config.image_size}")
+            "(qgjt_jax.data.prepare --name=<your name>)."
+        )
+    if (
+        config.image_size is not None
+        and record.image_size is not None
+        and tuple(config.image_size) != tuple(record.image_size)
+    ):
+      raise DataError(
+          f"{root}: images are {record.image_size}, {where} "
+          f"expects {config.image_size}"
+      )
     label = self.info.features["label"]
     if config.num_classes is None:
       label.names = [str(c) for c in range(record.num_classes)]
-    self.info.metadata.update(source=os.fspath(root), format="insightface_rec",
-                              num_images=len(record))
+    self.info.metadata.update(
+        source=os.fspath(root), format="insightface_rec", num_images=len(record)
+    )
     return {"train": self._generate_examples(record)}
 
-  def _generate_examples(self, record: recordio.InsightFaceRecord
-                         ) -> Iterator[tuple[int, dict[str, Any]]]:
+  def _generate_examples(
+      self, record: recordio.InsightFaceRecord
+  ) -> Iterator[tuple[int, dict[str, Any]]]:
     # Identity records, where present, give every image's class a second time;
     # the image headers are what trainers use, so a disagreement is reported,
     # not fatal.
@@ -196,12 +228,14 @@ class InsightFaceRec(_ManualBuilder):
         expected[lo:hi] = c
     mismatches = []
     progress = progress_lib.Progress(
-        len(record), f"{self.name}/{self.builder_config.name}")
+        len(record), f"{self.name}/{self.builder_config.name}"
+    )
     for key in record.image_keys:
       key = int(key)
       header, image = record.read(key)
       label = record.check_label(
-          recordio.class_id(header, f"{record.rec_path}: record {key}"), key)
+          recordio.class_id(header, f"{record.rec_path}: record {key}"), key
+      )
       where = f"{record.rec_path}: record {key}"
       if not (image.startswith(_JPEG_SOI) or image.startswith(_PNG_SIGNATURE)):
         # Unusual but legal formats are accepted if OpenCV reads them.
@@ -221,13 +255,17 @@ class InsightFaceRec(_ManualBuilder):
     if mismatches:
       logging.warning(
           "%s: %d image labels disagree with the identity records' ranges "
-          "(first keys: %s); the image labels were used.", record.rec_path,
-          len(mismatches), mismatches[:10])
+          "(first keys: %s); the image labels were used.",
+          record.rec_path,
+          len(mismatches),
+          mismatches[:10],
+      )
     self.info.metadata["identity_range_mismatches"] = len(mismatches)
 
 
-def insightface_config(name: str, src: os.PathLike | str
-                       ) -> InsightFaceRecConfig | str:
+def insightface_config(
+    name: str, src: os.PathLike | str
+) -> InsightFaceRecConfig | str:
   """The config for preparing the set in `src` under `name`.
 
   Known names ("ms1mv2", ...) return the registered config name, whose counts
@@ -240,16 +278,21 @@ def insightface_config(name: str, src: os.PathLike | str
   prop = pathlib.Path(src) / "property"
   size = recordio.read_property(prop)[1:] if prop.exists() else None
   return InsightFaceRecConfig(
-      name=name, image_size=size,
-      description=f"insightface-layout set prepared from {src}.")
+      name=name,
+      image_size=size,
+      description=f"insightface-layout set prepared from {src}.",
+  )
 
 
 # -- image folders -------------------------------------------------------------
 
 
-def convert_face_image(data: bytes, size: int = IMAGE_SIZE,
-                       quality: int = JPEG_QUALITY, where: str = "<image>"
-                       ) -> bytes:
+def convert_face_image(
+    data: bytes,
+    size: int = IMAGE_SIZE,
+    quality: int = JPEG_QUALITY,
+    where: str = "<image>",
+) -> bytes:
   """Any encoded image -> a size x size, 3-channel JPEG of the same picture.
 
   Grey images are replicated to three channels, alpha is dropped, 16-bit
@@ -271,16 +314,19 @@ def convert_face_image(data: bytes, size: int = IMAGE_SIZE,
   if image is None:
     image = _decode_with_pillow(data, where)
   if image.shape[:2] == (size, size) and data.startswith(_JPEG_SOI):
-    native = cv2.imdecode(np.frombuffer(data, np.uint8),
-                          cv2.IMREAD_UNCHANGED)
+    native = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if native is not None and np.array_equal(native, image):
       return data
   if image.shape[:2] != (size, size):
     shrink = image.shape[0] * image.shape[1] > size * size
-    image = cv2.resize(image, (size, size), interpolation=(
-        cv2.INTER_AREA if shrink else cv2.INTER_CUBIC))
-  ok, encoded = cv2.imencode(".jpg", image,
-                             [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    image = cv2.resize(
+        image,
+        (size, size),
+        interpolation=(cv2.INTER_AREA if shrink else cv2.INTER_CUBIC),
+    )
+  ok, encoded = cv2.imencode(
+      ".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, int(quality)]
+  )
   if not ok:
     raise BadImageError(where, "could not be re-encoded as JPEG")
   return encoded.tobytes()
@@ -288,13 +334,15 @@ def convert_face_image(data: bytes, size: int = IMAGE_SIZE,
 
 def _decode_with_pillow(data: bytes, where: str) -> np.ndarray:
   import io  # pylint: disable=g-import-not-at-top
+
   try:
     with PILImage.open(io.BytesIO(data)) as pil:
       pil.load()
       rgb = np.asarray(pil.convert("RGB"))
   except Exception as e:  # Pillow raises many types for bad files.
-    raise BadImageError(where, f"not a readable image ({type(e).__name__}: "
-                        f"{e})") from None
+    raise BadImageError(
+        where, f"not a readable image ({type(e).__name__}: " f"{e})"
+    ) from None
   return np.ascontiguousarray(rgb[:, :, ::-1])
 
 
@@ -309,6 +357,7 @@ class FaceImageFolderConfig(tfds.core.BuilderConfig):
       photo's largest face found and warped onto the five-point template;
       a photo without a face is left out and named).
   """
+
   image_size: int = IMAGE_SIZE
   jpeg_quality: int = JPEG_QUALITY
   align: str = "none"
@@ -331,8 +380,7 @@ class FaceImageFolder(_ManualBuilder):
   """
   BUILDER_CONFIGS = [FaceImageFolderConfig(name="default")]
 
-  def __init__(self, *, skip_bad: bool = False, num_threads: int = 0,
-               **kwargs):
+  def __init__(self, *, skip_bad: bool = False, num_threads: int = 0, **kwargs):
     """Builder; see tfds.core.DatasetBuilder for `kwargs`.
 
     Args:
@@ -355,12 +403,15 @@ class FaceImageFolder(_ManualBuilder):
         description="Face images from an identity-per-folder tree, as "
         f"{size}x{size} JPEGs (decode to BGR with "
         "qgjt_jax.files.images.decode_image).",
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(size, size, 3),
-                                         encoding_format="jpeg"),
-            "label": tfds.features.ClassLabel(),
-            "path": tfds.features.Text(doc="file path under the root"),
-        }),
+        features=tfds.features.FeaturesDict(
+            {
+                "image": tfds.features.Image(
+                    shape=(size, size, 3), encoding_format="jpeg"
+                ),
+                "label": tfds.features.ClassLabel(),
+                "path": tfds.features.Text(doc="file path under the root"),
+            }
+        ),
         supervised_keys=("image", "label"),
         metadata=tfds.core.MetadataDict(),
     )
@@ -370,8 +421,11 @@ class FaceImageFolder(_ManualBuilder):
     people = folders.read(root, "--src")
     files = list(zip(people.paths, people.labels.tolist()))
     self.info.features["label"].names = people.names
-    self.info.metadata.update(source=os.fspath(root), format="image_folder",
-                              parameters=self.builder_config.parameters())
+    self.info.metadata.update(
+        source=os.fspath(root),
+        format="image_folder",
+        parameters=self.builder_config.parameters(),
+    )
     self.skipped = []
     return {"train": self._generate_examples(root, files)}
 
@@ -381,8 +435,9 @@ class FaceImageFolder(_ManualBuilder):
       if config.align == "detect":
         return self._aligned(path)
       data = images.read_image_file(path)
-      return convert_face_image(data, config.image_size, config.jpeg_quality,
-                                where=os.fspath(path))
+      return convert_face_image(
+          data, config.image_size, config.jpeg_quality, where=os.fspath(path)
+      )
     except NoFaceError as e:
       return e  # left out and named, with or without --skip_bad
     except OSError as e:
@@ -392,8 +447,10 @@ class FaceImageFolder(_ManualBuilder):
     except BadImageError as e:
       error = e
     if not self.skip_bad:
-      raise BadImageError(error.path, f"{error.reason}; pass --skip_bad to "
-                          "leave unreadable files out")
+      raise BadImageError(
+          error.path,
+          f"{error.reason}; pass --skip_bad to " "leave unreadable files out",
+      )
     return error
 
   def _aligned(self, path: pathlib.Path) -> bytes:
@@ -401,6 +458,7 @@ class FaceImageFolder(_ManualBuilder):
     per thread: dlib's are not shared between threads)."""
     from qgjt_jax.align import detector as detector_lib  # pylint: disable=g-import-not-at-top
     from qgjt_jax.align import five_points  # pylint: disable=g-import-not-at-top
+
     config: FaceImageFolderConfig = self.builder_config
     if not hasattr(self._local, "detect"):
       self._local.detect = detector_lib.Detector()
@@ -409,31 +467,31 @@ class FaceImageFolder(_ManualBuilder):
     if not faces:
       raise NoFaceError(path, "no face found; left out")
     try:
-      five_points.check_face(faces[0].points, *photo.shape[:2],
-                             os.fspath(path))
+      five_points.check_face(faces[0].points, *photo.shape[:2], os.fspath(path))
     except ValueError as e:
       raise NoFaceError(path, f"{e}; left out") from None
     crop = five_points.align_face(photo, faces[0].points, config.image_size)
-    ok, encoded = cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_QUALITY,
-                                              int(config.jpeg_quality)])
+    ok, encoded = cv2.imencode(
+        ".jpg", crop, [cv2.IMWRITE_JPEG_QUALITY, int(config.jpeg_quality)]
+    )
     if not ok:
       raise BadImageError(path, "could not be encoded as JPEG")
     return encoded.tobytes()
 
-  def _generate_examples(self, root: pathlib.Path,
-                         files: list[tuple[pathlib.Path, int]]
-                         ) -> Iterator[tuple[str, dict[str, Any]]]:
+  def _generate_examples(
+      self, root: pathlib.Path, files: list[tuple[pathlib.Path, int]]
+  ) -> Iterator[tuple[str, dict[str, Any]]]:
     config: FaceImageFolderConfig = self.builder_config
     threads = self.num_threads or os.cpu_count() or 1
-    progress = progress_lib.Progress(len(files),
-                                     f"{self.name}/{config.name}")
+    progress = progress_lib.Progress(len(files), f"{self.name}/{config.name}")
     chunk = 64 * threads  # bounds the converted images held in memory
     num_images = 0
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
       for start in range(0, len(files), chunk):
-        batch = files[start:start + chunk]
+        batch = files[start : start + chunk]
         for (path, label), result in zip(
-            batch, pool.map(self._convert, [p for p, _ in batch])):
+            batch, pool.map(self._convert, [p for p, _ in batch])
+        ):
           progress.update()
           if isinstance(result, BadImageError):
             logging.warning("skipping %s", result)
@@ -444,28 +502,36 @@ class FaceImageFolder(_ManualBuilder):
           yield relative, {"image": result, "label": label, "path": relative}
     progress.close()
     if not num_images:
-      raise DataError(f"{root}: none of the {len(files)} files is a readable "
-                      "image: the folder must hold face images, "
-                      "<root>/<identity>/<image>")
+      raise DataError(
+          f"{root}: none of the {len(files)} files is a readable "
+          "image: the folder must hold face images, "
+          "<root>/<identity>/<image>"
+      )
     listed = self.skipped[:_MAX_LISTED_SKIPS]
     self.info.metadata.update(
-        num_images=num_images, num_skipped=len(self.skipped),
+        num_images=num_images,
+        num_skipped=len(self.skipped),
         num_no_face=sum(isinstance(e, NoFaceError) for e in self.skipped),
         skipped=[os.path.relpath(e.path, root) for e in listed],
-        skipped_reasons=[e.reason for e in listed])
+        skipped_reasons=[e.reason for e in listed],
+    )
 
 
-def image_folder_config(name: str, image_size: int = IMAGE_SIZE,
-                        align: str = "none") -> FaceImageFolderConfig | str:
+def image_folder_config(
+    name: str, image_size: int = IMAGE_SIZE, align: str = "none"
+) -> FaceImageFolderConfig | str:
   """The config for preparing one folder under `name`."""
   if align not in ("none", "detect"):
     raise DataError(f"--align={align}: use none (aligned crops) or detect")
   if name == "default" and image_size == IMAGE_SIZE and align == "none":
     return name
   return FaceImageFolderConfig(
-      name=name, image_size=image_size, align=align,
-      description="Prepared from an identity-per-folder image tree" + (
-          ", faces detected and aligned." if align == "detect" else "."))
+      name=name,
+      image_size=image_size,
+      align=align,
+      description="Prepared from an identity-per-folder image tree"
+      + (", faces detected and aligned." if align == "detect" else "."),
+  )
 
 
 # -- the generated set ---------------------------------------------------------
@@ -482,6 +548,7 @@ class SyntheticFacesConfig(tfds.core.BuilderConfig):
     seed: which people exist (and how each photo is taken).
     nuisance: how much photos of one person differ (1.0: as intended).
   """
+
   num_identities: int = 1000
   images_per_identity: int = 20
   image_size: int = IMAGE_SIZE
@@ -489,25 +556,32 @@ class SyntheticFacesConfig(tfds.core.BuilderConfig):
   nuisance: float = 1.0
 
   def __post_init__(self):
-    if min(self.num_identities, self.images_per_identity,
-           self.image_size) < 1:
+    if min(self.num_identities, self.images_per_identity, self.image_size) < 1:
       raise ValueError(
           f"synthetic set {self.name!r}: num_identities, "
           "images_per_identity and image_size must be positive, got "
           f"{self.num_identities}, {self.images_per_identity}, "
-          f"{self.image_size}")
+          f"{self.image_size}"
+      )
 
   def parameters(self) -> dict[str, Any]:
     """The generation parameters, as stored in the dataset metadata."""
-    return {"num_identities": int(self.num_identities),
-            "images_per_identity": int(self.images_per_identity),
-            "image_size": int(self.image_size), "seed": int(self.seed),
-            "nuisance": float(self.nuisance)}
+    return {
+        "num_identities": int(self.num_identities),
+        "images_per_identity": int(self.images_per_identity),
+        "image_size": int(self.image_size),
+        "seed": int(self.seed),
+        "nuisance": float(self.nuisance),
+    }
 
   def source(self) -> synthetic.SyntheticFaces:
     return synthetic.SyntheticFaces(
-        self.num_identities, self.images_per_identity, self.image_size,
-        self.seed, nuisance=self.nuisance)
+        self.num_identities,
+        self.images_per_identity,
+        self.image_size,
+        self.seed,
+        nuisance=self.nuisance,
+    )
 
 
 class SyntheticFacesBuilder(_ManualBuilder):
@@ -518,15 +592,21 @@ class SyntheticFacesBuilder(_ManualBuilder):
   RELEASE_NOTES = {"1.0.0": "The JPEGs and labels of SyntheticFaces."}
   BUILDER_CONFIGS = [
       SyntheticFacesConfig(
-          name="demo_40px", num_identities=64, images_per_identity=32,
+          name="demo_40px",
+          num_identities=64,
+          images_per_identity=32,
           image_size=40,
           description="The CPU demo's set (configs/synthetic.py): 64 ids x "
-          "32 images at 40x40."),
+          "32 images at 40x40.",
+      ),
       SyntheticFacesConfig(
-          name="faces_112px", num_identities=1000, images_per_identity=20,
+          name="faces_112px",
+          num_identities=1000,
+          images_per_identity=20,
           image_size=IMAGE_SIZE,
           description="1,000 ids x 20 images at 112x112, the size of the "
-          "real training sets' faces."),
+          "real training sets' faces.",
+      ),
   ]
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -538,14 +618,19 @@ class SyntheticFacesBuilder(_ManualBuilder):
         "camera JPEGs of random identities, with pose, expression, lighting "
         "and background varying per photo. Decode to BGR with "
         "qgjt_jax.files.images.decode_image.",
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(size, size, 3),
-                                         encoding_format="jpeg"),
-            "label": tfds.features.ClassLabel(
-                num_classes=config.num_identities),
-            "index": tfds.features.Scalar(
-                np.int64, doc="record index in SyntheticFaces"),
-        }),
+        features=tfds.features.FeaturesDict(
+            {
+                "image": tfds.features.Image(
+                    shape=(size, size, 3), encoding_format="jpeg"
+                ),
+                "label": tfds.features.ClassLabel(
+                    num_classes=config.num_identities
+                ),
+                "index": tfds.features.Scalar(
+                    np.int64, doc="record index in SyntheticFaces"
+                ),
+            }
+        ),
         supervised_keys=("image", "label"),
         metadata=tfds.core.MetadataDict(),
     )
@@ -554,27 +639,39 @@ class SyntheticFacesBuilder(_ManualBuilder):
     del dl_manager  # nothing to download or read
     config: SyntheticFacesConfig = self.builder_config
     source = config.source()
-    self.info.metadata.update(format="synthetic", num_images=len(source),
-                              parameters=config.parameters())
+    self.info.metadata.update(
+        format="synthetic",
+        num_images=len(source),
+        parameters=config.parameters(),
+    )
     return {"train": self._generate_examples(source)}
 
-  def _generate_examples(self, source: synthetic.SyntheticFaces
-                         ) -> Iterator[tuple[int, dict[str, Any]]]:
+  def _generate_examples(
+      self, source: synthetic.SyntheticFaces
+  ) -> Iterator[tuple[int, dict[str, Any]]]:
     progress = progress_lib.Progress(
-        len(source), f"{self.name}/{self.builder_config.name}")
+        len(source), f"{self.name}/{self.builder_config.name}"
+    )
     for index in range(len(source)):
       record = source[index]
-      yield index, {"image": record["image"], "label": int(record["label"]),
-                    "index": index}
+      yield index, {
+          "image": record["image"],
+          "label": int(record["label"]),
+          "index": index,
+      }
       progress.update()
     progress.close()
 
 
-def synthetic_config(name: str, *, num_identities: int | None = None,
-                     images_per_identity: int | None = None,
-                     image_size: int | None = None, seed: int | None = None,
-                     nuisance: float | None = None
-                     ) -> SyntheticFacesConfig | str:
+def synthetic_config(
+    name: str,
+    *,
+    num_identities: int | None = None,
+    images_per_identity: int | None = None,
+    image_size: int | None = None,
+    seed: int | None = None,
+    nuisance: float | None = None,
+) -> SyntheticFacesConfig | str:
   """The config for generating the set `name`; None means "the default".
 
   A registered name ("demo_40px", ...) stands for its parameters: given ones
@@ -585,25 +682,34 @@ def synthetic_config(name: str, *, num_identities: int | None = None,
   Raises:
     ValueError: a registered name with different parameters.
   """
-  given = {"num_identities": num_identities,
-           "images_per_identity": images_per_identity,
-           "image_size": image_size, "seed": seed, "nuisance": nuisance}
+  given = {
+      "num_identities": num_identities,
+      "images_per_identity": images_per_identity,
+      "image_size": image_size,
+      "seed": seed,
+      "nuisance": nuisance,
+  }
   given = {k: v for k, v in given.items() if v is not None}
   known = {c.name: c for c in SyntheticFacesBuilder.BUILDER_CONFIGS}
   if name in known:
     registered = known[name].parameters()
-    differ = {k: (v, registered[k]) for k, v in given.items()
-              if v != registered[k]}
+    differ = {
+        k: (v, registered[k]) for k, v in given.items() if v != registered[k]
+    }
     if differ:
-      said = ", ".join(f"{k}={v} (registered: {r})"
-                       for k, (v, r) in differ.items())
-      raise ValueError(f"synthetic set {name!r} is registered with other "
-                       f"parameters: {said}; pick another name")
+      said = ", ".join(
+          f"{k}={v} (registered: {r})" for k, (v, r) in differ.items()
+      )
+      raise ValueError(
+          f"synthetic set {name!r} is registered with other "
+          f"parameters: {said}; pick another name"
+      )
     return name
   config = SyntheticFacesConfig(name=name, **given)
   p = config.parameters()
   config.description = (
       f"Generated: {p['num_identities']} ids x {p['images_per_identity']} "
       f"images at {p['image_size']} px, seed {p['seed']}, nuisance "
-      f"{p['nuisance']:g}.")
+      f"{p['nuisance']:g}."
+  )
   return config

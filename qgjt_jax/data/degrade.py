@@ -15,6 +15,7 @@ two deliberate differences:
   step (luma/chroma split) and grayscale weights swap the red and blue roles.
   We treat the channels as what they are.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,8 +28,13 @@ import numpy as np
 # independently: bicubic, bilinear, nearest, box, Lanczos.
 # config.data.view.recipe's values: the QGFace L view, or AdaFace's.
 RECIPES = ("qgface", "adaface")
-INTERPOLATIONS = (cv2.INTER_CUBIC, cv2.INTER_LINEAR, cv2.INTER_NEAREST,
-                  cv2.INTER_AREA, cv2.INTER_LANCZOS4)
+INTERPOLATIONS = (
+    cv2.INTER_CUBIC,
+    cv2.INTER_LINEAR,
+    cv2.INTER_NEAREST,
+    cv2.INTER_AREA,
+    cv2.INTER_LANCZOS4,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +53,7 @@ class ViewConfig:
   flip_p: horizontal flip probability.
   lowres_p: "adaface" only: probability of the low-resolution step.
   """
+
   recipe: str = "qgface"
   min_scale: float = 0.1
   max_scale: float = 0.5
@@ -65,8 +72,10 @@ class ViewConfig:
     if self.recipe not in RECIPES:
       raise ValueError(f"unknown view recipe {self.recipe!r}")
     if not 0 < self.min_scale <= self.max_scale <= 1:
-      raise ValueError(f"need 0 < min_scale <= max_scale <= 1, got "
-                       f"{self.min_scale}, {self.max_scale}")
+      raise ValueError(
+          f"need 0 < min_scale <= max_scale <= 1, got "
+          f"{self.min_scale}, {self.max_scale}"
+      )
     # Config files hand over lists; keep the dataclass hashable.
     object.__setattr__(self, "crop_scale", tuple(self.crop_scale))
     object.__setattr__(self, "crop_ratio", tuple(self.crop_ratio))
@@ -74,9 +83,17 @@ class ViewConfig:
 
 def adaface_config(**overrides) -> ViewConfig:
   """AdaFace's augmenter settings (each step with probability 0.2)."""
-  base = dict(recipe="adaface", min_scale=0.2, max_scale=1.0, jpeg_quality=0,
-              crop_p=0.2, crop_scale=(0.2, 1.0), jitter_p=0.2, jitter=0.5,
-              lowres_p=0.2)
+  base = dict(
+      recipe="adaface",
+      min_scale=0.2,
+      max_scale=1.0,
+      jpeg_quality=0,
+      crop_p=0.2,
+      crop_scale=(0.2, 1.0),
+      jitter_p=0.2,
+      jitter=0.5,
+      lowres_p=0.2,
+  )
   return ViewConfig(**{**base, **overrides})
 
 
@@ -93,9 +110,9 @@ def view_config_from(mapping) -> ViewConfig:
   unknown = sorted(set(values) - fields)
   if unknown:
     raise ValueError(
-        f"unknown view settings {unknown}; known: {sorted(fields)}")
-  base = (adaface_config() if values.get("recipe") == "adaface"
-          else ViewConfig())
+        f"unknown view settings {unknown}; known: {sorted(fields)}"
+    )
+  base = adaface_config() if values.get("recipe") == "adaface" else ViewConfig()
   return dataclasses.replace(base, **values)
 
 
@@ -103,8 +120,9 @@ def flip(img: np.ndarray) -> np.ndarray:
   return cv2.flip(img, 1)
 
 
-def clean_view(img: np.ndarray, rng: np.random.Generator,
-               flip_p: float = 0.5) -> np.ndarray:
+def clean_view(
+    img: np.ndarray, rng: np.random.Generator, flip_p: float = 0.5
+) -> np.ndarray:
   """The H view: the image itself, horizontally flipped with probability."""
   return flip(img) if rng.random() < flip_p else img
 
@@ -116,8 +134,9 @@ def jpeg_roundtrip(img: np.ndarray, quality: int) -> np.ndarray:
   return cv2.imdecode(buf, cv2.IMREAD_COLOR)
 
 
-def _resize(img: np.ndarray, size: tuple[int, int], interpolation: int
-            ) -> np.ndarray:
+def _resize(
+    img: np.ndarray, size: tuple[int, int], interpolation: int
+) -> np.ndarray:
   if interpolation == cv2.INTER_LANCZOS4:
     # OpenCV's 8-tap Lanczos is about twice as fast on float32 as on uint8.
     out = cv2.resize(img.astype(np.float32), size, interpolation=interpolation)
@@ -145,9 +164,14 @@ def downscale(img: np.ndarray, side: int, interpolation: int) -> np.ndarray:
   return _resize(img, (side, side), interpolation)
 
 
-def low_resolution(img: np.ndarray, rng: np.random.Generator,
-                   min_scale: float, max_scale: float, jpeg_quality: int,
-                   antialias: bool = True) -> tuple[np.ndarray, float]:
+def low_resolution(
+    img: np.ndarray,
+    rng: np.random.Generator,
+    min_scale: float,
+    max_scale: float,
+    jpeg_quality: int,
+    antialias: bool = True,
+) -> tuple[np.ndarray, float]:
   """Down to r * size (random filter), optional JPEG, back up (random filter).
 
   Returns the image and the resolution factor actually applied: the small
@@ -167,9 +191,13 @@ def low_resolution(img: np.ndarray, rng: np.random.Generator,
   return _resize(small, (w, h), up), side / h
 
 
-def crop_params(rng: np.random.Generator, h: int, w: int,
-                scale: tuple[float, float], ratio: tuple[float, float]
-                ) -> tuple[int, int, int, int]:
+def crop_params(
+    rng: np.random.Generator,
+    h: int,
+    w: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+) -> tuple[int, int, int, int]:
   """(top, left, height, width) of a random-resized crop (torchvision rule)."""
   area = h * w
   log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
@@ -192,17 +220,24 @@ def crop_params(rng: np.random.Generator, h: int, w: int,
   return (h - ch) // 2, (w - cw) // 2, ch, cw
 
 
-def resized_crop(img: np.ndarray, rng: np.random.Generator,
-                 scale: tuple[float, float], ratio: tuple[float, float]
-                 ) -> np.ndarray:
+def resized_crop(
+    img: np.ndarray,
+    rng: np.random.Generator,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+) -> np.ndarray:
   h, w = img.shape[:2]
   top, left, ch, cw = crop_params(rng, h, w, scale, ratio)
-  return cv2.resize(img[top:top + ch, left:left + cw], (w, h),
-                    interpolation=cv2.INTER_LINEAR)
+  return cv2.resize(
+      img[top : top + ch, left : left + cw],
+      (w, h),
+      interpolation=cv2.INTER_LINEAR,
+  )
 
 
-def color_jitter(img: np.ndarray, rng: np.random.Generator,
-                 strength: float) -> np.ndarray:
+def color_jitter(
+    img: np.ndarray, rng: np.random.Generator, strength: float
+) -> np.ndarray:
   """Brightness, contrast and saturation in a random order (no hue)."""
   lo, hi = max(0.0, 1 - strength), 1 + strength
   factors = rng.uniform(lo, hi, 3)
@@ -214,8 +249,9 @@ def color_jitter(img: np.ndarray, rng: np.random.Generator,
       mean = float(cv2.cvtColor(img, cv2.COLOR_BGR2GRAY).mean())
       img = cv2.addWeighted(img, f, img, 0.0, (1 - f) * round(mean))
     else:  # saturation: blend with the gray image
-      gray = cv2.cvtColor(cv2.cvtColor(img, cv2.COLOR_BGR2GRAY),
-                          cv2.COLOR_GRAY2BGR)
+      gray = cv2.cvtColor(
+          cv2.cvtColor(img, cv2.COLOR_BGR2GRAY), cv2.COLOR_GRAY2BGR
+      )
       img = cv2.addWeighted(img, f, gray, 1 - f, 0.0)
   return img
 
@@ -225,17 +261,25 @@ def rotate(img: np.ndarray, degrees: float) -> np.ndarray:
   h, w = img.shape[:2]
   # The centre of the pixel grid: pixel i is centred on coordinate i here.
   m = cv2.getRotationMatrix2D(((w - 1) / 2, (h - 1) / 2), degrees, 1.0)
-  return cv2.warpAffine(img, m, (w, h), flags=cv2.INTER_NEAREST,
-                        borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+  return cv2.warpAffine(
+      img,
+      m,
+      (w, h),
+      flags=cv2.INTER_NEAREST,
+      borderMode=cv2.BORDER_CONSTANT,
+      borderValue=0,
+  )
 
 
-def degraded_view(img: np.ndarray, rng: np.random.Generator,
-                  cfg: ViewConfig = ViewConfig()) -> tuple[np.ndarray, float]:
+def degraded_view(
+    img: np.ndarray, rng: np.random.Generator, cfg: ViewConfig = ViewConfig()
+) -> tuple[np.ndarray, float]:
   """The L view of the QGFace recipe; returns (image, resolution factor r)."""
   if cfg.recipe == "adaface":
     return adaface_augment(img, rng, cfg)
-  out, r = low_resolution(img, rng, cfg.min_scale, cfg.max_scale,
-                          cfg.jpeg_quality)
+  out, r = low_resolution(
+      img, rng, cfg.min_scale, cfg.max_scale, cfg.jpeg_quality
+  )
   if cfg.crop_p and rng.random() < cfg.crop_p:
     out = resized_crop(out, rng, cfg.crop_scale, cfg.crop_ratio)
   if cfg.jitter_p and rng.random() < cfg.jitter_p:
@@ -247,8 +291,9 @@ def degraded_view(img: np.ndarray, rng: np.random.Generator,
   return out, r
 
 
-def adaface_augment(img: np.ndarray, rng: np.random.Generator,
-                    cfg: ViewConfig | None = None) -> tuple[np.ndarray, float]:
+def adaface_augment(
+    img: np.ndarray, rng: np.random.Generator, cfg: ViewConfig | None = None
+) -> tuple[np.ndarray, float]:
   """AdaFace's augmenter, then a flip; returns (image, resolution factor).
 
   Crop: a random-resized-crop box is kept in place on a black canvas (not
@@ -262,10 +307,18 @@ def adaface_augment(img: np.ndarray, rng: np.random.Generator,
     h, w = img.shape[:2]
     top, left, ch, cw = crop_params(rng, h, w, cfg.crop_scale, cfg.crop_ratio)
     out = np.zeros_like(img)
-    out[top:top + ch, left:left + cw] = img[top:top + ch, left:left + cw]
+    out[top : top + ch, left : left + cw] = img[
+        top : top + ch, left : left + cw
+    ]
   if rng.random() < cfg.lowres_p:
-    out, r = low_resolution(out, rng, cfg.min_scale, cfg.max_scale,
-                            cfg.jpeg_quality, antialias=False)
+    out, r = low_resolution(
+        out,
+        rng,
+        cfg.min_scale,
+        cfg.max_scale,
+        cfg.jpeg_quality,
+        antialias=False,
+    )
   if rng.random() < cfg.jitter_p:
     out = color_jitter(out, rng, cfg.jitter)
   if rng.random() < cfg.flip_p:

@@ -17,6 +17,7 @@ Batches: {"image_h", "image_l": (b, H, W, 3) uint8 BGR, "label": (b,) int32,
 "degrade_h": (b,) float32 (1.0), "degrade_l": (b,) float32 (the L view's
 resolution factor r)}. Normalisation happens on the device.
 """
+
 from __future__ import annotations
 
 import functools
@@ -37,7 +38,7 @@ from qgjt_jax.method.batch import make_batch
 # counter. Resetting a cached generator's state costs a fraction of building
 # a new one (or of SeedSequence hashing in np.random.default_rng).
 _KEY_MASK = (1 << 64) - 1
-_KEY_TAG = 0x5147465f  # separates these streams from other Philox users
+_KEY_TAG = 0x5147465F  # separates these streams from other Philox users
 _rngs = threading.local()
 
 
@@ -73,12 +74,16 @@ def ensure_absl_flags_parsed() -> None:
   """grain's worker processes read absl flags; outside an absl app (pytest,
   plain scripts, notebooks) nobody parsed them, so accept the defaults."""
   from absl import flags  # pylint: disable=g-import-not-at-top
+
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
 
 
-def _init_worker(worker_index: int, worker_count: int,
-                 in_force: limits.Limits = limits.Limits()) -> None:
+def _init_worker(
+    worker_index: int,
+    worker_count: int,
+    in_force: limits.Limits = limits.Limits(),
+) -> None:
   """Set-up of each grain worker process.
 
   SIGINT and SIGTERM are ignored: the main process owns the workers and
@@ -105,8 +110,14 @@ def worker_init():
 class TwoViews:
   """Maps (epoch, record index) to that record's two views (picklable)."""
 
-  def __init__(self, source, seed: int, view_config: degrade.ViewConfig,
-               image_size: int | None = None, flip_p: float = 0.5):
+  def __init__(
+      self,
+      source,
+      seed: int,
+      view_config: degrade.ViewConfig,
+      image_size: int | None = None,
+      flip_p: float = 0.5,
+  ):
     self.source = source
     self.seed = seed
     self.view_config = view_config
@@ -119,15 +130,19 @@ class TwoViews:
     try:
       img = images.decode_image(record["image"])
     except ValueError:  # ImageError, LimitError: again, naming the record
-      where = (self.source.where(index) if hasattr(self.source, "where")
-               else f"{self.source.name}: image {index}")
+      where = (
+          self.source.where(index)
+          if hasattr(self.source, "where")
+          else f"{self.source.name}: image {index}"
+      )
       img = images.decode_image(record["image"], where)
     img = fit_size(img, self.image_size)
     rng = record_rng(self.seed, epoch, index)
     high = degrade.clean_view(img, rng, self.flip_p)
     low, r = degrade.degraded_view(img, rng, self.view_config)
-    return make_batch(high, low, np.int32(record["label"]),
-                      np.float32(1.0), np.float32(r))
+    return make_batch(
+        high, low, np.int32(record["label"]), np.float32(1.0), np.float32(r)
+    )
 
 
 class ShuffledStream:
@@ -172,8 +187,9 @@ class ShuffledStream:
     return epoch, int(self.permutation(epoch)[i])
 
 
-def record_stream(num_records: int, seed: int, num_epochs: int | None,
-                  global_batch_size: int) -> grain.MapDataset:
+def record_stream(
+    num_records: int, seed: int, num_epochs: int | None, global_batch_size: int
+) -> grain.MapDataset:
   """(epoch, record index) at every stream position, whole global batches."""
   ds = grain.MapDataset.range(num_records).repeat(num_epochs)
   if num_epochs is not None:  # every process must see the same step count
@@ -219,22 +235,31 @@ def make_train_dataset(
     start_step: the first global batch to produce (a resumed run's step).
   """
   if global_batch_size % process_count:
-    raise ValueError(f"global batch {global_batch_size} does not split over "
-                     f"{process_count} processes")
+    raise ValueError(
+        f"global batch {global_batch_size} does not split over "
+        f"{process_count} processes"
+    )
   if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index {process_index} not in [0, "
-                     f"{process_count})")
+    raise ValueError(
+        f"process_index {process_index} not in [0, " f"{process_count})"
+    )
   batch = global_batch_size // process_count
   ds = record_stream(len(source), seed, num_epochs, global_batch_size)
-  ds = ds[start_step * global_batch_size + process_index::process_count]
+  ds = ds[start_step * global_batch_size + process_index :: process_count]
   ds = ds.map(TwoViews(source, seed, view_config, image_size))
   ds = ds.batch(batch, drop_remainder=True)
-  ds = ds.to_iter_dataset(grain.ReadOptions(
-      num_threads=read_threads, prefetch_buffer_size=max(1, read_threads * 2)))
+  ds = ds.to_iter_dataset(
+      grain.ReadOptions(
+          num_threads=read_threads,
+          prefetch_buffer_size=max(1, read_threads * 2),
+      )
+  )
   if worker_count > 0:
     ensure_absl_flags_parsed()
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=worker_count, per_worker_buffer_size=worker_buffer_size),
-        worker_init_fn=worker_init())
+    ds = ds.mp_prefetch(
+        grain.MultiprocessingOptions(
+            num_workers=worker_count, per_worker_buffer_size=worker_buffer_size
+        ),
+        worker_init_fn=worker_init(),
+    )
   return ds
-

@@ -49,6 +49,7 @@ class PrepareRequest:
   The generation parameters (`num_identities`, ...; None: the named config's
   or the default) concern the "synthetic" format only.
   """
+
   src: str | None
   data_dir: str
   name: str
@@ -65,24 +66,33 @@ class PrepareRequest:
 BuilderFactory = Callable[[PrepareRequest], tfds.core.DatasetBuilder]
 FORMATS: dict[str, BuilderFactory] = {}
 
+
 def register_format(name: str) -> Callable[[BuilderFactory], BuilderFactory]:
   """Decorator adding a builder factory to `FORMATS` under `name`."""
+
   def register(factory: BuilderFactory) -> BuilderFactory:
     if name in FORMATS and FORMATS[name] is not factory:
       raise ValueError(f"format {name!r} is already registered")
     FORMATS[name] = factory
     return factory
+
   return register
 
 
-_GENERATION_PARAMETERS = ("num_identities", "images_per_identity",
-                          "image_size", "seed")
+_GENERATION_PARAMETERS = (
+    "num_identities",
+    "images_per_identity",
+    "image_size",
+    "seed",
+)
 
 
-def _require_src(request: PrepareRequest, takes: tuple[str, ...] = ()
-                 ) -> str:
-  given = [k for k in _GENERATION_PARAMETERS
-           if getattr(request, k) is not None and k not in takes]
+def _require_src(request: PrepareRequest, takes: tuple[str, ...] = ()) -> str:
+  given = [
+      k
+      for k in _GENERATION_PARAMETERS
+      if getattr(request, k) is not None and k not in takes
+  ]
   if given:
     raise ValueError(f"--{given[0]} is for --format=synthetic only")
   if not request.src:
@@ -96,41 +106,53 @@ def _require_src(request: PrepareRequest, takes: tuple[str, ...] = ()
 def _insightface_rec(request: PrepareRequest) -> tfds.core.DatasetBuilder:
   src = _require_src(request)
   if request.align != "none":
-    raise ValueError("--align is for --format=image_folder (a .rec holds "
-                     "aligned crops)")
+    raise ValueError(
+        "--align is for --format=image_folder (a .rec holds " "aligned crops)"
+    )
   return builders.InsightFaceRec(
-      data_dir=request.data_dir, file_format="array_record",
-      config=builders.insightface_config(request.name, src))
+      data_dir=request.data_dir,
+      file_format="array_record",
+      config=builders.insightface_config(request.name, src),
+  )
 
 
 @register_format("image_folder")
 def _image_folder(request: PrepareRequest) -> tfds.core.DatasetBuilder:
   _require_src(request, takes=("image_size",))
   return builders.FaceImageFolder(
-      data_dir=request.data_dir, file_format="array_record",
+      data_dir=request.data_dir,
+      file_format="array_record",
       config=builders.image_folder_config(
-          request.name, request.image_size or builders.IMAGE_SIZE,
-          request.align),
-      skip_bad=request.skip_bad)
+          request.name, request.image_size or builders.IMAGE_SIZE, request.align
+      ),
+      skip_bad=request.skip_bad,
+  )
 
 
 @register_format("synthetic")
 def _synthetic(request: PrepareRequest) -> tfds.core.DatasetBuilder:
   if request.src:
-    raise ValueError("--src is not used by --format=synthetic (the set is "
-                     "generated)")
+    raise ValueError(
+        "--src is not used by --format=synthetic (the set is " "generated)"
+    )
   if request.align != "none":
     raise ValueError("--align is for --format=image_folder")
   return builders.SyntheticFacesBuilder(
-      data_dir=request.data_dir, file_format="array_record",
+      data_dir=request.data_dir,
+      file_format="array_record",
       config=builders.synthetic_config(
-          request.name, num_identities=request.num_identities,
+          request.name,
+          num_identities=request.num_identities,
           images_per_identity=request.images_per_identity,
-          image_size=request.image_size, seed=request.seed))
+          image_size=request.image_size,
+          seed=request.seed,
+      ),
+  )
 
 
-def _check_reused_parameters(builder: tfds.core.DatasetBuilder,
-                             metadata) -> None:
+def _check_reused_parameters(
+    builder: tfds.core.DatasetBuilder, metadata
+) -> None:
   """A reused generated set must be the one asked for, not a namesake."""
   config = builder.builder_config
   stored = metadata.get("parameters")
@@ -139,15 +161,19 @@ def _check_reused_parameters(builder: tfds.core.DatasetBuilder,
   wanted = config.parameters()
   differ = sorted(k for k in wanted if stored.get(k) != wanted[k])
   if differ:
-    said = ", ".join(f"{k}={stored.get(k)} (requested {wanted[k]})"
-                     for k in differ)
-    raise ValueError(f"{builder.data_dir} was prepared with {said}; pass "
-                     "--overwrite to regenerate it, or choose another --name")
+    said = ", ".join(
+        f"{k}={stored.get(k)} (requested {wanted[k]})" for k in differ
+    )
+    raise ValueError(
+        f"{builder.data_dir} was prepared with {said}; pass "
+        "--overwrite to regenerate it, or choose another --name"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class PrepareResult:
   """Where the prepared dataset is and what it holds."""
+
   dataset_dir: str
   name: str  # "builder/config", for ArrayRecordSource.from_name
   num_images: int
@@ -163,13 +189,24 @@ def _stale_incomplete_dirs(builder: tfds.core.DatasetBuilder) -> list[str]:
   config_dir = pathlib.Path(os.fspath(builder.data_dir)).parent
   if not config_dir.is_dir():
     return []
-  return sorted(os.fspath(p) for p in config_dir.iterdir()
-                if p.is_dir() and p.name.startswith("incomplete."))
+  return sorted(
+      os.fspath(p)
+      for p in config_dir.iterdir()
+      if p.is_dir() and p.name.startswith("incomplete.")
+  )
 
 
-def prepare(fmt: str, *, src: str | None = None, data_dir: str, name: str,
-            skip_bad: bool = False, overwrite: bool = False,
-            align: str = "none", **parameters: int | None) -> PrepareResult:
+def prepare(
+    fmt: str,
+    *,
+    src: str | None = None,
+    data_dir: str,
+    name: str,
+    skip_bad: bool = False,
+    overwrite: bool = False,
+    align: str = "none",
+    **parameters: int | None,
+) -> PrepareResult:
   """Prepares (or reuses) one dataset; the body of the command.
 
   Args:
@@ -190,30 +227,47 @@ def prepare(fmt: str, *, src: str | None = None, data_dir: str, name: str,
   tfds.disable_progress_bar()
   if fmt not in FORMATS:
     raise ValueError(f"unknown format {fmt!r}; known: {sorted(FORMATS)}")
-  request = PrepareRequest(src=src, data_dir=data_dir, name=name,
-                           skip_bad=skip_bad, align=align, **parameters)
+  request = PrepareRequest(
+      src=src,
+      data_dir=data_dir,
+      name=name,
+      skip_bad=skip_bad,
+      align=align,
+      **parameters,
+  )
   builder = FORMATS[fmt](request)
   reused = builder.is_prepared() and not overwrite
   if reused:
     _check_reused_parameters(builder, builder.info.metadata or {})
-  mode = (tfds.download.GenerateMode.FORCE_REDOWNLOAD if overwrite
-          else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
+  mode = (
+      tfds.download.GenerateMode.FORCE_REDOWNLOAD
+      if overwrite
+      else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
+  )
   builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(
-          manual_dir=src, download_mode=mode, try_download_gcs=False))
+          manual_dir=src, download_mode=mode, try_download_gcs=False
+      )
+  )
   info = builder.info
   metadata = info.metadata or {}
   if reused:
     previous = metadata.get("source")
     if src and previous and os.path.abspath(previous) != os.path.abspath(src):
-      logging.warning("%s was prepared from %s, not %s; reusing it (pass "
-                      "--overwrite to rebuild)", builder.data_dir, previous,
-                      src)
+      logging.warning(
+          "%s was prepared from %s, not %s; reusing it (pass "
+          "--overwrite to rebuild)",
+          builder.data_dir,
+          previous,
+          src,
+      )
   stale = _stale_incomplete_dirs(builder)
   if stale:
     logging.warning(
         "temporary directories left by interrupted runs (delete them when no "
-        "other prepare is running): %s", ", ".join(stale))
+        "other prepare is running): %s",
+        ", ".join(stale),
+    )
   config = builder.builder_config.name if builder.builder_config else None
   return PrepareResult(
       dataset_dir=os.fspath(builder.data_dir),
@@ -221,39 +275,79 @@ def prepare(fmt: str, *, src: str | None = None, data_dir: str, name: str,
       num_images=int(info.splits["train"].num_examples),
       num_classes=int(info.features["label"].num_classes),
       num_skipped=int(metadata.get("num_skipped", 0)),
-      reused=reused, num_no_face=int(metadata.get("num_no_face", 0)),
-      left_out=tuple(f"{path}: {reason}" for path, reason in zip(
-          metadata.get("skipped", ()), metadata.get("skipped_reasons", ()))))
+      reused=reused,
+      num_no_face=int(metadata.get("num_no_face", 0)),
+      left_out=tuple(
+          f"{path}: {reason}"
+          for path, reason in zip(
+              metadata.get("skipped", ()), metadata.get("skipped_reasons", ())
+          )
+      ),
+  )
 
 
 def _define_flags() -> None:
   # Defined on demand, not at import, so that importing `prepare` (for
   # `register_format`) cannot clash with another program's flags.
-  flags.DEFINE_enum("format", None, sorted(FORMATS), "Layout of --src, or "
-                    "synthetic for the generated set.")
-  flags.DEFINE_string("src", None, "The user's data: an insightface folder "
-                      "(train.rec, train.idx, property) or an image tree "
-                      "root/<identity>/<images>.")
+  flags.DEFINE_enum(
+      "format",
+      None,
+      sorted(FORMATS),
+      "Layout of --src, or " "synthetic for the generated set.",
+  )
+  flags.DEFINE_string(
+      "src",
+      None,
+      "The user's data: an insightface folder "
+      "(train.rec, train.idx, property) or an image tree "
+      "root/<identity>/<images>.",
+  )
   flags.DEFINE_string("data_dir", None, "TFDS data directory to write to.")
-  flags.DEFINE_string("name", None, "Dataset (config) name, e.g. ms1mv2, "
-                      "casia_webface, generic or any name of your own.")
-  flags.DEFINE_bool("skip_bad", False, "Skip and count unreadable images "
-                    "instead of stopping at the first one.")
+  flags.DEFINE_string(
+      "name",
+      None,
+      "Dataset (config) name, e.g. ms1mv2, "
+      "casia_webface, generic or any name of your own.",
+  )
+  flags.DEFINE_bool(
+      "skip_bad",
+      False,
+      "Skip and count unreadable images "
+      "instead of stopping at the first one.",
+  )
   flags.DEFINE_bool("overwrite", False, "Rebuild an existing dataset.")
-  flags.DEFINE_enum("align", "none", ["none", "detect"], "image_folder: "
-                    "none (the files are aligned face crops) or detect (find "
-                    "each photo's largest face and align it to the "
-                    "five-point template; the `.[align]` extra).")
+  flags.DEFINE_enum(
+      "align",
+      "none",
+      ["none", "detect"],
+      "image_folder: "
+      "none (the files are aligned face crops) or detect (find "
+      "each photo's largest face and align it to the "
+      "five-point template; the `.[align]` extra).",
+  )
   synthetic = " (--format=synthetic; default: the named set's or "
-  flags.DEFINE_integer("num_identities", None, "Generated identities"
-                       f"{synthetic}1000).", lower_bound=1)
-  flags.DEFINE_integer("images_per_identity", None, "Generated images per "
-                       f"identity{synthetic}20).", lower_bound=1)
-  flags.DEFINE_integer("image_size", None, "Side of the stored images "
-                       "(image_folder, synthetic; default 112).",
-                       lower_bound=8, upper_bound=1024)
-  flags.DEFINE_integer("seed", None, f"Which faces are generated{synthetic}"
-                       "0).", lower_bound=0)
+  flags.DEFINE_integer(
+      "num_identities",
+      None,
+      "Generated identities" f"{synthetic}1000).",
+      lower_bound=1,
+  )
+  flags.DEFINE_integer(
+      "images_per_identity",
+      None,
+      "Generated images per " f"identity{synthetic}20).",
+      lower_bound=1,
+  )
+  flags.DEFINE_integer(
+      "image_size",
+      None,
+      "Side of the stored images " "(image_folder, synthetic; default 112).",
+      lower_bound=8,
+      upper_bound=1024,
+  )
+  flags.DEFINE_integer(
+      "seed", None, f"Which faces are generated{synthetic}" "0).", lower_bound=0
+  )
   limits.define_flags()
   errors.define_traceback_flag()
   flags.mark_flags_as_required(["format", "data_dir", "name"])
@@ -265,13 +359,17 @@ def check_src(fmt: str, src: str | None) -> None:
   if fmt == "synthetic":
     return
   if not src:
-    raise builders.DataError(f"--format={fmt} needs --src, the folder "
-                             "holding the data")
+    raise builders.DataError(
+        f"--format={fmt} needs --src, the folder " "holding the data"
+    )
   if not os.path.isdir(src):
     raise builders.DataError(f"--src={src} is not a folder")
   if not any(True for _ in os.scandir(src)):
-    layout = ("<root>/<identity>/<image>" if fmt == "image_folder"
-              else "train.rec, train.idx and property")
+    layout = (
+        "<root>/<identity>/<image>"
+        if fmt == "image_folder"
+        else "train.rec, train.idx and property"
+    )
     raise builders.DataError(f"--src={src} is empty: it must hold {layout}")
 
 
@@ -281,25 +379,44 @@ def main(argv: Sequence[str]) -> None:
   with errors.expected_failures(verbose=verbose):
     check_src(f.format, f.src)
     limits.configure_from_flags()
-    result = prepare(f.format, src=f.src, data_dir=f.data_dir, name=f.name,
-                     skip_bad=f.skip_bad, overwrite=f.overwrite,
-                     align=f.align, num_identities=f.num_identities,
-                     images_per_identity=f.images_per_identity,
-                     image_size=f.image_size, seed=f.seed)
+    result = prepare(
+        f.format,
+        src=f.src,
+        data_dir=f.data_dir,
+        name=f.name,
+        skip_bad=f.skip_bad,
+        overwrite=f.overwrite,
+        align=f.align,
+        num_identities=f.num_identities,
+        images_per_identity=f.images_per_identity,
+        image_size=f.image_size,
+        seed=f.seed,
+    )
   what = "Reused" if result.reused else "Prepared"
   shown = 50
   for line in result.left_out[:shown]:
     print(errors.displayable(f"  left out {line}"), flush=True)
   if result.num_skipped > shown:
-    print(f"  ... and {result.num_skipped - shown} more (the dataset's "
-          "metadata lists the first 1,000)", flush=True)
+    print(
+        f"  ... and {result.num_skipped - shown} more (the dataset's "
+        "metadata lists the first 1,000)",
+        flush=True,
+    )
   unreadable = result.num_skipped - result.num_no_face
-  skipped = (f", {unreadable} unreadable files skipped" if unreadable
-             else "") + (f", {result.num_no_face} photos without a face "
-                         "left out" if result.num_no_face else "")
-  print(errors.displayable(
-      f"{what} {result.name} in {result.dataset_dir}: {result.num_images} "
-      f"images, {result.num_classes} identities{skipped}"), flush=True)
+  skipped = (
+      f", {unreadable} unreadable files skipped" if unreadable else ""
+  ) + (
+      f", {result.num_no_face} photos without a face " "left out"
+      if result.num_no_face
+      else ""
+  )
+  print(
+      errors.displayable(
+          f"{what} {result.name} in {result.dataset_dir}: {result.num_images} "
+          f"images, {result.num_classes} identities{skipped}"
+      ),
+      flush=True,
+  )
 
 
 def cli() -> None:

@@ -80,19 +80,22 @@ class IRHeader:
     id: record id as written by the packer (usually the record key).
     id2: second id, unused by insightface sets.
   """
+
   flag: int
   label: float | np.ndarray
   id: int
   id2: int
 
 
-def unpack_record(record: bytes, where: str = "<record>"
-                  ) -> tuple[IRHeader, bytes]:
+def unpack_record(
+    record: bytes, where: str = "<record>"
+) -> tuple[IRHeader, bytes]:
   """Splits a joined record payload into its header and the image bytes."""
   if len(record) < _IR_HEADER.size:
     raise RecordIOError(
         f"{where}: payload of {len(record)} bytes is shorter than the "
-        f"{_IR_HEADER.size}-byte record header")
+        f"{_IR_HEADER.size}-byte record header"
+    )
   flag, label, id1, id2 = _IR_HEADER.unpack_from(record)
   start = _IR_HEADER.size
   if flag > 0:
@@ -100,7 +103,8 @@ def unpack_record(record: bytes, where: str = "<record>"
     if end > len(record):
       raise RecordIOError(
           f"{where}: header announces {flag} label values but the payload "
-          f"has only {len(record)} bytes")
+          f"has only {len(record)} bytes"
+      )
     label = np.frombuffer(record, "<f4", count=flag, offset=start).copy()
     start = end
   return IRHeader(flag, label, id1, id2), record[start:]
@@ -124,16 +128,19 @@ def read_property(path: PathLike) -> tuple[int, int, int]:
   except OSError as e:
     raise RecordIOError(f"{path}: cannot read the property file: {e}") from e
   if len(text) > _MAX_PROPERTY_BYTES:
-    raise RecordIOError(f"{path}: over {_MAX_PROPERTY_BYTES} bytes; a "
-                        "property file is 'num_classes,height,width'")
+    raise RecordIOError(
+        f"{path}: over {_MAX_PROPERTY_BYTES} bytes; a "
+        "property file is 'num_classes,height,width'"
+    )
   fields = [f.strip() for f in text.split(",")]
   try:
     values = tuple(int(f) for f in fields)
   except ValueError:
     values = ()
   if len(values) != 3 or min(values) <= 0:
-    raise RecordIOError(f"{path}: expected 'num_classes,height,width', got "
-                        f"{text[:80]!r}")
+    raise RecordIOError(
+        f"{path}: expected 'num_classes,height,width', got " f"{text[:80]!r}"
+    )
   return values
 
 
@@ -157,13 +164,15 @@ def _parse_index_text(text: bytes, path: pathlib.Path) -> np.ndarray:
       fields = line.split()
       if len(fields) != 2 or not all(f.isdigit() for f in fields):
         raise RecordIOError(
-            f"{path}: line {number} is {line[:60]!r}, not 'key<TAB>offset'")
+            f"{path}: line {number} is {line[:60]!r}, not 'key<TAB>offset'"
+        )
     raise RecordIOError(f"{path}: unreadable index")
   return values.reshape(-1, 2)
 
 
-def _read_index(path: pathlib.Path, rec: pathlib.Path, rec_size: int
-                ) -> tuple[np.ndarray, np.ndarray]:
+def _read_index(
+    path: pathlib.Path, rec: pathlib.Path, rec_size: int
+) -> tuple[np.ndarray, np.ndarray]:
   """Reads a `.idx` file into (keys, offsets) int64 arrays in file order."""
   try:
     with regular.open_regular(path) as f:
@@ -171,7 +180,8 @@ def _read_index(path: pathlib.Path, rec: pathlib.Path, rec_size: int
   except FileNotFoundError as e:
     raise RecordIOError(
         f"{path}: index file missing (the .rec needs the .idx written beside "
-        "it for random access)") from e
+        "it for random access)"
+    ) from e
   except OSError as e:
     raise RecordIOError(f"{path}: cannot read the index: {e}") from e
   pairs = _parse_index_text(text, path)
@@ -182,8 +192,10 @@ def _read_index(path: pathlib.Path, rec: pathlib.Path, rec_size: int
     raise RecordIOError(f"{path}: record {keys[keys < 0][0]}: negative key")
   if (offsets < 0).any():
     i = np.flatnonzero(offsets < 0)[0]
-    raise RecordIOError(f"{path}: record {keys[i]}: negative offset "
-                        f"{offsets[i]}; the index is damaged")
+    raise RecordIOError(
+        f"{path}: record {keys[i]}: negative offset "
+        f"{offsets[i]}; the index is damaged"
+    )
   # Compared without adding (an offset near 2**63 would overflow).
   bad = np.flatnonzero(offsets > rec_size - _FRAME.size)
   if bad.size:
@@ -192,7 +204,8 @@ def _read_index(path: pathlib.Path, rec: pathlib.Path, rec_size: int
         f"{rec} is shorter ({rec_size:,} bytes) than its index {path} says "
         f"(record {keys[i]} at offset {offsets[i]:,}): the .rec is cut short "
         "(copy or download it again), or the .idx is damaged or belongs to "
-        "another .rec")
+        "another .rec"
+    )
   return keys, offsets
 
 
@@ -207,8 +220,12 @@ class InsightFaceRecord:
   `image_keys` order; record keys are the `.idx` keys.
   """
 
-  def __init__(self, rec_path: PathLike, idx_path: PathLike | None = None,
-               property_path: PathLike | None = None):
+  def __init__(
+      self,
+      rec_path: PathLike,
+      idx_path: PathLike | None = None,
+      property_path: PathLike | None = None,
+  ):
     """Opens the set and checks its index, framing ends and header.
 
     Args:
@@ -223,10 +240,13 @@ class InsightFaceRecord:
     """
     self.rec_path = pathlib.Path(rec_path)
     self.idx_path = pathlib.Path(
-        idx_path if idx_path is not None else self.rec_path.with_suffix(".idx"))
+        idx_path if idx_path is not None else self.rec_path.with_suffix(".idx")
+    )
     self.property_path = pathlib.Path(
-        property_path if property_path is not None
-        else self.rec_path.parent / "property")
+        property_path
+        if property_path is not None
+        else self.rec_path.parent / "property"
+    )
     try:
       self._rec_size = self.rec_path.stat().st_size
     except OSError as e:
@@ -243,23 +263,30 @@ class InsightFaceRecord:
     self._sorted_offsets = offsets[order]
     dup = np.flatnonzero(np.diff(self._sorted_keys) == 0)
     if dup.size:
-      raise RecordIOError(f"{self.idx_path}: record "
-                          f"{self._sorted_keys[dup[0]]}: key listed twice")
+      raise RecordIOError(
+          f"{self.idx_path}: record "
+          f"{self._sorted_keys[dup[0]]}: key listed twice"
+      )
     self._check_last_record()
 
-    self._property = (read_property(self.property_path)
-                      if self.property_path.exists() else None)
+    self._property = (
+        read_property(self.property_path)
+        if self.property_path.exists()
+        else None
+    )
     self._identity_keys: range | None = None
     first = self._read_identity_header()
     if first is not None:
       self._image_keys: Sequence[int] = range(1, first.start)
       self._identity_keys = first
-      if not (self._contains_all(self._image_keys)
-              and self._contains_all(first)):
+      if not (
+          self._contains_all(self._image_keys) and self._contains_all(first)
+      ):
         raise RecordIOError(
             f"{self.idx_path}: the identity header of {self.rec_path} names "
             f"image keys [1, {first.start}) and identity keys "
-            f"[{first.start}, {first.stop}) that are not all in the index")
+            f"[{first.start}, {first.stop}) that are not all in the index"
+        )
     else:
       self._image_keys = keys  # file order, as MXNet lists them
     self._num_classes = self._resolve_num_classes()
@@ -318,7 +345,8 @@ class InsightFaceRecord:
       if not chunk:
         raise RecordIOError(
             f"{self.rec_path}: record {key}: truncated file (needs {size} more "
-            f"bytes at offset {offset}, file has {self._rec_size})")
+            f"bytes at offset {offset}, file has {self._rec_size})"
+        )
       chunks.append(chunk)
       size -= len(chunk)
       offset += len(chunk)
@@ -330,14 +358,16 @@ class InsightFaceRecord:
     if magic != MAGIC:
       raise RecordIOError(
           f"{self.rec_path}: record {key}: wrong magic 0x{magic:08x} at offset "
-          f"{offset} (expected 0x{MAGIC:08x}; is the .idx for this .rec?)")
+          f"{offset} (expected 0x{MAGIC:08x}; is the .idx for this .rec?)"
+      )
     return word >> _LENGTH_BITS, word & _LENGTH_MASK
 
   def _offset(self, key: int) -> int:
     pos = int(np.searchsorted(self._sorted_keys, key))
     if pos >= len(self._sorted_keys) or self._sorted_keys[pos] != key:
       raise RecordIOError(
-          f"{self.idx_path}: record {key}: key not in the index")
+          f"{self.idx_path}: record {key}: key not in the index"
+      )
     return int(self._sorted_offsets[pos])
 
   def _contains_all(self, keys: range) -> bool:
@@ -365,27 +395,33 @@ class InsightFaceRecord:
     if flag not in (_WHOLE, _FIRST):
       raise RecordIOError(
           f"{self.rec_path}: record {key}: offset {offset} points into the "
-          f"middle of a split record (continuation flag {flag})")
+          f"middle of a split record (continuation flag {flag})"
+      )
     while True:
       padded = (length + 3) & ~3
       if offset + _FRAME.size + padded > self._rec_size:
         raise RecordIOError(
             f"{self.rec_path}: record {key}: truncated file (frame at "
             f"{offset} needs {_FRAME.size + padded} bytes, only "
-            f"{self._rec_size - offset} left)")
-      parts.append(self._pread(length, offset + _FRAME.size, key)
-                   if length else b"")
+            f"{self._rec_size - offset} left)"
+        )
+      parts.append(
+          self._pread(length, offset + _FRAME.size, key) if length else b""
+      )
       if flag in (_WHOLE, _LAST):
         break
       offset += _FRAME.size + padded
       if offset + _FRAME.size > self._rec_size:
-        raise RecordIOError(f"{self.rec_path}: record {key}: truncated file "
-                            "inside a split record")
+        raise RecordIOError(
+            f"{self.rec_path}: record {key}: truncated file "
+            "inside a split record"
+        )
       flag, length = self._frame_at(offset, key)
       if flag not in (_MIDDLE, _LAST):
         raise RecordIOError(
             f"{self.rec_path}: record {key}: split record interrupted by a "
-            f"frame with continuation flag {flag} at offset {offset}")
+            f"frame with continuation flag {flag} at offset {offset}"
+        )
     return parts[0] if len(parts) == 1 else _MAGIC_BYTES.join(parts)
 
   def read(self, key: int) -> tuple[IRHeader, bytes]:
@@ -411,26 +447,35 @@ class InsightFaceRecord:
     if header.flag < 2 or rest:
       return None
     lo, hi = float(header.label[0]), float(header.label[1])
-    if not (math.isfinite(lo) and math.isfinite(hi) and lo == int(lo) and
-            hi == int(hi) and 1 <= lo <= hi):
+    if not (
+        math.isfinite(lo)
+        and math.isfinite(hi)
+        and lo == int(lo)
+        and hi == int(hi)
+        and 1 <= lo <= hi
+    ):
       raise RecordIOError(
           f"{self.rec_path}: record 0: identity header range [{lo}, {hi}) is "
-          "not a valid key range")
+          "not a valid key range"
+      )
     return range(int(lo), int(hi))
 
   def _resolve_num_classes(self) -> int | None:
-    num_ids = (len(self._identity_keys) if self._identity_keys is not None
-               else None)
+    num_ids = (
+        len(self._identity_keys) if self._identity_keys is not None else None
+    )
     if self._property is not None:
       n = self._property[0]
       if num_ids is not None and num_ids != n:
         raise RecordIOError(
             f"{self.property_path}: says {n} classes but the identity header "
-            f"of {self.rec_path} lists {num_ids} identities")
+            f"of {self.rec_path} lists {num_ids} identities"
+        )
       if n > len(self._image_keys):  # a class count no file could back
         raise RecordIOError(
             f"{self.property_path}: says {n:,} classes, but {self.rec_path} "
-            f"holds {len(self._image_keys):,} images: fix the property file")
+            f"holds {len(self._image_keys):,} images: fix the property file"
+        )
       return n
     return num_ids  # None: counted from the labels on first use
 
@@ -462,9 +507,12 @@ class InsightFaceRecord:
     count is max(label) + 1.
     """
     if self._num_classes is None:
-      logging.warning("%s has neither a property file nor an identity header; "
-                      "scanning %d labels to count the classes", self.rec_path,
-                      len(self))
+      logging.warning(
+          "%s has neither a property file nor an identity header; "
+          "scanning %d labels to count the classes",
+          self.rec_path,
+          len(self),
+      )
       top = max(self._raw_label(k) for k in self._image_keys)
       self._num_classes = top + 1
     return self._num_classes
@@ -490,7 +538,8 @@ class InsightFaceRecord:
     if not 0 <= label < self.num_classes:
       raise RecordIOError(
           f"{self._where(key)}: label {label} is outside [0, "
-          f"{self.num_classes}) (num_classes from {self.property_path})")
+          f"{self.num_classes}) (num_classes from {self.property_path})"
+      )
     return label
 
   def read_image(self, i: int) -> tuple[bytes, int]:
@@ -528,12 +577,18 @@ class InsightFaceRecord:
       header = self.header(key)
       if header.flag < 2:
         raise RecordIOError(
-            f"{self._where(key)}: identity record without a [first, end) range")
+            f"{self._where(key)}: identity record without a [first, end) range"
+        )
       lo, hi = (float(v) for v in header.label[:2])
-      if not (math.isfinite(lo) and math.isfinite(hi)) or lo != int(lo) or (
-          hi != int(hi)) or not 1 <= lo <= hi <= self._identity_keys.start:
+      if (
+          not (math.isfinite(lo) and math.isfinite(hi))
+          or lo != int(lo)
+          or (hi != int(hi))
+          or not 1 <= lo <= hi <= self._identity_keys.start
+      ):
         raise RecordIOError(
             f"{self._where(key)}: identity range [{lo}, {hi}) is not inside "
-            f"the image keys [1, {self._identity_keys.start})")
+            f"the image keys [1, {self._identity_keys.start})"
+        )
       ranges[c] = int(lo), int(hi)
     return ranges

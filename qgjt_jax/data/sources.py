@@ -30,8 +30,13 @@ import numpy as np
 from qgjt_jax.data.recordio import InsightFaceRecord
 from qgjt_jax.data.recordio import RecordIOError
 
-__all__ = ["RecSource", "ArrayRecordSource", "open_source", "train_source",
-           "RecordIOError"]
+__all__ = [
+    "RecSource",
+    "ArrayRecordSource",
+    "open_source",
+    "train_source",
+    "RecordIOError",
+]
 
 PathLike = str | os.PathLike
 
@@ -42,8 +47,9 @@ def _rec_paths(path: PathLike) -> tuple[pathlib.Path, pathlib.Path]:
   if path.is_dir():
     path = path / "train.rec"
   if path.suffix != ".rec":
-    raise RecordIOError(f"{path}: expected a .rec file or a directory with "
-                        "train.rec")
+    raise RecordIOError(
+        f"{path}: expected a .rec file or a directory with " "train.rec"
+    )
   return path, path.with_suffix(".idx")
 
 
@@ -85,8 +91,10 @@ class RecSource:
     return f"{self.record.rec_path}: record {self.record.key(int(index))}"
 
   def __repr__(self) -> str:
-    return (f"RecSource({str(self.record.rec_path)!r}, images={len(self)}, "
-            f"num_classes={self.num_classes})")
+    return (
+        f"RecSource({str(self.record.rec_path)!r}, images={len(self)}, "
+        f"num_classes={self.num_classes})"
+    )
 
 
 def _resolve_prepared_dir(data_dir: PathLike, name: str) -> pathlib.Path:
@@ -100,14 +108,18 @@ def _resolve_prepared_dir(data_dir: PathLike, name: str) -> pathlib.Path:
     if root.is_dir():
       for child in root.iterdir():
         parts = child.name.split(".")
-        if (child.is_dir() and len(parts) == 3 and all(p.isdigit()
-                                                       for p in parts)
-            and (child / "dataset_info.json").exists()):
+        if (
+            child.is_dir()
+            and len(parts) == 3
+            and all(p.isdigit() for p in parts)
+            and (child / "dataset_info.json").exists()
+        ):
           versions.append((tuple(int(p) for p in parts), child))
     if not versions:
       raise FileNotFoundError(
           f"no prepared dataset {name!r} under {data_dir} (run python -m "
-          "qgjt_jax.data.prepare first)")
+          "qgjt_jax.data.prepare first)"
+      )
     path = max(versions)[1]
   if not (path / "dataset_info.json").exists():
     raise FileNotFoundError(f"{path} holds no prepared dataset")
@@ -143,11 +155,13 @@ class ArrayRecordSource:
     self.name = f"{builder.name}/{config}" if config else builder.name
     self.split = split
     self._source = builder.as_data_source(
-        split, decoders={"image": tfds.decode.SkipDecoding()})
+        split, decoders={"image": tfds.decode.SkipDecoding()}
+    )
 
   @classmethod
-  def from_name(cls, data_dir: PathLike, name: str,
-                split: str = "train") -> "ArrayRecordSource":
+  def from_name(
+      cls, data_dir: PathLike, name: str, split: str = "train"
+  ) -> "ArrayRecordSource":
     """Opens "builder/config[:version]" under `data_dir` (newest version)."""
     return cls(_resolve_prepared_dir(data_dir, name), split)
 
@@ -167,16 +181,24 @@ class ArrayRecordSource:
 
   def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
     # ArrayRecord reads a batch of records in one call, cheaper than one by one.
-    return [self._record(e)
-            for e in self._source.__getitems__([int(i) for i in indices])]
+    return [
+        self._record(e)
+        for e in self._source.__getitems__([int(i) for i in indices])
+    ]
 
   def __repr__(self) -> str:
-    return (f"ArrayRecordSource({str(self.dataset_dir)!r}, split={self.split!r}"
-            f", images={len(self)}, num_classes={self.num_classes})")
+    return (
+        f"ArrayRecordSource({str(self.dataset_dir)!r}, split={self.split!r}"
+        f", images={len(self)}, num_classes={self.num_classes})"
+    )
 
 
-def open_source(path_or_name: PathLike, *, data_dir: PathLike | None = None,
-                split: str = "train") -> RecSource | ArrayRecordSource:
+def open_source(
+    path_or_name: PathLike,
+    *,
+    data_dir: PathLike | None = None,
+    split: str = "train",
+) -> RecSource | ArrayRecordSource:
   """Opens whichever kind of source `path_or_name` names.
 
   Args:
@@ -198,13 +220,15 @@ def open_source(path_or_name: PathLike, *, data_dir: PathLike | None = None,
     return ArrayRecordSource.from_name(data_dir, os.fspath(path_or_name), split)
   raise FileNotFoundError(
       f"{path_or_name}: neither a .rec set nor a prepared dataset directory "
-      "(pass data_dir= to open a prepared dataset by name)")
+      "(pass data_dir= to open a prepared dataset by name)"
+  )
 
 
 def default_tfds_data_dir() -> str:
   """TFDS's default data directory ($TFDS_DATA_DIR or ~/tensorflow_datasets)."""
   return os.path.expanduser(
-      os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets"))
+      os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
+  )
 
 
 # config.data.kind's values (`train_source`).
@@ -225,12 +249,19 @@ def train_source(config: Any):
     return RecSource(data.rec_dir)
   if data.kind == "tfds":
     return ArrayRecordSource.from_name(
-        data.tfds_data_dir or default_tfds_data_dir(), data.tfds_name)
+        data.tfds_data_dir or default_tfds_data_dir(), data.tfds_name
+    )
   if data.kind == "synthetic":
     from qgjt_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+
     spec = data.synthetic
     return synthetic.SyntheticFaces(
-        spec.num_identities, spec.images_per_identity,
-        image_size=data.image_size, seed=spec.seed, cache=True)
-  raise ValueError(f"config.data.kind={data.kind!r}: expected rec, tfds or "
-                   "synthetic")
+        spec.num_identities,
+        spec.images_per_identity,
+        image_size=data.image_size,
+        seed=spec.seed,
+        cache=True,
+    )
+  raise ValueError(
+      f"config.data.kind={data.kind!r}: expected rec, tfds or " "synthetic"
+  )

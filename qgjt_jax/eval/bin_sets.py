@@ -10,6 +10,7 @@ pickles bytes at protocol 2, and numpy's bool scalars (flags saved from a
 numpy comparison). A `.bin` holds bytes, lists and booleans and nothing else
 is accepted.
 """
+
 import concurrent.futures
 import os
 import pickle
@@ -21,6 +22,7 @@ from qgjt_jax.files import images as images_lib
 from qgjt_jax.files import pickles
 from qgjt_jax.files import regular
 
+
 class BinSetError(errors.UserError, ValueError):
   """A `.bin` set that cannot be read (the message names the file)."""
 
@@ -29,8 +31,9 @@ def _latin1(text, encoding='latin1'):
   """`_codecs.encode(text, 'latin1')`: how Python 3 pickles bytes at
   protocol 2; for a str only, in that encoding only."""
   if not isinstance(text, str) or encoding not in ('latin1', 'latin-1'):
-    raise pickle.UnpicklingError('_codecs.encode of something other than '
-                                 'text as latin1')
+    raise pickle.UnpicklingError(
+        '_codecs.encode of something other than ' 'text as latin1'
+    )
   return text.encode('latin1')
 
 
@@ -40,8 +43,9 @@ class _BoolType:
 
 def _dtype(name, *unused):
   if name not in ('b1', '?'):
-    raise pickle.UnpicklingError(f'a numpy dtype {name!r}; a verification '
-                                 'set holds booleans only')
+    raise pickle.UnpicklingError(
+        f'a numpy dtype {name!r}; a verification ' 'set holds booleans only'
+    )
   return _BoolType()
 
 
@@ -56,10 +60,13 @@ def _bool_scalar(dtype, data=b''):
 class _Unpickler(pickles.RestrictedUnpickler):
   """A `.bin` holds bytes, lists and booleans: the names it may use are
   Python 3's way of pickling bytes at protocol 2 and numpy's of a bool."""
-  _NAMES = {('_codecs', 'encode'): _latin1,
-            ('numpy', 'dtype'): _dtype,
-            ('numpy.core.multiarray', 'scalar'): _bool_scalar,
-            ('numpy._core.multiarray', 'scalar'): _bool_scalar}
+
+  _NAMES = {
+      ('_codecs', 'encode'): _latin1,
+      ('numpy', 'dtype'): _dtype,
+      ('numpy.core.multiarray', 'scalar'): _bool_scalar,
+      ('numpy._core.multiarray', 'scalar'): _bool_scalar,
+  }
 
   def find_class(self, module, name):
     if (module, name) in self._NAMES:
@@ -86,47 +93,62 @@ def load_bin(path: str | os.PathLike) -> tuple[list[bytes], np.ndarray]:
     raise FileNotFoundError(f'verification set {path} does not exist')
   with regular.open_regular(path) as f:
     try:
-      obj = pickles.load(_Unpickler(f, os.fstat(f.fileno()).st_size, path,
-                                    encoding='bytes'))
+      obj = pickles.load(
+          _Unpickler(f, os.fstat(f.fileno()).st_size, path, encoding='bytes')
+      )
     except pickles.PickleError as e:
-      raise BinSetError(f'{e}; it is damaged or not a verification '
-                        'set') from None
+      raise BinSetError(
+          f'{e}; it is damaged or not a verification ' 'set'
+      ) from None
   if not isinstance(obj, (tuple, list)) or len(obj) != 2:
-    raise BinSetError(f'{path}: expected a pickled pair (images, issame), '
-                      f'got {type(obj).__name__}'
-                      + (f' of length {len(obj)}' if hasattr(obj, '__len__')
-                         else ''))
+    raise BinSetError(
+        f'{path}: expected a pickled pair (images, issame), '
+        f'got {type(obj).__name__}'
+        + (f' of length {len(obj)}' if hasattr(obj, '__len__') else '')
+    )
   encoded, issame = obj
   if not isinstance(encoded, (list, tuple)) or not all(
-      isinstance(x, (bytes, bytearray)) for x in encoded):
-    raise BinSetError(f'{path}: the first element must be a list of '
-                      'encoded images (bytes)')
+      isinstance(x, (bytes, bytearray)) for x in encoded
+  ):
+    raise BinSetError(
+        f'{path}: the first element must be a list of ' 'encoded images (bytes)'
+    )
   if not isinstance(issame, (list, tuple)) or not all(
       isinstance(x, bool) or (type(x) is int and x in (0, 1))  # pylint: disable=unidiomatic-typecheck
-      for x in issame):
-    raise BinSetError(f'{path}: the second element must be a flat list of '
-                      'booleans')
+      for x in issame
+  ):
+    raise BinSetError(
+        f'{path}: the second element must be a flat list of ' 'booleans'
+    )
   if len(encoded) != 2 * len(issame):
-    raise BinSetError(f'{path}: {len(encoded)} images for {len(issame)} '
-                      'pairs; a verification set holds exactly two images '
-                      'per pair')
+    raise BinSetError(
+        f'{path}: {len(encoded)} images for {len(issame)} '
+        'pairs; a verification set holds exactly two images '
+        'per pair'
+    )
   return [bytes(x) for x in encoded], np.array(issame, bool)
 
 
-def decode_image(data: bytes, image_size: int = 112,
-                 where: str = '<image>') -> np.ndarray:
+def decode_image(
+    data: bytes, image_size: int = 112, where: str = '<image>'
+) -> np.ndarray:
   """One encoded image -> uint8 (image_size, image_size, 3) BGR.
 
   Raises:
     images.ImageError or limits.LimitError, naming `where`.
   """
-  return images_lib.resize_square(images_lib.decode_image(data, where),
-                                  image_size)
+  return images_lib.resize_square(
+      images_lib.decode_image(data, where), image_size
+  )
 
 
-def decode_bin_images(encoded: list[bytes], image_size: int = 112, *,
-                      num_threads: int = 8, path: str = '<set>'
-                      ) -> np.ndarray:
+def decode_bin_images(
+    encoded: list[bytes],
+    image_size: int = 112,
+    *,
+    num_threads: int = 8,
+    path: str = '<set>',
+) -> np.ndarray:
   """Decodes `.bin` images to uint8 (N, image_size, image_size, 3) BGR.
 
   Raises:
@@ -136,7 +158,9 @@ def decode_bin_images(encoded: list[bytes], image_size: int = 112, *,
   out = np.empty((len(encoded), image_size, image_size, 3), np.uint8)
 
   def decode(i):
-    out[i] = decode_image(encoded[i], image_size, f'{path}: image {i} of the set')
+    out[i] = decode_image(
+        encoded[i], image_size, f'{path}: image {i} of the set'
+    )
 
   try:
     with concurrent.futures.ThreadPoolExecutor(max(1, num_threads)) as pool:

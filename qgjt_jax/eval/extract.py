@@ -24,6 +24,7 @@ the AdaFace/QGFace evaluation scripts' names):
                    meaning. Cosine rankings are unchanged by the scale.
   None             no flip: f = e1, norm n1 (same as flip=False).
 """
+
 from collections.abc import Callable, Iterable
 import dataclasses
 from typing import Any
@@ -65,9 +66,13 @@ def _normalise(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return x / np.maximum(norm, _EPS)[:, None], norm
 
 
-def fuse_flip(emb: np.ndarray, norms: np.ndarray, emb_flip: np.ndarray,
-              norms_flip: np.ndarray,
-              fusion: str | None) -> tuple[np.ndarray, np.ndarray]:
+def fuse_flip(
+    emb: np.ndarray,
+    norms: np.ndarray,
+    emb_flip: np.ndarray,
+    norms_flip: np.ndarray,
+    fusion: str | None,
+) -> tuple[np.ndarray, np.ndarray]:
   """Combines the embeddings of an image and its mirror (see module doc).
 
   Args:
@@ -95,8 +100,9 @@ def fuse_flip(emb: np.ndarray, norms: np.ndarray, emb_flip: np.ndarray,
     return fused, (n1 + n2) / 2
   if fusion == 'concat':
     return np.concatenate([e1, e2], axis=1) / np.sqrt(2.0), (n1 + n2) / 2
-  raise ValueError(f'unknown fusion {fusion!r}; expected one of {FUSIONS} '
-                   'or None')
+  raise ValueError(
+      f'unknown fusion {fusion!r}; expected one of {FUSIONS} ' 'or None'
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +116,7 @@ class HostShard:
   every process. Images are read once in all, and every process ends with
   every embedding, so the scores are computed alike everywhere.
   """
+
   index: int = 0
   count: int = 1
 
@@ -128,8 +135,9 @@ class ShardedEmbedFn:
     return self.fn(local_images)
 
 
-def _local_rows(num_images: int, batch_size: int,
-                shard: HostShard) -> np.ndarray:
+def _local_rows(
+    num_images: int, batch_size: int, shard: HostShard
+) -> np.ndarray:
   """Indices of the images this process embeds, in global-batch order.
 
   The last global batch is padded with the last image (repeated rather
@@ -138,7 +146,8 @@ def _local_rows(num_images: int, batch_size: int,
   """
   num_batches = -(-num_images // batch_size)
   rows = np.arange(num_batches * batch_size).reshape(
-      num_batches, shard.count, batch_size // shard.count)[:, shard.index]
+      num_batches, shard.count, batch_size // shard.count
+  )[:, shard.index]
   return np.minimum(rows.reshape(-1), num_images - 1)
 
 
@@ -159,8 +168,10 @@ def _chunks(images: Iterable[np.ndarray]):
     if item.ndim == 3:
       item = item[None]
     if item.ndim != 4:
-      raise ValueError('each item must be an image (H, W, 3) or a chunk '
-                       f'(n, H, W, 3), got shape {item.shape}')
+      raise ValueError(
+          'each item must be an image (H, W, 3) or a chunk '
+          f'(n, H, W, 3), got shape {item.shape}'
+      )
     yield item
 
 
@@ -176,7 +187,7 @@ def _local_batches(images, batch_size: int, shard: HostShard):
   if isinstance(images, images_lib.LazyImages):
     stream = images.chunks(rows, chunk_size=local)
   else:
-    stream = (images[rows[i:i + local]] for i in range(0, len(rows), local))
+    stream = (images[rows[i : i + local]] for i in range(0, len(rows), local))
   for k, batch in enumerate(stream):
     yield batch, min(batch_size, num_images - k * batch_size)
 
@@ -219,17 +230,22 @@ def extract_embeddings(
   if batch_size < 1:
     raise ValueError(f'batch_size must be positive, got {batch_size}')
   if fusion is not None and fusion not in FUSIONS:
-    raise ValueError(f'unknown fusion {fusion!r}; expected one of {FUSIONS} '
-                     'or None')
-  shard = (embed_fn.shard if isinstance(embed_fn, ShardedEmbedFn)
-           else HostShard())
+    raise ValueError(
+        f'unknown fusion {fusion!r}; expected one of {FUSIONS} ' 'or None'
+    )
+  shard = (
+      embed_fn.shard if isinstance(embed_fn, ShardedEmbedFn) else HostShard()
+  )
   if batch_size % shard.count:
-    raise ValueError(f'batch_size {batch_size} does not split over '
-                     f'{shard.count} processes')
+    raise ValueError(
+        f'batch_size {batch_size} does not split over '
+        f'{shard.count} processes'
+    )
   use_flip = flip and fusion is not None
   images = _as_random_access(images)
-  bar = progress_lib.Progress(len(images), desc,
-                             enabled=progress and shard.index == 0)
+  bar = progress_lib.Progress(
+      len(images), desc, enabled=progress and shard.index == 0
+  )
   feats, norms = [], []
 
   def collect(outputs, n_valid):
@@ -246,9 +262,10 @@ def extract_embeddings(
 
   in_flight = None
   for batch, n_valid in _local_batches(images, batch_size, shard):
-    outputs = (embed_fn(batch),
-               embed_fn(np.ascontiguousarray(batch[:, :, ::-1]))
-               if use_flip else None)
+    outputs = (
+        embed_fn(batch),
+        embed_fn(np.ascontiguousarray(batch[:, :, ::-1])) if use_flip else None,
+    )
     if in_flight is not None:
       collect(*in_flight)
     in_flight = (outputs, n_valid)
@@ -263,9 +280,13 @@ def _check_output(emb, norms, batch_size: int):
   emb = np.asarray(emb, np.float32)
   norms = np.asarray(norms, np.float32)
   if emb.ndim != 2 or emb.shape[0] != batch_size:
-    raise ValueError(f'embed_fn returned embeddings of shape {emb.shape}; '
-                     f'expected ({batch_size}, D)')
+    raise ValueError(
+        f'embed_fn returned embeddings of shape {emb.shape}; '
+        f'expected ({batch_size}, D)'
+    )
   if norms.size != batch_size:
-    raise ValueError(f'embed_fn returned norms of shape {norms.shape}; '
-                     f'expected ({batch_size},) or ({batch_size}, 1)')
+    raise ValueError(
+        f'embed_fn returned norms of shape {norms.shape}; '
+        f'expected ({batch_size},) or ({batch_size}, 1)'
+    )
   return emb, norms.reshape(batch_size)

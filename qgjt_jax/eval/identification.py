@@ -6,6 +6,7 @@ gallery are left out; a probe succeeds at rank k when a gallery entry of its
 identity is among its k highest-scoring gallery entries. Equal scores are
 resolved in the probe's favour (measure-zero for real-valued embeddings).
 """
+
 from collections.abc import Sequence
 import dataclasses
 
@@ -18,9 +19,14 @@ from qgjt_jax.eval import thresholds
 FPIRS = (0.1, 0.05, 0.01, 1e-3, 1e-4)
 
 
-def probe_ranks(probe_feats: np.ndarray, probe_labels: np.ndarray,
-                gallery_feats: np.ndarray, gallery_labels: np.ndarray, *,
-                chunk_size: int = 256) -> np.ndarray:
+def probe_ranks(
+    probe_feats: np.ndarray,
+    probe_labels: np.ndarray,
+    gallery_feats: np.ndarray,
+    gallery_labels: np.ndarray,
+    *,
+    chunk_size: int = 256,
+) -> np.ndarray:
   """1-based rank of the best-scoring mate of each probe (0: no mate).
 
   The rank is 1 + the number of gallery entries scoring strictly higher than
@@ -32,11 +38,14 @@ def probe_ranks(probe_feats: np.ndarray, probe_labels: np.ndarray,
   probe_labels = np.asarray(probe_labels)
   gallery_labels = np.asarray(gallery_labels)
   if probe_feats.shape[0] != probe_labels.shape[0]:
-    raise ValueError(f'{len(probe_feats)} probe features but '
-                     f'{len(probe_labels)} labels')
+    raise ValueError(
+        f"{len(probe_feats)} probe features but " f"{len(probe_labels)} labels"
+    )
   if gallery_feats.shape[0] != gallery_labels.shape[0]:
-    raise ValueError(f'{len(gallery_feats)} gallery features but '
-                     f'{len(gallery_labels)} labels')
+    raise ValueError(
+        f"{len(gallery_feats)} gallery features but "
+        f"{len(gallery_labels)} labels"
+    )
   ranks = np.zeros(len(probe_feats), np.int64)
   for start in range(0, len(probe_feats), chunk_size):
     stop = start + chunk_size
@@ -49,27 +58,33 @@ def probe_ranks(probe_feats: np.ndarray, probe_labels: np.ndarray,
   return ranks
 
 
-def rank_k_accuracy(probe_feats: np.ndarray, probe_labels: np.ndarray,
-                    gallery_feats: np.ndarray, gallery_labels: np.ndarray,
-                    ranks: Sequence[int] = (1, 5, 20)) -> dict[int, float]:
+def rank_k_accuracy(
+    probe_feats: np.ndarray,
+    probe_labels: np.ndarray,
+    gallery_feats: np.ndarray,
+    gallery_labels: np.ndarray,
+    ranks: Sequence[int] = (1, 5, 20),
+) -> dict[int, float]:
   """{k: fraction of mated probes identified within the top k}."""
   r = probe_ranks(probe_feats, probe_labels, gallery_feats, gallery_labels)
   mated = r[r > 0]
   if not len(mated):
-    raise ValueError('no probe has a mate in the gallery')
+    raise ValueError("no probe has a mate in the gallery")
   return {int(k): float(np.mean(mated <= k)) for k in ranks}
 
 
-def mean_templates(feats: np.ndarray, labels: np.ndarray
-                   ) -> tuple[np.ndarray, np.ndarray]:
+def mean_templates(
+    feats: np.ndarray, labels: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
   """(per-person sums (P, D), unit templates (P, D)) of unit features, for
   labels 0..P-1: a person's template is the normalised mean of its
   images' features (what `identify` enrols)."""
   feats = np.asarray(feats, np.float64)
   sums = np.zeros((int(labels.max()) + 1, feats.shape[1]))
   np.add.at(sums, labels, feats)
-  return sums, sums / np.maximum(np.linalg.norm(sums, axis=1,
-                                                keepdims=True), 1e-12)
+  return sums, sums / np.maximum(
+      np.linalg.norm(sums, axis=1, keepdims=True), 1e-12
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,12 +93,14 @@ class Searches:
   embeddings (n, D) and each one's person (n,). An evaluation stores them
   beside its results, so identify can measure its threshold against the
   gallery it searches (`open_set_cut`)."""
+
   embeddings: np.ndarray
   people: np.ndarray
 
 
-def open_set_cut(best: np.ndarray, people: np.ndarray, fpir: float,
-                 gallery_people: int) -> dict | None:
+def open_set_cut(
+    best: np.ndarray, people: np.ndarray, fpir: float, gallery_people: int
+) -> dict | None:
   """The open-set row of `fpir` for one gallery: `best` (n,) is each stored
   search's best cosine in that gallery (its false-alarm score) and
   `people` (n,) whose photo it is. Cut as `open_set_calibration` cuts, the
@@ -93,15 +110,24 @@ def open_set_cut(best: np.ndarray, people: np.ndarray, fpir: float,
   cut = thresholds.cut_holding(best, fpir, units)
   if cut is None:
     return None
-  return {"fpir": fpir, "cosine": cut["cosine"], "searches": int(len(best)),
-          "false_alarms": cut["accepted"], "fpir_upper": cut["upper"],
-          "design_effect": cut["design_effect"], "people": units.people,
-          "gallery_people": int(gallery_people)}
+  return {
+      "fpir": fpir,
+      "cosine": cut["cosine"],
+      "searches": int(len(best)),
+      "false_alarms": cut["accepted"],
+      "fpir_upper": cut["upper"],
+      "design_effect": cut["design_effect"],
+      "people": units.people,
+      "gallery_people": int(gallery_people),
+  }
 
 
-def open_set_calibration(feats: np.ndarray, labels: np.ndarray,
-                         fpirs: Sequence[float] = FPIRS,
-                         chunk_size: int = 256) -> list[dict]:
+def open_set_calibration(
+    feats: np.ndarray,
+    labels: np.ndarray,
+    fpirs: Sequence[float] = FPIRS,
+    chunk_size: int = 256,
+) -> list[dict]:
   """Open-set thresholds of a folder of P people, each left out in turn.
 
   Every image is a non-mated search: its person is left out and the
@@ -139,11 +165,18 @@ def open_set_calibration(feats: np.ndarray, labels: np.ndarray,
   # Mated: the image against its person's template without it.
   rest = sums[labels] - feats
   mated = counts[labels] > 1
-  mate = np.where(mated, np.sum(feats * rest, axis=1) / np.maximum(
-      np.linalg.norm(rest, axis=1), 1e-12), -np.inf)
+  mate = np.where(
+      mated,
+      np.sum(feats * rest, axis=1)
+      / np.maximum(np.linalg.norm(rest, axis=1), 1e-12),
+      -np.inf,
+  )
   units = thresholds.units_of(labels)
-  cuts = [(fpir, cut) for fpir in fpirs if (cut := thresholds.cut_holding(
-      non_mated, fpir, units)) is not None]
+  cuts = [
+      (fpir, cut)
+      for fpir in fpirs
+      if (cut := thresholds.cut_holding(non_mated, fpir, units)) is not None
+  ]
   if not cuts:  # too few searches to resolve any rate
     return []
   passing = np.zeros(len(cuts), np.int64)  # comparisons at or above each
@@ -153,13 +186,19 @@ def open_set_calibration(feats: np.ndarray, labels: np.ndarray,
   rows_out = []
   for (fpir, cut), passed in zip(cuts, passing):
     hit = (mate > non_mated) & (mate >= cut["cosine"])
-    rows_out.append({
-        "fpir": fpir, "cosine": cut["cosine"], "searches": int(len(feats)),
-        "false_alarms": cut["accepted"], "fpir_upper": cut["upper"],
-        "design_effect": cut["design_effect"],
-        "people": people,
-        "gallery_people": people - 1,
-        "template_false_match_rate": float(passed / comparisons),
-        "tpir": float(np.mean(hit[mated])) if mated.any() else None,
-        "mated_searches": int(mated.sum())})
+    rows_out.append(
+        {
+            "fpir": fpir,
+            "cosine": cut["cosine"],
+            "searches": int(len(feats)),
+            "false_alarms": cut["accepted"],
+            "fpir_upper": cut["upper"],
+            "design_effect": cut["design_effect"],
+            "people": people,
+            "gallery_people": people - 1,
+            "template_false_match_rate": float(passed / comparisons),
+            "tpir": float(np.mean(hit[mated])) if mated.any() else None,
+            "mated_searches": int(mated.sum()),
+        }
+    )
   return rows_out

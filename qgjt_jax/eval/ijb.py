@@ -25,6 +25,7 @@ Protocol (insightface ijb_11.py as used by AdaFace/QGFace):
    whose FPR is nearest the target, the largest TPR among equal FPRs
    (insightface: roc_curve, flipud, nearest).
 """
+
 import dataclasses
 import math
 import os
@@ -52,19 +53,19 @@ class IJBLayout:
   labels: np.ndarray  # (P,) int64, 1 = same subject
 
 
-def _read_table(path: pathlib.Path, ncols: int
-                ) -> tuple[list[str], np.ndarray]:
+def _read_table(path: pathlib.Path, ncols: int) -> tuple[list[str], np.ndarray]:
   """(first column as strings, the other ncols - 1 columns as float64)."""
   with open(path) as f:
     lines = [line.split(maxsplit=1) for line in f if line.strip()]
   if not lines:
     raise ValueError(f'{path} is empty')
   if len(lines[0][1].split()) != ncols - 1:
-    raise ValueError(f'{path}: expected {ncols} fields per line, the first '
-                     f'line has {1 + len(lines[0][1].split())}')
+    raise ValueError(
+        f'{path}: expected {ncols} fields per line, the first '
+        f'line has {1 + len(lines[0][1].split())}'
+    )
   try:
-    values = np.loadtxt(path, usecols=range(1, ncols), ndmin=2,
-                        comments=None)
+    values = np.loadtxt(path, usecols=range(1, ncols), ndmin=2, comments=None)
   except ValueError as e:
     raise ValueError(f'{path}: {e}') from e
   return [line[0] for line in lines], values
@@ -79,22 +80,27 @@ def ijb_layout(root: str | os.PathLike, subset: str = 'IJBC') -> IJBLayout:
   meta = images_lib.require_dir(base / 'meta', subset)
   crops = images_lib.require_dir(base / 'loose_crop', subset)
   s = subset.lower()
-  points_file = images_lib.require_file(meta / f'{s}_name_5pts_score.txt',
-                                        subset)
-  tid_mid_file = images_lib.require_file(meta / f'{s}_face_tid_mid.txt',
-                                         subset)
-  pair_file = images_lib.require_file(meta / f'{s}_template_pair_label.txt',
-                                      subset)
+  points_file = images_lib.require_file(
+      meta / f'{s}_name_5pts_score.txt', subset
+  )
+  tid_mid_file = images_lib.require_file(meta / f'{s}_face_tid_mid.txt', subset)
+  pair_file = images_lib.require_file(
+      meta / f'{s}_template_pair_label.txt', subset
+  )
 
   names, points = _read_table(points_file, 12)
   tid_names, tid_mid = _read_table(tid_mid_file, 3)
   if len(names) != len(tid_names):
-    raise ValueError(f'{points_file} lists {len(names)} images but '
-                     f'{tid_mid_file} lists {len(tid_names)}')
+    raise ValueError(
+        f'{points_file} lists {len(names)} images but '
+        f'{tid_mid_file} lists {len(tid_names)}'
+    )
   if names != tid_names:
     i = next(i for i, (a, b) in enumerate(zip(names, tid_names)) if a != b)
-    raise ValueError(f'line {i + 1}: {points_file} has {names[i]} where '
-                     f'{tid_mid_file} has {tid_names[i]}')
+    raise ValueError(
+        f'line {i + 1}: {points_file} has {names[i]} where '
+        f'{tid_mid_file} has {tid_names[i]}'
+    )
   try:
     pairs = np.loadtxt(pair_file, dtype=np.int64, ndmin=2)
   except ValueError as e:
@@ -108,7 +114,8 @@ def ijb_layout(root: str | os.PathLike, subset: str = 'IJBC') -> IJBLayout:
       templates=tid_mid[:, 0].astype(np.int64),
       medias=tid_mid[:, 1].astype(np.int64),
       pairs=pairs[:, :2],
-      labels=pairs[:, 2])
+      labels=pairs[:, 2],
+  )
 
 
 def _group_sums(values: np.ndarray, groups: np.ndarray) -> np.ndarray:
@@ -118,8 +125,9 @@ def _group_sums(values: np.ndarray, groups: np.ndarray) -> np.ndarray:
   return np.add.reduceat(values[order], starts, axis=0, dtype=np.float64)
 
 
-def template_features(image_feats: np.ndarray, templates: np.ndarray,
-                      medias: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def template_features(
+    image_feats: np.ndarray, templates: np.ndarray, medias: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
   """Media-average then template-sum, L2-normalised.
 
   A media id is pooled within its template only (the same video may appear
@@ -131,17 +139,24 @@ def template_features(image_feats: np.ndarray, templates: np.ndarray,
   keys = np.stack([np.asarray(templates), np.asarray(medias)], axis=1)
   media_keys, media_of_image = np.unique(keys, axis=0, return_inverse=True)
   media_of_image = media_of_image.reshape(-1)
-  media_mean = (_group_sums(np.asarray(image_feats), media_of_image)
-                / np.bincount(media_of_image)[:, None])
-  unique_templates, template_of_media = np.unique(media_keys[:, 0],
-                                                  return_inverse=True)
+  media_mean = (
+      _group_sums(np.asarray(image_feats), media_of_image)
+      / np.bincount(media_of_image)[:, None]
+  )
+  unique_templates, template_of_media = np.unique(
+      media_keys[:, 0], return_inverse=True
+  )
   template_sum = _group_sums(media_mean, template_of_media.reshape(-1))
   norm = np.linalg.norm(template_sum, axis=1, keepdims=True)
   return unique_templates, template_sum / np.maximum(norm, 1e-12)
 
 
-def pair_scores(unique_templates: np.ndarray, template_feats: np.ndarray,
-                pairs: np.ndarray, block_size: int = 1024) -> np.ndarray:
+def pair_scores(
+    unique_templates: np.ndarray,
+    template_feats: np.ndarray,
+    pairs: np.ndarray,
+    block_size: int = 1024,
+) -> np.ndarray:
   """Cosine score of each template pair (P,), float64.
 
   Pairs are grouped by their first template and scored a block of first
@@ -154,13 +169,16 @@ def pair_scores(unique_templates: np.ndarray, template_feats: np.ndarray,
   index = np.minimum(index, len(unique_templates) - 1)
   missing = unique_templates[index] != pairs
   if missing.any():
-    raise ValueError(f'pairs refer to template ids without images, e.g. '
-                     f'{pairs[missing][0]}')
+    raise ValueError(
+        f'pairs refer to template ids without images, e.g. '
+        f'{pairs[missing][0]}'
+    )
   feats = np.asarray(template_feats, np.float64)
   first, second = index[:, 0], index[:, 1]
   order = np.argsort(first, kind='stable')
-  bounds = np.searchsorted(first[order],
-                           np.arange(0, len(feats) + block_size, block_size))
+  bounds = np.searchsorted(
+      first[order], np.arange(0, len(feats) + block_size, block_size)
+  )
   scores = np.empty(len(pairs), np.float64)
   for lo, hi in zip(bounds[:-1], bounds[1:]):
     if lo == hi:
@@ -173,8 +191,9 @@ def pair_scores(unique_templates: np.ndarray, template_feats: np.ndarray,
   return scores
 
 
-def roc_curve(labels: np.ndarray, scores: np.ndarray
-              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def roc_curve(
+    labels: np.ndarray, scores: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """(fpr, tpr, thresholds) with higher scores meaning "same".
 
   One point per distinct score (accept score >= threshold), preceded by the
@@ -203,9 +222,12 @@ def roc_curve(labels: np.ndarray, scores: np.ndarray
 TAR_RULES = ('insightface', 'authors')
 
 
-def tar_at_far(labels: np.ndarray, scores: np.ndarray,
-               far_targets=FAR_TARGETS, rule: str = 'insightface'
-               ) -> dict[float, float]:
+def tar_at_far(
+    labels: np.ndarray,
+    scores: np.ndarray,
+    far_targets=FAR_TARGETS,
+    rule: str = 'insightface',
+) -> dict[float, float]:
   """{far: TAR} from the ROC point nearest each target.
 
   Several ROC points share an FPR where the TPR rises between two impostor
@@ -231,21 +253,30 @@ def far_key(far: float) -> str:
   return f'tar@far={far:.0e}'
 
 
-def ijb_metrics(image_feats: np.ndarray, templates: np.ndarray,
-                medias: np.ndarray, pairs: np.ndarray, labels: np.ndarray,
-                far_targets=FAR_TARGETS, tar_rule: str = 'insightface'
-                ) -> dict:
+def ijb_metrics(
+    image_feats: np.ndarray,
+    templates: np.ndarray,
+    medias: np.ndarray,
+    pairs: np.ndarray,
+    labels: np.ndarray,
+    far_targets=FAR_TARGETS,
+    tar_rule: str = 'insightface',
+) -> dict:
   """TAR at each FAR ('tar@far=1e-04': ...) from per-image features."""
   unique_templates, feats = template_features(image_feats, templates, medias)
   scores = pair_scores(unique_templates, feats, pairs)
   same = np.asarray(labels).reshape(-1) > 0
-  metrics = {far_key(f): v for f, v in
-             tar_at_far(labels, scores, far_targets, tar_rule).items()}
-  metrics.update(num_templates=int(len(unique_templates)),
-                 num_pairs=int(len(pairs)),
-                 impostor_pairs=int(np.sum(~same)),
-                 thresholds=thresholds_lib.from_labels(labels, scores),
-                 roc=thresholds_lib.roc_points(scores[same], scores[~same]))
+  metrics = {
+      far_key(f): v
+      for f, v in tar_at_far(labels, scores, far_targets, tar_rule).items()
+  }
+  metrics.update(
+      num_templates=int(len(unique_templates)),
+      num_pairs=int(len(pairs)),
+      impostor_pairs=int(np.sum(~same)),
+      thresholds=thresholds_lib.from_labels(labels, scores),
+      roc=thresholds_lib.roc_points(scores[same], scores[~same]),
+  )
   return metrics
 
 
@@ -256,15 +287,15 @@ _GALLERIES = {'IJBB': ('S1', 'S2'), 'IJBC': ('G1', 'G2')}
 TPIR_FPIRS = (0.01, 0.1)
 IDENTIFICATION_CONVENTIONS = {
     '1n_insightface_': "insightface ijb_1n.py (the authors' standalone "
-                       "script): both gallery sets as one, every probe "
-                       "mated; the FPIR threshold from all probes' non-mate "
-                       "scores; TPIR counts a mate above it at any rank",
-    '1n_nist_': "NIST (IJB-C, Maze et al. 2018): each gallery set on its "
-                "own, probes whose subject it lacks are non-mated "
-                "searches; a false alarm is a non-mated search whose best "
-                "score reaches the threshold; TPIR counts a mate at rank 1 "
-                "(ties against the probe) reaching it; the mean over the "
-                "two sets beside each",
+    'script): both gallery sets as one, every probe '
+    "mated; the FPIR threshold from all probes' non-mate "
+    'scores; TPIR counts a mate above it at any rank',
+    '1n_nist_': 'NIST (IJB-C, Maze et al. 2018): each gallery set on its '
+    'own, probes whose subject it lacks are non-mated '
+    'searches; a false alarm is a non-mated search whose best '
+    'score reaches the threshold; TPIR counts a mate at rank 1 '
+    '(ties against the probe) reaching it; the mean over the '
+    'two sets beside each',
 }
 
 
@@ -274,8 +305,9 @@ def _subject_list(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
     table = np.loadtxt(path, dtype=str, skiprows=1, delimiter=',', ndmin=2)
     return table[:, 0].astype(np.int64), table[:, 1].astype(np.int64)
   except (ValueError, IndexError) as e:
-    raise ValueError(f'{path}: not a list of "template,subject" rows '
-                     f'({e})') from e
+    raise ValueError(
+        f'{path}: not a list of "template,subject" rows ' f'({e})'
+    ) from e
 
 
 def identification_files(root, subset: str) -> list[pathlib.Path] | None:
@@ -291,7 +323,8 @@ def _chosen(unique_templates, feats, templates, subjects):
   chosen, first = np.unique(templates, return_index=True)
   rows = np.searchsorted(unique_templates, chosen)
   if np.any(rows >= len(unique_templates)) or np.any(
-      unique_templates[np.minimum(rows, len(unique_templates) - 1)] != chosen):
+      unique_templates[np.minimum(rows, len(unique_templates) - 1)] != chosen
+  ):
     raise ValueError('a 1:N list names templates without images')
   return feats[rows], subjects[first]
 
@@ -307,8 +340,7 @@ def _probe_blocks(num_probes: int):
     yield slice(start, min(num_probes, start + PROBE_BLOCK))
 
 
-def insightface_identification(gallery, gallery_ids, probes, probe_ids
-                               ) -> dict:
+def insightface_identification(gallery, gallery_ids, probes, probe_ids) -> dict:
   """Rank-1/5/10 and TPIR at FPIR 0.01 and 0.1 as insightface's
   ijb_1n.py computes them: each probe's subject has one gallery template
   (its mate); rank-k is the mate among the k highest similarities (a tie
@@ -329,22 +361,25 @@ def insightface_identification(gallery, gallery_ids, probes, probe_ids
     similarity = probes[rows] @ gallery.T
     own = np.arange(similarity.shape[0]), mate[rows]
     score = similarity[own][:, None]
-    positions.append(np.sum(similarity > score, axis=1) + np.sum(
-        (similarity == score) & (order < own[1][:, None]), axis=1))
+    positions.append(
+        np.sum(similarity > score, axis=1)
+        + np.sum((similarity == score) & (order < own[1][:, None]), axis=1)
+    )
     mate_scores.append(score[:, 0])
     similarity[own] = -np.inf  # the non-mates remain
     pool = np.concatenate([largest, similarity.reshape(-1)])
     largest = np.partition(pool, len(pool) - min(needed, len(pool)))[
-        len(pool) - min(needed, len(pool)):]
-  position, mate_scores = np.concatenate(positions), np.concatenate(
-      mate_scores)
+        len(pool) - min(needed, len(pool)) :
+    ]
+  position, mate_scores = np.concatenate(positions), np.concatenate(mate_scores)
   prefix = '1n_insightface_'
   out = {f'{prefix}rank{k}': float(np.mean(position < k)) for k in (1, 5, 10)}
   others = np.sort(largest)[::-1]
   for fpir in TPIR_FPIRS:
     threshold = others[math.ceil(len(mate) * fpir) - 1]
     out[f'{prefix}tpir@fpir={fpir:.0e}'] = float(
-        np.mean(mate_scores > threshold))
+        np.mean(mate_scores > threshold)
+    )
   out[f'{prefix}probes'] = int(len(mate))
   return out
 
@@ -359,8 +394,7 @@ def _nist_searches(gallery, gallery_ids, probes, probe_ids):
     mate = probe_ids[rows, None] == gallery_ids[None, :]
     mate_score = np.where(mate, similarity, -np.inf).max(axis=1)
     rank = 1 + np.sum(~mate & (similarity >= mate_score[:, None]), axis=1)
-    parts.append((mate.any(axis=1), mate_score, rank,
-                  similarity.max(axis=1)))
+    parts.append((mate.any(axis=1), mate_score, rank, similarity.max(axis=1)))
   return [np.concatenate(column) for column in zip(*parts)]
 
 
@@ -378,8 +412,9 @@ def nist_identification(galleries, probes, probe_ids) -> dict:
   out, prefix = {}, '1n_nist_'
   by_rate = {}
   for name, gallery, gallery_ids in galleries:
-    mated, mate_score, rank, best = _nist_searches(gallery, gallery_ids,
-                                                   probes, probe_ids)
+    mated, mate_score, rank, best = _nist_searches(
+        gallery, gallery_ids, probes, probe_ids
+    )
     best = np.sort(best[~mated])[::-1]
     key = f'{prefix}{name}_'
     out[f'{key}mated_searches'] = int(mated.sum())
@@ -391,11 +426,11 @@ def nist_identification(galleries, probes, probe_ids) -> dict:
       if len(best) * fpir < 1 or not mated.any():
         continue
       cosine = thresholds_lib.cut_at(best, math.floor(fpir * len(best)))
-      tpir = float(np.mean((rank[mated] == 1) &
-                           (mate_score[mated] >= cosine)))
+      tpir = float(np.mean((rank[mated] == 1) & (mate_score[mated] >= cosine)))
       out[f'{key}tpir@fpir={fpir:.0e}'] = tpir
       out[f'{key}fpir_measured@fpir={fpir:.0e}'] = float(
-          np.mean(best >= cosine))
+          np.mean(best >= cosine)
+      )
       by_rate.setdefault(fpir, []).append(tpir)
   for fpir, values in by_rate.items():
     if len(values) == len(galleries):
@@ -408,51 +443,86 @@ def identification_metrics(image_feats, templates, medias, files) -> dict:
   definitions, with the conventions they follow."""
   unique_templates, feats = template_features(image_feats, templates, medias)
   lists = [_subject_list(f) for f in files]
-  galleries = [(pathlib.Path(f).stem.rsplit('_', 1)[-1],
-                *_chosen(unique_templates, feats, *l))
-               for f, l in zip(files[:-1], lists[:-1])]
+  galleries = [
+      (
+          pathlib.Path(f).stem.rsplit('_', 1)[-1],
+          *_chosen(unique_templates, feats, *l),
+      )
+      for f, l in zip(files[:-1], lists[:-1])
+  ]
   probes, probe_ids = _chosen(unique_templates, feats, *lists[-1])
   out = insightface_identification(
       np.concatenate([g for _, g, _ in galleries]),
-      np.concatenate([i for _, _, i in galleries]), probes, probe_ids)
+      np.concatenate([i for _, _, i in galleries]),
+      probes,
+      probe_ids,
+  )
   out.update(nist_identification(galleries, probes, probe_ids))
-  out.update(num_probes=int(len(probes)),
-             num_gallery=int(sum(len(g) for _, g, _ in galleries)),
-             identification_conventions=IDENTIFICATION_CONVENTIONS)
+  out.update(
+      num_probes=int(len(probes)),
+      num_gallery=int(sum(len(g) for _, g, _ in galleries)),
+      identification_conventions=IDENTIFICATION_CONVENTIONS,
+  )
   return out
 
 
-def evaluate_ijb(embed_fn: extract.EmbedFn, root: str | os.PathLike, *,
-                 batch_size: int, subset: str = 'IJBC', flip: bool = True,
-                 fusion: str | None = extract.DEFAULT_FUSION,
-                 use_norm_score: bool = True,
-                 use_detector_score: bool = False,
-                 far_targets=FAR_TARGETS, image_size: int = 112,
-                 num_threads: int = 8, progress: bool = True,
-                 tar_rule: str = 'insightface') -> dict:
+def evaluate_ijb(
+    embed_fn: extract.EmbedFn,
+    root: str | os.PathLike,
+    *,
+    batch_size: int,
+    subset: str = 'IJBC',
+    flip: bool = True,
+    fusion: str | None = extract.DEFAULT_FUSION,
+    use_norm_score: bool = True,
+    use_detector_score: bool = False,
+    far_targets=FAR_TARGETS,
+    image_size: int = 112,
+    num_threads: int = 8,
+    progress: bool = True,
+    tar_rule: str = 'insightface',
+) -> dict:
   """Aligns, embeds and scores IJB-B or IJB-C 1:1 (see module doc)."""
   layout = ijb_layout(root, subset)
 
   def load(i):
-    return align_face(images_lib.imread_bgr(layout.image_paths[i]),
-                      layout.landmarks[i], image_size)
+    return align_face(
+        images_lib.imread_bgr(layout.image_paths[i]),
+        layout.landmarks[i],
+        image_size,
+    )
 
   feats, norms = extract.extract_embeddings(
       embed_fn,
       images_lib.LazyImages(load, len(layout.image_paths), num_threads),
-      batch_size=batch_size, flip=flip, fusion=fusion, progress=progress,
-      return_norms=True, desc=subset)
+      batch_size=batch_size,
+      flip=flip,
+      fusion=fusion,
+      progress=progress,
+      return_norms=True,
+      desc=subset,
+  )
   if use_norm_score:
     feats = feats * norms[:, None]
   if use_detector_score:
     feats = feats * layout.faceness[:, None]
-  metrics = ijb_metrics(feats, layout.templates, layout.medias,
-                        layout.pairs, layout.labels, far_targets, tar_rule)
+  metrics = ijb_metrics(
+      feats,
+      layout.templates,
+      layout.medias,
+      layout.pairs,
+      layout.labels,
+      far_targets,
+      tar_rule,
+  )
   files = identification_files(root, subset)
   if files:  # 1:N, where the release's lists are present
-    metrics.update(identification_metrics(feats, layout.templates,
-                                          layout.medias, files))
-  metrics.update(pooling='norm-weighted' if use_norm_score else 'unit',
-                 detector_score_weighting=bool(use_detector_score),
-                 tar_rule=tar_rule)
+    metrics.update(
+        identification_metrics(feats, layout.templates, layout.medias, files)
+    )
+  metrics.update(
+      pooling='norm-weighted' if use_norm_score else 'unit',
+      detector_score_weighting=bool(use_detector_score),
+      tar_rule=tar_rule,
+  )
   return metrics

@@ -31,6 +31,7 @@ spaces, tabs or commas; `#` starts a comment), scored as a `.bin` set is,
 after a seeded shuffle of the pairs: 10-fold accuracy, TAR at FAR,
 thresholds, reject curve.
 """
+
 from __future__ import annotations
 
 import array
@@ -64,8 +65,9 @@ class OwnDataError(errors.UserError, ValueError):
   """A folder or pairs file that cannot be evaluated (names it)."""
 
 
-def sample_pairs(labels: np.ndarray, max_pairs: int = MAX_PAIRS,
-                 seed: int = _SEED) -> tuple[np.ndarray, np.ndarray]:
+def sample_pairs(
+    labels: np.ndarray, max_pairs: int = MAX_PAIRS, seed: int = _SEED
+) -> tuple[np.ndarray, np.ndarray]:
   """(genuine (G, 2), impostor (I, 2)) index pairs i < j: every genuine
   pair (a seeded sample beyond max_pairs), and every impostor pair or, when
   there are more than max_pairs, a seeded sample of max_pairs distinct
@@ -81,8 +83,9 @@ def sample_pairs(labels: np.ndarray, max_pairs: int = MAX_PAIRS,
   genuine = np.concatenate(genuine)
   if len(genuine) > max_pairs:
     genuine = genuine[np.sort(rng.choice(len(genuine), max_pairs, False))]
-  impostor_count = n * (n - 1) // 2 - int(sum(
-      k * (k - 1) // 2 for k in np.bincount(labels)))
+  impostor_count = n * (n - 1) // 2 - int(
+      sum(k * (k - 1) // 2 for k in np.bincount(labels))
+  )
   if impostor_count <= max_pairs:
     first, second = np.triu_indices(n, k=1)
     differ = labels[first] != labels[second]
@@ -95,8 +98,9 @@ def sample_pairs(labels: np.ndarray, max_pairs: int = MAX_PAIRS,
   return genuine, found[np.sort(rng.choice(len(found), max_pairs, False))]
 
 
-def leave_one_out_ranks(feats: np.ndarray, labels: np.ndarray,
-                        chunk_size: int = 256) -> np.ndarray:
+def leave_one_out_ranks(
+    feats: np.ndarray, labels: np.ndarray, chunk_size: int = 256
+) -> np.ndarray:
   """1-based rank of each image's best mate among all other images: 1 +
   the other people's images scoring at least as high (ties count against
   the probe); 0: no other image of its person."""
@@ -114,8 +118,9 @@ def leave_one_out_ranks(feats: np.ndarray, labels: np.ndarray,
   return ranks
 
 
-def _pair_metrics(feats, norms, pairs, issame, tar_rule: str,
-                  labels=None, first=None) -> dict:
+def _pair_metrics(
+    feats, norms, pairs, issame, tar_rule: str, labels=None, first=None
+) -> dict:
   """TAR at FAR, thresholds and the reject curve of scored pairs (with
   `labels`, each image's person, thresholds also state their spread over
   people; with `first`, the (feats, norms) the first image of each pair is
@@ -125,22 +130,36 @@ def _pair_metrics(feats, norms, pairs, issame, tar_rule: str,
   out = {}
   fars = [f for f in ijb.FAR_TARGETS if (~issame).sum() * f >= 1]
   if fars and issame.any():
-    out.update({ijb.far_key(f): v for f, v in
-                ijb.tar_at_far(issame, scores, fars, tar_rule).items()})
+    out.update(
+        {
+            ijb.far_key(f): v
+            for f, v in ijb.tar_at_far(issame, scores, fars, tar_rule).items()
+        }
+    )
   out["thresholds"] = thresholds.from_labels(
-      issame, scores, None if labels is None else (labels[pairs[:, 0]],
-                                                  labels[pairs[:, 1]]))
+      issame,
+      scores,
+      None if labels is None else (labels[pairs[:, 0]], labels[pairs[:, 1]]),
+  )
   out["impostor_pairs"] = int(np.sum(~issame))
   out["roc"] = thresholds.roc_points(scores[issame], scores[~issame])
-  out.update(reject.reject_metrics(
-      scores, issame, np.minimum(first_norms[pairs[:, 0]],
-                                 norms[pairs[:, 1]])))
+  out.update(
+      reject.reject_metrics(
+          scores,
+          issame,
+          np.minimum(first_norms[pairs[:, 0]], norms[pairs[:, 1]]),
+      )
+  )
   return out
 
 
-def person_folds(genuine: np.ndarray, impostor: np.ndarray,
-                 labels: np.ndarray, nfolds: int, seed: int = _SEED
-                 ) -> tuple[np.ndarray, np.ndarray, list[int]]:
+def person_folds(
+    genuine: np.ndarray,
+    impostor: np.ndarray,
+    labels: np.ndarray,
+    nfolds: int,
+    seed: int = _SEED,
+) -> tuple[np.ndarray, np.ndarray, list[int]]:
   """(pairs, issame, fold sizes) for k-fold accuracy with no person in two
   folds: people are dealt to `nfolds` folds (seeded); a genuine pair goes
   to its person's fold, an impostor pair to the fold of both its people
@@ -149,8 +168,7 @@ def person_folds(genuine: np.ndarray, impostor: np.ndarray,
   people it is tested on."""
   rng = np.random.default_rng(seed)
   fold_of = rng.permutation(int(labels.max()) + 1) % nfolds
-  same_fold = (fold_of[labels[impostor[:, 0]]] ==
-               fold_of[labels[impostor[:, 1]]])
+  same_fold = fold_of[labels[impostor[:, 0]]] == fold_of[labels[impostor[:, 1]]]
   impostor = impostor[same_fold]
   g_fold = fold_of[labels[genuine[:, 0]]]
   i_fold = fold_of[labels[impostor[:, 0]]]
@@ -160,8 +178,9 @@ def person_folds(genuine: np.ndarray, impostor: np.ndarray,
     count = min(len(g), len(i))
     if not count:
       continue
-    chosen = np.concatenate([g[rng.permutation(len(g))[:count]],
-                             i[rng.permutation(len(i))[:count]]])
+    chosen = np.concatenate(
+        [g[rng.permutation(len(g))[:count]], i[rng.permutation(len(i))[:count]]]
+    )
     order = rng.permutation(2 * count)
     pairs.append(chosen[order])
     same.append(np.r_[np.ones(count, bool), np.zeros(count, bool)][order])
@@ -171,9 +190,16 @@ def person_folds(genuine: np.ndarray, impostor: np.ndarray,
   return np.concatenate(pairs), np.concatenate(same), sizes
 
 
-def folder_metrics(feats: np.ndarray, norms: np.ndarray, labels: np.ndarray,
-                   *, max_pairs: int = MAX_PAIRS, nfolds: int = 10,
-                   tar_rule: str = "insightface", first=None) -> dict:
+def folder_metrics(
+    feats: np.ndarray,
+    norms: np.ndarray,
+    labels: np.ndarray,
+    *,
+    max_pairs: int = MAX_PAIRS,
+    nfolds: int = 10,
+    tar_rule: str = "insightface",
+    first=None,
+) -> dict:
   """Verification, open-set and leave-one-out identification (see
   module). With `first` (the (feats, norms) of every image shrunk to a low
   resolution), verification only, each pair's first image low-resolution
@@ -188,22 +214,33 @@ def folder_metrics(feats: np.ndarray, norms: np.ndarray, labels: np.ndarray,
   balanced, same, sizes = person_folds(genuine, impostor, labels, folds)
   if len(sizes) >= 2:
     first_feats = feats if first is None else first[0]
-    pair_rows = np.stack([first_feats[balanced[:, 0]], feats[balanced[:, 1]]],
-                         axis=1)
+    pair_rows = np.stack(
+        [first_feats[balanced[:, 0]], feats[balanced[:, 1]]], axis=1
+    )
     fold = verification.verification_metrics(
-        pair_rows.reshape(-1, feats.shape[1]), same, fold_sizes=sizes)
-    out.update(accuracy_mean=fold["accuracy_mean"],
-               accuracy_std=fold["accuracy_std"],
-               accuracy_folds=len(sizes))
-  out.update(num_images=int(len(labels)), num_people=int(labels.max() + 1),
-             genuine_pairs=int(len(genuine)), impostor_pairs=int(len(impostor)))
+        pair_rows.reshape(-1, feats.shape[1]), same, fold_sizes=sizes
+    )
+    out.update(
+        accuracy_mean=fold["accuracy_mean"],
+        accuracy_std=fold["accuracy_std"],
+        accuracy_folds=len(sizes),
+    )
+  out.update(
+      num_images=int(len(labels)),
+      num_people=int(labels.max() + 1),
+      genuine_pairs=int(len(genuine)),
+      impostor_pairs=int(len(impostor)),
+  )
   if first is not None:
-    out.update(mean_norm=float(np.mean(first[1])), mean_norm_clean=float(
-        np.mean(norms)))
+    out.update(
+        mean_norm=float(np.mean(first[1])),
+        mean_norm_clean=float(np.mean(norms)),
+    )
     return out
   out["open_set"] = identification.open_set_calibration(feats, labels)
-  out["searches"] = identification.Searches(np.asarray(feats, np.float32),
-                                            np.asarray(labels, np.int32))
+  out["searches"] = identification.Searches(
+      np.asarray(feats, np.float32), np.asarray(labels, np.int32)
+  )
   ranks = leave_one_out_ranks(feats, labels)
   probes = ranks > 0
   if probes.any():
@@ -212,9 +249,12 @@ def folder_metrics(feats: np.ndarray, norms: np.ndarray, labels: np.ndarray,
     for k in (1, 5):
       hit = (ranks <= k) & probes
       out[f"rank{k}"] = float(np.mean(hit[probes]))
-      out[f"rank{k}_per_person"] = float(np.mean(
-          np.bincount(labels, hit, len(images_of))[probing]
-          / images_of[probing]))
+      out[f"rank{k}_per_person"] = float(
+          np.mean(
+              np.bincount(labels, hit, len(images_of))[probing]
+              / images_of[probing]
+          )
+      )
     out["probe_people"] = int(probing.sum())
   out["mean_norm"] = float(np.mean(norms))
   return out
@@ -223,9 +263,10 @@ def folder_metrics(feats: np.ndarray, norms: np.ndarray, labels: np.ndarray,
 @dataclasses.dataclass(frozen=True)
 class PairsFile:
   """A pairs file: each image once, and the pairs as indices into them."""
-  folder: str         # what the file's relative paths are relative to
-  names: list[str]    # the image paths as written, each once
-  pairs: np.ndarray   # (P, 2) int32 indices into `names`
+
+  folder: str  # what the file's relative paths are relative to
+  names: list[str]  # the image paths as written, each once
+  pairs: np.ndarray  # (P, 2) int32 indices into `names`
   issame: np.ndarray  # (P,) bool
 
   def image(self, i: int) -> str:
@@ -246,11 +287,13 @@ def read_pairs_file(path: str | os.PathLike) -> PairsFile:
   """
   path = pathlib.Path(path)
   try:
-    text = regular.read_text(path, MAX_PAIRS_FILE_BYTES, "a pairs file",
-                             OwnDataError)
+    text = regular.read_text(
+        path, MAX_PAIRS_FILE_BYTES, "a pairs file", OwnDataError
+    )
   except FileNotFoundError:
-    raise OwnDataError(f"config.eval.pairs_files: {path} does not "
-                       "exist") from None
+    raise OwnDataError(
+        f"config.eval.pairs_files: {path} does not " "exist"
+    ) from None
   index: dict[str, int] = {}
   firsts, seconds, same = (array.array("i") for _ in range(3))
   for number, line in enumerate(io.StringIO(text), start=1):
@@ -258,12 +301,16 @@ def read_pairs_file(path: str | os.PathLike) -> PairsFile:
     if not fields:
       continue
     if len(fields) != 3 or fields[2] not in ("0", "1"):
-      raise OwnDataError(f"{path}:{number}: expected 'PATH_A PATH_B LABEL' "
-                         f"with LABEL 1 (same) or 0, got {line.strip()[:200]!r}")
+      raise OwnDataError(
+          f"{path}:{number}: expected 'PATH_A PATH_B LABEL' "
+          f"with LABEL 1 (same) or 0, got {line.strip()[:200]!r}"
+      )
     for field in fields[:2]:
       if not field.isprintable():
-        raise OwnDataError(f"{path}:{number}: the path {field[:100]!r} holds "
-                           "control characters")
+        raise OwnDataError(
+            f"{path}:{number}: the path {field[:100]!r} holds "
+            "control characters"
+        )
     a, b = (index.setdefault(f, len(index)) for f in fields[:2])
     firsts.append(a)
     seconds.append(b)
@@ -271,11 +318,14 @@ def read_pairs_file(path: str | os.PathLike) -> PairsFile:
   del text
   issame = np.frombuffer(same, np.int32).astype(bool)
   if not issame.any() or issame.all():
-    raise OwnDataError(f"{path}: needs both same (1) and different (0) "
-                       f"pairs; it has {int(issame.sum())} same of "
-                       f"{len(issame)}")
-  pairs = np.stack([np.frombuffer(firsts, np.int32),
-                    np.frombuffer(seconds, np.int32)], 1)
+    raise OwnDataError(
+        f"{path}: needs both same (1) and different (0) "
+        f"pairs; it has {int(issame.sum())} same of "
+        f"{len(issame)}"
+    )
+  pairs = np.stack(
+      [np.frombuffer(firsts, np.int32), np.frombuffer(seconds, np.int32)], 1
+  )
   return PairsFile(str(path.parent), list(index), pairs, issame)
 
 
@@ -312,11 +362,18 @@ def check_pairs_file(path: str) -> None:
   check_images_exist(map(found.image, range(len(found.names))), str(path))
 
 
-def evaluate_folder(embed_fn: extract.EmbedFn, folder: str, *,
-                    batch_size: int, image_size: int, load=None,
-                    fusion=extract.DEFAULT_FUSION, progress: bool = True,
-                    tar_rule: str = "insightface", low_res=()
-                    ) -> dict[str, dict]:
+def evaluate_folder(
+    embed_fn: extract.EmbedFn,
+    folder: str,
+    *,
+    batch_size: int,
+    image_size: int,
+    load=None,
+    fusion=extract.DEFAULT_FUSION,
+    progress: bool = True,
+    tar_rule: str = "insightface",
+    low_res=(),
+) -> dict[str, dict]:
   """Embeds a folder of people and scores it (`folder_metrics`): {"": the
   clean faces' metrics, "@Npx": verification with the first image of each
   pair shrunk to N px and enlarged back, for each N of `low_res`}. `load`
@@ -327,18 +384,29 @@ def evaluate_folder(embed_fn: extract.EmbedFn, folder: str, *,
   name = os.path.basename(os.path.normpath(folder))
   crops = images_lib.LazyImages(lambda i: load(paths[i]), len(paths))
   embed = lambda faces, desc: extract.extract_embeddings(
-      embed_fn, faces, batch_size=batch_size, fusion=fusion,
-      progress=progress, return_norms=True, desc=desc)
+      embed_fn,
+      faces,
+      batch_size=batch_size,
+      fusion=fusion,
+      progress=progress,
+      return_norms=True,
+      desc=desc,
+  )
   feats, norms = embed(crops, name)
   out = {"": folder_metrics(feats, norms, labels, tar_rule=tar_rule)}
   out[""]["duplicate_files"] = duplicate_report(people)
   for size in low_res:
     shrunk = images_lib.LazyImages(
         lambda i, size=size: verification.shrink(crops.load(i), size),
-        len(paths))
+        len(paths),
+    )
     out[f"@{size}px"] = folder_metrics(
-        feats, norms, labels, tar_rule=tar_rule,
-        first=embed(shrunk, f"{name}@{size}px"))
+        feats,
+        norms,
+        labels,
+        tar_rule=tar_rule,
+        first=embed(shrunk, f"{name}@{size}px"),
+    )
     out[f"@{size}px"]["low_res"] = size
   return out
 
@@ -349,39 +417,58 @@ def duplicate_report(people: folders.People, listed: int = 20) -> dict:
   groups = folders.identical_files(people.paths)
   across = [g for g in groups if len(set(people.labels[g])) > 1]
   if groups:
-    reporting.note(f"{people.root}: {len(groups)} group(s) of identical "
-                   f"files under different names ({len(across)} across "
-                   "people), e.g. " + ", ".join(
-                       str(people.paths[i]) for i in groups[0]))
-  return {"groups": len(groups), "across_people": len(across),
-          "examples": [[str(people.paths[i]) for i in g]
-                       for g in groups[:listed]]}
+    reporting.note(
+        f"{people.root}: {len(groups)} group(s) of identical "
+        f"files under different names ({len(across)} across "
+        "people), e.g. " + ", ".join(str(people.paths[i]) for i in groups[0])
+    )
+  return {
+      "groups": len(groups),
+      "across_people": len(across),
+      "examples": [[str(people.paths[i]) for i in g] for g in groups[:listed]],
+  }
 
 
-def evaluate_pairs_file(embed_fn: extract.EmbedFn, path: str, *,
-                        batch_size: int, image_size: int, load=None,
-                        fusion=extract.DEFAULT_FUSION,
-                        progress: bool = True,
-                        tar_rule: str = "insightface") -> dict:
+def evaluate_pairs_file(
+    embed_fn: extract.EmbedFn,
+    path: str,
+    *,
+    batch_size: int,
+    image_size: int,
+    load=None,
+    fusion=extract.DEFAULT_FUSION,
+    progress: bool = True,
+    tar_rule: str = "insightface",
+) -> dict:
   """Scores a pairs file as a `.bin` set, plus TAR at FAR."""
   found = read_pairs_file(path)
   pairs, issame = found.pairs, found.issame
   load = load or (lambda p: images_lib.read_image(p, image_size))
   feats, norms = extract.extract_embeddings(
-      embed_fn, images_lib.LazyImages(lambda i: load(found.image(i)),
-                                      len(found.names)),
-      batch_size=batch_size, fusion=fusion, progress=progress,
-      return_norms=True, desc=os.path.basename(path))
+      embed_fn,
+      images_lib.LazyImages(lambda i: load(found.image(i)), len(found.names)),
+      batch_size=batch_size,
+      fusion=fusion,
+      progress=progress,
+      return_norms=True,
+      desc=os.path.basename(path),
+  )
   out = _pair_metrics(feats, norms, pairs, issame, tar_rule)
   if len(issame) >= 10:
     # Shuffled (seeded) before folding: a file listing its genuine pairs
     # first would otherwise give folds of one kind.
     order = np.random.default_rng(_SEED).permutation(len(issame))
     fold = verification.verification_metrics(
-        feats[pairs[order]].reshape(2 * len(order), -1), issame[order])
-    out.update(accuracy_mean=fold["accuracy_mean"],
-               accuracy_std=fold["accuracy_std"],
-               best_threshold_cosine=fold["best_threshold_cosine"])
-  out.update(num_pairs=int(len(issame)), num_images=len(found.names),
-             mean_norm=float(np.mean(norms)))
+        feats[pairs[order]].reshape(2 * len(order), -1), issame[order]
+    )
+    out.update(
+        accuracy_mean=fold["accuracy_mean"],
+        accuracy_std=fold["accuracy_std"],
+        best_threshold_cosine=fold["best_threshold_cosine"],
+    )
+  out.update(
+      num_pairs=int(len(issame)),
+      num_images=len(found.names),
+      mean_norm=float(np.mean(norms)),
+  )
   return out

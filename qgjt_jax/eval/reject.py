@@ -36,6 +36,7 @@ are not comparable with the other, so each is computed under its own name:
   (fewer than 1 / `ERC_FMR` impostors), `erc_auc` is None: no point of the
   curve stands at the FMR it is named for.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -49,18 +50,25 @@ ERC_SHARES = np.arange(0, 0.98, 0.05)  # 0, 5, ..., 95 %, as the reference
 CURVE_SHARES = np.round(np.arange(0, 41) / 100.0, 2)
 REPORTED = (0, 10, 20, 40)
 
-EDC_CONVENTION = (f"EDC: genuine comparisons, pair quality = lower norm, "
-                  f"threshold fixed at starting FNMR {STARTING_ERROR}, tied "
-                  f"qualities discarded together, pAUC to "
-                  f"{PAUC_LIMIT:.0%} less the theoretical best")
-ERC_CONVENTION = (f"ERC: all comparisons, pair quality = lower norm, "
-                  f"threshold recomputed at FMR {ERC_FMR:.0e} on the "
-                  f"comparisons kept, AUC over 0-95% unconsidered")
+EDC_CONVENTION = (
+    f"EDC: genuine comparisons, pair quality = lower norm, "
+    f"threshold fixed at starting FNMR {STARTING_ERROR}, tied "
+    f"qualities discarded together, pAUC to "
+    f"{PAUC_LIMIT:.0%} less the theoretical best"
+)
+ERC_CONVENTION = (
+    f"ERC: all comparisons, pair quality = lower norm, "
+    f"threshold recomputed at FMR {ERC_FMR:.0e} on the "
+    f"comparisons kept, AUC over 0-95% unconsidered"
+)
 
 
-def edc(genuine_scores: np.ndarray, genuine_quality: np.ndarray,
-        starting_error: float = STARTING_ERROR,
-        pauc_limit: float = PAUC_LIMIT) -> dict | None:
+def edc(
+    genuine_scores: np.ndarray,
+    genuine_quality: np.ndarray,
+    starting_error: float = STARTING_ERROR,
+    pauc_limit: float = PAUC_LIMIT,
+) -> dict | None:
   """The EDC of genuine comparisons (see the module doc); None without any.
 
   Returns {"discard": (K,), "fnmr": (K,)} (the curve's steps, a last point
@@ -82,14 +90,19 @@ def edc(genuine_scores: np.ndarray, genuine_quality: np.ndarray,
   fnmr = remaining_errors[discarded] / (count - discarded)
   if discard[-1] != 1:
     discard, fnmr = np.r_[discard, 1.0], np.r_[fnmr, 0.0]
-  return {"discard": discard, "fnmr": fnmr, "threshold": threshold,
-          "starting_error": float(fnmr[0]),
-          "pauc": _stepwise_area(discard, fnmr, pauc_limit)
-                  - _theoretical_best_area(float(fnmr[0]), pauc_limit)}
+  return {
+      "discard": discard,
+      "fnmr": fnmr,
+      "threshold": threshold,
+      "starting_error": float(fnmr[0]),
+      "pauc": _stepwise_area(discard, fnmr, pauc_limit)
+      - _theoretical_best_area(float(fnmr[0]), pauc_limit),
+  }
 
 
-def _stepwise_area(discard: np.ndarray, fnmr: np.ndarray,
-                   limit: float) -> float:
+def _stepwise_area(
+    discard: np.ndarray, fnmr: np.ndarray, limit: float
+) -> float:
   """Area under the step curve (each value held until the next step) from
   0 to `limit`."""
   right = np.minimum(np.r_[discard[1:], np.inf], limit)
@@ -99,11 +112,15 @@ def _stepwise_area(discard: np.ndarray, fnmr: np.ndarray,
 
 def _theoretical_best_area(start: float, limit: float) -> float:
   """Area under max(0, start - x) from 0 to `limit`."""
-  return start ** 2 / 2 - max(0.0, start - limit) ** 2 / 2
+  return start**2 / 2 - max(0.0, start - limit) ** 2 / 2
 
 
-def erc(scores: np.ndarray, issame: np.ndarray, pair_quality: np.ndarray,
-        fmr: float = ERC_FMR) -> dict | None:
+def erc(
+    scores: np.ndarray,
+    issame: np.ndarray,
+    pair_quality: np.ndarray,
+    fmr: float = ERC_FMR,
+) -> dict | None:
   """The recomputed-threshold ERC (see the module doc); None without both
   genuine and impostor comparisons.
 
@@ -119,7 +136,7 @@ def erc(scores: np.ndarray, issame: np.ndarray, pair_quality: np.ndarray,
   order = quality_order(quality)
   fnmr, unresolved_from = [], None
   for share in ERC_SHARES:
-    kept = order[int(share * len(order)):]
+    kept = order[int(share * len(order)) :]
     genuine, impostor = scores[kept][issame[kept]], scores[kept][~issame[kept]]
     if unresolved_from is None and len(impostor) * fmr < 1:
       unresolved_from = float(share)
@@ -129,11 +146,18 @@ def erc(scores: np.ndarray, issame: np.ndarray, pair_quality: np.ndarray,
     # As the reference: an impostor at the threshold is a false match, a
     # genuine comparison at it a false non-match.
     fnmr.append(float(np.mean(genuine <= threshold)))
-  shares = ERC_SHARES[:len(fnmr)]
-  auc = float(np.sum(np.diff(shares) * (np.asarray(fnmr[1:]) +
-                                        np.asarray(fnmr[:-1])) / 2))
-  return {"shares": shares, "fnmr": np.asarray(fnmr), "auc": auc,
-          "unresolved_from": unresolved_from}
+  shares = ERC_SHARES[: len(fnmr)]
+  auc = float(
+      np.sum(
+          np.diff(shares) * (np.asarray(fnmr[1:]) + np.asarray(fnmr[:-1])) / 2
+      )
+  )
+  return {
+      "shares": shares,
+      "fnmr": np.asarray(fnmr),
+      "auc": auc,
+      "unresolved_from": unresolved_from,
+  }
 
 
 def quality_order(quality: np.ndarray, seed: int = TIE_SEED) -> np.ndarray:
@@ -143,20 +167,22 @@ def quality_order(quality: np.ndarray, seed: int = TIE_SEED) -> np.ndarray:
   return shuffled[np.argsort(quality[shuffled], kind="stable")]
 
 
-def _nearest_fmr_threshold(genuine: np.ndarray, impostor: np.ndarray,
-                           fmr: float) -> float:
+def _nearest_fmr_threshold(
+    genuine: np.ndarray, impostor: np.ndarray, fmr: float
+) -> float:
   """The score, among all the comparisons' distinct scores, whose FMR
   (impostors at or above it) is nearest `fmr`; the lowest such score
   among equally near ones, as the reference's first argmin."""
   candidates = np.unique(np.r_[genuine, impostor])  # ascending
-  at_or_above = len(impostor) - np.searchsorted(np.sort(impostor),
-                                                candidates, side="left")
-  return float(candidates[np.argmin(np.abs(at_or_above / len(impostor)
-                                           - fmr))])
+  at_or_above = len(impostor) - np.searchsorted(
+      np.sort(impostor), candidates, side="left"
+  )
+  return float(candidates[np.argmin(np.abs(at_or_above / len(impostor) - fmr))])
 
 
-def reject_metrics(scores: np.ndarray, issame: np.ndarray,
-                   pair_quality: np.ndarray) -> dict:
+def reject_metrics(
+    scores: np.ndarray, issame: np.ndarray, pair_quality: np.ndarray
+) -> dict:
   """Both conventions as evaluation results, each named by its
   `*_convention` line; {} when a set has no genuine comparisons."""
   scores = np.asarray(scores, np.float64).reshape(-1)
@@ -167,21 +193,26 @@ def reject_metrics(scores: np.ndarray, issame: np.ndarray,
   if curve is not None:
     steps = np.searchsorted(curve["discard"], CURVE_SHARES, side="right") - 1
     sampled = curve["fnmr"][steps]
-    out.update(edc_convention=EDC_CONVENTION,
-               edc_starting_error=curve["starting_error"],
-               edc_threshold=curve["threshold"], edc_pauc=curve["pauc"],
-               edc_genuine=int(issame.sum()),
-               edc_curve=[[float(x), float(y)]
-                          for x, y in zip(CURVE_SHARES, sampled)])
+    out.update(
+        edc_convention=EDC_CONVENTION,
+        edc_starting_error=curve["starting_error"],
+        edc_threshold=curve["threshold"],
+        edc_pauc=curve["pauc"],
+        edc_genuine=int(issame.sum()),
+        edc_curve=[[float(x), float(y)] for x, y in zip(CURVE_SHARES, sampled)],
+    )
     for percent in REPORTED:
       out[f"edc_fnmr_discard_{percent}"] = float(sampled[percent])
   curve = erc(scores, issame, quality)
   if curve is not None:
     unresolved = curve["unresolved_from"]
-    out.update(erc_convention=ERC_CONVENTION,
-               erc_auc=None if unresolved == 0.0 else curve["auc"],
-               erc_impostors=int((~issame).sum()),
-               erc_unresolved_from=unresolved,
-               erc_curve=[[float(x), float(y)] for x, y in
-                          zip(curve["shares"], curve["fnmr"])])
+    out.update(
+        erc_convention=ERC_CONVENTION,
+        erc_auc=None if unresolved == 0.0 else curve["auc"],
+        erc_impostors=int((~issame).sum()),
+        erc_unresolved_from=unresolved,
+        erc_curve=[
+            [float(x), float(y)] for x, y in zip(curve["shares"], curve["fnmr"])
+        ],
+    )
   return out

@@ -1,4 +1,5 @@
 """Evaluation results as an aligned text table and as JSON in the workdir."""
+
 from collections.abc import Mapping
 import hashlib
 import io
@@ -36,7 +37,8 @@ def _flatten(results: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
     if isinstance(value, Mapping):
       flat.update(_flatten(value, f'{prefix}{key}/'))
     elif isinstance(value, (numbers.Number, np.number)) and not isinstance(
-        value, (bool, np.bool_)):
+        value, (bool, np.bool_)
+    ):
       flat[f'{prefix}{key}'] = value
   return flat
 
@@ -61,8 +63,9 @@ def format_table(results: Mapping[str, Any], digits: int = 4) -> str:
   """
   if not any(isinstance(v, Mapping) for v in results.values()):
     results = {'result': results}
-  rows = {name: _flatten(m) for name, m in results.items()
-          if isinstance(m, Mapping)}
+  rows = {
+      name: _flatten(m) for name, m in results.items() if isinstance(m, Mapping)
+  }
   columns = []
   for metrics in rows.values():
     columns += [c for c in metrics if c not in columns]
@@ -75,19 +78,28 @@ def format_table(results: Mapping[str, Any], digits: int = 4) -> str:
     return f'{float(value):.{digits}f}'
 
   header = ['set'] + columns
-  body = [[name] + [cell(metrics.get(c)) for c in columns]
-          for name, metrics in rows.items()]
-  widths = [max(len(r[i]) for r in [header] + body)
-            for i in range(len(header))]
-  lines = ['  '.join(h.ljust(w) if i == 0 else h.rjust(w)
-                     for i, (h, w) in enumerate(zip(r, widths)))
-           for r in [header] + body]
+  body = [
+      [name] + [cell(metrics.get(c)) for c in columns]
+      for name, metrics in rows.items()
+  ]
+  widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
+  lines = [
+      '  '.join(
+          h.ljust(w) if i == 0 else h.rjust(w)
+          for i, (h, w) in enumerate(zip(r, widths))
+      )
+      for r in [header] + body
+  ]
   lines.insert(1, '  '.join('-' * w for w in widths))
-  texts = {name: [(k, v) for k, v in metrics.items() if isinstance(v, str)]
-           for name, metrics in results.items() if isinstance(metrics, Mapping)}
+  texts = {
+      name: [(k, v) for k, v in metrics.items() if isinstance(v, str)]
+      for name, metrics in results.items()
+      if isinstance(metrics, Mapping)
+  }
   # A text every set shares (the convention a number follows) once.
-  shared = (set.intersection(*map(set, texts.values())) if len(texts) > 1
-            else set())
+  shared = (
+      set.intersection(*map(set, texts.values())) if len(texts) > 1 else set()
+  )
   lines += [f'{key}: {value}' for key, value in sorted(shared)]
   for name, entries in texts.items():
     lines += [f'{name} {k}: {v}' for k, v in entries if (k, v) not in shared]
@@ -122,31 +134,38 @@ def write_results(workdir: str, name: str, results: Mapping[str, Any]) -> str:
   <name>.2.json (then .3 ...). Local files are written whole or not at all.
   """
   remote = '://' in workdir  # object storage: each object is written whole
-  directory = (_epath.Path(workdir) if remote else pathlib.Path(workdir)
-               ) / workdir_layout.EVAL
+  directory = (
+      _epath.Path(workdir) if remote else pathlib.Path(workdir)
+  ) / workdir_layout.EVAL
   directory.mkdir(parents=True, exist_ok=True)
   base, n = name, 1
   if not remote:
     # The first of NAME, NAME.2, ... with neither a JSON nor pictures (a
     # JSON deleted by hand leaves its pictures, which are kept too).
     while (directory / f'{base}.json').exists() or any(
-        (directory / f'{base}.{kind}.png').exists() for kind in plots.KINDS):
+        (directory / f'{base}.{kind}.png').exists() for kind in plots.KINDS
+    ):
       n += 1
       base = f'{name}.{n}'
   files, results = {}, dict(results)
   for set_name, metrics in results.items():
-    searches = (metrics.get(SEARCHES) if isinstance(metrics, Mapping)
-                else None)
+    searches = metrics.get(SEARCHES) if isinstance(metrics, Mapping) else None
     if isinstance(searches, identification.Searches):
       array = io.BytesIO()
-      np.save(array, np.asarray(searches.embeddings, np.float32),
-              allow_pickle=False)
+      np.save(
+          array, np.asarray(searches.embeddings, np.float32), allow_pickle=False
+      )
       data = array.getvalue()
       file = f'{base}.{len(files) + 1}.searches.npy'  # set names are free
       files[str(directory / file)] = data
-      results[set_name] = {**metrics, SEARCHES: {
-          'file': file, 'sha256': hashlib.sha256(data).hexdigest(),
-          'people': np.asarray(searches.people).tolist()}}
+      results[set_name] = {
+          **metrics,
+          SEARCHES: {
+              'file': file,
+              'sha256': hashlib.sha256(data).hexdigest(),
+              'people': np.asarray(searches.people).tolist(),
+          },
+      }
   path = str(directory / f'{base}.json')
   files[path] = json.dumps(_jsonable(results), indent=2, sort_keys=True)
   if remote:
@@ -158,7 +177,7 @@ def write_results(workdir: str, name: str, results: Mapping[str, Any]) -> str:
     return path
   outputs.write_together(files, overwrite=False)
   try:
-    plots.write_plots(results, path[:-len('.json')])
+    plots.write_plots(results, path[: -len('.json')])
   except ImportError:  # matplotlib missing: the JSON holds the curves
     pass
   return path

@@ -16,6 +16,7 @@ for each distance, rank-1 of that distance's probes against all frontal
 mugshots (inner product, closed set). Other files (rotated mugshots...) are
 ignored.
 """
+
 import dataclasses
 import os
 import pathlib
@@ -41,8 +42,9 @@ class SCfaceLayout:
   probe_labels: dict[int, np.ndarray]
 
 
-def _image_paths(root: pathlib.Path, aligned: pathlib.Path
-                 ) -> list[pathlib.Path]:
+def _image_paths(
+    root: pathlib.Path, aligned: pathlib.Path
+) -> list[pathlib.Path]:
   listing = root / 'all.txt'
   if listing.is_file():
     paths = []
@@ -51,8 +53,9 @@ def _image_paths(root: pathlib.Path, aligned: pathlib.Path
       if name:
         path = aligned / f'{name}.jpg'
         if not path.is_file():
-          raise FileNotFoundError(f'SCface: {listing} lists {name}, but '
-                                  f'{path} does not exist')
+          raise FileNotFoundError(
+              f'SCface: {listing} lists {name}, but ' f'{path} does not exist'
+          )
         paths.append(path)
     return paths
   images_lib.require_dir(aligned, f'SCface (and no {listing})')
@@ -60,14 +63,19 @@ def _image_paths(root: pathlib.Path, aligned: pathlib.Path
   seen = {}
   for p in paths:
     if p.stem in seen:
-      raise ValueError(f'SCface: {seen[p.stem]} and {p} have the same name; '
-                       'point aligned_dir at one copy of the images')
+      raise ValueError(
+          f'SCface: {seen[p.stem]} and {p} have the same name; '
+          'point aligned_dir at one copy of the images'
+      )
     seen[p.stem] = p
   return paths
 
 
-def scface_layout(root: str | os.PathLike, aligned_dir: str | os.PathLike = '',
-                  excluded_cameras=EXCLUDED_CAMERAS) -> SCfaceLayout:
+def scface_layout(
+    root: str | os.PathLike,
+    aligned_dir: str | os.PathLike = '',
+    excluded_cameras=EXCLUDED_CAMERAS,
+) -> SCfaceLayout:
   """Reads gallery and per-distance probes (see module doc)."""
   root = pathlib.Path(root)
   images_lib.require_dir(root, 'SCface')
@@ -84,38 +92,53 @@ def scface_layout(root: str | os.PathLike, aligned_dir: str | os.PathLike = '',
       gallery.append(path)
       gallery_labels.append(int(m.group(1)))
   if not gallery:
-    raise FileNotFoundError(f'SCface: no <id>_frontal images under '
-                            f'{root / aligned_dir}')
+    raise FileNotFoundError(
+        f'SCface: no <id>_frontal images under ' f'{root / aligned_dir}'
+    )
   if not any(probes.values()):
-    raise FileNotFoundError(f'SCface: no <id>_cam<c>_<d> images under '
-                            f'{root / aligned_dir}')
-  return SCfaceLayout(gallery, np.array(gallery_labels), probes,
-                      {d: np.array(v, np.int64)
-                       for d, v in probe_labels.items()})
+    raise FileNotFoundError(
+        f'SCface: no <id>_cam<c>_<d> images under ' f'{root / aligned_dir}'
+    )
+  return SCfaceLayout(
+      gallery,
+      np.array(gallery_labels),
+      probes,
+      {d: np.array(v, np.int64) for d, v in probe_labels.items()},
+  )
 
 
-def scface_metrics(gallery_feats: np.ndarray, gallery_labels: np.ndarray,
-                   probe_feats: dict[int, np.ndarray],
-                   probe_labels: dict[int, np.ndarray]) -> dict:
+def scface_metrics(
+    gallery_feats: np.ndarray,
+    gallery_labels: np.ndarray,
+    probe_feats: dict[int, np.ndarray],
+    probe_labels: dict[int, np.ndarray],
+) -> dict:
   """rank1_d<d> and num_probes_d<d> for every distance with probes."""
   metrics = {}
   for d in sorted(probe_feats):
     if len(probe_feats[d]) == 0:
       continue
-    acc = identification.rank_k_accuracy(probe_feats[d], probe_labels[d],
-                                         gallery_feats, gallery_labels, (1,))
+    acc = identification.rank_k_accuracy(
+        probe_feats[d], probe_labels[d], gallery_feats, gallery_labels, (1,)
+    )
     metrics[f'rank1_d{d}'] = acc[1]
     metrics[f'num_probes_d{d}'] = int(len(probe_feats[d]))
   metrics['num_gallery'] = int(len(gallery_feats))
   return metrics
 
 
-def evaluate_scface(embed_fn: extract.EmbedFn, root: str | os.PathLike, *,
-                    batch_size: int, aligned_dir: str | os.PathLike = '',
-                    flip: bool = True,
-                    fusion: str | None = extract.DEFAULT_FUSION,
-                    image_size: int = 112, num_threads: int = 8,
-                    progress: bool = True) -> dict:
+def evaluate_scface(
+    embed_fn: extract.EmbedFn,
+    root: str | os.PathLike,
+    *,
+    batch_size: int,
+    aligned_dir: str | os.PathLike = '',
+    flip: bool = True,
+    fusion: str | None = extract.DEFAULT_FUSION,
+    image_size: int = 112,
+    num_threads: int = 8,
+    progress: bool = True,
+) -> dict:
   """Embeds SCface and returns rank-1 per distance."""
   layout = scface_layout(root, aligned_dir)
   paths = list(layout.gallery_paths)
@@ -124,11 +147,18 @@ def evaluate_scface(embed_fn: extract.EmbedFn, root: str | os.PathLike, *,
     offsets[d] = (len(paths), len(paths) + len(layout.probe_paths[d]))
     paths += layout.probe_paths[d]
   feats = extract.extract_embeddings(
-      embed_fn, images_lib.image_files(paths, image_size,
-                                       num_threads=num_threads),
-      batch_size=batch_size, flip=flip, fusion=fusion, progress=progress,
-      desc='scface')
+      embed_fn,
+      images_lib.image_files(paths, image_size, num_threads=num_threads),
+      batch_size=batch_size,
+      flip=flip,
+      fusion=fusion,
+      progress=progress,
+      desc='scface',
+  )
   n_gallery = len(layout.gallery_paths)
-  return scface_metrics(feats[:n_gallery], layout.gallery_labels,
-                        {d: feats[a:b] for d, (a, b) in offsets.items()},
-                        layout.probe_labels)
+  return scface_metrics(
+      feats[:n_gallery],
+      layout.gallery_labels,
+      {d: feats[a:b] for d, (a, b) in offsets.items()},
+      layout.probe_labels,
+  )

@@ -33,6 +33,7 @@ w600k_mbf (design effect about 23 at FAR 1e-2 over 30 people): calibrated on
 target in 92.5-97.5% of 400 draws; on 20-25 people in 93.5-94.8%, hence
 MIN_PEOPLE. A pair is "same person" when its cosine is >= the threshold.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -54,12 +55,16 @@ def _stats():
   """scipy.stats, imported when a bound is first computed: it costs most
   of a second, and every command imports this module (config_checks)."""
   from scipy import stats  # pylint: disable=g-import-not-at-top
+
   return stats
 
 
-def upper_bound(accepted: np.ndarray, totals: np.ndarray,
-                members: np.ndarray, confidence: float = CONFIDENCE
-                ) -> tuple[float, float]:
+def upper_bound(
+    accepted: np.ndarray,
+    totals: np.ndarray,
+    members: np.ndarray,
+    confidence: float = CONFIDENCE,
+) -> tuple[float, float]:
   """(one-sided upper bound, design effect) of the rate sum(accepted) /
   sum(totals) over units of people (see module).
 
@@ -89,8 +94,11 @@ def upper_bound(accepted: np.ndarray, totals: np.ndarray,
       confidence = _adjusted(confidence, left_out)
   effective = count / design_effect
   k = rate * effective
-  bound = 1.0 if k >= effective else float(
-      _stats().beta.ppf(confidence, k + 1, effective - k))
+  bound = (
+      1.0
+      if k >= effective
+      else float(_stats().beta.ppf(confidence, k + 1, effective - k))
+  )
   return bound, float(design_effect)
 
 
@@ -99,6 +107,7 @@ class Units:
   """What a bound over people resamples: the unit of each comparison (a
   pair of people, or a searching person), the (U, m) people of each unit,
   and how many people there are."""
+
   unit: np.ndarray
   members: np.ndarray
   people: int
@@ -116,17 +125,17 @@ def _adjusted(confidence: float, left_out: np.ndarray) -> float:
   distribution skewed to the right), then taken at Student's t with n - 1
   degrees of freedom, since the variance is estimated from n people."""
   deviations = left_out.mean() - left_out
-  spread = np.sum(deviations ** 2)
-  skew = np.sum(deviations ** 3) / (6 * spread ** 1.5) if spread > 0 else 0
+  spread = np.sum(deviations**2)
+  skew = np.sum(deviations**3) / (6 * spread**1.5) if spread > 0 else 0
   stats = _stats()
   z = stats.norm.ppf(confidence)
   z = z / (1 - skew * z) if skew * z < 1 else np.inf
-  return float(stats.norm.cdf(stats.t.ppf(stats.norm.cdf(z),
-                                          len(left_out) - 1)))
+  return float(
+      stats.norm.cdf(stats.t.ppf(stats.norm.cdf(z), len(left_out) - 1))
+  )
 
 
-def units_of(first: np.ndarray, second: Optional[np.ndarray] = None
-             ) -> Units:
+def units_of(first: np.ndarray, second: Optional[np.ndarray] = None) -> Units:
   """The pair of people of each impostor pair (order ignored), or with
   `second` None the searching person of each search."""
   first = np.asarray(first, np.int64).reshape(-1)
@@ -148,8 +157,9 @@ def cut_at(descending: np.ndarray, count: int) -> float:
   return float(np.nextafter(descending[count], np.inf))
 
 
-def cut_holding(scores: np.ndarray, rate: float,
-                units: Optional[Units] = None) -> Optional[dict]:
+def cut_holding(
+    scores: np.ndarray, rate: float, units: Optional[Units] = None
+) -> Optional[dict]:
   """The threshold of one rate over comparisons `scores`: {"cosine",
   "accepted", "upper", "design_effect"}, None where fewer than PER_RATE /
   rate comparisons resolve it.
@@ -166,8 +176,12 @@ def cut_holding(scores: np.ndarray, rate: float,
   most = int(math.floor(rate * len(scores)))
   if units is None or not units.bounded:
     cosine = cut_at(descending, most)
-    return {"cosine": cosine, "accepted": int(np.sum(scores >= cosine)),
-            "upper": None, "design_effect": None}
+    return {
+        "cosine": cosine,
+        "accepted": int(np.sum(scores >= cosine)),
+        "upper": None,
+        "design_effect": None,
+    }
   count_of = len(units.members)
   totals = np.bincount(units.unit, minlength=count_of)
 
@@ -175,8 +189,12 @@ def cut_holding(scores: np.ndarray, rate: float,
     cosine = cut_at(descending, count)
     hits = np.bincount(units.unit, scores >= cosine, count_of)
     bound, effect = upper_bound(hits, totals, units.members)
-    return {"cosine": cosine, "accepted": int(hits.sum()), "upper": bound,
-            "design_effect": effect}
+    return {
+        "cosine": cosine,
+        "accepted": int(hits.sum()),
+        "upper": bound,
+        "design_effect": effect,
+    }
 
   low, high, best = 0, most, bounded(0)
   while low < high:  # the largest count whose bound holds
@@ -189,43 +207,64 @@ def cut_holding(scores: np.ndarray, rate: float,
   return best if best["upper"] <= rate else None
 
 
-def at_far(genuine: np.ndarray, impostor: np.ndarray, fars=FARS,
-           impostor_people: tuple[np.ndarray, np.ndarray] | None = None
-           ) -> list[dict]:
+def at_far(
+    genuine: np.ndarray,
+    impostor: np.ndarray,
+    fars=FARS,
+    impostor_people: tuple[np.ndarray, np.ndarray] | None = None,
+) -> list[dict]:
   """The threshold of each FAR the impostors resolve (see module);
   `impostor_people`, the person index of each impostor pair's two faces,
   bounds it over people where they are at least MIN_PEOPLE."""
   genuine = np.asarray(genuine, np.float64).reshape(-1)
   scores = np.asarray(impostor, np.float64).reshape(-1)
-  units = (units_of(*impostor_people) if impostor_people is not None and
-           len(scores) else None)
+  units = (
+      units_of(*impostor_people)
+      if impostor_people is not None and len(scores)
+      else None
+  )
   out = []
   for far in fars:
     cut = cut_holding(scores, far, units) if len(genuine) else None
     if cut is None:
       continue
-    out.append({"far": far, "cosine": cut["cosine"],
-                "tar": float(np.mean(genuine >= cut["cosine"])),
-                "genuine": int(len(genuine)), "impostors": int(len(scores)),
-                "accepted": cut["accepted"], "far_upper": cut["upper"],
-                "design_effect": cut["design_effect"],
-                "people": units.people if units else None})
+    out.append(
+        {
+            "far": far,
+            "cosine": cut["cosine"],
+            "tar": float(np.mean(genuine >= cut["cosine"])),
+            "genuine": int(len(genuine)),
+            "impostors": int(len(scores)),
+            "accepted": cut["accepted"],
+            "far_upper": cut["upper"],
+            "design_effect": cut["design_effect"],
+            "people": units.people if units else None,
+        }
+    )
   return out
 
 
-def from_labels(labels: np.ndarray, scores: np.ndarray,
-                people: tuple[np.ndarray, np.ndarray] | None = None
-                ) -> list[dict]:
+def from_labels(
+    labels: np.ndarray,
+    scores: np.ndarray,
+    people: tuple[np.ndarray, np.ndarray] | None = None,
+) -> list[dict]:
   """`at_far` of scores labelled same (true) and different (false); with
   `people`, the person index of each pair's two faces."""
   labels = np.asarray(labels).reshape(-1).astype(bool)
   scores = np.asarray(scores, np.float64).reshape(-1)
-  return at_far(scores[labels], scores[~labels], impostor_people=None if (
-      people is None) else tuple(np.asarray(p)[~labels] for p in people))
+  return at_far(
+      scores[labels],
+      scores[~labels],
+      impostor_people=None
+      if (people is None)
+      else tuple(np.asarray(p)[~labels] for p in people),
+  )
 
 
-def roc_points(genuine: np.ndarray, impostor: np.ndarray,
-               per_decade: int = 10) -> list[list[float]]:
+def roc_points(
+    genuine: np.ndarray, impostor: np.ndarray, per_decade: int = 10
+) -> list[list[float]]:
   """A compact ROC for results and plots: [FAR, TAR] at log-spaced FARs
   from 1/impostors to 1 (per_decade points a decade), TAR being the share
   of genuine scores above the impostor score that FAR allows."""

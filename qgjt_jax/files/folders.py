@@ -20,6 +20,7 @@ Training (`data.prepare --format=image_folder`), evaluation
 * people are sorted by name (numerically when every name is a number, as
   in insightface's sets), and each person's files by path.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -42,10 +43,11 @@ class FolderError(errors.UserError, ValueError):
 @dataclasses.dataclass(frozen=True)
 class People:
   """The images of a folder of people."""
+
   root: pathlib.Path
-  names: list[str]           # the people, in label order
+  names: list[str]  # the people, in label order
   paths: list[pathlib.Path]  # every image, grouped by person
-  labels: np.ndarray         # (len(paths),) the person index of each
+  labels: np.ndarray  # (len(paths),) the person index of each
 
   def person(self, i: int) -> str:
     return self.names[int(self.labels[i])]
@@ -55,8 +57,7 @@ def _visible(path: pathlib.Path) -> bool:
   return not path.name.startswith(".")
 
 
-def read(root: str | os.PathLike, what: str, *, min_people: int = 1
-         ) -> People:
+def read(root: str | os.PathLike, what: str, *, min_people: int = 1) -> People:
   """The people of `root` by the module's rules; `what` names the flag or
   config key in messages.
 
@@ -66,19 +67,24 @@ def read(root: str | os.PathLike, what: str, *, min_people: int = 1
   """
   root = pathlib.Path(root)
   if not root.is_dir():
-    raise FolderError(f"{what}={root} is not a folder of people (one "
-                      "sub-folder of photos per person)")
+    raise FolderError(
+        f"{what}={root} is not a folder of people (one "
+        "sub-folder of photos per person)"
+    )
   entries = sorted(root.iterdir())
   loose = [p for p in entries if _visible(p) and not p.is_dir()]
   stray = [p for p in loose if p.suffix.lower() in images.IMAGE_EXTENSIONS]
   if stray:
     raise FolderError(
         f"{what}={root}: {stray[0].name} is not in a person's folder: one "
-        "sub-folder per person (PERSON/photo.jpg); move it into one, or out")
+        "sub-folder per person (PERSON/photo.jpg); move it into one, or out"
+    )
   if loose:
-    reporting.note(f"{root}: {len(loose)} file(s) outside the person folders "
-                   f"ignored ({', '.join(p.name for p in loose[:3])}"
-                   f"{', ...' if len(loose) > 3 else ''}).")
+    reporting.note(
+        f"{root}: {len(loose)} file(s) outside the person folders "
+        f"ignored ({', '.join(p.name for p in loose[:3])}"
+        f"{', ...' if len(loose) > 3 else ''})."
+    )
   folders = [p for p in entries if _visible(p) and p.is_dir()]
   if all(p.name.isdigit() for p in folders):
     folders.sort(key=lambda p: (int(p.name), p.name))
@@ -94,17 +100,23 @@ def read(root: str | os.PathLike, what: str, *, min_people: int = 1
     names.append(folder.name)
     paths += found
   if empty:
-    reporting.note(f"{root}: {len(empty)} person folder(s) without files "
-                   f"left out ({', '.join(empty[:3])}"
-                   f"{', ...' if len(empty) > 3 else ''}).")
+    reporting.note(
+        f"{root}: {len(empty)} person folder(s) without files "
+        f"left out ({', '.join(empty[:3])}"
+        f"{', ...' if len(empty) > 3 else ''})."
+    )
   if links:
-    reporting.note(f"{root}: {len(links)} linked folder(s) inside person "
-                   "folders not followed, their photos left out (" +
-                   images.described_links(root, links) + ").")
+    reporting.note(
+        f"{root}: {len(links)} linked folder(s) inside person "
+        "folders not followed, their photos left out ("
+        + images.described_links(root, links)
+        + ")."
+    )
   if len(names) < min_people:
     raise FolderError(
         f"{what}={root} holds {len(names)} person folder(s) with files; "
-        f"this needs at least {min_people} (one sub-folder per person)")
+        f"this needs at least {min_people} (one sub-folder per person)"
+    )
   return People(root, names, paths, np.asarray(labels, np.int64))
 
 
@@ -116,21 +128,27 @@ def _check_distinct(root: pathlib.Path, folders: list[pathlib.Path]) -> None:
   for folder in folders:
     real = os.path.realpath(folder)
     if real_root == real or real_root.startswith(real.rstrip(os.sep) + os.sep):
-      raise FolderError(f"{folder} links to {real}, which holds the whole "
-                        "set: its images would be added again under another "
-                        "name; remove the link")
+      raise FolderError(
+          f"{folder} links to {real}, which holds the whole "
+          "set: its images would be added again under another "
+          "name; remove the link"
+      )
     if real in owner:
-      raise FolderError(f"{folder} and {owner[real]} are the same folder "
-                        f"({real}): its images would get two names; remove "
-                        "one of them")
+      raise FolderError(
+          f"{folder} and {owner[real]} are the same folder "
+          f"({real}): its images would get two names; remove "
+          "one of them"
+      )
     owner[real] = folder
   for real, folder in owner.items():
     parent = os.path.dirname(real)
     while parent and parent != os.path.dirname(parent):
       if parent in owner:
-        raise FolderError(f"{folder} is inside person folder {owner[parent]} "
-                          f"({real}): its images would get two names; remove "
-                          "the link")
+        raise FolderError(
+            f"{folder} is inside person folder {owner[parent]} "
+            f"({real}): its images would get two names; remove "
+            "the link"
+        )
       parent = os.path.dirname(parent)
 
 

@@ -22,6 +22,7 @@ see (before the (x / 255 - 0.5) / 0.5 normalisation, which happens later on
 the device); nothing else in the project flips channels. OpenCV also
 releases the GIL while decoding, so a small thread pool keeps a device fed.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
@@ -46,8 +47,17 @@ class ImageError(errors.UserError, ValueError):
   """Bytes or a file that are not a decodable image (the message names it)."""
 
 
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.pgm', '.ppm', '.tif',
-                    '.tiff', '.webp')
+IMAGE_EXTENSIONS = (
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".bmp",
+    ".pgm",
+    ".ppm",
+    ".tif",
+    ".tiff",
+    ".webp",
+)
 
 
 def resize_square(image: np.ndarray, size: int) -> np.ndarray:
@@ -68,7 +78,7 @@ def imread_bgr(path: str | os.PathLike) -> np.ndarray:
     ImageError: not a decodable image.
   """
   if not os.path.lexists(path):
-    raise FileNotFoundError(f'image {path} does not exist')
+    raise FileNotFoundError(f"image {path} does not exist")
   return decode_image(read_image_file(path), os.fspath(path))
 
 
@@ -77,9 +87,13 @@ def read_image(path: str | os.PathLike, image_size: int = 112) -> np.ndarray:
   return resize_square(imread_bgr(path), image_size)
 
 
-def load_in_chunks(load: Callable[[int], np.ndarray], indices: Sequence[int],
-                   *, chunk_size: int = 256,
-                   num_threads: int = 8) -> Iterator[np.ndarray]:
+def load_in_chunks(
+    load: Callable[[int], np.ndarray],
+    indices: Sequence[int],
+    *,
+    chunk_size: int = 256,
+    num_threads: int = 8,
+) -> Iterator[np.ndarray]:
   """Yields stacked chunks of load(i) for i in `indices`, in order.
 
   At most 2 * num_threads chunks are in flight, so memory stays bounded
@@ -88,7 +102,7 @@ def load_in_chunks(load: Callable[[int], np.ndarray], indices: Sequence[int],
   starts = range(0, len(indices), chunk_size)
 
   def load_chunk(start):
-    return np.stack([load(int(i)) for i in indices[start:start + chunk_size]])
+    return np.stack([load(int(i)) for i in indices[start : start + chunk_size]])
 
   with concurrent.futures.ThreadPoolExecutor(max(1, num_threads)) as pool:
     pending = []
@@ -111,6 +125,7 @@ class LazyImages:
   What the evaluators hand to extraction, so that each process of a
   multi-host run reads only the images it embeds.
   """
+
   load: Callable[[int], np.ndarray]
   count: int
   num_threads: int = 8
@@ -118,21 +133,29 @@ class LazyImages:
   def __len__(self) -> int:
     return self.count
 
-  def chunks(self, indices: Sequence[int], chunk_size: int = 256
-             ) -> Iterator[np.ndarray]:
-    return load_in_chunks(self.load, indices, chunk_size=chunk_size,
-                          num_threads=self.num_threads)
+  def chunks(
+      self, indices: Sequence[int], chunk_size: int = 256
+  ) -> Iterator[np.ndarray]:
+    return load_in_chunks(
+        self.load, indices, chunk_size=chunk_size, num_threads=self.num_threads
+    )
 
 
-def image_files(paths: Sequence[str | os.PathLike], image_size: int = 112, *,
-                num_threads: int = 8) -> LazyImages:
+def image_files(
+    paths: Sequence[str | os.PathLike],
+    image_size: int = 112,
+    *,
+    num_threads: int = 8,
+) -> LazyImages:
   """The images at `paths` as uint8 BGR (image_size, image_size, 3)."""
-  return LazyImages(lambda i: read_image(paths[i], image_size), len(paths),
-                    num_threads)
+  return LazyImages(
+      lambda i: read_image(paths[i], image_size), len(paths), num_threads
+  )
 
 
-def files_below(folder: pathlib.Path) -> tuple[list[pathlib.Path],
-                                                list[pathlib.Path]]:
+def files_below(
+    folder: pathlib.Path,
+) -> tuple[list[pathlib.Path], list[pathlib.Path]]:
   """The visible files below `folder` (at any depth, sorted) and the linked
   folders inside it, which are not followed.
 
@@ -144,19 +167,24 @@ def files_below(folder: pathlib.Path) -> tuple[list[pathlib.Path],
   """
   found, links = [], []
   for path, subfolders, files in os.walk(folder):
-    inside = [pathlib.Path(path) / name for name in sorted(subfolders)
-              if not name.startswith(".")]
+    inside = [
+        pathlib.Path(path) / name
+        for name in sorted(subfolders)
+        if not name.startswith(".")
+    ]
     links += [p for p in inside if p.is_symlink()]
     subfolders[:] = [p.name for p in inside if not p.is_symlink()]
-    found += [pathlib.Path(path) / name for name in files
-              if not name.startswith(".")]
+    found += [
+        pathlib.Path(path) / name for name in files if not name.startswith(".")
+    ]
   return sorted(found), sorted(links)
 
 
 def described_links(root: pathlib.Path, links: list[pathlib.Path]) -> str:
   """The first few linked folders left out, as 'a/b -> target, ...'."""
-  return ", ".join(f"{p.relative_to(root)} -> {os.readlink(p)}"
-                   for p in links[:3]) + (", ..." if len(links) > 3 else "")
+  return ", ".join(
+      f"{p.relative_to(root)} -> {os.readlink(p)}" for p in links[:3]
+  ) + (", ..." if len(links) > 3 else "")
 
 
 def list_images(directory: pathlib.Path) -> list[pathlib.Path]:
@@ -172,34 +200,42 @@ def list_images(directory: pathlib.Path) -> list[pathlib.Path]:
   real_root = os.path.realpath(directory)
   for link in [p for p in links if p.parent == directory]:
     real = os.path.realpath(link)
-    if not (real_root == real or real.startswith(real_root + os.sep) or
-            real_root.startswith(real.rstrip(os.sep) + os.sep)):
+    if not (
+        real_root == real
+        or real.startswith(real_root + os.sep)
+        or real_root.startswith(real.rstrip(os.sep) + os.sep)
+    ):
       links.remove(link)
       more, deeper = files_below(link)
       found += more
       links += deeper
   if links:
-    reporting.note(f"{directory}: {len(links)} linked folder(s) inside not "
-                   "followed, their images left out (" +
-                   described_links(directory, sorted(links)) + ").")
-  return sorted(p for p in found
-                if os.path.splitext(p.name)[1].lower() in IMAGE_EXTENSIONS)
+    reporting.note(
+        f"{directory}: {len(links)} linked folder(s) inside not "
+        "followed, their images left out ("
+        + described_links(directory, sorted(links))
+        + ")."
+    )
+  return sorted(
+      p
+      for p in found
+      if os.path.splitext(p.name)[1].lower() in IMAGE_EXTENSIONS
+  )
 
 
 def require_dir(path: pathlib.Path, what: str) -> pathlib.Path:
   if not path.is_dir():
-    raise FileNotFoundError(f'{what}: directory {path} does not exist')
+    raise FileNotFoundError(f"{what}: directory {path} does not exist")
   return path
 
 
 def require_file(path: pathlib.Path, what: str) -> pathlib.Path:
   if not path.is_file():
-    raise FileNotFoundError(f'{what}: file {path} does not exist')
+    raise FileNotFoundError(f"{what}: file {path} does not exist")
   return path
 
 
-def imdecode_or_none(data: bytes, where: str = "<image>"
-                     ) -> np.ndarray | None:
+def imdecode_or_none(data: bytes, where: str = "<image>") -> np.ndarray | None:
   """`cv2.imdecode(IMREAD_COLOR)` of the bytes, or None where OpenCV can't.
 
   The size the image declares is checked first (`limits`), so a small file
@@ -245,8 +281,9 @@ def decode_image(data: bytes, where: str = "<image>") -> np.ndarray:
   """
   image = imdecode_or_none(data, where)
   if image is None or image.ndim != 3 or image.shape[2] != 3:
-    raise ImageError(f"{where}: {len(data)} bytes that are not a decodable "
-                     "image")
+    raise ImageError(
+        f"{where}: {len(data)} bytes that are not a decodable " "image"
+    )
   return image
 
 
@@ -255,8 +292,21 @@ def decode_image(data: bytes, where: str = "<image>") -> np.ndarray:
 
 _PNG = b"\x89PNG\r\n\x1a\n"
 # JPEG start-of-frame markers (C4 DHT, C8 JPG and CC DAC are not frames).
-_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD,
-        0xCE, 0xCF}
+_SOF = {
+    0xC0,
+    0xC1,
+    0xC2,
+    0xC3,
+    0xC5,
+    0xC6,
+    0xC7,
+    0xC9,
+    0xCA,
+    0xCB,
+    0xCD,
+    0xCE,
+    0xCF,
+}
 
 
 def _jpeg_size(data: bytes) -> Optional[tuple[int, int]]:
@@ -292,6 +342,7 @@ class _VastForPillow(Exception):
 def _pillow_size(data: bytes) -> Optional[tuple[int, int]]:
   """Other formats: Pillow reads the header only (no pixels)."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   try:
     with Image.open(io.BytesIO(data)) as image:
       return image.size
@@ -322,21 +373,33 @@ def check_encoded_image(data: bytes, where: str) -> None:
   """
   allowed = limits.current()
   if len(data) > allowed.max_image_file_bytes:
-    raise limits.exceeded(where, "the image's size in bytes", len(data),
-                   "max_image_file_bytes")
+    raise limits.exceeded(
+        where, "the image's size in bytes", len(data), "max_image_file_bytes"
+    )
   try:
     size = declared_image_size(bytes(data))
   except _VastForPillow:
     from PIL import Image  # pylint: disable=g-import-not-at-top
-    raise limits.exceeded(where, "an image of more pixels than Pillow opens",
-                   2 * Image.MAX_IMAGE_PIXELS, "max_image_pixels") from None
+
+    raise limits.exceeded(
+        where,
+        "an image of more pixels than Pillow opens",
+        2 * Image.MAX_IMAGE_PIXELS,
+        "max_image_pixels",
+    ) from None
   if size is None:
-    raise ValueError(f"{where}: {len(data)} bytes that are not an image in a "
-                     "format read here (JPEG, PNG, BMP, WebP, TIFF, GIF...)")
+    raise ValueError(
+        f"{where}: {len(data)} bytes that are not an image in a "
+        "format read here (JPEG, PNG, BMP, WebP, TIFF, GIF...)"
+    )
   width, height = size
   if width * height > allowed.max_image_pixels:
-    raise limits.exceeded(where, f"an image of {width} x {height} pixels",
-                   width * height, "max_image_pixels")
+    raise limits.exceeded(
+        where,
+        f"an image of {width} x {height} pixels",
+        width * height,
+        "max_image_pixels",
+    )
 
 
 def read_image_file(path: str | os.PathLike) -> bytes:
@@ -355,11 +418,13 @@ def read_image_file(path: str | os.PathLike) -> bytes:
       size = os.fstat(f.fileno()).st_size
       limit = limits.current().max_image_file_bytes
       if size > limit:
-        raise limits.exceeded(path, "the file's size in bytes", size,
-                              "max_image_file_bytes")
+        raise limits.exceeded(
+            path, "the file's size in bytes", size, "max_image_file_bytes"
+        )
       return f.read(limit + 1)
   except OSError:
     if os.path.islink(path) and not os.path.exists(path):
-      raise FileNotFoundError(f"{path} is a dangling or looping symbolic "
-                              "link, not an image") from None
+      raise FileNotFoundError(
+          f"{path} is a dangling or looping symbolic " "link, not an image"
+      ) from None
     raise

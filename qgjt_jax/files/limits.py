@@ -20,6 +20,7 @@ line that names the file, the limit and how to raise it:
 `convert` and `data.prepare` as `--NAME=VALUE`. The input pipeline hands the
 values in force to its worker processes when it starts them.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,6 +28,7 @@ import os
 from typing import Any, Mapping, Optional
 
 from qgjt_jax import errors
+
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
@@ -41,9 +43,9 @@ HELP = {
     "max_image_pixels": "Most pixels (width x height) an image may declare.",
     "max_image_file_bytes": "Most bytes of one image file.",
     "max_tensor_bytes": "Most bytes of one tensor, storage or archive member "
-                        "of a checkpoint.",
+    "of a checkpoint.",
     "max_inflation": "Most times its compressed size a checkpoint's archive "
-                     "member may inflate to.",
+    "member may inflate to.",
     "max_pickle_depth": "Deepest nesting of containers in a checkpoint.",
 }
 DEFAULTS = dataclasses.asdict(Limits())
@@ -63,10 +65,14 @@ class LimitError(errors.UserError, ValueError):
 def exceeded(where: str, what: str, value: int, name: str) -> LimitError:
   """The error for `what` (= `value`) of `where` over the limit `name`."""
   limit = getattr(current(), name)
-  return LimitError(where, (
-      f"{what} ({value:,}) is over the limit {name}={limit:,} (set to stop "
-      "damaged or hostile files); if you trust the file, raise it with "
-      f"--config.limits.{name}=N (main) or --{name}=N (convert, prepare)"))
+  return LimitError(
+      where,
+      (
+          f"{what} ({value:,}) is over the limit {name}={limit:,} (set to stop "
+          "damaged or hostile files); if you trust the file, raise it with "
+          f"--config.limits.{name}=N (main) or --{name}=N (convert, prepare)"
+      ),
+  )
 
 
 _HIGHEST = 1 << 48  # 256 TiB: past any real file, still a safe size_t
@@ -77,8 +83,10 @@ _HIGHEST_DEPTH = 10_000
 def _validated(values: Mapping[str, Any], where: str) -> Limits:
   unknown = sorted(set(values) - set(DEFAULTS))
   if unknown:
-    raise errors.UserError(f"{where}: unknown limit {unknown[0]!r}; the "
-                           f"limits are {', '.join(DEFAULTS)}")
+    raise errors.UserError(
+        f"{where}: unknown limit {unknown[0]!r}; the "
+        f"limits are {', '.join(DEFAULTS)}"
+    )
   checked = {}
   for name, value in values.items():
     try:
@@ -87,8 +95,10 @@ def _validated(values: Mapping[str, Any], where: str) -> Limits:
       number = 0
     highest = _HIGHEST_DEPTH if name == "max_pickle_depth" else _HIGHEST
     if number <= 0 or number != value or number > highest:
-      raise errors.UserError(f"{where}: {name}={value!r} must be a positive "
-                             f"integer up to {highest:,}")
+      raise errors.UserError(
+          f"{where}: {name}={value!r} must be a positive "
+          f"integer up to {highest:,}"
+      )
     checked[name] = number
   return Limits(**{**DEFAULTS, **checked})
 
@@ -100,8 +110,9 @@ def current() -> Limits:
   return _current
 
 
-def configure(values: Optional[Mapping[str, Any]] = None,
-              where: str = "limits") -> Limits:
+def configure(
+    values: Optional[Mapping[str, Any]] = None, where: str = "limits"
+) -> Limits:
   """Puts `values` (name -> int; missing names keep their defaults) in force
   in this process."""
   return use(_validated(dict(values or {}), where))
@@ -117,12 +128,14 @@ def use(limits: Limits) -> Limits:
 def define_flags() -> None:
   """--max_image_pixels ... for the absl commands (convert, prepare)."""
   from absl import flags  # pylint: disable=g-import-not-at-top
+
   for name, default in DEFAULTS.items():
     flags.DEFINE_integer(name, default, HELP[name])
 
 
 def configure_from_flags() -> Limits:
   from absl import flags  # pylint: disable=g-import-not-at-top
+
   return configure({n: flags.FLAGS[n].value for n in DEFAULTS}, "flags")
 
 
@@ -157,22 +170,32 @@ def check_zip(archive, path: str) -> None:
   them together more than max_inflation times the archive (many small
   members are no way around the ratio)."""
   import zipfile  # pylint: disable=g-import-not-at-top
+
   allowed = current()
   total = 0
   for info in archive.infolist():
     where = f"{path}: member {info.filename}"
     if info.file_size > allowed.max_tensor_bytes:
-      raise exceeded(where, "its size in bytes", info.file_size,
-                     "max_tensor_bytes")
-    if info.compress_type != zipfile.ZIP_STORED and info.file_size > max(
-        _INFLATION_FLOOR, allowed.max_inflation * info.compress_size):
       raise exceeded(
-          where, f"{info.compress_size:,} compressed bytes inflating to "
-          f"{info.file_size:,}: a ratio", info.file_size // max(
-              info.compress_size, 1), "max_inflation")
+          where, "its size in bytes", info.file_size, "max_tensor_bytes"
+      )
+    if info.compress_type != zipfile.ZIP_STORED and info.file_size > max(
+        _INFLATION_FLOOR, allowed.max_inflation * info.compress_size
+    ):
+      raise exceeded(
+          where,
+          f"{info.compress_size:,} compressed bytes inflating to "
+          f"{info.file_size:,}: a ratio",
+          info.file_size // max(info.compress_size, 1),
+          "max_inflation",
+      )
     total += info.file_size
   size = max(1, os.path.getsize(path))
   if total > max(_INFLATION_FLOOR, allowed.max_inflation * size):
-    raise exceeded(path, f"members inflating to {total:,} bytes from a "
-                   f"{size:,}-byte archive: a ratio", total // size,
-                   "max_inflation")
+    raise exceeded(
+        path,
+        f"members inflating to {total:,} bytes from a "
+        f"{size:,}-byte archive: a ratio",
+        total // size,
+        "max_inflation",
+    )

@@ -25,6 +25,7 @@ What the objects mean (tensors, images) is the subclass's and its caller's
 to check; `walk` visits a structure once per object, so objects shared
 through the memo are never expanded into copies.
 """
+
 from __future__ import annotations
 
 import pickle
@@ -53,6 +54,7 @@ class RestrictedUnpickler(pickle._Unpickler):  # pylint: disable=protected-acces
     where: the file, as messages name it.
     **kwargs: for pickle's Unpickler (encoding, errors).
   """
+
   dispatch = dict(pickle._Unpickler.dispatch)  # pylint: disable=protected-access
 
   def __init__(self, file, size: int, where: str, **kwargs):
@@ -67,13 +69,15 @@ class RestrictedUnpickler(pickle._Unpickler):  # pylint: disable=protected-acces
 
   def find_class(self, module, name):
     raise pickle.UnpicklingError(
-        f"it refers to {module}.{name}, which such a file never needs")
+        f"it refers to {module}.{name}, which such a file never needs"
+    )
 
   def _declared(self, count: int, opcode: str) -> int:
     if count > self._size:
       raise pickle.UnpicklingError(
           f"its {opcode} declares {count:,} bytes, more than the whole file "
-          f"({self._size:,} bytes) holds")
+          f"({self._size:,} bytes) holds"
+      )
     return count
 
   def _load_bytearray8(self):
@@ -82,6 +86,7 @@ class RestrictedUnpickler(pickle._Unpickler):  # pylint: disable=protected-acces
     if len(data) != count:
       raise pickle.UnpicklingError("the file ends inside a BYTEARRAY8")
     self.append(bytearray(data))
+
   dispatch[pickle.BYTEARRAY8[0]] = _load_bytearray8
 
   def _known(self, item: Any) -> tuple[int, int]:
@@ -96,8 +101,9 @@ class RestrictedUnpickler(pickle._Unpickler):  # pylint: disable=protected-acces
     known = [self._known(v) for v in items]
     depth = 1 + max((d for d, _ in known), default=0)
     if depth > self._max_depth:
-      raise limits.exceeded(self.where, "tuples nested", depth,
-                            "max_pickle_depth")
+      raise limits.exceeded(
+          self.where, "tuples nested", depth, "max_pickle_depth"
+      )
     # Capped: only whether it passes the budget matters.
     visits = min(1 + sum(v for _, v in known), _MAX_HASH_VISITS + 1)
     if make is frozenset:
@@ -113,23 +119,31 @@ class RestrictedUnpickler(pickle._Unpickler):  # pylint: disable=protected-acces
       raise pickle.UnpicklingError(
           f"hashing its dict keys and set members would visit more than "
           f"{_MAX_HASH_VISITS:,} objects (tuples that hold the same tuple "
-          "many times over): no file of this kind holds such keys")
+          "many times over): no file of this kind holds such keys"
+      )
 
-  def hashing(self, make: Callable[..., Any], pairs: bool = False
-              ) -> Callable[..., Any]:
+  def hashing(
+      self, make: Callable[..., Any], pairs: bool = False
+  ) -> Callable[..., Any]:
     """`make` (set, frozenset, OrderedDict: a callable that hashes the
     items, or with `pairs` the keys, of its one argument) as a file may
     call it, that hashing charged first."""
+
     def call(*args):
       if len(args) > 1 or (args and not isinstance(args[0], (list, tuple))):
         raise pickle.UnpicklingError(
             f"it calls {make.__name__} with {len(args)} argument(s) of "
-            f"{', '.join(type(a).__name__ for a in args)}, not one list")
+            f"{', '.join(type(a).__name__ for a in args)}, not one list"
+        )
       if args:
         items = args[0]
-        self._charge([p[0] for p in items if isinstance(p, (list, tuple))
-                      and p] if pairs else items)
+        self._charge(
+            [p[0] for p in items if isinstance(p, (list, tuple)) and p]
+            if pairs
+            else items
+        )
       return make(*args)
+
     return call
 
   def _load_dict(self):
@@ -189,11 +203,13 @@ class RestrictedUnpickler(pickle._Unpickler):  # pylint: disable=protected-acces
     need."""
     raise pickle.UnpicklingError(
         f"it sets the state of a {type(target).__name__} object, which such "
-        "a file never does")
+        "a file never does"
+    )
 
   def _load_build(self):
     state = self.stack.pop()
     self.build(self.stack[-1], state)
+
   dispatch[pickle.BUILD[0]] = _load_build
 
 
@@ -211,16 +227,21 @@ def load(unpickler: RestrictedUnpickler) -> Any:
   except limits.LimitError:
     raise
   except (MemoryError, RecursionError) as e:
-    raise PickleError(f"{where}: its pickle asks for more than it can hold "
-                      f"({type(e).__name__})") from None
+    raise PickleError(
+        f"{where}: its pickle asks for more than it can hold "
+        f"({type(e).__name__})"
+    ) from None
   except Exception as e:  # pylint: disable=broad-except
     # Nothing of the file's runs: what fails is the file's.
-    raise PickleError(f"{where}: not a readable pickle ({type(e).__name__}: "
-                      f"{str(e)[:200]})") from None
+    raise PickleError(
+        f"{where}: not a readable pickle ({type(e).__name__}: "
+        f"{str(e)[:200]})"
+    ) from None
 
 
-def walk(obj: Any, visit: Callable[[Any, Callable[[Any], Any]], Any],
-         where: str) -> Any:
+def walk(
+    obj: Any, visit: Callable[[Any, Callable[[Any], Any]], Any], where: str
+) -> Any:
   """`visit(obj, inner)` with `inner` the same walk one level down, each
   object visited once: an object reached again (shared through the memo,
   or a cycle) gives its first result, so a structure of n objects costs n
@@ -238,8 +259,12 @@ def walk(obj: Any, visit: Callable[[Any, Callable[[Any], Any]], Any],
       else:
         return done[key][1]
     if depth > limit:
-      raise limits.exceeded(where, "the nesting of its containers (or a "
-                            "cycle)", depth, "max_pickle_depth")
+      raise limits.exceeded(
+          where,
+          "the nesting of its containers (or a " "cycle)",
+          depth,
+          "max_pickle_depth",
+      )
     done[key] = (value, busy)
     result = visit(value, lambda v: inner(v, depth + 1))
     done[key] = (value, result)

@@ -5,10 +5,13 @@ model is run without one: the workdir's own record (records.py), so that
   python -m qgjt_jax.main --workdir=runs/demo --mode=eval \
       --config.eval.bin_sets="('/data/lfw.bin',)"
 """
+
 from qgjt_jax import records
 
 
 def get_config(workdir: str):
   return records.recorded_config(
-      workdir, advice="name a training run's workdir or one qgjt_jax.convert "
-      "wrote, or pass --config=configs/NAME.py with the model's settings")
+      workdir,
+      advice="name a training run's workdir or one qgjt_jax.convert "
+      "wrote, or pass --config=configs/NAME.py with the model's settings",
+  )

@@ -15,6 +15,7 @@ checked reader of stored sets (`eval.stored.check_set`: the numbers must
 add up), and the statistics must be finite and positive. Anything else is
 refused in one line naming the file and the field.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,6 +45,7 @@ class CarriedRecordError(errors.UserError):
 @dataclasses.dataclass(frozen=True)
 class Carried:
   """The validated records of one file (None: the file has none)."""
+
   quality: Optional[dict[str, float]] = None
   thresholds: Optional[dict[str, Any]] = None
 
@@ -56,27 +58,40 @@ class Carried:
     """{config key: value} of the quality settings."""
     if self.quality is None:
       return {}
-    return {key: self.quality[name] for name, key in
-            records.QUALITY_SETTINGS.items()}
+    return {
+        key: self.quality[name]
+        for name, key in records.QUALITY_SETTINGS.items()
+    }
 
   def evaluation(self, source: str) -> Optional[dict[str, Any]]:
     """The sets as an evaluation result of the converted step (the form
     `decisions` reads), each provenance naming `source`."""
     if self.thresholds is None:
       return None
-    return {name: {**entry, "provenance": {**entry["provenance"],
-                                           "carried_from": source}}
-            for name, entry in self.thresholds["sets"].items()}
+    return {
+        name: {
+            **entry,
+            "provenance": {**entry["provenance"], "carried_from": source},
+        }
+        for name, entry in self.thresholds["sets"].items()
+    }
 
 
-def quality_record(norm_stats: Optional[Mapping[str, float]], h: float,
-                   eps: float, b: float) -> Optional[str]:
+def quality_record(
+    norm_stats: Optional[Mapping[str, float]], h: float, eps: float, b: float
+) -> Optional[str]:
   """The quality record of a model (None without norm statistics)."""
   if norm_stats is None:
     return None
-  return json.dumps({"mean": float(norm_stats["mean"]),
-                     "std": float(norm_stats["std"]), "h": float(h),
-                     "eps": float(eps), "b": float(b)})
+  return json.dumps(
+      {
+          "mean": float(norm_stats["mean"]),
+          "std": float(norm_stats["std"]),
+          "h": float(h),
+          "eps": float(eps),
+          "b": float(b),
+      }
+  )
 
 
 def read(metadata: Mapping[str, str], path: str) -> Carried:
@@ -87,7 +102,8 @@ def read(metadata: Mapping[str, str], path: str) -> Carried:
   """
   return Carried(
       quality=_quality(_parse(metadata, QUALITY_KEY, path), path),
-      thresholds=_thresholds(_parse(metadata, THRESHOLDS_KEY, path), path))
+      thresholds=_thresholds(_parse(metadata, THRESHOLDS_KEY, path), path),
+  )
 
 
 def _parse(metadata: Mapping[str, str], key: str, path: str) -> Any:
@@ -95,32 +111,51 @@ def _parse(metadata: Mapping[str, str], key: str, path: str) -> Any:
   if text is None:
     return None
   if not isinstance(text, str) or len(text) > _MAX_RECORD_CHARS:
-    raise CarriedRecordError(f"{path}: {key} is not a record this project "
-                             f"writes (over {_MAX_RECORD_CHARS:,} characters)")
+    raise CarriedRecordError(
+        f"{path}: {key} is not a record this project "
+        f"writes (over {_MAX_RECORD_CHARS:,} characters)"
+    )
   try:
     return json.loads(text)
   except (ValueError, RecursionError) as e:
-    raise CarriedRecordError(f"{path}: {key} is not readable JSON "
-                             f"({type(e).__name__})") from None
+    raise CarriedRecordError(
+        f"{path}: {key} is not readable JSON " f"({type(e).__name__})"
+    ) from None
 
 
 def _fail(path: str, field: str, why: str):
   raise CarriedRecordError(f"{path}: {field} {why}; {_ALTERED}")
 
 
-_ALTERED = ("the file's records were altered or damaged: convert its weights "
-            "alone from a copy you trust, or re-export it")
+_ALTERED = (
+    "the file's records were altered or damaged: convert its weights "
+    "alone from a copy you trust, or re-export it"
+)
 
 
-def _number(value: Any, path: str, field: str, *, low: float = -math.inf,
-            positive: bool = False) -> float:
-  ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
-        and math.isfinite(value) and value >= low
-        and not (positive and value <= 0))
+def _number(
+    value: Any,
+    path: str,
+    field: str,
+    *,
+    low: float = -math.inf,
+    positive: bool = False,
+) -> float:
+  ok = (
+      isinstance(value, (int, float))
+      and not isinstance(value, bool)
+      and math.isfinite(value)
+      and value >= low
+      and not (positive and value <= 0)
+  )
   if not ok:
-    _fail(path, field, f"is {str(value)[:40]!r}, not a "
-          f"{'positive ' if positive else ''}number"
-          + (f" of at least {low:g}" if low > -math.inf else ""))
+    _fail(
+        path,
+        field,
+        f"is {str(value)[:40]!r}, not a "
+        f"{'positive ' if positive else ''}number"
+        + (f" of at least {low:g}" if low > -math.inf else ""),
+    )
   return float(value)
 
 
@@ -133,13 +168,13 @@ def _quality(record: Any, path: str) -> Optional[dict[str, float]]:
   b = _number(record.get("b"), path, f"{field}.b", low=-1)
   if b > 1:
     _fail(path, f"{field}.b", f"is {b:g}, above 1")
-  return {"mean": _number(record.get("mean"), path, f"{field}.mean",
-                          positive=True),
-          "std": _number(record.get("std"), path, f"{field}.std", low=0),
-          "h": _number(record.get("h"), path, f"{field}.h", positive=True),
-          "eps": _number(record.get("eps"), path, f"{field}.eps",
-                         positive=True),
-          "b": b}
+  return {
+      "mean": _number(record.get("mean"), path, f"{field}.mean", positive=True),
+      "std": _number(record.get("std"), path, f"{field}.std", low=0),
+      "h": _number(record.get("h"), path, f"{field}.h", positive=True),
+      "eps": _number(record.get("eps"), path, f"{field}.eps", positive=True),
+      "b": b,
+  }
 
 
 def _thresholds(record: Any, path: str) -> Optional[dict[str, Any]]:
@@ -150,8 +185,12 @@ def _thresholds(record: Any, path: str) -> Optional[dict[str, Any]]:
   if not isinstance(record, dict) or not isinstance(record.get("sets"), dict):
     _fail(path, field, "holds no mapping of sets")
   if record.get("scoring") != extract.DECISION_SCORING:
-    _fail(path, f"{field}.scoring", f"is {str(record.get('scoring'))[:60]!r}"
-          f", not this version's scoring ({extract.DECISION_SCORING})")
+    _fail(
+        path,
+        f"{field}.scoring",
+        f"is {str(record.get('scoring'))[:60]!r}"
+        f", not this version's scoring ({extract.DECISION_SCORING})",
+    )
   if len(record["sets"]) > stored.MAX_ROWS:
     _fail(path, f"{field}.sets", f"holds over {stored.MAX_ROWS} sets")
   sets = {}

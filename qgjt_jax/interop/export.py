@@ -45,6 +45,7 @@ models/). Those programs build only the published sizes (112 px faces,
 `qgjt_jax.convert` reads it back; the file's metadata records the input
 size and channel order.
 """
+
 from __future__ import annotations
 
 import json
@@ -59,15 +60,17 @@ from qgjt_jax import records
 LAYOUTS = {
     "qgjt": {
         "input": "images: (batch, size, size, 3) uint8, BGR channel order, "
-                 "aligned face crops; normalisation inside the model",
+        "aligned face crops; normalisation inside the model",
         "outputs": "embeddings: (batch, D) float32 unit rows; norms: "
-                   "(batch,) float32 feature norms (quality indicator); "
-                   "each face fused with its mirror image"},
+        "(batch,) float32 feature norms (quality indicator); "
+        "each face fused with its mirror image",
+    },
     "insightface": {
         "input": "input.1: (batch, 3, size, size) float32, RGB channel "
-                 "order, (x - 127.5) / 127.5, aligned face crops",
+        "order, (x - 127.5) / 127.5, aligned face crops",
         "outputs": "embedding: (batch, D) float32, unit embedding times the "
-                   "feature norm; each face fused with its mirror image"},
+        "feature norm; each face fused with its mirror image",
+    },
 }
 FORMATS = ("onnx", "stablehlo", "safetensors")
 # What each format needs beyond the base install, and the extra naming it.
@@ -79,6 +82,7 @@ def load(path: str, step: Optional[int] = None):
   float32 for export."""
   from qgjt_jax.inference import model as model_lib  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
   model = model_lib.load_model(path, step)
   return model, model.module.clone(dtype=jnp.float32), model.host_variables()
 
@@ -87,6 +91,7 @@ def forward_fn(model, variables):
   """uint8 BGR images -> (unit embeddings, norms), flip-fused: the
   exported function."""
   from qgjt_jax.inference import model as model_lib  # pylint: disable=g-import-not-at-top
+
   return model_lib.fused_forward(model, variables)
 
 
@@ -98,9 +103,13 @@ PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 DEFAULT_PLATFORMS = ("cpu", "cuda", "tpu")
 
 
-def stablehlo_bytes(model, variables: dict, image_size: int,
-                    batch: Optional[int] = None,
-                    platforms: Sequence[str] = DEFAULT_PLATFORMS) -> bytes:
+def stablehlo_bytes(
+    model,
+    variables: dict,
+    image_size: int,
+    batch: Optional[int] = None,
+    platforms: Sequence[str] = DEFAULT_PLATFORMS,
+) -> bytes:
   """jax.export's serialisation of the forward pass for `platforms`
   (symbolic batch when `batch` is None).
 
@@ -109,14 +118,18 @@ def stablehlo_bytes(model, variables: dict, image_size: int,
   """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
   shape = ((batch,) if batch else jax.export.symbolic_shape("batch")) + (
-      image_size, image_size, 3)
+      image_size,
+      image_size,
+      3,
+  )
   previous = jax.config.jax_traceback_in_locations_limit
   jax.config.update("jax_traceback_in_locations_limit", 0)
   try:
-    exported = jax.export.export(jax.jit(forward_fn(model, variables)),
-                                 platforms=tuple(platforms))(
-                                     jax.ShapeDtypeStruct(shape, jnp.uint8))
+    exported = jax.export.export(
+        jax.jit(forward_fn(model, variables)), platforms=tuple(platforms)
+    )(jax.ShapeDtypeStruct(shape, jnp.uint8))
   finally:
     jax.config.update("jax_traceback_in_locations_limit", previous)
   return bytes(exported.serialize())
@@ -130,7 +143,8 @@ def parse_platforms(text: str) -> tuple[str, ...]:
   if unknown or not names:
     raise errors.UserError(
         f"--platforms={text}: a comma-separated list of "
-        f"{', '.join(PLATFORMS)}")
+        f"{', '.join(PLATFORMS)}"
+    )
   return tuple(dict.fromkeys(names))
 
 
@@ -142,50 +156,80 @@ def _require(fmt: str) -> None:
   try:
     __import__(package)
   except ImportError:
-    how = (f"pip install 'qgjt_jax[{extra}]'" if extra else
-           f"pip install {package}")
-    raise errors.UserError(f"--format={fmt} needs the {package} package, "
-                           f"which is not installed: {how}") from None
+    how = (
+        f"pip install 'qgjt_jax[{extra}]'"
+        if extra
+        else f"pip install {package}"
+    )
+    raise errors.UserError(
+        f"--format={fmt} needs the {package} package, "
+        f"which is not installed: {how}"
+    ) from None
 
 
 def loads_in(module, image_size: int) -> tuple[str, Optional[str]]:
   """(the public code whose names the safetensors file uses, why that code
   cannot build this model, or None when it can)."""
   from qgjt_jax import models  # pylint: disable=g-import-not-at-top
+
   return models.family_of_module(module).public_code(module, image_size)
 
 
-def onnx_proto(module, variables: dict, image_size: int,
-               batch: Optional[int], metadata: dict, layout: str):
+def onnx_proto(
+    module,
+    variables: dict,
+    image_size: int,
+    batch: Optional[int],
+    metadata: dict,
+    layout: str,
+):
   """The ONNX model of a layout (see the module doc), translated from the
   jaxpr of the function that embeds (`interop.onnx_export`)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from qgjt_jax.inference import model as model_lib  # pylint: disable=g-import-not-at-top
   from qgjt_jax.interop import onnx_export  # pylint: disable=g-import-not-at-top
+
   size = image_size
   if layout == "insightface":
+
     def insightface_layout(x, weights):
       # (B, 3, S, S) RGB in [-1, 1] -> the BGR NHWC faces every model takes.
       bgr = jnp.flip(jnp.transpose(x, (0, 2, 3, 1)), axis=-1)
       unit, norms = model_lib.fused_features(module, weights, bgr)
       return (unit * norms[:, None],)
+
     return onnx_export.onnx_model(
-        insightface_layout, jax.ShapeDtypeStruct((1, 3, size, size),
-                                                 jnp.float32),
-        input_name="input.1", output_names=("embedding",), batch=batch,
-        weights=variables, metadata=metadata)
+        insightface_layout,
+        jax.ShapeDtypeStruct((1, 3, size, size), jnp.float32),
+        input_name="input.1",
+        output_names=("embedding",),
+        batch=batch,
+        weights=variables,
+        metadata=metadata,
+    )
   return onnx_export.onnx_model(
       lambda x, weights: model_lib.fused_forward(module, weights)(x),
       jax.ShapeDtypeStruct((1, size, size, 3), jnp.uint8),
-      input_name="images", output_names=("embeddings", "norms"),
-      batch=batch, weights=variables, metadata=metadata)
+      input_name="images",
+      output_names=("embeddings", "norms"),
+      batch=batch,
+      weights=variables,
+      metadata=metadata,
+  )
 
 
-def export(path: str, fmt: str, out: str, *, batch: Optional[int] = None,
-           step: Optional[int] = None, overwrite: bool = False,
-           layout: str = "qgjt",
-           platforms: Optional[Sequence[str]] = None) -> dict[str, Any]:
+def export(
+    path: str,
+    fmt: str,
+    out: str,
+    *,
+    batch: Optional[int] = None,
+    step: Optional[int] = None,
+    overwrite: bool = False,
+    layout: str = "qgjt",
+    platforms: Optional[Sequence[str]] = None,
+) -> dict[str, Any]:
   """Writes the model of a workdir (or a checkpoints or step folder) to
   `out`; returns what the file says.
 
@@ -196,14 +240,19 @@ def export(path: str, fmt: str, out: str, *, batch: Optional[int] = None,
   """
   from qgjt_jax.inference import decisions  # pylint: disable=g-import-not-at-top
   from qgjt_jax.interop import carried  # pylint: disable=g-import-not-at-top
+
   if fmt not in FORMATS:
     raise errors.UserError(f"--format={fmt}: use {', '.join(FORMATS)}")
   if layout not in LAYOUTS or (layout != "qgjt" and fmt != "onnx"):
-    raise errors.UserError(f"--onnx_layout={layout}: use qgjt or (for "
-                           "--format=onnx) insightface")
+    raise errors.UserError(
+        f"--onnx_layout={layout}: use qgjt or (for "
+        "--format=onnx) insightface"
+    )
   if platforms is not None and fmt != "stablehlo":
-    raise errors.UserError(f"--platforms is for --format=stablehlo; "
-                           f"--format={fmt} runs wherever its runtime does")
+    raise errors.UserError(
+        f"--platforms is for --format=stablehlo; "
+        f"--format={fmt} runs wherever its runtime does"
+    )
   platforms = tuple(platforms or DEFAULT_PLATFORMS)
   _require(fmt)
   targets = [out] + ([out + ".json"] if fmt == "stablehlo" else [])
@@ -213,39 +262,56 @@ def export(path: str, fmt: str, out: str, *, batch: Optional[int] = None,
   image_size = loaded.image_size
   # The workdir's name, not this machine's path to it.
   workdir_name = os.path.basename(os.path.abspath(loaded.workdir))
-  metadata = {"qgjt_jax.model": loaded.name,
-              "qgjt_jax.weights_input_order": loaded.input_order,
-              "qgjt_jax.image_size": image_size,
-              "qgjt_jax.source": f"workdir {workdir_name}, step {loaded.step}",
-              "qgjt_jax.batch": batch or "dynamic",
-              "qgjt_jax.scoring": _scoring(fmt)}
+  metadata = {
+      "qgjt_jax.model": loaded.name,
+      "qgjt_jax.weights_input_order": loaded.input_order,
+      "qgjt_jax.image_size": image_size,
+      "qgjt_jax.source": f"workdir {workdir_name}, step {loaded.step}",
+      "qgjt_jax.batch": batch or "dynamic",
+      "qgjt_jax.scoring": _scoring(fmt),
+  }
   if fmt == "stablehlo":
     metadata["qgjt_jax.platforms"] = ",".join(platforms)
   measured = decisions.exported(loaded.workdir, loaded.step)
   if measured:
     metadata[carried.THRESHOLDS_KEY] = json.dumps(measured)
   quality = carried.quality_record(
-      loaded.norm_stats, loaded.config.quality.h, loaded.config.quality.eps,
-      loaded.hq_threshold)
+      loaded.norm_stats,
+      loaded.config.quality.h,
+      loaded.config.quality.eps,
+      loaded.hq_threshold,
+  )
   if quality:
     metadata[carried.QUALITY_KEY] = quality
   if fmt == "safetensors":
     code, why_not = loads_in(module, image_size)
     metadata["qgjt_jax.loads_in"] = (
         f"qgjt_jax.convert only ({code} cannot build it: {why_not})"
-        if why_not else f"{code} (strict load), and qgjt_jax.convert")
-    _write_safetensors(out, module, variables, image_size, metadata,
-                       overwrite)
+        if why_not
+        else f"{code} (strict load), and qgjt_jax.convert"
+    )
+    _write_safetensors(out, module, variables, image_size, metadata, overwrite)
   elif fmt == "onnx":
     # What rebuilds the model around the weights (`convert` of the file).
-    settings = {key: config_keys.lookup(loaded.config, key) for key in
-                records.model_keys() + records.MODEL_INPUT_KEYS}
-    settings = {k: v for k, v in settings.items()
-                if v is not config_keys.MISSING}
-    proto = onnx_proto(module, variables, image_size, batch,
-                       {**LAYOUTS[layout], **metadata,
-                        carried.MODEL_SETTINGS_KEY: json.dumps(settings)},
-                       layout)
+    settings = {
+        key: config_keys.lookup(loaded.config, key)
+        for key in records.model_keys() + records.MODEL_INPUT_KEYS
+    }
+    settings = {
+        k: v for k, v in settings.items() if v is not config_keys.MISSING
+    }
+    proto = onnx_proto(
+        module,
+        variables,
+        image_size,
+        batch,
+        {
+            **LAYOUTS[layout],
+            **metadata,
+            carried.MODEL_SETTINGS_KEY: json.dumps(settings),
+        },
+        layout,
+    )
     outputs.write(out, proto.SerializeToString(), overwrite=overwrite)
   else:
     data = stablehlo_bytes(module, variables, image_size, batch, platforms)
@@ -253,54 +319,73 @@ def export(path: str, fmt: str, out: str, *, batch: Optional[int] = None,
     for key in (carried.THRESHOLDS_KEY, carried.QUALITY_KEY):
       if key in metadata:
         sidecar[key] = json.loads(metadata[key])
-    outputs.write_together({out: data,
-                            out + ".json": json.dumps(sidecar, indent=2)},
-                           overwrite=overwrite)
+    outputs.write_together(
+        {out: data, out + ".json": json.dumps(sidecar, indent=2)},
+        overwrite=overwrite,
+    )
   return metadata
 
 
 def _scoring(fmt: str) -> str:
   from qgjt_jax.eval import extract  # pylint: disable=g-import-not-at-top
+
   if fmt == "safetensors":
     return "weights only: score as you choose"
   return extract.DECISION_SCORING
 
 
-def _write_safetensors(out: str, model, variables: dict, image_size: int,
-                       metadata: dict, overwrite: bool) -> None:
+def _write_safetensors(
+    out: str,
+    model,
+    variables: dict,
+    image_size: int,
+    metadata: dict,
+    overwrite: bool,
+) -> None:
   """The model as the PyTorch state dict of its family's public code
   (`models.registry.TorchLayer`)."""
   import safetensors.numpy  # pylint: disable=g-import-not-at-top
   from qgjt_jax.interop import state_dicts  # pylint: disable=g-import-not-at-top
+
   state = state_dicts.to_torch(variables, model, image_size)
   text = {"format": "pt", **{k: str(v) for k, v in metadata.items()}}
-  outputs.write(out, safetensors.numpy.save(state, metadata=text),
-                overwrite=overwrite)
+  outputs.write(
+      out, safetensors.numpy.save(state, metadata=text), overwrite=overwrite
+  )
 
 
 def summary(out: str, fmt: str, layout: str, metadata: dict) -> list[str]:
   """What the command prints about the file it wrote."""
   size = metadata["qgjt_jax.image_size"]
   if fmt == "safetensors":
-    return [f"Wrote {out}: a PyTorch state dict in the names of "
-            f"{metadata['qgjt_jax.model']}'s PyTorch code, for {size} px "
-            f"{metadata['qgjt_jax.weights_input_order']} input. Loads in: "
-            f"{metadata['qgjt_jax.loads_in']}."]
+    return [
+        f"Wrote {out}: a PyTorch state dict in the names of "
+        f"{metadata['qgjt_jax.model']}'s PyTorch code, for {size} px "
+        f"{metadata['qgjt_jax.weights_input_order']} input. Loads in: "
+        f"{metadata['qgjt_jax.loads_in']}."
+    ]
   layout = layout if fmt == "onnx" else "qgjt"
-  where = (f", for {metadata['qgjt_jax.platforms']}"
-           if fmt == "stablehlo" else "")
-  lines = [f"Wrote {out} ({fmt}{where}, {layout} layout, batch "
-           f"{metadata['qgjt_jax.batch']}, {size} px): in "
-           f"{LAYOUTS[layout]['input']}; out {LAYOUTS[layout]['outputs']}."]
-  if layout == "insightface" and not (size >= 112 and size % 16 == 0 and
-                                      size not in (96, 128, 192)):
+  where = (
+      f", for {metadata['qgjt_jax.platforms']}" if fmt == "stablehlo" else ""
+  )
+  lines = [
+      f"Wrote {out} ({fmt}{where}, {layout} layout, batch "
+      f"{metadata['qgjt_jax.batch']}, {size} px): in "
+      f"{LAYOUTS[layout]['input']}; out {LAYOUTS[layout]['outputs']}."
+  ]
+  if layout == "insightface" and not (
+      size >= 112 and size % 16 == 0 and size not in (96, 128, 192)
+  ):
     lines.append(
         f"insightface.model_zoo.get_model routes a file by its input size "
         f"(square, at least 112 px, a multiple of 16) and returns None for "
         f"{size} px: load it with insightface.model_zoo.arcface_onnx."
-        "ArcFaceONNX(model_file=PATH) instead.")
+        "ArcFaceONNX(model_file=PATH) instead."
+    )
   if "qgjt_jax.thresholds" not in metadata:
-    lines.append("No decision thresholds recorded: the workdir has no "
-                 "evaluation that measured them (run --mode=eval first, "
-                 "with config.eval.calibration_folders for photos).")
+    lines.append(
+        "No decision thresholds recorded: the workdir has no "
+        "evaluation that measured them (run --mode=eval first, "
+        "with config.eval.calibration_folders for photos)."
+    )
   return lines

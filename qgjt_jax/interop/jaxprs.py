@@ -6,6 +6,7 @@ derivatives, remat) inlined and every `lax.platform_dependent` choice
 resolved for a platform other than the CPU (the program an accelerator or
 another runtime runs; `models.layers.GroupedConv`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,16 +15,24 @@ from typing import Any
 from jax.extend import core as jcore
 
 # Primitives that only call a jaxpr held in a parameter.
-_CALLS = {"pjit": "jaxpr", "jit": "jaxpr", "closed_call": "call_jaxpr",
-          "core_call": "call_jaxpr", "remat": "jaxpr", "checkpoint": "jaxpr",
-          "custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr",
-          "custom_vjp_call_jaxpr": "fun_jaxpr"}
+_CALLS = {
+    "pjit": "jaxpr",
+    "jit": "jaxpr",
+    "closed_call": "call_jaxpr",
+    "core_call": "call_jaxpr",
+    "remat": "jaxpr",
+    "checkpoint": "jaxpr",
+    "custom_jvp_call": "call_jaxpr",
+    "custom_vjp_call": "call_jaxpr",
+    "custom_vjp_call_jaxpr": "fun_jaxpr",
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class Equation:
   """One primitive application: its inputs (Vars of the outer program or
   Literals) and outputs, as in a jaxpr."""
+
   primitive: str
   params: dict[str, Any]
   invars: tuple[Any, ...]
@@ -41,6 +50,7 @@ def _jaxpr_of(value) -> tuple[Any, list[Any]]:
 @dataclasses.dataclass(frozen=True)
 class Flat:
   """A ClosedJaxpr with its calls inlined."""
+
   invars: list[Any]
   constvars: list[Any]
   consts: list[Any]
@@ -61,6 +71,7 @@ def flatten(closed) -> Flat:
   def walk(inner, env: dict) -> None:
     def atom(a):
       return a if isinstance(a, jcore.Literal) else env.get(a, a)
+
     for eqn in inner.eqns:
       name = eqn.primitive.name
       ins = tuple(atom(a) for a in eqn.invars)
@@ -72,8 +83,7 @@ def flatten(closed) -> Flat:
         # (the one named None, the default), else the first one that is
         # not the CPU's.
         platforms = platform_of[ins[0]]
-        chosen = next((i for i, p in enumerate(platforms) if p is None),
-                      None)
+        chosen = next((i for i, p in enumerate(platforms) if p is None), None)
         if chosen is None:
           chosen = next(i for i, p in enumerate(platforms) if "cpu" not in p)
         _inline(eqn.params["branches"][chosen], ins[1:], eqn.outvars, env)
@@ -81,8 +91,11 @@ def flatten(closed) -> Flat:
       if name in _CALLS and _CALLS[name] in eqn.params:
         _inline(eqn.params[_CALLS[name]], ins, eqn.outvars, env)
         continue
-      equations.append(Equation(name, dict(eqn.params), ins,
-                                tuple(eqn.outvars), eqn.primitive))
+      equations.append(
+          Equation(
+              name, dict(eqn.params), ins, tuple(eqn.outvars), eqn.primitive
+          )
+      )
 
   def _inline(sub, ins, outs, env) -> None:
     sub_jaxpr, sub_consts = _jaxpr_of(sub)
@@ -92,11 +105,16 @@ def flatten(closed) -> Flat:
       consts.append(value)
     walk(sub_jaxpr, inner)
     for out, result in zip(outs, sub_jaxpr.outvars):
-      env[out] = (result if isinstance(result, jcore.Literal)
-                  else inner.get(result, result))
+      env[out] = (
+          result
+          if isinstance(result, jcore.Literal)
+          else inner.get(result, result)
+      )
 
   env: dict = {}
   walk(jaxpr, env)
-  outvars = [v if isinstance(v, jcore.Literal) else env.get(v, v)
-             for v in jaxpr.outvars]
+  outvars = [
+      v if isinstance(v, jcore.Literal) else env.get(v, v)
+      for v in jaxpr.outvars
+  ]
   return Flat(list(jaxpr.invars), constvars, consts, equations, outvars)

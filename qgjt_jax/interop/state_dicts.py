@@ -11,6 +11,7 @@ model.
   module = models.build_backbone(found.recognised.name, ...)
   variables = to_flax(found.tensors, module, found.recognised.image_size)
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,9 +28,18 @@ from qgjt_jax.models import registry
 
 # Prefixes a backbone carries in the wild, most specific first: Lightning
 # modules (QGFace `backbone.`, AdaFace `model.`) and DataParallel (`module.`).
-_KNOWN_PREFIXES = ("", "backbone.", "model.", "module.", "model.module.",
-                   "backbone.module.", "module.backbone.", "module.model.",
-                   "model.net.", "net.")  # the last two: CVLFace's hub files
+_KNOWN_PREFIXES = (
+    "",
+    "backbone.",
+    "model.",
+    "module.",
+    "model.module.",
+    "backbone.module.",
+    "module.backbone.",
+    "module.model.",
+    "model.net.",
+    "net.",
+)  # the last two: CVLFace's hub files
 # An AdaFace checkpoint's margin head, and BatchNorm's step counters.
 _IGNORED = re.compile(r"(^head\.|\.num_batches_tracked$)")
 
@@ -41,9 +51,10 @@ class StateDictMismatchError(errors.UserError, ValueError):
 @dataclasses.dataclass(frozen=True)
 class Found:
   """The backbone a state dict holds."""
+
   family: registry.Family
   prefix: str
-  tensors: dict[str, Any]        # its tensors under their bare names
+  tensors: dict[str, Any]  # its tensors under their bare names
   recognised: registry.Recognised
 
 
@@ -55,14 +66,20 @@ def _candidate_prefixes(keys: set[str]) -> list[tuple[str, registry.Family]]:
     for stem in family.stem_keys:
       for key in keys:
         if key.endswith(stem):
-          prefix = key[:-len(stem)]
+          prefix = key[: -len(stem)]
           if not prefix or prefix.endswith("."):
             found.add((prefix, family.name))
-  rank = lambda p: (_KNOWN_PREFIXES.index(p) if p in _KNOWN_PREFIXES
-                    else len(_KNOWN_PREFIXES), p)
+  rank = lambda p: (
+      _KNOWN_PREFIXES.index(p)
+      if p in _KNOWN_PREFIXES
+      else len(_KNOWN_PREFIXES),
+      p,
+  )
   by_name = {f.name: f for f in models.families()}
-  return [(p, by_name[f]) for p, f in sorted(found, key=lambda x: (rank(x[0]),
-                                                                 x[1]))]
+  return [
+      (p, by_name[f])
+      for p, f in sorted(found, key=lambda x: (rank(x[0]), x[1]))
+  ]
 
 
 def find_backbone(state_dict: Mapping[str, Any]) -> Found:
@@ -81,15 +98,19 @@ def find_backbone(state_dict: Mapping[str, Any]) -> Found:
   keys = set(state_dict)
   hits, problems = [], []
   for prefix, family in _candidate_prefixes(keys):
-    tensors = {k[len(prefix):]: v for k, v in state_dict.items()
-               if k.startswith(prefix) and not _IGNORED.search(
-                   k[len(prefix):])}
+    tensors = {
+        k[len(prefix) :]: v
+        for k, v in state_dict.items()
+        if k.startswith(prefix) and not _IGNORED.search(k[len(prefix) :])
+    }
     try:
       recognised = family.recognise(
-          {k: tuple(np.shape(v)) for k, v in tensors.items()})
+          {k: tuple(np.shape(v)) for k, v in tensors.items()}
+      )
     except ValueError as e:
-      problems.append(f"{family.name} names under {prefix or 'no prefix'!r}"
-                      f": {e}")
+      problems.append(
+          f"{family.name} names under {prefix or 'no prefix'!r}" f": {e}"
+      )
       continue
     if recognised is not None:
       hits.append(Found(family, prefix, tensors, recognised))
@@ -100,19 +121,22 @@ def find_backbone(state_dict: Mapping[str, Any]) -> Found:
     found = (known or hits)[0]
     dropped = len(state_dict) - len(found.tensors)
     if dropped:
-      logging.info("ignoring %d non-backbone entries (prefix %r)", dropped,
-                   found.prefix)
+      logging.info(
+          "ignoring %d non-backbone entries (prefix %r)", dropped, found.prefix
+      )
     return found
   if hits:
     raise StateDictMismatchError(
         "several backbones in the state dict: prefixes "
-        f"{sorted(h.prefix for h in hits)}")
+        f"{sorted(h.prefix for h in hits)}"
+    )
   if problems:
     raise StateDictMismatchError(problems[0])
   stems = sorted({s for f in models.families() for s in f.stem_keys})
   raise StateDictMismatchError(
       f"no backbone found: no key ends with a known stem ({', '.join(stems)})"
-      f"; first keys: {sorted(keys)[:5]}")
+      f"; first keys: {sorted(keys)[:5]}"
+  )
 
 
 # ---------------------------------------------------------------------------
@@ -125,6 +149,7 @@ _SAME: Transform = lambda a: a
 @dataclasses.dataclass(frozen=True)
 class Tensor:
   """One PyTorch tensor and the Flax leaf it is."""
+
   torch: str
   collection: str
   path: tuple[str, ...]
@@ -135,8 +160,11 @@ class Tensor:
 
 def _conv(shape):
   kh, kw, cin, cout = shape
-  return ((cout, cin, kh, kw), lambda a: a.transpose(2, 3, 1, 0),
-          lambda a: a.transpose(3, 2, 0, 1))
+  return (
+      (cout, cin, kh, kw),
+      lambda a: a.transpose(2, 3, 1, 0),
+      lambda a: a.transpose(3, 2, 0, 1),
+  )
 
 
 def _linear(shape, flatten):
@@ -148,37 +176,55 @@ def _linear(shape, flatten):
   c, h, w = flatten
 
   def to_flax(a):
-    return a.reshape(fan_out, c, h, w).transpose(2, 3, 1, 0).reshape(
-        fan_in, fan_out)
+    return (
+        a.reshape(fan_out, c, h, w)
+        .transpose(2, 3, 1, 0)
+        .reshape(fan_in, fan_out)
+    )
 
   def to_torch(a):
-    return a.reshape(h, w, c, fan_out).transpose(3, 2, 0, 1).reshape(
-        fan_out, fan_in)
+    return (
+        a.reshape(h, w, c, fan_out)
+        .transpose(3, 2, 0, 1)
+        .reshape(fan_out, fan_in)
+    )
+
   return (fan_out, fan_in), to_flax, to_torch
 
 
 def _conv_as_linear(shape):
   fan_in, fan_out = shape
-  return ((fan_out, fan_in, 1, 1), lambda a: a.reshape(fan_out, fan_in).T,
-          lambda a: a.T.reshape(fan_out, fan_in, 1, 1))
+  return (
+      (fan_out, fan_in, 1, 1),
+      lambda a: a.reshape(fan_out, fan_in).T,
+      lambda a: a.T.reshape(fan_out, fan_in, 1, 1),
+  )
 
 
 # kind -> (torch suffix, collection, Flax leaf, layout or None) of each
 # tensor; a tensor whose Flax leaf the module lacks (a conv without bias,
 # AdaFace's plain final BatchNorm) is not expected.
 _TENSORS = {
-    "conv": (("weight", "params", "kernel", _conv),
-             ("bias", "params", "bias", None)),
+    "conv": (
+        ("weight", "params", "kernel", _conv),
+        ("bias", "params", "bias", None),
+    ),
     "conv_as_linear": (("weight", "params", "kernel", _conv_as_linear),),
-    "linear": (("weight", "params", "kernel", _linear),
-               ("bias", "params", "bias", None)),
-    "batch_norm": (("weight", "params", "scale", None),
-                   ("bias", "params", "bias", None),
-                   ("running_mean", "batch_stats", "mean", None),
-                   ("running_var", "batch_stats", "var", None)),
+    "linear": (
+        ("weight", "params", "kernel", _linear),
+        ("bias", "params", "bias", None),
+    ),
+    "batch_norm": (
+        ("weight", "params", "scale", None),
+        ("bias", "params", "bias", None),
+        ("running_mean", "batch_stats", "mean", None),
+        ("running_var", "batch_stats", "var", None),
+    ),
     "prelu": (("weight", "params", "negative_slope", None),),
-    "layer_norm": (("weight", "params", "scale", None),
-                   ("bias", "params", "bias", None)),
+    "layer_norm": (
+        ("weight", "params", "scale", None),
+        ("bias", "params", "bias", None),
+    ),
 }
 
 
@@ -190,15 +236,19 @@ def _leaf(tree: Mapping[str, Any], path: tuple[str, ...]):
   return tree
 
 
-def tensors_of(layer: registry.TorchLayer, shapes: Mapping[str, Any]
-               ) -> list[Tensor]:
+def tensors_of(
+    layer: registry.TorchLayer, shapes: Mapping[str, Any]
+) -> list[Tensor]:
   """The PyTorch tensors of one layer, given the module's variable shapes."""
   if layer.kind == "param":
     leaf = _leaf(shapes["params"], layer.flax)
     if leaf is None:
       raise KeyError(f"no Flax parameter {'/'.join(layer.flax)}")
-    return [Tensor(layer.torch, "params", layer.flax, tuple(leaf.shape),
-                   _SAME, _SAME)]
+    return [
+        Tensor(
+            layer.torch, "params", layer.flax, tuple(leaf.shape), _SAME, _SAME
+        )
+    ]
   out = []
   for suffix, collection, name, layout in _TENSORS[layer.kind]:
     path = layer.flax + (name,)
@@ -212,8 +262,16 @@ def tensors_of(layer: registry.TorchLayer, shapes: Mapping[str, Any]
       torch_shape, to_flax, to_torch = _linear(shape, layer.flatten)
     else:
       torch_shape, to_flax, to_torch = layout(shape)
-    out.append(Tensor(f"{layer.torch}.{suffix}", collection, path,
-                      torch_shape, to_flax, to_torch))
+    out.append(
+        Tensor(
+            f"{layer.torch}.{suffix}",
+            collection,
+            path,
+            torch_shape,
+            to_flax,
+            to_torch,
+        )
+    )
   if not out:
     raise KeyError(f"no Flax variables at {'/'.join(layer.flax)}")
   return out
@@ -228,8 +286,11 @@ def expected_tensors(module, image_size: int) -> list[Tensor]:
   """Every PyTorch tensor of the module's family code, in forward order."""
   family = models.family_of_module(module)
   shapes = _variable_shapes(module, image_size)
-  return [t for layer in family.torch_layers(module, image_size)
-          for t in tensors_of(layer, shapes)]
+  return [
+      t
+      for layer in family.torch_layers(module, image_size)
+      for t in tensors_of(layer, shapes)
+  ]
 
 
 def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
@@ -257,23 +318,31 @@ def to_flax(tensors: Mapping[str, Any], module, image_size: int) -> dict:
     if array.shape != t.torch_shape:
       mismatched.append(f"{t.torch}: got {array.shape}, want {t.torch_shape}")
       continue
-    _set(out[t.collection], t.path,
-         np.ascontiguousarray(t.to_flax(array.astype(np.float32))))
-  unexpected = sorted(set(tensors) - used - {
-      k for k in tensors if _IGNORED.search(k)})
+    _set(
+        out[t.collection],
+        t.path,
+        np.ascontiguousarray(t.to_flax(array.astype(np.float32))),
+    )
+  unexpected = sorted(
+      set(tensors) - used - {k for k in tensors if _IGNORED.search(k)}
+  )
   if missing or unexpected or mismatched:
     family = models.family_of_module(module)
     problems = [f"state dict does not match {family.describe(module)}:"]
-    for title, items in (("missing", missing), ("unexpected", unexpected),
-                         ("shape mismatch", mismatched)):
+    for title, items in (
+        ("missing", missing),
+        ("unexpected", unexpected),
+        ("shape mismatch", mismatched),
+    ):
       if items:
         problems.append(f"  {title} ({len(items)}): " + ", ".join(items))
     raise StateDictMismatchError("\n".join(problems))
   return out
 
 
-def to_torch(variables: Mapping[str, Any], module, image_size: int
-             ) -> dict[str, np.ndarray]:
+def to_torch(
+    variables: Mapping[str, Any], module, image_size: int
+) -> dict[str, np.ndarray]:
   """The inverse of `to_flax`: the state dict of the family's own PyTorch
   code, float32, with a zero `num_batches_tracked` beside each BatchNorm so
   that a strict `load_state_dict` accepts it."""
@@ -282,6 +351,6 @@ def to_torch(variables: Mapping[str, Any], module, image_size: int
     leaf = np.asarray(_leaf(variables[t.collection], t.path), np.float32)
     out[t.torch] = np.ascontiguousarray(t.to_torch(leaf))
     if t.torch.endswith(".running_mean"):
-      counter = t.torch[:-len("running_mean")] + "num_batches_tracked"
+      counter = t.torch[: -len("running_mean")] + "num_batches_tracked"
       out[counter] = np.zeros((), np.int64)
   return dict(sorted(out.items()))

@@ -28,6 +28,7 @@ any file, however made:
 * Whatever is wrong ends in `TorchFileError` or `limits.LimitError`,
   naming the file.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,14 +56,19 @@ from qgjt_jax.files import regular
 # Storage class -> element dtype (torch.<Name>Storage; UntypedStorage holds
 # bytes, reinterpreted by the tensor's own dtype in newer files).
 _STORAGE_DTYPES = {
-    "DoubleStorage": np.float64, "FloatStorage": np.float32,
-    "HalfStorage": np.float16, "BFloat16Storage": ml_dtypes.bfloat16,
-    "LongStorage": np.int64, "IntStorage": np.int32,
-    "ShortStorage": np.int16, "CharStorage": np.int8,
-    "ByteStorage": np.uint8, "BoolStorage": np.bool_,
+    "DoubleStorage": np.float64,
+    "FloatStorage": np.float32,
+    "HalfStorage": np.float16,
+    "BFloat16Storage": ml_dtypes.bfloat16,
+    "LongStorage": np.int64,
+    "IntStorage": np.int32,
+    "ShortStorage": np.int16,
+    "CharStorage": np.int8,
+    "ByteStorage": np.uint8,
+    "BoolStorage": np.bool_,
     "UntypedStorage": np.uint8,
 }
-_LEGACY_MAGIC = 0x1950a86a20f9469cfc6c
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 
 
 class TorchFileError(errors.UserError, ValueError):
@@ -76,6 +82,7 @@ class Opaque:
   holds whatever the pickle passed (`args`, `state`). Nothing of the real
   class is imported or run.
   """
+
   name = "?"
 
   def __new__(cls, *args, **kwargs):
@@ -108,6 +115,7 @@ class _StorageType:
 class _Storage:
   """A storage's elements; `array` is filled when its bytes are read (after
   the pickle, in files of torch < 1.6)."""
+
   dtype: Any
   key: str
   array: Any = None
@@ -116,6 +124,7 @@ class _Storage:
 @dataclasses.dataclass(eq=False)
 class _Tensor:
   """A tensor to rebuild once its storage is read."""
+
   storage: Any
   offset: Any
   size: Any
@@ -125,8 +134,7 @@ class _Tensor:
 _MAX_DIMS = 64
 
 
-def _checked_view(tensor: _Tensor, where: str, budget: list[int]
-                  ) -> np.ndarray:
+def _checked_view(tensor: _Tensor, where: str, budget: list[int]) -> np.ndarray:
   """The tensor as a numpy array, after checking its view against its storage.
 
   The offset, sizes and strides come from the file: each must be a
@@ -138,27 +146,38 @@ def _checked_view(tensor: _Tensor, where: str, budget: list[int]
   """
   storage = tensor.storage
   if not isinstance(storage, _Storage):
-    raise TorchFileError(f"{where}: a tensor built on a "
-                         f"{type(storage).__name__}, not a storage")
+    raise TorchFileError(
+        f"{where}: a tensor built on a "
+        f"{type(storage).__name__}, not a storage"
+    )
   data = storage.array
   if data is None:
-    raise TorchFileError(f"{where}: storage {storage.key} has no data in the "
-                         "file (cut short?)")
+    raise TorchFileError(
+        f"{where}: storage {storage.key} has no data in the "
+        "file (cut short?)"
+    )
 
   def integers(values, what):
-    if not isinstance(values, (tuple, list)) or len(values) > _MAX_DIMS or (
-        not all(type(v) is int and v >= 0 for v in values)):  # pylint: disable=unidiomatic-typecheck
-      raise TorchFileError(f"{where}: tensor {what} {reprlib.repr(values)} "
-                           "are not up to 64 non-negative integers")
+    if (
+        not isinstance(values, (tuple, list))
+        or len(values) > _MAX_DIMS
+        or (not all(type(v) is int and v >= 0 for v in values))
+    ):  # pylint: disable=unidiomatic-typecheck
+      raise TorchFileError(
+          f"{where}: tensor {what} {reprlib.repr(values)} "
+          "are not up to 64 non-negative integers"
+      )
     return tuple(values)
+
   size = integers(tensor.size, "sizes")
   stride = integers(tensor.stride, "strides")
   (offset,) = integers((tensor.offset,), "offset")
   if not size:
     stride = ()  # a scalar: torch writes no strides, some writers one
   if len(size) != len(stride):
-    raise TorchFileError(f"{where}: tensor of {len(size)} sizes but "
-                         f"{len(stride)} strides")
+    raise TorchFileError(
+        f"{where}: tensor of {len(size)} sizes but " f"{len(stride)} strides"
+    )
   numel = math.prod(size)
   available = len(data) - offset
   last = offset + sum((n - 1) * s for n, s in zip(size, stride))
@@ -166,18 +185,21 @@ def _checked_view(tensor: _Tensor, where: str, budget: list[int]
     raise TorchFileError(
         f"{where}: tensor of size {size}, stride {stride}, offset {offset} "
         f"reaches past its storage {storage.key} of {len(data)} elements "
-        "(a damaged file, or one made to read memory it does not hold)")
+        "(a damaged file, or one made to read memory it does not hold)"
+    )
   nbytes = numel * data.dtype.itemsize
   if nbytes > budget[0]:
-    raise TorchFileError(f"{where}: its tensors would take more bytes than "
-                         "its storages hold (views repeated or overlapping)")
+    raise TorchFileError(
+        f"{where}: its tensors would take more bytes than "
+        "its storages hold (views repeated or overlapping)"
+    )
   budget[0] -= nbytes
   if not numel:
     return np.zeros(size, data.dtype)
   itemsize = data.dtype.itemsize
   return np.lib.stride_tricks.as_strided(
-      data[offset:], shape=size,
-      strides=tuple(s * itemsize for s in stride)).copy()
+      data[offset:], shape=size, strides=tuple(s * itemsize for s in stride)
+  ).copy()
 
 
 def _rebuild_tensor(storage, offset, size, stride, *unused):
@@ -187,8 +209,7 @@ def _rebuild_tensor(storage, offset, size, stride, *unused):
   return _Tensor(storage, offset, size, stride)
 
 
-def _rebuild_parameter(data, requires_grad=None, backward_hooks=None,
-                       *unused):
+def _rebuild_parameter(data, requires_grad=None, backward_hooks=None, *unused):
   del requires_grad, backward_hooks, unused
   return data
 
@@ -196,6 +217,7 @@ def _rebuild_parameter(data, requires_grad=None, backward_hooks=None,
 def _materialise(obj, where: str, budget: list[int]):
   """The object with every `_Tensor` rebuilt as a numpy array, each shared
   object once (`pickles.walk`)."""
+
   def visit(value, inner):
     if isinstance(value, _Tensor):
       return _checked_view(value, where, budget)
@@ -208,6 +230,7 @@ def _materialise(obj, where: str, budget: list[int]):
     if isinstance(value, argparse.Namespace):
       return argparse.Namespace(**inner(vars(value)))
     return value
+
   return pickles.walk(obj, visit, where)
 
 
@@ -217,26 +240,72 @@ _ALLOWED = {
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("torch.nn.parameter", "Parameter"): _rebuild_parameter,
     ("argparse", "Namespace"): argparse.Namespace,
-    ("builtins", "slice"): slice, ("builtins", "complex"): complex,
+    ("builtins", "slice"): slice,
+    ("builtins", "complex"): complex,
 }
 # Allowed too, but they hash what they are given: called through the
 # unpickler's budget (`pickles.RestrictedUnpickler.hashing`).
 _HASHING = {
     ("collections", "OrderedDict"): collections.OrderedDict,
-    ("builtins", "set"): set, ("builtins", "frozenset"): frozenset,
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
 }
-_DTYPE_NAMES = ("float32", "float16", "bfloat16", "float64", "int64", "int32",
-                "uint8", "int8", "int16", "bool")
+_DTYPE_NAMES = (
+    "float32",
+    "float16",
+    "bfloat16",
+    "float64",
+    "int64",
+    "int32",
+    "uint8",
+    "int8",
+    "int16",
+    "bool",
+)
 # Names no checkpoint needs and an attack does: a file that asks for one is
 # refused outright (its other unknown names only become placeholders).
-_HOSTILE_MODULES = {"os", "posix", "nt", "subprocess", "sys", "builtins",
-                    "__builtin__", "shutil", "socket", "importlib", "runpy",
-                    "code", "codeop", "pty", "ctypes", "pickle", "_pickle",
-                    "marshal", "webbrowser", "io", "_io", "pathlib", "tempfile",
-                    "multiprocessing", "signal", "asyncio", "types",
-                    "functools", "operator", "pydoc", "timeit", "cProfile",
-                    "profile", "pdb", "bdb", "trace", "ensurepip", "venv",
-                    "numpy.testing", "torch.hub"}
+_HOSTILE_MODULES = {
+    "os",
+    "posix",
+    "nt",
+    "subprocess",
+    "sys",
+    "builtins",
+    "__builtin__",
+    "shutil",
+    "socket",
+    "importlib",
+    "runpy",
+    "code",
+    "codeop",
+    "pty",
+    "ctypes",
+    "pickle",
+    "_pickle",
+    "marshal",
+    "webbrowser",
+    "io",
+    "_io",
+    "pathlib",
+    "tempfile",
+    "multiprocessing",
+    "signal",
+    "asyncio",
+    "types",
+    "functools",
+    "operator",
+    "pydoc",
+    "timeit",
+    "cProfile",
+    "profile",
+    "pdb",
+    "bdb",
+    "trace",
+    "ensurepip",
+    "venv",
+    "numpy.testing",
+    "torch.hub",
+}
 
 
 class _Unpickler(pickles.RestrictedUnpickler):
@@ -249,8 +318,9 @@ class _Unpickler(pickles.RestrictedUnpickler):
   do is bounded by `files.pickles`.
   """
 
-  def __init__(self, file, size: int, where: str, load_storage=None,
-               plain=False):
+  def __init__(
+      self, file, size: int, where: str, load_storage=None, plain=False
+  ):
     super().__init__(file, size, where, encoding="utf-8")
     self._load_storage = load_storage
     self._plain = plain
@@ -258,8 +328,10 @@ class _Unpickler(pickles.RestrictedUnpickler):
   def find_class(self, module, name):
     full = f"{module}.{name}"
     if self._plain:
-      raise pickle.UnpicklingError(f"its header refers to {full}; a "
-                                   "PyTorch header holds plain values only")
+      raise pickle.UnpicklingError(
+          f"its header refers to {full}; a "
+          "PyTorch header holds plain values only"
+      )
     if (module, name) in _HASHING:
       make = _HASHING[(module, name)]
       return self.hashing(make, pairs=make is collections.OrderedDict)
@@ -272,24 +344,29 @@ class _Unpickler(pickles.RestrictedUnpickler):
     if module.split(".")[0] in _HOSTILE_MODULES or full in _HOSTILE_MODULES:
       raise pickle.UnpicklingError(
           f"it refers to {full}, which no checkpoint needs: the file may be "
-          "hostile (nothing from it was run)")
+          "hostile (nothing from it was run)"
+      )
     return _opaque_class(full)
 
   def persistent_load(self, saved_id):
     if self._load_storage is None or not (
-        isinstance(saved_id, tuple) and len(saved_id) >= 5 and
-        saved_id[0] == "storage"):
+        isinstance(saved_id, tuple)
+        and len(saved_id) >= 5
+        and saved_id[0] == "storage"
+    ):
       raise pickle.UnpicklingError(
-          f"unknown persistent id {reprlib.repr(saved_id)}")
+          f"unknown persistent id {reprlib.repr(saved_id)}"
+      )
     storage_type, key, _, numel = saved_id[1:5]
     if not isinstance(storage_type, _StorageType):
       raise pickle.UnpicklingError(
-          f"a storage of an unknown type {reprlib.repr(storage_type)}")
+          f"a storage of an unknown type {reprlib.repr(storage_type)}"
+      )
     if not isinstance(key, (str, int)) or type(numel) is not int:  # pylint: disable=unidiomatic-typecheck
       raise pickle.UnpicklingError(
-          f"a storage id {reprlib.repr(saved_id)} without a key and a count")
-    return self._load_storage(str(key), storage_type.dtype, numel,
-                              saved_id[5:])
+          f"a storage id {reprlib.repr(saved_id)} without a key and a count"
+      )
+    return self._load_storage(str(key), storage_type.dtype, numel, saved_id[5:])
 
   def build(self, target, state):
     """BUILD: the state of placeholders and plain containers only."""
@@ -298,12 +375,15 @@ class _Unpickler(pickles.RestrictedUnpickler):
       return
     if isinstance(state, tuple) and len(state) == 2 and state[1] is None:
       state = state[0]  # (dict state, no slot state)
-    if not (isinstance(target, (collections.OrderedDict, argparse.Namespace))
-            and isinstance(state, dict) and all(isinstance(k, str)
-                                                for k in state)):
+    if not (
+        isinstance(target, (collections.OrderedDict, argparse.Namespace))
+        and isinstance(state, dict)
+        and all(isinstance(k, str) for k in state)
+    ):
       raise pickle.UnpicklingError(
           f"it sets the state of a {type(target).__name__} object, which a "
-          "checkpoint never does")
+          "checkpoint never does"
+      )
     vars(target).update(state)
 
 
@@ -312,8 +392,9 @@ def _read_member(archive: zipfile.ZipFile, name: str, path: str) -> bytes:
   try:
     info = archive.getinfo(name)
   except KeyError:
-    raise TorchFileError(f"{path}: the archive has no member {name}; the "
-                         "file is damaged") from None
+    raise TorchFileError(
+        f"{path}: the archive has no member {name}; the " "file is damaged"
+    ) from None
   return archive.read(info)
 
 
@@ -321,16 +402,22 @@ def _load_zip(path: str, archive: zipfile.ZipFile) -> Any:
   names = archive.namelist()
   names_pkl = [n for n in names if n.endswith("data.pkl")]
   if len(names_pkl) != 1:
-    raise TorchFileError(f"{path}: a zip archive without one data.pkl, so "
-                         "not a torch.save file")
-  root = names_pkl[0][:-len("data.pkl")]
+    raise TorchFileError(
+        f"{path}: a zip archive without one data.pkl, so "
+        "not a torch.save file"
+    )
+  root = names_pkl[0][: -len("data.pkl")]
   order = "little"
   if f"{root}byteorder" in names:
-    order = _read_member(archive, f"{root}byteorder", path)[:16].decode(
-        "ascii", "replace").strip()
+    order = (
+        _read_member(archive, f"{root}byteorder", path)[:16]
+        .decode("ascii", "replace")
+        .strip()
+    )
   if order not in ("little", "big"):
-    raise TorchFileError(f"{path}: byte order {order!r} is neither little "
-                         "nor big")
+    raise TorchFileError(
+        f"{path}: byte order {order!r} is neither little " "nor big"
+    )
   byteorder = "<" if order == "little" else ">"
   storages = {}
 
@@ -341,9 +428,11 @@ def _load_zip(path: str, archive: zipfile.ZipFile) -> Any:
       if len(raw) % dtype.itemsize:
         raise TorchFileError(
             f"{path}: storage {key} has {len(raw)} bytes, not a whole number "
-            f"of {dtype.name} elements")
+            f"of {dtype.name} elements"
+        )
       storages[key] = _Storage(
-          dtype, key, np.frombuffer(raw, dtype.newbyteorder(byteorder)))
+          dtype, key, np.frombuffer(raw, dtype.newbyteorder(byteorder))
+      )
     if storages[key].dtype != dtype:
       raise TorchFileError(f"{path}: storage {key} is read as two types")
     return storages[key]
@@ -356,8 +445,9 @@ def _load_zip(path: str, archive: zipfile.ZipFile) -> Any:
 def _tensor_budget(storages) -> int:
   """Bytes all tensors of a file may take: twice what its storages hold
   (tied weights share a storage), and a little more for tiny files."""
-  return 2 * sum(s.array.nbytes for s in storages if s.array is not None
-                 ) + (1 << 20)
+  return 2 * sum(s.array.nbytes for s in storages if s.array is not None) + (
+      1 << 20
+  )
 
 
 def _load_legacy(path: str, f, size: int) -> Any:
@@ -365,8 +455,10 @@ def _load_legacy(path: str, f, size: int) -> Any:
   f = limits.BoundedReader(f, size)
   header = lambda: _Unpickler(f, f.left, path, plain=True).load()
   if header() != _LEGACY_MAGIC:
-    raise TorchFileError(f"{path}: a pickle, but not a PyTorch checkpoint "
-                         "(no torch.save magic number)")
+    raise TorchFileError(
+        f"{path}: a pickle, but not a PyTorch checkpoint "
+        "(no torch.save magic number)"
+    )
   header()  # protocol version
   header()  # system info
   storages = {}
@@ -374,8 +466,10 @@ def _load_legacy(path: str, f, size: int) -> Any:
   def load_storage(key, dtype, numel, view_metadata):
     del numel
     if view_metadata and view_metadata[0] is not None:
-      raise TorchFileError(f"{path}: storage views (torch < 1.0 files) are "
-                           "not supported; re-save it with a newer torch")
+      raise TorchFileError(
+          f"{path}: storage views (torch < 1.0 files) are "
+          "not supported; re-save it with a newer torch"
+      )
     storage = storages.setdefault(key, _Storage(dtype, key))
     if storage.dtype != dtype:
       raise TorchFileError(f"{path}: storage {key} is read as two types")
@@ -387,8 +481,9 @@ def _load_legacy(path: str, f, size: int) -> Any:
     raise TorchFileError(f"{path}: the storage list is not a list of keys")
   for key in keys:
     if key not in storages:
-      raise TorchFileError(f"{path}: storage {key!r} is listed but no tensor "
-                           "uses it")
+      raise TorchFileError(
+          f"{path}: storage {key!r} is listed but no tensor " "uses it"
+      )
     storage = storages[key]
     raw = f.read(8)
     if len(raw) < 8:
@@ -399,10 +494,12 @@ def _load_legacy(path: str, f, size: int) -> Any:
     if count < 0 or nbytes > f.left:
       raise TorchFileError(
           f"{where} declares {count:,} elements ({nbytes:,} bytes) but the "
-          f"file has {f.left:,} bytes left: it is cut short or damaged")
+          f"file has {f.left:,} bytes left: it is cut short or damaged"
+      )
     if nbytes > limits.current().max_tensor_bytes:
-      raise limits.exceeded(where, "its size in bytes", nbytes,
-                            "max_tensor_bytes")
+      raise limits.exceeded(
+          where, "its size in bytes", nbytes, "max_tensor_bytes"
+      )
     storage.array = np.frombuffer(f.read(nbytes), storage.dtype)
   return _materialise(obj, path, [_tensor_budget(storages.values())])
 
@@ -426,14 +523,18 @@ def load(path: str | os.PathLike) -> Any:
         limits.check_zip(archive, path)
         return _load_zip(path, archive)
     if tarfile.is_tarfile(path):
-      raise TorchFileError(f"{path}: the tar layout of torch < 0.4 is not "
-                           "read; load and save it again with a newer torch")
+      raise TorchFileError(
+          f"{path}: the tar layout of torch < 0.4 is not "
+          "read; load and save it again with a newer torch"
+      )
     with open(path, "rb") as f:
       size = os.fstat(f.fileno()).st_size
       head = f.read(2)
       if not head or head[0] != 0x80:  # every pickle protocol >= 2
-        raise TorchFileError(f"{path} is not a PyTorch checkpoint (neither a "
-                             "torch.save zip archive nor a pickle)")
+        raise TorchFileError(
+            f"{path} is not a PyTorch checkpoint (neither a "
+            "torch.save zip archive nor a pickle)"
+        )
       f.seek(0)
       return _load_legacy(path, f, size)
   except (TorchFileError, limits.LimitError):
@@ -441,14 +542,18 @@ def load(path: str | os.PathLike) -> Any:
   except OSError as e:
     if errors.describe_os_error(e) and not isinstance(e, zipfile.BadZipFile):
       raise
-    raise TorchFileError(f"{path}: a damaged PyTorch checkpoint "
-                         f"({type(e).__name__}: {_short(e)})") from e
+    raise TorchFileError(
+        f"{path}: a damaged PyTorch checkpoint "
+        f"({type(e).__name__}: {_short(e)})"
+    ) from e
   except Exception as e:  # pylint: disable=broad-except
     # Only this module's functions run while reading, so whatever fails
     # (a bad opcode, a call with the wrong arguments, a truncated member,
     # a nesting too deep) is the file's doing.
-    raise TorchFileError(f"{path}: a damaged or malformed PyTorch checkpoint"
-                         f" ({type(e).__name__}: {_short(e)})") from e
+    raise TorchFileError(
+        f"{path}: a damaged or malformed PyTorch checkpoint"
+        f" ({type(e).__name__}: {_short(e)})"
+    ) from e
 
 
 def _short(e: BaseException) -> str:
@@ -459,16 +564,23 @@ def _short(e: BaseException) -> str:
 def _opaque_inside(value, where: str):
   """(path, class name) of the first placeholder inside `value`, or None
   (each shared object looked at once)."""
+
   def visit(item, inner):
     if isinstance(item, Opaque):
       return "", item.name
-    pairs = (item.items() if isinstance(item, Mapping) else
-             enumerate(item) if isinstance(item, (list, tuple)) else ())
+    pairs = (
+        item.items()
+        if isinstance(item, Mapping)
+        else enumerate(item)
+        if isinstance(item, (list, tuple))
+        else ()
+    )
     for key, member in pairs:
       found = inner(member)
       if found:
         return f"[{key!r}]{found[0]}", found[1]
     return None
+
   found = pickles.walk(value, visit, where)
   return (where + found[0], found[1]) if found else None
 
@@ -490,21 +602,26 @@ def state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
     obj, where = obj["state_dict"], "its 'state_dict'"
   if isinstance(obj, Opaque):
-    raise TorchFileError(f"{path} holds a {obj.name} object, not a state "
-                         "dict of tensors; save model.state_dict() instead")
+    raise TorchFileError(
+        f"{path} holds a {obj.name} object, not a state "
+        "dict of tensors; save model.state_dict() instead"
+    )
   if not isinstance(obj, Mapping):
-    raise TorchFileError(f"{path} holds a {type(obj).__name__}, not a state "
-                         "dict of tensors")
+    raise TorchFileError(
+        f"{path} holds a {type(obj).__name__}, not a state " "dict of tensors"
+    )
   found = _opaque_inside(obj, where)
   if found:
     raise TorchFileError(
         f"{path}: {found[0]} is a {found[1]} object, which this reader does "
-        "not load (only tensors and plain containers, for safety)")
+        "not load (only tensors and plain containers, for safety)"
+    )
   out = {}
   for key, value in obj.items():
     if isinstance(value, np.ndarray):
       floating = np.issubdtype(value.dtype, np.floating) or (
-          value.dtype == ml_dtypes.bfloat16)
+          value.dtype == ml_dtypes.bfloat16
+      )
       out[str(key)] = value.astype(np.float32) if floating else value
   if not out:
     raise TorchFileError(f"{path}: {where} holds no tensors")

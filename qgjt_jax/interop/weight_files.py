@@ -1,5 +1,6 @@
 """Weight files read without PyTorch and without running anything from them:
 `.pth`/`.pt`/`.ckpt` (`torch_files`), `.safetensors` and `.npz`."""
+
 from __future__ import annotations
 
 import math
@@ -11,6 +12,7 @@ import numpy as np
 from qgjt_jax.files import limits
 from qgjt_jax.files import regular
 from qgjt_jax.interop import torch_files
+
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """Reads a state dict as name -> numpy array, without torch.
@@ -43,11 +45,11 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   except Exception as e:  # zipfile, zlib and numpy format errors alike
     raise torch_files.TorchFileError(
         f"cannot read {path} as an .npz of name -> array "
-        f"({type(e).__name__}: {e})") from e
+        f"({type(e).__name__}: {e})"
+    ) from e
 
 
-def read_safetensors(path: str) -> tuple[dict[str, np.ndarray],
-                                         dict[str, str]]:
+def read_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
   """(name -> array, the header's metadata) of a .safetensors file.
 
   The format is a JSON header and raw tensor bytes, so nothing in it runs;
@@ -56,6 +58,7 @@ def read_safetensors(path: str) -> tuple[dict[str, np.ndarray],
   max_tensor_bytes before it is read.
   """
   import safetensors  # pylint: disable=g-import-not-at-top
+
   limit = limits.current().max_tensor_bytes
   try:
     with safetensors.safe_open(path, framework="np") as f:
@@ -67,42 +70,58 @@ def read_safetensors(path: str) -> tuple[dict[str, np.ndarray],
         if dtype not in _SAFETENSORS_DTYPES:
           raise torch_files.TorchFileError(
               f"{path}: {name} holds {dtype} values, which this reader "
-              "does not take: save the weights as float32 (or F16/F64)")
+              "does not take: save the weights as float32 (or F16/F64)"
+          )
         size = math.prod(piece.get_shape()) * _SAFETENSORS_DTYPES[dtype]
         if size > limit:
-          raise limits.exceeded(f"{path}: {name}", "a tensor of", size,
-                                "max_tensor_bytes")
+          raise limits.exceeded(
+              f"{path}: {name}", "a tensor of", size, "max_tensor_bytes"
+          )
         tensors[name] = f.get_tensor(name)
   except (limits.LimitError, torch_files.TorchFileError):
     raise
   except Exception as e:  # the package's own errors: a damaged header
     raise torch_files.TorchFileError(
-        f"cannot read {path} as safetensors ({_first_line(e)})") from e
+        f"cannot read {path} as safetensors ({_first_line(e)})"
+    ) from e
   return tensors, metadata
 
 
-_SAFETENSORS_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "I64": 8, "I32": 4,
-                       "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_SAFETENSORS_DTYPES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+}
 
 
 def _check_npz(path: str) -> None:
   """Every array of an .npz holds the bytes its header declares, within the
   limits: numpy allocates the declared shape before reading the data."""
   import zipfile  # pylint: disable=g-import-not-at-top
+
   with zipfile.ZipFile(path) as archive:
     limits.check_zip(archive, path)
     for info in archive.infolist():
       with archive.open(info) as member:
-        read_header = (np.lib.format.read_array_header_1_0 if
-                       np.lib.format.read_magic(member) == (1, 0) else
-                       np.lib.format.read_array_header_2_0)
+        read_header = (
+            np.lib.format.read_array_header_1_0
+            if np.lib.format.read_magic(member) == (1, 0)
+            else np.lib.format.read_array_header_2_0
+        )
         shape, _, dtype = read_header(member)
       declared = math.prod(shape) * dtype.itemsize
       if declared > info.file_size:
         raise torch_files.TorchFileError(
             f"{path}: {info.filename} declares an array of {shape} "
             f"{dtype} ({declared:,} bytes) but holds {info.file_size:,}: "
-            "the file is damaged")
+            "the file is damaged"
+        )
 
 
 def _first_line(e: Exception) -> str:
@@ -115,6 +134,7 @@ def read_with_record(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
   records about its model (input size and channel order; "carried": its
   thresholds and quality statistics, `carried.Carried`)."""
   from qgjt_jax.interop import carried  # pylint: disable=g-import-not-at-top
+
   if not path.endswith(".safetensors") or not os.path.isfile(path):
     return read_state_dict(path), {}
   state, metadata = read_safetensors(path)

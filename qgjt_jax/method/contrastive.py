@@ -62,6 +62,7 @@ What the reference takes and this does not need:
   taken against a detached k, and that of a k row against a detached q, so
   each view learns only from its own row.
 """
+
 from __future__ import annotations
 
 import math
@@ -89,6 +90,7 @@ COUPLINGS = ('D2N', 'S2N')
 @flax.struct.dataclass
 class MarginState:
   """EMA of (positive cosine - hardest other column): the dynamic margin."""
+
   value: jax.Array  # float32 scalar
 
 
@@ -118,8 +120,9 @@ def _clamp(x: jax.Array, lo: float, hi: float) -> jax.Array:
   return jnp.where(x < lo, lo, jnp.where(x > hi, hi, x))
 
 
-def pair_quality_score(q_scaler: jax.Array, k_scaler: jax.Array,
-                 mode: str = 'low') -> jax.Array:
+def pair_quality_score(
+    q_scaler: jax.Array, k_scaler: jax.Array, mode: str = 'low'
+) -> jax.Array:
   """Quality of each (q_i, k_i) pair in [0, 1] from the margin scalers a_i.
 
   Args:
@@ -142,8 +145,12 @@ def pair_quality_score(q_scaler: jax.Array, k_scaler: jax.Array,
   return jax.lax.stop_gradient(quality)
 
 
-def quality_gate(quality: jax.Array, b: float | jax.Array, gate: str = 'sgn',
-                 gate_range: str = 'half') -> jax.Array:
+def quality_gate(
+    quality: jax.Array,
+    b: float | jax.Array,
+    gate: str = 'sgn',
+    gate_range: str = 'half',
+) -> jax.Array:
   """Per-pair weight w(t) of the contrastive logits, t = pair quality.
 
   Below the threshold b the weight rises from the LQ end: 'sgn' is 1, 'cos'
@@ -165,21 +172,34 @@ def quality_gate(quality: jax.Array, b: float | jax.Array, gate: str = 'sgn',
     above = jnp.ones_like(t) if gate_range == 'whole' else jnp.zeros_like(t)
   elif gate == 'cos':
     below = (1.0 - jnp.cos(math.pi / (b + eps) * t)) / 2.0
-    above = (jnp.cos(math.pi / (1.0 - b + eps) / 2.0 * (t + 1.0 - 2.0 * b))
-             + 1.0 if gate_range == 'whole' else jnp.zeros_like(t))
+    above = (
+        jnp.cos(math.pi / (1.0 - b + eps) / 2.0 * (t + 1.0 - 2.0 * b)) + 1.0
+        if gate_range == 'whole'
+        else jnp.zeros_like(t)
+    )
   else:
     below = t / (b + eps)
-    above = ((t - 1.0) / (b - 1.0 + eps) if gate_range == 'whole'
-             else jnp.zeros_like(t))
+    above = (
+        (t - 1.0) / (b - 1.0 + eps)
+        if gate_range == 'whole'
+        else jnp.zeros_like(t)
+    )
   weight = jnp.where(t < b, below, above)
   return jax.lax.stop_gradient(jnp.where(b == 0, 1.0, weight))
 
 
 def contrastive_cosines(
-    q: jax.Array, k: jax.Array, labels: jax.Array, negatives: jax.Array,
-    negative_labels: jax.Array, negative_valid: jax.Array, *,
-    mask: str = 'zero', own_slots: jax.Array | None = None,
-    coupling: str = 'D2N', detach_pos: bool = False
+    q: jax.Array,
+    k: jax.Array,
+    labels: jax.Array,
+    negatives: jax.Array,
+    negative_labels: jax.Array,
+    negative_valid: jax.Array,
+    *,
+    mask: str = 'zero',
+    own_slots: jax.Array | None = None,
+    coupling: str = 'D2N',
+    detach_pos: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
   """Cosine table of the anchor rows and the columns their softmax uses.
 
@@ -224,15 +244,17 @@ def contrastive_cosines(
   cos_neg = anchors @ negatives.T
   cos = _clamp(jnp.concatenate([cos_pos, cos_neg], axis=1), -1.0, 1.0)
 
-  masked, valid_cols = _masked_columns(labels, negative_labels, valid,
-                                       anchors.shape[0], mask, own_slots)
+  masked, valid_cols = _masked_columns(
+      labels, negative_labels, valid, anchors.shape[0], mask, own_slots
+  )
   cos = jnp.where(valid_cols & ~masked, cos, 0.0)
   keep = valid_cols & ~masked if mask == 'neg_inf' else valid_cols
   return cos, keep
 
 
-def _masked_columns(labels, negative_labels, valid, num_rows: int, mask: str,
-                    own_slots) -> tuple[jax.Array, jax.Array]:
+def _masked_columns(
+    labels, negative_labels, valid, num_rows: int, mask: str, own_slots
+) -> tuple[jax.Array, jax.Array]:
   """(R, 1 + K) bools: the masked columns of each row, and the filled ones
   (column 0, the positive, is never masked and always filled)."""
   if mask == 'own':
@@ -244,8 +266,9 @@ def _masked_columns(labels, negative_labels, valid, num_rows: int, mask: str,
     masked = labels[:, None] == negative_labels[None, :]
   masked = jnp.tile(masked, (num_rows // masked.shape[0], 1))
   masked = jnp.concatenate([jnp.zeros((num_rows, 1), bool), masked], axis=1)
-  valid_cols = jnp.concatenate(
-      [jnp.ones((1,), bool), valid])[None, :].repeat(num_rows, axis=0)
+  valid_cols = jnp.concatenate([jnp.ones((1,), bool), valid])[None, :].repeat(
+      num_rows, axis=0
+  )
   return masked, valid_cols
 
 
@@ -260,8 +283,9 @@ def positive_gap(cos: jax.Array) -> jax.Array:
   return jnp.mean(cos[:, 0] - hardest)
 
 
-def contrastive_logits(cos: jax.Array, weight: jax.Array,
-                       margin: float | jax.Array, *, s: float) -> jax.Array:
+def contrastive_logits(
+    cos: jax.Array, weight: jax.Array, margin: float | jax.Array, *, s: float
+) -> jax.Array:
   """`s * w_row * (cos - margin on column 0)`; weight is per pair, (B,).
 
   The rows are the pairs' (B, S2N) or twice over (2B, D2N).
@@ -272,14 +296,29 @@ def contrastive_logits(cos: jax.Array, weight: jax.Array,
 
 
 def contrastive_loss(
-    q: jax.Array, k: jax.Array, labels: jax.Array, negatives: jax.Array,
-    negative_labels: jax.Array, negative_valid: jax.Array,
-    q_scaler: jax.Array, k_scaler: jax.Array, margin_state: MarginState, *,
-    s: float = 64.0, m: float = 0.4, b: float | jax.Array = 0.5,
-    alpha: float = 0.01, gate: str = 'sgn', gate_range: str = 'half',
-    pair_quality: str = 'low', margin: str = 'static', mask: str = 'zero',
-    rescale: bool = True, rescale_reference: int = 129,
-    coupling: str = 'D2N', detach_pos: bool = False,
+    q: jax.Array,
+    k: jax.Array,
+    labels: jax.Array,
+    negatives: jax.Array,
+    negative_labels: jax.Array,
+    negative_valid: jax.Array,
+    q_scaler: jax.Array,
+    k_scaler: jax.Array,
+    margin_state: MarginState,
+    *,
+    s: float = 64.0,
+    m: float = 0.4,
+    b: float | jax.Array = 0.5,
+    alpha: float = 0.01,
+    gate: str = 'sgn',
+    gate_range: str = 'half',
+    pair_quality: str = 'low',
+    margin: str = 'static',
+    mask: str = 'zero',
+    rescale: bool = True,
+    rescale_reference: int = 129,
+    coupling: str = 'D2N',
+    detach_pos: bool = False,
     own_slots: jax.Array | None = None,
 ) -> tuple[jax.Array, MarginState, dict[str, Any]]:
   """QGFace contrastive loss of one step (docs/METHOD.md section 4).
@@ -305,13 +344,22 @@ def contrastive_loss(
   _check('margin', margin, MARGINS)
   quality = pair_quality_score(q_scaler, k_scaler, pair_quality)
   weight = quality_gate(quality, b, gate, gate_range)
-  cos, keep = contrastive_cosines(q, k, labels, negatives, negative_labels,
-                                  negative_valid, mask=mask,
-                                  own_slots=own_slots, coupling=coupling,
-                                  detach_pos=detach_pos)
+  cos, keep = contrastive_cosines(
+      q,
+      k,
+      labels,
+      negatives,
+      negative_labels,
+      negative_valid,
+      mask=mask,
+      own_slots=own_slots,
+      coupling=coupling,
+      detach_pos=detach_pos,
+  )
   gap = positive_gap(cos)
-  new_value = (alpha * gap + (1.0 - alpha) *
-               jnp.asarray(margin_state.value, jnp.float32))
+  new_value = alpha * gap + (1.0 - alpha) * jnp.asarray(
+      margin_state.value, jnp.float32
+  )
   if margin == 'static':
     m_pos = jnp.asarray(m, jnp.float32)
   elif margin == 'dynamic':
@@ -319,21 +367,30 @@ def contrastive_loss(
   else:
     m_pos = jnp.zeros((), jnp.float32)
   num_negatives = jnp.sum(jnp.asarray(negative_valid, jnp.int32))
-  loss = _mean_cross_entropy(contrastive_logits(cos, weight, m_pos, s=s),
-                             keep, num_negatives if rescale else None,
-                             rescale_reference)
+  loss = _mean_cross_entropy(
+      contrastive_logits(cos, weight, m_pos, s=s),
+      keep,
+      num_negatives if rescale else None,
+      rescale_reference,
+  )
   metrics = {
       'lq_fraction': jnp.mean((quality < b).astype(jnp.float32)),
-      'gate_mean': jnp.mean(weight), 'positive_gap': gap, 'margin': m_pos,
+      'gate_mean': jnp.mean(weight),
+      'positive_gap': gap,
+      'margin': m_pos,
       'positive_cos': jnp.mean(jax.lax.stop_gradient(cos[:, 0])),
       'margin_state': new_value,
-      'num_negatives': num_negatives.astype(jnp.float32)}
+      'num_negatives': num_negatives.astype(jnp.float32),
+  }
   return loss, MarginState(value=new_value), metrics
 
 
-def _mean_cross_entropy(logits: jax.Array, keep: jax.Array,
-                        num_negatives: jax.Array | None,
-                        rescale_reference: int) -> jax.Array:
+def _mean_cross_entropy(
+    logits: jax.Array,
+    keep: jax.Array,
+    num_negatives: jax.Array | None,
+    rescale_reference: int,
+) -> jax.Array:
   """Mean over the rows of the cross-entropy with target column 0 over the
   kept columns, times log(rescale_reference) / log(K' + 1) unless
   `num_negatives` (K') is None."""

@@ -27,6 +27,7 @@ and the switch that gives a cleaner alternative:
   The reference's plain softmax head ignores the quality gate; here the gate is
   applied uniformly to every head (b = 0 reproduces the reference).
 """
+
 import math
 from typing import Any
 
@@ -56,8 +57,9 @@ def hq_gate(quality: jax.Array, b: Any, s: float = 64.0) -> jax.Array:
   return jnp.where(jnp.asarray(b) == 0, jnp.ones_like(gate), gate)
 
 
-def cosine_logits(embeddings: jax.Array, kernel: jax.Array,
-                  eps: float = 1e-3) -> jax.Array:
+def cosine_logits(
+    embeddings: jax.Array, kernel: jax.Array, eps: float = 1e-3
+) -> jax.Array:
   """Cosines between unit embeddings (N, D) and the columns of W (D, C).
 
   Columns are L2-normalised here (W itself stays unnormalised, as the queue's
@@ -78,14 +80,22 @@ def _check_labels(labels: jax.Array, num_rows: int) -> jax.Array:
   if not jnp.issubdtype(labels.dtype, jnp.integer):
     raise TypeError(f'labels must be integers, got {labels.dtype}')
   if labels.shape != (num_rows,):
-    raise ValueError(f'labels must have shape ({num_rows},), got '
-                     f'{labels.shape}')
+    raise ValueError(
+        f'labels must have shape ({num_rows},), got ' f'{labels.shape}'
+    )
   return labels.astype(jnp.int32)
 
 
-def margin_logits(cos: jax.Array, labels: jax.Array, scaler: jax.Array, *,
-                  head: str = 'adaface', s: float = 64.0, m: float = 0.4,
-                  eps: float = 1e-3) -> jax.Array:
+def margin_logits(
+    cos: jax.Array,
+    labels: jax.Array,
+    scaler: jax.Array,
+    *,
+    head: str = 'adaface',
+    s: float = 64.0,
+    m: float = 0.4,
+    eps: float = 1e-3,
+) -> jax.Array:
   """Scaled logits s * f(cos) with the head's margin on the target column.
 
   Args:
@@ -117,10 +127,18 @@ def margin_logits(cos: jax.Array, labels: jax.Array, scaler: jax.Array, *,
 
 
 def classification_loss(
-    embeddings: jax.Array, labels: jax.Array, kernel: jax.Array,
-    scaler: jax.Array, *, head: str = 'adaface', s: float = 64.0,
-    m: float = 0.4, eps: float = 1e-3, b: Any = 0.0,
-    reduction: str = 'mean') -> tuple[jax.Array, dict[str, jax.Array]]:
+    embeddings: jax.Array,
+    labels: jax.Array,
+    kernel: jax.Array,
+    scaler: jax.Array,
+    *,
+    head: str = 'adaface',
+    s: float = 64.0,
+    m: float = 0.4,
+    eps: float = 1e-3,
+    b: Any = 0.0,
+    reduction: str = 'mean',
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Quality-gated margin cross-entropy of the HQ branch.
 
   Args:
@@ -168,11 +186,21 @@ def classification_loss(
 
 
 def adaface_loss(
-    embeddings: jax.Array, norms: jax.Array, labels: jax.Array,
-    kernel: jax.Array, stats: QualityStats, *, s: float = 64.0,
-    m: float = 0.4, h: float = 0.333, alpha: float = 0.01, eps: float = 1e-3,
-    b: Any = 0.0, head: str = 'adaface', reduction: str = 'mean',
-    update_before_use: bool = True
+    embeddings: jax.Array,
+    norms: jax.Array,
+    labels: jax.Array,
+    kernel: jax.Array,
+    stats: QualityStats,
+    *,
+    s: float = 64.0,
+    m: float = 0.4,
+    h: float = 0.333,
+    alpha: float = 0.01,
+    eps: float = 1e-3,
+    b: Any = 0.0,
+    head: str = 'adaface',
+    reduction: str = 'mean',
+    update_before_use: bool = True,
 ) -> tuple[jax.Array, QualityStats, jax.Array]:
   """The reference head end to end: update stats, scaler, gated loss.
 
@@ -180,10 +208,21 @@ def adaface_loss(
     (loss, new_stats, margin_scaler (N,)).
   """
   new_stats = update_quality_stats(stats, norms, alpha)
-  scaler = margin_scaler(norms, new_stats if update_before_use else stats,
-                         h, eps)
-  loss, _ = classification_loss(embeddings, labels, kernel, scaler, head=head,
-                                s=s, m=m, eps=eps, b=b, reduction=reduction)
+  scaler = margin_scaler(
+      norms, new_stats if update_before_use else stats, h, eps
+  )
+  loss, _ = classification_loss(
+      embeddings,
+      labels,
+      kernel,
+      scaler,
+      head=head,
+      s=s,
+      m=m,
+      eps=eps,
+      b=b,
+      reduction=reduction,
+  )
   return loss, new_stats, scaler
 
 
@@ -198,9 +237,14 @@ def adaface_loss(
 # ---------------------------------------------------------------------------
 
 
-def margin_target(cos_y: jax.Array, scaler: jax.Array, *,
-                  head: str = 'adaface', m: float = 0.4,
-                  eps: float = 1e-3) -> jax.Array:
+def margin_target(
+    cos_y: jax.Array,
+    scaler: jax.Array,
+    *,
+    head: str = 'adaface',
+    m: float = 0.4,
+    eps: float = 1e-3,
+) -> jax.Array:
   """f(cos_y): the head's margin applied to the (N,) target cosines.
 
   The unscaled target logit, as `margin_logits` puts it in the target column.
@@ -218,9 +262,14 @@ def margin_target(cos_y: jax.Array, scaler: jax.Array, *,
   return cos_y
 
 
-def sample_classes(rng: jax.Array, num_local: int, num_sample: int,
-                   positives: jax.Array, class_offset: Any,
-                   num_classes: int) -> jax.Array:
+def sample_classes(
+    rng: jax.Array,
+    num_local: int,
+    num_sample: int,
+    positives: jax.Array,
+    class_offset: Any,
+    num_classes: int,
+) -> jax.Array:
   """(num_sample,) sorted local column ids: every positive, random others.
 
   PartialFC's negative sampling on one block of classes: the block's
@@ -236,21 +285,27 @@ def sample_classes(rng: jax.Array, num_local: int, num_sample: int,
   real = class_offset + jnp.arange(num_local) < num_classes
   scores = jnp.where(real, scores, -1.0)
   scores = scores.at[jnp.where(in_block, local, num_local)].set(
-      2.0, mode='drop')
+      2.0, mode='drop'
+  )
   _, picked = jax.lax.top_k(scores, num_sample)
   # Ascending ids: the column gather below reads W's rows in order.
   return jnp.sort(picked)
 
 
-def num_sampled_classes(num_local: int, sample_rate: float,
-                        num_positives: int) -> int:
+def num_sampled_classes(
+    num_local: int, sample_rate: float, num_positives: int
+) -> int:
   """Columns kept per block: rate x block, but room for every positive."""
   wanted = int(math.ceil(sample_rate * num_local))
   return min(num_local, max(wanted, num_positives, 1))
 
 
-def _block_cosines(embeddings: jax.Array, kernel_block: jax.Array,
-                   eps: float, logits_dtype: Any) -> jax.Array:
+def _block_cosines(
+    embeddings: jax.Array,
+    kernel_block: jax.Array,
+    eps: float,
+    logits_dtype: Any,
+) -> jax.Array:
   """(N, c) clamped cosines against one block of columns."""
   if jnp.dtype(logits_dtype) == jnp.float32:
     return cosine_logits(embeddings, kernel_block, eps)
@@ -259,21 +314,28 @@ def _block_cosines(embeddings: jax.Array, kernel_block: jax.Array,
   kernel = jnp.asarray(kernel_block, jnp.float32)
   col_norm = jnp.linalg.norm(kernel, axis=0, keepdims=True)
   kernel_unit = kernel / jnp.maximum(col_norm, jnp.finfo(jnp.float32).tiny)
-  cos = jnp.matmul(embeddings.astype(logits_dtype),
-                   kernel_unit.astype(logits_dtype),
-                   preferred_element_type=jnp.float32)
+  cos = jnp.matmul(
+      embeddings.astype(logits_dtype),
+      kernel_unit.astype(logits_dtype),
+      preferred_element_type=jnp.float32,
+  )
   return jnp.clip(cos, -1.0 + eps, 1.0 - eps)
 
 
-def _exact_target_cosines(embeddings: jax.Array, kernel_block: jax.Array,
-                          local_target: jax.Array, eps: float) -> jax.Array:
+def _exact_target_cosines(
+    embeddings: jax.Array,
+    kernel_block: jax.Array,
+    local_target: jax.Array,
+    eps: float,
+) -> jax.Array:
   """(N,) float32 cos(e_i, w_{y_i}) for rows whose class is in this block."""
   in_block = local_target >= 0
   kernel = jnp.asarray(kernel_block, jnp.float32)
   cols = jnp.take(kernel, jnp.where(in_block, local_target, 0), axis=1).T
   norm = jnp.linalg.norm(cols, axis=1)
   cos = jnp.sum(embeddings.astype(jnp.float32) * cols, axis=1) / jnp.maximum(
-      norm, jnp.finfo(jnp.float32).tiny)
+      norm, jnp.finfo(jnp.float32).tiny
+  )
   return jnp.where(in_block, jnp.clip(cos, -1.0 + eps, 1.0 - eps), 0.0)
 
 
@@ -291,12 +353,23 @@ def _varying(x: jax.Array, axis_name: Any) -> jax.Array:
 
 
 def sharded_classification_loss(
-    embeddings: jax.Array, labels: jax.Array, kernel_block: jax.Array,
-    scaler: jax.Array, *, axis_name: Any, num_classes: int,
-    head: str = 'adaface', s: float = 64.0, m: float = 0.4,
-    eps: float = 1e-3, b: Any = 0.0, sample_rate: float | None = None,
-    positives: jax.Array | None = None, rng: jax.Array | None = None,
-    logits_dtype: Any = jnp.float32, gate_quality: jax.Array | None = None
+    embeddings: jax.Array,
+    labels: jax.Array,
+    kernel_block: jax.Array,
+    scaler: jax.Array,
+    *,
+    axis_name: Any,
+    num_classes: int,
+    head: str = 'adaface',
+    s: float = 64.0,
+    m: float = 0.4,
+    eps: float = 1e-3,
+    b: Any = 0.0,
+    sample_rate: float | None = None,
+    positives: jax.Array | None = None,
+    rng: jax.Array | None = None,
+    logits_dtype: Any = jnp.float32,
+    gate_quality: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Per-row gated margin cross-entropy on one block of W's columns.
 
@@ -323,19 +396,30 @@ def sharded_classification_loss(
   num_local = kernel_block.shape[1]
   padded = num_local * jax.lax.axis_size(axis_name) != num_classes
   kernel_used, columns, local_target = _block_columns(
-      labels, kernel_block, axis_name, num_classes, sample_rate, positives,
-      rng)
+      labels, kernel_block, axis_name, num_classes, sample_rate, positives, rng
+  )
   if padded:
     # Padding columns are zero, and the gradient of a zero column's norm is
     # NaN even where the result is masked; give them a harmless value.
     kernel_used = jnp.where((columns < num_classes)[None, :], kernel_used, 1.0)
   cos = _block_cosines(embeddings, kernel_used, eps, logits_dtype)
   target_mask = local_target[:, None] == jnp.arange(cos.shape[1])[None, :]
-  cos_y = _target_cosines(embeddings, kernel_used, cos, target_mask,
-                          local_target, eps, logits_dtype, axis_name)
+  cos_y = _target_cosines(
+      embeddings,
+      kernel_used,
+      cos,
+      target_mask,
+      local_target,
+      eps,
+      logits_dtype,
+      axis_name,
+  )
   target = margin_target(cos_y, scaler, head=head, m=m, eps=eps)
-  quality = (quality_from_scaler(scaler) if gate_quality is None
-             else jnp.asarray(gate_quality, jnp.float32).reshape(num_rows))
+  quality = (
+      quality_from_scaler(scaler)
+      if gate_quality is None
+      else jnp.asarray(gate_quality, jnp.float32).reshape(num_rows)
+  )
   gate = hq_gate(quality, b, s)
   target_v, gate_v = _varying(target, axis_name), _varying(gate, axis_name)
   logits = s * jnp.where(target_mask, target_v[:, None], cos) * gate_v[:, None]
@@ -345,28 +429,43 @@ def sharded_classification_loss(
   per_example = _sharded_logsumexp(logits, axis_name) - s * target * gate
   valid = (labels >= 0) & (labels < num_classes)
   return jnp.where(valid, per_example, jnp.nan), {
-      'gate': gate, 'quality': quality,
-      'cos_target': jax.lax.stop_gradient(cos_y)}
+      'gate': gate,
+      'quality': quality,
+      'cos_target': jax.lax.stop_gradient(cos_y),
+  }
 
 
-def _target_cosines(embeddings, kernel_used, cos, target_mask, local_target,
-                    eps, logits_dtype, axis_name) -> jax.Array:
+def _target_cosines(
+    embeddings,
+    kernel_used,
+    cos,
+    target_mask,
+    local_target,
+    eps,
+    logits_dtype,
+    axis_name,
+) -> jax.Array:
   """(N,) each row's target cosine, from the block that holds its class
   (exact in float32 even when the block's matmul ran in bfloat16)."""
   if jnp.dtype(logits_dtype) == jnp.float32:
     cos_y_local = jnp.sum(jnp.where(target_mask, cos, 0.0), axis=1)
   else:
-    cos_y_local = _exact_target_cosines(embeddings, kernel_used, local_target,
-                                        eps)
+    cos_y_local = _exact_target_cosines(
+        embeddings, kernel_used, local_target, eps
+    )
   # Exactly one block holds each row's class: the sum is that block's value.
   return jax.lax.psum(cos_y_local, axis_name)
 
 
-def _block_columns(labels: jax.Array, kernel_block: jax.Array,
-                   axis_name: Any, num_classes: int,
-                   sample_rate: float | None, positives: jax.Array | None,
-                   rng: jax.Array | None
-                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _block_columns(
+    labels: jax.Array,
+    kernel_block: jax.Array,
+    axis_name: Any,
+    num_classes: int,
+    sample_rate: float | None,
+    positives: jax.Array | None,
+    rng: jax.Array | None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(the block's columns scored, their global class ids, each row's target
   position among them or -1): every column, or PartialFC's sample."""
   num_local = kernel_block.shape[1]
@@ -375,26 +474,44 @@ def _block_columns(labels: jax.Array, kernel_block: jax.Array,
   local = labels - offset
   in_block = (local >= 0) & (local < num_local)
   if sample_rate is None:
-    return (kernel_block, offset + jnp.arange(num_local),
-            jnp.where(in_block, local, -1))
+    return (
+        kernel_block,
+        offset + jnp.arange(num_local),
+        jnp.where(in_block, local, -1),
+    )
   if positives is None or rng is None:
     raise ValueError('sampling needs the positives and an rng')
-  num_sample = num_sampled_classes(num_local, sample_rate,
-                                   jnp.shape(positives)[0])
-  picked = sample_classes(jax.random.fold_in(rng, block), num_local,
-                          num_sample, positives, offset, num_classes)
-  position = jnp.full((num_local,), -1, jnp.int32).at[picked].set(
-      jnp.arange(num_sample, dtype=jnp.int32))
-  return (jnp.take(kernel_block, picked, axis=1), offset + picked,
-          jnp.where(in_block, position[jnp.where(in_block, local, 0)], -1))
+  num_sample = num_sampled_classes(
+      num_local, sample_rate, jnp.shape(positives)[0]
+  )
+  picked = sample_classes(
+      jax.random.fold_in(rng, block),
+      num_local,
+      num_sample,
+      positives,
+      offset,
+      num_classes,
+  )
+  position = (
+      jnp.full((num_local,), -1, jnp.int32)
+      .at[picked]
+      .set(jnp.arange(num_sample, dtype=jnp.int32))
+  )
+  return (
+      jnp.take(kernel_block, picked, axis=1),
+      offset + picked,
+      jnp.where(in_block, position[jnp.where(in_block, local, 0)], -1),
+  )
 
 
 def _sharded_logsumexp(logits: jax.Array, axis_name: Any) -> jax.Array:
   """log-sum-exp of each row over every block: a shared max, then one sum
   of exponentials."""
   row_max = jax.lax.pmax(
-      jax.lax.stop_gradient(jnp.max(logits, axis=1)), axis_name)
-  sum_exp = jax.lax.psum(jnp.sum(
-      jnp.exp(logits - _varying(row_max, axis_name)[:, None]), axis=1),
-                         axis_name)
+      jax.lax.stop_gradient(jnp.max(logits, axis=1)), axis_name
+  )
+  sum_exp = jax.lax.psum(
+      jnp.sum(jnp.exp(logits - _varying(row_max, axis_name)[:, None]), axis=1),
+      axis_name,
+  )
   return row_max + jnp.log(sum_exp)

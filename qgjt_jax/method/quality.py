@@ -14,6 +14,7 @@ computed, and start at mean 0, std 0 (AdaFace starts at 20/100:
 The "degradation" partition (an ablation) replaces the gates' quality with
 the known downscale factor of each view and leaves the margin on the norm.
 """
+
 from typing import Any
 
 import flax
@@ -29,14 +30,16 @@ PARTITIONS = ("norm", "degradation")
 @flax.struct.dataclass
 class QualityStats:
   """Running statistics of the clipped feature norms (part of the state)."""
+
   mean: jax.Array  # float32 scalar
   std: jax.Array  # float32 scalar
 
 
 def init_quality_stats(mean: float = 0.0, std: float = 0.0) -> QualityStats:
   """Initial statistics: the reference starts at 0/0, AdaFace at 20/100."""
-  return QualityStats(mean=jnp.asarray(mean, jnp.float32),
-                      std=jnp.asarray(std, jnp.float32))
+  return QualityStats(
+      mean=jnp.asarray(mean, jnp.float32), std=jnp.asarray(std, jnp.float32)
+  )
 
 
 def _safe_norms(norms: jax.Array) -> jax.Array:
@@ -45,13 +48,14 @@ def _safe_norms(norms: jax.Array) -> jax.Array:
   if norms.ndim == 2 and norms.shape[1] == 1:
     norms = norms[:, 0]
   if norms.ndim != 1:
-    raise ValueError(f'norms must be (N,) or (N, 1), got {norms.shape}')
+    raise ValueError(f"norms must be (N,) or (N, 1), got {norms.shape}")
   norms = jax.lax.stop_gradient(norms.astype(jnp.float32))
   return jnp.clip(norms, NORM_MIN, NORM_MAX)
 
 
-def update_quality_stats(stats: QualityStats, norms: jax.Array,
-                         alpha: float = 0.01) -> QualityStats:
+def update_quality_stats(
+    stats: QualityStats, norms: jax.Array, alpha: float = 0.01
+) -> QualityStats:
   """EMA update of mean/std (unbiased) of the clipped norms of one batch.
 
   Args:
@@ -65,17 +69,20 @@ def update_quality_stats(stats: QualityStats, norms: jax.Array,
   """
   safe = _safe_norms(norms)
   if safe.shape[0] < 2:
-    raise ValueError('update_quality_stats needs at least 2 norms, '
-                     f'got {safe.shape[0]}')
+    raise ValueError(
+        "update_quality_stats needs at least 2 norms, " f"got {safe.shape[0]}"
+    )
   mean = jnp.mean(safe)
   std = jnp.std(safe, ddof=1)
   return QualityStats(
       mean=alpha * mean + (1.0 - alpha) * stats.mean.astype(jnp.float32),
-      std=alpha * std + (1.0 - alpha) * stats.std.astype(jnp.float32))
+      std=alpha * std + (1.0 - alpha) * stats.std.astype(jnp.float32),
+  )
 
 
-def margin_scaler(norms: jax.Array, stats: QualityStats, h: float = 0.333,
-                  eps: float = 1e-3) -> jax.Array:
+def margin_scaler(
+    norms: jax.Array, stats: QualityStats, h: float = 0.333, eps: float = 1e-3
+) -> jax.Array:
   """a_i = clip(h (n_i - mu) / (sigma + eps), -1, 1): (N,), no gradient."""
   safe = _safe_norms(norms)
   scaler = (safe - stats.mean) / (stats.std + eps) * h
@@ -96,9 +103,9 @@ def scaler_from_degradation(factors: jax.Array) -> jax.Array:
   return 2.0 * jnp.clip(factors.astype(jnp.float32), 0.0, 1.0) - 1.0
 
 
-def read_quality(settings: Any, stats: QualityStats, norms: jax.Array,
-                 degradation: jax.Array
-                 ) -> tuple[QualityStats, jax.Array, jax.Array]:
+def read_quality(
+    settings: Any, stats: QualityStats, norms: jax.Array, degradation: jax.Array
+) -> tuple[QualityStats, jax.Array, jax.Array]:
   """Running statistics updated over `norms`, then used.
 
   `settings` is the `QualitySettings` of the config. Returns (new
@@ -114,8 +121,9 @@ def read_quality(settings: Any, stats: QualityStats, norms: jax.Array,
   return stats, scaler, scaler
 
 
-def separation_auc(clean: jax.Array, degraded: jax.Array,
-                   counted: jax.Array | None = None) -> jax.Array:
+def separation_auc(
+    clean: jax.Array, degraded: jax.Array, counted: jax.Array | None = None
+) -> jax.Array:
   """How well the feature norm tells clean views from degraded ones: the
   probability that a clean view's norm exceeds a degraded view's (ties
   count half), the area under the ROC of the norm as a clean-vs-degraded
@@ -125,8 +133,11 @@ def separation_auc(clean: jax.Array, degraded: jax.Array,
   pairs."""
   clean = jnp.asarray(clean, jnp.float32)
   degraded = jnp.asarray(degraded, jnp.float32)
-  weight = (jnp.ones(degraded.shape, jnp.float32) if counted is None
-            else jnp.asarray(counted, jnp.float32))
+  weight = (
+      jnp.ones(degraded.shape, jnp.float32)
+      if counted is None
+      else jnp.asarray(counted, jnp.float32)
+  )
   above = (clean[:, None] > degraded[None, :]).astype(jnp.float32)
   ties = (clean[:, None] == degraded[None, :]).astype(jnp.float32)
   per_degraded = jnp.mean(above + 0.5 * ties, axis=0)

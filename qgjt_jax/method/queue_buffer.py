@@ -17,6 +17,7 @@ current W (after this step's forward, before its update), so the newest rows
 get a zero correction and no gradient reaches W or the encoder through the
 queue: every output here is detached.
 """
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 @flax.struct.dataclass
 class QueueState:
   """Ring buffer of K slots; empty slots hold zeros and label -1."""
+
   embeds: jax.Array  # (K, D) float32
   labels: jax.Array  # (K,) int32, -1 where empty
   proxies: jax.Array  # (K, D) float32, class proxy w_y at enqueue time
@@ -39,14 +41,16 @@ class QueueState:
 def init_queue(capacity: int, dim: int) -> QueueState:
   """An empty queue of `capacity` slots of dimension `dim`."""
   if capacity < 1 or dim < 1:
-    raise ValueError(f'capacity and dim must be positive, got {capacity}, '
-                     f'{dim}')
+    raise ValueError(
+        f'capacity and dim must be positive, got {capacity}, ' f'{dim}'
+    )
   return QueueState(
       embeds=jnp.zeros((capacity, dim), jnp.float32),
       labels=jnp.full((capacity,), -1, jnp.int32),
       proxies=jnp.zeros((capacity, dim), jnp.float32),
       count=jnp.zeros((), jnp.int32),
-      ptr=jnp.zeros((), jnp.int32))
+      ptr=jnp.zeros((), jnp.int32),
+  )
 
 
 def class_proxies(kernel: jax.Array, labels: jax.Array) -> jax.Array:
@@ -59,8 +63,9 @@ def class_proxies(kernel: jax.Array, labels: jax.Array) -> jax.Array:
   return jnp.take(kernel.T, labels, axis=0, mode='fill', fill_value=jnp.nan)
 
 
-def enqueue(queue: QueueState, keys: jax.Array, labels: jax.Array,
-            proxies: jax.Array) -> QueueState:
+def enqueue(
+    queue: QueueState, keys: jax.Array, labels: jax.Array, proxies: jax.Array
+) -> QueueState:
   """Writes N <= K rows, evicting the oldest ones once the queue is full.
 
   Args:
@@ -80,8 +85,10 @@ def enqueue(queue: QueueState, keys: jax.Array, labels: jax.Array,
   if num > capacity:
     raise ValueError(f'cannot enqueue {num} rows into a queue of {capacity}')
   if jnp.shape(labels) != (num,) or jnp.shape(proxies) != (num, dim):
-    raise ValueError(f'labels {jnp.shape(labels)} / proxies '
-                     f'{jnp.shape(proxies)} do not match keys {keys.shape}')
+    raise ValueError(
+        f'labels {jnp.shape(labels)} / proxies '
+        f'{jnp.shape(proxies)} do not match keys {keys.shape}'
+    )
   keys = jax.lax.stop_gradient(keys.astype(jnp.float32))
   proxies = jax.lax.stop_gradient(jnp.asarray(proxies, jnp.float32))
   labels = jnp.asarray(labels, jnp.int32)
@@ -93,7 +100,8 @@ def enqueue(queue: QueueState, keys: jax.Array, labels: jax.Array,
       labels=queue.labels.at[slots].set(labels, unique_indices=True),
       proxies=queue.proxies.at[slots].set(proxies, unique_indices=True),
       count=jnp.minimum(queue.count + num, capacity).astype(jnp.int32),
-      ptr=((queue.ptr + num) % capacity).astype(jnp.int32))
+      ptr=((queue.ptr + num) % capacity).astype(jnp.int32),
+  )
 
 
 def valid_mask(queue: QueueState) -> jax.Array:
@@ -128,11 +136,13 @@ def keep_newest(queue: QueueState, size: jax.Array) -> QueueState:
   here they are marked empty (label -1) the same way. `size` may be traced.
   """
   age = (queue.ptr - 1 - jnp.arange(queue.capacity, dtype=jnp.int32)) % (
-      queue.capacity)
+      queue.capacity
+  )
   keep = age < size
   return queue.replace(
       labels=jnp.where(keep, queue.labels, -1),
-      count=jnp.minimum(queue.count, size).astype(jnp.int32))
+      count=jnp.minimum(queue.count, size).astype(jnp.int32),
+  )
 
 
 def realtime_negatives(queue: QueueState) -> jax.Array:
@@ -150,13 +160,19 @@ def proxy_update(queue: QueueState, kernel: jax.Array) -> jax.Array:
   valid = valid_mask(queue)
   # Empty slots carry label -1, which would index the last column; a label
   # >= C (a bug upstream) becomes NaN rather than another class's proxy.
-  current = jnp.take(kernel.T, jnp.where(valid, queue.labels, 0), axis=0,
-                     mode='fill', fill_value=jnp.nan)
+  current = jnp.take(
+      kernel.T,
+      jnp.where(valid, queue.labels, 0),
+      axis=0,
+      mode='fill',
+      fill_value=jnp.nan,
+  )
   return corrected_negatives(queue, current)
 
 
-def sharded_class_proxies(kernel_block: jax.Array, labels: jax.Array, *,
-                          axis_name, num_classes: int) -> jax.Array:
+def sharded_class_proxies(
+    kernel_block: jax.Array, labels: jax.Array, *, axis_name, num_classes: int
+) -> jax.Array:
   """`class_proxies` with W's class axis split over `axis_name`.
 
   Call inside `shard_map`, with the same labels on every device of the axis.
@@ -188,7 +204,8 @@ def corrected_negatives(queue: QueueState, current: jax.Array) -> jax.Array:
   embed_norm = jnp.linalg.norm(queue.embeds, axis=1, keepdims=True)
   proxy_norm = jnp.linalg.norm(queue.proxies, axis=1, keepdims=True)
   has_proxy = proxy_norm > 0
-  ratio = jnp.where(has_proxy,
-                    embed_norm / jnp.where(has_proxy, proxy_norm, 1.0), 0.0)
+  ratio = jnp.where(
+      has_proxy, embed_norm / jnp.where(has_proxy, proxy_norm, 1.0), 0.0
+  )
   corrected = queue.embeds + ratio * (current - queue.proxies)
   return jax.lax.stop_gradient(jnp.where(valid[:, None], corrected, 0.0))

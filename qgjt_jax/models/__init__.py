@@ -4,6 +4,7 @@ One module per family (iresnet, mobilefacenet, vit) declares it in the
 registry (`registry.Family`); everything else in the package reaches a
 family through the functions here.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -24,14 +25,30 @@ from qgjt_jax.models.registry import family_of_module
 from qgjt_jax.models.registry import family_settings
 from qgjt_jax.models.registry import recorded_model_keys
 
-__all__ = ["IResNet", "build_backbone", "backbone_names", "count_params",
-           "families", "family_of", "family_of_module", "family_settings",
-           "init_shapes", "normalize_images", "recorded_model_keys"]
+__all__ = [
+    "IResNet",
+    "build_backbone",
+    "backbone_names",
+    "count_params",
+    "families",
+    "family_of",
+    "family_of_module",
+    "family_settings",
+    "init_shapes",
+    "normalize_images",
+    "recorded_model_keys",
+]
 
 
-def build_backbone(name: str, dtype: Any = jnp.float32, *,
-                   embedding_size: int = 512, remat: bool = False,
-                   input_order: str = "BGR", **settings):
+def build_backbone(
+    name: str,
+    dtype: Any = jnp.float32,
+    *,
+    embedding_size: int = 512,
+    remat: bool = False,
+    input_order: str = "BGR",
+    **settings,
+):
   """The backbone called `name`, computing in `dtype` (parameters stay
   float32).
 
@@ -48,8 +65,16 @@ def build_backbone(name: str, dtype: Any = jnp.float32, *,
   family, canonical = family_of(name)
   unknown = sorted(set(settings) - set(family.settings))
   if unknown:
-    raise ValueError(f"{canonical} ({family.name}) has no setting "
-                     f"{', '.join(unknown)}; its own settings: "
-                     f"{', '.join(family.settings) or 'none'}")
-  return family.build(canonical, dtype=dtype, embedding_size=embedding_size,
-                      remat=remat, input_order=input_order, **settings)
+    raise ValueError(
+        f"{canonical} ({family.name}) has no setting "
+        f"{', '.join(unknown)}; its own settings: "
+        f"{', '.join(family.settings) or 'none'}"
+    )
+  return family.build(
+      canonical,
+      dtype=dtype,
+      embedding_size=embedding_size,
+      remat=remat,
+      input_order=input_order,
+      **settings,
+  )

@@ -4,6 +4,7 @@ BatchNorm as PyTorch computes it, per-channel PReLU, the input
 normalisation and channel order, and the shape-only helpers (parameter
 counts, variable shapes without compute).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -23,8 +24,9 @@ BN_EPSILON = 1e-5
 INPUT_ORDERS = ("BGR", "RGB")
 
 
-def normalize_images(images_uint8: jax.Array, dtype: Any = jnp.float32
-                     ) -> jax.Array:
+def normalize_images(
+    images_uint8: jax.Array, dtype: Any = jnp.float32
+) -> jax.Array:
   """Maps uint8 pixels to [-1, 1] as (x/255 - 0.5)/0.5, in `dtype`.
 
   Meant to run on the device, so the host ships compact uint8 batches.
@@ -80,6 +82,7 @@ class BatchNorm(nn.Module):
   last BatchNorm1d). Statistics are in float32 whatever the compute dtype.
   Variable names are flax's ('scale', 'bias'; 'mean', 'var').
   """
+
   use_running_average: bool
   momentum: float = BN_MOMENTUM
   epsilon: float = BN_EPSILON
@@ -90,10 +93,12 @@ class BatchNorm(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     features = x.shape[-1]
-    running_mean = self.variable("batch_stats", "mean", jnp.zeros,
-                                 (features,), jnp.float32)
-    running_var = self.variable("batch_stats", "var", jnp.ones, (features,),
-                                jnp.float32)
+    running_mean = self.variable(
+        "batch_stats", "mean", jnp.zeros, (features,), jnp.float32
+    )
+    running_var = self.variable(
+        "batch_stats", "var", jnp.ones, (features,), jnp.float32
+    )
     x32 = x.astype(jnp.float32)
     if self.use_running_average or _FROZEN.get():
       mean, var = running_mean.value, running_var.value
@@ -102,8 +107,9 @@ class BatchNorm(nn.Module):
       # One pass (E[x], E[x^2]), as flax: the two reductions fuse into one
       # read of x, and under a data-parallel mesh into one all-reduce.
       mean = jnp.mean(x32, axis=axes)
-      var = jnp.maximum(jnp.mean(jnp.square(x32), axis=axes) -
-                        jnp.square(mean), 0.0)
+      var = jnp.maximum(
+          jnp.mean(jnp.square(x32), axis=axes) - jnp.square(mean), 0.0
+      )
       if not self.is_initializing():
         count = x.size // features
         unbiased = var * (count / max(count - 1, 1))
@@ -112,47 +118,70 @@ class BatchNorm(nn.Module):
         running_var.value = m * running_var.value + (1 - m) * unbiased
     y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
     if self.use_scale:
-      y = y * self.param("scale", nn.initializers.ones, (features,),
-                         jnp.float32)
+      y = y * self.param(
+          "scale", nn.initializers.ones, (features,), jnp.float32
+      )
     if self.use_bias:
-      y = y + self.param("bias", nn.initializers.zeros, (features,),
-                         jnp.float32)
+      y = y + self.param(
+          "bias", nn.initializers.zeros, (features,), jnp.float32
+      )
     return y.astype(self.dtype)
 
 
 def batch_norm(train: bool, dtype: Any, name: str, **kwargs) -> BatchNorm:
-  return BatchNorm(use_running_average=not train, dtype=dtype, name=name,
-                   **kwargs)
+  return BatchNorm(
+      use_running_average=not train, dtype=dtype, name=name, **kwargs
+  )
 
 
 class PReLU(nn.Module):
   """Per-channel PReLU (flax's own PReLU has a single scalar slope)."""
+
   param_dtype: Any = jnp.float32
   negative_slope_init: float = 0.25
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    slope = self.param("negative_slope",
-                       nn.initializers.constant(self.negative_slope_init),
-                       (x.shape[-1],), self.param_dtype)
+    slope = self.param(
+        "negative_slope",
+        nn.initializers.constant(self.negative_slope_init),
+        (x.shape[-1],),
+        self.param_dtype,
+    )
     return jnp.where(x >= 0, x, slope.astype(x.dtype) * x)
 
 
-def conv(features: int, kernel: int, stride: int = 1, *, padding: int = 0,
-         groups: int = 1, dtype: Any = jnp.float32, name: str,
-         use_bias: bool = False) -> nn.Module:
+def conv(
+    features: int,
+    kernel: int,
+    stride: int = 1,
+    *,
+    padding: int = 0,
+    groups: int = 1,
+    dtype: Any = jnp.float32,
+    name: str,
+    use_bias: bool = False,
+) -> nn.Module:
   """A square PyTorch-style Conv2d without bias: symmetric zero padding,
   groups (`GroupedConv` when grouped)."""
   if groups > 1:
     if use_bias:
       raise ValueError("a grouped convolution here has no bias")
-    return GroupedConv(features, kernel, stride, padding, groups, dtype,
-                       name=name)
+    return GroupedConv(
+        features, kernel, stride, padding, groups, dtype, name=name
+    )
   if kernel == 1 and padding == 0 and not use_bias:
     return PointwiseConv(features, stride, dtype, name=name)
-  return nn.Conv(features, (kernel, kernel), strides=stride,
-                 padding=[(padding, padding)] * 2, use_bias=use_bias,
-                 dtype=dtype, kernel_init=kaiming_fan_out, name=name)
+  return nn.Conv(
+      features,
+      (kernel, kernel),
+      strides=stride,
+      padding=[(padding, padding)] * 2,
+      use_bias=use_bias,
+      dtype=dtype,
+      kernel_init=kaiming_fan_out,
+      name=name,
+  )
 
 
 class PointwiseConv(nn.Module):
@@ -161,25 +190,37 @@ class PointwiseConv(nn.Module):
   backend runs it about 3 times faster than a 1x1 convolution, forward and
   backward, and accelerators see the same dot. Its kernel is nn.Conv's,
   (1, 1, in, out)."""
+
   features: int
   stride: int = 1
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.param("kernel", kaiming_fan_out,
-                        (1, 1, x.shape[-1], self.features), jnp.float32)
+    kernel = self.param(
+        "kernel",
+        kaiming_fan_out,
+        (1, 1, x.shape[-1], self.features),
+        jnp.float32,
+    )
     if self.stride > 1:
-      x = jax.lax.slice(x, (0, 0, 0, 0), x.shape,
-                        (1, self.stride, self.stride, 1))
-    return jnp.einsum("bhwc,cd->bhwd", x.astype(self.dtype),
-                      kernel[0, 0].astype(self.dtype))
+      x = jax.lax.slice(
+          x, (0, 0, 0, 0), x.shape, (1, self.stride, self.stride, 1)
+      )
+    return jnp.einsum(
+        "bhwc,cd->bhwd", x.astype(self.dtype), kernel[0, 0].astype(self.dtype)
+    )
 
 
 def _grouped_conv_native(x, kernel, stride, padding, groups):
   return jax.lax.conv_general_dilated(
-      x, kernel, (stride, stride), [(padding, padding)] * 2,
-      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
+      x,
+      kernel,
+      (stride, stride),
+      [(padding, padding)] * 2,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=groups,
+  )
 
 
 def _grouped_conv_by_shifts(x, kernel, stride, padding, groups):
@@ -197,9 +238,17 @@ def _grouped_conv_by_shifts(x, kernel, stride, padding, groups):
   for i in range(kh):
     for j in range(kw):
       tap = jax.lax.slice(
-          x, (0, i, j, 0, 0),
-          (batch, i + (rows - 1) * stride + 1, j + (cols - 1) * stride + 1,
-           groups, per_group), (1, stride, stride, 1, 1))
+          x,
+          (0, i, j, 0, 0),
+          (
+              batch,
+              i + (rows - 1) * stride + 1,
+              j + (cols - 1) * stride + 1,
+              groups,
+              per_group,
+          ),
+          (1, stride, stride, 1, 1),
+      )
       for c in range(per_group):
         total = total + tap[..., c, None] * w[i, j, c]
   return total.reshape(batch, rows, cols, out)
@@ -214,6 +263,7 @@ class GroupedConv(nn.Module):
   keeps both in one program, so an export for TPU or GPU, and the ONNX
   file, carry the convolution.
   """
+
   features: int
   kernel: int
   stride: int = 1
@@ -225,16 +275,24 @@ class GroupedConv(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     channels = x.shape[-1]
     if channels % self.groups or self.features % self.groups:
-      raise ValueError(f"{channels} -> {self.features} channels do not split "
-                       f"into {self.groups} groups")
-    kernel = self.param("kernel", kaiming_fan_out,
-                        (self.kernel, self.kernel, channels // self.groups,
-                         self.features), jnp.float32).astype(self.dtype)
+      raise ValueError(
+          f"{channels} -> {self.features} channels do not split "
+          f"into {self.groups} groups"
+      )
+    kernel = self.param(
+        "kernel",
+        kaiming_fan_out,
+        (self.kernel, self.kernel, channels // self.groups, self.features),
+        jnp.float32,
+    ).astype(self.dtype)
     x = x.astype(self.dtype)
     args = (self.stride, self.padding, self.groups)
     return jax.lax.platform_dependent(
-        x, kernel, cpu=lambda x, k: _grouped_conv_by_shifts(x, k, *args),
-        default=lambda x, k: _grouped_conv_native(x, k, *args))
+        x,
+        kernel,
+        cpu=lambda x, k: _grouped_conv_by_shifts(x, k, *args),
+        default=lambda x, k: _grouped_conv_native(x, k, *args),
+    )
 
 
 def count_params(params: Any) -> int:
@@ -242,12 +300,16 @@ def count_params(params: Any) -> int:
   return sum(int(p.size) for p in jax.tree_util.tree_leaves(params))
 
 
-def init_shapes(model: nn.Module, image_size: Sequence[int] = (112, 112),
-                batch_size: int = 1) -> dict:
+def init_shapes(
+    model: nn.Module,
+    image_size: Sequence[int] = (112, 112),
+    batch_size: int = 1,
+) -> dict:
   """Variable shapes of `model` for images of `image_size`, without compute."""
   images = jax.ShapeDtypeStruct((batch_size, *image_size, 3), jnp.float32)
   return jax.eval_shape(
-      lambda x: model.init(jax.random.PRNGKey(0), x, train=False), images)
+      lambda x: model.init(jax.random.PRNGKey(0), x, train=False), images
+  )
 
 
 def halved(size: int, times: int) -> int:

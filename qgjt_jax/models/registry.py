@@ -12,6 +12,7 @@ A family is one module under models/ that declares, in one `Family`:
 Nothing outside models/ names a family: every other module asks the
 registry (`family_of`, `build`, `recognise`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,16 +30,24 @@ import flax.linen as nn
 #   prelu           PReLU: weight (C,)
 #   layer_norm      LayerNorm: weight, bias
 #   param           a bare nn.Parameter, the same array on both sides
-KINDS = ("conv", "conv_as_linear", "linear", "batch_norm", "prelu",
-         "layer_norm", "param")
+KINDS = (
+    "conv",
+    "conv_as_linear",
+    "linear",
+    "batch_norm",
+    "prelu",
+    "layer_norm",
+    "param",
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class TorchLayer:
   """One PyTorch module holding weights, as its public code names it."""
-  torch: str                 # "layer1.0.conv1", "pos_embed"
-  flax: tuple[str, ...]      # its Flax module path (a param: the leaf's path)
-  kind: str                  # one of KINDS
+
+  torch: str  # "layer1.0.conv1", "pos_embed"
+  flax: tuple[str, ...]  # its Flax module path (a param: the leaf's path)
+  kind: str  # one of KINDS
   flatten: Optional[tuple[int, int, int]] = None  # (C, H, W), see KINDS
 
   def __post_init__(self):
@@ -49,17 +58,19 @@ class TorchLayer:
 @dataclasses.dataclass(frozen=True)
 class Recognised:
   """What a state dict's names and shapes say of its model."""
-  name: str                  # the canonical config.model.name
+
+  name: str  # the canonical config.model.name
   embedding_size: int
   image_size: int
-  settings: dict[str, Any]   # the family's own settings (config.model.KEY)
+  settings: dict[str, Any]  # the family's own settings (config.model.KEY)
 
 
 @dataclasses.dataclass(frozen=True)
 class Family:
   """One backbone family (see the module doc)."""
+
   name: str
-  module: type               # the Flax module class it builds
+  module: type  # the Flax module class it builds
   # The canonical model names, and each name's canonical spelling (None:
   # not this family's name; aliases such as "ir_101" map to "ir100").
   names: Callable[[], list[str]]
@@ -99,11 +110,13 @@ SHARED_SETTINGS = ("name", "embedding_size", "dtype", "remat", "input_order")
 def register(family: Family) -> Family:
   if family.name in _FAMILIES and _FAMILIES[family.name] is not family:
     raise ValueError(f"backbone family {family.name!r} is already registered")
-  clash = set(family.names()) & {n for f in _FAMILIES.values()
-                                 if f.name != family.name for n in f.names()}
+  clash = set(family.names()) & {
+      n for f in _FAMILIES.values() if f.name != family.name for n in f.names()
+  }
   if clash:
-    raise ValueError(f"{family.name} names {sorted(clash)} belong to another "
-                     "family")
+    raise ValueError(
+        f"{family.name} names {sorted(clash)} belong to another " "family"
+    )
   _FAMILIES[family.name] = family
   return family
 
@@ -128,8 +141,10 @@ def family_of(name: str) -> tuple[Family, str]:
     canonical = family.canonical(key)
     if canonical is not None:
       return family, canonical
-  raise ValueError(f"unknown backbone {name!r}; valid names: "
-                   f"{', '.join(backbone_names())}")
+  raise ValueError(
+      f"unknown backbone {name!r}; valid names: "
+      f"{', '.join(backbone_names())}"
+  )
 
 
 def family_of_module(module: nn.Module) -> Family:
@@ -143,14 +158,18 @@ def family_of_module(module: nn.Module) -> Family:
 def recorded_model_keys() -> tuple[str, ...]:
   """The dotted config keys that fix a model's variables: its name,
   embedding size and input size, and every family's weight settings."""
-  own = sorted({f"model.{k}" for f in _FAMILIES.values()
-                for k in f.weight_settings})
+  own = sorted(
+      {f"model.{k}" for f in _FAMILIES.values() for k in f.weight_settings}
+  )
   return ("model.name", *own, "model.embedding_size", "data.image_size")
 
 
-def family_settings(name: str, model_config: Mapping[str, Any]
-                    ) -> dict[str, Any]:
+def family_settings(
+    name: str, model_config: Mapping[str, Any]
+) -> dict[str, Any]:
   """The family's own settings as `model_config` (config.model) sets them."""
   family, _ = family_of(name)
-  return {key: model_config.get(key, default)
-          for key, default in family.settings.items()}
+  return {
+      key: model_config.get(key, default)
+      for key, default in family.settings.items()
+  }

@@ -16,6 +16,7 @@ gap over the draws): the numbers docs/FIDELITY.md quotes.
   between two readings of one number but two different numbers, printed
   so their sizes can be compared with published tables.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,8 +36,9 @@ FARS = (1e-6, 1e-5, 1e-4, 1e-3)
 def tar_rule_gaps(seed: int, genuine: int, impostors: int) -> dict:
   rng = np.random.default_rng(seed)
   labels = np.r_[np.ones(genuine), np.zeros(impostors)]
-  scores = np.r_[rng.normal(0.55, 0.15, genuine),
-                 rng.normal(0.0, 0.1, impostors)]
+  scores = np.r_[
+      rng.normal(0.55, 0.15, genuine), rng.normal(0.0, 0.1, impostors)
+  ]
   ours = ijb.tar_at_far(labels, scores, FARS, rule="insightface")
   theirs = ijb.tar_at_far(labels, scores, FARS, rule="authors")
   return {f"{far:.0e}": 100 * (ours[far] - theirs[far]) for far in FARS}
@@ -46,9 +48,11 @@ def reject_numbers(seed: int, pairs: int = 3000) -> dict:
   rng = np.random.default_rng(seed)
   quality = rng.uniform(0, 1, 2 * pairs)
   issame = np.r_[np.ones(pairs, bool), np.zeros(pairs, bool)]
-  scores = np.where(issame, 0.2 + 0.5 * quality + rng.normal(0, 0.1,
-                                                             2 * pairs),
-                    rng.normal(0.0, 0.1, 2 * pairs))
+  scores = np.where(
+      issame,
+      0.2 + 0.5 * quality + rng.normal(0, 0.1, 2 * pairs),
+      rng.normal(0.0, 0.1, 2 * pairs),
+  )
   out = reject.reject_metrics(scores, issame, quality)
   return {"edc_pauc": out["edc_pauc"], "erc_auc": out["erc_auc"]}
 
@@ -57,9 +61,12 @@ def _summary(name: str, rows: list[dict]) -> dict:
   summary = {"summary": name, "draws": len(rows)}
   for key in rows[0]:
     values = np.array([r[key] for r in rows])
-    summary[key] = {"mean": float(values.mean()),
-                    "std": float(values.std(ddof=1)),
-                    "min": float(values.min()), "max": float(values.max())}
+    summary[key] = {
+        "mean": float(values.mean()),
+        "std": float(values.std(ddof=1)),
+        "min": float(values.min()),
+        "max": float(values.max()),
+    }
   return summary
 
 
@@ -67,7 +74,8 @@ def records(draws: int, genuine: int, impostors: int) -> Iterator[dict]:
   """A line per draw and convention, then each convention's summary."""
   for name, measure in (
       ("tar_rule", lambda seed: tar_rule_gaps(seed, genuine, impostors)),
-      ("reject", reject_numbers)):
+      ("reject", reject_numbers),
+  ):
     rows = []
     for seed in range(draws):
       rows.append(measure(seed))
@@ -75,13 +83,24 @@ def records(draws: int, genuine: int, impostors: int) -> Iterator[dict]:
     yield _summary(name, rows)
 
 
-_DRAWS = flags.DEFINE_integer("draws", 8, "Draws of each score set (the "
-                              "spread needs two).", lower_bound=2)
-_GENUINE = flags.DEFINE_integer("genuine", 10_270, "Genuine template "
-                                "pairs of the 1:1 set.", lower_bound=1)
-_IMPOSTORS = flags.DEFINE_integer("impostors", 8_010_270, "Impostor "
-                                  "template pairs of the 1:1 set.",
-                                  lower_bound=1)
+_DRAWS = flags.DEFINE_integer(
+    "draws",
+    8,
+    "Draws of each score set (the " "spread needs two).",
+    lower_bound=2,
+)
+_GENUINE = flags.DEFINE_integer(
+    "genuine",
+    10_270,
+    "Genuine template " "pairs of the 1:1 set.",
+    lower_bound=1,
+)
+_IMPOSTORS = flags.DEFINE_integer(
+    "impostors",
+    8_010_270,
+    "Impostor " "template pairs of the 1:1 set.",
+    lower_bound=1,
+)
 
 
 def main(argv: list[str]) -> None:

@@ -12,6 +12,7 @@ README; docs/PERFORMANCE.md has a measured comparison). --write_rec writes
 an insightface-layout `.rec` of generated faces (readable by MXNet too) for
 such comparisons.
 """
+
 from __future__ import annotations
 
 import json
@@ -44,15 +45,19 @@ def define_flags() -> None:
   flags.DEFINE_float("warmup", 3.0, "untimed seconds after the first batch")
   flags.DEFINE_integer("batch", 64, "batch size")
   flags.DEFINE_integer("image_size", 112, "image side")
-  flags.DEFINE_float("aug_prob", 0.2,
-                     "crop, jitter and rotation probability of the L view")
-  flags.DEFINE_integer("synthetic_images", 2000,
-                       "size of the generated set (0 skips it)")
-  flags.DEFINE_string("write_rec", None, "write a generated .rec set here and "
-                      "exit")
+  flags.DEFINE_float(
+      "aug_prob", 0.2, "crop, jitter and rotation probability of the L view"
+  )
+  flags.DEFINE_integer(
+      "synthetic_images", 2000, "size of the generated set (0 skips it)"
+  )
+  flags.DEFINE_string(
+      "write_rec", None, "write a generated .rec set here and " "exit"
+  )
   flags.DEFINE_integer("rec_images", 2000, "images in the --write_rec set")
-  flags.DEFINE_integer("rec_per_identity", 20,
-                       "images per identity in the --write_rec set")
+  flags.DEFINE_integer(
+      "rec_per_identity", 20, "images per identity in the --write_rec set"
+  )
 
 
 # -- an insightface .rec writer ------------------------------------------------
@@ -77,8 +82,10 @@ def _frames(payload: bytes) -> list[tuple[int, bytes]]:
   if not cuts:
     return [(0, payload)]
   pieces = cuts + [payload[start:]]
-  return [(1 if i == 0 else 3 if i == len(pieces) - 1 else 2, p)
-          for i, p in enumerate(pieces)]
+  return [
+      (1 if i == 0 else 3 if i == len(pieces) - 1 else 2, p)
+      for i, p in enumerate(pieces)
+  ]
 
 
 def _record(flag_labels: list[float] | float, image: bytes, key: int) -> bytes:
@@ -88,8 +95,12 @@ def _record(flag_labels: list[float] | float, image: bytes, key: int) -> bytes:
   return _IR_HEADER.pack(0, float(flag_labels), key, 0) + image
 
 
-def write_insightface_rec(directory: str | os.PathLike, images: list[bytes],
-                          labels: list[int], image_size: int) -> None:
+def write_insightface_rec(
+    directory: str | os.PathLike,
+    images: list[bytes],
+    labels: list[int],
+    image_size: int,
+) -> None:
   """Writes train.rec/train.idx/property in the insightface face-set layout.
 
   Record 0 is the identity header, records 1..N the images (grouped by
@@ -101,15 +112,17 @@ def write_insightface_rec(directory: str | os.PathLike, images: list[bytes],
   num_classes = max(labels) + 1
   n = len(images)
   first_id = n + 1
-  records = [(0, _record([float(first_id), float(first_id + num_classes)],
-                         b"", 0))]
+  records = [
+      (0, _record([float(first_id), float(first_id + num_classes)], b"", 0))
+  ]
   for k, (img, lab) in enumerate(zip(images, labels), start=1):
     records.append((k, _record(float(lab), img, k)))
   starts = np.searchsorted(labels, np.arange(num_classes + 1)) + 1
   for c in range(num_classes):
     key = first_id + c
-    records.append((key, _record([float(starts[c]), float(starts[c + 1])],
-                                 b"", key)))
+    records.append(
+        (key, _record([float(starts[c]), float(starts[c + 1])], b"", key))
+    )
   directory = pathlib.Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   index = []
@@ -122,16 +135,27 @@ def write_insightface_rec(directory: str | os.PathLike, images: list[bytes],
         f.write(b"\0" * (-len(piece) % 4))
   (directory / "train.idx").write_text("".join(index))
   (directory / "property").write_text(
-      f"{num_classes},{image_size},{image_size}")
+      f"{num_classes},{image_size},{image_size}"
+  )
 
 
-def write_synthetic_rec(directory, num_images: int, per_identity: int,
-                        image_size: int = 112, seed: int = 0) -> None:
-  src = synthetic.SyntheticFaces(-(-num_images // per_identity), per_identity,
-                                 image_size, seed)
+def write_synthetic_rec(
+    directory,
+    num_images: int,
+    per_identity: int,
+    image_size: int = 112,
+    seed: int = 0,
+) -> None:
+  src = synthetic.SyntheticFaces(
+      -(-num_images // per_identity), per_identity, image_size, seed
+  )
   recs = [src[i] for i in range(num_images)]
-  write_insightface_rec(directory, [r["image"] for r in recs],
-                        [int(r["label"]) for r in recs], image_size)
+  write_insightface_rec(
+      directory,
+      [r["image"] for r in recs],
+      [int(r["label"]) for r in recs],
+      image_size,
+  )
 
 
 # -- CPU accounting -----------------------------------------------------------
@@ -173,8 +197,9 @@ def machine_busy_seconds() -> float:
   return (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / os.sysconf("SC_CLK_TCK")
 
 
-def measure(iterator, batch: int, seconds: float, warmup: float
-            ) -> dict[str, float]:
+def measure(
+    iterator, batch: int, seconds: float, warmup: float
+) -> dict[str, float]:
   """Pulls batches for `warmup` then `seconds`; rates over the second span."""
   t0 = time.perf_counter()
   while time.perf_counter() - t0 < warmup:
@@ -192,23 +217,41 @@ def measure(iterator, batch: int, seconds: float, warmup: float
   kids = sum(v - kids0.get(pid, 0.0) for pid, v in kids1.items())
   cpu = own + kids
   busy = machine_busy_seconds() - busy0
-  return {"samples": n, "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
-          "main_cpu_s": round(own, 2), "workers_cpu_s": round(kids, 2),
-          "samples_per_s": round(n / wall, 1),
-          "samples_per_cpu_s": round(n / cpu, 1),
-          "cpu_util": round(cpu / wall, 3),
-          "foreign_cpu_util": round(max(busy - cpu, 0.0) / wall, 3)}
+  return {
+      "samples": n,
+      "wall_s": round(wall, 2),
+      "cpu_s": round(cpu, 2),
+      "main_cpu_s": round(own, 2),
+      "workers_cpu_s": round(kids, 2),
+      "samples_per_s": round(n / wall, 1),
+      "samples_per_cpu_s": round(n / cpu, 1),
+      "cpu_util": round(cpu / wall, 3),
+      "foreign_cpu_util": round(max(busy - cpu, 0.0) / wall, 3),
+  }
 
 
-def bench_source(source, name: str, *, workers: int, batch: int,
-                 image_size: int, aug_prob: float, seconds: float,
-                 warmup: float) -> dict[str, object]:
+def bench_source(
+    source,
+    name: str,
+    *,
+    workers: int,
+    batch: int,
+    image_size: int,
+    aug_prob: float,
+    seconds: float,
+    warmup: float,
+) -> dict[str, object]:
   """Times `make_train_dataset` over `source`; returns one JSON-able row."""
   p = aug_prob
   cfg = degrade.ViewConfig(crop_p=p, jitter_p=p, rotate_p=p)
   ds = pipeline.make_train_dataset(
-      source, global_batch_size=batch, seed=0, view_config=cfg,
-      worker_count=workers, image_size=image_size)
+      source,
+      global_batch_size=batch,
+      seed=0,
+      view_config=cfg,
+      worker_count=workers,
+      image_size=image_size,
+  )
   it = iter(ds)
   try:
     next(it)  # worker start-up (process spawn, imports) is not throughput
@@ -217,10 +260,17 @@ def bench_source(source, name: str, *, workers: int, batch: int,
     if hasattr(it, "close"):
       it.close()
   per_worker = rates["samples_per_s"] / max(1, workers)
-  return {"bench": "qgjt_pipeline", "dataset": name, "images": len(source),
-          "image_size": image_size, "aug_prob": p, "workers": workers,
-          "batch": batch, **rates,
-          "samples_per_s_per_worker": round(per_worker, 1)}
+  return {
+      "bench": "qgjt_pipeline",
+      "dataset": name,
+      "images": len(source),
+      "image_size": image_size,
+      "aug_prob": p,
+      "workers": workers,
+      "batch": batch,
+      **rates,
+      "samples_per_s_per_worker": round(per_worker, 1),
+  }
 
 
 def _cpu_model() -> str:
@@ -238,21 +288,45 @@ def main(argv):
   del argv
   cv2.setNumThreads(1)
   if FLAGS.write_rec:
-    write_synthetic_rec(FLAGS.write_rec, FLAGS.rec_images,
-                        FLAGS.rec_per_identity, FLAGS.image_size)
+    write_synthetic_rec(
+        FLAGS.write_rec,
+        FLAGS.rec_images,
+        FLAGS.rec_per_identity,
+        FLAGS.image_size,
+    )
     print(json.dumps({"wrote": FLAGS.write_rec, "images": FLAGS.rec_images}))
     return
-  run = dict(workers=FLAGS.workers, batch=FLAGS.batch,
-             image_size=FLAGS.image_size, aug_prob=FLAGS.aug_prob,
-             seconds=FLAGS.seconds, warmup=FLAGS.warmup)
-  print(json.dumps({"bench": "qgjt_pipeline", "mode": "env",
-                    "python": platform.python_version(),
-                    "numpy": np.__version__, "opencv": cv2.__version__,
-                    "nproc": os.cpu_count(), "cpu": _cpu_model()}), flush=True)
+  run = dict(
+      workers=FLAGS.workers,
+      batch=FLAGS.batch,
+      image_size=FLAGS.image_size,
+      aug_prob=FLAGS.aug_prob,
+      seconds=FLAGS.seconds,
+      warmup=FLAGS.warmup,
+  )
+  print(
+      json.dumps(
+          {
+              "bench": "qgjt_pipeline",
+              "mode": "env",
+              "python": platform.python_version(),
+              "numpy": np.__version__,
+              "opencv": cv2.__version__,
+              "nproc": os.cpu_count(),
+              "cpu": _cpu_model(),
+          }
+      ),
+      flush=True,
+  )
   if FLAGS.synthetic_images:
     per = 20
-    src = synthetic.SyntheticFaces(-(-FLAGS.synthetic_images // per), per,
-                                   FLAGS.image_size, seed=0, cache=True)
+    src = synthetic.SyntheticFaces(
+        -(-FLAGS.synthetic_images // per),
+        per,
+        FLAGS.image_size,
+        seed=0,
+        cache=True,
+    )
     src.prerender()
     print(json.dumps(bench_source(src, src.name, **run)), flush=True)
   if FLAGS.rec:

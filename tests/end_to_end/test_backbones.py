@@ -8,6 +8,7 @@ safetensors on one device, every export scoring as --mode=embed, and the
 safetensors file converted back to the same embeddings. The accelerator
 programs of configs/ms1m.py with the ViT are lowered for TPU and GPU.
 """
+
 import json
 import subprocess
 import sys
@@ -33,8 +34,10 @@ def faces(tmp_path_factory):
     folder = root / f"p{person}"
     folder.mkdir()
     for view in range(2):
-      cv2.imwrite(str(folder / f"{view}.png"),
-                  synthetic.render_photo(2, person, view, SIZE))
+      cv2.imwrite(
+          str(folder / f"{view}.png"),
+          synthetic.render_photo(2, person, view, SIZE),
+      )
   return root
 
 
@@ -42,18 +45,34 @@ def _train(workdir, name):
   """The tiny recipe with `name` (its IResNet width is no setting of these
   families, and is not read)."""
   flags = tiny_runs.cli_command(
-      workdir, **{"model.name": name, "model.remat": "block",
-                  "model_parallelism": 2, "num_epochs": 1.0})[3:]
+      workdir,
+      **{
+          "model.name": name,
+          "model.remat": "block",
+          "model_parallelism": 2,
+          "num_epochs": 1.0,
+      },
+  )[3:]
   return subprocess.run(
-      [sys.executable, "-m", "qgjt_jax.launch_local", "--processes=2",
-       "--devices_per_process=2", "--", *flags],
-      capture_output=True, text=True, cwd=tiny_runs.ROOT,
-      env=tiny_runs.subprocess_env(), timeout=900)
+      [
+          sys.executable,
+          "-m",
+          "qgjt_jax.launch_local",
+          "--processes=2",
+          "--devices_per_process=2",
+          "--",
+          *flags,
+      ],
+      capture_output=True,
+      text=True,
+      cwd=tiny_runs.ROOT,
+      env=tiny_runs.subprocess_env(),
+      timeout=900,
+  )
 
 
 @pytest.mark.parametrize("name", ["mbf", "vit_t"])
-def test_trains_on_a_cluster_then_every_mode_and_export(name, faces,
-                                                         tmp_path):
+def test_trains_on_a_cluster_then_every_mode_and_export(name, faces, tmp_path):
   workdir = tmp_path / name
   result = _train(workdir, name)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -63,18 +82,36 @@ def test_trains_on_a_cluster_then_every_mode_and_export(name, faces,
   evaluated = commands.run("qgjt_jax.main", w, "--mode=eval", check=True)
   assert "synthetic_hq_lq" in evaluated.stdout
   out = tmp_path / "faces.npz"
-  commands.run("qgjt_jax.main", w, "--mode=embed", f"--images={faces}",
-               f"--out={out}", check=True)
+  commands.run(
+      "qgjt_jax.main",
+      w,
+      "--mode=embed",
+      f"--images={faces}",
+      f"--out={out}",
+      check=True,
+  )
   with np.load(out) as data:
     want, want_norms = data["embeddings"], data["norms"]
-  images = np.stack([cv2.imread(str(faces / f"p{p}" / f"{v}.png"))
-                     for p in range(3) for v in range(2)])
+  images = np.stack(
+      [
+          cv2.imread(str(faces / f"p{p}" / f"{v}.png"))
+          for p in range(3)
+          for v in range(2)
+      ]
+  )
   for layout in ("qgjt", "insightface"):
     path = tmp_path / f"{layout}.onnx"
-    commands.run("qgjt_jax.export", w, "--format=onnx",
-                 f"--onnx_layout={layout}", f"--out={path}", check=True)
-    session = ort.InferenceSession(str(path),
-                                   providers=["CPUExecutionProvider"])
+    commands.run(
+        "qgjt_jax.export",
+        w,
+        "--format=onnx",
+        f"--onnx_layout={layout}",
+        f"--out={path}",
+        check=True,
+    )
+    session = ort.InferenceSession(
+        str(path), providers=["CPUExecutionProvider"]
+    )
     if layout == "qgjt":
       got, norms = session.run(None, {"images": images})
     else:
@@ -85,29 +122,56 @@ def test_trains_on_a_cluster_then_every_mode_and_export(name, faces,
     np.testing.assert_allclose(got, want, atol=1e-5)
     np.testing.assert_allclose(norms, want_norms, rtol=1e-5)
   # CPU only: lowering for tpu and cuda is export_check's test below.
-  commands.run("qgjt_jax.export", w, "--format=stablehlo", "--platforms=cpu",
-               f"--out={tmp_path / 'm.stablehlo'}", check=True)
-  commands.run("qgjt_jax.export", w, "--format=safetensors",
-               f"--out={tmp_path / 'm.safetensors'}", check=True)
+  commands.run(
+      "qgjt_jax.export",
+      w,
+      "--format=stablehlo",
+      "--platforms=cpu",
+      f"--out={tmp_path / 'm.stablehlo'}",
+      check=True,
+  )
+  commands.run(
+      "qgjt_jax.export",
+      w,
+      "--format=safetensors",
+      f"--out={tmp_path / 'm.safetensors'}",
+      check=True,
+  )
   back = tmp_path / "back"
-  converted = commands.run("qgjt_jax.convert",
-                           f"--src={tmp_path / 'm.safetensors'}",
-                           f"--workdir={back}", check=True)
+  converted = commands.run(
+      "qgjt_jax.convert",
+      f"--src={tmp_path / 'm.safetensors'}",
+      f"--workdir={back}",
+      check=True,
+  )
   assert f"architecture    {name}:" in converted.stdout
   out_back = tmp_path / "back.npz"
-  commands.run("qgjt_jax.main", f"--workdir={back}", "--mode=embed",
-               f"--images={faces}", f"--out={out_back}", check=True)
+  commands.run(
+      "qgjt_jax.main",
+      f"--workdir={back}",
+      "--mode=embed",
+      f"--images={faces}",
+      f"--out={out_back}",
+      check=True,
+  )
   with np.load(out_back) as data:
     np.testing.assert_allclose(data["embeddings"], want, atol=1e-5)
 
 
 def test_the_vit_programs_lower_for_tpu_and_gpu():
-  result = commands.run("qgjt_jax.export_check", "--config=configs/ms1m.py",
-                        "--config.model.name=vit_t", "--platforms=tpu,cuda",
-                        "--config.model_parallelism=2", devices=8, timeout=900,
-                        check=True)
-  records = [json.loads(l) for l in result.stdout.splitlines()
-             if l.startswith("{")]
+  result = commands.run(
+      "qgjt_jax.export_check",
+      "--config=configs/ms1m.py",
+      "--config.model.name=vit_t",
+      "--platforms=tpu,cuda",
+      "--config.model_parallelism=2",
+      devices=8,
+      timeout=900,
+      check=True,
+  )
+  records = [
+      json.loads(l) for l in result.stdout.splitlines() if l.startswith("{")
+  ]
   assert [r["program"] for r in records] == ["train_step", "eval_forward"]
   for record in records:
     assert record["platforms"] == ["tpu", "cuda"] and record["arch"] == "vit_t"

@@ -4,6 +4,7 @@ Each case runs the command as a user would (a subprocess) and asserts exit
 status 1, that the error is one `ERROR:` line, the last one, with no
 traceback, and that it names the file or key.
 """
+
 import shutil
 
 import cv2
@@ -20,8 +21,7 @@ pytestmark = pytest.mark.slow
 
 
 def _main(workdir, *extra, **changes):
-  return commands.main(*tiny_runs.cli_command(workdir, *extra,
-                                              **changes)[3:])
+  return commands.main(*tiny_runs.cli_command(workdir, *extra, **changes)[3:])
 
 
 # ---------------------------------------------------------------------------
@@ -29,27 +29,36 @@ def _main(workdir, *extra, **changes):
 
 
 def test_a_config_file_that_does_not_exist(tmp_path):
-  result = commands.run("qgjt_jax.main", "--config=configs/nope.py",
-                f"--workdir={tmp_path}")
+  result = commands.run(
+      "qgjt_jax.main", "--config=configs/nope.py", f"--workdir={tmp_path}"
+  )
   commands.assert_refused(result, "configs/nope.py", "No such file")
 
 
 def test_a_config_file_with_a_syntax_error(tmp_path):
   recipe = tmp_path / "recipe.py"
   recipe.write_text("def get_config(:\n  pass\n")
-  result = commands.run("qgjt_jax.main", f"--config={recipe}",
-                f"--workdir={tmp_path / 'run'}")
+  result = commands.run(
+      "qgjt_jax.main", f"--config={recipe}", f"--workdir={tmp_path / 'run'}"
+  )
   commands.assert_refused(result, recipe, "line 1")
 
 
-@pytest.mark.parametrize("flag, named", [
-    ("--config.x=abc", "--config.x"),
-    ("--config.global_batch_size=0", "config.global_batch_size=0"),
-    ("--config.data.kind=rec", "config.data.rec_dir"),
-])
+@pytest.mark.parametrize(
+    "flag, named",
+    [
+        ("--config.x=abc", "--config.x"),
+        ("--config.global_batch_size=0", "config.global_batch_size=0"),
+        ("--config.data.kind=rec", "config.data.rec_dir"),
+    ],
+)
 def test_bad_config_values(tmp_path, flag, named):
-  result = commands.run("qgjt_jax.main", "--config=configs/synthetic.py",
-                f"--workdir={tmp_path}", flag)
+  result = commands.run(
+      "qgjt_jax.main",
+      "--config=configs/synthetic.py",
+      f"--workdir={tmp_path}",
+      flag,
+  )
   commands.assert_refused(result, named)
 
 
@@ -58,8 +67,9 @@ def test_a_rec_without_its_idx(tmp_path, insightface_rec_dir):
   rec.mkdir()
   for name in ("train.rec", "property"):
     shutil.copy(insightface_rec_dir / name, rec / name)
-  result = _main(tmp_path / "run", **{"data.kind": "rec",
-                                      "data.rec_dir": str(rec)})
+  result = _main(
+      tmp_path / "run", **{"data.kind": "rec", "data.rec_dir": str(rec)}
+  )
   commands.assert_refused(result, rec / "train.idx")
 
 
@@ -90,8 +100,10 @@ def test_a_failed_background_write_is_a_checkpoint_error(tmp_path):
   manager = ckpt.make_manager(str(tmp_path))
   with pytest.raises(ckpt.CheckpointError, match="no space left"):
     with ckpt._disk_full_is_checkpoint_error(manager, 8):
-      raise ValueError("RESOURCE_EXHAUSTED: Failed to write 5 bytes: No "
-                       "space left on device [os_error_code='28']")
+      raise ValueError(
+          "RESOURCE_EXHAUSTED: Failed to write 5 bytes: No "
+          "space left on device [os_error_code='28']"
+      )
   with pytest.raises(ValueError, match="unrelated"):
     with ckpt._disk_full_is_checkpoint_error(manager, 8):
       raise ValueError("unrelated")
@@ -106,11 +118,12 @@ def _folder(root, broken=None):
   person = root / "person"
   person.mkdir(parents=True)
   for view in range(2):
-    cv2.imwrite(str(person / f"{view}.jpg"),
-                synthetic.render_photo(0, 0, view, 48))
+    cv2.imwrite(
+        str(person / f"{view}.jpg"), synthetic.render_photo(0, 0, view, 48)
+    )
   if broken:
     data = (person / "0.jpg").read_bytes()
-    (person / broken).write_bytes(data[:len(data) // 3])
+    (person / broken).write_bytes(data[: len(data) // 3])
   return root
 
 
@@ -127,14 +140,23 @@ def test_prepare_on_bad_folders(tmp_path, case):
     (src / "person").mkdir(parents=True)
     (src / "person" / "notes.txt").write_text("no faces here")
     named = [src / "person" / "notes.txt", "--skip_bad"]
-  result = commands.run("qgjt_jax.data.prepare", "--format=image_folder",
-                f"--src={src}", f"--data_dir={tmp_path / 'tfds'}",
-                "--name=mine")
+  result = commands.run(
+      "qgjt_jax.data.prepare",
+      "--format=image_folder",
+      f"--src={src}",
+      f"--data_dir={tmp_path / 'tfds'}",
+      "--name=mine",
+  )
   commands.assert_refused(result, *named)
   if case == "not_images":  # skipping them all leaves nothing
-    result = commands.run("qgjt_jax.data.prepare", "--format=image_folder",
-                  f"--src={src}", f"--data_dir={tmp_path / 'tfds'}",
-                  "--name=mine", "--skip_bad")
+    result = commands.run(
+        "qgjt_jax.data.prepare",
+        "--format=image_folder",
+        f"--src={src}",
+        f"--data_dir={tmp_path / 'tfds'}",
+        "--name=mine",
+        "--skip_bad",
+    )
     commands.assert_refused(result, src, "none of the 1 files")
 
 
@@ -145,35 +167,66 @@ def test_prepare_on_bad_folders(tmp_path, case):
 def test_convert_on_files_that_are_no_model(tmp_path):
   text = tmp_path / "garbage.pth"
   text.write_text("not a checkpoint\n")
-  commands.assert_refused(commands.run("qgjt_jax.convert", f"--src={text}",
-                        f"--workdir={tmp_path / 'a'}"),
-                   text, "is not a PyTorch checkpoint")
-  commands.assert_refused(commands.run("qgjt_jax.convert", f"--src={tmp_path / 'no.pth'}",
-                        f"--workdir={tmp_path / 'b'}"), tmp_path / "no.pth")
+  commands.assert_refused(
+      commands.run(
+          "qgjt_jax.convert", f"--src={text}", f"--workdir={tmp_path / 'a'}"
+      ),
+      text,
+      "is not a PyTorch checkpoint",
+  )
+  commands.assert_refused(
+      commands.run(
+          "qgjt_jax.convert",
+          f"--src={tmp_path / 'no.pth'}",
+          f"--workdir={tmp_path / 'b'}",
+      ),
+      tmp_path / "no.pth",
+  )
   other = tmp_path / "resnet.pth"  # tensors, but no backbone's
   write_torch_file(other, {"layer.weight": np.zeros((2, 2), np.float32)})
-  commands.assert_refused(commands.run("qgjt_jax.convert", f"--src={other}",
-                        f"--workdir={tmp_path / 'c'}"),
-                   other, "no backbone found")
+  commands.assert_refused(
+      commands.run(
+          "qgjt_jax.convert", f"--src={other}", f"--workdir={tmp_path / 'c'}"
+      ),
+      other,
+      "no backbone found",
+  )
   pickled = tmp_path / "objects.pth"  # anything but tensors
-  write_torch_file(pickled, {"weight": np.zeros(2, np.float32),
-                             "hook": collections_counter()})
-  commands.assert_refused(commands.run("qgjt_jax.convert", f"--src={pickled}",
-                        f"--workdir={tmp_path / 'd'}"),
-                   pickled, "collections.Counter")
+  write_torch_file(
+      pickled,
+      {"weight": np.zeros(2, np.float32), "hook": collections_counter()},
+  )
+  commands.assert_refused(
+      commands.run(
+          "qgjt_jax.convert", f"--src={pickled}", f"--workdir={tmp_path / 'd'}"
+      ),
+      pickled,
+      "collections.Counter",
+  )
 
 
 def collections_counter():
   import collections  # pylint: disable=g-import-not-at-top
+
   return collections.Counter("ab")
 
 
 def test_the_other_commands(tmp_path):
-  commands.assert_refused(commands.run("qgjt_jax.bench",
-                                       "--config.model.name=resnet50"),
-                   "config.model.name='resnet50'")
-  commands.assert_refused(commands.run("qgjt_jax.data.bench", f"--rec={tmp_path / 'nope'}",
-                        "--synthetic_images=0"), tmp_path / "nope")
-  commands.assert_refused(commands.run("qgjt_jax.launch_local", "--",
-                        "--config=configs/synthetic.py"), "--workdir")
-
+  commands.assert_refused(
+      commands.run("qgjt_jax.bench", "--config.model.name=resnet50"),
+      "config.model.name='resnet50'",
+  )
+  commands.assert_refused(
+      commands.run(
+          "qgjt_jax.data.bench",
+          f"--rec={tmp_path / 'nope'}",
+          "--synthetic_images=0",
+      ),
+      tmp_path / "nope",
+  )
+  commands.assert_refused(
+      commands.run(
+          "qgjt_jax.launch_local", "--", "--config=configs/synthetic.py"
+      ),
+      "--workdir",
+  )

@@ -3,6 +3,7 @@
 Runs the tiny recipe of tests/helpers/tiny_runs.py and reuses its reference run and
 compilation cache (made once per test process).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -37,7 +38,8 @@ TIMEOUT = 600
 # still completes the other reads it had started; their callbacks then
 # raise "Event loop is closed" at garbage collection. Nothing is lost.
 pytestmark = pytest.mark.filterwarnings(
-    "ignore::pytest.PytestUnraisableExceptionWarning")
+    "ignore::pytest.PytestUnraisableExceptionWarning"
+)
 
 
 # ---------------------------------------------------------------------------
@@ -46,35 +48,50 @@ pytestmark = pytest.mark.filterwarnings(
 
 @pytest.mark.slow
 def test_sigterm_mid_run_checkpoints_exits_0_and_resumes_exactly(
-    tmp_path, reference_run):
+    tmp_path, reference_run
+):
   _, ref = reference_run
   workdir = tmp_path / "run"
   command = runs.cli_command(workdir)
   env = runs.subprocess_env()
   # Step 3's progress line: training is under way, with steps to spare.
   output = runs.signal_after_step(
-      command, 3, lambda proc: proc.send_signal(signal.SIGTERM),
-      timeout=TIMEOUT, env=env)
-  stop = re.search(r"Stopped by SIGTERM at step (\d+); checkpoint written",
-                   output)
+      command,
+      3,
+      lambda proc: proc.send_signal(signal.SIGTERM),
+      timeout=TIMEOUT,
+      env=env,
+  )
+  stop = re.search(
+      r"Stopped by SIGTERM at step (\d+); checkpoint written", output
+  )
   assert stop, output
   stop_step = int(stop.group(1))
   assert 3 <= stop_step < runs.STEPS
   assert ckpt.make_manager(str(workdir / "checkpoints")).latest_step() == (
-      stop_step)
+      stop_step
+  )
   assert max(runs.step_metrics(workdir)) == stop_step
   # The same recipe as the in-process reference, or the comparison is moot.
   recorded = lambda d: json.loads((d / records.CONFIG_RECORD).read_text())[
-      "config"]
+      "config"
+  ]
   assert recorded(workdir) == recorded(reference_run[0])
 
-  result = subprocess.run(command, capture_output=True, text=True,
-                          cwd=runs.ROOT, env=env, timeout=TIMEOUT)
+  result = subprocess.run(
+      command,
+      capture_output=True,
+      text=True,
+      cwd=runs.ROOT,
+      env=env,
+      timeout=TIMEOUT,
+  )
   assert result.returncode == 0, result.stdout + result.stderr
   assert f"Resumed from step {stop_step} " in result.stdout, result.stdout
   assert "synthetic_lq_lq" in result.stdout  # finished and evaluated
-  runs.assert_same_losses(runs.step_metrics(workdir), ref,
-                          range(1, runs.STEPS + 1))
+  runs.assert_same_losses(
+      runs.step_metrics(workdir), ref, range(1, runs.STEPS + 1)
+  )
   # TensorFlow is hidden from these runs: TensorBoard events come from
   # tensorboardX, one file per run (the stopped one and its resume).
   events = sorted(workdir.glob("events.out.tfevents.*"))
@@ -89,11 +106,15 @@ def test_ctrl_c_with_worker_processes_stops_once_and_quietly(tmp_path):
   and exits 0."""
   workdir = tmp_path / "run"
   output = runs.signal_after_step(
-      runs.cli_command(workdir, **{"data.worker_count": 2}), 3,
-      lambda proc: os.killpg(proc.pid, signal.SIGINT), timeout=TIMEOUT,
-      start_new_session=True)
-  assert re.search(r"Stopped by SIGINT at step \d+; checkpoint written",
-                   output), output
+      runs.cli_command(workdir, **{"data.worker_count": 2}),
+      3,
+      lambda proc: os.killpg(proc.pid, signal.SIGINT),
+      timeout=TIMEOUT,
+      start_new_session=True,
+  )
+  assert re.search(
+      r"Stopped by SIGINT at step \d+; checkpoint written", output
+  ), output
   assert "KeyboardInterrupt" not in output and "Traceback" not in output
 
 
@@ -104,6 +125,7 @@ class TestStopRequested:
 
     def no_sync(*args, **kwargs):
       raise AssertionError("a single process must not all-gather")
+
     monkeypatch.setattr(multihost_utils, "process_allgather", no_sync)
     with train.StopRequested() as stop:
       assert not stop.agreed()
@@ -131,15 +153,19 @@ class TestStopRequested:
 def _state(step: int, value: float) -> state_lib.TrainState:
   return state_lib.TrainState(
       step=jnp.int32(step),
-      params={"backbone": {"w": jnp.full((4, 3), value)},
-              "classifier": {"kernel": jnp.full((3, 5), value)}},
+      params={
+          "backbone": {"w": jnp.full((4, 3), value)},
+          "classifier": {"kernel": jnp.full((3, 5), value)},
+      },
       batch_stats={"bn": {"mean": jnp.full((3,), value)}},
       opt_state=({"trace": jnp.full((4,), value)},),
       quality=quality_lib.init_quality_stats(value, 1.0),
       queue=queue_lib.init_queue(6, 3),
       margin=contrastive.init_margin_state(),
       rng=jax.random.key(step),
-      nonfinite_total=jnp.int32(0), nonfinite_streak=jnp.int32(0))
+      nonfinite_total=jnp.int32(0),
+      nonfinite_streak=jnp.int32(0),
+  )
 
 
 def _shardings(state):
@@ -175,14 +201,17 @@ def _restore(directory):
 
 
 def test_a_save_interrupted_before_its_commit_never_becomes_latest(
-    tmp_path, monkeypatch):
+    tmp_path, monkeypatch
+):
   from orbax.checkpoint._src.path import atomicity
+
   directory = tmp_path / "checkpoints"
   _saved_steps(directory, 1)
   manager = ckpt.make_manager(str(directory))
 
   async def crash(*args, **kwargs):
     raise OSError("killed before the commit")
+
   # The data of step 2 is written, then the process "dies" where orbax would
   # rename the temporary folder into place.
   with monkeypatch.context() as m:
@@ -232,7 +261,8 @@ DAMAGE = {
 
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
 def test_a_damaged_latest_checkpoint_is_reported_and_the_previous_used(
-    tmp_path, damage, capsys):
+    tmp_path, damage, capsys
+):
   directory = tmp_path / "checkpoints"
   _saved_steps(directory, 1, 2)
   DAMAGE[damage](directory / "2")
@@ -240,8 +270,9 @@ def test_a_damaged_latest_checkpoint_is_reported_and_the_previous_used(
   assert int(restored.step) == 1
   np.testing.assert_array_equal(restored.params["backbone"]["w"], 1.0)
   out = capsys.readouterr().out
-  assert re.search(r"WARNING: checkpoint step 2 in .* could not be restored",
-                   out), out
+  assert re.search(
+      r"WARNING: checkpoint step 2 in .* could not be restored", out
+  ), out
   # Kept for inspection under a name orbax ignores; step 2 can be saved anew.
   aside = [p.name for p in directory.iterdir() if p.name.startswith("2.")]
   assert len(aside) == 1 and aside[0].startswith("2.damaged-"), aside
@@ -268,7 +299,8 @@ def test_an_empty_workdir_starts_fresh(tmp_path):
 
 @pytest.mark.slow
 def test_training_falls_back_past_a_damaged_latest_and_resumes_exactly(
-    tmp_path, reference_run, stopped_run):
+    tmp_path, reference_run, stopped_run
+):
   """The stopped run's newest step (16) is damaged: the resumed run reports
   it, restarts from step 8 (state and data position), saves step 16 again on
   its way and ends exactly as the run that was never stopped."""
@@ -281,16 +313,19 @@ def test_training_falls_back_past_a_damaged_latest_and_resumes_exactly(
   assert results
   assert f"WARNING: checkpoint step {runs.STOP_STEP} in" in output, output
   assert "Resumed from step 8 " in output, output
-  runs.assert_same_losses(runs.step_metrics(workdir), ref,
-                          range(1, runs.STEPS + 1))
+  runs.assert_same_losses(
+      runs.step_metrics(workdir), ref, range(1, runs.STEPS + 1)
+  )
   # The queue, quality statistics, margin, optimiser and rng end the same.
   runs.assert_trees_equal(
-      runs.load_state(workdir, runs.STEPS), runs.load_state(ref_dir,
-                                                            runs.STEPS),
-      "state after the resumed run vs the reference: ")
+      runs.load_state(workdir, runs.STEPS),
+      runs.load_state(ref_dir, runs.STEPS),
+      "state after the resumed run vs the reference: ",
+  )
   result_file = pathlib.Path("eval") / f"step_{runs.STEPS}.json"
-  assert ((workdir / result_file).read_text() ==
-          (ref_dir / result_file).read_text())
+  assert (workdir / result_file).read_text() == (
+      ref_dir / result_file
+  ).read_text()
   names = sorted(p.name for p in (workdir / "checkpoints").iterdir())
   assert str(runs.STOP_STEP) in names
   assert any(n.startswith(f"{runs.STOP_STEP}.damaged-") for n in names)
@@ -301,9 +336,12 @@ def test_training_falls_back_past_a_damaged_latest_and_resumes_exactly(
 
 
 def _abstract_state(config, num_classes=runs.NUM_CLASSES):
-  stack = stack_lib.build_stack(config, num_classes=num_classes,
-                                steps_per_epoch=8.0,
-                                mesh=parallel.make_mesh(1))
+  stack = stack_lib.build_stack(
+      config,
+      num_classes=num_classes,
+      steps_per_epoch=8.0,
+      mesh=parallel.make_mesh(1),
+  )
   return stack.abstract_state()
 
 
@@ -311,54 +349,76 @@ def _record_of(config, num_classes=runs.NUM_CLASSES):
   return {**config.to_dict(), "num_classes": num_classes}
 
 
-@pytest.mark.parametrize("changes, named", [
-    ({"num_classes": 9}, "num_classes: recorded 8, now 9"),
-    ({"model.name": "ir34"}, "config.model.name: recorded 'ir18', now "
-     "'ir34'"),
-    ({"model.base_width": 16}, "config.model.base_width: recorded 8, now 16"),
-    ({"model.embedding_size": 64}, "config.model.embedding_size"),
-    ({"data.image_size": 40}, "config.data.image_size"),
-    ({"queue.capacity": 96}, "config.queue.capacity: recorded 48, now 96"),
-    ({"queue.kind": "moco"}, "config.queue.kind: recorded 'proxy', now "
-     "'moco'"),
-    ({"optim.backbone_lr_scale": 0.1}, "config.optim.backbone_lr_scale"),
-    ({"optim.grad_clip_norm": 1.0}, "config.optim.grad_clip_norm"),
-])
+@pytest.mark.parametrize(
+    "changes, named",
+    [
+        ({"num_classes": 9}, "num_classes: recorded 8, now 9"),
+        (
+            {"model.name": "ir34"},
+            "config.model.name: recorded 'ir18', now " "'ir34'",
+        ),
+        (
+            {"model.base_width": 16},
+            "config.model.base_width: recorded 8, now 16",
+        ),
+        ({"model.embedding_size": 64}, "config.model.embedding_size"),
+        ({"data.image_size": 40}, "config.data.image_size"),
+        ({"queue.capacity": 96}, "config.queue.capacity: recorded 48, now 96"),
+        (
+            {"queue.kind": "moco"},
+            "config.queue.kind: recorded 'proxy', now " "'moco'",
+        ),
+        ({"optim.backbone_lr_scale": 0.1}, "config.optim.backbone_lr_scale"),
+        ({"optim.grad_clip_norm": 1.0}, "config.optim.grad_clip_norm"),
+    ],
+)
 def test_an_incompatible_config_is_named(reference_run, changes, named):
   """The saved state's structure and shapes decide; the message names the
   arrays and the config keys that explain them."""
   classes = changes.pop("num_classes", runs.NUM_CLASSES)
   config = runs.tiny_config(**changes)
   with pytest.raises(ckpt.IncompatibleRunError) as e:
-    ckpt.check_resumable(str(reference_run[0]), _record_of(config, classes),
-                         _abstract_state(config, classes))
+    ckpt.check_resumable(
+        str(reference_run[0]),
+        _record_of(config, classes),
+        _abstract_state(config, classes),
+    )
   message = str(e.value)
   assert named in message and "stored" in message, message
   assert message.count(": recorded ") == 1  # only the key that changed
 
 
 def test_compatible_changes_resume(reference_run):
-  config = runs.tiny_config(**{
-      "optim.lr": 0.01, "num_epochs": 30.0, "eval.batch_size": 16,
-      "optim.weight_decay": 1e-4})
-  ckpt.check_resumable(str(reference_run[0]), _record_of(config),
-                       _abstract_state(config))
+  config = runs.tiny_config(
+      **{
+          "optim.lr": 0.01,
+          "num_epochs": 30.0,
+          "eval.batch_size": 16,
+          "optim.weight_decay": 1e-4,
+      }
+  )
+  ckpt.check_resumable(
+      str(reference_run[0]), _record_of(config), _abstract_state(config)
+  )
 
 
 def test_training_refuses_an_incompatible_workdir_before_touching_it(
-    tmp_path, reference_run):
+    tmp_path, reference_run
+):
   ref_dir, _ = reference_run
   workdir = tmp_path / "run"
   shutil.copytree(ref_dir, workdir)
   before = sorted(p.name for p in (workdir / "checkpoints").iterdir())
-  for changes, named in (({"model.base_width": 16}, "config.model.base_width"),
-                         ({"data.synthetic.num_identities": 9},
-                          "num_classes: recorded 8, now 9")):
+  for changes, named in (
+      ({"model.base_width": 16}, "config.model.base_width"),
+      ({"data.synthetic.num_identities": 9}, "num_classes: recorded 8, now 9"),
+  ):
     with pytest.raises(ckpt.IncompatibleRunError, match=named):
       train.train_and_evaluate(runs.tiny_config(**changes), str(workdir))
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == before
   assert (workdir / records.CONFIG_RECORD).read_text() == (
-      ref_dir / records.CONFIG_RECORD).read_text()
+      ref_dir / records.CONFIG_RECORD
+  ).read_text()
 
 
 # ---------------------------------------------------------------------------
@@ -366,8 +426,9 @@ def test_training_refuses_an_incompatible_workdir_before_touching_it(
 
 
 @pytest.mark.slow
-def test_nonfinite_batches_are_skipped_then_stop_the_run(tmp_path,
-                                                         reference_run):
+def test_nonfinite_batches_are_skipped_then_stop_the_run(
+    tmp_path, reference_run
+):
   """Batch 4 is bad once; from batch 9 on every batch is bad. With a limit of
   3, steps 9, 10, 11 make the streak; the loop reads each step's counters
   one step late, so it stops after step 12 with the state of step 8."""
@@ -383,8 +444,10 @@ def test_nonfinite_batches_are_skipped_then_stop_the_run(tmp_path,
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(pipeline, "make_train_dataset", runs.poisoned_dataset(poison))
     error, output = runs.run_in_process(
-        runs.tiny_config(max_consecutive_nonfinite=3), workdir,
-        raises=train.NonFiniteError)
+        runs.tiny_config(max_consecutive_nonfinite=3),
+        workdir,
+        raises=train.NonFiniteError,
+    )
   message = str(error)
   assert "config.max_consecutive_nonfinite" in message
   assert "checkpoint written at step 12" in message, message
@@ -399,10 +462,15 @@ def test_nonfinite_batches_are_skipped_then_stop_the_run(tmp_path,
   assert all(np.isfinite(records[s]["loss"]) for s in (5, 6, 7, 8))
   runs.assert_same_losses(records, ref, range(1, 4))  # before any skip
 
-  last_good, stopped = runs.load_state(workdir, 8), runs.load_state(workdir,
-                                                                    12)
-  for field in ("params", "batch_stats", "opt_state", "quality", "queue",
-                "margin"):
+  last_good, stopped = runs.load_state(workdir, 8), runs.load_state(workdir, 12)
+  for field in (
+      "params",
+      "batch_stats",
+      "opt_state",
+      "quality",
+      "queue",
+      "margin",
+  ):
     runs.assert_trees_equal(stopped[field], last_good[field], f"{field}: ")
   assert int(stopped["step"]) == 12
   assert int(stopped["nonfinite_total"]) == 5

@@ -3,6 +3,7 @@
 Runs the tiny recipe of tests/helpers/tiny_runs.py; the uninterrupted and the stopped
 runs are session fixtures (conftest.py), shared with test_reliability.py.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,11 +20,19 @@ from qgjt_jax import parallel
 from qgjt_jax import records
 from qgjt_jax import stack as stack_lib
 from qgjt_jax import train
-from tests.helpers.tiny_runs import (NUM_CLASSES, ROOT, STEPS, STOP_STEP,
-                             assert_trees_equal, cli_command, compile_cache,
-                             load_state, step_metrics, subprocess_env,
-                             tiny_config)
-
+from tests.helpers.tiny_runs import (
+    NUM_CLASSES,
+    ROOT,
+    STEPS,
+    STOP_STEP,
+    assert_trees_equal,
+    cli_command,
+    compile_cache,
+    load_state,
+    step_metrics,
+    subprocess_env,
+    tiny_config,
+)
 
 # ---------------------------------------------------------------------------
 # Checkpoint round trip (no training).
@@ -38,8 +47,9 @@ def _random_like(rng: np.random.Generator, x):
 
 
 def _new_state(config, mesh):
-  stack = stack_lib.build_stack(config, num_classes=NUM_CLASSES,
-                                steps_per_epoch=8, mesh=mesh)
+  stack = stack_lib.build_stack(
+      config, num_classes=NUM_CLASSES, steps_per_epoch=8, mesh=mesh
+  )
   return stack.init_state(jax.random.key(0)), stack.state_shardings
 
 
@@ -62,23 +72,27 @@ def test_checkpoint_round_trip_keeps_every_field(tmp_path):
   assert not ckpt.save(manager, state, force=True)
   manager.close()
 
-  restored = ckpt.restore_latest(ckpt.make_manager(str(tmp_path /
-                                                       "checkpoints")),
-                                 template, shardings)
+  restored = ckpt.restore_latest(
+      ckpt.make_manager(str(tmp_path / "checkpoints")), template, shardings
+  )
   unwrap = lambda s: s.replace(rng=jax.random.key_data(s.rng))
-  assert_trees_equal(jax.device_get(unwrap(restored)),
-                     jax.device_get(unwrap(state)))
+  assert_trees_equal(
+      jax.device_get(unwrap(restored)), jax.device_get(unwrap(state))
+  )
   assert restored.rng.dtype == state.rng.dtype  # still a typed key
 
   # The `model` item alone restores without the train state's layout.
   abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                     sharding=parallel.replicated(mesh)),
-      ckpt.model_item(template))
+      lambda x: jax.ShapeDtypeStruct(
+          x.shape, x.dtype, sharding=parallel.replicated(mesh)
+      ),
+      ckpt.model_item(template),
+  )
   model, step = ckpt.restore_model(str(tmp_path / "checkpoints"), abstract)
   assert step == int(state.step)
-  assert_trees_equal(jax.device_get(model),
-                     jax.device_get(ckpt.model_item(state)))
+  assert_trees_equal(
+      jax.device_get(model), jax.device_get(ckpt.model_item(state))
+  )
 
 
 # ---------------------------------------------------------------------------
@@ -91,8 +105,7 @@ def test_reference_run_trains_every_step(reference_run):
   assert all(np.isfinite(ref[s]["loss"]) for s in ref)
 
 
-def test_sigterm_in_the_loop_finishes_the_step_and_checkpoints_it(
-    stopped_run):
+def test_sigterm_in_the_loop_finishes_the_step_and_checkpoints_it(stopped_run):
   stopped_dir, output = stopped_run
   assert f"Stopped by SIGTERM at step {STOP_STEP};" in output, output
   assert sorted(step_metrics(stopped_dir)) == list(range(1, STOP_STEP + 1))
@@ -107,6 +120,7 @@ def test_config_record_keeps_the_config_and_version(reference_run):
   ref_dir, _ = reference_run
   record = json.loads((ref_dir / records.CONFIG_RECORD).read_text())
   import qgjt_jax
+
   assert record["version"] == qgjt_jax.__version__
   assert record["config"]["num_classes"] == NUM_CLASSES
   assert record["config"]["model"]["base_width"] == 8
@@ -115,7 +129,8 @@ def test_config_record_keeps_the_config_and_version(reference_run):
 
 @pytest.mark.slow
 def test_eval_mode_restores_the_model_on_another_device_count(
-    tmp_path, reference_run):
+    tmp_path, reference_run
+):
   """Trained on one device, evaluated by `--mode=eval` on two."""
   ref_dir, _ = reference_run
   assert jax.device_count() == 1
@@ -125,8 +140,14 @@ def test_eval_mode_restores_the_model_on_another_device_count(
   for result in (workdir / "eval").glob(f"step_{STEPS}.*"):
     result.unlink()  # the JSON and its pictures: the name is free again
   command = cli_command(workdir, "--mode=eval")
-  result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT,
-                          env=subprocess_env(devices=2), timeout=600)
+  result = subprocess.run(
+      command,
+      capture_output=True,
+      text=True,
+      cwd=ROOT,
+      env=subprocess_env(devices=2),
+      timeout=600,
+  )
   assert result.returncode == 0, result.stdout + result.stderr
   assert "on 2 device(s)" in result.stdout, result.stdout
   assert f"Restored the model of step {STEPS}" in result.stdout
@@ -134,29 +155,41 @@ def test_eval_mode_restores_the_model_on_another_device_count(
   evaluated = json.loads((workdir / "eval" / f"step_{STEPS}.json").read_text())
   assert sorted(evaluated) == sorted(trained)
   for name, metrics in trained.items():
-    np.testing.assert_allclose(evaluated[name]["mean_norm"],
-                               metrics["mean_norm"], rtol=1e-4, err_msg=name)
+    np.testing.assert_allclose(
+        evaluated[name]["mean_norm"],
+        metrics["mean_norm"],
+        rtol=1e-4,
+        err_msg=name,
+    )
     # Two devices may round differently; a pair may flip at the threshold.
-    assert abs(evaluated[name]["accuracy_mean"] -
-               metrics["accuracy_mean"]) <= 1.0 / metrics["num_pairs"], name
+    assert (
+        abs(evaluated[name]["accuracy_mean"] - metrics["accuracy_mean"])
+        <= 1.0 / metrics["num_pairs"]
+    ), name
 
   # Another architecture than the workdir's: one line naming the key.
-  result = subprocess.run(cli_command(workdir, "--mode=eval",
-                                      **{"model.base_width": 16}),
-                          capture_output=True, text=True, cwd=ROOT,
-                          env=subprocess_env(), timeout=600)
+  result = subprocess.run(
+      cli_command(workdir, "--mode=eval", **{"model.base_width": 16}),
+      capture_output=True,
+      text=True,
+      cwd=ROOT,
+      env=subprocess_env(),
+      timeout=600,
+  )
   assert result.returncode == 1, result.stdout + result.stderr
   assert "--config.model.base_width=16 contradicts the model" in result.stderr
   assert "model.base_width = 8 in its record" in result.stderr
   assert "Traceback" not in result.stderr, result.stderr
 
 
-def test_training_builds_its_views_with_the_recipe_defaults(tmp_path,
-                                                            monkeypatch):
+def test_training_builds_its_views_with_the_recipe_defaults(
+    tmp_path, monkeypatch
+):
   """`data.view.recipe=adaface` trains on AdaFace's views (low resolution
   included), through the one builder the config checks use."""
   from qgjt_jax.data import degrade
   from qgjt_jax.data import pipeline
+
   seen = {}
 
   class Captured(Exception):
@@ -165,9 +198,11 @@ def test_training_builds_its_views_with_the_recipe_defaults(tmp_path,
   def capture(*args, **kwargs):
     seen.update(kwargs)
     raise Captured
+
   monkeypatch.setattr(pipeline, "make_train_dataset", capture)
   with compile_cache(), pytest.raises(Captured):
-    train.train_and_evaluate(tiny_config(**{"data.view.recipe": "adaface"}),
-                             str(tmp_path))
+    train.train_and_evaluate(
+        tiny_config(**{"data.view.recipe": "adaface"}), str(tmp_path)
+    )
   assert seen["view_config"] == degrade.adaface_config()
   assert seen["view_config"].lowres_p > 0

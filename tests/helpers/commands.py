@@ -6,6 +6,7 @@ CPU, the shared compilation cache, TensorFlow hidden, `devices` XLA host
 devices), and returns its exit status, output and its own peak memory.
 `assert_refused` is the one-line-error contract every command keeps.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -56,9 +57,16 @@ with open(sys.argv[1], "w") as f:
 """
 
 
-def run(module: Optional[str], *args, devices: Optional[int] = None,
-        env: Optional[dict] = None, cwd=tiny_runs.ROOT, timeout: float = 600,
-        check: bool = False, address_space_gib: float = 0) -> Result:
+def run(
+    module: Optional[str],
+    *args,
+    devices: Optional[int] = None,
+    env: Optional[dict] = None,
+    cwd=tiny_runs.ROOT,
+    timeout: float = 600,
+    check: bool = False,
+    address_space_gib: float = 0,
+) -> Result:
   """`python -m module args...` (module None: `python args...`): its exit
   status (negative: killed by that signal), output and peak resident
   memory. `check`: it must exit 0 without a traceback. `address_space_gib`:
@@ -68,12 +76,24 @@ def run(module: Optional[str], *args, devices: Optional[int] = None,
   with tempfile.TemporaryDirectory() as tmp:
     report = pathlib.Path(tmp) / "report.json"
     with open(report.with_suffix(".out"), "w+b") as out, open(
-        report.with_suffix(".err"), "w+b") as err:
+        report.with_suffix(".err"), "w+b"
+    ) as err:
       proc = subprocess.Popen(
-          [sys.executable, "-c", _LAUNCHER, str(report),
-           str(int(address_space_gib * (1 << 30))), *command],
-          stdout=out, stderr=err, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-          start_new_session=True)
+          [
+              sys.executable,
+              "-c",
+              _LAUNCHER,
+              str(report),
+              str(int(address_space_gib * (1 << 30))),
+              *command,
+          ],
+          stdout=out,
+          stderr=err,
+          cwd=cwd,
+          env=env,
+          stdin=subprocess.DEVNULL,
+          start_new_session=True,
+      )
       try:
         proc.wait(timeout)
       except subprocess.TimeoutExpired:
@@ -83,10 +103,14 @@ def run(module: Optional[str], *args, devices: Optional[int] = None,
       err.seek(0)
       stdout = out.read().decode(errors="replace")
       stderr = err.read().decode(errors="replace")
-    figures = (json.loads(report.read_text()) if report.exists() else
-               {"status": -9, "maxrss_kib": 0})  # killed at the time limit
-  result = Result(figures["status"], stdout, stderr,
-                  figures["maxrss_kib"] / 1024)
+    figures = (
+        json.loads(report.read_text())
+        if report.exists()
+        else {"status": -9, "maxrss_kib": 0}
+    )  # killed at the time limit
+  result = Result(
+      figures["status"], stdout, stderr, figures["maxrss_kib"] / 1024
+  )
   if check:
     assert result.returncode == 0, (command, result.output[-5000:])
     assert "Traceback" not in result.stderr, result.stderr[-5000:]
@@ -123,8 +147,11 @@ def small_disk(path: pathlib.Path, options: str):
   """A small tmpfs at `path` (root only: the way to fill or lock a disk);
   skips the test where it cannot be mounted."""
   path.mkdir(parents=True, exist_ok=True)
-  mount = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs",
-                          str(path)], capture_output=True, text=True)
+  mount = subprocess.run(
+      ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
+      capture_output=True,
+      text=True,
+  )
   if mount.returncode:
     pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
   try:

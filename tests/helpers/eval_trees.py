@@ -4,6 +4,7 @@ Each image is a 2 x 2 grid of flat colours: its "design feature" is the
 twelve quadrant colours around 128, which `quadrant_features` reads back, so
 a test can score a tree with a pixel model and compare with an oracle.
 """
+
 import itertools
 import pathlib
 import pickle
@@ -42,8 +43,9 @@ def design_image(feature):
 
 def write_jpeg(path: pathlib.Path, feature):
   path.parent.mkdir(parents=True, exist_ok=True)
-  assert cv2.imwrite(str(path), design_image(feature),
-                     [cv2.IMWRITE_JPEG_QUALITY, 100])
+  assert cv2.imwrite(
+      str(path), design_image(feature), [cv2.IMWRITE_JPEG_QUALITY, 100]
+  )
 
 
 def feature(rng, centre=None, noise=0.0):
@@ -70,8 +72,11 @@ def tinyface_tree(root: pathlib.Path, rng, prefix=''):
   for j in range(12):
     distractors[f'{j}_0.jpg'] = feature(rng)  # names with a prefix, too
   distractors['copy_3_1.jpg'] = probes['3_1.jpg']  # beats probe 3_1's mate
-  for folder, files in (('Probe', probes), ('Gallery_Match', matches),
-                        ('Gallery_Distractor', distractors)):
+  for folder, files in (
+      ('Probe', probes),
+      ('Gallery_Match', matches),
+      ('Gallery_Distractor', distractors),
+  ):
     for name, f in files.items():
       files[name] = root / folder / (prefix + name)
       write_jpeg(files[name], f)
@@ -125,8 +130,7 @@ def ijb_tree(root: pathlib.Path, subset='IJBC'):
           colours = np.round(128 + f.reshape(2, 2, 3)).astype(np.uint8)
           image = np.repeat(np.repeat(colours, 28, 0), 28, 1)
           name = f'{number}.jpg'
-          cv2.imwrite(str(crops / name), image,
-                      [cv2.IMWRITE_JPEG_QUALITY, 100])
+          cv2.imwrite(str(crops / name), image, [cv2.IMWRITE_JPEG_QUALITY, 100])
           score = rng.uniform(0.5, 1.0)
           coords = ' '.join(f'{v:.4f}' for v in HALF_TEMPLATE.reshape(-1))
           points.append(f'{name} {coords} {score:.4f}')
@@ -136,19 +140,25 @@ def ijb_tree(root: pathlib.Path, subset='IJBC'):
   (meta / f'{s}_name_5pts_score.txt').write_text('\n'.join(points) + '\n')
   (meta / f'{s}_face_tid_mid.txt').write_text('\n'.join(tid_mid) + '\n')
   templates = sorted({r[1] for r in rows})
-  pairs = [(a, b, int(a // 10 == b // 10))
-           for a, b in itertools.combinations(templates, 2)]
+  pairs = [
+      (a, b, int(a // 10 == b // 10))
+      for a, b in itertools.combinations(templates, 2)
+  ]
   (meta / f'{s}_template_pair_label.txt').write_text(
-      ''.join(f'{a} {b} {l}\n' for a, b, l in pairs))
+      ''.join(f'{a} {b} {l}\n' for a, b, l in pairs)
+  )
   # 1:N lists: subjects 0-1 in the first gallery set, 2-3 in the second
   # (their first templates), every second template a probe.
   first, second = ('S1', 'S2') if subset == 'IJBB' else ('G1', 'G2')
-  for name, chosen in ((f'gallery_{first}', (1, 11)),
-                       (f'gallery_{second}', (21, 31)),
-                       ('probe_mixed', (2, 12, 22, 32))):
+  for name, chosen in (
+      (f'gallery_{first}', (1, 11)),
+      (f'gallery_{second}', (21, 31)),
+      ('probe_mixed', (2, 12, 22, 32)),
+  ):
     (meta / f'{s}_1N_{name}.csv').write_text(
-        'TEMPLATE_ID,SUBJECT_ID,FILENAME\n' +
-        ''.join(f'{t},{t // 10},x.jpg\n' for t in chosen))
+        'TEMPLATE_ID,SUBJECT_ID,FILENAME\n'
+        + ''.join(f'{t},{t // 10},x.jpg\n' for t in chosen)
+    )
   return rows, pairs
 
 
@@ -158,34 +168,37 @@ def write_bin(path: pathlib.Path, pairs: int = 20) -> None:
   images, issame = [], []
   for i in range(pairs):
     a = feature(rng)
-    b = feature(rng, a, noise=30) if i % 2 else feature(
-        rng)
+    b = feature(rng, a, noise=30) if i % 2 else feature(rng)
     for f in (a, b):
-      ok, buf = cv2.imencode(".jpg", design_image(f))
+      ok, buf = cv2.imencode('.jpg', design_image(f))
       assert ok
       images.append(buf.tobytes())
     issame.append(bool(i % 2))
   path.write_bytes(pickle.dumps((images, issame)))
 
 
-def own_faces(root: pathlib.Path, size: int, people: int = 8,
-              photos: int = 6) -> tuple[pathlib.Path, pathlib.Path]:
+def own_faces(
+    root: pathlib.Path, size: int, people: int = 8, photos: int = 6
+) -> tuple[pathlib.Path, pathlib.Path]:
   """A folder of one sub-folder per person (generated faces at `size` px,
   aligned) and a pairs file over it: every same-person pair of a person's
   first three photos, and as many pairs of neighbours' first photos."""
   from qgjt_jax.data import synthetic
-  folder = root / "people"
+
+  folder = root / 'people'
   for person in range(people):
-    (folder / f"p{person}").mkdir(parents=True)
+    (folder / f'p{person}').mkdir(parents=True)
     for photo in range(photos):
-      cv2.imwrite(str(folder / f"p{person}" / f"{photo}.png"),
-                  synthetic.render_photo(1, person, photo, size))
+      cv2.imwrite(
+          str(folder / f'p{person}' / f'{photo}.png'),
+          synthetic.render_photo(1, person, photo, size),
+      )
   lines = []
   for person in range(people):
     for a, b in itertools.combinations(range(3), 2):
-      lines.append(f"people/p{person}/{a}.png people/p{person}/{b}.png 1")
+      lines.append(f'people/p{person}/{a}.png people/p{person}/{b}.png 1')
     for other in range(person + 1, min(person + 4, people)):
-      lines.append(f"people/p{person}/0.png people/p{other}/0.png 0")
-  pairs = root / "pairs.txt"
-  pairs.write_text("\n".join(lines) + "\n")
+      lines.append(f'people/p{person}/0.png people/p{other}/0.png 0')
+  pairs = root / 'pairs.txt'
+  pairs.write_text('\n'.join(lines) + '\n')
   return folder, pairs

@@ -4,6 +4,7 @@ Each maker writes one file into a folder and returns its path; nothing here
 is a stored blob. `commands.run` runs a command on them as a user would and
 measures what it cost.
 """
+
 from __future__ import annotations
 
 import io
@@ -20,13 +21,15 @@ import numpy as np
 from tests.helpers import insightface_model
 from tests.helpers import torch_writer
 
-LEGACY_MAGIC = 0x1950a86a20f9469cfc6c
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 
 
 def valid_state() -> dict:
   """A narrow insightface r18 state dict: a file convert accepts."""
-  return {k: np.asarray(v, np.float32) if v.dtype.kind == "f" else v
-          for k, v in insightface_model.random_state().items()}
+  return {
+      k: np.asarray(v, np.float32) if v.dtype.kind == "f" else v
+      for k, v in insightface_model.random_state().items()
+  }
 
 
 class _RunsCode:
@@ -63,12 +66,16 @@ def legacy_code_then_magic(folder: pathlib.Path, marker) -> pathlib.Path:
   data = valid.read_bytes()
   assert data.startswith(magic)
   path = folder / "code_then_magic.pth"
-  path.write_bytes(_code_pickle(marker) + magic[2:] + data[len(magic):])
+  path.write_bytes(_code_pickle(marker) + magic[2:] + data[len(magic) :])
   return path
 
 
-def zip_with_pickle(folder: pathlib.Path, name: str, data_pkl: bytes,
-                    members: dict | None = None) -> pathlib.Path:
+def zip_with_pickle(
+    folder: pathlib.Path,
+    name: str,
+    data_pkl: bytes,
+    members: dict | None = None,
+) -> pathlib.Path:
   """A torch.save zip archive whose data.pkl is `data_pkl`."""
   path = folder / name
   with zipfile.ZipFile(path, "w") as archive:
@@ -92,8 +99,9 @@ def storage_cut_short(folder: pathlib.Path) -> pathlib.Path:
   torch_writer.write_torch_file(valid, valid_state())
   with zipfile.ZipFile(valid) as archive:
     members = {n: archive.read(n) for n in archive.namelist()}
-  largest = max((n for n in members if "/data/" in n),
-                key=lambda n: len(members[n]))
+  largest = max(
+      (n for n in members if "/data/" in n), key=lambda n: len(members[n])
+  )
   members[largest] = members[largest][:8]
   path = folder / "cut_storage.pth"
   with zipfile.ZipFile(path, "w") as archive:
@@ -106,8 +114,12 @@ def deflate_bomb(folder: pathlib.Path, gib: int = 1) -> pathlib.Path:
   """A 1 MB file whose one storage member inflates to `gib` GiB of zeros."""
   count = (gib << 30) // 4
   data_pkl, _ = torch_writer._torch_pickle(  # pylint: disable=protected-access
-      {"weight": torch_writer.TensorView(np.zeros(1, np.float32), 0,
-                                         (count,), (1,))})
+      {
+          "weight": torch_writer.TensorView(
+              np.zeros(1, np.float32), 0, (count,), (1,)
+          )
+      }
+  )
   path = folder / "deflated.pth"
   with zipfile.ZipFile(path, "w") as archive:
     archive.writestr("model/data.pkl", data_pkl)
@@ -123,7 +135,8 @@ def deflate_bomb(folder: pathlib.Path, gib: int = 1) -> pathlib.Path:
 def legacy_storage_count(folder: pathlib.Path, count: int) -> pathlib.Path:
   """A legacy file whose storage declares `count` elements (it holds 4)."""
   data, storages = torch_writer._torch_pickle(  # pylint: disable=protected-access
-      {"weight": np.zeros(3, np.float32)}, legacy=True)
+      {"weight": np.zeros(3, np.float32)}, legacy=True
+  )
   path = folder / f"legacy_count_{count}.pth"
   with open(path, "wb") as f:
     for header in (LEGACY_MAGIC, 1001, {"protocol_version": 1001}):
@@ -138,19 +151,22 @@ def legacy_storage_count(folder: pathlib.Path, count: int) -> pathlib.Path:
 
 def memo_bomb(folder: pathlib.Path) -> pathlib.Path:
   """12 bytes of pickle that make the C unpickler allocate 2 GiB."""
-  return zip_with_pickle(folder, "memo.pth", b"\x80\x02Nr" +
-                         struct.pack("<I", 1 << 28) + b".")
+  return zip_with_pickle(
+      folder, "memo.pth", b"\x80\x02Nr" + struct.pack("<I", 1 << 28) + b"."
+  )
 
 
 def deep_nesting(folder: pathlib.Path, depth: int = 100_000) -> pathlib.Path:
-  return zip_with_pickle(folder, "deep.pth",
-                         b"\x80\x02" + b"]" * depth + b"a" * (depth - 1) + b".")
+  return zip_with_pickle(
+      folder, "deep.pth", b"\x80\x02" + b"]" * depth + b"a" * (depth - 1) + b"."
+  )
 
 
 def odd_call(folder: pathlib.Path) -> pathlib.Path:
   """collections.OrderedDict(5): an allowed name called as no file does."""
-  return zip_with_pickle(folder, "odd_call.pth",
-                         b"\x80\x02ccollections\nOrderedDict\nK\x05\x85R.")
+  return zip_with_pickle(
+      folder, "odd_call.pth", b"\x80\x02ccollections\nOrderedDict\nK\x05\x85R."
+  )
 
 
 def lying_npz(folder: pathlib.Path) -> pathlib.Path:
@@ -165,13 +181,21 @@ def lying_npz(folder: pathlib.Path) -> pathlib.Path:
   return path
 
 
-def safetensors_file(folder: pathlib.Path, name: str, header,
-                     data: bytes = b"", header_length=None) -> pathlib.Path:
+def safetensors_file(
+    folder: pathlib.Path,
+    name: str,
+    header,
+    data: bytes = b"",
+    header_length=None,
+) -> pathlib.Path:
   """A .safetensors file: little-endian header length, JSON header, data."""
   text = json.dumps(header).encode()
   path = folder / name
-  path.write_bytes(struct.pack("<Q", len(text) if header_length is None
-                               else header_length) + text + data)
+  path.write_bytes(
+      struct.pack("<Q", len(text) if header_length is None else header_length)
+      + text
+      + data
+  )
   return path
 
 
@@ -189,17 +213,26 @@ def nan_weights(folder: pathlib.Path) -> pathlib.Path:
 
 def png_bomb(path: pathlib.Path, side: int) -> pathlib.Path:
   """A valid 1-bit grey PNG of side x side pixels, a few tens of KB."""
+
   def chunk(kind, data):
-    return (struct.pack(">I", len(data)) + kind + data +
-            struct.pack(">I", zlib.crc32(kind + data)))
+    return (
+        struct.pack(">I", len(data))
+        + kind
+        + data
+        + struct.pack(">I", zlib.crc32(kind + data))
+    )
+
   row = b"\0" * (1 + (side + 7) // 8)
   squeeze = zlib.compressobj(9)
   idat = b"".join(squeeze.compress(row) for _ in range(side)) + (
-      squeeze.flush())
-  path.write_bytes(b"\x89PNG\r\n\x1a\n" +
-                   chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0,
-                                              0, 0, 0)) +
-                   chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+      squeeze.flush()
+  )
+  path.write_bytes(
+      b"\x89PNG\r\n\x1a\n"
+      + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
+      + chunk(b"IDAT", idat)
+      + chunk(b"IEND", b"")
+  )
   return path
 
 
@@ -212,8 +245,10 @@ def bin_set(path: pathlib.Path, images: list[bytes], issame) -> pathlib.Path:
 def face_jpeg(size: int = 32, seed: int = 0) -> bytes:
   import cv2  # pylint: disable=g-import-not-at-top
   from qgjt_jax.data import synthetic  # pylint: disable=g-import-not-at-top
-  return cv2.imencode(".jpg", synthetic.render_photo(seed, 0, 0, size))[1
-                                                                         ].tobytes()
+
+  return cv2.imencode(".jpg", synthetic.render_photo(seed, 0, 0, size))[
+      1
+  ].tobytes()
 
 
 # ---------------------------------------------------------------------------
@@ -225,8 +260,9 @@ def shared_lists(depth: int = 40) -> bytes:
   the memo): 2**depth leaves to anything that walks it as a tree."""
   program = b"\x80\x02]q\x00"
   for i in range(1, depth + 1):
-    program += b"](h" + bytes([i - 1]) + b"h" + bytes([i - 1]) + b"eq" + (
-        bytes([i]))
+    program += (
+        b"](h" + bytes([i - 1]) + b"h" + bytes([i - 1]) + b"eq" + (bytes([i]))
+    )
   return program + b"."
 
 
@@ -239,8 +275,9 @@ def shared_tuples(use: str, depth: int = 60) -> bytes:
   last tuple visits 2**depth."""
   program = b"\x80\x04)q\x00"
   for i in range(1, depth + 1):
-    program += b"h" + bytes([i - 1]) + b"h" + bytes([i - 1]) + b"\x86q" + (
-        bytes([i]))
+    program += (
+        b"h" + bytes([i - 1]) + b"h" + bytes([i - 1]) + b"\x86q" + (bytes([i]))
+    )
   last = b"h" + bytes([depth])
   program += {
       "key": b"}" + last + b"NsX\x01\x00\x00\x00a" + last + b"s",
@@ -265,13 +302,18 @@ def deep_tuple_key(depth: int = 300_000) -> bytes:
 
 def numpy_object_array() -> bytes:
   """numpy.ndarray((5e8,), 'O'): 35 bytes asking for 4 GB."""
-  return (b"\x80\x02cnumpy\nndarray\nJ\x00e\xcd\x1d\x85X\x01\x00\x00\x00O"
-          b"\x86R.")
+  return (
+      b"\x80\x02cnumpy\nndarray\nJ\x00e\xcd\x1d\x85X\x01\x00\x00\x00O" b"\x86R."
+  )
 
 
-def many_small_members(folder: pathlib.Path, name: str, count: int = 1500,
-                       member_mib: int = 1, npz: bool = False
-                       ) -> pathlib.Path:
+def many_small_members(
+    folder: pathlib.Path,
+    name: str,
+    count: int = 1500,
+    member_mib: int = 1,
+    npz: bool = False,
+) -> pathlib.Path:
   """A zip of `count` deflated members of `member_mib` MiB of zeros each:
   every member under the per-member floor, together gigabytes."""
   path = folder / name
@@ -284,8 +326,9 @@ def many_small_members(folder: pathlib.Path, name: str, count: int = 1500,
   return path
 
 
-def pickle_file(folder: pathlib.Path, name: str, program: bytes
-                ) -> pathlib.Path:
+def pickle_file(
+    folder: pathlib.Path, name: str, program: bytes
+) -> pathlib.Path:
   path = folder / name
   path.write_bytes(program)
   return path
@@ -300,8 +343,10 @@ def fifo(path: pathlib.Path) -> pathlib.Path:
 def odd_npz(folder: pathlib.Path, name: str, **changes) -> pathlib.Path:
   """The reference-layout r18 of `valid_state` with tensors replaced."""
   path = folder / name
-  np.savez(path, **{**{k: np.asarray(v) for k, v in
-                       _adaface_state().items()}, **changes})
+  np.savez(
+      path,
+      **{**{k: np.asarray(v) for k, v in _adaface_state().items()}, **changes},
+  )
   return path
 
 
@@ -310,6 +355,7 @@ def _adaface_state() -> dict:
   from qgjt_jax.interop import state_dicts  # pylint: disable=g-import-not-at-top
   from qgjt_jax.models import build_backbone  # pylint: disable=g-import-not-at-top
   from qgjt_jax.models import layers  # pylint: disable=g-import-not-at-top
+
   model = build_backbone("ir18", base_width=4, embedding_size=8)
   shapes = layers.init_shapes(model, (32, 32))
   variables = {c: _zeros_like(shapes[c]) for c in ("params", "batch_stats")}

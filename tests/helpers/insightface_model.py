@@ -1,5 +1,6 @@
 """A narrow insightface r18: random weights in their names, and their
 forward pass written out in numpy (NCHW, float64), for the tests."""
+
 import numpy as np
 
 WIDTH, SIZE, EMBEDDING = 4, 32, 8
@@ -15,7 +16,9 @@ def _conv(x, w, stride=1):
   out = np.zeros((n, w.shape[0], out_h, out_w))
   for i in range(k):
     for j in range(k):
-      patch = x[:, :, i:i + stride * out_h:stride, j:j + stride * out_w:stride]
+      patch = x[
+          :, :, i : i + stride * out_h : stride, j : j + stride * out_w : stride
+      ]
       out += np.einsum("nchw,oc->nohw", patch, w[:, :, i, j])
   return out
 
@@ -24,8 +27,9 @@ def _bn(x, state, name):
   shape = (1, -1) + (1,) * (x.ndim - 2)
   mean, var = state[f"{name}.running_mean"], state[f"{name}.running_var"]
   scale, bias = state[f"{name}.weight"], state[f"{name}.bias"]
-  return ((x - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + 1e-5) *
-          scale.reshape(shape) + bias.reshape(shape))
+  return (x - mean.reshape(shape)) / np.sqrt(
+      var.reshape(shape) + 1e-5
+  ) * scale.reshape(shape) + bias.reshape(shape)
 
 
 def _prelu(x, slope):
@@ -34,8 +38,10 @@ def _prelu(x, slope):
 
 def oracle(state, rgb_nchw, units=(2, 2, 2, 2)):
   """insightface IResNet.forward (eval mode), in float64."""
-  x = _prelu(_bn(_conv(rgb_nchw, state["conv1.weight"]), state, "bn1"),
-             state["prelu.weight"])
+  x = _prelu(
+      _bn(_conv(rgb_nchw, state["conv1.weight"]), state, "bn1"),
+      state["prelu.weight"],
+  )
   for stage, count in enumerate(units, start=1):
     for j in range(count):
       p = f"layer{stage}.{j}"
@@ -43,12 +49,16 @@ def oracle(state, rgb_nchw, units=(2, 2, 2, 2)):
       out = _bn(x, state, f"{p}.bn1")
       out = _bn(_conv(out, state[f"{p}.conv1.weight"]), state, f"{p}.bn2")
       out = _prelu(out, state[f"{p}.prelu.weight"])
-      out = _bn(_conv(out, state[f"{p}.conv2.weight"], stride), state,
-                f"{p}.bn3")
+      out = _bn(
+          _conv(out, state[f"{p}.conv2.weight"], stride), state, f"{p}.bn3"
+      )
       identity = x
       if f"{p}.downsample.0.weight" in state:
-        identity = _bn(_conv(x, state[f"{p}.downsample.0.weight"], stride),
-                       state, f"{p}.downsample.1")
+        identity = _bn(
+            _conv(x, state[f"{p}.downsample.0.weight"], stride),
+            state,
+            f"{p}.downsample.1",
+        )
       x = out + identity
   x = _bn(x, state, "bn2").reshape(len(x), -1)  # NCHW flatten
   x = x @ state["fc.weight"].T + state["fc.bias"]
@@ -90,10 +100,13 @@ def random_state(seed=0, units=(2, 2, 2, 2)):
       cin = cout
   side = SIZE // 16
   bn("bn2", cin)
-  state["fc.weight"] = rng.normal(0, np.sqrt(1 / (cin * side * side)),
-                                  (EMBEDDING, cin * side * side))
+  state["fc.weight"] = rng.normal(
+      0, np.sqrt(1 / (cin * side * side)), (EMBEDDING, cin * side * side)
+  )
   state["fc.bias"] = rng.normal(0, 0.1, EMBEDDING)
   bn("features", EMBEDDING)
   state["features.weight"] = np.ones(EMBEDDING)  # fixed to 1 in theirs
-  return {k: v.astype(np.float32) if v.dtype == np.float64 else v
-          for k, v in state.items()}
+  return {
+      k: v.astype(np.float32) if v.dtype == np.float64 else v
+      for k, v in state.items()
+  }

@@ -5,6 +5,7 @@ steps). Compiling its train step takes tens of seconds on a small CPU, so
 every run of a test session, in-process or on the command line, shares one
 step program through JAX's persistent compilation cache.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -73,9 +74,15 @@ def cli_command(workdir, *extra, **changes) -> list[str]:
   for dotted, value in {**TINY, **changes}.items():
     text = repr(value) if isinstance(value, tuple) else str(value)
     flags.append(f"--config.{dotted}={text}")
-  return [sys.executable, "-m", "qgjt_jax.main",
-          "--config=configs/synthetic.py", f"--workdir={workdir}",
-          *flags, *extra]
+  return [
+      sys.executable,
+      "-m",
+      "qgjt_jax.main",
+      "--config=configs/synthetic.py",
+      f"--workdir={workdir}",
+      *flags,
+      *extra,
+  ]
 
 
 # The compilation cache every run of a test session shares: conftest.py
@@ -98,6 +105,7 @@ def compile_cache():
   reference included, compiles the same way.
   """
   from jax.experimental.compilation_cache import compilation_cache
+
   settings = {
       "jax_compilation_cache_dir": _compile_cache_dir(),
       "jax_persistent_cache_min_compile_time_secs": 0,
@@ -130,13 +138,17 @@ def subprocess_env(devices: int | None = None) -> dict[str, str]:
       JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
       JAX_DISABLE_MOST_OPTIMIZATIONS="1",
       PYTHONPATH=os.pathsep.join(
-          [shim, str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p]),
+          [shim, str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p]
+      ),
       PYTHONUNBUFFERED="1",
   )
   # The parent's XLA flags are kept (they are part of the cache key); only
   # the device count is ours to set.
-  flags = [f for f in env.get("XLA_FLAGS", "").split()
-           if not f.startswith("--xla_force_host_platform_device_count")]
+  flags = [
+      f
+      for f in env.get("XLA_FLAGS", "").split()
+      if not f.startswith("--xla_force_host_platform_device_count")
+  ]
   if devices:
     flags.append(f"--xla_force_host_platform_device_count={devices}")
   env["XLA_FLAGS"] = " ".join(flags)
@@ -183,17 +195,20 @@ def assert_same_losses(actual: dict, expected: dict, steps) -> None:
   for name in LOSSES:
     got = np.array([actual[s][name] for s in steps])
     want = np.array([expected[s][name] for s in steps])
-    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6,
-                               err_msg=f"{name} of steps {steps}")
+    np.testing.assert_allclose(
+        got, want, rtol=1e-6, atol=1e-6, err_msg=f"{name} of steps {steps}"
+    )
 
 
 def load_state(workdir, step: int) -> dict:
   """The saved TrainState of a step as nested dicts of numpy arrays."""
   manager = ocp.CheckpointManager(
       os.path.abspath(pathlib.Path(workdir) / "checkpoints"),
-      options=ocp.CheckpointManagerOptions(read_only=True))
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore()))["state"]
+      options=ocp.CheckpointManagerOptions(read_only=True),
+  )
+  restored = manager.restore(
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
+  )["state"]
   restored["rng"] = jax.random.key_data(restored["rng"])
   return jax.tree.map(np.asarray, restored)
 
@@ -204,11 +219,13 @@ def assert_trees_equal(a, b, what: str = "") -> None:
   assert [p for p, _ in flat_a] == [p for p, _ in flat_b], what
   for (path, x), (_, y) in zip(flat_a, flat_b):
     np.testing.assert_array_equal(
-        x, y, err_msg=f"{what}{jax.tree_util.keystr(path)}")
+        x, y, err_msg=f"{what}{jax.tree_util.keystr(path)}"
+    )
 
 
-def make_reference_run(workdir: pathlib.Path
-                       ) -> tuple[pathlib.Path, dict[int, dict]]:
+def make_reference_run(
+    workdir: pathlib.Path,
+) -> tuple[pathlib.Path, dict[int, dict]]:
   """The uninterrupted tiny run: its workdir and step records (the
   `reference_run` fixture makes it once per session)."""
   results, output = run_in_process(tiny_config(), workdir)
@@ -224,11 +241,22 @@ def make_demo_run(workdir: pathlib.Path) -> pathlib.Path:
   width 16, 128-d) trained for one epoch on the command line and evaluated
   at its end (the `demo_run` fixture makes it once per session)."""
   result = subprocess.run(
-      [sys.executable, "-m", "qgjt_jax.main", "--config=configs/synthetic.py",
-       f"--workdir={workdir}", "--config.num_epochs=1",
-       "--config.optim.milestones=(1,)", "--config.contrastive.start_epoch=0"],
-      capture_output=True, text=True, cwd=ROOT, env=subprocess_env(),
-      timeout=900)
+      [
+          sys.executable,
+          "-m",
+          "qgjt_jax.main",
+          "--config=configs/synthetic.py",
+          f"--workdir={workdir}",
+          "--config.num_epochs=1",
+          "--config.optim.milestones=(1,)",
+          "--config.contrastive.start_epoch=0",
+      ],
+      capture_output=True,
+      text=True,
+      cwd=ROOT,
+      env=subprocess_env(),
+      timeout=900,
+  )
   assert result.returncode == 0, result.stdout + result.stderr
   assert (workdir / "eval" / f"step_{DEMO_STEPS}.json").is_file()
   return workdir
@@ -245,10 +273,12 @@ def make_stopped_run(workdir: pathlib.Path) -> tuple[pathlib.Path, str]:
   finish that step, checkpoint it (once, though the periodic save has just
   written the same step) and return.
   """
+
   def stop(n, batch):
     if n == STOP_STEP:
       os.kill(os.getpid(), signal.SIGTERM)
     return batch
+
   handler = signal.getsignal(signal.SIGTERM)
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(pipeline, "make_train_dataset", poisoned_dataset(stop))
@@ -268,17 +298,18 @@ def poisoned_dataset(hook):
     def apply(batch):
       counter["n"] += 1
       return hook(counter["n"], batch)
+
     return original(*args, **kwargs).map(apply)
+
   return make
-
-
 
 
 class OutputReader:
   """Collects a process's output lines in a thread; waits for a marker."""
 
-  def __init__(self, proc: subprocess.Popen, marker: re.Pattern,
-               timeout: float = 600):
+  def __init__(
+      self, proc: subprocess.Popen, marker: re.Pattern, timeout: float = 600
+  ):
     self.lines, self.seen = [], threading.Event()
     self._proc, self._marker, self._timeout = proc, marker, timeout
     self._thread = threading.Thread(target=self._read, daemon=True)
@@ -296,17 +327,28 @@ class OutputReader:
     return "".join(self.lines)
 
 
-def signal_after_step(command: list[str], step: int, send, *,
-                      anchored: bool = False, timeout: float = 600,
-                      **popen) -> str:
+def signal_after_step(
+    command: list[str],
+    step: int,
+    send,
+    *,
+    anchored: bool = False,
+    timeout: float = 600,
+    **popen,
+) -> str:
   """Runs `command` until its progress line of `step` (at a line's start
   with `anchored`), then calls `send(process)`; returns its output once it
   has exited 0. A process that outlives `timeout` is killed (its whole
   group when started with start_new_session)."""
-  proc = subprocess.Popen(command, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-                          env=popen.pop("env", None) or subprocess_env(),
-                          **popen)
+  proc = subprocess.Popen(
+      command,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+      cwd=ROOT,
+      env=popen.pop("env", None) or subprocess_env(),
+      **popen,
+  )
   marker = re.compile(("^" if anchored else "") + rf"step {step}/{STEPS} ")
   reader = OutputReader(proc, marker, timeout)
   try:

@@ -6,6 +6,7 @@ A tensor is a function of its PyTorch name, its shape and the kind of
 layer holding it: every value comes from a generator seeded with the
 name's CRC-32, at scales that keep deep networks' activations finite.
 """
+
 import pathlib
 import zlib
 
@@ -26,10 +27,12 @@ def tensor(name: str, shape, kind: str) -> np.ndarray:
   shape = tuple(int(d) for d in shape)
   leaf = name.rsplit(".", 1)[-1]
   if kind in ("batch_norm", "layer_norm"):
-    value = {"weight": lambda: rng.uniform(0.5, 1.5, shape),
-             "bias": lambda: rng.normal(0, 0.1, shape),
-             "running_mean": lambda: rng.normal(0, 0.1, shape),
-             "running_var": lambda: rng.uniform(0.5, 1.5, shape)}[leaf]()
+    value = {
+        "weight": lambda: rng.uniform(0.5, 1.5, shape),
+        "bias": lambda: rng.normal(0, 0.1, shape),
+        "running_mean": lambda: rng.normal(0, 0.1, shape),
+        "running_var": lambda: rng.uniform(0.5, 1.5, shape),
+    }[leaf]()
   elif kind == "prelu":
     value = rng.uniform(0.0, 0.5, shape)
   elif kind == "param":
@@ -42,8 +45,7 @@ def tensor(name: str, shape, kind: str) -> np.ndarray:
   return value.astype(np.float32)
 
 
-def images(count: int = 2, size: int = IMAGE_SIZE, seed: int = 0
-           ) -> np.ndarray:
+def images(count: int = 2, size: int = IMAGE_SIZE, seed: int = 0) -> np.ndarray:
   """(count, 3, size, size) float32 NCHW RGB in [-1, 1]: what the PyTorch
   models take after insightface's (x - 127.5) / 127.5."""
   rng = np.random.default_rng(seed)
@@ -62,8 +64,9 @@ def onnx_roles(model) -> dict[str, str]:
       if len(inputs) > 2:
         roles[inputs[2]] = "conv_bias"
     elif node.op_type == "BatchNormalization":
-      for leaf, name in zip(("weight", "bias", "running_mean",
-                             "running_var"), inputs[1:5]):
+      for leaf, name in zip(
+          ("weight", "bias", "running_mean", "running_var"), inputs[1:5]
+      ):
         roles[name] = f"batch_norm.{leaf}"
     elif node.op_type == "PRelu":
       roles[inputs[1]] = "prelu"
@@ -78,6 +81,7 @@ def refill(model) -> None:
   """Gives every float initialiser of an ONNX skeleton (a graph whose float
   initialisers were emptied) its seeded value, in place."""
   from onnx import numpy_helper  # pylint: disable=g-import-not-at-top
+
   roles = onnx_roles(model)
   for init in model.graph.initializer:
     if init.data_type != 1:  # FLOAT; shapes and indices keep their data
@@ -85,7 +89,7 @@ def refill(model) -> None:
     role = roles.get(init.name, "param")
     kind, _, leaf = role.partition(".")
     if kind.endswith("_bias"):
-      kind, leaf = kind[:-len("_bias")], "bias"
+      kind, leaf = kind[: -len("_bias")], "bias"
     name = f"{init.name}.{leaf or 'weight'}"
     value = tensor(name, tuple(init.dims), kind)
     init.CopyFrom(numpy_helper.from_array(value, init.name))

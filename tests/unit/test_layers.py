@@ -18,6 +18,7 @@ are no import cycles (imports inside functions count too: they run).
 A new module must be given a layer here; moving one down is a change of
 design and is made here on purpose.
 """
+
 import ast
 import pathlib
 
@@ -26,16 +27,44 @@ import pytest
 PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "qgjt_jax"
 
 LAYERS = {
-    "errors": 0, "config_keys": 0, "progress": 0, "reporting": 0,
-    "parallel": 0, "version": 0, "workdir": 0, "files": 0,
-    "models": 1, "method": 1, "optim": 1, "state": 1, "step": 1, "stack": 1,
+    "errors": 0,
+    "config_keys": 0,
+    "progress": 0,
+    "reporting": 0,
+    "parallel": 0,
+    "version": 0,
+    "workdir": 0,
+    "files": 0,
+    "models": 1,
+    "method": 1,
+    "optim": 1,
+    "state": 1,
+    "step": 1,
+    "stack": 1,
     "base_config": 1,
-    "records": 2, "checkpoint": 2, "outputs": 2, "workdir_lock": 2,
-    "data": 3, "align": 3, "eval": 3, "inference": 3, "interop": 3,
-    "config_checks": 3, "train": 3, "finetune": 3,
-    "main": 4, "convert": 4, "export": 4, "bench": 4, "export_check": 4,
-    "data.bench": 4, "launch_local": 4, "recipe_flags": 4,
-    "notebook_utils": 4, "tools": 4, "configs": 4,
+    "records": 2,
+    "checkpoint": 2,
+    "outputs": 2,
+    "workdir_lock": 2,
+    "data": 3,
+    "align": 3,
+    "eval": 3,
+    "inference": 3,
+    "interop": 3,
+    "config_checks": 3,
+    "train": 3,
+    "finetune": 3,
+    "main": 4,
+    "convert": 4,
+    "export": 4,
+    "bench": 4,
+    "export_check": 4,
+    "data.bench": 4,
+    "launch_local": 4,
+    "recipe_flags": 4,
+    "notebook_utils": 4,
+    "tools": 4,
+    "configs": 4,
     "": 5,
 }
 
@@ -62,23 +91,28 @@ def _layer(module: str) -> int:
 
 def _imports(modules) -> dict[str, set[str]]:
   """module -> the package modules it imports, anywhere in its code."""
+
   def resolve(dotted):
     while dotted and dotted not in modules:
       dotted = dotted.rpartition(".")[0]
     return dotted
+
   edges = {}
   for name, path in modules.items():
     targets = set()
     for node in ast.walk(ast.parse(path.read_text())):
-      if isinstance(node, ast.ImportFrom) and node.level == 0 and (
-          node.module or "").startswith("qgjt_jax"):
-        base = node.module[len("qgjt_jax"):].lstrip(".")
+      if (
+          isinstance(node, ast.ImportFrom)
+          and node.level == 0
+          and (node.module or "").startswith("qgjt_jax")
+      ):
+        base = node.module[len("qgjt_jax") :].lstrip(".")
         for alias in node.names:
           targets.add(resolve(f"{base}.{alias.name}".lstrip(".")))
       elif isinstance(node, ast.Import):
         for alias in node.names:
           if alias.name.split(".")[0] == "qgjt_jax":
-            targets.add(resolve(alias.name[len("qgjt_jax"):].lstrip(".")))
+            targets.add(resolve(alias.name[len("qgjt_jax") :].lstrip(".")))
     edges[name] = targets - {name}
   return edges
 
@@ -99,9 +133,12 @@ def test_every_module_has_a_layer(edges):
 
 
 def _upward(edges) -> list[str]:
-  return sorted(f"{a} ({_layer(a)}) imports {b} ({_layer(b)})"
-                for a, targets in edges.items() for b in targets
-                if _layer(b) > _layer(a))
+  return sorted(
+      f"{a} ({_layer(a)}) imports {b} ({_layer(b)})"
+      for a, targets in edges.items()
+      for b in targets
+      if _layer(b) > _layer(a)
+  )
 
 
 def _cycles(edges) -> list[list[str]]:
@@ -147,22 +184,39 @@ def test_no_import_cycles(edges):
 def test_the_checks_catch_what_they_are_for():
   """A core module importing a command, and a cycle through three."""
   assert _upward({"step": {"main"}, "main": {"step"}}) == [
-      "step (1) imports main (4)"]
-  assert _cycles({"eval.a": {"eval.b"}, "eval.b": {"eval.c"},
-                  "eval.c": {"eval.a"}, "files": set()}) == [
-                      ["eval.a", "eval.b", "eval.c"]]
+      "step (1) imports main (4)"
+  ]
+  assert _cycles(
+      {
+          "eval.a": {"eval.b"},
+          "eval.b": {"eval.c"},
+          "eval.c": {"eval.a"},
+          "files": set(),
+      }
+  ) == [["eval.a", "eval.b", "eval.c"]]
   assert _layer("data.bench") == 4 and _layer("data.prepare") == 3
 
 
 def _argv_writes(tree: ast.AST) -> bool:
   """Whether the code assigns sys.argv or one of its items."""
+
   def is_argv(node):
     node = node.value if isinstance(node, ast.Subscript) else node
-    return (isinstance(node, ast.Attribute) and node.attr == "argv" and
-            isinstance(node.value, ast.Name) and node.value.id == "sys")
+    return (
+        isinstance(node, ast.Attribute)
+        and node.attr == "argv"
+        and isinstance(node.value, ast.Name)
+        and node.value.id == "sys"
+    )
+
   for node in ast.walk(tree):
-    targets = (node.targets if isinstance(node, ast.Assign) else
-               [node.target] if isinstance(node, ast.AugAssign) else [])
+    targets = (
+        node.targets
+        if isinstance(node, ast.Assign)
+        else [node.target]
+        if isinstance(node, ast.AugAssign)
+        else []
+    )
     if any(is_argv(t) for t in targets):
       return True
   return False
@@ -174,8 +228,10 @@ def test_one_flag_library_and_argv_left_alone():
   found = []
   for name, path in _modules().items():
     tree = ast.parse(path.read_text())
-    if any(isinstance(n, ast.Attribute) and n.attr == "ArgumentParser"
-           for n in ast.walk(tree)):
+    if any(
+        isinstance(n, ast.Attribute) and n.attr == "ArgumentParser"
+        for n in ast.walk(tree)
+    ):
       found.append(f"{name} builds an argparse parser")
     if _argv_writes(tree):
       found.append(f"{name} assigns sys.argv")

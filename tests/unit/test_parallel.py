@@ -6,6 +6,7 @@ data 4 x model 2 and data 2 x model 4 against the dense, unsharded loss,
 gradients and train step, read the compiled HLO for gathers of W or of the
 logits, and restore a checkpoint onto other device counts.
 """
+
 import dataclasses
 import os
 import re
@@ -48,6 +49,7 @@ class TinyEncoder(nn.Module):
   """Conv, BatchNorm, dropout, Dense: the backbone's interface, compiled in
   seconds. The layout questions here are the classifier's and the queue's;
   the IResNet itself runs sharded in tests/unit/test_step.py."""
+
   embedding_size: int = 32
   dropout_rate: float = 0.0
 
@@ -63,32 +65,68 @@ class TinyEncoder(nn.Module):
 
 def setup_step(config, mesh, num_classes, model=None, steps_per_epoch=4.0):
   """State, shardings and jitted step of `config` on `mesh`."""
-  stack = stack_lib.build_stack(config, num_classes=num_classes,
-                                steps_per_epoch=steps_per_epoch, mesh=mesh,
-                                model=model)
-  return (stack.init_state(jax.random.key(0)), stack.state_shardings,
-          stack.train_step)
+  stack = stack_lib.build_stack(
+      config,
+      num_classes=num_classes,
+      steps_per_epoch=steps_per_epoch,
+      mesh=mesh,
+      model=model,
+  )
+  return (
+      stack.init_state(jax.random.key(0)),
+      stack.state_shardings,
+      stack.train_step,
+  )
 
 
-def sharded_loss(mesh, embeddings, labels, kernel, scaler, b, *,
-                 num_classes, head="adaface", s=64.0, m=0.4, eps=1e-3,
-                 sample_rate=None, positives=None, rng=None,
-                 logits_dtype=jnp.float32):
+def sharded_loss(
+    mesh,
+    embeddings,
+    labels,
+    kernel,
+    scaler,
+    b,
+    *,
+    num_classes,
+    head="adaface",
+    s=64.0,
+    m=0.4,
+    eps=1e-3,
+    sample_rate=None,
+    positives=None,
+    rng=None,
+    logits_dtype=jnp.float32,
+):
   """`step.classification_loss` with these head settings; the gate reads
   the margin scaler."""
-  settings = settings_lib.StepSettings.from_config(tiny_runs.tiny_config(),
-                                                   4.0)
+  settings = settings_lib.StepSettings.from_config(tiny_runs.tiny_config(), 4.0)
   settings = dataclasses.replace(
-      settings, head=dataclasses.replace(
-          settings.head, kind=head, s=s, m=m,
+      settings,
+      head=dataclasses.replace(
+          settings.head,
+          kind=head,
+          s=s,
+          m=m,
           sample_rate=1.0 if sample_rate is None else sample_rate,
-          logits_dtype=jnp.dtype(logits_dtype).name),
-      quality=dataclasses.replace(settings.quality, eps=eps))
+          logits_dtype=jnp.dtype(logits_dtype).name,
+      ),
+      quality=dataclasses.replace(settings.quality, eps=eps),
+  )
   if positives is None:
     positives = labels
   return step_lib.classification_loss(
-      mesh, settings, embeddings, labels, kernel, scaler, scaler, b,
-      num_classes=num_classes, positives=positives, rng=rng)
+      mesh,
+      settings,
+      embeddings,
+      labels,
+      kernel,
+      scaler,
+      scaler,
+      b,
+      num_classes=num_classes,
+      positives=positives,
+      rng=rng,
+  )
 
 
 def _one_device_mesh():
@@ -106,8 +144,18 @@ def test_one_block_equals_classification_loss(head, b):
 
   def sharded(e, w):
     return sharded_loss(
-        mesh, e, labels, w, scaler, b, num_classes=37, head=head, s=64.0,
-        m=0.4, eps=1e-3)
+        mesh,
+        e,
+        labels,
+        w,
+        scaler,
+        b,
+        num_classes=37,
+        head=head,
+        s=64.0,
+        m=0.4,
+        eps=1e-3,
+    )
 
   want, want_grads = jax.jit(jax.value_and_grad(dense, (0, 1)))(emb, kernel)
   got, got_grads = jax.jit(jax.value_and_grad(sharded, (0, 1)))(emb, kernel)
@@ -119,13 +167,24 @@ def test_one_block_equals_classification_loss(head, b):
 def test_padding_columns_take_no_part():
   emb, labels, kernel, scaler = _problem(1, width=40)
   mesh = _one_device_mesh()
-  want = jax.jit(lambda w: margin.classification_loss(
-      emb, labels, w, scaler, b=0.2)[0])(kernel[:, :37])
+  want = jax.jit(
+      lambda w: margin.classification_loss(emb, labels, w, scaler, b=0.2)[0]
+  )(kernel[:, :37])
 
   def sharded(w):
     return sharded_loss(
-        mesh, emb, labels, w, scaler, 0.2, num_classes=37, head="adaface",
-        s=64.0, m=0.4, eps=1e-3)
+        mesh,
+        emb,
+        labels,
+        w,
+        scaler,
+        0.2,
+        num_classes=37,
+        head="adaface",
+        s=64.0,
+        m=0.4,
+        eps=1e-3,
+    )
 
   got, grad = jax.jit(jax.value_and_grad(sharded))(kernel)
   np.testing.assert_allclose(got, want, rtol=1e-6)
@@ -135,9 +194,21 @@ def test_padding_columns_take_no_part():
 def test_label_outside_the_classes_gives_nan():
   emb, labels, kernel, scaler = _problem(2, width=40)
   labels[3] = 37  # a padding column, not a class
-  loss = jax.jit(lambda w: sharded_loss(
-      _one_device_mesh(), emb, labels, w, scaler, 0.0, num_classes=37,
-      head="adaface", s=64.0, m=0.4, eps=1e-3))(kernel)
+  loss = jax.jit(
+      lambda w: sharded_loss(
+          _one_device_mesh(),
+          emb,
+          labels,
+          w,
+          scaler,
+          0.0,
+          num_classes=37,
+          head="adaface",
+          s=64.0,
+          m=0.4,
+          eps=1e-3,
+      )
+  )(kernel)
   assert np.isnan(loss)
 
 
@@ -145,9 +216,12 @@ def test_bfloat16_logits_stay_close_and_keep_the_exact_target():
   emb, labels, kernel, scaler = _problem(3)
   mesh = _one_device_mesh()
   kwargs = dict(num_classes=37, head="adaface", s=64.0, m=0.4, eps=1e-3)
-  loss = jax.jit(lambda w, dtype: sharded_loss(
-      mesh, emb, labels, w, scaler, 0.0, logits_dtype=dtype, **kwargs),
-                 static_argnums=1)
+  loss = jax.jit(
+      lambda w, dtype: sharded_loss(
+          mesh, emb, labels, w, scaler, 0.0, logits_dtype=dtype, **kwargs
+      ),
+      static_argnums=1,
+  )
   full = loss(kernel, jnp.float32)
   fast = loss(kernel, jnp.bfloat16)
   # bf16 cosines are off by ~4e-3 at most, times s = 64 in the logits.
@@ -158,19 +232,26 @@ def test_bfloat16_logits_stay_close_and_keep_the_exact_target():
 def test_sampler_keeps_positives_and_draws_real_classes_only():
   positives = jnp.array([3, 3, 17, 30, 45, 2], jnp.int32)
   # Block [16, 32) of a 37-class W padded to 48, split in 3 blocks of 16.
-  picked = margin.sample_classes(jax.random.key(0), 16, 8, positives,
-                                 class_offset=16, num_classes=37)
+  picked = margin.sample_classes(
+      jax.random.key(0), 16, 8, positives, class_offset=16, num_classes=37
+  )
   picked = np.asarray(picked)
   assert picked.shape == (8,)
   assert len(set(picked.tolist())) == 8 and np.all(np.diff(picked) > 0)
   assert {17 - 16, 30 - 16} <= set(picked.tolist())
   # The last block holds classes 32..36 and padding 37..47.
-  last = np.asarray(margin.sample_classes(jax.random.key(1), 16, 8,
-                                          positives, 32, 37))
+  last = np.asarray(
+      margin.sample_classes(jax.random.key(1), 16, 8, positives, 32, 37)
+  )
   assert set(range(5)) <= set(last.tolist())  # all 5 real ones first
-  draws = [set(np.asarray(margin.sample_classes(
-      jax.random.key(s), 16, 4, positives, 16, 37)).tolist())
-           for s in range(20)]
+  draws = [
+      set(
+          np.asarray(
+              margin.sample_classes(jax.random.key(s), 16, 4, positives, 16, 37)
+          ).tolist()
+      )
+      for s in range(20)
+  ]
   assert len({frozenset(d) for d in draws}) > 1  # random beyond positives
 
 
@@ -190,13 +271,17 @@ def test_proxy_lookup_and_update_on_one_block():
   assert np.all(np.isnan(bad))
 
   queue = queue_lib.init_queue(20, 16)
-  queue = queue_lib.enqueue(queue, emb, labels,
-                            queue_lib.class_proxies(kernel, labels))
+  queue = queue_lib.enqueue(
+      queue, emb, labels, queue_lib.class_proxies(kernel, labels)
+  )
   moved = kernel * 1.5 + 0.1
   current = queues.class_proxies(
-      mesh, moved, jnp.where(queue_lib.valid_mask(queue), queue.labels, 0), 37)
-  np.testing.assert_array_equal(queue_lib.corrected_negatives(queue, current),
-                                queue_lib.proxy_update(queue, moved))
+      mesh, moved, jnp.where(queue_lib.valid_mask(queue), queue.labels, 0), 37
+  )
+  np.testing.assert_array_equal(
+      queue_lib.corrected_negatives(queue, current),
+      queue_lib.proxy_update(queue, moved),
+  )
 
 
 def test_classifier_width():
@@ -210,12 +295,20 @@ def test_classifier_width():
 def _run_eight_devices(script):
   # Unoptimised CPU code: these programs run a step or two, and compiling
   # dominates.
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=8 "
-                       "--xla_backend_optimization_level=0")
-  result = subprocess.run([sys.executable, "-c", textwrap.dedent(script)],
-                          capture_output=True, text=True, timeout=900,
-                          cwd=ROOT, env=env)
+  env = dict(
+      os.environ,
+      JAX_PLATFORMS="cpu",
+      XLA_FLAGS="--xla_force_host_platform_device_count=8 "
+      "--xla_backend_optimization_level=0",
+  )
+  result = subprocess.run(
+      [sys.executable, "-c", textwrap.dedent(script)],
+      capture_output=True,
+      text=True,
+      timeout=900,
+      cwd=ROOT,
+      env=env,
+  )
   assert result.returncode == 0, result.stdout + result.stderr
   return result.stdout
 
@@ -393,16 +486,20 @@ _STEP_SCRIPT = """
 def collective_shapes(hlo_text):
   """[(HLO line, [result shapes])] of every collective op of a module."""
   found = []
-  pattern = (r"=\s*(\(?[^=]*?\)?)\s*(all-gather|all-reduce|all-to-all|"
-             r"collective-permute|reduce-scatter)(-start)?\(")
+  pattern = (
+      r"=\s*(\(?[^=]*?\)?)\s*(all-gather|all-reduce|all-to-all|"
+      r"collective-permute|reduce-scatter)(-start)?\("
+  )
   for line in hlo_text.splitlines():
     # Long tuple results carry "/*index=5*/" markers, whose "=" would end
     # the match early.
     line = re.sub(r"/\*index=\d+\*/", "", line)
     m = re.search(pattern, line)
     if m:
-      shapes = [tuple(int(d) for d in dims.split(",") if d)
-                for dims in re.findall(r"\[([\d,]*)\]", m.group(1))]
+      shapes = [
+          tuple(int(d) for d in dims.split(",") if d)
+          for dims in re.findall(r"\[([\d,]*)\]", m.group(1))
+      ]
       found.append((line.strip()[:200], shapes))
   return found
 
@@ -413,8 +510,11 @@ def collectives_with_dim(hlo_text, dim):
   A gather of W (D, C) or of the (N, C) logits shows up as a collective whose
   result has the full width C.
   """
-  return [line for line, shapes in collective_shapes(hlo_text)
-          if dim is None or any(dim in s for s in shapes)]
+  return [
+      line
+      for line, shapes in collective_shapes(hlo_text)
+      if dim is None or any(dim in s for s in shapes)
+  ]
 
 
 @pytest.mark.slow
@@ -442,4 +542,3 @@ def test_train_step_sharded_equals_unsharded_and_resumes_elsewhere():
   assert "NO_GATHER" in out
   for data, model in ((1, 2), (2, 2)):
     assert f"RESUMED {data} {model}" in out
-

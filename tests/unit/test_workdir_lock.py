@@ -1,4 +1,5 @@
 """One writer per workdir (workdir_lock) and outputs written whole (outputs)."""
+
 import json
 import os
 import subprocess
@@ -13,8 +14,10 @@ from qgjt_jax import workdir_lock
 def test_a_second_writer_is_refused_naming_the_first(tmp_path):
   lock = workdir_lock.acquire(str(tmp_path), note=print)
   try:
-    with pytest.raises(workdir_lock.WorkdirLockedError,
-                       match=rf"in use by another run \(pid {os.getpid()} "):
+    with pytest.raises(
+        workdir_lock.WorkdirLockedError,
+        match=rf"in use by another run \(pid {os.getpid()} ",
+    ):
       workdir_lock.acquire(str(tmp_path), note=print)
   finally:
     lock.release()
@@ -24,10 +27,17 @@ def test_a_second_writer_is_refused_naming_the_first(tmp_path):
 
 def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path):
   """A killed holder leaves its note; its flock died with it."""
-  subprocess.run([sys.executable, "-c",
-                  "import os, sys\nfrom qgjt_jax import workdir_lock\n"
-                  "workdir_lock.acquire(sys.argv[1])\nos._exit(0)",
-                  str(tmp_path)], check=True, cwd=os.getcwd())
+  subprocess.run(
+      [
+          sys.executable,
+          "-c",
+          "import os, sys\nfrom qgjt_jax import workdir_lock\n"
+          "workdir_lock.acquire(sys.argv[1])\nos._exit(0)",
+          str(tmp_path),
+      ],
+      check=True,
+      cwd=os.getcwd(),
+  )
   left = json.loads((tmp_path / workdir_lock.LOCK_NAME).read_text())
   notes = []
   lock = workdir_lock.acquire(str(tmp_path), note=notes.append)
@@ -39,11 +49,17 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path):
 
 
 def test_a_lock_of_another_host_is_kept_unless_forced(tmp_path):
-  note = {"host": "elsewhere", "pid": 4242, "started": "yesterday",
-          "command": "train"}
+  note = {
+      "host": "elsewhere",
+      "pid": 4242,
+      "started": "yesterday",
+      "command": "train",
+  }
   (tmp_path / workdir_lock.LOCK_NAME).write_text(json.dumps(note))
-  with pytest.raises(workdir_lock.WorkdirLockedError,
-                     match="on elsewhere.*cannot be checked.*--force_lock"):
+  with pytest.raises(
+      workdir_lock.WorkdirLockedError,
+      match="on elsewhere.*cannot be checked.*--force_lock",
+  ):
     workdir_lock.acquire(str(tmp_path), note=print)
   notes = []
   lock = workdir_lock.acquire(str(tmp_path), force=True, note=notes.append)

@@ -1,4 +1,5 @@
 """Tests of the H and L views (qgjt_jax.data.degrade)."""
+
 import dataclasses
 
 import cv2
@@ -11,23 +12,31 @@ from qgjt_jax.data import degrade
 def _face_like(size=112, seed=0):
   """A smooth picture with edges: low-res loss and JPEG are both visible."""
   rng = np.random.default_rng(seed)
-  img = cv2.resize(rng.uniform(0, 255, (8, 8, 3)).astype(np.float32),
-                   (size, size), interpolation=cv2.INTER_CUBIC)
+  img = cv2.resize(
+      rng.uniform(0, 255, (8, 8, 3)).astype(np.float32),
+      (size, size),
+      interpolation=cv2.INTER_CUBIC,
+  )
   img = np.clip(img, 0, 255).astype(np.uint8)
   cv2.circle(img, (size // 2, size // 2), size // 4, (20, 200, 90), 2)
-  cv2.rectangle(img, (size // 5, size // 5), (size // 3, size // 2),
-                (240, 30, 30), -1)
+  cv2.rectangle(
+      img, (size // 5, size // 5), (size // 3, size // 2), (240, 30, 30), -1
+  )
   return img
 
 
 ALL_ON = degrade.ViewConfig(crop_p=1.0, jitter_p=1.0, rotate_p=1.0)
 
 
-@pytest.mark.parametrize("cfg", [degrade.ViewConfig(), ALL_ON,
-                                 degrade.adaface_config(crop_p=1.0,
-                                                        lowres_p=1.0,
-                                                        jitter_p=1.0)],
-                         ids=["qgface", "qgface_all_on", "adaface_all_on"])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        degrade.ViewConfig(),
+        ALL_ON,
+        degrade.adaface_config(crop_p=1.0, lowres_p=1.0, jitter_p=1.0),
+    ],
+    ids=["qgface", "qgface_all_on", "adaface_all_on"],
+)
 def test_views_keep_shape_and_dtype(cfg):
   img = _face_like(48)
   rng = np.random.default_rng(0)
@@ -64,10 +73,10 @@ def test_clean_view_only_flips():
   img = _face_like(32)
   rng = np.random.default_rng(0)
   assert np.array_equal(degrade.clean_view(img, rng, flip_p=0.0), img)
-  assert np.array_equal(degrade.clean_view(img, rng, flip_p=1.0),
-                        img[:, ::-1])
-  flips = [not np.array_equal(degrade.clean_view(img, rng), img)
-           for _ in range(400)]
+  assert np.array_equal(degrade.clean_view(img, rng, flip_p=1.0), img[:, ::-1])
+  flips = [
+      not np.array_equal(degrade.clean_view(img, rng), img) for _ in range(400)
+  ]
   assert 0.4 < np.mean(flips) < 0.6
 
 
@@ -98,8 +107,9 @@ def test_jpeg_is_applied():
     # The JPEG step draws no random numbers, so the same seed picks the same
     # filters and the only difference is the compression.
     with_jpeg, _ = degrade.degraded_view(img, np.random.default_rng(seed), base)
-    without, _ = degrade.degraded_view(img, np.random.default_rng(seed),
-                                       no_jpeg)
+    without, _ = degrade.degraded_view(
+        img, np.random.default_rng(seed), no_jpeg
+    )
     diffs.append(np.abs(with_jpeg.astype(int) - without.astype(int)).mean())
   assert min(diffs) > 0.5
 
@@ -118,8 +128,9 @@ def test_jpeg_roundtrip_leaves_8x8_block_edges():
 def test_crop_params_follow_the_ranges():
   rng = np.random.default_rng(0)
   for _ in range(200):
-    top, left, h, w = degrade.crop_params(rng, 112, 112, (0.8, 1.0),
-                                          (3 / 4, 4 / 3))
+    top, left, h, w = degrade.crop_params(
+        rng, 112, 112, (0.8, 1.0), (3 / 4, 4 / 3)
+    )
     assert 0 <= top and top + h <= 112 and 0 <= left and left + w <= 112
     assert 0.8 * 112 * 112 * 0.97 <= h * w
     assert 3 / 4 * 0.95 <= w / h <= 4 / 3 * 1.05
@@ -149,13 +160,14 @@ def test_rotation_turns_counter_clockwise_about_the_centre():
 
 def test_adaface_crop_keeps_the_box_in_place_on_black():
   img = _face_like(64) | 1  # no pure-black pixel in the picture itself
-  cfg = degrade.adaface_config(crop_p=1.0, lowres_p=0.0, jitter_p=0.0,
-                               flip_p=0.0)
+  cfg = degrade.adaface_config(
+      crop_p=1.0, lowres_p=0.0, jitter_p=0.0, flip_p=0.0
+  )
   out, r = degrade.adaface_augment(img, np.random.default_rng(3), cfg)
   assert r == 1.0
   inside = out.any(axis=2)
   rows, cols = np.nonzero(inside)
-  box = np.s_[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+  box = np.s_[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
   assert inside[box].all()
   assert np.array_equal(out[box], img[box])
   assert inside.sum() < inside.size
@@ -180,15 +192,27 @@ def test_view_config_checks_and_accepts_lists():
 
 
 def test_view_config_from_a_config_section():
-  section = {"recipe": "qgface", "min_scale": 0.2, "max_scale": 0.4,
-             "jpeg_quality": 60, "crop_p": 0.1, "jitter_p": 0.0,
-             "rotate_p": 0.3, "flip_p": 0.5}
+  section = {
+      "recipe": "qgface",
+      "min_scale": 0.2,
+      "max_scale": 0.4,
+      "jpeg_quality": 60,
+      "crop_p": 0.1,
+      "jitter_p": 0.0,
+      "rotate_p": 0.3,
+      "flip_p": 0.5,
+  }
   cfg = degrade.view_config_from(section)
   assert (cfg.min_scale, cfg.max_scale, cfg.jpeg_quality, cfg.rotate_p) == (
-      0.2, 0.4, 60, 0.3)
+      0.2,
+      0.4,
+      60,
+      0.3,
+  )
   ada = degrade.view_config_from({"recipe": "adaface", "crop_p": 0.5})
-  assert ada.crop_p == 0.5 and ada.lowres_p == 0.2 and ada.crop_scale == (
-      0.2, 1.0)
+  assert (
+      ada.crop_p == 0.5 and ada.lowres_p == 0.2 and ada.crop_scale == (0.2, 1.0)
+  )
   with pytest.raises(ValueError, match="unknown"):
     degrade.view_config_from({"min_scal": 0.2})
 
@@ -198,6 +222,7 @@ def test_the_config_names_every_view_setting_and_the_recipe_fills_the_rest():
   each); unset ones (None) take the recipe's values, so "adaface" views are
   AdaFace's, low resolution included."""
   from qgjt_jax import base_config as common
+
   section = common.get_base_config().data.view
   fields = {f.name for f in dataclasses.fields(degrade.ViewConfig)}
   assert set(section.keys()) == fields

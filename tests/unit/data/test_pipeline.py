@@ -1,4 +1,5 @@
 """Tests of the grain training pipeline (qgjt_jax.data.pipeline)."""
+
 import numpy as np
 import pytest
 
@@ -74,8 +75,16 @@ def test_same_seed_same_batches_other_seed_other_batches():
 def test_process_shards_are_disjoint_and_make_the_global_batch(n):
   src = _source(n)
   whole = _batches(src, global_batch_size=8, num_epochs=1)
-  shards = [_batches(src, global_batch_size=8, num_epochs=1, process_index=i,
-                     process_count=2) for i in range(2)]
+  shards = [
+      _batches(
+          src,
+          global_batch_size=8,
+          num_epochs=1,
+          process_index=i,
+          process_count=2,
+      )
+      for i in range(2)
+  ]
   assert len(shards[0]) == len(shards[1]) == len(whole) == n // 8
   for step, batch in enumerate(whole):
     a, b = shards[0][step]["label"], shards[1][step]["label"]
@@ -89,10 +98,14 @@ def test_views_depend_only_on_seed_epoch_and_record():
   # and position it lands on.
   src = _source(16)
   whole = _batches(src, global_batch_size=8, num_epochs=1)
-  shard = _batches(src, global_batch_size=8, num_epochs=1, process_index=1,
-                   process_count=2)
-  views = {int(l): (b["image_l"][i], b["degrade_l"][i])
-           for b in whole for i, l in enumerate(b["label"])}
+  shard = _batches(
+      src, global_batch_size=8, num_epochs=1, process_index=1, process_count=2
+  )
+  views = {
+      int(l): (b["image_l"][i], b["degrade_l"][i])
+      for b in whole
+      for i, l in enumerate(b["label"])
+  }
   for b in shard:
     for i, l in enumerate(b["label"]):
       np.testing.assert_array_equal(b["image_l"][i], views[int(l)][0])
@@ -129,13 +142,17 @@ def test_starting_at_a_step_continues_the_stream(process_count):
   # epoch boundary, are those an uninterrupted iterator gives after 3 steps.
   kwargs = dict(global_batch_size=4, seed=1, process_count=process_count)
   for index in range(process_count):
-    it = iter(pipeline.make_train_dataset(_source(24), process_index=index,
-                                          **kwargs))
+    it = iter(
+        pipeline.make_train_dataset(_source(24), process_index=index, **kwargs)
+    )
     for _ in range(3):
       next(it)
     expected = [next(it) for _ in range(5)]
-    resumed = iter(pipeline.make_train_dataset(
-        _source(24), process_index=index, start_step=3, **kwargs))
+    resumed = iter(
+        pipeline.make_train_dataset(
+            _source(24), process_index=index, start_step=3, **kwargs
+        )
+    )
     _assert_same([next(resumed) for _ in range(5)], expected)
 
 
@@ -149,16 +166,18 @@ def test_iterator_survives_an_orbax_checkpoint(tmp_path):
   ckpt = ocp.Checkpointer(grain.checkpoint.CheckpointHandler())
   ckpt.save(tmp_path / "data", args=grain.checkpoint.CheckpointSave(it))
   expected = [next(it) for _ in range(3)]
-  restored = ckpt.restore(tmp_path / "data",
-                          args=grain.checkpoint.CheckpointRestore(iter(ds)))
+  restored = ckpt.restore(
+      tmp_path / "data", args=grain.checkpoint.CheckpointRestore(iter(ds))
+  )
   _assert_same([next(restored) for _ in range(3)], expected)
 
 
 def test_worker_processes_give_the_same_batches():
   src = _source(16)
   inline = _batches(src, 5, global_batch_size=4, seed=4)
-  ds = pipeline.make_train_dataset(src, global_batch_size=4, seed=4,
-                                   worker_count=2)
+  ds = pipeline.make_train_dataset(
+      src, global_batch_size=4, seed=4, worker_count=2
+  )
   it = iter(ds)
   try:
     _assert_same([next(it) for _ in range(5)], inline)
@@ -168,22 +187,34 @@ def test_worker_processes_give_the_same_batches():
 
 def test_bad_sharding_is_refused():
   with pytest.raises(ValueError):
-    pipeline.make_train_dataset(_source(8), global_batch_size=6, seed=0,
-                                process_count=4)
+    pipeline.make_train_dataset(
+        _source(8), global_batch_size=6, seed=0, process_count=4
+    )
   with pytest.raises(ValueError):
-    pipeline.make_train_dataset(_source(8), global_batch_size=8, seed=0,
-                                process_index=2, process_count=2)
+    pipeline.make_train_dataset(
+        _source(8),
+        global_batch_size=8,
+        seed=0,
+        process_index=2,
+        process_count=2,
+    )
 
 
 def test_pipeline_over_a_written_rec_matches_the_source(tmp_path):
   src = _source(16)
   records = [src[i] for i in range(16)]
-  pipeline_bench.write_insightface_rec(tmp_path, [r["image"] for r in records],
-                              [int(r["label"]) for r in records], SIZE)
+  pipeline_bench.write_insightface_rec(
+      tmp_path,
+      [r["image"] for r in records],
+      [int(r["label"]) for r in records],
+      SIZE,
+  )
   rec = sources.RecSource(tmp_path)
   assert len(rec) == 16 and rec.num_classes == 16
-  _assert_same(_batches(rec, 2, global_batch_size=8),
-               _batches(src, 2, global_batch_size=8))
+  _assert_same(
+      _batches(rec, 2, global_batch_size=8),
+      _batches(src, 2, global_batch_size=8),
+  )
 
 
 def test_rec_writer_splits_records_at_the_magic(tmp_path):

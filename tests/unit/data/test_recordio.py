@@ -5,6 +5,7 @@ second way (a sequential scan of the frames, no index); split records, vector
 labels and every kind of damage are made with the small writer below, which
 follows dmlc-core's writer rather than our reader.
 """
+
 import concurrent.futures
 import pathlib
 import pickle
@@ -28,8 +29,11 @@ MAGIC = b"\x0a\x23\xd7\xce"  # 0xced7230a little-endian
 
 def frames_of(payload: bytes) -> bytes:
   """dmlc-core framing: cut at 4-aligned magics, flags 0 or 1/2/3, pad to 4."""
-  cuts = [i for i in range(0, len(payload) - len(payload) % 4, 4)
-          if payload[i:i + 4] == MAGIC]
+  cuts = [
+      i
+      for i in range(0, len(payload) - len(payload) % 4, 4)
+      if payload[i : i + 4] == MAGIC
+  ]
   pieces, start = [], 0
   for cut in cuts:
     pieces.append(payload[start:cut])
@@ -54,8 +58,9 @@ def pack(label, image: bytes = b"", key: int = 0) -> bytes:
   return struct.pack("<IfQQ", len(vec), 0.0, key, 0) + vec.tobytes() + image
 
 
-def write_rec(directory: pathlib.Path, records, property_text=None,
-              idx_order=None) -> pathlib.Path:
+def write_rec(
+    directory: pathlib.Path, records, property_text=None, idx_order=None
+) -> pathlib.Path:
   """Writes train.rec/train.idx (+ property) from [(key, payload)]."""
   directory.mkdir(parents=True, exist_ok=True)
   offsets, blob = {}, bytearray()
@@ -65,7 +70,8 @@ def write_rec(directory: pathlib.Path, records, property_text=None,
   (directory / "train.rec").write_bytes(bytes(blob))
   keys = idx_order if idx_order is not None else [k for k, _ in records]
   (directory / "train.idx").write_text(
-      "".join(f"{k}\t{offsets[k]}\n" for k in keys))
+      "".join(f"{k}\t{offsets[k]}\n" for k in keys)
+  )
   if property_text is not None:
     (directory / "property").write_text(property_text)
   return directory / "train.rec"
@@ -79,14 +85,14 @@ def scan_rec(path: pathlib.Path) -> dict[int, tuple[object, bytes]]:
     magic, word = struct.unpack_from("<4sI", data, pos)
     assert magic == MAGIC
     flag, length = word >> 29, word & ((1 << 29) - 1)
-    parts.append(data[pos + 8:pos + 8 + length])
+    parts.append(data[pos + 8 : pos + 8 + length])
     pos += 8 + length + (-length % 4)
     if flag in (0, 3):
       payload, parts = MAGIC.join(parts), []
       flag_n, label, rid, _ = struct.unpack_from("<IfQQ", payload)
       if flag_n:
         label = np.frombuffer(payload, "<f4", flag_n, 24)
-      out[rid] = (label, payload[24 + 4 * flag_n:])
+      out[rid] = (label, payload[24 + 4 * flag_n :])
   return out
 
 
@@ -96,23 +102,28 @@ def jpeg(seed: int, size: int = 16) -> bytes:
   return cv2.imencode(".jpg", image)[1].tobytes()
 
 
-def face_set(directory: pathlib.Path, labels, *, header=True, property_=True,
-             images=None):
+def face_set(
+    directory: pathlib.Path, labels, *, header=True, property_=True, images=None
+):
   """An insightface-layout set: images 1..N, identity records, header 0."""
   labels = list(labels)
   num_classes = max(labels) + 1
   images = images or [jpeg(i) for i in range(len(labels))]
-  records = [(i + 1, pack(lab, img, i + 1))
-             for i, (lab, img) in enumerate(zip(labels, images))]
+  records = [
+      (i + 1, pack(lab, img, i + 1))
+      for i, (lab, img) in enumerate(zip(labels, images))
+  ]
   if header:
     first = len(labels) + 1
     for c in range(num_classes):
       keys = [i + 1 for i, lab in enumerate(labels) if lab == c]
-      records.append((first + c, pack([min(keys), max(keys) + 1], b"",
-                                      first + c)))
+      records.append(
+          (first + c, pack([min(keys), max(keys) + 1], b"", first + c))
+      )
     records.append((0, pack([first, first + num_classes], b"", 0)))
-  return write_rec(directory, records,
-                   f"{num_classes},16,16" if property_ else None)
+  return write_rec(
+      directory, records, f"{num_classes},16,16" if property_ else None
+  )
 
 
 def copy_fixture(src: pathlib.Path, dst: pathlib.Path) -> pathlib.Path:
@@ -161,8 +172,9 @@ def test_fixture_identity_ranges_agree_with_labels(fixture_record, scanned):
   for c, (lo, hi) in enumerate(ranges):
     assert {int(scanned[k][0]) for k in range(lo, hi)} == {c}
     # ... and matches the identity record as scanned without the index.
-    np.testing.assert_array_equal(scanned[fixture_record.identity_keys[c]][0],
-                                  [lo, hi])
+    np.testing.assert_array_equal(
+        scanned[fixture_record.identity_keys[c]][0], [lo, hi]
+    )
 
 
 def test_fixture_decode_is_plain_cv2_and_bgr(fixture_record):
@@ -176,6 +188,7 @@ def test_fixture_decode_is_plain_cv2_and_bgr(fixture_record):
   # is Pillow's array reversed (up to IDCT rounding differences).
   payload = fixture_record.image_bytes(0)
   import io  # pylint: disable=g-import-not-at-top
+
   rgb = np.asarray(Image.open(io.BytesIO(payload)).convert("RGB"), np.int16)
   bgr = fixture_record.decode(0).astype(np.int16)
   same = np.abs(bgr - rgb[..., ::-1]).mean()
@@ -195,8 +208,9 @@ def test_rec_source_records(insightface_rec_dir, fixture_record, scanned):
     assert rec["image"] == scanned[i + 1][1]
   with pytest.raises(IndexError):
     src[160]
-  assert isinstance(sources.open_source(insightface_rec_dir / "train.rec"),
-                    sources.RecSource)
+  assert isinstance(
+      sources.open_source(insightface_rec_dir / "train.rec"), sources.RecSource
+  )
 
 
 def test_pickled_copy_opens_its_own_file(insightface_rec_dir, monkeypatch):
@@ -215,8 +229,11 @@ def test_pickled_copy_opens_its_own_file(insightface_rec_dir, monkeypatch):
 def test_threads_share_one_reader(fixture_record):
   expected = [fixture_record.image_bytes(i) for i in range(len(fixture_record))]
   with concurrent.futures.ThreadPoolExecutor(8) as pool:
-    got = list(pool.map(fixture_record.image_bytes,
-                        list(range(len(fixture_record))) * 3))
+    got = list(
+        pool.map(
+            fixture_record.image_bytes, list(range(len(fixture_record))) * 3
+        )
+    )
   assert got == expected * 3
 
 
@@ -233,8 +250,14 @@ def test_split_records_are_joined(tmp_path):
   tail = bytes(image) + b"\0" * (-len(image) % 4) + MAGIC
   payloads = [bytes(image), tail, jpeg(2)]
   labels = [0, 1, 1]
-  rec = write_rec(tmp_path, [(i + 1, pack(lab, img, i + 1)) for i, (lab, img)
-                             in enumerate(zip(labels, payloads))], "2,16,16")
+  rec = write_rec(
+      tmp_path,
+      [
+          (i + 1, pack(lab, img, i + 1))
+          for i, (lab, img) in enumerate(zip(labels, payloads))
+      ],
+      "2,16,16",
+  )
   assert rec.read_bytes().count(MAGIC) > 3 + 4  # really split
   r = recordio.InsightFaceRecord(rec)
   assert [r.image_bytes(i) for i in range(3)] == payloads
@@ -249,8 +272,10 @@ def test_split_records_are_joined(tmp_path):
 def test_vector_labels_and_no_identity_header(tmp_path):
   # Images carrying [class, extra] label vectors, no record-0 header, keys
   # listed out of order: every key is an image, in .idx order.
-  records = [(k, pack([lab, 7.0], jpeg(k), k))
-             for k, lab in [(0, 2), (1, 0), (2, 1), (5, 2)]]
+  records = [
+      (k, pack([lab, 7.0], jpeg(k), k))
+      for k, lab in [(0, 2), (1, 0), (2, 1), (5, 2)]
+  ]
   rec = write_rec(tmp_path, records, "3,16,16", idx_order=[5, 0, 2, 1])
   r = recordio.InsightFaceRecord(rec)
   assert r.identity_keys is None
@@ -277,8 +302,9 @@ def test_written_set_reads_back(tmp_path):
   assert len(src) == 6 and src.num_classes == 3
   assert [int(src[i]["label"]) for i in range(6)] == labels
   assert [src[i]["image"] for i in range(6)] == images
-  np.testing.assert_array_equal(src.record.identity_ranges(),
-                                [[1, 3], [3, 4], [4, 7]])
+  np.testing.assert_array_equal(
+      src.record.identity_ranges(), [[1, 3], [3, 4], [4, 7]]
+  )
 
 
 # -- bad input: every case names the file and the record -----------------------
@@ -296,40 +322,53 @@ def test_truncated_rec(insightface_rec_dir, tmp_path):
   data = (d / "train.rec").read_bytes()
   # Cut inside the last record (the record-0 header sits at the end here).
   (d / "train.rec").write_bytes(data[:-10])
-  with pytest.raises(recordio.RecordIOError,
-                     match=r"train\.rec: record 0: truncated"):
+  with pytest.raises(
+      recordio.RecordIOError, match=r"train\.rec: record 0: truncated"
+  ):
     recordio.InsightFaceRecord(d / "train.rec")
   # Cut so early that index entries point past the end: the .rec is named
   # as the damaged file, with what to do.
   (d / "train.rec").write_bytes(data[:20000])
-  with pytest.raises(recordio.RecordIOError,
-                     match=r"train\.rec is shorter \(20,000 bytes\) than its "
-                           r"index .*train\.idx says .* cut short \(copy"):
+  with pytest.raises(
+      recordio.RecordIOError,
+      match=r"train\.rec is shorter \(20,000 bytes\) than its "
+      r"index .*train\.idx says .* cut short \(copy",
+  ):
     recordio.InsightFaceRecord(d / "train.rec")
 
 
 def test_wrong_magic(insightface_rec_dir, tmp_path):
   d = copy_fixture(insightface_rec_dir, tmp_path / "set")
-  offsets = dict(line.split("\t") for line in
-                 (d / "train.idx").read_text().splitlines())
+  offsets = dict(
+      line.split("\t") for line in (d / "train.idx").read_text().splitlines()
+  )
   data = bytearray((d / "train.rec").read_bytes())
   data[int(offsets["7"])] ^= 0xFF
   (d / "train.rec").write_bytes(bytes(data))
   r = recordio.InsightFaceRecord(d / "train.rec")
   assert r.label(5) == 0
-  with pytest.raises(recordio.RecordIOError,
-                     match=r"train\.rec: record 7: wrong magic"):
+  with pytest.raises(
+      recordio.RecordIOError, match=r"train\.rec: record 7: wrong magic"
+  ):
     r.label(6)
 
 
-@pytest.mark.parametrize("line, error", [
-    ("3\t99999999", r"train\.rec is shorter .*\(record 3 at offset "
-     r"99,999,999\)"),
-    # Near 2**63, where adding the frame size would overflow.
-    (f"3\t{2**63 - 5}", r"train\.rec is shorter .*\(record 3 at offset "
-     f"{2**63 - 5:,}\\)"),
-    ("3 15164 x", r"train\.idx: line 3 "),
-])
+@pytest.mark.parametrize(
+    "line, error",
+    [
+        (
+            "3\t99999999",
+            r"train\.rec is shorter .*\(record 3 at offset " r"99,999,999\)",
+        ),
+        # Near 2**63, where adding the frame size would overflow.
+        (
+            f"3\t{2**63 - 5}",
+            r"train\.rec is shorter .*\(record 3 at offset "
+            f"{2**63 - 5:,}\\)",
+        ),
+        ("3 15164 x", r"train\.idx: line 3 "),
+    ],
+)
 def test_damaged_index_line(insightface_rec_dir, tmp_path, line, error):
   """An index line whose offset no record could be at, or that is no
   "key<TAB>offset" line: the file at fault is named."""
@@ -353,14 +392,18 @@ def test_label_outside_class_range(tmp_path):
   # with the property (2 classes): only the image label is wrong.
   labels = [0, 1, 5]
   records = [(i + 1, pack(lab, jpeg(i), i + 1)) for i, lab in enumerate(labels)]
-  records += [(4, pack([1, 2], b"", 4)), (5, pack([2, 4], b"", 5)),
-              (0, pack([4, 6], b"", 0))]
+  records += [
+      (4, pack([1, 2], b"", 4)),
+      (5, pack([2, 4], b"", 5)),
+      (0, pack([4, 6], b"", 0)),
+  ]
   rec = write_rec(tmp_path, records, "2,16,16")
   src = sources.RecSource(rec)
   assert src[1]["label"] == 1
-  with pytest.raises(recordio.RecordIOError,
-                     match=r"train\.rec: record 3: label 5 is outside "
-                     r"\[0, 2\)"):
+  with pytest.raises(
+      recordio.RecordIOError,
+      match=r"train\.rec: record 3: label 5 is outside " r"\[0, 2\)",
+  ):
     src[2]
   with pytest.raises(recordio.RecordIOError, match="record 3: label 5"):
     src.record.label(2)
@@ -382,8 +425,9 @@ def test_undecodable_image(tmp_path):
   record = src[1]  # reading is fine; decoding is where it fails
   with pytest.raises(images_lib.ImageError, match="not a decodable image"):
     images_lib.decode_image(record["image"])
-  with pytest.raises(images_lib.ImageError,
-                     match=r"train\.rec: record 2: .*not a decodable"):
+  with pytest.raises(
+      images_lib.ImageError, match=r"train\.rec: record 2: .*not a decodable"
+  ):
     src.record.decode(1)
   with pytest.raises(images_lib.ImageError):
     images_lib.decode_image(b"")
@@ -392,8 +436,10 @@ def test_undecodable_image(tmp_path):
 def test_property_disagrees_with_identity_header(tmp_path):
   face_set(tmp_path, [0, 1, 2])
   (tmp_path / "property").write_text("4,16,16")
-  with pytest.raises(recordio.RecordIOError,
-                     match=r"property: says 4 classes .* lists 3 identities"):
+  with pytest.raises(
+      recordio.RecordIOError,
+      match=r"property: says 4 classes .* lists 3 identities",
+  ):
     sources.RecSource(tmp_path)
   (tmp_path / "property").write_text("three,16")
   with pytest.raises(recordio.RecordIOError, match=r"property: expected"):
@@ -401,8 +447,11 @@ def test_property_disagrees_with_identity_header(tmp_path):
 
 
 def test_header_naming_missing_keys(tmp_path):
-  records = [(1, pack(0, jpeg(1), 1)), (0, pack([3, 4], b"", 0)),
-             (3, pack([1, 2], b"", 3))]  # image key 2 is missing
+  records = [
+      (1, pack(0, jpeg(1), 1)),
+      (0, pack([3, 4], b"", 0)),
+      (3, pack([1, 2], b"", 3)),
+  ]  # image key 2 is missing
   rec = write_rec(tmp_path, records, "1,16,16")
   with pytest.raises(recordio.RecordIOError, match="not all in the index"):
     recordio.InsightFaceRecord(rec)
@@ -410,8 +459,9 @@ def test_header_naming_missing_keys(tmp_path):
 
 def test_short_payload(tmp_path):
   rec = write_rec(tmp_path, [(1, b"tiny")], "1,16,16")
-  with pytest.raises(recordio.RecordIOError,
-                     match=r"record 1: payload of 4 bytes"):
+  with pytest.raises(
+      recordio.RecordIOError, match=r"record 1: payload of 4 bytes"
+  ):
     recordio.InsightFaceRecord(rec).label(0)
 
 
@@ -424,9 +474,16 @@ def test_not_a_rec_path(tmp_path):
 
 def test_train_source_from_config(insightface_rec_dir):
   ml_collections = pytest.importorskip("ml_collections")
-  config = ml_collections.ConfigDict(dict(data=dict(
-      kind="rec", rec_dir=str(insightface_rec_dir), image_size=32,
-      synthetic=dict(num_identities=3, images_per_identity=2, seed=0))))
+  config = ml_collections.ConfigDict(
+      dict(
+          data=dict(
+              kind="rec",
+              rec_dir=str(insightface_rec_dir),
+              image_size=32,
+              synthetic=dict(num_identities=3, images_per_identity=2, seed=0),
+          )
+      )
+  )
   src = sources.train_source(config)
   assert isinstance(src, sources.RecSource) and len(src) == 160
   config.data.kind = "synthetic"

@@ -1,4 +1,5 @@
 """Tests of the generated face-like dataset (qgjt_jax.data.synthetic)."""
+
 import pickle
 
 import cv2
@@ -116,7 +117,8 @@ def test_verification_sets():
 
 def test_verification_pairs_are_not_trivial():
   images, same = synthetic.synthetic_verification_sets(8, 40, SIZE, seed=1)[
-      "hq_hq"]
+      "hq_hq"
+  ]
   f = images.astype(np.float32)
   # No pair is the same picture twice.
   d = np.abs(f[0::2] - f[1::2]).mean(axis=(1, 2, 3))
@@ -130,8 +132,12 @@ def test_verification_pairs_are_not_trivial():
 def test_nuisance_scales_the_variation_within_an_identity():
   def centre_spread(nuisance):
     src = synthetic.SyntheticFaces(3, 5, SIZE, seed=0, nuisance=nuisance)
-    x = np.stack([_decode(src[i]["image"]) for i in range(15)]).astype(
-        np.float32)[:, 10:-10, 10:-10].reshape(3, 5, -1)
+    x = (
+        np.stack([_decode(src[i]["image"]) for i in range(15)])
+        .astype(np.float32)[:, 10:-10, 10:-10]
+        .reshape(3, 5, -1)
+    )
     return float(np.abs(x - x.mean(1, keepdims=True)).mean())
+
   calm, default = centre_spread(0.0), centre_spread(1.0)
   assert calm < 0.5 * default

@@ -1,4 +1,5 @@
 """insightface `.bin` reading: the fixture, Python-2 pickles, errors."""
+
 import collections
 import io
 import pickle
@@ -78,13 +79,17 @@ def test_python3_pickles_and_numpy_flags(tmp_path):
   images = [_jpeg((0, 0, 200)) for _ in range(4)]
   for protocol in (2, pickle.HIGHEST_PROTOCOL):
     path = tmp_path / f'p{protocol}.bin'
-    path.write_bytes(pickle.dumps((images, [np.bool_(True), np.bool_(False)]),
-                                  protocol=protocol))
+    path.write_bytes(
+        pickle.dumps(
+            (images, [np.bool_(True), np.bool_(False)]), protocol=protocol
+        )
+    )
     encoded, issame = bin_sets.load_bin(path)
     assert encoded == images
     np.testing.assert_array_equal(issame, [True, False])
-    path.write_bytes(pickle.dumps((images, np.array([True, False])),
-                                  protocol=protocol))
+    path.write_bytes(
+        pickle.dumps((images, np.array([True, False])), protocol=protocol)
+    )
     with pytest.raises(bin_sets.BinSetError, match='never needs'):
       bin_sets.load_bin(path)
 

@@ -9,6 +9,7 @@ under insightface's w600k_mbf (about 23 at FAR 1e-2; docs/DECISIONS.md).
 Each trial draws new calibration people, cuts the threshold and reads
 its true FAR off a large sample of the population's impostor pairs.
 """
+
 import numpy as np
 import pytest
 
@@ -31,7 +32,8 @@ def _people(rng, count):
 
 def _photos(rng, identities):
   shots = identities[:, None, :] + _NOISE / np.sqrt(_DIM) * (
-      rng.standard_normal((len(identities), _PHOTOS, _DIM)))
+      rng.standard_normal((len(identities), _PHOTOS, _DIM))
+  )
   return shots / np.linalg.norm(shots, axis=2, keepdims=True)
 
 
@@ -57,17 +59,23 @@ def _true_fars(population, people, far, with_people=True):
     rng = np.random.default_rng(trial)
     feats = _photos(rng, _people(rng, people)).reshape(len(labels), _DIM)
     scores = (feats @ feats.T)[first[impostor], second[impostor]]
-    rows = thresholds.at_far(np.ones(1), scores, fars=(far,),
-                             impostor_people=pairs if with_people else None)
+    rows = thresholds.at_far(
+        np.ones(1),
+        scores,
+        fars=(far,),
+        impostor_people=pairs if with_people else None,
+    )
     assert rows and (rows[0]["far_upper"] is not None) == with_people
-    fars.append(1 - np.searchsorted(population, rows[0]["cosine"])
-                / len(population))
+    fars.append(
+        1 - np.searchsorted(population, rows[0]["cosine"]) / len(population)
+    )
   return np.asarray(fars)
 
 
 @pytest.mark.parametrize("far", [1e-2, 1e-3])
 def test_stated_bounds_hold_in_95_percent_of_calibrations(
-    population_impostors, far):
+    population_impostors, far
+):
   """Calibrated on MIN_PEOPLE people, the true FAR at the chosen threshold
   is at or below the target in at least 95% of 400 trials, where the
   point estimate (all a threshold stated before) holds in about half."""
@@ -103,12 +111,16 @@ def test_identify_fpir_holds_on_galleries_ten_times_the_calibration():
     gallery = _mean_templates(rng, 10 * people)
     strangers = _photos(rng, _people(rng, 3000))[:, :4].reshape(-1, _DIM)
     alarms = (strangers @ gallery.T).max(axis=1)
-    row = identification.open_set_cut((searches @ gallery.T).max(axis=1),
-                                      labels, fpir, len(gallery))
+    row = identification.open_set_cut(
+        (searches @ gallery.T).max(axis=1), labels, fpir, len(gallery)
+    )
     assert row["fpir_upper"] <= fpir and row["gallery_people"] == 300
     held += np.mean(alarms >= row["cosine"]) <= fpir
-    calibration = next(r for r in identification.open_set_calibration(
-        searches, labels) if r["fpir"] == fpir)
+    calibration = next(
+        r
+        for r in identification.open_set_calibration(searches, labels)
+        if r["fpir"] == fpir
+    )
     own += np.mean(alarms >= calibration["cosine"]) <= fpir
   assert held / trials >= 0.95, held / trials
   assert own / trials < 0.5, own / trials

@@ -8,8 +8,13 @@ from qgjt_jax.eval import identification
 from qgjt_jax.eval import thresholds
 from qgjt_jax.eval import scface
 from qgjt_jax.eval import tinyface
-from tests.helpers.eval_trees import (SIZE, embed_fn, scface_tree, stored_feature,
-                              tinyface_tree)
+from tests.helpers.eval_trees import (
+    SIZE,
+    embed_fn,
+    scface_tree,
+    stored_feature,
+    tinyface_tree,
+)
 
 BATCH = 4
 
@@ -35,19 +40,22 @@ def test_rank_k_matches_brute_force():
   rng = np.random.default_rng(0)
   gallery_labels = np.r_[np.arange(40), np.arange(10), np.full(200, -100)]
   centres = rng.normal(size=(60, 24))
-  gallery = _unit(np.where(gallery_labels[:, None] >= 0,
-                           centres[gallery_labels % 60], 0)
-                  + 0.8 * rng.normal(size=(len(gallery_labels), 24)))
+  gallery = _unit(
+      np.where(gallery_labels[:, None] >= 0, centres[gallery_labels % 60], 0)
+      + 0.8 * rng.normal(size=(len(gallery_labels), 24))
+  )
   probe_labels = rng.integers(0, 50, 300)  # ids 40..49 have no mate
   probe = _unit(centres[probe_labels] + 0.8 * rng.normal(size=(300, 24)))
   ks = (1, 2, 5, 20)
-  got = identification.rank_k_accuracy(probe, probe_labels, gallery,
-                                       gallery_labels, ks)
+  got = identification.rank_k_accuracy(
+      probe, probe_labels, gallery, gallery_labels, ks
+  )
   want = brute_force_rank_k(probe, probe_labels, gallery, gallery_labels, ks)
   assert got == pytest.approx(want)
   assert 0.1 < got[1] < got[20] < 1.0  # a non-trivial case
-  ranks = identification.probe_ranks(probe, probe_labels, gallery,
-                                     gallery_labels, chunk_size=7)
+  ranks = identification.probe_ranks(
+      probe, probe_labels, gallery, gallery_labels, chunk_size=7
+  )
   assert np.all((ranks == 0) == (probe_labels >= 40))
 
 
@@ -65,8 +73,9 @@ def test_rank_k_without_any_mate_is_an_error():
 def _tinyface_oracle(probes, matches, distractors, ks=(1, 5, 20)):
   label = lambda name: int(name.split('_')[0])
   p = np.stack([stored_feature(f) for f in probes.values()])
-  g = np.stack([stored_feature(f) for f in [*matches.values(),
-                                               *distractors.values()]])
+  g = np.stack(
+      [stored_feature(f) for f in [*matches.values(), *distractors.values()]]
+  )
   gl = np.r_[[label(n) for n in matches], np.full(len(distractors), -100)]
   pl = np.array([label(n) for n in probes])
   return brute_force_rank_k(p, pl, g, gl, ks)
@@ -75,16 +84,24 @@ def _tinyface_oracle(probes, matches, distractors, ks=(1, 5, 20)):
 def test_tinyface_public_layout(tmp_path):
   rng = np.random.default_rng(1)
   design = tinyface_tree(tmp_path / 'tinyface' / 'Testing_Set', rng)
-  got = tinyface.evaluate_tinyface(embed_fn, tmp_path, batch_size=BATCH,
-                                   flip=False, image_size=SIZE,
-                                   progress=False)
+  got = tinyface.evaluate_tinyface(
+      embed_fn,
+      tmp_path,
+      batch_size=BATCH,
+      flip=False,
+      image_size=SIZE,
+      progress=False,
+  )
   want = _tinyface_oracle(*design)
   assert got['rank1'] == pytest.approx(want[1])
   assert got['rank5'] == pytest.approx(want[5])
   assert got['rank20'] == pytest.approx(want[20])
   assert got['rank1'] < 1.0  # at least the probe copied into the distractors
-  assert (got['num_probes'], got['num_gallery_match'],
-          got['num_distractors']) == (13, 6, 13)
+  assert (
+      got['num_probes'],
+      got['num_gallery_match'],
+      got['num_distractors'],
+  ) == (13, 6, 13)
 
   layout = tinyface.tinyface_layout(tmp_path / 'tinyface')  # root one level in
   assert sorted(set(layout.probe_labels)) == [1, 2, 3, 4, 5, 6, 9]
@@ -96,9 +113,15 @@ def test_tinyface_reads_aligned_copies(tmp_path):
   # Raw protocol files hold one design, the aligned copies another.
   tinyface_tree(tmp_path / 'Testing_Set', rng)
   design = tinyface_tree(tmp_path / 'aligned', np.random.default_rng(3))
-  got = tinyface.evaluate_tinyface(embed_fn, tmp_path, batch_size=BATCH,
-                                   aligned_dir='aligned', flip=False,
-                                   image_size=SIZE, progress=False)
+  got = tinyface.evaluate_tinyface(
+      embed_fn,
+      tmp_path,
+      batch_size=BATCH,
+      aligned_dir='aligned',
+      flip=False,
+      image_size=SIZE,
+      progress=False,
+  )
   want = _tinyface_oracle(*design)
   assert got['rank1'] == pytest.approx(want[1])
   assert got['rank5'] == pytest.approx(want[5])
@@ -149,10 +172,17 @@ def test_scface_layouts(tmp_path, with_listing):
     names.remove('002_cam1_1')
     del probes[1]['002_cam1_1']
     (tmp_path / 'all.txt').write_text(
-        ''.join(f'{n}\t1.0\t2.0\n' for n in names))
-  got = scface.evaluate_scface(embed_fn, tmp_path, aligned_dir='aligned',
-                               batch_size=BATCH, flip=False, image_size=SIZE,
-                               progress=False)
+        ''.join(f'{n}\t1.0\t2.0\n' for n in names)
+    )
+  got = scface.evaluate_scface(
+      embed_fn,
+      tmp_path,
+      aligned_dir='aligned',
+      batch_size=BATCH,
+      flip=False,
+      image_size=SIZE,
+      progress=False,
+  )
   want = _scface_oracle(gallery, probes)
   for d in (1, 2, 3):
     assert got[f'rank1_d{d}'] == pytest.approx(want[d]), d
@@ -166,8 +196,9 @@ def test_scface_missing_parts_are_named(tmp_path):
     scface.scface_layout(tmp_path, 'aligned')
   rng = np.random.default_rng(6)
   scface_tree(tmp_path / 'aligned', rng)
-  (tmp_path / 'all.txt').write_text('001_frontal\t0\n005_cam3_2\t0\n'
-                                    '099_cam1_1\t0\n')
+  (tmp_path / 'all.txt').write_text(
+      '001_frontal\t0\n005_cam3_2\t0\n' '099_cam1_1\t0\n'
+  )
   with pytest.raises(FileNotFoundError, match='099_cam1_1.jpg does not exist'):
     scface.scface_layout(tmp_path, 'aligned')
 
@@ -176,12 +207,14 @@ def _brute_force_open_set(feats, labels, fpir):
   """Each person left out in turn, galleries and mated templates built
   from scratch for every search."""
   people = sorted(set(labels))
-  template = lambda rows: (feats[rows].sum(0) /
-                           np.linalg.norm(feats[rows].sum(0)))
+  template = lambda rows: (
+      feats[rows].sum(0) / np.linalg.norm(feats[rows].sum(0))
+  )
   non_mated, mated_hit_scores = [], []
   for i, person in enumerate(labels):
-    others = [template(np.flatnonzero(labels == q)) for q in people
-              if q != person]
+    others = [
+        template(np.flatnonzero(labels == q)) for q in people if q != person
+    ]
     best_other = max(float(feats[i] @ t) for t in others)
     non_mated.append(best_other)
     own = np.flatnonzero((labels == person) & (np.arange(len(labels)) != i))
@@ -192,11 +225,18 @@ def _brute_force_open_set(feats, labels, fpir):
   allowed = int(np.floor(fpir * len(non_mated)))
   ordered = np.sort(non_mated)[::-1]
   cosine = np.nextafter(ordered[allowed], np.inf)
-  pairs = [float(feats[i] @ template(np.flatnonzero(labels == q)))
-           for i, person in enumerate(labels) for q in people if q != person]
-  return (cosine, int(np.sum(non_mated >= cosine)),
-          float(np.mean(np.array(mated_hit_scores) >= cosine)),
-          float(np.mean(np.array(pairs) >= cosine)))
+  pairs = [
+      float(feats[i] @ template(np.flatnonzero(labels == q)))
+      for i, person in enumerate(labels)
+      for q in people
+      if q != person
+  ]
+  return (
+      cosine,
+      int(np.sum(non_mated >= cosine)),
+      float(np.mean(np.array(mated_hit_scores) >= cosine)),
+      float(np.mean(np.array(pairs) >= cosine)),
+  )
 
 
 def test_open_set_calibration_against_brute_force():
@@ -206,21 +246,21 @@ def test_open_set_calibration_against_brute_force():
   feats = centres[labels] + rng.normal(0, 0.9, (len(labels), 16))
   feats /= np.linalg.norm(feats, axis=1, keepdims=True)
   rows = identification.open_set_calibration(feats, labels, chunk_size=7)
-  assert [r["fpir"] for r in rows] == [
-      f for f in identification.FPIRS
-      if len(labels) * f >= thresholds.PER_RATE]
+  assert [r['fpir'] for r in rows] == [
+      f for f in identification.FPIRS if len(labels) * f >= thresholds.PER_RATE
+  ]
   for row in rows:
     # 12 people: a point estimate, with no bound.
-    assert row["fpir_upper"] is None and row["people"] == 12
+    assert row['fpir_upper'] is None and row['people'] == 12
     cosine, alarms, tpir, match_rate = _brute_force_open_set(
-        feats, labels, row["fpir"])
-    assert row["cosine"] == pytest.approx(cosine, abs=1e-12)
-    assert row["false_alarms"] == alarms <= row["fpir"] * len(labels)
-    assert row["searches"] == len(labels) and row["gallery_people"] == 11
-    assert row["tpir"] == pytest.approx(tpir)
-    assert row["template_false_match_rate"] == pytest.approx(match_rate)
-    assert row["mated_searches"] == int(np.sum(np.bincount(labels)[labels]
-                                               > 1))
+        feats, labels, row['fpir']
+    )
+    assert row['cosine'] == pytest.approx(cosine, abs=1e-12)
+    assert row['false_alarms'] == alarms <= row['fpir'] * len(labels)
+    assert row['searches'] == len(labels) and row['gallery_people'] == 11
+    assert row['tpir'] == pytest.approx(tpir)
+    assert row['template_false_match_rate'] == pytest.approx(match_rate)
+    assert row['mated_searches'] == int(np.sum(np.bincount(labels)[labels] > 1))
 
 
 def test_open_set_calibration_too_small_for_any_rate():
@@ -229,5 +269,7 @@ def test_open_set_calibration_too_small_for_any_rate():
   feats = np.random.default_rng(0).normal(size=(9, 8))
   feats /= np.linalg.norm(feats, axis=1, keepdims=True)
   assert max(identification.FPIRS) * 9 < thresholds.PER_RATE
-  assert identification.open_set_calibration(feats, np.repeat(
-      np.arange(3), 3)) == []
+  assert (
+      identification.open_set_calibration(feats, np.repeat(np.arange(3), 3))
+      == []
+  )

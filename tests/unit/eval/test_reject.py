@@ -1,5 +1,6 @@
 """EDC and ERC of a quality indicator, each against a transcription of its
 reference code on scores and qualities with ties."""
+
 import math
 
 import numpy as np
@@ -15,10 +16,14 @@ def _comparisons(seed: int, informative: bool = True, levels: int = 40):
   rng = np.random.default_rng(seed)
   issame = rng.permutation(np.r_[np.ones(600, bool), np.zeros(1400, bool)])
   quality = np.round(rng.uniform(0, 1, issame.size) * levels) / levels
-  genuine = 0.1 + 0.6 * (quality if informative else
-                         rng.uniform(0, 1, issame.size))
-  scores = np.where(issame, genuine + rng.normal(0, 0.05, issame.size),
-                    rng.normal(0.0, 0.12, issame.size))
+  genuine = 0.1 + 0.6 * (
+      quality if informative else rng.uniform(0, 1, issame.size)
+  )
+  scores = np.where(
+      issame,
+      genuine + rng.normal(0, 0.05, issame.size),
+      rng.normal(0.0, 0.12, issame.size),
+  )
   return np.round(scores, 2), issame, quality
 
 
@@ -32,7 +37,8 @@ def _reference_edc(scores, quality, starting_error, limit):
   counts = np.less(scores, threshold).astype(np.uint32)
   counts = np.flipud(np.cumsum(np.flipud(counts)))
   discard_counts = np.concatenate(
-      ([0], np.where(quality[:-1] != quality[1:])[0] + 1))
+      ([0], np.where(quality[:-1] != quality[1:])[0] + 1)
+  )
   errors = counts[discard_counts] / (len(scores) - discard_counts)
   discards = discard_counts / len(scores)
   if discards[-1] != 1:
@@ -60,12 +66,14 @@ def _reference_erc(scores, issame, quality, fmr):
   shares = np.arange(0, 0.98, 0.05)
   fnmrs = []
   for share in shares:
-    kept = order[int(share * len(order)):]
+    kept = order[int(share * len(order)) :]
     pos = np.sort(dist[kept][issame[kept] == 1])
     neg = np.sort(dist[kept][issame[kept] == 0])
     g, i = pos * -1, neg * -1
-    stacked = sorted(list(zip(g, [1] * len(g))) + list(zip(i, [0] * len(i))),
-                     key=lambda row: row[0])
+    stacked = sorted(
+        list(zip(g, [1] * len(g))) + list(zip(i, [0] * len(i))),
+        key=lambda row: row[0],
+    )
     stacked = np.array(stacked)
     cumul = np.cumsum(stacked[:, 1])
     thrs, u_indices = np.unique(stacked[:, 0], return_index=True)
@@ -82,8 +90,8 @@ def test_edc_matches_the_reference_code(seed):
   scores, issame, quality = _comparisons(seed)
   got = reject.edc(scores[issame], quality[issame])
   discards, errors, pauc = _reference_edc(
-      scores[issame], quality[issame], reject.STARTING_ERROR,
-      reject.PAUC_LIMIT)
+      scores[issame], quality[issame], reject.STARTING_ERROR, reject.PAUC_LIMIT
+  )
   assert len(np.unique(quality[issame])) < issame.sum() / 5  # ties
   np.testing.assert_allclose(got["discard"], discards)
   np.testing.assert_allclose(got["fnmr"], errors)
@@ -99,8 +107,10 @@ def test_erc_matches_the_reference_code(seed):
   np.testing.assert_allclose(got["fnmr"], fnmrs, atol=1e-12)
   assert got["auc"] == pytest.approx(auc, abs=1e-12)
   # 1400 impostors resolve 1e-2 until fewer than 100 remain.
-  kept_impostors = [np.sum(~issame[reject.quality_order(quality)][
-      int(s * issame.size):]) for s in shares]
+  kept_impostors = [
+      np.sum(~issame[reject.quality_order(quality)][int(s * issame.size) :])
+      for s in shares
+  ]
   first = next(s for s, n in zip(shares, kept_impostors) if n < 100)
   assert got["unresolved_from"] == pytest.approx(first)
 
@@ -115,8 +125,7 @@ def test_the_conventions_disagree_and_results_name_theirs():
   assert good["erc_convention"].startswith("ERC: all comparisons")
   assert good["edc_pauc"] < blind["edc_pauc"]
   assert good["erc_auc"] < blind["erc_auc"]
-  assert good["edc_fnmr_discard_0"] == pytest.approx(
-      good["edc_starting_error"])
+  assert good["edc_fnmr_discard_0"] == pytest.approx(good["edc_starting_error"])
   assert good["edc_fnmr_discard_0"] > good["edc_fnmr_discard_20"]
   assert good["edc_genuine"] == 600
 
@@ -146,8 +155,9 @@ def test_edc_discards_a_tied_quality_as_one_block():
 
 
 def test_no_genuine_or_no_impostor_comparisons_give_no_curve():
-  assert reject.reject_metrics(np.zeros(5), np.zeros(5, bool),
-                               np.zeros(5)) == {}
+  assert (
+      reject.reject_metrics(np.zeros(5), np.zeros(5, bool), np.zeros(5)) == {}
+  )
   assert reject.erc(np.zeros(5), np.ones(5, bool), np.zeros(5)) is None
 
 

@@ -1,4 +1,5 @@
 """10-fold verification accuracy against a loop-by-loop KFold oracle."""
+
 import numpy as np
 from PIL import Image
 import pytest
@@ -38,9 +39,9 @@ def _oracle(emb, issame, nfolds):
   return np.array(accs), np.array(thresholds)
 
 
-@pytest.mark.parametrize('num_pairs,nfolds,noise', [(103, 10, 0.9),
-                                                     (60, 10, 1.5),
-                                                     (37, 5, 0.6)])
+@pytest.mark.parametrize(
+    'num_pairs,nfolds,noise', [(103, 10, 0.9), (60, 10, 1.5), (37, 5, 0.6)]
+)
 def test_matches_kfold_oracle(num_pairs, nfolds, noise):
   emb, issame = _pairs(num_pairs, noise=noise, seed=num_pairs)
   got = verification.verification_metrics(emb, issame, nfolds=nfolds)
@@ -56,8 +57,10 @@ def test_matches_kfold_oracle(num_pairs, nfolds, noise):
 
 def test_fold_bounds_are_sklearn_kfold():
   for num, nfolds in [(103, 10), (6000, 10), (12, 10), (10, 10)]:
-    want = [(t[0], t[-1] + 1)
-            for _, t in KFold(n_splits=nfolds).split(np.arange(num))]
+    want = [
+        (t[0], t[-1] + 1)
+        for _, t in KFold(n_splits=nfolds).split(np.arange(num))
+    ]
     assert verification.fold_bounds(num, nfolds) == want
 
 
@@ -103,8 +106,7 @@ def _pixel_model(batch_size):
 def test_evaluate_bin_on_the_lfw_fixture(insightface_rec_dir):
   path = insightface_rec_dir / 'lfw.bin'
   embed_fn, seen = _pixel_model(16)
-  got = verification.evaluate_bin(embed_fn, path, batch_size=16,
-                                  progress=False)
+  got = verification.evaluate_bin(embed_fn, path, batch_size=16, progress=False)
   assert got['num_pairs'] == 40 and got['low_res'] is None
   assert len(got['fold_accuracies']) == 10
   assert 0.0 <= got['accuracy_mean'] <= 1.0 and got['mean_norm'] > 0
@@ -114,17 +116,20 @@ def test_evaluate_bin_on_the_lfw_fixture(insightface_rec_dir):
   encoded, issame = bin_sets.load_bin(path)
   images = bin_sets.decode_bin_images(encoded)
   embed_fn2, _ = _pixel_model(16)
-  feats = extract.extract_embeddings(embed_fn2, images, batch_size=16,
-                                     fusion='pre_norm_add', progress=False)
+  feats = extract.extract_embeddings(
+      embed_fn2, images, batch_size=16, fusion='pre_norm_add', progress=False
+  )
   want = verification.verification_metrics(feats, issame)
   assert got['fold_accuracies'] == want['fold_accuracies']
 
   embed_fn3, seen3 = _pixel_model(16)
-  low = verification.evaluate_bin(embed_fn3, path, batch_size=16, low_res=8,
-                                  progress=False)
+  low = verification.evaluate_bin(
+      embed_fn3, path, batch_size=16, low_res=8, progress=False
+  )
   assert low['low_res'] == 8
   first_batch = seen3[0]  # images 0..15, unflipped
   np.testing.assert_array_equal(first_batch[1::2], images[1:16:2])
   np.testing.assert_array_equal(
-      first_batch[0::2], verification.degrade_first_of_pairs(images[:16],
-                                                             8)[0::2])
+      first_batch[0::2],
+      verification.degrade_first_of_pairs(images[:16], 8)[0::2],
+  )

@@ -1,4 +1,5 @@
 """One reader of folders of people, one rule, for every use."""
+
 import os
 
 import pytest
@@ -22,7 +23,11 @@ def test_people_their_files_and_what_is_left_out(tmp_path, capsys):
   people = folders.read(tmp_path, "--gallery")
   assert people.names == ["ann", "bob"]
   assert [p.relative_to(tmp_path).as_posix() for p in people.paths] == [
-      "ann/2.png", "ann/sub/3.jpg", "bob/1.jpg", "bob/notes.txt"]
+      "ann/2.png",
+      "ann/sub/3.jpg",
+      "bob/1.jpg",
+      "bob/notes.txt",
+  ]
   assert people.labels.tolist() == [0, 0, 1, 1]
   assert people.person(3) == "bob"
   printed = capsys.readouterr().out
@@ -39,8 +44,9 @@ def test_numbered_people_sort_as_numbers(tmp_path):
 def test_an_image_outside_every_person_is_refused(tmp_path):
   _person(tmp_path, "ann", "1.jpg")
   (tmp_path / "stray.JPG").write_bytes(b"x")
-  with pytest.raises(folders.FolderError, match="stray.JPG is not in a "
-                     "person's folder"):
+  with pytest.raises(
+      folders.FolderError, match="stray.JPG is not in a " "person's folder"
+  ):
     folders.read(tmp_path, "--gallery")
 
 
@@ -79,9 +85,15 @@ def test_links_inside_a_person_are_named_never_followed(tmp_path, capsys):
   (alice / "real" / "4.jpg").write_bytes(b"x")
   people = folders.read(tmp_path / "set", "--gallery")
   assert people.names == ["alice", "bob", "carol"]
-  assert [p.relative_to(tmp_path / "set").as_posix() for p in people.paths
-          ] == ["alice/1.jpg", "alice/real/4.jpg", "bob/2.jpg", "carol/3.jpg"]
+  assert [p.relative_to(tmp_path / "set").as_posix() for p in people.paths] == [
+      "alice/1.jpg",
+      "alice/real/4.jpg",
+      "bob/2.jpg",
+      "carol/3.jpg",
+  ]
   printed = capsys.readouterr().out
-  assert ("3 linked folder(s) inside person folders not followed, their "
-          "photos left out (alice/more -> ../bob, alice/root -> /, "
-          "alice/up -> ..)") in printed
+  assert (
+      "3 linked folder(s) inside person folders not followed, their "
+      "photos left out (alice/more -> ../bob, alice/root -> /, "
+      "alice/up -> ..)"
+  ) in printed

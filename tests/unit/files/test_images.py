@@ -1,4 +1,5 @@
 """Threaded image loading: order, bounded prefetch, resizing, errors."""
+
 import threading
 import os
 
@@ -32,7 +33,7 @@ def test_load_in_chunks_keeps_order_and_bounds_prefetch():
 def test_lazy_images_read_only_the_rows_asked_for(tmp_path):
   paths = []
   for i in range(5):
-    paths.append(tmp_path / f'{i}.png')
+    paths.append(tmp_path / f"{i}.png")
     cv2.imwrite(str(paths[-1]), np.full((10, 10, 3), 40 * i, np.uint8))
   lazy = images.image_files(paths, 4, num_threads=2)
   assert len(lazy) == 5
@@ -44,16 +45,16 @@ def test_lazy_images_read_only_the_rows_asked_for(tmp_path):
 def test_read_image_resizes_and_names_bad_files(tmp_path):
   image = np.zeros((20, 30, 3), np.uint8)
   image[..., 2] = 255  # red in BGR
-  path = tmp_path / 'a.png'
+  path = tmp_path / "a.png"
   cv2.imwrite(str(path), image)
   out = images.read_image(path, 112)
   assert out.shape == (112, 112, 3)
   np.testing.assert_array_equal(out[50, 50], [0, 0, 255])
-  with pytest.raises(FileNotFoundError, match='missing.jpg'):
-    images.read_image(tmp_path / 'missing.jpg')
-  (tmp_path / 'broken.jpg').write_bytes(b'not a jpeg')
-  with pytest.raises(ValueError, match='broken.jpg'):
-    images.read_image(tmp_path / 'broken.jpg')
+  with pytest.raises(FileNotFoundError, match="missing.jpg"):
+    images.read_image(tmp_path / "missing.jpg")
+  (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+  with pytest.raises(ValueError, match="broken.jpg"):
+    images.read_image(tmp_path / "broken.jpg")
 
 
 def test_list_images_follows_no_link_below_the_folder(tmp_path, capsys):
@@ -73,6 +74,12 @@ def test_list_images_follows_no_link_below_the_folder(tmp_path, capsys):
   os.symlink(tmp_path / "other", photos / "carol")
   listed = images.list_images(tmp_path / "handed")
   assert [p.relative_to(tmp_path / "handed").as_posix() for p in listed] == [
-      "b.PNG", "carol/c.jpg", "dangling.jpg", "day1/a.jpg"]
-  assert ("2 linked folder(s) inside not followed, their images left out "
-          "(day1/more -> ../../other, root -> /)") in capsys.readouterr().out
+      "b.PNG",
+      "carol/c.jpg",
+      "dangling.jpg",
+      "day1/a.jpg",
+  ]
+  assert (
+      "2 linked folder(s) inside not followed, their images left out "
+      "(day1/more -> ../../other, root -> /)"
+  ) in capsys.readouterr().out

@@ -1,4 +1,5 @@
 """The restricted reader of pickles: names, lengths and nesting bounded."""
+
 import io
 import pickle
 
@@ -10,8 +11,9 @@ from tests.helpers import hostile
 
 
 def _load(program: bytes):
-  return pickles.load(pickles.RestrictedUnpickler(
-      io.BytesIO(program), len(program), "the.pkl"))
+  return pickles.load(
+      pickles.RestrictedUnpickler(io.BytesIO(program), len(program), "the.pkl")
+  )
 
 
 def test_plain_values_load_and_names_do_not():
@@ -23,8 +25,9 @@ def test_plain_values_load_and_names_do_not():
 
 
 def test_a_length_no_file_could_back_is_refused_before_allocating():
-  with pytest.raises(pickles.PickleError,
-                     match="BYTEARRAY8 declares 4,294,967,296 bytes"):
+  with pytest.raises(
+      pickles.PickleError, match="BYTEARRAY8 declares 4,294,967,296 bytes"
+  ):
     _load(hostile.bytearray8())
   ok = pickle.dumps(bytearray(b"abc"), protocol=5)
   assert _load(ok) == bytearray(b"abc")
@@ -59,8 +62,9 @@ def test_shared_tuples_are_never_hashed_past_the_budget(use):
   """60 tuples, each the one before twice: fine to build, 2**60 visits to
   hash as a dict key or set member. Refused before hashing (this test
   would not end otherwise)."""
-  with pytest.raises(pickles.PickleError, match="the.pkl.*would visit more "
-                     "than 16,777,216"):
+  with pytest.raises(
+      pickles.PickleError, match="the.pkl.*would visit more " "than 16,777,216"
+  ):
     _load(hostile.shared_tuples(use))
   small = _load(hostile.shared_tuples(use, depth=8))  # 2**8: hashed
   assert small is not None
@@ -69,9 +73,14 @@ def test_shared_tuples_are_never_hashed_past_the_budget(use):
 @pytest.mark.parametrize("use", ["set", "ordered_dict"])
 def test_allowed_callables_that_hash_are_charged_too(use):
   from qgjt_jax.interop import torch_files  # pylint: disable=g-import-not-at-top
+
   def load(program):
-    return pickles.load(torch_files._Unpickler(  # pylint: disable=protected-access
-        io.BytesIO(program), len(program), "the.pth"))
+    return pickles.load(
+        torch_files._Unpickler(  # pylint: disable=protected-access
+            io.BytesIO(program), len(program), "the.pth"
+        )
+    )
+
   with pytest.raises(pickles.PickleError, match="the.pth.*would visit"):
     load(hostile.shared_tuples(use))
   assert len(load(hostile.shared_tuples(use, depth=8))) == 1

@@ -1,4 +1,5 @@
 """Which threshold a decision may use, and what it says about it."""
+
 import hashlib
 import json
 
@@ -15,9 +16,17 @@ FUSED = extract.DECISION_SCORING
 
 def _row(far, cosine, n):
   """A row cut where its bound over 40 people holds, below the target."""
-  return {"far": far, "cosine": cosine, "tar": 0.5, "genuine": 100,
-          "impostors": n, "accepted": int(far * n / 2),
-          "far_upper": 0.9 * far, "design_effect": 2.0, "people": 40}
+  return {
+      "far": far,
+      "cosine": cosine,
+      "tar": 0.5,
+      "genuine": 100,
+      "impostors": n,
+      "accepted": int(far * n / 2),
+      "far_upper": 0.9 * far,
+      "design_effect": 2.0,
+      "people": 40,
+  }
 
 
 def _write(workdir, name, sets):
@@ -29,25 +38,39 @@ def _write(workdir, name, sets):
 def _sets(**kinds):
   """{set: metrics} with thresholds at 1e-2 and 1e-3 where `n` impostors
   resolve them; kinds maps a set name to (kind, n)."""
-  return {name: {
-      "accuracy_mean": 0.9, "impostor_pairs": n,
-      "provenance": {"kind": kind, "scoring": FUSED, "step": 0},
-      "thresholds": [_row(far, cosine, n) for far, cosine in
-                     ((1e-2, 0.3), (1e-3, 0.4)) if n * far >= 3]}
-          for name, (kind, n) in kinds.items()}
+  return {
+      name: {
+          "accuracy_mean": 0.9,
+          "impostor_pairs": n,
+          "provenance": {"kind": kind, "scoring": FUSED, "step": 0},
+          "thresholds": [
+              _row(far, cosine, n)
+              for far, cosine in ((1e-2, 0.3), (1e-3, 0.4))
+              if n * far >= 3
+          ],
+      }
+      for name, (kind, n) in kinds.items()
+  }
 
 
 def test_photos_of_the_weights_step_decide_best_kind_first(tmp_path):
   _write(tmp_path, "step_10.json", _sets(lfw=("bin", 6000)))
-  _write(tmp_path, "step_20.json", _sets(
-      lfw=("bin", 6000), folder_mine=("own_folder", 4000),
-      synthetic_hq_hq=("generated", 90_000)))
+  _write(
+      tmp_path,
+      "step_20.json",
+      _sets(
+          lfw=("bin", 6000),
+          folder_mine=("own_folder", 4000),
+          synthetic_hq_hq=("generated", 90_000),
+      ),
+  )
   chosen, notes = decisions.at_far(str(tmp_path), 20, 1e-3)
   assert (chosen.set_name, chosen.step, notes) == ("folder_mine", 20, [])
   assert "your own folder of people" in chosen.describe()
-  assert ("FAR <= 1e-03 at 95% confidence over 40 people (bound 9.0e-04; "
-          "measured 5.0e-04, 2 of 4,000 impostor pairs accepted)") in (
-              chosen.describe())
+  assert (
+      "FAR <= 1e-03 at 95% confidence over 40 people (bound 9.0e-04; "
+      "measured 5.0e-04, 2 of 4,000 impostor pairs accepted)"
+  ) in (chosen.describe())
   # Step 10's own evaluation, though a newer one exists.
   chosen, notes = decisions.at_far(str(tmp_path), 10, 1e-3)
   assert (chosen.set_name, chosen.step, notes) == ("lfw", 10, [])
@@ -57,13 +80,17 @@ def test_photos_of_the_weights_step_decide_best_kind_first(tmp_path):
 
 
 def test_generated_faces_and_templates_decide_only_when_named(tmp_path):
-  _write(tmp_path, "step_5.json", _sets(
-      synthetic_hq_hq=("generated", 5000), ijbc=("ijb_template", 90_000)))
+  _write(
+      tmp_path,
+      "step_5.json",
+      _sets(synthetic_hq_hq=("generated", 5000), ijbc=("ijb_template", 90_000)),
+  )
   with pytest.raises(decisions.DecisionError) as refused:
     decisions.at_far(str(tmp_path), 5, 1e-3)
   message = str(refused.value)
   assert "only on IJB templates (pooled photos) and generated faces" in (
-      message)
+      message
+  )
   assert "calibration_folders" in message and "--threshold_set" in message
   chosen, _ = decisions.at_far(str(tmp_path), 5, 1e-3, "synthetic_hq_hq")
   assert "generated faces, not single photos" in chosen.describe()
@@ -72,14 +99,20 @@ def test_generated_faces_and_templates_decide_only_when_named(tmp_path):
 def test_too_few_impostors_say_how_many_are_needed(tmp_path):
   _write(tmp_path, "step_5.json", _sets(pairs_mine=("own_pairs", 20)))
   assert not json.loads((tmp_path / "eval" / "step_5.json").read_text())[
-      "pairs_mine"]["thresholds"]  # 20 resolve no FAR
-  with pytest.raises(decisions.DecisionError,
-                     match=r"FAR 1e-02 needs 300 impostor pairs; pairs_mine "
-                           r"\(step_5.json\) has 20"):
+      "pairs_mine"
+  ][
+      "thresholds"
+  ]  # 20 resolve no FAR
+  with pytest.raises(
+      decisions.DecisionError,
+      match=r"FAR 1e-02 needs 300 impostor pairs; pairs_mine "
+      r"\(step_5.json\) has 20",
+  ):
     decisions.at_far(str(tmp_path), 5, 1e-2)
   _write(tmp_path, "step_6.json", _sets(pairs_mine=("own_pairs", 500)))
-  with pytest.raises(decisions.DecisionError,
-                     match="needs 30,000 impostor pairs.*--far=1e-02"):
+  with pytest.raises(
+      decisions.DecisionError, match="needs 30,000 impostor pairs.*--far=1e-02"
+  ):
     decisions.at_far(str(tmp_path), 6, 1e-4)
 
 
@@ -109,45 +142,80 @@ def test_no_evaluation_or_bad_values_are_one_clear_line(tmp_path):
     with pytest.raises(decisions.DecisionError, match="between -1 and 1"):
       decisions.by_hand(cosine)
   assert decisions.by_hand(0.3).describe() == (
-      "threshold 0.3000, given by --threshold")
+      "threshold 0.3000, given by --threshold"
+  )
 
 
 def test_open_set_thresholds_and_what_a_gallery_expects(tmp_path):
-  row = {"fpir": 0.01, "cosine": 0.55, "searches": 1200, "false_alarms": 6,
-         "fpir_upper": 0.0095, "design_effect": 1.5, "people": 60,
-         "gallery_people": 59,
-         "template_false_match_rate": 2e-4}
+  row = {
+      "fpir": 0.01,
+      "cosine": 0.55,
+      "searches": 1200,
+      "false_alarms": 6,
+      "fpir_upper": 0.0095,
+      "design_effect": 1.5,
+      "people": 60,
+      "gallery_people": 59,
+      "template_false_match_rate": 2e-4,
+  }
   (tmp_path / "people" / "ann").mkdir(parents=True)
   (tmp_path / "people" / "bob").mkdir()
-  _write(tmp_path, "step_3.json", {"calibration_people": {
-      "open_set": [row], "num_images": 1200, "provenance": {
-          "kind": "calibration", "scoring": FUSED, "step": 3,
-          "folder": str(tmp_path / "people")}}})
+  _write(
+      tmp_path,
+      "step_3.json",
+      {
+          "calibration_people": {
+              "open_set": [row],
+              "num_images": 1200,
+              "provenance": {
+                  "kind": "calibration",
+                  "scoring": FUSED,
+                  "step": 3,
+                  "folder": str(tmp_path / "people"),
+              },
+          }
+      },
+  )
   chosen, _ = decisions.at_fpir(str(tmp_path), 3, 0.01)
   assert chosen.cosine == 0.55
-  assert ("FPIR <= 0.01 at 95% confidence over 60 people (bound 9.5e-03; "
-          "measured 5.0e-03, 6 of 1,200 non-mated searches raising a false "
-          "alarm) against galleries of 59 people") in chosen.describe()
+  assert (
+      "FPIR <= 0.01 at 95% confidence over 60 people (bound 9.5e-03; "
+      "measured 5.0e-03, 6 of 1,200 non-mated searches raising a false "
+      "alarm) against galleries of 59 people"
+  ) in chosen.describe()
   assert decisions.calibration_people(chosen) == {"ann", "bob"}
-  with pytest.raises(decisions.DecisionError, match="FPIR 0.0001 needs "
-                     "30,000 non-mated searches"):
+  with pytest.raises(
+      decisions.DecisionError,
+      match="FPIR 0.0001 needs " "30,000 non-mated searches",
+  ):
     decisions.at_fpir(str(tmp_path), 3, 1e-4)
   # Exports carry every row with its provenance, but no local path.
   exported = decisions.exported(str(tmp_path), 3)
   kept = exported["sets"]["calibration_people"]
   assert kept["open_set"] == [row]
-  assert kept["provenance"] == {"kind": "calibration", "scoring": FUSED,
-                                "step": 3}
+  assert kept["provenance"] == {
+      "kind": "calibration",
+      "scoring": FUSED,
+      "step": 3,
+  }
   assert exported["scoring"] == FUSED and exported["step"] == 3
 
 
 def _tampered(change):
   sets = _sets(folder_mine=("own_folder", 4000))
   sets["folder_mine"]["num_images"] = 100
-  sets["folder_mine"]["open_set"] = [{
-      "fpir": 0.1, "cosine": 0.35, "searches": 100, "false_alarms": 10,
-      "people": 10, "gallery_people": 9,
-      "template_false_match_rate": 0.01, "tpir": 0.9}]
+  sets["folder_mine"]["open_set"] = [
+      {
+          "fpir": 0.1,
+          "cosine": 0.35,
+          "searches": 100,
+          "false_alarms": 10,
+          "people": 10,
+          "gallery_people": 9,
+          "template_false_match_rate": 0.01,
+          "tpir": 0.9,
+      }
+  ]
   change(sets["folder_mine"])
   return sets
 
@@ -156,29 +224,58 @@ def _set(where, key, value):
   where[key] = value
 
 
-@pytest.mark.parametrize("change, words", [
-    (lambda s: s["thresholds"][1].update(cosine=-1, accepted=0,
-                                         impostors=10**9),
-     ["impostors", "1,000,000,000", "exceeds"]),
-    (lambda s: _set(s["thresholds"][1], "cosine", float("nan")), ["cosine"]),
-    (lambda s: _set(s["thresholds"][1], "cosine", 2), ["cosine", "2"]),
-    (lambda s: _set(s["thresholds"][1], "accepted", "2"), ["accepted"]),
-    (lambda s: _set(s["thresholds"][1], "far_upper", 0.5),
-     ["far_upper", "0.5", "0.001]"]),
-    (lambda s: _set(s["thresholds"][1], "people", 3), ["people", "3"]),
-    (lambda s: _set(s["thresholds"][1], "accepted", 40), ["accepted",
-                                                         "above the FAR"]),
-    (lambda s: s["thresholds"][1].pop("far"), ["far", "None"]),
-    (lambda s: _set(s, "impostor_pairs", 10**9), ["impostor_pairs", "100 "
-                                                  "photos"]),
-    (lambda s: _set(s["open_set"][0], "template_false_match_rate", -35),
-     ["template_false_match_rate"]),
-    (lambda s: _set(s["thresholds"], 0, "row"), ["is not a row"]),
-], ids=["claimed_pairs", "nan", "two", "string", "bound_above", "few_people",
-        "above_rate", "no_far",
-        "set_pairs", "negative_rate", "row"])
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        (
+            lambda s: s["thresholds"][1].update(
+                cosine=-1, accepted=0, impostors=10**9
+            ),
+            ["impostors", "1,000,000,000", "exceeds"],
+        ),
+        (
+            lambda s: _set(s["thresholds"][1], "cosine", float("nan")),
+            ["cosine"],
+        ),
+        (lambda s: _set(s["thresholds"][1], "cosine", 2), ["cosine", "2"]),
+        (lambda s: _set(s["thresholds"][1], "accepted", "2"), ["accepted"]),
+        (
+            lambda s: _set(s["thresholds"][1], "far_upper", 0.5),
+            ["far_upper", "0.5", "0.001]"],
+        ),
+        (lambda s: _set(s["thresholds"][1], "people", 3), ["people", "3"]),
+        (
+            lambda s: _set(s["thresholds"][1], "accepted", 40),
+            ["accepted", "above the FAR"],
+        ),
+        (lambda s: s["thresholds"][1].pop("far"), ["far", "None"]),
+        (
+            lambda s: _set(s, "impostor_pairs", 10**9),
+            ["impostor_pairs", "100 " "photos"],
+        ),
+        (
+            lambda s: _set(s["open_set"][0], "template_false_match_rate", -35),
+            ["template_false_match_rate"],
+        ),
+        (lambda s: _set(s["thresholds"], 0, "row"), ["is not a row"]),
+    ],
+    ids=[
+        "claimed_pairs",
+        "nan",
+        "two",
+        "string",
+        "bound_above",
+        "few_people",
+        "above_rate",
+        "no_far",
+        "set_pairs",
+        "negative_rate",
+        "row",
+    ],
+)
 def test_stored_thresholds_that_do_not_add_up_decide_nothing(
-    tmp_path, change, words):
+    tmp_path, change, words
+):
   """A downloaded workdir's stored evaluation is believed only where its
   numbers add up: the file and field are named, and nothing decides."""
   _write(tmp_path, "step_5.json", _tampered(change))
@@ -197,15 +294,21 @@ def test_a_sound_stored_set_still_decides_and_exports(tmp_path):
   _write(tmp_path, "step_5.json", _tampered(lambda s: None))
   assert decisions.at_far(str(tmp_path), 5, 1e-3)[0].cosine == 0.4
   assert decisions.at_fpir(str(tmp_path), 5, 0.1)[0].cosine == 0.35
-  assert decisions.exported(str(tmp_path), 5)["sets"]["folder_mine"][
-      "thresholds"][1]["cosine"] == 0.4
+  assert (
+      decisions.exported(str(tmp_path), 5)["sets"]["folder_mine"]["thresholds"][
+          1
+      ]["cosine"]
+      == 0.4
+  )
 
 
 def test_stored_files_that_are_no_results(tmp_path):
   (tmp_path / "eval").mkdir()
   (tmp_path / "eval" / "step_5.json").write_text("[" * 100_000)
-  with pytest.raises(decisions.DecisionError, match="step_5.json: not a "
-                     "readable evaluation result"):
+  with pytest.raises(
+      decisions.DecisionError,
+      match="step_5.json: not a " "readable evaluation result",
+  ):
     decisions.at_far(str(tmp_path), 5, 1e-3)
   (tmp_path / "eval" / "step_5.json").unlink()
   (tmp_path / "eval" / "step_5.json").symlink_to("/dev/zero")
@@ -215,12 +318,18 @@ def test_stored_files_that_are_no_results(tmp_path):
 
 def test_rates_outside_the_grid_name_the_grid_and_the_coarsest(tmp_path):
   _write(tmp_path, "step_5.json", _sets(folder_mine=("own_folder", 4000)))
-  with pytest.raises(decisions.DecisionError, match=r"--far=0.05: "
-                     r"evaluations store thresholds at 1e-02, 1e-03, .* "
-                     r"only; use --far=1e-02, the coarsest"):
+  with pytest.raises(
+      decisions.DecisionError,
+      match=r"--far=0.05: "
+      r"evaluations store thresholds at 1e-02, 1e-03, .* "
+      r"only; use --far=1e-02, the coarsest",
+  ):
     decisions.at_far(str(tmp_path), 5, 0.05)
-  with pytest.raises(decisions.DecisionError, match=r"FAR 1e-04 needs "
-                     r"30,000 impostor pairs.* has 4,000: use --far=1e-02"):
+  with pytest.raises(
+      decisions.DecisionError,
+      match=r"FAR 1e-04 needs "
+      r"30,000 impostor pairs.* has 4,000: use --far=1e-02",
+  ):
     decisions.at_far(str(tmp_path), 5, 1e-4)
 
 
@@ -231,19 +340,25 @@ def test_a_threshold_is_used_on_faces_made_as_it_was_measured(tmp_path):
   sets["folder_mine"]["provenance"]["align"] = "detect"
   sets["folder_mine"]["num_people"] = 40
   _write(tmp_path, "step_5.json", sets)
-  with pytest.raises(decisions.DecisionError, match=(
-      r"folder_mine \(step_5.json\) measured its thresholds on photos whose "
-      r"faces were found and aligned .* images resized as they are.*"
-      r"--align=detect or --landmarks")):
+  with pytest.raises(
+      decisions.DecisionError,
+      match=(
+          r"folder_mine \(step_5.json\) measured its thresholds on photos whose "
+          r"faces were found and aligned .* images resized as they are.*"
+          r"--align=detect or --landmarks"
+      ),
+  ):
     decisions.at_far(str(tmp_path), 5, 1e-3, align="none")
   for align in ("detect", "landmarks"):
     chosen, _ = decisions.at_far(str(tmp_path), 5, 1e-3, align=align)
   assert chosen.describe().endswith(
-      "; TAR 0.500 there (100 genuine pairs), 40 people in the set")
+      "; TAR 0.500 there (100 genuine pairs), 40 people in the set"
+  )
   sets["folder_mine"]["provenance"]["align"] = "none"
   _write(tmp_path, "step_6.json", sets)
-  with pytest.raises(decisions.DecisionError, match="config.eval.align="
-                     "detect"):
+  with pytest.raises(
+      decisions.DecisionError, match="config.eval.align=" "detect"
+  ):
     decisions.at_far(str(tmp_path), 6, 1e-3, align="detect")
   assert decisions.at_far(str(tmp_path), 6, 1e-3, align="none")[0]
 
@@ -255,9 +370,13 @@ def test_a_calibration_that_does_not_tell_people_apart_is_refused(tmp_path):
   for row in sets["calibration_noise"]["thresholds"]:
     row["tar"] = 1.1 * row["far"]
   _write(tmp_path, "step_5.json", sets)
-  with pytest.raises(decisions.DecisionError, match=(
-      r"calibration_noise \(step_5.json\) does not tell its people apart: "
-      r"TAR 0.011 at FAR 0.01, within 2x of chance")):
+  with pytest.raises(
+      decisions.DecisionError,
+      match=(
+          r"calibration_noise \(step_5.json\) does not tell its people apart: "
+          r"TAR 0.011 at FAR 0.01, within 2x of chance"
+      ),
+  ):
     decisions.at_far(str(tmp_path), 5, 1e-2)
 
 
@@ -267,24 +386,22 @@ def _calibrated(tmp_path, people=31, photos=4, dim=8):
   rng = np.random.default_rng(0)
   labels = np.repeat(np.arange(people), photos)
   feats = rng.normal(size=(people, dim))[labels] + rng.normal(
-      size=(len(labels), dim))
+      size=(len(labels), dim)
+  )
   feats /= np.linalg.norm(feats, axis=1, keepdims=True)
   metrics = own_data.folder_metrics(feats, np.ones(len(labels)), labels)
-  metrics["provenance"] = {"kind": "calibration", "scoring": FUSED,
-                           "step": 5}
+  metrics["provenance"] = {"kind": "calibration", "scoring": FUSED, "step": 5}
   report.write_results(str(tmp_path), "step_5", {"calibration_p": metrics})
   return feats, labels
 
 
-def test_identify_measures_its_threshold_against_the_gallery_searched(
-    tmp_path):
+def test_identify_measures_its_threshold_against_the_gallery_searched(tmp_path):
   """The stored photos come back as written; cut against a gallery, the
   threshold is the one of their best scores there, bounded over people."""
   feats, labels = _calibrated(tmp_path)
   chosen, _ = decisions.at_fpir(str(tmp_path), 5, 0.05)
   searches = decisions.stored_searches(str(tmp_path), chosen, 8)
-  np.testing.assert_array_equal(searches.embeddings,
-                                feats.astype(np.float32))
+  np.testing.assert_array_equal(searches.embeddings, feats.astype(np.float32))
   np.testing.assert_array_equal(searches.people, labels)
   gallery = np.random.default_rng(1).normal(size=(300, 8))
   gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
@@ -297,16 +414,22 @@ def test_identify_measures_its_threshold_against_the_gallery_searched(
   # Bigger than the calibration's galleries: more false alarms to cut.
   assert cut.cosine > chosen.cosine
   # Exports carry the thresholds, not the workdir's stored photos.
-  assert "searches" not in decisions.exported(str(tmp_path), 5)["sets"][
-      "calibration_p"]
+  assert (
+      "searches"
+      not in decisions.exported(str(tmp_path), 5)["sets"]["calibration_p"]
+  )
 
 
-@pytest.mark.parametrize("damage, words", [
-    (lambda d: d[:-4] + b"\0\0\0\0", ["SHA-256 differs"]),
-    (lambda d: b"", ["SHA-256 differs"]),
-])
-def test_stored_searches_that_are_not_what_evaluation_wrote(tmp_path,
-                                                            damage, words):
+@pytest.mark.parametrize(
+    "damage, words",
+    [
+        (lambda d: d[:-4] + b"\0\0\0\0", ["SHA-256 differs"]),
+        (lambda d: b"", ["SHA-256 differs"]),
+    ],
+)
+def test_stored_searches_that_are_not_what_evaluation_wrote(
+    tmp_path, damage, words
+):
   _calibrated(tmp_path)
   chosen, _ = decisions.at_fpir(str(tmp_path), 5, 0.05)
   path = tmp_path / "eval" / chosen.searches["file"]
@@ -326,8 +449,11 @@ def test_stored_searches_declaring_vast_arrays_and_none_stored(tmp_path):
   lying = path.read_bytes().replace(b"(124, 8)", b"(124000000000, 8)")
   path.write_bytes(lying)
   record = tmp_path / "eval" / "step_5.json"
-  record.write_text(record.read_text().replace(
-      chosen.searches["sha256"], hashlib.sha256(lying).hexdigest()))
+  record.write_text(
+      record.read_text().replace(
+          chosen.searches["sha256"], hashlib.sha256(lying).hexdigest()
+      )
+  )
   chosen, _ = decisions.at_fpir(str(tmp_path), 5, 0.05)
   with pytest.raises(decisions.DecisionError, match="not the float32"):
     decisions.stored_searches(str(tmp_path), chosen, 8)

@@ -1,4 +1,5 @@
 """--mode=embed and --mode=compare on the reference run's checkpoint."""
+
 import shutil
 
 import cv2
@@ -25,8 +26,10 @@ def faces(tmp_path):
     person.mkdir(parents=True)
     for view in range(2):
       size = 32 if view else 48  # another size is resized
-      cv2.imwrite(str(person / f"{view}.png"),
-                  synthetic.render_photo(0, identity, view, size))
+      cv2.imwrite(
+          str(person / f"{view}.png"),
+          synthetic.render_photo(0, identity, view, size),
+      )
   (folder / "id1" / "broken.jpg").write_bytes(b"not an image")
   return folder
 
@@ -38,30 +41,44 @@ def _expected(workdir, paths):
   and normalised, the norm their mean."""
   config = tiny_runs.tiny_config()
   state = tiny_runs.load_state(workdir, tiny_runs.STEPS)
-  images = np.stack([cv2.resize(cv2.imread(str(p)), (32, 32),
-                                interpolation=cv2.INTER_AREA) for p in paths])
+  images = np.stack(
+      [
+          cv2.resize(cv2.imread(str(p)), (32, 32), interpolation=cv2.INTER_AREA)
+          for p in paths
+      ]
+  )
   model = state_lib.build_model(config)
-  variables = {"params": state["params"]["backbone"],
-               "batch_stats": state["batch_stats"]}
-  views = [model.apply(variables, normalize_images(faces), train=False)
-           for faces in (images, images[:, :, ::-1])]
+  variables = {
+      "params": state["params"]["backbone"],
+      "batch_stats": state["batch_stats"],
+  }
+  views = [
+      model.apply(variables, normalize_images(faces), train=False)
+      for faces in (images, images[:, :, ::-1])
+  ]
   features = sum(np.asarray(e) * np.asarray(n)[:, None] for e, n in views)
   emb = features / np.linalg.norm(features, axis=1, keepdims=True)
   norms = (np.asarray(views[0][1]) + np.asarray(views[1][1])) / 2
-  stats = quality_lib.QualityStats(mean=state["quality"]["mean"],
-                              std=state["quality"]["std"])
-  quality = quality_lib.quality_from_scaler(quality_lib.margin_scaler(
-      norms, stats, config.quality.h, config.quality.eps))
+  stats = quality_lib.QualityStats(
+      mean=state["quality"]["mean"], std=state["quality"]["std"]
+  )
+  quality = quality_lib.quality_from_scaler(
+      quality_lib.margin_scaler(
+          norms, stats, config.quality.h, config.quality.eps
+      )
+  )
   return np.asarray(emb), np.asarray(norms), np.asarray(quality)
 
 
-def test_embed_writes_each_image_with_its_quality(reference_run, faces,
-                                                  tmp_path):
+def test_embed_writes_each_image_with_its_quality(
+    reference_run, faces, tmp_path
+):
   workdir, _ = reference_run
   out = tmp_path / "faces.npz"
   with tiny_runs.compile_cache():
-    embed.run_embed(qgjt_jax.load_model(str(workdir)), str(faces), str(out),
-                    skip_bad=True)
+    embed.run_embed(
+        qgjt_jax.load_model(str(workdir)), str(faces), str(out), skip_bad=True
+    )
   data = np.load(out)
   good = sorted(p for p in faces.rglob("*.png"))
   assert list(data["paths"]) == [str(p.relative_to(faces)) for p in good]
@@ -75,8 +92,9 @@ def test_embed_writes_each_image_with_its_quality(reference_run, faces,
   assert float(data["threshold"]) == b
 
 
-def test_an_unreadable_image_is_named_with_the_way_out(reference_run, faces,
-                                                       tmp_path):
+def test_an_unreadable_image_is_named_with_the_way_out(
+    reference_run, faces, tmp_path
+):
   workdir, _ = reference_run
   with tiny_runs.compile_cache():
     model = qgjt_jax.load_model(str(workdir))
@@ -99,10 +117,14 @@ def test_compare_on_the_command_line(reference_run, faces, tmp_path):
   result = commands.main(*command, "--threshold=0.5", check=True)
   emb, norms, quality = _expected(reference_run[0], [a, b])
   cosine = emb[0] @ emb[1]
-  assert f"cosine similarity {cosine:.4f}: " + (
-      "same person" if cosine >= 0.5 else "different people") in result.stdout
+  assert (
+      f"cosine similarity {cosine:.4f}: "
+      + ("same person" if cosine >= 0.5 else "different people")
+      in result.stdout
+  )
   assert f"feature norm {norms[1]:.3f}, quality {quality[1]:.3f}" in (
-      result.stdout)
-  commands.assert_refused(commands.main(*command[:-1], f"--images={a}"),
-                          "give two images")
-
+      result.stdout
+  )
+  commands.assert_refused(
+      commands.main(*command[:-1], f"--images={a}"), "give two images"
+  )

@@ -1,4 +1,5 @@
 """Gallery templates and the blocked top-5 search, against brute force."""
+
 import csv
 import io
 
@@ -38,18 +39,24 @@ def test_blocked_search_is_the_brute_force_ranking(people, monkeypatch):
   k = min(5, people)
   assert scores.shape == indices.shape == (23, k)
   np.testing.assert_array_equal(indices, np.argsort(-full, axis=1)[:, :k])
-  np.testing.assert_allclose(scores, -np.sort(-full, axis=1)[:, :k],
-                             atol=1e-6)
+  np.testing.assert_allclose(scores, -np.sort(-full, axis=1)[:, :k], atol=1e-6)
 
 
 def test_the_csv_says_unknown_below_the_threshold():
   scores = np.array([[0.9, 0.2], [0.4, 0.3]])
   indices = np.array([[1, 0], [0, 1]])
-  rows = list(csv.DictReader(io.StringIO(identify._csv(
-      ["p1.jpg", "p2.jpg"], ["ann", "bob"], scores, indices, 0.5))))
-  assert [(r["probe"], r["decision"], r["identity1"], r["identity2"])
-          for r in rows] == [("p1.jpg", "bob", "bob", "ann"),
-                             ("p2.jpg", "unknown", "ann", "bob")]
+  rows = list(
+      csv.DictReader(
+          io.StringIO(
+              identify._csv(
+                  ["p1.jpg", "p2.jpg"], ["ann", "bob"], scores, indices, 0.5
+              )
+          )
+      )
+  )
+  assert [
+      (r["probe"], r["decision"], r["identity1"], r["identity2"]) for r in rows
+  ] == [("p1.jpg", "bob", "bob", "ann"), ("p2.jpg", "unknown", "ann", "bob")]
 
 
 def test_a_gallery_photo_outside_a_person_folder_is_named(tmp_path):
@@ -60,5 +67,6 @@ def test_a_gallery_photo_outside_a_person_folder_is_named(tmp_path):
     folders.read(str(tmp_path), "--gallery")
   (tmp_path / "stray.jpg").unlink()
   people = folders.read(str(tmp_path), "--gallery")
-  assert people.names == ["ann"] and people.paths == [tmp_path / "ann" /
-                                                      "1.jpg"]
+  assert people.names == ["ann"] and people.paths == [
+      tmp_path / "ann" / "1.jpg"
+  ]

@@ -7,6 +7,7 @@ insightface's arcface_torch iresnet (folded, and with BatchNorm nodes kept)
 and mobilefacenet, whose weights `zoo.refill` seeds. Hostile and mistaken
 files end in one ERROR line through the command.
 """
+
 import pathlib
 
 import numpy as np
@@ -40,16 +41,21 @@ def _refilled(name: str, folder: pathlib.Path) -> pathlib.Path:
 def _onnxruntime_fused(path, bgr: np.ndarray):
   """What insightface's client computes for BGR crops, fused with the
   mirror images as `Model.embed` scores: (unit embeddings, mean norms)."""
-  session = ort.InferenceSession(str(path),
-                                 providers=["CPUExecutionProvider"])
+  session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
   name = session.get_inputs()[0].name
   x = (bgr[..., ::-1].astype(np.float32) - 127.5) / 127.5
-  views = [session.run(None, {name: np.ascontiguousarray(
-      v.transpose(0, 3, 1, 2))})[0] for v in (x, x[:, :, ::-1])]
+  views = [
+      session.run(None, {name: np.ascontiguousarray(v.transpose(0, 3, 1, 2))})[
+          0
+      ]
+      for v in (x, x[:, :, ::-1])
+  ]
   fused = views[0] + views[1]
   norms = [np.linalg.norm(v, axis=1) for v in views]
-  return fused / np.linalg.norm(fused, axis=1, keepdims=True), (
-      norms[0] + norms[1]) / 2
+  return (
+      fused / np.linalg.norm(fused, axis=1, keepdims=True),
+      (norms[0] + norms[1]) / 2,
+  )
 
 
 def _assert_embeds_as_onnxruntime(workdir, path, bgr):
@@ -64,39 +70,56 @@ def _assert_embeds_as_onnxruntime(workdir, path, bgr):
 def aligned_faces(faces_dir):
   """Ten ORL photos aligned to the 112 px template (BGR)."""
   from qgjt_jax.align import faces  # pylint: disable=g-import-not-at-top
+
   load = faces.photo_loader(112)
-  photos = sorted((faces_dir / "s1").iterdir())[:5] + sorted(
-      (faces_dir / "s2").iterdir())[:5]
+  photos = (
+      sorted((faces_dir / "s1").iterdir())[:5]
+      + sorted((faces_dir / "s2").iterdir())[:5]
+  )
   return np.stack([load(p) for p in photos])
 
 
-def test_buffalo_s_recogniser_embeds_as_onnxruntime(pretrained_dir,
-                                                    aligned_faces, tmp_path):
+def test_buffalo_s_recogniser_embeds_as_onnxruntime(
+    pretrained_dir, aligned_faces, tmp_path
+):
   """The released file through the command: recognised as its
   MobileFaceNet, and every use of the workdir scores as onnxruntime."""
   workdir = tmp_path / "w600k"
-  result = commands.run("qgjt_jax.convert", f"--src={pretrained_dir / W600K}",
-                        f"--workdir={workdir}", check=True)
+  result = commands.run(
+      "qgjt_jax.convert",
+      f"--src={pretrained_dir / W600K}",
+      f"--workdir={workdir}",
+      check=True,
+  )
   assert "architecture    mbf_buffalo" in result.stdout
   assert "3,410,368" in result.stdout and "input           RGB" in (
-      result.stdout)
-  _assert_embeds_as_onnxruntime(workdir, pretrained_dir / W600K,
-                                aligned_faces)
+      result.stdout
+  )
+  _assert_embeds_as_onnxruntime(workdir, pretrained_dir / W600K, aligned_faces)
 
 
-@pytest.mark.parametrize("name, want", [
-    pytest.param("r18", "r18", marks=pytest.mark.slow),  # folded: as buffalo_s
-    ("r18_bn", "r18"), ("mbf", "mbf")])
+@pytest.mark.parametrize(
+    "name, want",
+    [
+        pytest.param(
+            "r18", "r18", marks=pytest.mark.slow
+        ),  # folded: as buffalo_s
+        ("r18_bn", "r18"),
+        ("mbf", "mbf"),
+    ],
+)
 def test_graphs_exported_from_their_pytorch_code(name, want, tmp_path):
   """BatchNorms folded into the convolutions or kept as nodes; arcface_torch
   iresnet and mobilefacenet (GDC head, a MatMul without bias)."""
   path = _refilled(name, tmp_path)
   converted = convert.convert_file(str(path))
   assert (converted.name, converted.image_size, converted.input_order) == (
-      want, 112, "RGB")
+      want,
+      112,
+      "RGB",
+  )
   convert.write_checkpoint(str(tmp_path / "w"), converted, source=str(path))
-  faces = np.random.default_rng(0).integers(0, 256, (3, 112, 112, 3),
-                                            np.uint8)
+  faces = np.random.default_rng(0).integers(0, 256, (3, 112, 112, 3), np.uint8)
   _assert_embeds_as_onnxruntime(tmp_path / "w", path, faces)
 
 
@@ -129,8 +152,7 @@ def _save(model, path) -> pathlib.Path:
 # Each writes a bad file at the path given.
 _HOSTILE = {
     "garbage": lambda d, p: p.write_bytes(b"\x08\x07junk" * 100),
-    "truncated": lambda d, p: p.write_bytes(
-        (d / W600K).read_bytes()[:100_000]),
+    "truncated": lambda d, p: p.write_bytes((d / W600K).read_bytes()[:100_000]),
     "empty": lambda d, p: p.write_bytes(b""),
     "a_folder": lambda d, p: p.mkdir(),
 }
@@ -160,8 +182,9 @@ def _strided(model):
 
 
 def _extra_weight(model):
-  model.graph.initializer.append(onnx.numpy_helper.from_array(
-      np.ones((4, 4), np.float32), "unused_weight"))
+  model.graph.initializer.append(
+      onnx.numpy_helper.from_array(np.ones((4, 4), np.float32), "unused_weight")
+  )
 
 
 def _unknown_op(model):
@@ -180,18 +203,20 @@ def _headless(model):
   model.graph.initializer.extend(kept)
 
 
-_CHANGES = {"declares_a_billion_rows": (_declared_bigger,
-                                        "max_tensor_bytes"),
-            "external_data": (_external, "another file"),
-            "other_strides": (_strided, "strides"),
-            "unconsumed_weight": (_extra_weight, "unused_weight"),
-            "unknown_operator": (_unknown_op, "Softsign"),
-            "no_head": (_headless, "not a recogniser")}
+_CHANGES = {
+    "declares_a_billion_rows": (_declared_bigger, "max_tensor_bytes"),
+    "external_data": (_external, "another file"),
+    "other_strides": (_strided, "strides"),
+    "unconsumed_weight": (_extra_weight, "unused_weight"),
+    "unknown_operator": (_unknown_op, "Softsign"),
+    "no_head": (_headless, "not a recogniser"),
+}
 
 
 @pytest.mark.parametrize("case", sorted(_HOSTILE) + sorted(_CHANGES))
 def test_a_hostile_or_mistaken_onnx_file_is_refused_by_name(
-    case, pretrained_dir, tmp_path):
+    case, pretrained_dir, tmp_path
+):
   path = tmp_path / "model.onnx"
   if case in _HOSTILE:
     _HOSTILE[case](pretrained_dir, path)
@@ -206,16 +231,19 @@ def test_a_hostile_or_mistaken_onnx_file_is_refused_by_name(
 
 def test_the_command_refuses_in_one_line(pretrained_dir, tmp_path):
   path = _changed(pretrained_dir, tmp_path / "model.onnx", _strided)
-  result = commands.run("qgjt_jax.convert", f"--src={path}",
-                        f"--workdir={tmp_path / 'out'}")
+  result = commands.run(
+      "qgjt_jax.convert", f"--src={path}", f"--workdir={tmp_path / 'out'}"
+  )
   commands.assert_refused(result, path, "strides", max_rss_mib=2048)
   assert not (tmp_path / "out" / "checkpoints").exists()
 
 
-def test_nothing_runs_and_sizes_are_checked_before_reading(pretrained_dir,
-                                                           tmp_path):
+def test_nothing_runs_and_sizes_are_checked_before_reading(
+    pretrained_dir, tmp_path
+):
   """The size limits apply to the file and to each initialiser."""
   from qgjt_jax.files import limits  # pylint: disable=g-import-not-at-top
+
   limits.configure({"max_tensor_bytes": 1 << 20})
   try:
     with pytest.raises(limits.LimitError, match="max_tensor_bytes"):

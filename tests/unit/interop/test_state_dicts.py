@@ -1,4 +1,5 @@
 """PyTorch -> Flax weight import, checked against the authors' IR-18 outputs."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,14 +14,16 @@ from qgjt_jax.models.iresnet import ResidualUnit
 from qgjt_jax.models.layers import init_shapes
 
 
-def _to_flax(state, num_layers=18, use_se=False, width=64, embedding=512,
-             size=112):
+def _to_flax(
+    state, num_layers=18, use_se=False, width=64, embedding=512, size=112
+):
   """The state dict (its backbone found by `find_backbone`) as the
   variables of the AdaFace-layout IResNet named, whatever the tensors
   say."""
   found = state_dicts.find_backbone(state)
-  model = IResNet(num_layers, use_se=use_se, base_width=width,
-                  embedding_size=embedding)
+  model = IResNet(
+      num_layers, use_se=use_se, base_width=width, embedding_size=embedding
+  )
   return state_dicts.to_flax(found.tensors, model, size)
 
 
@@ -31,7 +34,8 @@ def _recognised(state):
 @pytest.fixture(scope="module")
 def ir18_state(reference_dir):
   return weight_files.read_state_dict(
-      reference_dir / "iresnet18_eval.weights.npz")
+      reference_dir / "iresnet18_eval.weights.npz"
+  )
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +49,9 @@ def test_ir18_matches_pytorch_reference(reference_dir, ir18_variables):
     images = case["in/images_nchw"].transpose(0, 2, 3, 1)
     want_embedding = case["out/embedding"]
     want_norm = case["out/norm"][:, 0]
-  embedding, norm = jax.jit(
-      lambda v, x: IResNet(18).apply(v, x, train=False))(variables, images)
+  embedding, norm = jax.jit(lambda v, x: IResNet(18).apply(v, x, train=False))(
+      variables, images
+  )
   np.testing.assert_allclose(embedding, want_embedding, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(norm, want_norm, rtol=1e-4, atol=1e-5)
 
@@ -61,15 +66,18 @@ def test_converted_tree_is_the_module_tree(ir18_state, ir18_variables):
   # The PReLU slopes and BN statistics land unchanged (float16 -> float32).
   np.testing.assert_array_equal(
       variables["params"]["body_3"]["prelu1"]["negative_slope"],
-      ir18_state["body.3.res_layer.3.weight"].astype(np.float32))
+      ir18_state["body.3.res_layer.3.weight"].astype(np.float32),
+  )
   np.testing.assert_array_equal(
       variables["batch_stats"]["output_layer"]["feature_bn"]["var"],
-      ir18_state["output_layer.4.running_var"].astype(np.float32))
+      ir18_state["output_layer.4.running_var"].astype(np.float32),
+  )
   # Conv OIHW -> HWIO.
   torch_kernel = ir18_state["body.2.res_layer.4.weight"]
   np.testing.assert_array_equal(
       variables["params"]["body_2"]["conv2"]["kernel"][2, 0, 5, 7],
-      np.float32(torch_kernel[7, 5, 2, 0]))
+      np.float32(torch_kernel[7, 5, 2, 0]),
+  )
 
 
 def test_linear_rows_follow_nchw_flatten(ir18_state, ir18_variables):
@@ -79,23 +87,31 @@ def test_linear_rows_follow_nchw_flatten(ir18_state, ir18_variables):
   weight = ir18_state["output_layer.3.weight"]
   for out, c, h, w in [(0, 0, 0, 1), (5, 300, 6, 2), (511, 511, 3, 6)]:
     assert kernel[(h * 7 + w) * 512 + c, out] == np.float32(
-        weight[out, c * 49 + h * 7 + w])
+        weight[out, c * 49 + h * 7 + w]
+    )
 
 
 def test_recognise_the_architecture(ir18_state):
   recognised = _recognised(ir18_state)
-  assert (recognised.name, recognised.embedding_size, recognised.image_size,
-          recognised.settings) == ("ir18", 512, 112, {"base_width": 64})
-  truncated = {k: v for k, v in ir18_state.items()
-               if not k.startswith("body.7.")}
-  with pytest.raises(state_dicts.StateDictMismatchError,
-                     match="7 residual units"):
+  assert (
+      recognised.name,
+      recognised.embedding_size,
+      recognised.image_size,
+      recognised.settings,
+  ) == ("ir18", 512, 112, {"base_width": 64})
+  truncated = {
+      k: v for k, v in ir18_state.items() if not k.startswith("body.7.")
+  }
+  with pytest.raises(
+      state_dicts.StateDictMismatchError, match="7 residual units"
+  ):
     state_dicts.find_backbone(truncated)
 
 
 @pytest.mark.parametrize("prefix", ["model.", "backbone.", "module."])
-def test_lightning_prefixes_and_extras_are_handled(ir18_state, ir18_variables,
-                                                  prefix):
+def test_lightning_prefixes_and_extras_are_handled(
+    ir18_state, ir18_variables, prefix
+):
   wrapped = {prefix + k: v for k, v in ir18_state.items()}
   wrapped[prefix + "input_layer.1.num_batches_tracked"] = np.array(7)
   wrapped["head.kernel"] = np.zeros((512, 10), np.float32)
@@ -104,8 +120,9 @@ def test_lightning_prefixes_and_extras_are_handled(ir18_state, ir18_variables,
   wrapped["moco_backbone.input_layer.0.weight"] = np.zeros((64, 3, 3, 3))
   assert _recognised(wrapped).name == "ir18"
   converted = _to_flax(wrapped)
-  jax.tree_util.tree_map(np.testing.assert_array_equal, converted,
-                         ir18_variables)
+  jax.tree_util.tree_map(
+      np.testing.assert_array_equal, converted, ir18_variables
+  )
 
 
 def test_bare_state_dict_ignores_head_and_counters(ir18_state):
@@ -133,34 +150,41 @@ def test_missing_keys_are_listed(ir18_state):
 def test_unexpected_keys_are_listed(ir18_state):
   state = dict(ir18_state)
   state["body.1.res_layer.se_block.fc1.weight"] = np.zeros((4, 64, 1, 1))
-  with pytest.raises(state_dicts.StateDictMismatchError,
-                     match=r"unexpected \(1\): body\.1\.res_layer\.se_block"):
+  with pytest.raises(
+      state_dicts.StateDictMismatchError,
+      match=r"unexpected \(1\): body\.1\.res_layer\.se_block",
+  ):
     _to_flax(state)
 
 
 def test_wrong_depth_is_reported(ir18_state):
-  with pytest.raises(state_dicts.StateDictMismatchError,
-                     match=r"missing \(\d+\): .*body\.8\."):
+  with pytest.raises(
+      state_dicts.StateDictMismatchError, match=r"missing \(\d+\): .*body\.8\."
+  ):
     _to_flax(ir18_state, num_layers=34)
 
 
 def test_shape_mismatch_is_listed(ir18_state):
   state = dict(ir18_state)
   state["body.3.res_layer.1.weight"] = np.zeros((128, 128, 1, 1), np.float16)
-  with pytest.raises(state_dicts.StateDictMismatchError,
-                     match=r"shape mismatch \(1\): body\.3\.res_layer\.1\."
-                     r"weight: got \(128, 128, 1, 1\), want \(128, 128, 3, 3\)"):
+  with pytest.raises(
+      state_dicts.StateDictMismatchError,
+      match=r"shape mismatch \(1\): body\.3\.res_layer\.1\."
+      r"weight: got \(128, 128, 1, 1\), want \(128, 128, 3, 3\)",
+  ):
     _to_flax(state)
 
 
 def test_no_backbone_is_an_error():
-  with pytest.raises(state_dicts.StateDictMismatchError,
-                     match="no backbone found"):
+  with pytest.raises(
+      state_dicts.StateDictMismatchError, match="no backbone found"
+  ):
     state_dicts.find_backbone({"head.kernel": np.zeros((2, 2))})
 
 
 # --- SE and bottleneck units, against an NCHW forward written directly on
 # the PyTorch names (the reference's `res_layer` / `shortcut_layer` order).
+
 
 def _pytorch_names(num_layers, use_se, width, embedding, side):
   """name -> shape of the reference module's state dict, from its layout."""
@@ -234,16 +258,18 @@ def _conv_nchw(x, w, stride, pad):
   out = 0
   for i in range(k):
     for j in range(k):
-      patch = x[:, :, i:i + stride * h:stride, j:j + stride * v:stride]
+      patch = x[:, :, i : i + stride * h : stride, j : j + stride * v : stride]
       out = out + np.einsum("nchw,oc->nohw", patch, w[:, :, i, j])
   return out
 
 
 def _unit_nchw(state, p, x, stride, bottleneck, use_se):
   """One residual unit in the reference's NCHW layout and names."""
+
   def bn(prefix, y):
     scale = state[f"{prefix}.weight"] / np.sqrt(
-        state[f"{prefix}.running_var"] + 1e-5)
+        state[f"{prefix}.running_var"] + 1e-5
+    )
     shift = state[f"{prefix}.bias"] - state[f"{prefix}.running_mean"] * scale
     return y * scale[:, None, None] + shift[:, None, None]
 
@@ -266,45 +292,61 @@ def _unit_nchw(state, p, x, stride, bottleneck, use_se):
     s = s @ state[f"{r}.se_block.fc2.weight"][:, :, 0, 0].T
     y = y / (1 + np.exp(-s))[:, :, None, None]
   if f"{p}.shortcut_layer.0.weight" in state:
-    shortcut = bn(f"{p}.shortcut_layer.1", _conv_nchw(
-        x, state[f"{p}.shortcut_layer.0.weight"], stride, 0))
+    shortcut = bn(
+        f"{p}.shortcut_layer.1",
+        _conv_nchw(x, state[f"{p}.shortcut_layer.0.weight"], stride, 0),
+    )
   else:
     shortcut = x[:, :, ::stride, ::stride]
   return y + shortcut
 
 
-@pytest.mark.parametrize("num_layers,use_se,width", [
-    (18, True, 16),   # basic units with SE
-    (200, True, 4),   # bottleneck units with SE
-])
-def test_se_and_bottleneck_units_match_nchw_reference(num_layers, use_se,
-                                                      width):
+@pytest.mark.parametrize(
+    "num_layers,use_se,width",
+    [
+        (18, True, 16),  # basic units with SE
+        (200, True, 4),  # bottleneck units with SE
+    ],
+)
+def test_se_and_bottleneck_units_match_nchw_reference(
+    num_layers, use_se, width
+):
   names = _pytorch_names(num_layers, use_se, width, embedding=8, side=2)
   state = _random_state(names)
   recognised = _recognised(state)
   assert recognised.name == f"ir{'_se' if use_se else ''}{num_layers}"
   assert (recognised.image_size, recognised.settings) == (
-      32, {"base_width": width})
-  variables = _to_flax(state, num_layers, use_se, width, embedding=8,
-                       size=32)
+      32,
+      {"base_width": width},
+  )
+  variables = _to_flax(state, num_layers, use_se, width, embedding=8, size=32)
   assert variables["params"]["output_layer"]["fc"]["kernel"].shape == (
-      names["output_layer.3.weight"][1], 8)
+      names["output_layer.3.weight"][1],
+      8,
+  )
 
   bottleneck = num_layers >= 152
   # The stem's output. body_0 widens it (conv shortcut) in bottleneck nets and
   # keeps the width (subsampling shortcut) in basic ones; body_1 has stride 1.
   x = np.random.default_rng(1).normal(size=(2, width, 6, 6)).astype(np.float32)
   for unit, stride in [(0, 2), (1, 1)]:
-    in_x = x if unit == 0 else _unit_nchw(state, "body.0", x, 2, bottleneck,
-                                          use_se)
+    in_x = (
+        x
+        if unit == 0
+        else _unit_nchw(state, "body.0", x, 2, bottleneck, use_se)
+    )
     want = _unit_nchw(state, f"body.{unit}", in_x, stride, bottleneck, use_se)
-    layer = ResidualUnit(want.shape[1], stride, bottleneck=bottleneck,
-                         use_se=use_se)
+    layer = ResidualUnit(
+        want.shape[1], stride, bottleneck=bottleneck, use_se=use_se
+    )
     got = layer.apply(
         {c: variables[c][f"body_{unit}"] for c in variables},
-        jnp.asarray(in_x.transpose(0, 2, 3, 1)), train=False)
-    np.testing.assert_allclose(np.asarray(got).transpose(0, 3, 1, 2), want,
-                               rtol=1e-4, atol=1e-4)
+        jnp.asarray(in_x.transpose(0, 2, 3, 1)),
+        train=False,
+    )
+    np.testing.assert_allclose(
+        np.asarray(got).transpose(0, 3, 1, 2), want, rtol=1e-4, atol=1e-4
+    )
 
 
 def test_npz_round_trip(tmp_path, ir18_state):
@@ -316,29 +358,39 @@ def test_npz_round_trip(tmp_path, ir18_state):
 
 def test_pytorch_files_are_read_without_torch(tmp_path, ir18_state):
   from tests.helpers.torch_writer import write_torch_file
+
   tensors = {"model." + k: v.astype(np.float32) for k, v in ir18_state.items()}
-  write_torch_file(tmp_path / "lightning.ckpt",
-                   {"state_dict": tensors, "epoch": 3})
+  write_torch_file(
+      tmp_path / "lightning.ckpt", {"state_dict": tensors, "epoch": 3}
+  )
   loaded = weight_files.read_state_dict(tmp_path / "lightning.ckpt")
   converted = _to_flax(loaded)
   want = _to_flax(ir18_state)
   np.testing.assert_array_equal(
       converted["params"]["body_3"]["conv1"]["kernel"],
-      want["params"]["body_3"]["conv1"]["kernel"])
+      want["params"]["body_3"]["conv1"]["kernel"],
+  )
 
 
 def test_torch_checkpoints(tmp_path, ir18_state):
   torch = pytest.importorskip("torch")
-  tensors = {k: torch.from_numpy(v.astype(np.float32))
-             for k, v in ir18_state.items()}
+  tensors = {
+      k: torch.from_numpy(v.astype(np.float32)) for k, v in ir18_state.items()
+  }
   torch.save(tensors, tmp_path / "plain.pth")
-  torch.save({"state_dict": {"model." + k: v for k, v in tensors.items()},
-              "epoch": 3}, tmp_path / "lightning.ckpt")
+  torch.save(
+      {"state_dict": {"model." + k: v for k, v in tensors.items()}, "epoch": 3},
+      tmp_path / "lightning.ckpt",
+  )
   for name in ("plain.pth", "lightning.ckpt"):
     loaded = weight_files.read_state_dict(tmp_path / name)
     converted = _to_flax(loaded)
     assert converted["params"]["input_layer"]["conv"]["kernel"].shape == (
-        3, 3, 3, 64)
+        3,
+        3,
+        3,
+        64,
+    )
 
 
 # --- safetensors, both directions.
@@ -348,9 +400,11 @@ def _exported(state):
   """The state dict converted and exported again (the model it holds)."""
   found = state_dicts.find_backbone(state)
   recognised = found.recognised
-  model = build_backbone(recognised.name,
-                         embedding_size=recognised.embedding_size,
-                         **recognised.settings)
+  model = build_backbone(
+      recognised.name,
+      embedding_size=recognised.embedding_size,
+      **recognised.settings,
+  )
   variables = state_dicts.to_flax(found.tensors, model, recognised.image_size)
   return state_dicts.to_torch(variables, model, recognised.image_size)
 
@@ -358,84 +412,131 @@ def _exported(state):
 def _assert_is_their_state_dict(exported, state):
   """The names of their module's state_dict() (a BatchNorm counter beside
   each BatchNorm, as a strict load_state_dict wants) and the very values."""
-  counters = {k[:-len("running_mean")] + "num_batches_tracked"
-              for k in state if k.endswith("running_mean")}
-  plain = {k: v for k, v in state.items()
-           if not k.endswith("num_batches_tracked")}
+  counters = {
+      k[: -len("running_mean")] + "num_batches_tracked"
+      for k in state
+      if k.endswith("running_mean")
+  }
+  plain = {
+      k: v for k, v in state.items() if not k.endswith("num_batches_tracked")
+  }
   assert set(exported) == set(plain) | counters
   for name, value in plain.items():
     assert exported[name].dtype == np.float32
-    np.testing.assert_array_equal(exported[name],
-                                  np.asarray(value, np.float32), name)
+    np.testing.assert_array_equal(
+        exported[name], np.asarray(value, np.float32), name
+    )
 
 
 def test_export_gives_back_the_authors_ir18_state_dict(ir18_state):
   _assert_is_their_state_dict(_exported(ir18_state), ir18_state)
 
 
-@pytest.mark.parametrize("num_layers,use_se,width", [(18, True, 16),
-                                                     (200, True, 4)])
+@pytest.mark.parametrize(
+    "num_layers,use_se,width", [(18, True, 16), (200, True, 4)]
+)
 def test_export_of_se_and_bottleneck_units(num_layers, use_se, width):
-  state = _random_state(_pytorch_names(num_layers, use_se, width,
-                                       embedding=8, side=2))
+  state = _random_state(
+      _pytorch_names(num_layers, use_se, width, embedding=8, side=2)
+  )
   _assert_is_their_state_dict(_exported(state), state)
 
 
 def test_export_in_insightface_names_runs_in_their_forward():
   from tests.helpers import insightface_model as theirs
+
   state = theirs.random_state()
   exported = _exported(state)
   _assert_is_their_state_dict(exported, state)
   images = np.random.default_rng(3).uniform(
-      -1, 1, (2, 3, theirs.SIZE, theirs.SIZE))
+      -1, 1, (2, 3, theirs.SIZE, theirs.SIZE)
+  )
   want = theirs.oracle(state, images)
-  got = theirs.oracle({k: v.astype(np.float64) for k, v in exported.items()},
-                      images)
+  got = theirs.oracle(
+      {k: v.astype(np.float64) for k, v in exported.items()}, images
+  )
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_a_cvlface_hub_file_converts(tmp_path, ir18_state, ir18_variables):
   """CVLFace's model.safetensors: AdaFace names under `model.net.`."""
   from safetensors.numpy import save_file
-  save_file({f"model.net.{k}": np.asarray(v, np.float32)
-             for k, v in ir18_state.items()}, tmp_path / "model.safetensors")
+
+  save_file(
+      {
+          f"model.net.{k}": np.asarray(v, np.float32)
+          for k, v in ir18_state.items()
+      },
+      tmp_path / "model.safetensors",
+  )
   converted = convert.convert_state_dict(
-      weight_files.read_state_dict(tmp_path / "model.safetensors"))
+      weight_files.read_state_dict(tmp_path / "model.safetensors")
+  )
   assert (converted.name, converted.input_order) == ("ir18", "BGR")
-  jax.tree.map(np.testing.assert_array_equal, converted.variables,
-               ir18_variables)
+  jax.tree.map(
+      np.testing.assert_array_equal, converted.variables, ir18_variables
+  )
 
 
 def _safetensors_with_header(path, header: dict, data: bytes):
   import json
   import struct
+
   text = json.dumps(header).encode()
   path.write_bytes(struct.pack("<Q", len(text)) + text + data)
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda p: _safetensors_with_header(
-        p, {"w": {"dtype": "BF16", "shape": [2], "data_offsets": [0, 4]}},
-        b"\0" * 4), "holds BF16 values"),
-    (lambda p: _safetensors_with_header(
-        p, {"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}},
-        b"\0" * 8), "cannot read .* as safetensors"),
-    (lambda p: p.write_bytes(b"\xff" * 8 + b"{}"),
-     "cannot read .* as safetensors"),
-    (lambda p: _safetensors_with_header(
-        p, {"w": {"dtype": "F32", "shape": [300, 300],
-                  "data_offsets": [0, 360000]}}, b"\0" * 360000),
-     "max_tensor_bytes"),
-], ids=["bf16", "cut_short", "header_length", "over_limit"])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (
+            lambda p: _safetensors_with_header(
+                p,
+                {"w": {"dtype": "BF16", "shape": [2], "data_offsets": [0, 4]}},
+                b"\0" * 4,
+            ),
+            "holds BF16 values",
+        ),
+        (
+            lambda p: _safetensors_with_header(
+                p,
+                {"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}},
+                b"\0" * 8,
+            ),
+            "cannot read .* as safetensors",
+        ),
+        (
+            lambda p: p.write_bytes(b"\xff" * 8 + b"{}"),
+            "cannot read .* as safetensors",
+        ),
+        (
+            lambda p: _safetensors_with_header(
+                p,
+                {
+                    "w": {
+                        "dtype": "F32",
+                        "shape": [300, 300],
+                        "data_offsets": [0, 360000],
+                    }
+                },
+                b"\0" * 360000,
+            ),
+            "max_tensor_bytes",
+        ),
+    ],
+    ids=["bf16", "cut_short", "header_length", "over_limit"],
+)
 def test_a_bad_safetensors_file_is_refused_by_name(tmp_path, make, message):
   from qgjt_jax.files import limits
   from qgjt_jax.interop import torch_files
+
   path = tmp_path / "w.safetensors"
   make(path)
   limits.configure({"max_tensor_bytes": 100_000})
   try:
-    with pytest.raises((torch_files.TorchFileError, limits.LimitError),
-                       match=message):
+    with pytest.raises(
+        (torch_files.TorchFileError, limits.LimitError), match=message
+    ):
       weight_files.read_state_dict(path)
   finally:
     limits.configure({})

@@ -7,6 +7,7 @@ gate shapes, no margin) are checked against a plain float64 numpy
 transcription of docs/METHOD.md section 4, which is itself first checked on the
 fixtures.
 """
+
 import functools
 import math
 
@@ -23,10 +24,21 @@ RTOL, ATOL = 1e-4, 1e-5
 # index.json keys of a qgface case; anything else is a setting this port
 # does not know and must not silently ignore.
 _KNOWN_SETTINGS = {
-    'head', 's', 'm', 't_alpha', 'quality_scale', 'quality_scale_method',
-    'quality_scale_range', 'quality_select_method', 'margin_method',
-    'mask_same_class', 'pair_coupling', 'rescale', 'rescale_reference_logits',
-    'queue_chunk_size', 'queue_filled',
+    'head',
+    's',
+    'm',
+    't_alpha',
+    'quality_scale',
+    'quality_scale_method',
+    'quality_scale_range',
+    'quality_select_method',
+    'margin_method',
+    'mask_same_class',
+    'pair_coupling',
+    'rescale',
+    'rescale_reference_logits',
+    'queue_chunk_size',
+    'queue_filled',
 }
 _GATES = {'sgn': 'sgn', 'cos': 'cos', 'linear': 'linear'}
 _RANGES = {'half': 'half', 'whole': 'whole'}
@@ -56,19 +68,28 @@ def loss_kwargs(settings: dict) -> dict:
       m=float(settings['m']),
       b=float(settings['quality_scale']),
       alpha=float(settings['t_alpha']),
-      gate=_lookup(_GATES, settings['quality_scale_method'],
-                   'quality_scale_method'),
-      gate_range=_lookup(_RANGES, settings['quality_scale_range'],
-                         'quality_scale_range'),
-      pair_quality=_lookup(_PAIR_QUALITIES, settings['quality_select_method'],
-                           'quality_select_method'),
+      gate=_lookup(
+          _GATES, settings['quality_scale_method'], 'quality_scale_method'
+      ),
+      gate_range=_lookup(
+          _RANGES, settings['quality_scale_range'], 'quality_scale_range'
+      ),
+      pair_quality=_lookup(
+          _PAIR_QUALITIES,
+          settings['quality_select_method'],
+          'quality_select_method',
+      ),
       margin=_lookup(_MARGINS, settings['margin_method'], 'margin_method'),
       mask=_lookup(_MASKS, settings['mask_same_class'], 'mask_same_class'),
-      rescale=_lookup({True: True, False: False}, settings['rescale'],
-                      'rescale'),
+      rescale=_lookup(
+          {True: True, False: False}, settings['rescale'], 'rescale'
+      ),
       rescale_reference=int(settings['rescale_reference_logits']),
-      coupling=_lookup({'D2N': 'D2N', 'S2N': 'S2N'}, settings['pair_coupling'],
-                       'pair_coupling'),
+      coupling=_lookup(
+          {'D2N': 'D2N', 'S2N': 'S2N'},
+          settings['pair_coupling'],
+          'pair_coupling',
+      ),
   )
 
 
@@ -100,15 +121,23 @@ def _inputs(inputs, capacity, seed=0, own_rows=None):
   """
   f32 = lambda x: np.asarray(x, np.float32)
   queue, queue_labels, valid, slots = _padded_queue(
-      f32(inputs['queue']), inputs['queue_labels'], capacity, seed)
+      f32(inputs['queue']), inputs['queue_labels'], capacity, seed
+  )
   extra = {} if own_rows is None else {'own_slots': slots[own_rows]}
-  return dict(**extra,
-      q=f32(inputs['q']), k=f32(inputs['k']), labels=inputs['q_labels'],
-      negatives=queue, negative_labels=queue_labels, negative_valid=valid,
+  return dict(
+      **extra,
+      q=f32(inputs['q']),
+      k=f32(inputs['k']),
+      labels=inputs['q_labels'],
+      negatives=queue,
+      negative_labels=queue_labels,
+      negative_valid=valid,
       q_scaler=f32(inputs['q_margin_scaler']),
       k_scaler=f32(inputs['k_margin_scaler']),
       margin_state=contrastive.init_margin_state(
-          float(np.reshape(inputs['batch_mean'], ()))))
+          float(np.reshape(inputs['batch_mean'], ()))
+      ),
+  )
 
 
 def _loss_and_grads(args, **kwargs):
@@ -126,12 +155,14 @@ def _loss_and_grads(args, **kwargs):
     return loss, (state, metrics)
 
   (loss, (state, metrics)), (grad_q, grad_k) = jax.value_and_grad(
-      fn, argnums=(0, 1), has_aux=True)(q, k)
+      fn, argnums=(0, 1), has_aux=True
+  )(q, k)
   return loss, state, metrics, grad_q, grad_k
 
 
 # ---------------------------------------------------------------------------
 # An independent float64 transcription of docs/METHOD.md section 4, row by row.
+
 
 def _numpy_gate(t, b, gate, gate_range, eps=1e-3):
   if b == 0:
@@ -152,11 +183,33 @@ def _numpy_gate(t, b, gate, gate_range, eps=1e-3):
   return (1.0 - t) / (1.0 - b - eps)
 
 
-def numpy_loss(q, k, labels, negatives, negative_labels, q_scaler, k_scaler,
-               margin_before, *, s, m, b, alpha, gate, gate_range,
-               pair_quality, margin, mask, rescale, rescale_reference,
-               coupling='D2N', detach_pos=False, own_rows=None,
-               frozen_margin=None, frozen_positives=None):
+def numpy_loss(
+    q,
+    k,
+    labels,
+    negatives,
+    negative_labels,
+    q_scaler,
+    k_scaler,
+    margin_before,
+    *,
+    s,
+    m,
+    b,
+    alpha,
+    gate,
+    gate_range,
+    pair_quality,
+    margin,
+    mask,
+    rescale,
+    rescale_reference,
+    coupling='D2N',
+    detach_pos=False,
+    own_rows=None,
+    frozen_margin=None,
+    frozen_positives=None,
+):
   """Returns (loss, margin after); the queue is the K' filled rows only.
 
   For finite differences: `frozen_margin` replaces the positive margin (the
@@ -165,19 +218,23 @@ def numpy_loss(q, k, labels, negatives, negative_labels, q_scaler, k_scaler,
   `own_rows[i]` lists the queue rows holding pair i's own views (mask
   'own').
   """
-  unit = lambda x: (np.asarray(x, np.float64) /
-                    np.linalg.norm(np.asarray(x, np.float64), axis=1,
-                                   keepdims=True))
+  unit = lambda x: (
+      np.asarray(x, np.float64)
+      / np.linalg.norm(np.asarray(x, np.float64), axis=1, keepdims=True)
+  )
   q, k = unit(q), unit(k)
-  pos_q, pos_k = (q, k) if frozen_positives is None else map(
-      unit, frozen_positives)
+  pos_q, pos_k = (
+      (q, k) if frozen_positives is None else map(unit, frozen_positives)
+  )
   negatives = np.asarray(negatives, np.float64)
   clamp = lambda x: min(max(float(x), -1.0), 1.0)
   tq = (np.ravel(q_scaler) + 1.0) / 2.0
   tk = (np.ravel(k_scaler) + 1.0) / 2.0
   pick = {'low': min, 'high': max, 'mean': lambda a, c: (a + c) / 2.0}
-  weights = [_numpy_gate(pick[pair_quality](a, c), b, gate, gate_range)
-             for a, c in zip(tq, tk)]
+  weights = [
+      _numpy_gate(pick[pair_quality](a, c), b, gate, gate_range)
+      for a, c in zip(tq, tk)
+  ]
 
   rows = []  # (positive cos, [negative cos or None when excluded], weight)
   couples = ((q, pos_k), (k, pos_q)) if coupling == 'D2N' else ((q, pos_k),)
@@ -199,8 +256,10 @@ def numpy_loss(q, k, labels, negatives, negative_labels, q_scaler, k_scaler,
       rows.append((pos, negs, weights[i]))
 
   # Hardest other column, the zeroed positive and masked entries counting 0.
-  gaps = [pos - max([0.0] + [0.0 if c is None else c for c in negs])
-          for pos, negs, _ in rows]
+  gaps = [
+      pos - max([0.0] + [0.0 if c is None else c for c in negs])
+      for pos, negs, _ in rows
+  ]
   margin_after = alpha * np.mean(gaps) + (1.0 - alpha) * margin_before
   m_pos = {'static': m, 'dynamic': margin_after, 'none': 0.0}[margin]
   if frozen_margin is not None:
@@ -208,8 +267,9 @@ def numpy_loss(q, k, labels, negatives, negative_labels, q_scaler, k_scaler,
 
   losses = []
   for pos, negs, w in rows:
-    logits = np.array([s * w * (pos - m_pos)] +
-                      [s * w * c for c in negs if c is not None])
+    logits = np.array(
+        [s * w * (pos - m_pos)] + [s * w * c for c in negs if c is not None]
+    )
     top = logits.max()
     losses.append(top + math.log(np.exp(logits - top).sum()) - logits[0])
   loss = float(np.mean(losses))
@@ -220,10 +280,15 @@ def numpy_loss(q, k, labels, negatives, negative_labels, q_scaler, k_scaler,
 
 def _numpy_args(inputs):
   return dict(
-      q=inputs['q'], k=inputs['k'], labels=inputs['q_labels'],
-      negatives=inputs['queue'], negative_labels=inputs['queue_labels'],
-      q_scaler=inputs['q_margin_scaler'], k_scaler=inputs['k_margin_scaler'],
-      margin_before=float(np.reshape(inputs['batch_mean'], ())))
+      q=inputs['q'],
+      k=inputs['k'],
+      labels=inputs['q_labels'],
+      negatives=inputs['queue'],
+      negative_labels=inputs['queue_labels'],
+      q_scaler=inputs['q_margin_scaler'],
+      k_scaler=inputs['k_margin_scaler'],
+      margin_before=float(np.reshape(inputs['batch_mean'], ())),
+  )
 
 
 # ---------------------------------------------------------------------------
@@ -248,8 +313,9 @@ def test_matches_reference(reference_dir, name):
   np.testing.assert_allclose(loss, outputs['loss'], rtol=RTOL, atol=ATOL)
   np.testing.assert_allclose(grad_q, outputs['grad_q'], rtol=RTOL, atol=ATOL)
   np.testing.assert_allclose(grad_k, outputs['grad_k'], rtol=RTOL, atol=ATOL)
-  np.testing.assert_allclose(state.value, np.reshape(outputs['batch_mean'], ()),
-                             rtol=RTOL, atol=ATOL)
+  np.testing.assert_allclose(
+      state.value, np.reshape(outputs['batch_mean'], ()), rtol=RTOL, atol=ATOL
+  )
   assert metrics['num_negatives'] == settings['queue_filled']
 
 
@@ -257,22 +323,26 @@ def test_matches_reference(reference_dir, name):
 def test_numpy_transcription_matches_reference(reference_dir, name):
   """Validates the oracle used for the options the fixtures lack."""
   settings, inputs, outputs = load_case(reference_dir, name)
-  loss, margin_after = numpy_loss(**_numpy_args(inputs),
-                                  **loss_kwargs(settings))
+  loss, margin_after = numpy_loss(
+      **_numpy_args(inputs), **loss_kwargs(settings)
+  )
   np.testing.assert_allclose(loss, outputs['loss'], rtol=1e-9)
-  np.testing.assert_allclose(margin_after,
-                             np.reshape(outputs['batch_mean'], ()),
-                             rtol=1e-9, atol=1e-12)
+  np.testing.assert_allclose(
+      margin_after, np.reshape(outputs['batch_mean'], ()), rtol=1e-9, atol=1e-12
+  )
 
 
-@pytest.mark.parametrize('settings', [
-    {'quality_scale_method': 'tanh'},
-    {'quality_scale_range': 'third'},
-    {'quality_select_method': 'median'},
-    {'margin_method': 'adaptive'},
-    {'pair_coupling': 'D2D'},
-    {'detach_pos': True},  # a key this mapping does not know
-])
+@pytest.mark.parametrize(
+    'settings',
+    [
+        {'quality_scale_method': 'tanh'},
+        {'quality_scale_range': 'third'},
+        {'quality_select_method': 'median'},
+        {'margin_method': 'adaptive'},
+        {'pair_coupling': 'D2D'},
+        {'detach_pos': True},  # a key this mapping does not know
+    ],
+)
 def test_unknown_settings_raise(reference_dir, settings):
   name = reference_cases('qgface')[0]
   base, _, _ = load_case(reference_dir, name)
@@ -282,11 +352,27 @@ def test_unknown_settings_raise(reference_dir, settings):
 
 def test_unknown_arguments_raise():
   x = jnp.ones((2, 4))
-  common = (x, x, jnp.zeros(2, int), x, jnp.zeros(2, int), jnp.ones(2, bool),
-            jnp.zeros(2), jnp.zeros(2), contrastive.init_margin_state())
-  for bad in ({'gate': 'tanh'}, {'gate_range': 'x'}, {'pair_quality': 'x'},
-              {'margin': 'x'}, {'mask': 'x'}, {'mask': 'none'},
-              {'mask': 'own'}, {'coupling': 'x'}):
+  common = (
+      x,
+      x,
+      jnp.zeros(2, int),
+      x,
+      jnp.zeros(2, int),
+      jnp.ones(2, bool),
+      jnp.zeros(2),
+      jnp.zeros(2),
+      contrastive.init_margin_state(),
+  )
+  for bad in (
+      {'gate': 'tanh'},
+      {'gate_range': 'x'},
+      {'pair_quality': 'x'},
+      {'margin': 'x'},
+      {'mask': 'x'},
+      {'mask': 'none'},
+      {'mask': 'own'},
+      {'coupling': 'x'},
+  ):
     with pytest.raises(ValueError):
       contrastive.contrastive_loss(*common, **bad)
 
@@ -332,7 +418,8 @@ def _own_rows(inputs):
   """Two queue rows per pair as its "own copies" (rows i and B + i)."""
   b = len(inputs['q'])
   return np.stack([np.arange(b), b + np.arange(b)], axis=1) % len(
-      inputs['queue'])
+      inputs['queue']
+  )
 
 
 def _check_against_numpy(inputs, kwargs):
@@ -348,18 +435,26 @@ def _check_against_numpy(inputs, kwargs):
   np.testing.assert_allclose(state.value, margin_after, rtol=RTOL, atol=ATOL)
   # Gradient along a random direction against central differences of the
   # float64 transcription, with the margin of this step held fixed.
-  frozen = {'static': kwargs['m'], 'dynamic': margin_after,
-            'none': 0.0}[kwargs['margin']]
+  frozen = {'static': kwargs['m'], 'dynamic': margin_after, 'none': 0.0}[
+      kwargs['margin']
+  ]
   rng = np.random.default_rng(2)
   dq = rng.normal(size=inputs['q'].shape)
   dk = rng.normal(size=inputs['k'].shape)
   h = 1e-6
-  frozen_positives = ((inputs['q'], inputs['k']) if kwargs.get('detach_pos')
-                      else None)
-  shifted = lambda sign: numpy_loss(**{
-      **_numpy_args(inputs), 'q': inputs['q'] + sign * h * dq,
-      'k': inputs['k'] + sign * h * dk}, **numpy_kwargs,
-      frozen_margin=frozen, frozen_positives=frozen_positives)[0]
+  frozen_positives = (
+      (inputs['q'], inputs['k']) if kwargs.get('detach_pos') else None
+  )
+  shifted = lambda sign: numpy_loss(
+      **{
+          **_numpy_args(inputs),
+          'q': inputs['q'] + sign * h * dq,
+          'k': inputs['k'] + sign * h * dk,
+      },
+      **numpy_kwargs,
+      frozen_margin=frozen,
+      frozen_positives=frozen_positives,
+  )[0]
   numeric = (shifted(1) - shifted(-1)) / (2 * h)
   analytic = float(np.sum(grad_q * dq) + np.sum(grad_k * dk))
   np.testing.assert_allclose(analytic, numeric, rtol=1e-3, atol=1e-4)
@@ -386,17 +481,31 @@ def test_queue_geometry_matches_numpy(queue_kind):
     queue = 1.5 * noise(filled, 1.0)
     queue[:10] += 3.0 * u
   inputs = {
-      'q': q, 'k': k, 'queue': queue,
-      'q_labels': np.arange(batch), 'queue_labels': rng.integers(0, 20, filled),
+      'q': q,
+      'k': k,
+      'queue': queue,
+      'q_labels': np.arange(batch),
+      'queue_labels': rng.integers(0, 20, filled),
       'q_margin_scaler': rng.uniform(-1, 0.2, (batch, 1)),
       'k_margin_scaler': rng.uniform(-1, 0.2, (batch, 1)),
       'batch_mean': np.array([0.1]),
   }
-  kwargs = dict(s=64.0, m=0.4, b=0.5, alpha=0.01, gate='linear',
-                gate_range='half', pair_quality='low', margin='dynamic',
-                mask='zero', rescale=True, rescale_reference=129)
+  kwargs = dict(
+      s=64.0,
+      m=0.4,
+      b=0.5,
+      alpha=0.01,
+      gate='linear',
+      gate_range='half',
+      pair_quality='low',
+      margin='dynamic',
+      mask='zero',
+      rescale=True,
+      rescale_reference=129,
+  )
   anchors = np.concatenate([q, k]) / np.linalg.norm(
-      np.concatenate([q, k]), axis=1, keepdims=True)
+      np.concatenate([q, k]), axis=1, keepdims=True
+  )
   cos = anchors @ queue.T
   if queue_kind == 'opposite':
     assert cos.max() < 0
@@ -421,6 +530,7 @@ def test_neg_inf_differs_from_zero_masking(reference_dir):
 # ---------------------------------------------------------------------------
 # Behaviour.
 
+
 def test_under_jit_with_traced_threshold(reference_dir):
   name = reference_cases('qgface')[0]
   settings, inputs, outputs = load_case(reference_dir, name)
@@ -433,13 +543,13 @@ def test_under_jit_with_traced_threshold(reference_dir):
   np.testing.assert_allclose(loss, outputs['loss'], rtol=RTOL, atol=ATOL)
   np.testing.assert_allclose(grad_q, outputs['grad_q'], rtol=RTOL, atol=ATOL)
   np.testing.assert_allclose(grad_k, outputs['grad_k'], rtol=RTOL, atol=ATOL)
-  np.testing.assert_allclose(state.value, np.reshape(outputs['batch_mean'], ()),
-                             rtol=RTOL, atol=ATOL)
+  np.testing.assert_allclose(
+      state.value, np.reshape(outputs['batch_mean'], ()), rtol=RTOL, atol=ATOL
+  )
   assert set(metrics) >= {'lq_fraction', 'positive_cos', 'num_negatives'}
 
 
-def _random_args(batch=8, dim=32, capacity=_CAPACITY, seed=0,
-                 dtype=np.float32):
+def _random_args(batch=8, dim=32, capacity=_CAPACITY, seed=0, dtype=np.float32):
   # The fixtures' shapes, so op-by-op dispatch reuses compiled primitives.
   rng = np.random.default_rng(seed)
   return dict(
@@ -451,7 +561,8 @@ def _random_args(batch=8, dim=32, capacity=_CAPACITY, seed=0,
       negative_valid=jnp.ones(capacity, bool),
       q_scaler=jnp.asarray(rng.uniform(-1, -0.5, batch), dtype),
       k_scaler=jnp.asarray(rng.uniform(-1, -0.5, batch), dtype),
-      margin_state=contrastive.init_margin_state())
+      margin_state=contrastive.init_margin_state(),
+  )
 
 
 def _assert_finite(loss, state, grad_q, grad_k):
@@ -486,7 +597,8 @@ def test_no_gradient_into_queue_or_scalers():
 
   def fn(*xs):
     loss, _, _ = contrastive.contrastive_loss(
-        **{**args, **dict(zip(names, xs))}, gate='cos')
+        **{**args, **dict(zip(names, xs))}, gate='cos'
+    )
     return loss
 
   grads = jax.grad(fn, argnums=(0, 1, 2))(*(args[n] for n in names))
@@ -497,16 +609,23 @@ def test_no_gradient_into_queue_or_scalers():
 def test_bfloat16_inputs_computed_in_float32():
   args16 = _random_args(dtype=jnp.bfloat16)
   args16['labels'] = jnp.arange(8)
-  args32 = {n: (x.astype(jnp.float32) if getattr(x, 'dtype', None) ==
-                jnp.bfloat16 else x) for n, x in args16.items()}
+  args32 = {
+      n: (
+          x.astype(jnp.float32)
+          if getattr(x, 'dtype', None) == jnp.bfloat16
+          else x
+      )
+      for n, x in args16.items()
+  }
   loss16, state16, _, grad_q16, _ = _loss_and_grads(args16, margin='dynamic')
   loss32, state32, _, grad_q32, _ = _loss_and_grads(args32, margin='dynamic')
   assert loss16.dtype == jnp.float32 and state16.value.dtype == jnp.float32
   assert grad_q16.dtype == jnp.bfloat16
   np.testing.assert_allclose(loss16, loss32, rtol=1e-6)
   np.testing.assert_allclose(state16.value, state32.value, rtol=1e-6)
-  np.testing.assert_allclose(grad_q16.astype(jnp.float32), grad_q32,
-                             rtol=1e-2, atol=1e-2)
+  np.testing.assert_allclose(
+      grad_q16.astype(jnp.float32), grad_q32, rtol=1e-2, atol=1e-2
+  )
 
 
 def test_gate_shapes():
@@ -517,16 +636,30 @@ def test_gate_shapes():
       ('sgn', 'half'): [1, 1, 1, 0, 0, 0],
       ('sgn', 'whole'): [1, 1, 1, 1, 1, 1],
       ('linear', 'half'): [0, 0.25 / 0.501, 0.4999 / 0.501, 0, 0, 0],
-      ('linear', 'whole'): [0, 0.25 / 0.501, 0.4999 / 0.501, 0.5 / 0.499,
-                            0.25 / 0.499, 0],
-      ('cos', 'half'): [0, (1 - math.cos(math.pi * 0.25 / 0.501)) / 2,
-                        (1 - math.cos(math.pi * 0.4999 / 0.501)) / 2, 0, 0, 0],
+      ('linear', 'whole'): [
+          0,
+          0.25 / 0.501,
+          0.4999 / 0.501,
+          0.5 / 0.499,
+          0.25 / 0.499,
+          0,
+      ],
+      ('cos', 'half'): [
+          0,
+          (1 - math.cos(math.pi * 0.25 / 0.501)) / 2,
+          (1 - math.cos(math.pi * 0.4999 / 0.501)) / 2,
+          0,
+          0,
+          0,
+      ],
   }
   for (shape, span), values in expected.items():
-    np.testing.assert_allclose(gate(shape, span), values, atol=1e-6,
-                               err_msg=f'{shape}/{span}')
+    np.testing.assert_allclose(
+        gate(shape, span), values, atol=1e-6, err_msg=f'{shape}/{span}'
+    )
   whole_cos = gate('cos', 'whole')
   np.testing.assert_allclose(whole_cos[3], 1.0, atol=1e-2)  # ~1 at t = b
   np.testing.assert_allclose(whole_cos[5], 0.0, atol=1e-4)  # 0 at t = 1
   np.testing.assert_array_equal(
-      contrastive.quality_gate(t, 0.0, 'sgn', 'half'), 1.0)
+      contrastive.quality_gate(t, 0.0, 'sgn', 'half'), 1.0
+  )

@@ -1,4 +1,5 @@
 """IResNet: shapes, parameter counts, dtypes, train-mode state, input sizes."""
+
 import functools
 
 import jax
@@ -25,7 +26,8 @@ def _abstract_cached(model, image_size, batch):
   images = jax.ShapeDtypeStruct((batch, *image_size, 3), jnp.float32)
   outputs, variables = jax.eval_shape(
       lambda x: model.init_with_output(jax.random.key(0), x, train=False),
-      images)
+      images,
+  )
   return variables, outputs
 
 
@@ -48,9 +50,11 @@ def random_variables(model, image_size, seed=0):
     if name == "negative_slope":
       return rng.uniform(0, 0.5, leaf.shape)
     return rng.normal(0, 0.1, leaf.shape)  # bias, mean
+
   return jax.tree_util.tree_map_with_path(
       lambda p, x: jnp.asarray(draw(p, x), jnp.float32),
-      _shapes(model, image_size))
+      _shapes(model, image_size),
+  )
 
 
 # One small network (IR-18 at width 4 on 56x56 images) serves the tests that
@@ -73,12 +77,18 @@ def _eval(model, variables, images):
 
 @jax.jit
 def _train(variables, images, key):
-  return TINY.apply(variables, images, train=True, mutable=["batch_stats"],
-                    rngs={"dropout": key})
+  return TINY.apply(
+      variables,
+      images,
+      train=True,
+      mutable=["batch_stats"],
+      rngs={"dropout": key},
+  )
 
 
-@pytest.mark.parametrize("depth,use_se", [(d, False) for d in DEPTHS]
-                         + [(50, True), (200, True)])
+@pytest.mark.parametrize(
+    "depth,use_se", [(d, False) for d in DEPTHS] + [(50, True), (200, True)]
+)
 def test_output_shapes_and_dtypes(depth, use_se):
   # The published models, so the parameter-count tests reuse these traces.
   variables, (embeddings, norms) = _abstract(IResNet(depth, use_se=use_se))
@@ -91,13 +101,13 @@ def test_embeddings_are_unit_vectors_with_their_norms(tiny):
   variables, images = tiny
   embeddings, norms = _eval(TINY, variables, images)
   assert embeddings.shape == (3, 16) and norms.shape == (3,)
-  np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0,
-                             rtol=1e-5)
+  np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, rtol=1e-5)
   assert np.all(np.asarray(norms) > 0)
 
 
-def _reference_param_count(stage_units, bottleneck, use_se, width=64,
-                           embedding=512, side=7):
+def _reference_param_count(
+    stage_units, bottleneck, use_se, width=64, embedding=512, side=7
+):
   """Parameter count of the published architecture, counted layer by layer.
 
   Written from the architecture description (not from our module): conv
@@ -115,11 +125,26 @@ def _reference_param_count(stage_units, bottleneck, use_se, width=64,
         total += c_in * out_c + bn(out_c)  # conv1x1 shortcut
       if bottleneck:
         r = out_c // 4
-        total += (bn(c_in) + c_in * r + bn(r) + r + 9 * r * r + bn(r) + r
-                  + r * out_c + bn(out_c))
+        total += (
+            bn(c_in)
+            + c_in * r
+            + bn(r)
+            + r
+            + 9 * r * r
+            + bn(r)
+            + r
+            + r * out_c
+            + bn(out_c)
+        )
       else:
-        total += (bn(c_in) + 9 * c_in * out_c + bn(out_c) + out_c
-                  + 9 * out_c * out_c + bn(out_c))
+        total += (
+            bn(c_in)
+            + 9 * c_in * out_c
+            + bn(out_c)
+            + out_c
+            + 9 * out_c * out_c
+            + bn(out_c)
+        )
       if use_se:
         total += 2 * out_c * (out_c // 16)
     in_c = out_c
@@ -127,34 +152,49 @@ def _reference_param_count(stage_units, bottleneck, use_se, width=64,
   return total
 
 
-@pytest.mark.parametrize("name,stage_units,bottleneck,use_se", [
-    ("ir50", (3, 4, 14, 3), False, False),
-    ("ir100", (3, 13, 30, 3), False, False),
-    ("ir_se50", (3, 4, 14, 3), False, True),
-    ("ir200", (3, 24, 36, 3), True, False),
-])
-def test_parameter_count_matches_architecture(name, stage_units, bottleneck,
-                                              use_se):
+@pytest.mark.parametrize(
+    "name,stage_units,bottleneck,use_se",
+    [
+        ("ir50", (3, 4, 14, 3), False, False),
+        ("ir100", (3, 13, 30, 3), False, False),
+        ("ir_se50", (3, 4, 14, 3), False, True),
+        ("ir200", (3, 24, 36, 3), True, False),
+    ],
+)
+def test_parameter_count_matches_architecture(
+    name, stage_units, bottleneck, use_se
+):
   params = _shapes(build_backbone(name))["params"]
   assert count_params(params) == _reference_param_count(
-      stage_units, bottleneck, use_se)
+      stage_units, bottleneck, use_se
+  )
 
 
 def test_published_parameter_counts():
   # IR-50 and IR-100 are widely quoted at 43.6M and 65.2M parameters.
-  assert round(count_params(_shapes(build_backbone("ir50"))["params"]),
-               -5) == 43_600_000
-  assert round(count_params(_shapes(build_backbone("ir100"))["params"]),
-               -5) == 65_200_000
+  assert (
+      round(count_params(_shapes(build_backbone("ir50"))["params"]), -5)
+      == 43_600_000
+  )
+  assert (
+      round(count_params(_shapes(build_backbone("ir100"))["params"]), -5)
+      == 65_200_000
+  )
 
 
 def test_ir18_counts_match_pytorch_state_dict(reference_dir):
   with np.load(reference_dir / "iresnet18_eval.weights.npz") as weights:
     shapes = {k: weights[k].shape for k in weights.files}
-  torch_params = sum(int(np.prod(s)) for k, s in shapes.items()
-                     if not k.endswith(("running_mean", "running_var")))
-  torch_stats = sum(int(np.prod(s)) for k, s in shapes.items()
-                    if k.endswith(("running_mean", "running_var")))
+  torch_params = sum(
+      int(np.prod(s))
+      for k, s in shapes.items()
+      if not k.endswith(("running_mean", "running_var"))
+  )
+  torch_stats = sum(
+      int(np.prod(s))
+      for k, s in shapes.items()
+      if k.endswith(("running_mean", "running_var"))
+  )
   variables = _shapes(build_backbone("ir18"))
   assert count_params(variables["params"]) == torch_params
   assert count_params(variables["batch_stats"]) == torch_stats
@@ -186,23 +226,32 @@ def test_train_mode_updates_batch_stats_and_uses_dropout(tiny):
   old = variables["batch_stats"]
   new = updates["batch_stats"]
   assert jax.tree_util.tree_structure(old) == jax.tree_util.tree_structure(new)
-  for a, b in zip(jax.tree_util.tree_leaves(old),
-                  jax.tree_util.tree_leaves(new)):
+  for a, b in zip(
+      jax.tree_util.tree_leaves(old), jax.tree_util.tree_leaves(new)
+  ):
     assert not np.allclose(a, b)
   # The stem BN moves 10% of the way to the batch mean (PyTorch momentum 0.1).
   stem = jax.lax.conv_general_dilated(
-      images, variables["params"]["input_layer"]["conv"]["kernel"], (1, 1),
-      [(1, 1), (1, 1)], dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      images,
+      variables["params"]["input_layer"]["conv"]["kernel"],
+      (1, 1),
+      [(1, 1), (1, 1)],
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+  )
   np.testing.assert_allclose(
       new["input_layer"]["bn"]["mean"],
       0.9 * old["input_layer"]["bn"]["mean"] + 0.1 * np.mean(stem, (0, 1, 2)),
-      rtol=1e-4, atol=1e-6)
+      rtol=1e-4,
+      atol=1e-6,
+  )
   # ... and to the *unbiased* batch variance, as torch.nn.BatchNorm2d.
   count = stem.shape[0] * stem.shape[1] * stem.shape[2]
   np.testing.assert_allclose(
       new["input_layer"]["bn"]["var"],
-      0.9 * old["input_layer"]["bn"]["var"] +
-      0.1 * np.var(stem, (0, 1, 2)) * count / (count - 1), rtol=1e-4)
+      0.9 * old["input_layer"]["bn"]["var"]
+      + 0.1 * np.var(stem, (0, 1, 2)) * count / (count - 1),
+      rtol=1e-4,
+  )
   # Dropout draws from the 'dropout' rng; eval mode is deterministic.
   assert not np.allclose(e1, e2)
   e3, _ = _eval(TINY, variables, images)
@@ -213,8 +262,7 @@ def test_train_mode_updates_batch_stats_and_uses_dropout(tiny):
 @pytest.mark.parametrize("size,side", [(56, 4), (64, 4), (112, 7), (36, 3)])
 def test_any_input_size(size, side):
   # Each stage halves with ceil, like PyTorch's stride-2 convs with padding 1.
-  variables, (embeddings, _) = _abstract(build_backbone("ir18"),
-                                         (size, size))
+  variables, (embeddings, _) = _abstract(build_backbone("ir18"), (size, size))
   kernel = variables["params"]["output_layer"]["fc"]["kernel"]
   assert kernel.shape == (side * side * 512, 512)
   assert embeddings.shape == (2, 512)
@@ -226,8 +274,10 @@ def test_prelu_is_per_channel_with_slope_quarter():
   variables = layer.init(jax.random.key(0), x)
   slopes = variables["params"]["negative_slope"]
   np.testing.assert_array_equal(slopes, [0.25] * 3)
-  out = layer.apply({"params": {"negative_slope": jnp.array([0.1, 0.2, 0.3])}},
-                    jnp.concatenate([x, -x], axis=1))
+  out = layer.apply(
+      {"params": {"negative_slope": jnp.array([0.1, 0.2, 0.3])}},
+      jnp.concatenate([x, -x], axis=1),
+  )
   np.testing.assert_allclose(out[0, 0, 0], [-0.1, -0.2, -0.3])
   np.testing.assert_allclose(out[0, 2, 0], [1.0, 1.0, 1.0])
 
@@ -236,16 +286,26 @@ def test_normalize_images():
   pixels = np.array([0, 51, 255], np.uint8).reshape(1, 1, 3, 1)
   out = normalize_images(pixels)
   assert out.dtype == jnp.float32
-  np.testing.assert_allclose(out.ravel(), (pixels.ravel() / 255 - 0.5) / 0.5,
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+      out.ravel(), (pixels.ravel() / 255 - 0.5) / 0.5, rtol=1e-6
+  )
   assert normalize_images(pixels, jnp.bfloat16).dtype == jnp.bfloat16
 
 
-@pytest.mark.parametrize("name,depth,use_se", [
-    ("ir18", 18, False), ("ir34", 34, False), ("ir50", 50, False),
-    ("ir100", 100, False), ("ir200", 200, False), ("ir_se50", 50, True),
-    ("ir_se100", 100, True), ("IR_SE_50", 50, True), ("ir_101", 100, False),
-])
+@pytest.mark.parametrize(
+    "name,depth,use_se",
+    [
+        ("ir18", 18, False),
+        ("ir34", 34, False),
+        ("ir50", 50, False),
+        ("ir100", 100, False),
+        ("ir200", 200, False),
+        ("ir_se50", 50, True),
+        ("ir_se100", 100, True),
+        ("IR_SE_50", 50, True),
+        ("ir_101", 100, False),
+    ],
+)
 def test_build_backbone(name, depth, use_se):
   model = build_backbone(name, dtype=jnp.bfloat16, base_width=16)
   assert (model.num_layers, model.use_se) == (depth, use_se)
@@ -264,18 +324,26 @@ def test_rematerialised_blocks_give_the_plain_gradients(tiny):
 
   def loss(model, params):
     (emb, norms), _ = model.apply(
-        {"params": params, "batch_stats": variables["batch_stats"]}, images,
-        train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(3)})
+        {"params": params, "batch_stats": variables["batch_stats"]},
+        images,
+        train=True,
+        mutable=["batch_stats"],
+        rngs={"dropout": jax.random.key(3)},
+    )
     return jnp.sum(emb[:, 0]) + 1e-2 * jnp.sum(norms)
 
   grad = lambda model: jax.jit(jax.grad(functools.partial(loss, model)))(
-      variables["params"])
+      variables["params"]
+  )
   plain, rematerialised = grad(TINY), grad(remat)
   assert jax.tree.structure(plain) == jax.tree.structure(rematerialised)
   for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(rematerialised)):
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
   # The backward pass does recompute: the rematerialised program has more
   # convolutions than the plain one.
-  hlo = lambda model: jax.jit(jax.grad(functools.partial(loss, model))).lower(
-      variables["params"]).as_text()
+  hlo = (
+      lambda model: jax.jit(jax.grad(functools.partial(loss, model)))
+      .lower(variables["params"])
+      .as_text()
+  )
   assert hlo(remat).count("convolution(") > hlo(TINY).count("convolution(")
