@@ -31,7 +31,7 @@ from qgjt_jax.models import layers
 
 # Allowed values, from the code that consumes each key where it names them.
 _CHOICES = {
-    "data.kind": sources.KINDS,
+    "data.kind": sources.kinds,  # a registry: read when checked
     "data.view.recipe": degrade.RECIPES,
     "model.remat": ("none", "block"),
     "model.input_order": layers.INPUT_ORDERS,
@@ -161,19 +161,7 @@ def check_train_config(
         "step numbers with 0 <= START < STOP, e.g. "
         "--config.profile_steps='(100, 110)'."
     )
-  if config.data.kind == "synthetic":
-    spec = config.data.synthetic
-    for key, least in (
-        ("num_identities", 2),
-        ("images_per_identity", 1),
-        ("eval_identities", 2),
-        ("eval_pairs", 1),
-    ):
-      if spec[key] < least:
-        raise ConfigError(
-            f"config.data.synthetic.{key}={spec[key]} must be "
-            f"at least {least}."
-        )
+  _check_data(config, files=False)
   if num_classes is not None:
     check_num_classes(num_classes)
   check_data_paths(config)
@@ -182,8 +170,8 @@ def check_train_config(
 def check_values(config: ml_collections.ConfigDict) -> None:
   """Enumerations, ranges and positive sizes."""
   _check_finite(config)
-  for key, allowed in _CHOICES.items():
-    value = config_keys.lookup(config, key)
+  for key in _CHOICES:
+    value, allowed = config_keys.lookup(config, key), _allowed_values(key)
     if value not in allowed:
       raise ConfigError(
           f"config.{key}={value!r} is not one of {allowed}; "
@@ -227,11 +215,16 @@ def check_values(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config.data.view: {e}") from None
 
 
+def _allowed_values(key: str) -> tuple:
+  values = _CHOICES[key]
+  return tuple(values() if callable(values) else values)
+
+
 def allowed(key: str) -> str | None:
   """What config.`key` may hold, in words, as `check_values` checks it
   (None: any value of its type)."""
   if key in _CHOICES:
-    return "one of " + ", ".join(map(str, _CHOICES[key]))
+    return "one of " + ", ".join(map(str, _allowed_values(key)))
   if key == "model.name":
     from qgjt_jax.models import backbone_names
 
@@ -277,37 +270,20 @@ def check_num_classes(num_classes: int) -> None:
     )
 
 
+def _check_data(config: ml_collections.ConfigDict, files: bool) -> None:
+  """The keys `config.data.kind` reads (and with `files`, its files)."""
+  try:
+    kind = sources.data_kind(config.data.kind)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  problem = kind.problem(config.data, files)
+  if problem:
+    raise ConfigError(problem)
+
+
 def check_data_paths(config: ml_collections.ConfigDict) -> None:
   """The training data and every evaluation set the config names exist."""
-  data = config.data
-  if data.kind == "rec":
-    if not data.rec_dir:
-      raise ConfigError(
-          "config.data.rec_dir is not set: point it at the folder holding "
-          "insightface's train.rec and train.idx, e.g. "
-          "--config.data.rec_dir=/data/faces_emore."
-      )
-    if "://" not in data.rec_dir and not os.path.exists(data.rec_dir):
-      raise ConfigError(
-          f"config.data.rec_dir={data.rec_dir!r} does not "
-          "exist: point it at the folder holding train.rec "
-          "and train.idx."
-      )
-  if data.kind == "tfds":
-    if not data.tfds_name:
-      raise ConfigError(
-          "config.data.tfds_name is not set: name a prepared set such as "
-          "'insightface_rec/ms1mv2' (see `python -m qgjt_jax.data.prepare`)."
-      )
-    if (
-        data.tfds_data_dir
-        and "://" not in data.tfds_data_dir
-        and (not os.path.isdir(data.tfds_data_dir))
-    ):
-      raise ConfigError(
-          f"config.data.tfds_data_dir={data.tfds_data_dir!r} does not exist: "
-          "use the --data_dir given to `python -m qgjt_jax.data.prepare`."
-      )
+  _check_data(config, files=True)
   check_eval_paths(config)
 
 

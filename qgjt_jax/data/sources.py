@@ -16,14 +16,16 @@ are trained on (it says why).
 * `ArrayRecordSource`: a dataset prepared by `qgjt_jax.data.prepare` (TFDS
   ArrayRecord, see `qgjt_jax.data.builders`).
 * `open_source`: picks one of them from a path or a prepared dataset name.
-* `train_source`: the source a training config's `config.data` names.
+* `train_source`: the source a training config's `config.data` names, by
+  its kind (`register_kind`: rec, tfds, synthetic).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
-from typing import Any, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -35,6 +37,9 @@ __all__ = [
     "ArrayRecordSource",
     "open_source",
     "train_source",
+    "DataKind",
+    "register_kind",
+    "data_kind",
     "RecordIOError",
 ]
 
@@ -231,37 +236,131 @@ def default_tfds_data_dir() -> str:
   )
 
 
-# config.data.kind's values (`train_source`).
-KINDS = ("rec", "tfds", "synthetic")
+# ---------------------------------------------------------------------------
+# The kinds of training data (`config.data.kind`): a registry, like the
+# queue variants. A kind opens its source from `config.data` and says what
+# is wrong with the keys it reads (the config checks raise it, naming the
+# key), so adding a kind is writing its two functions.
+
+
+@dataclasses.dataclass(frozen=True)
+class DataKind:
+  name: str
+  # config.data -> the training source.
+  open: Callable[[Any], Any]
+  # (config.data, whether to look at the files) -> what is wrong, or None.
+  problem: Callable[[Any, bool], Optional[str]]
+
+
+_KINDS: dict[str, DataKind] = {}
+
+
+def register_kind(kind: DataKind) -> DataKind:
+  _KINDS[kind.name] = kind
+  return kind
+
+
+def data_kind(name: str) -> DataKind:
+  if name not in _KINDS:
+    raise ValueError(
+        f"config.data.kind={name!r}: expected one of {', '.join(_KINDS)}"
+    )
+  return _KINDS[name]
+
+
+def _local_missing(path: str, folder: bool = False) -> bool:
+  """A local path (not object storage) that does not exist."""
+  if "://" in path:
+    return False
+  return not (os.path.isdir(path) if folder else os.path.exists(path))
+
+
+def _rec_problem(data: Any, files: bool) -> Optional[str]:
+  if not data.rec_dir:
+    return (
+        "config.data.rec_dir is not set: point it at the folder holding "
+        "insightface's train.rec and train.idx, e.g. "
+        "--config.data.rec_dir=/data/faces_emore."
+    )
+  if files and _local_missing(data.rec_dir):
+    return (
+        f"config.data.rec_dir={data.rec_dir!r} does not exist: point it at "
+        "the folder holding train.rec and train.idx."
+    )
+  return None
+
+
+def _tfds_problem(data: Any, files: bool) -> Optional[str]:
+  if not data.tfds_name:
+    return (
+        "config.data.tfds_name is not set: name a prepared set such as "
+        "'insightface_rec/ms1mv2' (see `python -m qgjt_jax.data.prepare`)."
+    )
+  if (
+      files
+      and data.tfds_data_dir
+      and _local_missing(data.tfds_data_dir, folder=True)
+  ):
+    return (
+        f"config.data.tfds_data_dir={data.tfds_data_dir!r} does not exist: "
+        "use the --data_dir given to `python -m qgjt_jax.data.prepare`."
+    )
+  return None
+
+
+def _synthetic_problem(data: Any, files: bool) -> Optional[str]:
+  del files  # generated: no files
+  spec = data.synthetic
+  for key, least in (
+      ("num_identities", 2),
+      ("images_per_identity", 1),
+      ("eval_identities", 2),
+      ("eval_pairs", 1),
+  ):
+    if spec[key] < least:
+      return (
+          f"config.data.synthetic.{key}={spec[key]} must be at least {least}."
+      )
+  return None
+
+
+def _synthetic_source(data: Any):
+  from qgjt_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+
+  spec = data.synthetic
+  return synthetic.SyntheticFaces(
+      spec.num_identities,
+      spec.images_per_identity,
+      image_size=data.image_size,
+      seed=spec.seed,
+      cache=True,
+  )
+
+
+# "rec": an insightface folder (`rec_dir`), read directly; "tfds": a set
+# `qgjt_jax.data.prepare` wrote (`tfds_name` such as
+# "insightface_rec/ms1mv2", under `tfds_data_dir` or TFDS's default
+# directory); "synthetic": the generated set sized by `data.synthetic` (its
+# `seed` fixes which faces exist, independently of the training seed).
+register_kind(
+    DataKind("rec", lambda data: RecSource(data.rec_dir), _rec_problem)
+)
+register_kind(
+    DataKind(
+        "tfds",
+        lambda data: ArrayRecordSource.from_name(
+            data.tfds_data_dir or default_tfds_data_dir(), data.tfds_name
+        ),
+        _tfds_problem,
+    )
+)
+register_kind(DataKind("synthetic", _synthetic_source, _synthetic_problem))
+
+def kinds() -> tuple[str, ...]:
+  """config.data.kind's values: the kinds registered."""
+  return tuple(_KINDS)
 
 
 def train_source(config: Any):
-  """The training source that `config.data` describes.
-
-  `config.data.kind` is "rec" (`rec_dir`: an insightface folder, read
-  directly), "tfds" (`tfds_name` such as "insightface_rec/ms1mv2", under
-  `tfds_data_dir` or TFDS's default directory) or "synthetic" (the generated
-  set sized by `config.data.synthetic`; its `seed` fixes which faces exist
-  independently of the training seed).
-  """
-  data = config.data
-  if data.kind == "rec":
-    return RecSource(data.rec_dir)
-  if data.kind == "tfds":
-    return ArrayRecordSource.from_name(
-        data.tfds_data_dir or default_tfds_data_dir(), data.tfds_name
-    )
-  if data.kind == "synthetic":
-    from qgjt_jax.data import synthetic  # pylint: disable=g-import-not-at-top
-
-    spec = data.synthetic
-    return synthetic.SyntheticFaces(
-        spec.num_identities,
-        spec.images_per_identity,
-        image_size=data.image_size,
-        seed=spec.seed,
-        cache=True,
-    )
-  raise ValueError(
-      f"config.data.kind={data.kind!r}: expected rec, tfds or " "synthetic"
-  )
+  """The training source that `config.data` describes (its kind's)."""
+  return data_kind(config.data.kind).open(config.data)

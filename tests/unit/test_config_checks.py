@@ -296,3 +296,29 @@ def test_keys_mode_prints_each_key_value_and_meaning(tmp_path):
   assert len(lines) == 2 * len(list(_leaves(ms1m.get_config())))
   refused = commands.main("--mode=keys", cwd=tmp_path)
   commands.assert_refused(refused, "--mode=keys needs --config")
+
+
+def test_a_registered_data_kind_is_checked_and_opened(monkeypatch):
+  """Dataset kinds are a registry: a new one is an allowed value, its own
+  problems are the config check's message, and it opens the source."""
+  from qgjt_jax.data import sources  # pylint: disable=g-import-not-at-top
+
+  monkeypatch.setattr(sources, "_KINDS", dict(sources._KINDS))
+  sources.register_kind(
+      sources.DataKind(
+          "lines",
+          open=lambda data: ["a", "b"] * data.image_size,
+          problem=lambda data, files: (
+              "config.data.rec_dir names no lines file"
+              if files and not data.rec_dir
+              else None
+          ),
+      )
+  )
+  assert "lines" in config_checks.allowed("data.kind")
+  config = _config(**{"data.kind": "lines"})
+  config_checks.check_values(config)
+  assert "names no lines file" in _error(config, num_classes=64)
+  assert sources.train_source(config) == ["a", "b"] * config.data.image_size
+  config = _config(**{"data.kind": "rows"})
+  assert "config.data.kind='rows'" in _error(config, num_classes=64)
