@@ -1,5 +1,9 @@
 """Evaluation of a model state: what the config lists, as a table.
 
+Each protocol (the generated pairs, .bin sets, TinyFace, SCface, IJB, one's
+own folders and pairs files) is a registered function (`register_protocol`)
+that reads its own keys of `config.eval` and measures its sets with one
+`Embedder`; the evaluator runs them all and adds each set's provenance.
 Used periodically by the trainer and by `--mode=eval`, which restores the
 backbone of a checkpoint (any device count) and runs the same evaluations.
 Results go to stdout as a table, to WORKDIR/eval/*.json and to the metric
@@ -8,8 +12,9 @@ writer.
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -31,28 +36,230 @@ from qgjt_jax.eval import verification
 from qgjt_jax.inference import model as model_lib
 
 
+@dataclasses.dataclass(frozen=True)
+class Embedder:
+  """What every protocol embeds faces with: the forward pass of one view
+  (`embed_fn`), in batches of `batch_size`, fused with its mirror image by
+  `fusion` (config.eval.fusion), for faces of `image_size` pixels."""
+
+  embed_fn: Callable
+  batch_size: int
+  fusion: Optional[str]
+  image_size: int
+
+  @property
+  def common(self) -> dict[str, Any]:
+    """The keywords every protocol's evaluation takes."""
+    return dict(batch_size=self.batch_size, fusion=self.fusion)
+
+
+@dataclasses.dataclass
+class Measured:
+  """One set's metrics, and what they were measured on: `kind` (the
+  provenance that decisions read), the `folder` of photos and how they
+  were aligned, where those apply."""
+
+  name: str
+  kind: str
+  metrics: dict
+  folder: Optional[str] = None
+  align: Optional[str] = None
+
+
+# (embedder, the whole config) -> the sets it measured. A protocol reads its
+# own keys of config.eval and measures nothing when they are unset.
+Protocol = Callable[[Embedder, ml_collections.ConfigDict], Iterable[Measured]]
+_PROTOCOLS: dict[str, Protocol] = {}
+
+
+def register_protocol(name: str) -> Callable[[Protocol], Protocol]:
+  """Decorator: an evaluation every run does (in registration order)."""
+
+  def register(protocol: Protocol) -> Protocol:
+    _PROTOCOLS[name] = protocol
+    return protocol
+
+  return register
+
+
+# The generated pairs of the last config evaluated (a periodic evaluation
+# measures the same pairs at every step): {its key: the sets}.
+_SYNTHETIC_SETS: dict[str, Any] = {}
+
+
+def _synthetic_sets(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  from qgjt_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+
+  data = config.data
+  key = repr((data.synthetic.to_dict(), data.image_size, data.view.to_dict()))
+  if key not in _SYNTHETIC_SETS:
+    _SYNTHETIC_SETS.clear()
+    _SYNTHETIC_SETS[key] = synthetic.synthetic_verification_sets(
+        data.synthetic.eval_identities,
+        data.synthetic.eval_pairs,
+        image_size=data.image_size,
+        seed=data.synthetic.seed,
+        view_config=degrade.view_config_from(data.view),
+    )
+  return _SYNTHETIC_SETS[key]
+
+
+@register_protocol("synthetic")
+def _synthetic(embedder: Embedder, config) -> Iterable[Measured]:
+  """The generated set's pairs, when it is the training data."""
+  if config.data.kind != "synthetic":
+    return
+  sets = _synthetic_sets(config)
+  for name, (images, issame) in sets.items():
+    yield Measured(
+        f"synthetic_{name}",
+        "generated",
+        verification.evaluate_pairs(
+            embedder.embed_fn,
+            images,
+            issame,
+            desc=name,
+            clean_then_degraded=name == "hq_lq",
+            **embedder.common,
+        ),
+    )
+
+
+@register_protocol("bin_sets")
+def _bin_sets(embedder: Embedder, config) -> Iterable[Measured]:
+  cfg = config.eval
+  for path in cfg.bin_sets:
+    for low_res in (None, *cfg.low_res):
+      yield Measured(
+          _set_name(path) + (f"@{low_res}px" if low_res else ""),
+          "bin",
+          verification.evaluate_bin(
+              embedder.embed_fn,
+              path,
+              low_res=low_res,
+              image_size=embedder.image_size,
+              **embedder.common,
+          ),
+      )
+
+
+@register_protocol("tinyface")
+def _tinyface(embedder: Embedder, config) -> Iterable[Measured]:
+  cfg = config.eval
+  if not cfg.tinyface_root:
+    return
+  aligned = cfg.tinyface_aligned_dir or None
+  metrics = tinyface.evaluate_tinyface(
+      embedder.embed_fn,
+      cfg.tinyface_root,
+      aligned_dir=aligned,
+      image_size=embedder.image_size,
+      **embedder.common,
+  )
+  metrics["images"] = aligned or "raw Testing_Set"
+  yield Measured("tinyface", "identification", metrics)
+
+
+@register_protocol("scface")
+def _scface(embedder: Embedder, config) -> Iterable[Measured]:
+  cfg = config.eval
+  if not cfg.scface_root:
+    return
+  metrics = scface.evaluate_scface(
+      embedder.embed_fn,
+      cfg.scface_root,
+      aligned_dir=cfg.scface_aligned_dir,
+      image_size=embedder.image_size,
+      **embedder.common,
+  )
+  metrics["images"] = cfg.scface_aligned_dir or "the root"
+  yield Measured("scface", "identification", metrics)
+
+
+@register_protocol("ijb")
+def _ijb(embedder: Embedder, config) -> Iterable[Measured]:
+  cfg = config.eval
+  if not cfg.ijb_root:
+    return
+  yield Measured(
+      cfg.ijb_target.lower(),
+      "ijb_template",
+      ijb.evaluate_ijb(
+          embedder.embed_fn,
+          cfg.ijb_root,
+          subset=cfg.ijb_target,
+          image_size=embedder.image_size,
+          use_norm_score=cfg.ijb_pooling == "norm",
+          tar_rule=cfg.tar_rule,
+          use_detector_score=cfg.ijb_detector_score,
+          **embedder.common,
+      ),
+  )
+
+
+def _own_keywords(embedder: Embedder, cfg) -> dict[str, Any]:
+  load = (
+      faces.photo_loader(embedder.image_size) if cfg.align == "detect" else None
+  )
+  return dict(
+      image_size=embedder.image_size,
+      load=load,
+      tar_rule=cfg.tar_rule,
+      **embedder.common,
+  )
+
+
+@register_protocol("folders")
+def _folders(embedder: Embedder, config) -> Iterable[Measured]:
+  """Folders of one's own people: calibration folders (what decisions cut
+  their thresholds on) and folders measured."""
+  cfg = config.eval
+  for kind, folders in (
+      ("calibration", cfg.calibration_folders),
+      ("own_folder", cfg.folders),
+  ):
+    prefix = "calibration_" if kind == "calibration" else "folder_"
+    for folder in folders:
+      name = prefix + _set_name(os.path.normpath(folder))
+      # Decisions stand on the clean faces only; the low-resolution
+      # variants are measurements.
+      for suffix, metrics in own_data.evaluate_folder(
+          embedder.embed_fn,
+          folder,
+          low_res=cfg.low_res if kind == "own_folder" else (),
+          **_own_keywords(embedder, cfg),
+      ).items():
+        yield Measured(
+            name + suffix,
+            kind if not suffix else "low_res_folder",
+            metrics,
+            folder,
+            cfg.align,
+        )
+
+
+@register_protocol("pairs_files")
+def _pairs_files(embedder: Embedder, config) -> Iterable[Measured]:
+  cfg = config.eval
+  for path in cfg.pairs_files:
+    yield Measured(
+        f"pairs_{_set_name(path)}",
+        "own_pairs",
+        own_data.evaluate_pairs_file(
+            embedder.embed_fn, path, **_own_keywords(embedder, cfg)
+        ),
+        align=cfg.align,
+    )
+
+
 class Evaluator:
-  """Runs the evaluations of `config.eval` (and the synthetic pairs)."""
+  """Runs the registered protocols on the sets `config.eval` (and the
+  synthetic training data) names."""
 
   def __init__(self, config: ml_collections.ConfigDict, model, mesh: Mesh):
     self.config = config
     self.mesh = mesh
     self.model = model
-    self._synthetic_sets = None
-
-  def _synthetic_pairs(self):
-    if self._synthetic_sets is None:
-      from qgjt_jax.data import synthetic
-
-      spec = self.config.data.synthetic
-      self._synthetic_sets = synthetic.synthetic_verification_sets(
-          spec.eval_identities,
-          spec.eval_pairs,
-          image_size=self.config.data.image_size,
-          seed=spec.seed,
-          view_config=degrade.view_config_from(self.config.data.view),
-      )
-    return self._synthetic_sets
 
   def evaluate_variables(self, variables: Any) -> dict[str, dict]:
     """{set name: metrics} for the backbone `variables` (training's)."""
@@ -70,116 +277,22 @@ class Evaluator:
     here). Each set's "provenance" says what its thresholds are worth: the
     kind of faces, the scoring and (once published) the step
     (inference/decisions.py)."""
-    cfg = self.config.eval
-    common = dict(batch_size=batch_size, fusion=cfg.fusion)
-    scoring = extract.scoring_name(cfg.fusion)
+    embedder = Embedder(
+        embed_fn,
+        batch_size,
+        self.config.eval.fusion,
+        self.config.data.image_size,
+    )
+    scoring = extract.scoring_name(embedder.fusion)
     results = {}
-
-    def add(name, kind, metrics, folder=None, align=None):
-      metrics["provenance"] = {"kind": kind, "scoring": scoring}
-      if folder:
-        metrics["provenance"]["folder"] = os.path.abspath(folder)
-      if align:  # how photos became faces: decisions must do the same
-        metrics["provenance"]["align"] = align
-      results[name] = metrics
-
-    if self.config.data.kind == "synthetic":
-      for name, (images, issame) in self._synthetic_pairs().items():
-        add(
-            f"synthetic_{name}",
-            "generated",
-            verification.evaluate_pairs(
-                embed_fn,
-                images,
-                issame,
-                desc=name,
-                clean_then_degraded=name == "hq_lq",
-                **common,
-            ),
-        )
-    size = self.config.data.image_size
-    for path in cfg.bin_sets:
-      for low_res in (None, *cfg.low_res):
-        add(
-            _set_name(path) + (f"@{low_res}px" if low_res else ""),
-            "bin",
-            verification.evaluate_bin(
-                embed_fn, path, low_res=low_res, image_size=size, **common
-            ),
-        )
-    if cfg.tinyface_root:
-      aligned = cfg.tinyface_aligned_dir or None
-      add(
-          "tinyface",
-          "identification",
-          tinyface.evaluate_tinyface(
-              embed_fn,
-              cfg.tinyface_root,
-              aligned_dir=aligned,
-              image_size=size,
-              **common,
-          ),
-      )
-      results["tinyface"]["images"] = aligned or "raw Testing_Set"
-    if cfg.scface_root:
-      add(
-          "scface",
-          "identification",
-          scface.evaluate_scface(
-              embed_fn,
-              cfg.scface_root,
-              aligned_dir=cfg.scface_aligned_dir,
-              image_size=size,
-              **common,
-          ),
-      )
-      results["scface"]["images"] = cfg.scface_aligned_dir or "the root"
-    if cfg.ijb_root:
-      add(
-          cfg.ijb_target.lower(),
-          "ijb_template",
-          ijb.evaluate_ijb(
-              embed_fn,
-              cfg.ijb_root,
-              subset=cfg.ijb_target,
-              image_size=size,
-              use_norm_score=cfg.ijb_pooling == "norm",
-              tar_rule=cfg.tar_rule,
-              use_detector_score=cfg.ijb_detector_score,
-              **common,
-          ),
-      )
-    load = faces.photo_loader(size) if cfg.align == "detect" else None
-    own = dict(image_size=size, load=load, tar_rule=cfg.tar_rule, **common)
-    for kind, folders in (
-        ("calibration", cfg.calibration_folders),
-        ("own_folder", cfg.folders),
-    ):
-      prefix = "calibration_" if kind == "calibration" else "folder_"
-      for folder in folders:
-        name = prefix + _set_name(os.path.normpath(folder))
-        # Decisions stand on the clean faces only; the low-resolution
-        # variants are measurements.
-        for suffix, metrics in own_data.evaluate_folder(
-            embed_fn,
-            folder,
-            low_res=cfg.low_res if kind == "own_folder" else (),
-            **own,
-        ).items():
-          add(
-              name + suffix,
-              kind if not suffix else "low_res_folder",
-              metrics,
-              folder,
-              cfg.align,
-          )
-    for path in cfg.pairs_files:
-      add(
-          f"pairs_{_set_name(path)}",
-          "own_pairs",
-          own_data.evaluate_pairs_file(embed_fn, path, **own),
-          align=cfg.align,
-      )
+    for protocol in _PROTOCOLS.values():
+      for measured in protocol(embedder, self.config):
+        provenance = {"kind": measured.kind, "scoring": scoring}
+        if measured.folder:
+          provenance["folder"] = os.path.abspath(measured.folder)
+        if measured.align:  # how photos became faces: decisions do the same
+          provenance["align"] = measured.align
+        results[measured.name] = {**measured.metrics, "provenance": provenance}
     return results
 
   def run(self, state, step: int, writer, workdir: str) -> dict[str, dict]:

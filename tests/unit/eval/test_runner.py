@@ -7,6 +7,7 @@ import pytest
 
 from qgjt_jax import parallel
 from qgjt_jax import state as state_lib
+from qgjt_jax.eval import extract
 from qgjt_jax.eval import report
 from qgjt_jax.eval import runner
 from qgjt_jax.eval import tinyface
@@ -94,3 +95,32 @@ def test_tinyface_is_scored_on_the_aligned_copies_and_says_so(tmp_path):
       raw_config, model, parallel.make_mesh(1)
   ).evaluate_variables(variables)
   assert raw_results["tinyface"]["images"] == "raw Testing_Set"
+
+
+def test_a_registered_protocol_runs_with_the_others(tmp_path, monkeypatch):
+  """Evaluations are a registry: a new protocol gets the embedder (the
+  forward pass, batch, fusion and face size) and the config, and its sets
+  are published with the provenance decisions read."""
+  monkeypatch.setattr(runner, "_PROTOCOLS", dict(runner._PROTOCOLS))
+  seen = []
+
+  @runner.register_protocol("norms")
+  def _norms(embedder, config):
+    seen.append((embedder.batch_size, embedder.fusion, embedder.image_size))
+    faces = np.zeros((3, embedder.image_size, embedder.image_size, 3), np.uint8)
+    _, norms = embedder.embed_fn(faces)
+    yield runner.Measured(
+        "norms_of_grey", "measured", {"mean_norm": float(np.mean(norms))}
+    )
+
+  config = _config(tmp_path)
+  model, variables = _variables(config)
+  results = runner.Evaluator(
+      config, model, parallel.make_mesh(1)
+  ).evaluate_variables(variables)
+  assert seen == [(8, config.eval.fusion, eval_trees.SIZE)]
+  assert results["norms_of_grey"]["mean_norm"] > 0
+  assert results["norms_of_grey"]["provenance"] == {
+      "kind": "measured",
+      "scoring": extract.scoring_name(config.eval.fusion),
+  }
