@@ -103,7 +103,7 @@ def get_base_config() -> ml_collections.ConfigDict:
       num_epochs=(26.0, "epochs to train"),
       global_batch_size=(
           512,
-          "faces a step over all devices (each seen in " "two views)",
+          "faces a step over all devices (each seen in two views)",
       ),
       model_parallelism=(
           1,
@@ -116,7 +116,7 @@ def get_base_config() -> ml_collections.ConfigDict:
       keep_checkpoints=(3, "checkpoints kept in the workdir"),
       eval_every_steps=(
           10000,
-          "steps between evaluations; 0 at the end " "only",
+          "steps between evaluations; 0 at the end only",
       ),
       max_consecutive_nonfinite=(
           20,
@@ -135,17 +135,17 @@ def get_base_config() -> ml_collections.ConfigDict:
       "model.",
       name=(
           "ir50",
-          "a backbone of the registry " "(qgjt_jax.models.backbone_names())",
+          "a backbone of the registry (qgjt_jax.models.backbone_names())",
       ),
       base_width=(64, "the first stage's channels (families that have it)"),
       embedding_size=(512, "the embedding's dimension"),
       dropout_rate=(
           0.4,
-          "dropout before the embedding layer (families " "that have it)",
+          "dropout before the embedding layer (families that have it)",
       ),
       dtype=(
           "bfloat16",
-          "the compute dtype; parameters and the loss math " "stay float32",
+          "the compute dtype; parameters and the loss math stay float32",
       ),
       remat=(
           "none",
@@ -176,11 +176,11 @@ def get_base_config() -> ml_collections.ConfigDict:
       rec_dir=(str, "kind rec: the folder of train.rec and train.idx"),
       tfds_name=(
           str,
-          "kind tfds: the set's name, e.g. " "face_image_folder/NAME",
+          "kind tfds: the set's name, e.g. face_image_folder/NAME",
       ),
       tfds_data_dir=(
           str,
-          "kind tfds: the folder data.prepare wrote it to " "(default: TFDS's)",
+          "kind tfds: the folder data.prepare wrote it to (default: TFDS's)",
       ),
       image_size=(112, "the crop's side in pixels"),
       worker_count=(8, "input processes; 0 reads in-process"),
@@ -208,7 +208,7 @@ def get_base_config() -> ml_collections.ConfigDict:
       flip_p=(float, "the probability of a horizontal flip"),
       lowres_p=(
           float,
-          "the probability of the low-resolution step " "(adaface)",
+          "the probability of the low-resolution step (adaface)",
       ),
   )
   config.data.synthetic = _keys(
@@ -217,12 +217,12 @@ def get_base_config() -> ml_collections.ConfigDict:
       images_per_identity=(40, "kind synthetic: images of each"),
       eval_identities=(
           40,
-          "kind synthetic: identities of the evaluation " "pairs",
+          "kind synthetic: identities of the evaluation pairs",
       ),
       eval_pairs=(300, "kind synthetic: evaluation pairs (half genuine)"),
       seed=(
           0,
-          "kind synthetic: which faces exist, apart from the run's " "seed",
+          "kind synthetic: which faces exist, apart from the run's seed",
       ),
   )
   # The method: quality indicator, margin head (HQ branch), contrastive loss
@@ -239,7 +239,7 @@ def get_base_config() -> ml_collections.ConfigDict:
       schedule=("multistep", "the learning rate's schedule after warm-up"),
       milestones=(
           (12, 20, 24),
-          "multistep: the epochs at which the rate " "is multiplied by gamma",
+          "multistep: the epochs at which the rate is multiplied by gamma",
       ),
       gamma=(0.1, "multistep: the factor at each milestone"),
       warmup_epochs=(0.0, "epochs of linear warm-up"),
@@ -263,7 +263,7 @@ def get_base_config() -> ml_collections.ConfigDict:
       ),
       low_res=(
           (),
-          "pixel sizes: low-resolution variants of the sets and " "own folders",
+          "pixel sizes: low-resolution variants of the sets and own folders",
       ),
       batch_size=(256, "faces per forward pass"),
       fusion=(

@@ -54,16 +54,16 @@ _WARMUP = flags.DEFINE_integer(
     "warmup", 3, "Steps run before timing.", lower_bound=1
 )
 _REPEATS = flags.DEFINE_integer(
-    "repeats", 3, "Timed windows; step_ms is " "their median.", lower_bound=1
+    "repeats", 3, "Timed windows; step_ms is their median.", lower_bound=1
 )
 _NO_QGFACE = flags.DEFINE_bool(
-    "no_qgface", False, "No queue, contrastive " "loss or quality gate."
+    "no_qgface", False, "No queue, contrastive loss or quality gate."
 )
 _TRACE_DIR = flags.DEFINE_string(
-    "trace_dir", None, "Also write a " "jax.profiler trace of 3 steps here."
+    "trace_dir", None, "Also write a jax.profiler trace of 3 steps here."
 )
 _DUMP_HLO = flags.DEFINE_string(
-    "dump_hlo", None, "Write the compiled " "step's HLO text to this file."
+    "dump_hlo", None, "Write the compiled step's HLO text to this file."
 )
 _EXTRAS_COST = flags.DEFINE_bool(
     "extras_cost",

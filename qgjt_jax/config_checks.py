@@ -96,7 +96,7 @@ def _check_finite(config: ml_collections.ConfigDict, prefix: str = "") -> None:
     for item in (value if isinstance(value, (tuple, list)) else (value,)):
       if isinstance(item, float) and not math.isfinite(item):
         raise ConfigError(
-            f"config.{prefix}{key}={value!r} is not a finite " "number."
+            f"config.{prefix}{key}={value!r} is not a finite number."
         )
 
 
@@ -190,7 +190,7 @@ def check_values(config: ml_collections.ConfigDict) -> None:
     value = config_keys.lookup(config, key)
     if not config_keys.is_number(value) or value <= 0:
       raise ConfigError(
-          f"config.{key}={value!r} must be a positive (finite) " "number."
+          f"config.{key}={value!r} must be a positive (finite) number."
       )
   for key, low, high, what in _RANGES:
     value = config_keys.lookup(config, key)
@@ -200,9 +200,7 @@ def check_values(config: ml_collections.ConfigDict) -> None:
         or (high is not None and value > high)
     ):
       interval = f"in [{low}, {high}]" if high is not None else f">= {low}"
-      raise ConfigError(
-          f"config.{key}={value!r} must be {interval} " f"({what})."
-      )
+      raise ConfigError(f"config.{key}={value!r} must be {interval} ({what}).")
   for section in settings.SECTIONS:
     problems = section.problems(config)
     if problems:

@@ -43,11 +43,9 @@ _PLATFORMS = flags.DEFINE_string(
     f"{','.join(export.DEFAULT_PLATFORMS)}).",
 )
 _STEP = flags.DEFINE_integer(
-    "step", None, "The checkpoint step (default: " "the latest).", lower_bound=0
+    "step", None, "The checkpoint step (default: the latest).", lower_bound=0
 )
-_OVERWRITE = flags.DEFINE_bool(
-    "overwrite", False, "Replace an existing " "--out."
-)
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --out.")
 errors.define_traceback_flag()
 flags.mark_flags_as_required(["workdir", "format", "out"])
 
@@ -57,7 +55,7 @@ def _batch_size() -> int | None:
     return None
   if not (_BATCH.value.isdigit() and int(_BATCH.value) > 0):
     raise errors.UserError(
-        f"--batch={_BATCH.value}: 'dynamic' or a " "positive size"
+        f"--batch={_BATCH.value}: 'dynamic' or a positive size"
     )
   return int(_BATCH.value)
 

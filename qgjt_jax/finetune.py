@@ -97,9 +97,7 @@ def pretrained_backbone(config: ml_collections.ConfigDict, model, mesh) -> Any:
   path = config.init_from
   if _is_workdir(path):
     loaded = model_lib.load_model(path, config=config, mesh=mesh)
-    reporting.note(
-        f"Starting from the model of step {loaded.step} in " f"{path}."
-    )
+    reporting.note(f"Starting from the model of step {loaded.step} in {path}.")
     return loaded.variables
   abstract = model_lib.abstract_variables(
       model, config.data.image_size, parallel.replicated(mesh)

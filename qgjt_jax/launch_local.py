@@ -175,7 +175,7 @@ def launch(
     log_dir.mkdir(parents=True, exist_ok=True)
   except OSError as e:
     raise LaunchError(
-        f"cannot create {log_dir} ({e.strerror}); use a " "writable --workdir."
+        f"cannot create {log_dir} ({e.strerror}); use a writable --workdir."
     ) from None
   port = port or free_port()
   command = [python, "-m", "qgjt_jax.main", *main_flags]
@@ -282,7 +282,7 @@ _HEARTBEAT_TIMEOUT_S = flags.DEFINE_integer(
 _PORT = flags.DEFINE_integer(
     "port",
     None,
-    "Coordinator port (default: a " "free one).",
+    "Coordinator port (default: a free one).",
     lower_bound=1,
     upper_bound=65535,
 )

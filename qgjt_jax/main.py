@@ -68,15 +68,15 @@ _STEP = flags.DEFINE_integer(
 _IMAGES = flags.DEFINE_string(
     "images",
     None,
-    "embed, identify: a folder of " "face images; compare: two, A.jpg,B.jpg.",
+    "embed, identify: a folder of face images; compare: two, A.jpg,B.jpg.",
 )
 _OUT = flags.DEFINE_string(
-    "out", None, "embed: the .npz to write; " "identify: the .csv."
+    "out", None, "embed: the .npz to write; identify: the .csv."
 )
 _GALLERY = flags.DEFINE_string(
     "gallery",
     None,
-    "identify: a folder with one " "sub-folder of photos per person.",
+    "identify: a folder with one sub-folder of photos per person.",
 )
 _ALIGN = flags.DEFINE_enum(
     "align",
@@ -117,7 +117,7 @@ _FPIR = flags.DEFINE_float(
 _THRESHOLD = flags.DEFINE_float(
     "threshold",
     None,
-    "compare, identify: the " "cosine threshold, instead of --far/--fpir.",
+    "compare, identify: the cosine threshold, instead of --far/--fpir.",
 )
 _THRESHOLD_SET = flags.DEFINE_string(
     "threshold_set",

@@ -264,9 +264,7 @@ def _starting_state(run: _Run):
   state = run.stack.init_state(jax.random.key(run.config.seed))
   restored = ckpt.restore_latest(run.manager, state, run.stack.state_shardings)
   if restored is not None:
-    reporting.note(
-        f"Resumed from step {int(restored.step)} in " f"{run.workdir}."
-    )
+    reporting.note(f"Resumed from step {int(restored.step)} in {run.workdir}.")
     return restored
   if run.config.init_from:
     return finetune.initialise(state, run.stack, run.config, run.source)

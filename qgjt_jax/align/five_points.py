@@ -41,7 +41,7 @@ def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
   dst = np.asarray(dst, np.float64).reshape(-1, 2)
   if src.shape != dst.shape or len(src) < 2:
     raise ValueError(
-        f"need matching (n >= 2, 2) points, got {src.shape} and " f"{dst.shape}"
+        f"need matching (n >= 2, 2) points, got {src.shape} and {dst.shape}"
     )
   x, y = src[:, 0], src[:, 1]
   ones, zeros = np.ones_like(x), np.zeros_like(x)
@@ -88,7 +88,7 @@ def check_face(points: np.ndarray, height: int, width: int, where: str) -> None:
   eyes = float(np.linalg.norm(points[1] - points[0]))
   if eyes < MIN_EYE_DISTANCE:
     raise FaceError(
-        f"{where}: the eyes are {eyes:.1f} px apart, no face to " "align"
+        f"{where}: the eyes are {eyes:.1f} px apart, no face to align"
     )
 
 

@@ -76,7 +76,7 @@ def read_landmarks(
       break
     except csv.Error as e:
       raise LandmarksFileError(
-          f"{path}:{reader.line_num}: not a CSV row " f"({e})"
+          f"{path}:{reader.line_num}: not a CSV row ({e})"
       ) from None
     line = reader.line_num
     if not row or not "".join(row).strip():

@@ -341,7 +341,7 @@ def _decode_with_pillow(data: bytes, where: str) -> np.ndarray:
       rgb = np.asarray(pil.convert("RGB"))
   except Exception as e:  # Pillow raises many types for bad files.
     raise BadImageError(
-        where, f"not a readable image ({type(e).__name__}: " f"{e})"
+        where, f"not a readable image ({type(e).__name__}: {e})"
     ) from None
   return np.ascontiguousarray(rgb[:, :, ::-1])
 
@@ -449,7 +449,7 @@ class FaceImageFolder(_ManualBuilder):
     if not self.skip_bad:
       raise BadImageError(
           error.path,
-          f"{error.reason}; pass --skip_bad to " "leave unreadable files out",
+          f"{error.reason}; pass --skip_bad to leave unreadable files out",
       )
     return error
 

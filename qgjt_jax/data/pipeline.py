@@ -241,7 +241,7 @@ def make_train_dataset(
     )
   if not 0 <= process_index < process_count:
     raise ValueError(
-        f"process_index {process_index} not in [0, " f"{process_count})"
+        f"process_index {process_index} not in [0, {process_count})"
     )
   batch = global_batch_size // process_count
   ds = record_stream(len(source), seed, num_epochs, global_batch_size)

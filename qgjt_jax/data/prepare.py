@@ -107,7 +107,7 @@ def _insightface_rec(request: PrepareRequest) -> tfds.core.DatasetBuilder:
   src = _require_src(request)
   if request.align != "none":
     raise ValueError(
-        "--align is for --format=image_folder (a .rec holds " "aligned crops)"
+        "--align is for --format=image_folder (a .rec holds aligned crops)"
     )
   return builders.InsightFaceRec(
       data_dir=request.data_dir,
@@ -133,7 +133,7 @@ def _image_folder(request: PrepareRequest) -> tfds.core.DatasetBuilder:
 def _synthetic(request: PrepareRequest) -> tfds.core.DatasetBuilder:
   if request.src:
     raise ValueError(
-        "--src is not used by --format=synthetic (the set is " "generated)"
+        "--src is not used by --format=synthetic (the set is generated)"
     )
   if request.align != "none":
     raise ValueError("--align is for --format=image_folder")
@@ -293,7 +293,7 @@ def _define_flags() -> None:
       "format",
       None,
       sorted(FORMATS),
-      "Layout of --src, or " "synthetic for the generated set.",
+      "Layout of --src, or synthetic for the generated set.",
   )
   flags.DEFINE_string(
       "src",
@@ -329,24 +329,24 @@ def _define_flags() -> None:
   flags.DEFINE_integer(
       "num_identities",
       None,
-      "Generated identities" f"{synthetic}1000).",
+      f"Generated identities{synthetic}1000).",
       lower_bound=1,
   )
   flags.DEFINE_integer(
       "images_per_identity",
       None,
-      "Generated images per " f"identity{synthetic}20).",
+      f"Generated images per identity{synthetic}20).",
       lower_bound=1,
   )
   flags.DEFINE_integer(
       "image_size",
       None,
-      "Side of the stored images " "(image_folder, synthetic; default 112).",
+      "Side of the stored images (image_folder, synthetic; default 112).",
       lower_bound=8,
       upper_bound=1024,
   )
   flags.DEFINE_integer(
-      "seed", None, f"Which faces are generated{synthetic}" "0).", lower_bound=0
+      "seed", None, f"Which faces are generated{synthetic}0).", lower_bound=0
   )
   limits.define_flags()
   errors.define_traceback_flag()
@@ -360,7 +360,7 @@ def check_src(fmt: str, src: str | None) -> None:
     return
   if not src:
     raise builders.DataError(
-        f"--format={fmt} needs --src, the folder " "holding the data"
+        f"--format={fmt} needs --src, the folder holding the data"
     )
   if not os.path.isdir(src):
     raise builders.DataError(f"--src={src} is not a folder")
@@ -406,7 +406,7 @@ def main(argv: Sequence[str]) -> None:
   skipped = (
       f", {unreadable} unreadable files skipped" if unreadable else ""
   ) + (
-      f", {result.num_no_face} photos without a face " "left out"
+      f", {result.num_no_face} photos without a face left out"
       if result.num_no_face
       else ""
   )

@@ -139,7 +139,7 @@ def read_property(path: PathLike) -> tuple[int, int, int]:
     values = ()
   if len(values) != 3 or min(values) <= 0:
     raise RecordIOError(
-        f"{path}: expected 'num_classes,height,width', got " f"{text[:80]!r}"
+        f"{path}: expected 'num_classes,height,width', got {text[:80]!r}"
     )
   return values
 

@@ -53,7 +53,7 @@ def _rec_paths(path: PathLike) -> tuple[pathlib.Path, pathlib.Path]:
     path = path / "train.rec"
   if path.suffix != ".rec":
     raise RecordIOError(
-        f"{path}: expected a .rec file or a directory with " "train.rec"
+        f"{path}: expected a .rec file or a directory with train.rec"
     )
   return path, path.with_suffix(".idx")
 
@@ -355,6 +355,7 @@ register_kind(
     )
 )
 register_kind(DataKind("synthetic", _synthetic_source, _synthetic_problem))
+
 
 def kinds() -> tuple[str, ...]:
   """config.data.kind's values: the kinds registered."""

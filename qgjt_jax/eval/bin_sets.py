@@ -32,7 +32,7 @@ def _latin1(text, encoding='latin1'):
   protocol 2; for a str only, in that encoding only."""
   if not isinstance(text, str) or encoding not in ('latin1', 'latin-1'):
     raise pickle.UnpicklingError(
-        '_codecs.encode of something other than ' 'text as latin1'
+        '_codecs.encode of something other than text as latin1'
     )
   return text.encode('latin1')
 
@@ -44,7 +44,7 @@ class _BoolType:
 def _dtype(name, *unused):
   if name not in ('b1', '?'):
     raise pickle.UnpicklingError(
-        f'a numpy dtype {name!r}; a verification ' 'set holds booleans only'
+        f'a numpy dtype {name!r}; a verification set holds booleans only'
     )
   return _BoolType()
 
@@ -98,7 +98,7 @@ def load_bin(path: str | os.PathLike) -> tuple[list[bytes], np.ndarray]:
       )
     except pickles.PickleError as e:
       raise BinSetError(
-          f'{e}; it is damaged or not a verification ' 'set'
+          f'{e}; it is damaged or not a verification set'
       ) from None
   if not isinstance(obj, (tuple, list)) or len(obj) != 2:
     raise BinSetError(
@@ -111,14 +111,14 @@ def load_bin(path: str | os.PathLike) -> tuple[list[bytes], np.ndarray]:
       isinstance(x, (bytes, bytearray)) for x in encoded
   ):
     raise BinSetError(
-        f'{path}: the first element must be a list of ' 'encoded images (bytes)'
+        f'{path}: the first element must be a list of encoded images (bytes)'
     )
   if not isinstance(issame, (list, tuple)) or not all(
       isinstance(x, bool) or (type(x) is int and x in (0, 1))  # pylint: disable=unidiomatic-typecheck
       for x in issame
   ):
     raise BinSetError(
-        f'{path}: the second element must be a flat list of ' 'booleans'
+        f'{path}: the second element must be a flat list of booleans'
     )
   if len(encoded) != 2 * len(issame):
     raise BinSetError(

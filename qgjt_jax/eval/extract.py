@@ -101,7 +101,7 @@ def fuse_flip(
   if fusion == 'concat':
     return np.concatenate([e1, e2], axis=1) / np.sqrt(2.0), (n1 + n2) / 2
   raise ValueError(
-      f'unknown fusion {fusion!r}; expected one of {FUSIONS} ' 'or None'
+      f'unknown fusion {fusion!r}; expected one of {FUSIONS} or None'
   )
 
 
@@ -231,7 +231,7 @@ def extract_embeddings(
     raise ValueError(f'batch_size must be positive, got {batch_size}')
   if fusion is not None and fusion not in FUSIONS:
     raise ValueError(
-        f'unknown fusion {fusion!r}; expected one of {FUSIONS} ' 'or None'
+        f'unknown fusion {fusion!r}; expected one of {FUSIONS} or None'
     )
   shard = (
       embed_fn.shard if isinstance(embed_fn, ShardedEmbedFn) else HostShard()

@@ -39,7 +39,7 @@ def probe_ranks(
   gallery_labels = np.asarray(gallery_labels)
   if probe_feats.shape[0] != probe_labels.shape[0]:
     raise ValueError(
-        f"{len(probe_feats)} probe features but " f"{len(probe_labels)} labels"
+        f"{len(probe_feats)} probe features but {len(probe_labels)} labels"
     )
   if gallery_feats.shape[0] != gallery_labels.shape[0]:
     raise ValueError(

@@ -306,7 +306,7 @@ def _subject_list(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
     return table[:, 0].astype(np.int64), table[:, 1].astype(np.int64)
   except (ValueError, IndexError) as e:
     raise ValueError(
-        f'{path}: not a list of "template,subject" rows ' f'({e})'
+        f'{path}: not a list of "template,subject" rows ({e})'
     ) from e
 
 

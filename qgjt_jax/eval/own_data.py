@@ -292,7 +292,7 @@ def read_pairs_file(path: str | os.PathLike) -> PairsFile:
     )
   except FileNotFoundError:
     raise OwnDataError(
-        f"config.eval.pairs_files: {path} does not " "exist"
+        f"config.eval.pairs_files: {path} does not exist"
     ) from None
   index: dict[str, int] = {}
   firsts, seconds, same = (array.array("i") for _ in range(3))

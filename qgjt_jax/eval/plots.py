@@ -59,7 +59,7 @@ def write_plots(results: Mapping[str, Any], stem: str) -> list[str]:
     ax.set(
         xscale="log",
         xlabel="false accept rate",
-        ylabel="true accept " "rate",
+        ylabel="true accept rate",
         title="ROC",
     )
     return bool(curves)

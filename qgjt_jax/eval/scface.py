@@ -54,7 +54,7 @@ def _image_paths(
         path = aligned / f'{name}.jpg'
         if not path.is_file():
           raise FileNotFoundError(
-              f'SCface: {listing} lists {name}, but ' f'{path} does not exist'
+              f'SCface: {listing} lists {name}, but {path} does not exist'
           )
         paths.append(path)
     return paths
@@ -93,11 +93,11 @@ def scface_layout(
       gallery_labels.append(int(m.group(1)))
   if not gallery:
     raise FileNotFoundError(
-        f'SCface: no <id>_frontal images under ' f'{root / aligned_dir}'
+        f'SCface: no <id>_frontal images under {root / aligned_dir}'
     )
   if not any(probes.values()):
     raise FileNotFoundError(
-        f'SCface: no <id>_cam<c>_<d> images under ' f'{root / aligned_dir}'
+        f'SCface: no <id>_cam<c>_<d> images under {root / aligned_dir}'
     )
   return SCfaceLayout(
       gallery,

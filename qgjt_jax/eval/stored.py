@@ -69,7 +69,7 @@ def _count(value: Any, field: str, low: int = 0) -> int:
   if not isinstance(value, int) or isinstance(value, bool) or value < low:
     _fail(
         field,
-        f"is {str(value)[:40]!r}, not a whole count of at least " f"{low}",
+        f"is {str(value)[:40]!r}, not a whole count of at least {low}",
     )
   return value
 
@@ -104,9 +104,7 @@ def _rate_row(
   total = _count(row.get(n), f"{field}.{n}", 1)
   hits = _count(row.get(k), f"{field}.{k}")
   if total > bound:
-    _fail(
-        f"{field}.{n}", f"({total:,}) exceeds the set's {what} " f"({bound:,})"
-    )
+    _fail(f"{field}.{n}", f"({total:,}) exceeds the set's {what} ({bound:,})")
   if total * target < thresholds.PER_RATE * (1 - 1e-9):
     _fail(
         f"{field}.{n}",
@@ -186,7 +184,7 @@ def _searches(ref: Any, field: str, images: int | None) -> dict:
   if not (isinstance(file, str) and _SEARCHES_FILE.match(file)):
     _fail(
         f"{field}.file",
-        f"is {str(file)[:40]!r}, not a file name " "evaluation writes",
+        f"is {str(file)[:40]!r}, not a file name evaluation writes",
     )
   if not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
     _fail(f"{field}.sha256", "is not a SHA-256 digest")
@@ -202,7 +200,7 @@ def _searches(ref: Any, field: str, images: int | None) -> dict:
   ):
     _fail(
         f"{field}.people",
-        "is not a list of person numbers, one for " "each of the set's photos",
+        "is not a list of person numbers, one for each of the set's photos",
     )
   return {"file": file, "sha256": digest, "people": people}
 
@@ -224,12 +222,12 @@ def check_set(entry: Any, field: str) -> dict:
   if kind not in PHOTO_KINDS + NAMED_ONLY:
     _fail(
         f"{field}.provenance.kind",
-        f"is {str(kind)[:40]!r}, no kind of " "set this project evaluates",
+        f"is {str(kind)[:40]!r}, no kind of set this project evaluates",
     )
   if provenance.get("scoring") != extract.DECISION_SCORING:
     _fail(
         f"{field}.provenance.scoring",
-        "is not the scoring decisions use " f"({extract.DECISION_SCORING})",
+        f"is not the scoring decisions use ({extract.DECISION_SCORING})",
     )
   clean = {"provenance": {k: provenance[k] for k in ("kind", "scoring")}}
   for key in ("step", "carried_from", "folder"):

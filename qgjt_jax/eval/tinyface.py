@@ -89,7 +89,7 @@ def _aligned_paths(
   for p in protocol:
     if p.stem not in by_stem:
       raise FileNotFoundError(
-          f'TinyFace: {p.name} has no aligned copy ' f'{aligned / p.stem}.* '
+          f'TinyFace: {p.name} has no aligned copy {aligned / p.stem}.* '
       )
     out.append(by_stem[p.stem])
   return out

@@ -80,7 +80,7 @@ def verification_metrics(
   issame = np.asarray(issame, bool).reshape(-1)
   if len(issame) != len(dist):
     raise ValueError(
-        f'{len(dist)} pairs of embeddings but {len(issame)} ' 'issame flags'
+        f'{len(dist)} pairs of embeddings but {len(issame)} issame flags'
     )
   thresholds = np.asarray(thresholds, np.float64)
   # (T, P): whether each threshold predicts each pair correctly.

@@ -282,7 +282,7 @@ def decode_image(data: bytes, where: str = "<image>") -> np.ndarray:
   image = imdecode_or_none(data, where)
   if image is None or image.ndim != 3 or image.shape[2] != 3:
     raise ImageError(
-        f"{where}: {len(data)} bytes that are not a decodable " "image"
+        f"{where}: {len(data)} bytes that are not a decodable image"
     )
   return image
 
@@ -425,6 +425,6 @@ def read_image_file(path: str | os.PathLike) -> bytes:
   except OSError:
     if os.path.islink(path) and not os.path.exists(path):
       raise FileNotFoundError(
-          f"{path} is a dangling or looping symbolic " "link, not an image"
+          f"{path} is a dangling or looping symbolic link, not an image"
       ) from None
     raise

@@ -261,7 +261,7 @@ def walk(
     if depth > limit:
       raise limits.exceeded(
           where,
-          "the nesting of its containers (or a " "cycle)",
+          "the nesting of its containers (or a cycle)",
           depth,
           "max_pickle_depth",
       )

@@ -30,7 +30,7 @@ class NotAFileError(errors.UserError, ValueError):
 def _refuse(path, mode: int, what: str) -> NotAFileError:
   kind = next((name for test, name in _KINDS if test(mode)), "not a file")
   return NotAFileError(
-      f"{what}{path} is {kind}, not a regular file: name a " "file"
+      f"{what}{path} is {kind}, not a regular file: name a file"
   )
 
 
@@ -115,5 +115,5 @@ def read_text(
     return data.decode("utf-8-sig")
   except UnicodeDecodeError as e:
     raise error(
-        f"{what}{path}: not UTF-8 text ({e.reason} at byte " f"{e.start})"
+        f"{what}{path}: not UTF-8 text ({e.reason} at byte {e.start})"
     ) from None

@@ -428,7 +428,7 @@ def _row_at(
     # The coarsest rate the set resolves is the one most likely to hold.
     coarsest = max((r[rate.field] for r in rows), default=None)
     use = (
-        f"use {rate.flag}={coarsest:{rate.format}}, the coarsest it " "resolves"
+        f"use {rate.flag}={coarsest:{rate.format}}, the coarsest it resolves"
         if coarsest
         else HOW_TO_CALIBRATE
     )
@@ -613,7 +613,7 @@ def stored_searches(
   )
   if not np.isfinite(embeddings).all():
     raise DecisionError(
-        f"{path}: holds values that are no numbers: run " "--mode=eval again"
+        f"{path}: holds values that are no numbers: run --mode=eval again"
     )
   return identification.Searches(embeddings, np.asarray(ref["people"]))
 
@@ -621,7 +621,7 @@ def stored_searches(
 def check_rate(rate: float, flag: str) -> None:
   if not (isinstance(rate, (int, float)) and 0 < rate < 1):
     raise DecisionError(
-        f"{flag}={rate}: a rate between 0 and 1 (e.g. " f"{flag}=1e-3)"
+        f"{flag}={rate}: a rate between 0 and 1 (e.g. {flag}=1e-3)"
     )
 
 

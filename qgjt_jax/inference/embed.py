@@ -260,7 +260,7 @@ def run_compare(
   threshold of `far` (or `threshold`) and both qualities."""
   if len(images) != 2:
     raise images_lib.ImageError(
-        f"--images={','.join(images)}: give two images, " "--images=A.jpg,B.jpg"
+        f"--images={','.join(images)}: give two images, --images=A.jpg,B.jpg"
     )
   embedder = Embedder(model, dataclasses.replace(alignment, all_faces=False))
   result = embedder.embed(images, progress=False, hint="")

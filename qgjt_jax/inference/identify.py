@@ -247,7 +247,7 @@ def run_identify(
   """--mode=identify (see module); returns the counts it printed."""
   if template not in TEMPLATES:
     raise errors.UserError(
-        f"--template={template}: use one of " f"{', '.join(TEMPLATES)}"
+        f"--template={template}: use one of {', '.join(TEMPLATES)}"
     )
   outputs.check_output(out, overwrite=overwrite)
   photos = folders.read(gallery, "--gallery").paths

@@ -111,9 +111,7 @@ def as_faces(images, image_size: int) -> np.ndarray:
     if images.dtype.kind not in "iu" or (
         images.size and (images.min() < 0 or images.max() > 255)
     ):
-      raise FaceInputError(
-          f"{images.dtype} images: pass {want}, values " "0-255"
-      )
+      raise FaceInputError(f"{images.dtype} images: pass {want}, values 0-255")
     images = images.astype(np.uint8)
   if images.shape[-1] == 1:
     images = np.repeat(images, 3, axis=-1)
@@ -358,7 +356,7 @@ def load_model_from_python(
   workdir, _ = locate(path)
   if not epath.Path(os.fspath(path)).exists():
     raise ModelNotFoundError(
-        f"load_model({os.fspath(path)!r}): no such " "file or folder"
+        f"load_model({os.fspath(path)!r}): no such file or folder"
     )
   if kwargs.get("config") is None and not records.has_record(workdir):
     raise ModelNotFoundError(

@@ -119,7 +119,7 @@ def _parse(metadata: Mapping[str, str], key: str, path: str) -> Any:
     return json.loads(text)
   except (ValueError, RecursionError) as e:
     raise CarriedRecordError(
-        f"{path}: {key} is not readable JSON " f"({type(e).__name__})"
+        f"{path}: {key} is not readable JSON ({type(e).__name__})"
     ) from None
 
 

@@ -282,9 +282,7 @@ def _translate(
             ],
         )
     ]
-  raise OnnxExportError(
-      f"the primitive {name!r} has no ONNX translation " "here"
-  )
+  raise OnnxExportError(f"the primitive {name!r} has no ONNX translation here")
 
 
 def _slice(g: _Graph, x: str, shape, p) -> str:

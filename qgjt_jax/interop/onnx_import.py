@@ -161,7 +161,7 @@ def _array(tensor, where: str) -> np.ndarray:
   dims = tuple(int(d) for d in tensor.dims)
   if any(d < 0 for d in dims) or len(dims) > 8:
     raise OnnxImportError(
-        f"{where}: initialiser {tensor.name!r} declares " f"dims {dims}"
+        f"{where}: initialiser {tensor.name!r} declares dims {dims}"
     )
   dtype = np.dtype(_DTYPES[tensor.data_type])
   count = math.prod(dims)
@@ -265,7 +265,7 @@ def weighted_layers(model, where: str) -> list[OnnxLayer]:
       value = _attributes(node).get("value")
       if value is None:
         raise OnnxImportError(
-            f"{where}: Constant node {node.name!r} holds " "no tensor value"
+            f"{where}: Constant node {node.name!r} holds no tensor value"
         )
       value.name = node.output[0]
       constants[node.output[0]] = value

@@ -109,7 +109,7 @@ def find_backbone(state_dict: Mapping[str, Any]) -> Found:
       )
     except ValueError as e:
       problems.append(
-          f"{family.name} names under {prefix or 'no prefix'!r}" f": {e}"
+          f"{family.name} names under {prefix or 'no prefix'!r}: {e}"
       )
       continue
     if recognised is not None:

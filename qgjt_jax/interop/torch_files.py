@@ -176,7 +176,7 @@ def _checked_view(tensor: _Tensor, where: str, budget: list[int]) -> np.ndarray:
     stride = ()  # a scalar: torch writes no strides, some writers one
   if len(size) != len(stride):
     raise TorchFileError(
-        f"{where}: tensor of {len(size)} sizes but " f"{len(stride)} strides"
+        f"{where}: tensor of {len(size)} sizes but {len(stride)} strides"
     )
   numel = math.prod(size)
   available = len(data) - offset
@@ -393,7 +393,7 @@ def _read_member(archive: zipfile.ZipFile, name: str, path: str) -> bytes:
     info = archive.getinfo(name)
   except KeyError:
     raise TorchFileError(
-        f"{path}: the archive has no member {name}; the " "file is damaged"
+        f"{path}: the archive has no member {name}; the file is damaged"
     ) from None
   return archive.read(info)
 
@@ -416,7 +416,7 @@ def _load_zip(path: str, archive: zipfile.ZipFile) -> Any:
     )
   if order not in ("little", "big"):
     raise TorchFileError(
-        f"{path}: byte order {order!r} is neither little " "nor big"
+        f"{path}: byte order {order!r} is neither little nor big"
     )
   byteorder = "<" if order == "little" else ">"
   storages = {}
@@ -482,7 +482,7 @@ def _load_legacy(path: str, f, size: int) -> Any:
   for key in keys:
     if key not in storages:
       raise TorchFileError(
-          f"{path}: storage {key!r} is listed but no tensor " "uses it"
+          f"{path}: storage {key!r} is listed but no tensor uses it"
       )
     storage = storages[key]
     raw = f.read(8)
@@ -608,7 +608,7 @@ def state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     )
   if not isinstance(obj, Mapping):
     raise TorchFileError(
-        f"{path} holds a {type(obj).__name__}, not a state " "dict of tensors"
+        f"{path} holds a {type(obj).__name__}, not a state dict of tensors"
     )
   found = _opaque_inside(obj, where)
   if found:

@@ -81,7 +81,7 @@ def _check_labels(labels: jax.Array, num_rows: int) -> jax.Array:
     raise TypeError(f'labels must be integers, got {labels.dtype}')
   if labels.shape != (num_rows,):
     raise ValueError(
-        f'labels must have shape ({num_rows},), got ' f'{labels.shape}'
+        f'labels must have shape ({num_rows},), got {labels.shape}'
     )
   return labels.astype(jnp.int32)
 

@@ -70,7 +70,7 @@ def update_quality_stats(
   safe = _safe_norms(norms)
   if safe.shape[0] < 2:
     raise ValueError(
-        "update_quality_stats needs at least 2 norms, " f"got {safe.shape[0]}"
+        f"update_quality_stats needs at least 2 norms, got {safe.shape[0]}"
     )
   mean = jnp.mean(safe)
   std = jnp.std(safe, ddof=1)

@@ -42,7 +42,7 @@ def init_queue(capacity: int, dim: int) -> QueueState:
   """An empty queue of `capacity` slots of dimension `dim`."""
   if capacity < 1 or dim < 1:
     raise ValueError(
-        f'capacity and dim must be positive, got {capacity}, ' f'{dim}'
+        f'capacity and dim must be positive, got {capacity}, {dim}'
     )
   return QueueState(
       embeds=jnp.zeros((capacity, dim), jnp.float32),

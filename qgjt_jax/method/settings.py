@@ -215,7 +215,7 @@ class ContrastiveSettings(Section):
       0.0,
       "an epoch; 0 never ends the loss",
       low=0.0,
-      meaning="the epoch it leaves (their later " "detach); 0 never",
+      meaning="the epoch it leaves (their later detach); 0 never",
   )
   b: float = option(
       0.2, "a quality threshold; 0 disables the gate", low=0.0, high=1.0
@@ -272,10 +272,10 @@ class ContrastiveSettings(Section):
       ),
   )
   rescale: bool = option(
-      True, meaning="scale the loss to a queue of " "rescale_reference rows"
+      True, meaning="scale the loss to a queue of rescale_reference rows"
   )
   rescale_reference: int = option(
-      129, "the queue length the loss is " "scaled to", positive=True
+      129, "the queue length the loss is scaled to", positive=True
   )
   coupling: str = option(
       "D2N",
@@ -286,7 +286,7 @@ class ContrastiveSettings(Section):
       ),
   )
   detach_pos: bool = option(
-      False, meaning="stop the gradient through the " "positive"
+      False, meaning="stop the gradient through the positive"
   )
 
 

@@ -532,9 +532,7 @@ def recognise(
         "stem"
     )
   if len(fc_shape) != 2 or min(fc_shape) < 1:
-    raise ValueError(
-        f"{fc} has shape {fc_shape}, not (embedding size, " "inputs)"
-    )
+    raise ValueError(f"{fc} has shape {fc_shape}, not (embedding size, inputs)")
   if layout == "insightface":
     per_stage = tuple(
         len({m[1] for k in shapes if (m := re.match(rf"layer{s}\.(\d+)\.", k))})

@@ -394,9 +394,7 @@ def recognise(
       )
     embedding_size = fc[0]
   if not 1 <= side <= 64:
-    raise ValueError(
-        f"the head sees a {side} x {side} map, past any face " "size"
-    )
+    raise ValueError(f"the head sees a {side} x {side} map, past any face size")
   return registry.Recognised(found[0], embedding_size, 16 * side, {})
 
 

@@ -115,7 +115,7 @@ def register(family: Family) -> Family:
   }
   if clash:
     raise ValueError(
-        f"{family.name} names {sorted(clash)} belong to another " "family"
+        f"{family.name} names {sorted(clash)} belong to another family"
     )
   _FAMILIES[family.name] = family
   return family

@@ -289,7 +289,7 @@ def recognise(
   side = math.isqrt(pos[1])
   if side * side != pos[1] or not 1 <= side <= 64:
     raise ValueError(
-        f"pos_embed holds {pos[1]} tokens, not a square grid " "of patches"
+        f"pos_embed holds {pos[1]} tokens, not a square grid of patches"
     )
   # 12 x 12 patches cover 108 px; their models take 112 px faces.
   size = 112 if PATCH * side <= 112 < PATCH * (side + 1) else PATCH * side

@@ -99,7 +99,7 @@ _CHANNELS = flags.DEFINE_integer(
     "channels", 128, "Channels in and out.", lower_bound=1
 )
 _REPEATS = flags.DEFINE_integer(
-    "repeats", 3, "Timed calls; the median is " "printed.", lower_bound=1
+    "repeats", 3, "Timed calls; the median is printed.", lower_bound=1
 )
 
 

@@ -86,19 +86,19 @@ def records(draws: int, genuine: int, impostors: int) -> Iterator[dict]:
 _DRAWS = flags.DEFINE_integer(
     "draws",
     8,
-    "Draws of each score set (the " "spread needs two).",
+    "Draws of each score set (the spread needs two).",
     lower_bound=2,
 )
 _GENUINE = flags.DEFINE_integer(
     "genuine",
     10_270,
-    "Genuine template " "pairs of the 1:1 set.",
+    "Genuine template pairs of the 1:1 set.",
     lower_bound=1,
 )
 _IMPOSTORS = flags.DEFINE_integer(
     "impostors",
     8_010_270,
-    "Impostor " "template pairs of the 1:1 set.",
+    "Impostor template pairs of the 1:1 set.",
     lower_bound=1,
 )
 

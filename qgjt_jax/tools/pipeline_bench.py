@@ -52,7 +52,7 @@ def define_flags() -> None:
       "synthetic_images", 2000, "size of the generated set (0 skips it)"
   )
   flags.DEFINE_string(
-      "write_rec", None, "write a generated .rec set here and " "exit"
+      "write_rec", None, "write a generated .rec set here and exit"
   )
   flags.DEFINE_integer("rec_images", 2000, "images in the --write_rec set")
   flags.DEFINE_integer(

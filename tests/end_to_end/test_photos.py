@@ -25,7 +25,7 @@ from tests.helpers import tiny_runs
 
 pytestmark = pytest.mark.slow
 pytest.importorskip(
-    "dlib", reason="the alignment extra: pip install -e " "'.[align]'"
+    "dlib", reason="the alignment extra: pip install -e '.[align]'"
 )
 
 
@@ -128,7 +128,7 @@ def test_compare_refuses_generated_thresholds_and_says_how_to_calibrate(
       verdict.endswith("same person") or verdict.endswith("different people")
   )
   assert (
-      "on calibration_calibration (calibration people; evaluation of " "step 32"
+      "on calibration_calibration (calibration people; evaluation of step 32"
   ) in provenance
   assert (
       "FAR about 1e-02, a point estimate (" in provenance

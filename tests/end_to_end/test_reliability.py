@@ -355,7 +355,7 @@ def _record_of(config, num_classes=runs.NUM_CLASSES):
         ({"num_classes": 9}, "num_classes: recorded 8, now 9"),
         (
             {"model.name": "ir34"},
-            "config.model.name: recorded 'ir18', now " "'ir34'",
+            "config.model.name: recorded 'ir18', now 'ir34'",
         ),
         (
             {"model.base_width": 16},
@@ -366,7 +366,7 @@ def _record_of(config, num_classes=runs.NUM_CLASSES):
         ({"queue.capacity": 96}, "config.queue.capacity: recorded 48, now 96"),
         (
             {"queue.kind": "moco"},
-            "config.queue.kind: recorded 'proxy', now " "'moco'",
+            "config.queue.kind: recorded 'proxy', now 'moco'",
         ),
         ({"optim.backbone_lr_scale": 0.1}, "config.optim.backbone_lr_scale"),
         ({"optim.grad_clip_norm": 1.0}, "config.optim.grad_clip_norm"),

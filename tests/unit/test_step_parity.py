@@ -309,9 +309,9 @@ def compare(name: str, metrics, state, arrays) -> dict[str, float]:
         f"{prefix}_embeddings", emb, arrays[f"out/{prefix}_embeddings"], False
     )
     check(f"{prefix}_norms", norms, arrays[f"out/{prefix}_norms"][:, 0], True)
-  assert not failed, (
-      f"{name}: {failed} exceed the tolerance; largest " f"errors: {errors}"
-  )
+  assert (
+      not failed
+  ), f"{name}: {failed} exceed the tolerance; largest errors: {errors}"
   return errors
 
 

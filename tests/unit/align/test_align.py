@@ -14,7 +14,7 @@ from qgjt_jax.align import landmarks_file
 from qgjt_jax.files import images as images_lib
 
 pytest.importorskip(
-    "dlib", reason="the alignment extra: pip install -e " "'.[align]'"
+    "dlib", reason="the alignment extra: pip install -e '.[align]'"
 )
 
 
@@ -192,9 +192,7 @@ def test_landmarks_rows_resolve_against_the_file_and_group_by_photo(tmp_path):
   (tmp_path / "sub").mkdir()
   table = tmp_path / "sub" / "points.csv"
   row = ",".join(str(v) for v in five_points.TEMPLATE_112.ravel())
-  table.write_text(
-      f"../a.jpg,{row}\n{tmp_path / 'a.jpg'},{row}\n" f"b.jpg,{row}\n"
-  )
+  table.write_text(f"../a.jpg,{row}\n{tmp_path / 'a.jpg'},{row}\nb.jpg,{row}\n")
   found = landmarks_file.read_landmarks(table)
   assert sorted(found) == sorted(
       [

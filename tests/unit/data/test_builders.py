@@ -409,7 +409,7 @@ def test_photos_are_detected_aligned_and_the_faceless_named(
   assert result.returncode == 0, result.stderr[-3000:]
   lines = result.stdout.strip().splitlines()
   assert lines[-1].endswith(
-      ": 6 images, 2 identities, 1 photos without a " "face left out"
+      ": 6 images, 2 identities, 1 photos without a face left out"
   )
   assert "  left out s2/wall.png: no face found; left out" in lines
   stored = sources.ArrayRecordSource.from_name(

@@ -197,7 +197,7 @@ def test_scface_missing_parts_are_named(tmp_path):
   rng = np.random.default_rng(6)
   scface_tree(tmp_path / 'aligned', rng)
   (tmp_path / 'all.txt').write_text(
-      '001_frontal\t0\n005_cam3_2\t0\n' '099_cam1_1\t0\n'
+      '001_frontal\t0\n005_cam3_2\t0\n099_cam1_1\t0\n'
   )
   with pytest.raises(FileNotFoundError, match='099_cam1_1.jpg does not exist'):
     scface.scface_layout(tmp_path, 'aligned')

@@ -45,7 +45,7 @@ def test_an_image_outside_every_person_is_refused(tmp_path):
   _person(tmp_path, "ann", "1.jpg")
   (tmp_path / "stray.JPG").write_bytes(b"x")
   with pytest.raises(
-      folders.FolderError, match="stray.JPG is not in a " "person's folder"
+      folders.FolderError, match="stray.JPG is not in a person's folder"
   ):
     folders.read(tmp_path, "--gallery")
 

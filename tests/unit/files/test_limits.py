@@ -51,7 +51,7 @@ def test_the_declared_size_is_read_from_the_header(data):
 def test_bytes_that_are_no_image_have_no_size():
   assert images.declared_image_size(b"just some text") is None
   with pytest.raises(
-      ValueError, match="face.jpg: 14 bytes that are not an " "image"
+      ValueError, match="face.jpg: 14 bytes that are not an image"
   ):
     images.check_encoded_image(b"just some text", "face.jpg")
 

@@ -63,7 +63,7 @@ def test_shared_tuples_are_never_hashed_past_the_budget(use):
   hash as a dict key or set member. Refused before hashing (this test
   would not end otherwise)."""
   with pytest.raises(
-      pickles.PickleError, match="the.pkl.*would visit more " "than 16,777,216"
+      pickles.PickleError, match="the.pkl.*would visit more than 16,777,216"
   ):
     _load(hostile.shared_tuples(use))
   small = _load(hostile.shared_tuples(use, depth=8))  # 2**8: hashed

@@ -186,7 +186,7 @@ def test_open_set_thresholds_and_what_a_gallery_expects(tmp_path):
   assert decisions.calibration_people(chosen) == {"ann", "bob"}
   with pytest.raises(
       decisions.DecisionError,
-      match="FPIR 0.0001 needs " "30,000 non-mated searches",
+      match="FPIR 0.0001 needs 30,000 non-mated searches",
   ):
     decisions.at_fpir(str(tmp_path), 3, 1e-4)
   # Exports carry every row with its provenance, but no local path.
@@ -251,7 +251,7 @@ def _set(where, key, value):
         (lambda s: s["thresholds"][1].pop("far"), ["far", "None"]),
         (
             lambda s: _set(s, "impostor_pairs", 10**9),
-            ["impostor_pairs", "100 " "photos"],
+            ["impostor_pairs", "100 photos"],
         ),
         (
             lambda s: _set(s["open_set"][0], "template_false_match_rate", -35),
@@ -307,7 +307,7 @@ def test_stored_files_that_are_no_results(tmp_path):
   (tmp_path / "eval" / "step_5.json").write_text("[" * 100_000)
   with pytest.raises(
       decisions.DecisionError,
-      match="step_5.json: not a " "readable evaluation result",
+      match="step_5.json: not a readable evaluation result",
   ):
     decisions.at_far(str(tmp_path), 5, 1e-3)
   (tmp_path / "eval" / "step_5.json").unlink()
@@ -356,9 +356,7 @@ def test_a_threshold_is_used_on_faces_made_as_it_was_measured(tmp_path):
   )
   sets["folder_mine"]["provenance"]["align"] = "none"
   _write(tmp_path, "step_6.json", sets)
-  with pytest.raises(
-      decisions.DecisionError, match="config.eval.align=" "detect"
-  ):
+  with pytest.raises(decisions.DecisionError, match="config.eval.align=detect"):
     decisions.at_far(str(tmp_path), 6, 1e-3, align="detect")
   assert decisions.at_far(str(tmp_path), 6, 1e-3, align="none")[0]
 

@@ -148,7 +148,7 @@ def test_wrong_arch_says_what_the_file_holds(reference_dir):
   state = weight_files.read_state_dict(reference_dir / WEIGHTS)
   with pytest.raises(
       state_dicts.StateDictMismatchError,
-      match="ir_se50 was asked for, but the tensors look " "like ir18",
+      match="ir_se50 was asked for, but the tensors look like ir18",
   ):
     convert.convert_state_dict(state, arch="ir_se50")
   with pytest.raises(ValueError, match="unknown backbone"):
@@ -159,6 +159,6 @@ def test_a_file_that_is_no_checkpoint_is_named_as_such(tmp_path):
   path = tmp_path / "garbage.pth"
   path.write_text("not a checkpoint\n")
   with pytest.raises(
-      ValueError, match="garbage.pth is not a PyTorch " "checkpoint"
+      ValueError, match="garbage.pth is not a PyTorch checkpoint"
   ):
     weight_files.read_state_dict(path)
