@@ -9,6 +9,7 @@ evaluation results, pictures and events wherever it points.
 from __future__ import annotations
 
 import os
+import re
 
 from qgjt_jax import errors
 
@@ -20,6 +21,17 @@ PROFILE = "profile"
 WRITTEN = (CHECKPOINTS, EVAL, LOGS, PROFILE)
 # Training's metrics, one JSON object a line.
 METRICS = "metrics.jsonl"
+
+# In EVAL: the evaluation of step N as step_N.json (a repeat: step_N.R.json,
+# R from 2), a set's stored searches beside it as step_N[.R].K.searches.npy
+# (K counting the sets), pictures as step_N[.R].KIND.png.
+EVAL_RESULT = re.compile(r"^step_(\d+)(?:\.(\d+))?\.json$")
+EVAL_SEARCHES = re.compile(r"^step_\d+(?:\.\d+)?\.\d+\.searches\.npy$")
+
+
+def eval_result_name(step: int) -> str:
+  """The base name of step `step`'s evaluation results (EVAL_RESULT)."""
+  return f"step_{step}"
 
 
 class WorkdirLinkError(errors.UserError):

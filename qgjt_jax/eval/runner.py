@@ -314,7 +314,9 @@ class Evaluator:
         f"\n{report.format_table(results)}\n"
     )
     if jax.process_index() == 0:
-      report.write_results(workdir, f"step_{step}", results)
+      report.write_results(
+          workdir, workdir_layout.eval_result_name(step), results
+      )
     writer.write_scalars(
         step,
         {f"eval/{k}": v for k, v in report.scalar_metrics(results).items()},

@@ -20,6 +20,7 @@ import re
 from typing import Any
 
 from qgjt_jax import errors
+from qgjt_jax import workdir as workdir_layout
 from qgjt_jax.eval import extract
 from qgjt_jax.eval import thresholds
 
@@ -172,16 +173,13 @@ def open_set_row(row: Any, field: str) -> dict:
   )
 
 
-_SEARCHES_FILE = re.compile(r"^step_\d+(\.\d+)?\.\d+\.searches\.npy$")
-
-
 def _searches(ref: Any, field: str, images: int | None) -> dict:
   """Where a set's photos were stored as searches: a file of eval/ by the
   name evaluation gives it, its SHA-256, and the person of each photo."""
   if not isinstance(ref, dict):
     _fail(field, "is not a mapping")
   file, digest, people = ref.get("file"), ref.get("sha256"), ref.get("people")
-  if not (isinstance(file, str) and _SEARCHES_FILE.match(file)):
+  if not (isinstance(file, str) and workdir_layout.EVAL_SEARCHES.match(file)):
     _fail(
         f"{field}.file",
         f"is {str(file)[:40]!r}, not a file name evaluation writes",

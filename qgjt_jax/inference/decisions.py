@@ -34,7 +34,6 @@ import json
 import math
 import os
 import pathlib
-import re
 from typing import Any, Optional
 
 import numpy as np
@@ -63,7 +62,6 @@ HOW_TO_CALIBRATE = (
     "(one sub-folder of photos per person, several people)"
 )
 _MAX_JSON_BYTES = 64 << 20
-_RESULT_NAME = re.compile(r"^step_(\d+)(?:\.(\d+))?\.json$")
 
 
 class DecisionError(errors.UserError):
@@ -218,7 +216,7 @@ def results_files(workdir: str) -> list[tuple[tuple[int, int], pathlib.Path]]:
   found = []
   if folder.is_dir():
     for path in folder.iterdir():
-      match = _RESULT_NAME.match(path.name)
+      match = workdir_layout.EVAL_RESULT.match(path.name)
       # Not only regular files: a link to a device or a FIFO under a
       # result's name is named when read, not passed over.
       if match and not path.is_dir():
