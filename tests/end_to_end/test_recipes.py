@@ -130,7 +130,7 @@ def test_a_non_editable_install_trains_a_recipe(tmp_path):
       "qgjt-convert": "--src",
       "qgjt-export": "--format",
       "qgjt-export-check": "--platforms",
-      "qgjt-bench": "--no_qgface",
+      "qgjt-bench": "--warmup",
       "qgjt-prepare": "--data_dir",
       "qgjt-launch-local": "--processes",
   }
