@@ -199,9 +199,18 @@ def _lock_workdir(workdir: str, force: bool):
 
 
 def _weights_config(config, workdir: str, explicit: tuple[str, ...]):
-  """The config with the channel order of the weights this run trains: its
-  own record's on a resume, else the model of `config.init_from`."""
+  """The config with the model this run trains: on a rerun, its own
+  record's (a fine-tune's records the source's model, which replaced the
+  recipe's: all of it is taken, so a rerun needs neither the source nor a
+  recipe that names its model; a training run's only the channel order,
+  the rest of it checked against the recipe by `check_resumable`), else
+  the model of `config.init_from`."""
   settings = records.recorded_model_settings(workdir)
+  if settings and config.init_from:
+    try:
+      return records.adopt_settings(config, settings, explicit, workdir)
+    except records.RecordError as e:
+      raise config_checks.ConfigError(str(e)) from None
   if settings:
     return records.with_input_order(
         config, settings.get("model.input_order"), f"The model in {workdir}"

@@ -137,11 +137,14 @@ def test_fine_tuning_end_to_end_then_resuming_without_the_source(
   # The .pth itself works as well as its converted workdir.
   source_copy = tmp_path / "backbone.pth"
   shutil.copy(pth, source_copy)
+  # A recipe naming another model than the source's: the source's is
+  # trained, and the rerun below takes it from the run's own record.
+  other_model = {"model.name": "ir18", "model.embedding_size": 512}
   config = _config(
       folder_set,
       init_from=str(source_copy),
       init_classifier="class_means",
-      **{"optim.backbone_lr_scale": 0.0, "num_epochs": 1.0},
+      **{"optim.backbone_lr_scale": 0.0, "num_epochs": 1.0, **other_model},
   )
   run = tmp_path / "run"
   _, output = run_in_process(config, run)
@@ -162,7 +165,7 @@ def test_fine_tuning_end_to_end_then_resuming_without_the_source(
       folder_set,
       init_from=str(source_copy),
       init_classifier="class_means",
-      **{"optim.backbone_lr_scale": 0.0, "num_epochs": 2.0},
+      **{"optim.backbone_lr_scale": 0.0, "num_epochs": 2.0, **other_model},
   )
   _, output = run_in_process(longer, run)
   assert "Resumed from step 3 " in output and "Starting from" not in output
@@ -208,6 +211,31 @@ def test_the_source_s_model_is_adopted_unless_a_flag_says_otherwise(
     finetune.check_source(
         _config(folder_set, init_from=str(tmp_path / "garbage.pth"))
     )
+
+
+def test_a_rerun_builds_the_model_its_record_holds(
+    converted_dir, folder_set, tmp_path
+):
+  """A fine-tune stopped before its first checkpoint (or resumed after
+  one) is rerun with the model its config.json records, the source's,
+  though the recipe names another and the source is gone; a flag typed
+  against the record is refused."""
+  from qgjt_jax import train  # pylint: disable=g-import-not-at-top
+
+  workdir, _, _ = converted_dir
+  other_model = {"model.name": "ir18", "model.embedding_size": 512}
+  first = finetune.check_source(
+      _config(folder_set, init_from=str(workdir), **other_model)
+  )
+  run = tmp_path / "run"
+  records.record_config(str(run), first.to_dict(), "test")
+  gone = _config(folder_set, init_from=str(tmp_path / "gone"), **other_model)
+  rerun = train._weights_config(gone, str(run), ())
+  for key in ("name", "embedding_size", "input_order"):
+    assert rerun.model[key] == first.model[key], key
+  assert rerun.model.name == "r18"
+  with pytest.raises(config_checks.ConfigError, match="model.name='ir18'"):
+    train._weights_config(gone, str(run), ("model.name",))
 
 
 def test_the_backbone_learning_rate_scale():
