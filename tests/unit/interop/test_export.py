@@ -76,7 +76,13 @@ _IRESNET = dict(base_width=4, embedding_size=8)
         ("ir_se18", 32, _IRESNET),
         ("r18", 32, {**_IRESNET, "input_order": "RGB"}),
         ("ir152", 32, _IRESNET),
-        ("mbf", 40, {"input_order": "RGB", "embedding_size": 16}),
+        # The slowest to translate; mbf_buffalo is the same family.
+        pytest.param(
+            "mbf",
+            40,
+            {"input_order": "RGB", "embedding_size": 16},
+            marks=pytest.mark.slow,
+        ),
         ("mbf_buffalo", 40, {"input_order": "RGB", "embedding_size": 16}),
         ("vit_t", 27, {"input_order": "RGB", "embedding_size": 16}),
     ],
