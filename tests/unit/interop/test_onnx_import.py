@@ -204,6 +204,22 @@ def _headless(model):
   model.graph.initializer.extend(kept)
 
 
+def _posing_as_ours(settings):
+  """The released file claiming to be this project's export."""
+
+  def change(model):
+    model.producer_name = "qgjt_jax"
+    entry = model.metadata_props.add()
+    entry.key, entry.value = "qgjt_jax.model_settings", settings
+
+  return change
+
+
+_OWN_SETTINGS = (
+    '{"model.name": "mbf_buffalo", "model.embedding_size": 512, '
+    '"data.image_size": 112, "model.input_order": "RGB"}'
+)
+
 _CHANGES = {
     "declares_a_billion_rows": (_declared_bigger, "max_tensor_bytes"),
     "external_data": (_external, "another file"),
@@ -211,6 +227,14 @@ _CHANGES = {
     "unconsumed_weight": (_extra_weight, "unused_weight"),
     "unknown_operator": (_unknown_op, "Softsign"),
     "no_head": (_headless, "not a recogniser"),
+    "ours_with_garbled_settings": (
+        _posing_as_ours("[" * 100_000),
+        "not the record of model settings",
+    ),
+    "ours_without_our_weights": (
+        _posing_as_ours(_OWN_SETTINGS),
+        "its weights are not those of the mbf_buffalo it records: missing",
+    ),
 }
 
 
