@@ -2,6 +2,7 @@
 [tool.ruff], [tool.pyink]) hold for the package, the tests and the
 launchers."""
 
+import importlib
 import os
 import pathlib
 import subprocess
@@ -10,96 +11,53 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
+CODE = ("qgjt_jax", "tests", "launch")
 
 
-def test_the_linter_passes(tmp_path):
+def _tool(name: str, *args: str, cwd=ROOT) -> subprocess.CompletedProcess:
+  """`python -m NAME ARGS...`; skipped where the tool is not installed
+  (required under CI=true)."""
   try:
-    import ruff  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    importlib.import_module(name)
   except ImportError:
     if os.environ.get("CI") == "true":
       raise
-    pytest.skip("ruff is not installed: pip install -e '.[test]'")
-  result = subprocess.run(
-      [
-          sys.executable,
-          "-m",
-          "ruff",
-          "check",
-          "--no-cache",
-          "qgjt_jax",
-          "tests",
-          "launch",
-      ],
-      cwd=ROOT,
-      capture_output=True,
-      text=True,
-      timeout=300,
-  )
-  assert result.returncode == 0, result.stdout + result.stderr
-  # The rules bite: a file with an unused import and an undefined name.
-  bad = tmp_path / "bad.py"
-  bad.write_text("import os\n\n\ndef f():\n  return undefined_name\n")
-  caught = subprocess.run(
-      [
-          sys.executable,
-          "-m",
-          "ruff",
-          "check",
-          "--no-cache",
-          f"--config={ROOT / 'pyproject.toml'}",
-          str(bad),
-      ],
-      capture_output=True,
-      text=True,
-      timeout=300,
-  )
-  assert (
-      caught.returncode == 1
-      and "F401" in caught.stdout
-      and ("F821" in caught.stdout)
-  ), caught.stdout
-
-
-def test_the_formatter_leaves_the_code_as_it_is(tmp_path):
-  try:
-    import pyink  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-  except ImportError:
-    if os.environ.get("CI") == "true":
-      raise
-    pytest.skip("pyink is not installed: pip install -e '.[test]'")
-  result = subprocess.run(
-      [
-          sys.executable,
-          "-m",
-          "pyink",
-          "--check",
-          "--quiet",
-          "qgjt_jax",
-          "tests",
-          "launch",
-      ],
-      cwd=ROOT,
+    pytest.skip(f"{name} is not installed: pip install -e '.[test]'")
+  return subprocess.run(
+      [sys.executable, "-m", name, *args],
+      cwd=cwd,
       capture_output=True,
       text=True,
       timeout=600,
   )
+
+
+def test_the_linter_passes(tmp_path):
+  result = _tool("ruff", "check", "--no-cache", *CODE)
+  assert result.returncode == 0, result.stdout + result.stderr
+  # The rules bite: a file with an unused import and an undefined name.
+  bad = tmp_path / "bad.py"
+  bad.write_text("import os\n\n\ndef f():\n  return undefined_name\n")
+  caught = _tool(
+      "ruff",
+      "check",
+      "--no-cache",
+      f"--config={ROOT / 'pyproject.toml'}",
+      str(bad),
+  )
+  assert caught.returncode == 1 and "F401" in caught.stdout, caught.stdout
+  assert "F821" in caught.stdout, caught.stdout
+
+
+def test_the_formatter_leaves_the_code_as_it_is(tmp_path):
+  result = _tool("pyink", "--check", "--quiet", *CODE)
   assert result.returncode == 0, (
-      "run `pyink qgjt_jax tests launch`:\n" + result.stdout + result.stderr
+      f"run `pyink {' '.join(CODE)}`:\n" + result.stdout + result.stderr
   )
   # The check bites: four-space indents are not the layout.
   bad = tmp_path / "bad.py"
   bad.write_text("def f():\n    return 1\n")
-  caught = subprocess.run(
-      [
-          sys.executable,
-          "-m",
-          "pyink",
-          "--check",
-          f"--config={ROOT / 'pyproject.toml'}",
-          str(bad),
-      ],
-      capture_output=True,
-      text=True,
-      timeout=300,
+  caught = _tool(
+      "pyink", "--check", f"--config={ROOT / 'pyproject.toml'}", str(bad)
   )
   assert caught.returncode == 1, caught.stdout + caught.stderr
