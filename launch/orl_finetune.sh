@@ -15,7 +15,9 @@
 # Other splits and settings (launch/orl_select.sh uses them): ORL_TUNED=N
 # tunes on s1..sN and tests on the rest of s1..s$ORL_PEOPLE (default 20 of
 # 30); ORL_WEIGHTS="W ..." runs QGFace at each contrastive weight
-# (qgface_wW_SEED) instead of the recipe's own (qgface_SEED).
+# (qgface_wW_SEED) instead of the recipe's own (qgface_SEED). ORL_FLAGS adds
+# flags to every fine-tune; ORL_BASELINE=0 leaves out the AdaFace-only runs
+# (for a flag that does not change them).
 set -euo pipefail
 fixtures=$(cd "$1" && pwd)
 out=$2
@@ -23,6 +25,7 @@ seeds=${3:-"0 1 2"}
 tuned=${ORL_TUNED:-20}
 people=${ORL_PEOPLE:-30}
 weights=${ORL_WEIGHTS:-}
+baseline=${ORL_BASELINE:-1}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 
@@ -71,7 +74,7 @@ for seed in $seeds; do
         "${finetune[@]}" --workdir="$out/$run" --config.seed="$seed" \
         --config.contrastive.weight="$weight"
   done
-  [ -d "$out/adaface_$seed/eval" ] || timed "adaface_$seed" python -m \
+  [ "$baseline" = 0 ] || [ -d "$out/adaface_$seed/eval" ] || timed "adaface_$seed" python -m \
       qgjt_jax.main "${finetune[@]}" --workdir="$out/adaface_$seed" \
       --config.seed="$seed" --config.queue.kind=none \
       --config.contrastive.weight=0.0

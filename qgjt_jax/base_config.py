@@ -248,6 +248,12 @@ def get_base_config() -> ml_collections.ConfigDict:
           "the gradient's global norm is clipped to this; "
           "0 disables clipping",
       ),
+      clip_each_loss=(
+          False,
+          "clip the margin loss's and the contrastive loss's gradients to "
+          "grad_clip_norm each, then add them (the sum is not clipped "
+          "again), so neither takes the other's share of the step",
+      ),
       backbone_lr_scale=(
           1.0,
           "multiplies the backbone's learning rate "

@@ -139,6 +139,12 @@ def check_train_config(
         f"config.contrastive.start_epoch={cc.start_epoch}: the contrastive "
         "loss would never be on; use 0 for no end."
     )
+  if config.optim.clip_each_loss and not config.optim.grad_clip_norm > 0:
+    raise ConfigError(
+        "config.optim.clip_each_loss=True clips each loss's gradient to "
+        f"config.optim.grad_clip_norm={config.optim.grad_clip_norm}; set a "
+        "positive norm, e.g. --config.optim.grad_clip_norm=5.0."
+    )
   milestones = config.optim.milestones
   if (
       not isinstance(milestones, (tuple, list))

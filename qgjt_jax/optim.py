@@ -70,7 +70,12 @@ def make_optimizer(
     optim: ml_collections.ConfigDict, schedule: Callable[[jax.Array], jax.Array]
 ) -> optax.GradientTransformation:
   parts = []
-  if optim.grad_clip_norm and optim.grad_clip_norm > 0:
+  # With clip_each_loss the step clips each loss's gradient itself.
+  if (
+      optim.grad_clip_norm
+      and optim.grad_clip_norm > 0
+      and not optim.get("clip_each_loss", False)
+  ):
     parts.append(optax.clip_by_global_norm(optim.grad_clip_norm))
   if optim.weight_decay:
     parts.append(

@@ -262,7 +262,8 @@ def _loss(
     prepared: Any,
     params: Any,
 ):
-  """The step's loss of `params`, and (the new state fields, metrics)."""
+  """The step's two loss terms of `params` (margin, weighted contrastive),
+  and (the new state fields, metrics)."""
   variant = ctx.settings.queue.variant
   views = variant.encode(ctx, state, batch, rngs, params, prepared)
   online, labels = views.online, batch["label"].astype(jnp.int32)
@@ -304,11 +305,17 @@ def _loss(
         threshold=schedule["con_b"],
         copies=views.keys.shape[0] // labels.shape[0],
     )
-  loss = loss_cls + schedule["con_weight"] * loss_con
-  return loss, (
+  terms = jnp.stack([loss_cls, schedule["con_weight"] * loss_con])
+  return terms, (
       new,
       _loss_metrics(
-          loss, loss_cls, loss_con, con_aux, views, online.quality, schedule
+          terms.sum(),
+          loss_cls,
+          loss_con,
+          con_aux,
+          views,
+          online.quality,
+          schedule,
       ),
   )
 
@@ -365,6 +372,13 @@ def _all_finite(tree: Any) -> jax.Array:
   return jnp.all(jnp.stack(leaves))
 
 
+def _clipped(grads: Any, max_norm: float) -> Any:
+  """`grads` scaled down to `max_norm` where their global norm exceeds it."""
+  norm = optax.tree.norm(grads)
+  scale = jnp.where(norm > max_norm, max_norm / norm, 1.0)
+  return jax.tree.map(lambda g: (g * scale).astype(g.dtype), grads)
+
+
 def _guarded(state: TrainState, finite: jax.Array, **new) -> TrainState:
   """The state with `new` fields where the step was finite, else the old
   ones: a non-finite loss or gradient must not poison the state. The step
@@ -406,18 +420,28 @@ def train_step(
     del rngs["sample"]
   variant = settings.queue.variant
   prepared = variant.prepare(ctx, state, batch, rngs)
-  (loss, (new, metrics)), grads = jax.value_and_grad(
-      functools.partial(
-          _loss,
-          ctx,
-          state,
-          batch,
-          rngs,
-          _schedule(settings, state.step),
-          prepared,
-      ),
-      has_aux=True,
-  )(state.params)
+  loss_terms = functools.partial(
+      _loss, ctx, state, batch, rngs, _schedule(settings, state.step), prepared
+  )
+  terms, pullback, (new, metrics) = jax.vjp(
+      loss_terms, state.params, has_aux=True
+  )
+  loss = terms.sum()
+  if settings.loss_clip_norm:
+    # Each term's gradient clipped on its own: two backward passes.
+    per_term = [
+        pullback(jnp.zeros_like(terms).at[i].set(1.0))[0] for i in range(2)
+    ]
+    metrics.update(
+        grad_norm_cls=optax.tree.norm(per_term[0]),
+        grad_norm_con=optax.tree.norm(per_term[1]),
+    )
+    grads = jax.tree.map(
+        jnp.add,
+        *(_clipped(g, settings.loss_clip_norm) for g in per_term),
+    )
+  else:
+    (grads,) = pullback(jnp.ones_like(terms))
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
 

@@ -341,6 +341,9 @@ class StepSettings:
   head: HeadSettings
   contrastive: ContrastiveSettings
   queue: QueueSettings
+  # The norm each loss's gradient is clipped to before they are added (0:
+  # one gradient of the summed loss, clipped, if at all, by the optimiser).
+  loss_clip_norm: float = 0.0
 
   @classmethod
   def from_config(
@@ -354,5 +357,10 @@ class StepSettings:
         steps_per_epoch=float(steps_per_epoch),
         num_epochs=float(config.num_epochs),
         global_batch_size=config.global_batch_size,
+        loss_clip_norm=(
+            float(config.optim.grad_clip_norm)
+            if config.optim.get("clip_each_loss", False)
+            else 0.0
+        ),
         **{s.NAME: s.from_config(config) for s in SECTIONS},
     )

@@ -138,6 +138,10 @@ BAD = [
         {"contrastive.start_epoch": 3.0, "contrastive.end_epoch": 2.0},
         ["config.contrastive.end_epoch=2.0", "0 for no end"],
     ),
+    (
+        {"optim.clip_each_loss": True, "optim.grad_clip_norm": 0.0},
+        ["config.optim.clip_each_loss=True", "grad_clip_norm=5.0"],
+    ),
     ({"model.remat": "layer"}, ["config.model.remat='layer'", "'block'"]),
     ({"num_epochs": float("nan")}, ["config.num_epochs=nan", "finite"]),
     ({"optim.lr": float("inf")}, ["config.optim.lr=inf", "finite"]),

@@ -141,6 +141,57 @@ def test_step_compiles_once_and_moves_the_parameters():
   assert not np.allclose(kernel0, state.params["classifier"]["kernel"])
 
 
+def test_each_loss_clipped_on_its_own_then_added():
+  """optim.clip_each_loss: the update is the margin loss's gradient and the
+  contrastive loss's, each clipped to the norm, added; each is read from
+  a step that has only that loss (weight 0) or both (unclipped)."""
+  plain = {
+      "optim.momentum": 0.0,
+      "optim.weight_decay": 0.0,
+      # Some pairs below the gate (the stats centred on the tiny model's
+      # norms), and a scale at which a random model's contrastive softmax
+      # is not saturated (at 64 its gradient is about 1e-9).
+      "quality.init_mean": 5.6,
+      "quality.init_std": 0.6,
+      "contrastive.s": 4.0,
+  }
+
+  def one_step(**changes):
+    config = tiny_runs.tiny_config(**plain, **changes)
+    _, state, fn, mesh = _setup(config)
+    before = jax.device_get(state.params)
+    batch = step_helpers.random_batch(0, config)
+    state, metrics = fn(state, parallel.host_to_global(batch, mesh))
+    gradient = jax.tree.map(
+        lambda old, new: (old - new) / float(metrics["lr"]),
+        before,
+        jax.device_get(state.params),
+    )
+    return gradient, metrics
+
+  margin_only, _ = one_step(**{"contrastive.weight": 0.0})
+  both, _ = one_step()
+  contrastive_only = jax.tree.map(np.subtract, both, margin_only)
+  norms = [
+      float(np.sqrt(sum(np.sum(g**2) for g in jax.tree.leaves(t))))
+      for t in (margin_only, contrastive_only)
+  ]
+  limit = min(norms) / 2  # both are clipped
+  clipped, metrics = one_step(
+      **{"optim.clip_each_loss": True, "optim.grad_clip_norm": limit}
+  )
+  np.testing.assert_allclose(
+      [metrics["grad_norm_cls"], metrics["grad_norm_con"]], norms, rtol=1e-3
+  )
+  want = jax.tree.map(
+      lambda a, b: limit * (a / norms[0] + b / norms[1]),
+      margin_only,
+      contrastive_only,
+  )
+  for got, expected in zip(jax.tree.leaves(clipped), jax.tree.leaves(want)):
+    np.testing.assert_allclose(got, expected, rtol=2e-3, atol=1e-5 * limit)
+
+
 def test_nonfinite_batch_is_skipped():
   config = tiny_runs.tiny_config()
   _, state, fn, mesh = _setup(config)
