@@ -39,11 +39,9 @@ from qgjt_jax import parallel
 from qgjt_jax import recipe_flags
 from qgjt_jax.files import limits
 
-_CONFIG = recipe_flags.define_config(
-    None,
-    "The recipe (a configs/*.py file): needed to train; other modes "
-    "default to the workdir's record.",
-)
+# --config, defined when the command line is parsed (`_parse_flags`): its
+# default depends on --mode and --workdir.
+_CONFIG: flags.FlagHolder | None = None
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Where checkpoints, logs and evaluation results go."
 )
@@ -156,7 +154,7 @@ errors.define_traceback_flag()
 
 def _loaded_config():
   """The --config recipe; a file that does not load is one clear line."""
-  recipe = flags.FLAGS["config"].serialize().split("=", 1)[-1]
+  recipe = recipe_flags.flag_value(sys.argv, "config") or "the record"
   config = _CONFIG.value
   if not isinstance(config, ml_collections.ConfigDict):
     raise errors.UserError(
@@ -315,25 +313,25 @@ _RECORDED_RECIPE = os.path.join(
 )
 
 
-def _with_recorded_config(argv: list[str]) -> list[str]:
-  """argv with --config standing for the workdir's record, for a mode that
-  uses a workdir's model and was given no recipe."""
-  mode, workdir = recipe_flags.flag_value(
-      argv, "mode"
-  ), recipe_flags.flag_value(argv, "workdir")
-  if (
-      mode in (None, "train")
-      or not workdir
-      or recipe_flags.flag_value(argv, "config") is not None
-  ):
-    return argv
-  return [argv[0], f"--config={_RECORDED_RECIPE}:{workdir}", *argv[1:]]
-
-
 def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, every mistake one ERROR line
-  (`recipe_flags.parse`)."""
-  return recipe_flags.parse(flags.FLAGS, _with_recorded_config(argv))
+  """absl's flag parsing of argv as typed, every mistake one ERROR line
+  (`recipe_flags.parse`).
+
+  --config is defined here, because a mode that uses a workdir's model
+  defaults it to that workdir's own record (inference/recorded_recipe.py):
+  its --config.KEY overrides then apply to the config the model was made
+  with."""
+  global _CONFIG
+  mode = recipe_flags.flag_value(argv, "mode")
+  workdir = recipe_flags.flag_value(argv, "workdir")
+  recorded = mode not in (None, "train") and workdir
+  default = f"{_RECORDED_RECIPE}:{workdir}" if recorded else None
+  _CONFIG = recipe_flags.define_config(
+      default,
+      "The recipe (a configs/*.py file): needed to train; other modes "
+      "default to the workdir's record.",
+  )
+  return recipe_flags.parse(flags.FLAGS, argv, default_recipe=default)
 
 
 def cli() -> None:

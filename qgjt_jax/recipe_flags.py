@@ -43,6 +43,10 @@ def define_config(default: str | None, help_text: str):
     return config_flags.DEFINE_config_file(
         "config", default, help_text, lock_config=True
     )
+  except errors.UserError as e:  # a workdir's record, as the recipe
+    if errors.traceback_requested("--traceback" in sys.argv):
+      traceback.print_exc()
+    sys.exit(f"ERROR: {errors.one_line(e)}")
   except Exception as e:  # pylint: disable=broad-except
     recipe = flag_value(sys.argv, "config") or default
     failure = recipe_failure(recipe, e) or unknown_key(sys.argv, recipe)
