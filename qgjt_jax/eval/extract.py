@@ -2,8 +2,10 @@
 
 The model enters only through `embed_fn`: a callable taking a uint8 BGR batch
 (b, H, W, 3) of a fixed size b and returning unit embeddings (b, D) and their
-norms (b,) (or (b, 1)). Everything here runs on the host in numpy, so the same
-code serves any backbone, sharding or checkpoint.
+norms (b,) (or (b, 1)), so the same code serves any backbone, sharding or
+checkpoint. The batching runs on the host; the fusion is `fuse_flip`, the one
+flip-fused scoring there is: evaluation and `Model.embed` call it jitted, and
+the exported models trace it (`inference.model.fused_features`).
 
 Flip fusion. Each image is embedded as is (e1, n1) and mirrored left-right
 (e2, n2); the two views are combined by one of (the names in parentheses are
@@ -29,6 +31,8 @@ from collections.abc import Callable, Iterable
 import dataclasses
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from qgjt_jax import progress as progress_lib
@@ -61,19 +65,21 @@ DECISION_SCORING = scoring_name(DECISION_FUSION)
 _EPS = 1e-12
 
 
-def _normalise(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  norm = np.linalg.norm(x, axis=-1)
-  return x / np.maximum(norm, _EPS)[:, None], norm
+def _normalise(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  norm = jnp.linalg.norm(x, axis=-1)
+  return x / jnp.maximum(norm, _EPS)[:, None], norm
 
 
 def fuse_flip(
-    emb: np.ndarray,
-    norms: np.ndarray,
-    emb_flip: np.ndarray,
-    norms_flip: np.ndarray,
+    emb: jax.Array,
+    norms: jax.Array,
+    emb_flip: jax.Array,
+    norms_flip: jax.Array,
     fusion: str | None,
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[jax.Array, jax.Array]:
   """Combines the embeddings of an image and its mirror (see module doc).
+
+  Plain array operations, traceable with a symbolic batch (the exports).
 
   Args:
     emb, emb_flip: (b, D) unit embeddings of the images and their mirrors.
@@ -83,26 +89,31 @@ def fuse_flip(
   Returns:
     (fused (b, D) or (b, 2D) for 'concat', fused norm (b,)), float32.
   """
-  e1 = np.asarray(emb, np.float32)
-  e2 = np.asarray(emb_flip, np.float32)
-  n1 = np.asarray(norms, np.float32).reshape(len(e1))
-  n2 = np.asarray(norms_flip, np.float32).reshape(len(e2))
+  e1 = jnp.asarray(emb, jnp.float32)
+  e2 = jnp.asarray(emb_flip, jnp.float32)
+  n1 = jnp.asarray(norms, jnp.float32).reshape(-1)
+  n2 = jnp.asarray(norms_flip, jnp.float32).reshape(-1)
   if fusion is None:
     return e1, n1
   if fusion == 'pre_norm_add':
     return _normalise(e1 * n1[:, None] + e2 * n2[:, None])
   if fusion == 'norm_weighted':
-    weights = np.stack([n1, n2]) / np.maximum(n1 + n2, _EPS)[None]
-    fused, _ = _normalise(e1 * weights[0][:, None] + e2 * weights[1][:, None])
+    total = jnp.maximum(n1 + n2, _EPS)
+    fused, _ = _normalise(
+        e1 * (n1 / total)[:, None] + e2 * (n2 / total)[:, None]
+    )
     return fused, (n1 + n2) / 2
   if fusion == 'mean':
     fused, _ = _normalise(e1 + e2)
     return fused, (n1 + n2) / 2
   if fusion == 'concat':
-    return np.concatenate([e1, e2], axis=1) / np.sqrt(2.0), (n1 + n2) / 2
+    return jnp.concatenate([e1, e2], axis=1) / jnp.sqrt(2.0), (n1 + n2) / 2
   raise ValueError(
       f'unknown fusion {fusion!r}; expected one of {FUSIONS} or None'
   )
+
+
+_fuse_flip_jitted = jax.jit(fuse_flip, static_argnums=4)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,9 +266,9 @@ def extract_embeddings(
       fused, fused_norm = e1, n1
     else:
       e2, n2 = _check_output(*flipped, batch_size)
-      fused, fused_norm = fuse_flip(e1, n1, e2, n2, fusion)
-    feats.append(fused[:n_valid])
-    norms.append(fused_norm[:n_valid])
+      fused, fused_norm = _fuse_flip_jitted(e1, n1, e2, n2, fusion)
+    feats.append(np.asarray(fused)[:n_valid])
+    norms.append(np.asarray(fused_norm)[:n_valid])
     bar.update(n_valid)
 
   in_flight = None

@@ -244,18 +244,23 @@ def fused_features(
     module, variables: Any, x: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
   """Normalised BGR faces (B, S, S, 3) and their mirror images through the
-  network, fused as `Model.embed` scores: (unit embeddings (B, D), the
-  mean of the two norms (B,))."""
+  network in one batch, fused as `Model.embed` scores
+  (`extract.fuse_flip` with the decision's fusion): (unit embeddings (B,
+  D), the mean of the two norms (B,))."""
   both = jnp.concatenate([x, jnp.flip(x, axis=2)])
   emb, norms = module.apply(variables, both, train=False)
-  raw = emb.astype(jnp.float32) * norms.astype(jnp.float32)[:, None]
-  # The two halves summed over a reshape: plain ops whatever the
+  # The two halves by a reshape and static slices: plain ops whatever the
   # (symbolic) batch.
-  fused = raw.reshape(2, -1, raw.shape[-1]).sum(axis=0)
-  unit = fused / jnp.maximum(
-      jnp.linalg.norm(fused, axis=1, keepdims=True), 1e-12
+  half = lambda x, i: jax.lax.index_in_dim(
+      x.reshape(2, -1, *x.shape[1:]), i, keepdims=False
   )
-  return unit, norms.astype(jnp.float32).reshape(2, -1).sum(axis=0) / 2
+  return extract.fuse_flip(
+      half(emb, 0),
+      half(norms, 0),
+      half(emb, 1),
+      half(norms, 1),
+      extract.DECISION_FUSION,
+  )
 
 
 def fused_forward(module, variables: Any):
