@@ -372,13 +372,6 @@ def _all_finite(tree: Any) -> jax.Array:
   return jnp.all(jnp.stack(leaves))
 
 
-def _clipped(grads: Any, max_norm: float) -> Any:
-  """`grads` scaled down to `max_norm` where their global norm exceeds it."""
-  norm = optax.tree.norm(grads)
-  scale = jnp.where(norm > max_norm, max_norm / norm, 1.0)
-  return jax.tree.map(lambda g: (g * scale).astype(g.dtype), grads)
-
-
 def _guarded(state: TrainState, finite: jax.Array, **new) -> TrainState:
   """The state with `new` fields where the step was finite, else the old
   ones: a non-finite loss or gradient must not poison the state. The step
@@ -436,9 +429,10 @@ def train_step(
         grad_norm_cls=optax.tree.norm(per_term[0]),
         grad_norm_con=optax.tree.norm(per_term[1]),
     )
+    clip = optax.clip_by_global_norm(settings.loss_clip_norm)
     grads = jax.tree.map(
         jnp.add,
-        *(_clipped(g, settings.loss_clip_norm) for g in per_term),
+        *(clip.update(g, optax.EmptyState())[0] for g in per_term),
     )
   else:
     (grads,) = pullback(jnp.ones_like(terms))
