@@ -44,9 +44,7 @@ def define_config(default: str | None, help_text: str):
         "config", default, help_text, lock_config=True
     )
   except errors.UserError as e:  # a workdir's record, as the recipe
-    if errors.traceback_requested("--traceback" in sys.argv):
-      traceback.print_exc()
-    sys.exit(f"ERROR: {errors.one_line(e)}")
+    _exit_with(e, "--traceback" in sys.argv)
   except Exception as e:  # pylint: disable=broad-except
     recipe = flag_value(sys.argv, "config") or default
     failure = recipe_failure(recipe, e) or unknown_key(sys.argv, recipe)
@@ -81,9 +79,7 @@ def parse(
   try:
     return parser(argv)
   except errors.UserError as e:  # the workdir's record, as the recipe
-    if errors.traceback_requested(show_traceback):
-      traceback.print_exc()
-    sys.exit(f"ERROR: {errors.one_line(e)}")
+    _exit_with(e, show_traceback)
   except SyntaxError as e:
     sys.exit(
         f"ERROR: --config={e.filename}: {e.msg} at line {e.lineno}: "
@@ -98,6 +94,14 @@ def parse(
     if isinstance(e, flags.Error):
       sys.exit(errors.flag_mistake(e))
     raise
+
+
+def _exit_with(e: errors.UserError, show_traceback: bool):
+  """Stops with the one ERROR line of a user's mistake (the traceback
+  first where asked)."""
+  if errors.traceback_requested(show_traceback):
+    traceback.print_exc()
+  sys.exit(f"ERROR: {errors.one_line(e)}")
 
 
 def recipe_failure(recipe: str | None, e: Exception) -> str | None:
