@@ -281,7 +281,8 @@ def restore_model(
           if records.has_record(workdir)
           else "pass the --config.model.* and --config.data.image_size of "
           "the model that wrote it: the workdir records none (neither "
-          f"{records.CONFIG_RECORD} nor {records.CONVERTED_RECORD})"
+          f"{workdir_layout.CONFIG_RECORD} nor "
+          f"{workdir_layout.CONVERTED_RECORD})"
       )
       raise CheckpointError(
           f"{directory}/{s} holds another model than the "
@@ -299,14 +300,6 @@ def restore_model(
   raise CheckpointError(
       f"No readable checkpoint in {directory}:\n  " + "\n  ".join(errors)
   )
-
-
-CHECKPOINTS = workdir_layout.CHECKPOINTS  # the folder that holds the steps
-
-
-def checkpoints_dir(workdir: str) -> str:
-  """WORKDIR/checkpoints: where a workdir keeps its steps."""
-  return f"{workdir.rstrip('/')}/{CHECKPOINTS}"
 
 
 def committed_steps(directory: str) -> list[int]:
@@ -496,7 +489,7 @@ def check_resumable(
   Raises:
     IncompatibleRunError: naming both.
   """
-  directory = checkpoints_dir(workdir)
+  directory = str(workdir_layout.Workdir(workdir).checkpoints)
   steps = sorted(committed_steps(directory), reverse=True)
   wanted, found = _shapes(abstract_state), None
   for step in steps:  # a damaged newest step is the restore's to set aside
@@ -509,7 +502,7 @@ def check_resumable(
     found = found or differences
   if not found:
     return
-  path = epath.Path(workdir) / records.CONFIG_RECORD
+  path = workdir_layout.Workdir(workdir).config_record
   recorded = records.read_record(path, "config") if path.exists() else {}
   keys = [
       f"{'config.' if key != 'num_classes' else ''}{key}: recorded "

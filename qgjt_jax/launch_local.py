@@ -170,7 +170,8 @@ def launch(
         f"--workdir={workdir}: a local cluster writes its logs "
         "beside the run; use a local folder."
     )
-  log_dir = pathlib.Path(workdir) / workdir_layout.LOGS
+  layout = workdir_layout.Workdir(workdir)
+  log_dir = layout.logs
   try:
     log_dir.mkdir(parents=True, exist_ok=True)
   except OSError as e:
@@ -195,7 +196,7 @@ def launch(
         heartbeat_timeout_s=heartbeat_timeout_s,
     )
     processes.append(
-        _Process(i, command, env, log_dir / f"process_{i}.log", echo=i == 0)
+        _Process(i, command, env, layout.process_log(i), echo=i == 0)
     )
 
   def forward(signum, frame):

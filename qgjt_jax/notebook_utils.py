@@ -63,10 +63,8 @@ def read_metrics(workdir: str) -> dict[str, np.ndarray]:
   step); where a value repeats, as for steps a resumed run logs again, the
   later one wins. Metrics a step lacks are NaN.
   """
-  from etils import epath
-
   by_step = {}
-  metrics = epath.Path(workdir) / workdir_layout.METRICS
+  metrics = workdir_layout.Workdir(workdir).metrics
   for line in metrics.read_text().splitlines():
     if line.strip():
       record = json.loads(line)

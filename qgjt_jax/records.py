@@ -21,11 +21,9 @@ import ml_collections
 
 from qgjt_jax import errors
 from qgjt_jax import reporting
+from qgjt_jax import workdir as workdir_layout
 from qgjt_jax.files import regular
 from qgjt_jax.config_keys import MISSING, lookup
-
-CONFIG_RECORD = "config.json"
-CONVERTED_RECORD = "converted_from.json"
 
 # What feeding a model right depends on, beside its variables
 # (`model_keys`): the channel order its weights expect.
@@ -56,8 +54,8 @@ def record_config(
 
   if jax.process_index() != 0:
     return
-  directory = epath.Path(workdir)
-  directory.mkdir(parents=True, exist_ok=True)
+  layout = workdir_layout.Workdir(workdir)
+  layout.root.mkdir(parents=True, exist_ok=True)
   text = json.dumps(
       {"version": version, "config": config_dict},
       indent=2,
@@ -65,9 +63,10 @@ def record_config(
       default=str,
   )
   # Written beside and renamed, so a crash never leaves half a record.
-  tmp = directory / (CONFIG_RECORD + ".tmp")
+  record = layout.config_record
+  tmp = record.with_name(record.name + ".tmp")
   tmp.write_text(text)
-  tmp.replace(directory / CONFIG_RECORD)
+  tmp.replace(record)
 
 
 def read_record(path: epath.Path, key: str) -> dict[str, Any]:
@@ -104,13 +103,13 @@ def recorded_model_settings(workdir: str) -> dict[str, Any]:
   """{dotted key: value} of `model_keys()` and MODEL_INPUT_KEYS as the workdir
   recorded them: config.json of a training run, or converted_from.json of a
   converted model; {} without either."""
-  directory = epath.Path(workdir)
+  layout = workdir_layout.Workdir(workdir)
   keys = model_keys() + MODEL_INPUT_KEYS
-  if (directory / CONFIG_RECORD).exists():
-    recorded = read_record(directory / CONFIG_RECORD, "config")["config"]
+  if layout.config_record.exists():
+    recorded = read_record(layout.config_record, "config")["config"]
     values = {k: lookup(recorded, k) for k in keys}
-  elif (directory / CONVERTED_RECORD).exists():
-    values = read_record(directory / CONVERTED_RECORD, "config_overrides")[
+  elif layout.converted_record.exists():
+    values = read_record(layout.converted_record, "config_overrides")[
         "config_overrides"
     ]
   else:
@@ -143,10 +142,8 @@ def _quality_settings(path: epath.Path) -> dict[str, float]:
 
 
 def has_record(workdir: str) -> bool:
-  directory = epath.Path(workdir)
-  return any(
-      (directory / name).exists() for name in (CONFIG_RECORD, CONVERTED_RECORD)
-  )
+  layout = workdir_layout.Workdir(workdir)
+  return layout.config_record.exists() or layout.converted_record.exists()
 
 
 def recorded_config(
@@ -166,26 +163,27 @@ def recorded_config(
   from qgjt_jax import base_config  # pylint: disable=g-import-not-at-top
 
   config = base_config.get_base_config()
-  directory = epath.Path(workdir)
-  if (directory / CONFIG_RECORD).exists():
-    recorded = read_record(directory / CONFIG_RECORD, "config")["config"]
+  layout = workdir_layout.Workdir(workdir)
+  if layout.config_record.exists():
+    recorded = read_record(layout.config_record, "config")["config"]
     recorded.pop("num_classes", None)  # the data's, not a config key
     # Limits are the user's, from their flags and config: a workdir from
     # others never raises them (and one's own keeps the defaults).
     recorded.pop("limits", None)
-    _merge(config, recorded, directory / CONFIG_RECORD)
-  elif (directory / CONVERTED_RECORD).exists():
+    _merge(config, recorded, layout.config_record)
+  elif layout.converted_record.exists():
     for key, value in recorded_model_settings(workdir).items():
-      _set(config, key, value, str(directory / CONVERTED_RECORD))
-    for key, value in _quality_settings(directory / CONVERTED_RECORD).items():
-      _set(config, key, value, str(directory / CONVERTED_RECORD))
-  elif not directory.exists():
+      _set(config, key, value, str(layout.converted_record))
+    for key, value in _quality_settings(layout.converted_record).items():
+      _set(config, key, value, str(layout.converted_record))
+  elif not layout.root.exists():
     raise RecordError(f"--workdir={workdir} does not exist: {advice}")
   else:
     raise RecordError(
-        f"--workdir={workdir} holds neither {CONFIG_RECORD} (a training "
-        f"run's) nor {CONVERTED_RECORD} (qgjt_jax.convert's), so it does not "
-        f"say which model it holds: {advice}"
+        f"--workdir={workdir} holds neither {workdir_layout.CONFIG_RECORD} "
+        f"(a training run's) nor {workdir_layout.CONVERTED_RECORD} "
+        "(qgjt_jax.convert's), so it does not say which model it holds: "
+        f"{advice}"
     )
   return config
 

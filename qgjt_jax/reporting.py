@@ -39,9 +39,10 @@ def open_process_log(workdir: str) -> None:
   index = jax.process_index()
   if index == 0 or _process_log is not None or "://" in workdir:
     return
-  os.makedirs(os.path.join(workdir, workdir_layout.LOGS), exist_ok=True)
+  layout = workdir_layout.Workdir(workdir)
+  layout.logs.mkdir(parents=True, exist_ok=True)
   _process_log = open(
-      os.path.join(workdir, workdir_layout.LOGS, f"process_{index}.log"),
+      layout.process_log(index),
       "a",
       buffering=1,
   )
@@ -181,7 +182,7 @@ def create_writer(workdir: str, *, tensorboard: bool = True):
       StdoutWriter()
   )
   return Writers(
-      [writer, JsonlWriter(os.path.join(workdir, workdir_layout.METRICS))]
+      [writer, JsonlWriter(str(workdir_layout.Workdir(workdir).metrics))]
   )
 
 

@@ -304,7 +304,8 @@ def _train_and_evaluate(
 ) -> dict:
   run = _set_up(config, workdir, explicit)
   run.manager = ckpt.make_manager(
-      ckpt.checkpoints_dir(workdir), max_to_keep=run.config.keep_checkpoints
+      str(workdir_layout.Workdir(workdir).checkpoints),
+      max_to_keep=run.config.keep_checkpoints,
   )
   try:
     state = _starting_state(run)
@@ -342,7 +343,7 @@ def _loop(run: _Run, state, stop: StopRequested) -> dict:
   guard = _NonFiniteGuard(config.max_consecutive_nonfinite)
   profiler = reporting.StepProfiler(
       config.get("profile_steps", ()),
-      os.path.join(run.workdir, workdir_layout.PROFILE),
+      str(workdir_layout.Workdir(run.workdir).profile),
   )
   pending = None  # the previous step's metrics, read one step late
   evaluated = (None, {})  # (step, results) of the last evaluation
@@ -373,7 +374,7 @@ def _loop(run: _Run, state, stop: StopRequested) -> dict:
       ckpt.wait(manager)
       reporting.note(
           f"Stopped by {stop.description} at step {step}; checkpoint "
-          f"written to {ckpt.checkpoints_dir(run.workdir)}. Run the same command to "
+          f"written to {workdir_layout.Workdir(run.workdir).checkpoints}. Run the same command to "
           "resume."
       )
       return {}

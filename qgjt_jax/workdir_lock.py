@@ -31,8 +31,6 @@ from typing import Callable, Optional
 from qgjt_jax import errors
 from qgjt_jax import workdir as workdir_layout
 
-LOCK_NAME = "run.lock"
-
 
 class WorkdirLockedError(errors.UserError):
   """Another run holds the workdir (the message names it)."""
@@ -182,7 +180,7 @@ def acquire(
     return None
   os.makedirs(workdir, exist_ok=True)
   workdir_layout.check_writes_stay_inside(workdir)
-  path = os.path.join(workdir, LOCK_NAME)
+  path = str(workdir_layout.Workdir(workdir).lock)
   mine = _me()
   for _ in range(50):
     lock = _create(path, mine)

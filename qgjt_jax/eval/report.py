@@ -5,21 +5,15 @@ import hashlib
 import io
 import json
 import numbers
-import pathlib
 from typing import Any
 
+from etils import epath
 import numpy as np
 
 from qgjt_jax import outputs
 from qgjt_jax import workdir as workdir_layout
 from qgjt_jax.eval import identification
 from qgjt_jax.eval import plots
-
-try:  # Handles gs:// workdirs; orbax depends on it, so it is normally present.
-  from etils import epath as _epath
-except ImportError:  # pragma: no cover
-  _epath = None
-
 
 # Where a set's numbers come from (kind of faces, scoring, step): kept in the
 # JSON for the decisions that read it, not a metric.
@@ -134,9 +128,7 @@ def write_results(workdir: str, name: str, results: Mapping[str, Any]) -> str:
   <name>.2.json (then .3 ...). Local files are written whole or not at all.
   """
   remote = '://' in workdir  # object storage: each object is written whole
-  directory = (
-      _epath.Path(workdir) if remote else pathlib.Path(workdir)
-  ) / workdir_layout.EVAL
+  directory = workdir_layout.Workdir(workdir).eval
   directory.mkdir(parents=True, exist_ok=True)
   base, n = name, 1
   if not remote:
@@ -171,9 +163,9 @@ def write_results(workdir: str, name: str, results: Mapping[str, Any]) -> str:
   if remote:
     for where, data in files.items():
       if isinstance(data, bytes):
-        _epath.Path(where).write_bytes(data)
+        epath.Path(where).write_bytes(data)
       else:
-        _epath.Path(where).write_text(data)
+        epath.Path(where).write_text(data)
     return path
   outputs.write_together(files, overwrite=False)
   try:

@@ -21,7 +21,6 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh
 
-from qgjt_jax import checkpoint as ckpt
 from qgjt_jax import reporting
 from qgjt_jax import workdir as workdir_layout
 from qgjt_jax.align import faces
@@ -343,13 +342,15 @@ def evaluate_checkpoint(
   model = model_lib.load_model(path, step, config=config, explicit=explicit)
   reporting.note(
       f"Restored the model of step {model.step} from "
-      f"{ckpt.checkpoints_dir(model.workdir)} on "
+      f"{workdir_layout.Workdir(model.workdir).checkpoints} on "
       f"{jax.device_count()} device(s)."
   )
   evaluator = Evaluator(model.config, model.module, model.mesh)
   results_dir = results_dir or model.workdir
   workdir_layout.check_writes_stay_inside(results_dir)
-  writer = reporting.create_writer(f"{results_dir}/{workdir_layout.EVAL}")
+  writer = reporting.create_writer(
+      str(workdir_layout.Workdir(results_dir).eval)
+  )
   results = evaluator.publish(
       evaluator.evaluate(model.embed_fn, model.batch_size),
       model.step,

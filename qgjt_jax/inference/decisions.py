@@ -36,6 +36,7 @@ import os
 import pathlib
 from typing import Any, Optional
 
+from etils import epath
 import numpy as np
 
 from qgjt_jax import errors
@@ -210,21 +211,7 @@ def _stated(
   )
 
 
-def results_files(workdir: str) -> list[tuple[tuple[int, int], pathlib.Path]]:
-  """(step, repeat) and path of each evaluation result, oldest first."""
-  folder = pathlib.Path(workdir) / workdir_layout.EVAL
-  found = []
-  if folder.is_dir():
-    for path in folder.iterdir():
-      match = workdir_layout.EVAL_RESULT.match(path.name)
-      # Not only regular files: a link to a device or a FIFO under a
-      # result's name is named when read, not passed over.
-      if match and not path.is_dir():
-        found.append(((int(match[1]), int(match[2] or 1)), path))
-  return sorted(found)
-
-
-def _read(path: pathlib.Path) -> dict[str, Any]:
+def _read(path: epath.Path) -> dict[str, Any]:
   """A stored evaluation: a regular file of bounded size holding JSON (its
   sets are checked where they are used, `checked`)."""
   text = regular.read_text(
@@ -243,17 +230,18 @@ def _read(path: pathlib.Path) -> dict[str, Any]:
 
 def evaluation(
     workdir: str, step: int
-) -> tuple[int, pathlib.Path, dict[str, Any], list[str]]:
+) -> tuple[int, epath.Path, dict[str, Any], list[str]]:
   """(its step, path, results, notes) of the evaluation of `step` (its
   latest repeat), else of the newest one, with a warning among the notes.
 
   Raises:
     DecisionError: the workdir holds no evaluation.
   """
-  found = results_files(workdir)
+  layout = workdir_layout.Workdir(workdir)
+  found = layout.eval_results()
   if not found:
     raise DecisionError(
-        f"{workdir}/eval holds no evaluation to take a threshold from: "
+        f"{layout.eval} holds no evaluation to take a threshold from: "
         f"{HOW_TO_CALIBRATE}; or pass --threshold=COSINE"
     )
   same = [f for f in found if f[0][0] == step]
@@ -288,7 +276,7 @@ def _provenance(metrics: dict) -> dict:
 
 def _usable_sets(
     results: dict[str, Any],
-    path: pathlib.Path,
+    path: epath.Path,
     key: str,
     set_name: Optional[str],
 ) -> dict[str, dict]:
@@ -506,7 +494,7 @@ def _check_use(entry: dict, where: str, align: Optional[str]) -> None:
     )
 
 
-def checked(entry: dict, path: pathlib.Path, name: str) -> dict:
+def checked(entry: dict, path: epath.Path, name: str) -> dict:
   """A stored set read through `eval.stored.check_set`: one whose numbers
   do not add up decides nothing."""
   try:
@@ -570,7 +558,7 @@ def stored_searches(
   ref = threshold.searches
   if not ref:
     return None
-  path = pathlib.Path(workdir) / workdir_layout.EVAL / ref["file"]
+  path = workdir_layout.Workdir(workdir).eval / ref["file"]
   if not os.path.lexists(path):
     return None
   count = len(ref["people"])
@@ -663,7 +651,7 @@ def exported(workdir: str, step: int) -> Optional[dict[str, Any]]:
   if not sets:
     return None
   return {
-      "evaluation": f"eval/{path.name}",
+      "evaluation": f"{workdir_layout.EVAL}/{path.name}",
       "step": measured,
       "weights_step": step,
       "decision": "same person when cosine >= threshold",

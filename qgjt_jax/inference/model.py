@@ -49,6 +49,7 @@ from qgjt_jax import errors
 from qgjt_jax import parallel
 from qgjt_jax import records
 from qgjt_jax import state as state_lib
+from qgjt_jax import workdir as workdir_layout
 from qgjt_jax.eval import extract
 from qgjt_jax.files import images as images_lib
 from qgjt_jax.method import quality as quality_lib
@@ -123,9 +124,9 @@ def locate(path: str) -> tuple[str, Optional[int]]:
   its step folders."""
   path = os.fspath(path).rstrip("/") or "/"
   name, parent = os.path.basename(path), os.path.dirname(path)
-  if name.isdigit() and os.path.basename(parent) == ckpt.CHECKPOINTS:
+  if name.isdigit() and os.path.basename(parent) == workdir_layout.CHECKPOINTS:
     return os.path.dirname(parent) or ".", int(name)
-  if name == ckpt.CHECKPOINTS:
+  if name == workdir_layout.CHECKPOINTS:
     return parent or ".", None
   return path, None
 
@@ -329,7 +330,7 @@ def load_model(
   mesh = mesh or parallel.make_mesh(1)
   dtype = jnp.dtype(config.eval.dtype)
   module = state_lib.build_model(config).clone(dtype=dtype, remat=False)
-  directory = ckpt.checkpoints_dir(workdir)
+  directory = str(workdir_layout.Workdir(workdir).checkpoints)
   variables, restored = ckpt.restore_model(
       directory,
       abstract_variables(
@@ -366,8 +367,8 @@ def load_model_from_python(
   if kwargs.get("config") is None and not records.has_record(workdir):
     raise ModelNotFoundError(
         f"load_model({os.fspath(path)!r}): {workdir} holds no model record "
-        f"({records.CONFIG_RECORD} of a training run, or "
-        f"{records.CONVERTED_RECORD} of qgjt_jax.convert); pass such a "
+        f"({workdir_layout.CONFIG_RECORD} of a training run, or "
+        f"{workdir_layout.CONVERTED_RECORD} of qgjt_jax.convert); pass such a "
         "workdir, its checkpoints folder or one of its step folders"
     )
   from qgjt_jax import config_checks  # pylint: disable=g-import-not-at-top

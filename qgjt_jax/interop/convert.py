@@ -41,13 +41,11 @@ import os
 import shlex
 from typing import Any, Mapping, Optional
 
-from etils import epath
 import numpy as np
 
 from qgjt_jax import checkpoint
 from qgjt_jax import models
 from qgjt_jax import outputs
-from qgjt_jax import records
 from qgjt_jax import workdir as workdir_layout
 from qgjt_jax.interop import state_dicts
 from qgjt_jax.interop import weight_files
@@ -326,8 +324,8 @@ def _check_finite(tensors: Mapping[str, Any]) -> None:
 # so no record of the old model (a training run's config.json, its
 # evaluations) is left to describe the new one.
 _MODEL_RECORDS = (
-    records.CONFIG_RECORD,
-    records.CONVERTED_RECORD,
+    workdir_layout.CONFIG_RECORD,
+    workdir_layout.CONVERTED_RECORD,
     workdir_layout.EVAL,
 )
 
@@ -338,15 +336,14 @@ def check_writable(workdir: str, overwrite: bool = False) -> None:
   Raises:
     FileExistsError: naming the folder and what is in it.
   """
-  directory = epath.Path(checkpoint.checkpoints_dir(workdir))
+  layout = workdir_layout.Workdir(workdir)
+  directory = layout.checkpoints
   if directory.exists() and not directory.is_dir():
     raise FileExistsError(f"{directory} exists and is not a folder")
   entries = (
       sorted(p.name for p in directory.iterdir()) if directory.exists() else []
   )
-  records = [
-      name for name in _MODEL_RECORDS if (epath.Path(workdir) / name).exists()
-  ]
+  records = [name for name in _MODEL_RECORDS if (layout.root / name).exists()]
   if (entries or records) and not overwrite:
     shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
     what = (
@@ -377,8 +374,8 @@ def write_checkpoint(
     FileExistsError: the checkpoint folder is not empty and not `overwrite`.
   """
   check_writable(workdir, overwrite)
-  root = epath.Path(workdir)
-  directory = epath.Path(checkpoint.checkpoints_dir(workdir))
+  layout = workdir_layout.Workdir(workdir)
+  root, directory = layout.root, layout.checkpoints
   # Written beside, then swapped in: an interrupted conversion leaves the
   # old model whole (and a step left beside step 0 would be "the latest").
   staging = root / ".checkpoints.converting"
@@ -414,14 +411,14 @@ def write_checkpoint(
   staging.rename(directory)
   evaluation = carried and carried.evaluation(os.path.basename(source))
   if evaluation:
-    (root / workdir_layout.EVAL).mkdir(exist_ok=True)
+    layout.eval.mkdir(exist_ok=True)
     outputs.write(
-        str(root / workdir_layout.EVAL / "step_0.json"),
+        str(layout.eval / f"{workdir_layout.eval_result_name(0)}.json"),
         json.dumps(evaluation, indent=2) + "\n",
         overwrite=True,
     )
   outputs.write(
-      str(root / records.CONVERTED_RECORD),
+      str(layout.converted_record),
       json.dumps(record, indent=2) + "\n",
       overwrite=True,
   )
@@ -439,8 +436,8 @@ def summary(src: str, workdir: str, converted: ConvertedModel) -> str:
           f"  input           {converted.input_order}",
           f"  input size      {size} x {size}",
           f"  parameters      {converted.num_params:,}",
-          f"Wrote the model (step 0) to {checkpoint.checkpoints_dir(workdir)}; "
-          f"{records.CONVERTED_RECORD} beside it says which model it is, so "
+          f"Wrote the model (step 0) to {workdir_layout.Workdir(workdir).checkpoints}; "
+          f"{workdir_layout.CONVERTED_RECORD} beside it says which model it is, so "
           "every command that uses it needs only --workdir. Evaluate it with",
           f"  python -m qgjt_jax.main --workdir={shlex.quote(workdir)} "
           "--mode=eval \\",

@@ -34,7 +34,7 @@ import numpy as np
 import pytest
 
 from qgjt_jax import checkpoint as ckpt
-from qgjt_jax import records
+from qgjt_jax import workdir as workdir_layout
 from tests.helpers import eval_trees
 from tests.helpers import tiny_runs as runs
 
@@ -207,7 +207,7 @@ def test_one_voice_and_one_copy_of_every_file(cluster_run):
   ]
   train_steps = [r["step"] for r in logged if "loss" in r]
   assert train_steps == list(range(1, runs.STEPS + 1))  # written once
-  record = json.loads((workdir / records.CONFIG_RECORD).read_text())
+  record = json.loads((workdir / workdir_layout.CONFIG_RECORD).read_text())
   assert record["config"]["num_classes"] == runs.NUM_CLASSES
   names = sorted(p.name for p in (workdir / "eval").iterdir())
   assert [n for n in names if n.endswith(".json")] == [

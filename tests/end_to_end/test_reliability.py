@@ -22,10 +22,10 @@ import pytest
 
 from qgjt_jax import checkpoint as ckpt
 from qgjt_jax import parallel
-from qgjt_jax import records
 from qgjt_jax import stack as stack_lib
 from qgjt_jax import state as state_lib
 from qgjt_jax import train
+from qgjt_jax import workdir as workdir_layout
 from qgjt_jax.data import pipeline
 from qgjt_jax.method import contrastive
 from qgjt_jax.method import quality as quality_lib
@@ -73,9 +73,9 @@ def test_sigterm_mid_run_checkpoints_exits_0_and_resumes_exactly(
   )
   assert max(runs.step_metrics(workdir)) == stop_step
   # The same recipe as the in-process reference, or the comparison is moot.
-  recorded = lambda d: json.loads((d / records.CONFIG_RECORD).read_text())[
-      "config"
-  ]
+  recorded = lambda d: json.loads(
+      (d / workdir_layout.CONFIG_RECORD).read_text()
+  )["config"]
   assert recorded(workdir) == recorded(reference_run[0])
 
   result = subprocess.run(
@@ -416,8 +416,8 @@ def test_training_refuses_an_incompatible_workdir_before_touching_it(
     with pytest.raises(ckpt.IncompatibleRunError, match=named):
       train.train_and_evaluate(runs.tiny_config(**changes), str(workdir))
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == before
-  assert (workdir / records.CONFIG_RECORD).read_text() == (
-      ref_dir / records.CONFIG_RECORD
+  assert (workdir / workdir_layout.CONFIG_RECORD).read_text() == (
+      ref_dir / workdir_layout.CONFIG_RECORD
   ).read_text()
 
 

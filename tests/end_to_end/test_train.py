@@ -17,9 +17,9 @@ import pytest
 
 from qgjt_jax import checkpoint as ckpt
 from qgjt_jax import parallel
-from qgjt_jax import records
 from qgjt_jax import stack as stack_lib
 from qgjt_jax import train
+from qgjt_jax import workdir as workdir_layout
 from tests.helpers.tiny_runs import (
     NUM_CLASSES,
     ROOT,
@@ -118,7 +118,7 @@ def test_sigterm_in_the_loop_finishes_the_step_and_checkpoints_it(stopped_run):
 
 def test_config_record_keeps_the_config_and_version(reference_run):
   ref_dir, _ = reference_run
-  record = json.loads((ref_dir / records.CONFIG_RECORD).read_text())
+  record = json.loads((ref_dir / workdir_layout.CONFIG_RECORD).read_text())
   import qgjt_jax
 
   assert record["version"] == qgjt_jax.__version__

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from qgjt_jax import outputs
+from qgjt_jax import workdir as workdir_layout
 from qgjt_jax import workdir_lock
 
 
@@ -21,7 +22,7 @@ def test_a_second_writer_is_refused_naming_the_first(tmp_path):
       workdir_lock.acquire(str(tmp_path), note=print)
   finally:
     lock.release()
-  assert not (tmp_path / workdir_lock.LOCK_NAME).exists()
+  assert not (tmp_path / workdir_layout.LOCK).exists()
   workdir_lock.acquire(str(tmp_path), note=print).release()  # free again
 
 
@@ -38,12 +39,12 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path):
       check=True,
       cwd=os.getcwd(),
   )
-  left = json.loads((tmp_path / workdir_lock.LOCK_NAME).read_text())
+  left = json.loads((tmp_path / workdir_layout.LOCK).read_text())
   notes = []
   lock = workdir_lock.acquire(str(tmp_path), note=notes.append)
   assert len(notes) == 1 and "no longer running" in notes[0]
   assert f"pid {left['pid']}" in notes[0]
-  mine = json.loads((tmp_path / workdir_lock.LOCK_NAME).read_text())
+  mine = json.loads((tmp_path / workdir_layout.LOCK).read_text())
   assert mine["pid"] == os.getpid()
   lock.release()
 
@@ -55,7 +56,7 @@ def test_a_lock_of_another_host_is_kept_unless_forced(tmp_path):
       "started": "yesterday",
       "command": "train",
   }
-  (tmp_path / workdir_lock.LOCK_NAME).write_text(json.dumps(note))
+  (tmp_path / workdir_layout.LOCK).write_text(json.dumps(note))
   with pytest.raises(
       workdir_lock.WorkdirLockedError,
       match="on elsewhere.*cannot be checked.*--force_lock",
@@ -74,7 +75,7 @@ def test_force_takes_even_a_live_lock(tmp_path):
   assert "still holds it" in notes[0]
   forced.release()
   held.release()  # its file was moved aside: nothing of the new one removed
-  assert not (tmp_path / workdir_lock.LOCK_NAME).exists()
+  assert not (tmp_path / workdir_layout.LOCK).exists()
 
 
 def test_outputs_are_whole_or_absent(tmp_path):

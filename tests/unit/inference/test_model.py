@@ -105,7 +105,7 @@ def test_a_record_from_others_neither_allocates_nor_raises_limits(
 
   workdir = tmp_path / "run"
   shutil.copytree(reference_run[0], workdir)
-  record_path = workdir / records.CONFIG_RECORD
+  record_path = workdir / "config.json"
   record = json.loads(record_path.read_text())
   record["config"]["eval"]["batch_size"] = 2**40
   record["config"]["limits"]["max_image_pixels"] = 10**12
