@@ -101,6 +101,11 @@ def get_base_config() -> ml_collections.ConfigDict:
           "norms on the training images' two views)",
       ),
       num_epochs=(26.0, "epochs to train"),
+      num_train_steps=(
+          0,
+          "steps to train, whatever the set's size (0: num_epochs decides; "
+          "else num_epochs is set to these steps in epochs of the set)",
+      ),
       global_batch_size=(
           512,
           "faces a step over all devices (each seen in two views)",

@@ -58,6 +58,7 @@ _RANGES = (
     ("optim.backbone_lr_scale", 0.0, None, "a factor; 0 freezes the backbone"),
     ("data.worker_count", 0, None, "a process count; 0 reads in-process"),
     ("eval_every_steps", 0, None, "a step count; 0 evaluates at the end only"),
+    ("num_train_steps", 0, None, "a step count; 0 trains num_epochs"),
     # Upper bounds where a value read from a workdir's record would
     # otherwise become an allocation (2**40 faces a batch: 8 TiB).
     ("eval.batch_size", 1, 65536, "faces per forward pass"),

@@ -241,8 +241,6 @@ def _set_up(config, workdir: str, explicit: tuple[str, ...] = ()) -> _Run:
   config_checks.check_num_classes(source.num_classes)
   mesh = parallel.make_mesh(config.model_parallelism)
   config_checks.check_mesh(config, mesh)
-  record = config.to_dict()
-  record["num_classes"] = source.num_classes
   steps_per_epoch = len(source) // config.global_batch_size
   if steps_per_epoch < 1:
     raise config_checks.ConfigError(
@@ -250,6 +248,15 @@ def _set_up(config, workdir: str, explicit: tuple[str, ...] = ()) -> _Run:
         f"the training set ({len(source)} images); use at most "
         f"{len(source)}."
     )
+  num_train_steps = config.num_train_steps or int(
+      config.num_epochs * steps_per_epoch
+  )
+  if config.num_train_steps:
+    # A length in steps is this set's epochs from here on: the schedule,
+    # the method's epoch-counted settings and the record all read them.
+    config.num_epochs = config.num_train_steps / steps_per_epoch
+  record = config.to_dict()
+  record["num_classes"] = source.num_classes
   stack = stack_lib.build_stack(
       config,
       num_classes=source.num_classes,
@@ -263,7 +270,7 @@ def _set_up(config, workdir: str, explicit: tuple[str, ...] = ()) -> _Run:
       source,
       stack,
       record,
-      int(config.num_epochs * steps_per_epoch),
+      num_train_steps,
   )
 
 

@@ -82,6 +82,7 @@ BAD = [
     ({"global_batch_size": 0}, ["config.global_batch_size=0", "positive"]),
     ({"optim.lr": -0.1}, ["config.optim.lr=-0.1", "positive"]),
     ({"num_epochs": 0.0}, ["config.num_epochs=0.0", "positive"]),
+    ({"num_train_steps": -1}, ["config.num_train_steps=-1", "a step count"]),
     (
         {"max_consecutive_nonfinite": 0},
         ["config.max_consecutive_nonfinite=0", "positive"],
