@@ -421,19 +421,20 @@ def train_step(
   )
   loss = terms.sum()
   if settings.loss_clip_norm:
-    # Each term's gradient clipped on its own: two backward passes.
+    # Each term's gradient clipped on its own, then added: a backward pass
+    # for each (one alone without the contrastive branch, whose term is 0).
     per_term = [
-        pullback(jnp.zeros_like(terms).at[i].set(1.0))[0] for i in range(2)
+        pullback(jnp.zeros_like(terms).at[i].set(1.0))[0]
+        for i in range(2 if variant.contrastive else 1)
     ]
+    norms = [optax.tree.norm(g) for g in per_term]
     metrics.update(
-        grad_norm_cls=optax.tree.norm(per_term[0]),
-        grad_norm_con=optax.tree.norm(per_term[1]),
+        grad_norm_cls=norms[0],
+        grad_norm_con=norms[1] if variant.contrastive else jnp.zeros(()),
     )
     clip = optax.clip_by_global_norm(settings.loss_clip_norm)
-    grads = jax.tree.map(
-        jnp.add,
-        *(clip.update(g, optax.EmptyState())[0] for g in per_term),
-    )
+    clipped = [clip.update(g, optax.EmptyState())[0] for g in per_term]
+    grads = jax.tree.map(lambda *g: sum(g[1:], g[0]), *clipped)
   else:
     (grads,) = pullback(jnp.ones_like(terms))
   updates, opt_state = tx.update(grads, state.opt_state, state.params)

@@ -191,6 +191,24 @@ def test_each_loss_clipped_on_its_own_then_added():
   )
   for got, expected in zip(jax.tree.leaves(clipped), jax.tree.leaves(want)):
     np.testing.assert_allclose(got, expected, rtol=2e-3, atol=1e-5 * limit)
+  # Without the branch (the AdaFace-only baseline) one backward pass: the
+  # margin loss's gradient clipped, as the optimiser clips it without the
+  # flag.
+  alone, metrics = one_step(
+      **{
+          "optim.clip_each_loss": True,
+          "optim.grad_clip_norm": limit,
+          "queue.kind": "none",
+          "contrastive.weight": 0.0,
+      }
+  )
+  assert float(metrics["grad_norm_con"]) == 0.0
+  for got, want_one in zip(
+      jax.tree.leaves(alone), jax.tree.leaves(margin_only)
+  ):
+    np.testing.assert_allclose(
+        got, limit * want_one / norms[0], rtol=2e-3, atol=1e-5 * limit
+    )
 
 
 def test_nonfinite_batch_is_skipped():
