@@ -141,6 +141,7 @@ def test_step_compiles_once_and_moves_the_parameters():
   assert not np.allclose(kernel0, state.params["classifier"]["kernel"])
 
 
+@pytest.mark.slow  # four step programs: the full suite's
 def test_each_loss_clipped_on_its_own_then_added():
   """optim.clip_each_loss: the update is the margin loss's gradient and the
   contrastive loss's, each clipped to the norm, added; each is read from
