@@ -15,16 +15,15 @@ own people, for faces that arrive at 8-20 px as well as sharp ones.
 
 Adding `--config.queue.kind=none --config.contrastive.weight=0.0` gives the
 AdaFace-only baseline (the same margin head and views, no contrastive
-branch). Adding `--config.optim.clip_each_loss=True` clips the margin and
-contrastive losses' gradients each on its own: on ORL's unseen people it
-put QGFace ahead of AdaFace-only at 8 px (and in TAR at 12 px), at about
-1.6 times the time (docs/RESULTS.md). Evaluate on people the run did not see with
+branch). Evaluate on people the run did not see with
 `--config.eval.folders="('/data/others',)" --config.eval.align=detect
 --config.eval.low_res="(12, 8)"` (at the end of training, or later with
 --mode=eval).
 
-The defaults suit a few hundred photos on a CPU (200 photos at 112 px in
-about 11 minutes on two cores, 300 estimated at 16-17; docs/RESULTS.md):
+The defaults suit a few hundred photos on a CPU: 90 steps of 32 photos
+(15 epochs of 200, 10 of 300), 18-20 minutes on two cores for 200 or 300
+photos (docs/RESULTS.md; the AdaFace-only baseline, one backward pass a
+step, about 11-14):
 * the degraded view is shrunk to 5-30% of its side (6-34 px at 112 px),
   JPEG-compressed and enlarged back, so training reaches the 8-12 px faces
   that hurt a model trained on sharp ones;
@@ -32,7 +31,10 @@ about 11 minutes on two cores, 300 estimated at 16-17; docs/RESULTS.md):
   classifier of class means, so the pretrained features are refined rather
   than relearned;
 * the BatchNorms keep the pretrained statistics (a batch of a few dozen
-  faces cannot estimate them) and the gradient's norm is clipped;
+  faces cannot estimate them), and each loss's gradient norm is clipped
+  on its own before they are added, so the contrastive branch adds a
+  step of its own instead of taking the margin loss's share of one
+  clipped step (a second backward pass);
 * the quality statistics start at the pretrained model's own norms on the
   training images (an imported model brings none) and follow them quickly;
   a view below q = 0.4 is low quality, which is about half of the degraded
@@ -58,9 +60,13 @@ def get_config():
   config.data.update(kind="tfds", image_size=112, worker_count=2)
   config.data.view.update(min_scale=0.05, max_scale=0.3)
   config.global_batch_size = 32
-  config.num_epochs = 15.0
-  # Without batch statistics nothing rescales a large step: the gradient's
-  # norm is clipped (the margin and contrastive logits are scaled by 64).
+  # 90 steps whatever the set's size: 15 epochs of 200 photos, 10 of 300,
+  # in about 19 minutes on two cores (the time goes in the steps).
+  config.num_train_steps = 90
+  # Without batch statistics nothing rescales a large step: each loss's
+  # gradient norm is clipped on its own, then they are added (the margin
+  # and contrastive logits are scaled by 64; clipped together, the
+  # contrastive gradient took most of every clipped step).
   config.optim.update(
       lr=0.02,
       backbone_lr_scale=0.1,
@@ -68,6 +74,7 @@ def get_config():
       warmup_epochs=1.0,
       weight_decay=5e-4,
       grad_clip_norm=5.0,
+      clip_each_loss=True,
   )
   config.quality.alpha = 0.05
   # Low quality below q = 0.4 (the norm 0.6 running std under its mean):
