@@ -54,41 +54,17 @@ class Workdir:
 
   def __init__(self, root: str | os.PathLike[str]):
     self.root = epath.Path(root)
+    self.config_record = self.root / CONFIG_RECORD
+    self.converted_record = self.root / CONVERTED_RECORD
+    self.lock = self.root / LOCK
+    self.metrics = self.root / METRICS
+    self.checkpoints = self.root / CHECKPOINTS
+    self.eval = self.root / EVAL
+    self.logs = self.root / LOGS
+    self.profile = self.root / PROFILE
 
   def __repr__(self) -> str:
     return f"Workdir({str(self.root)!r})"
-
-  @property
-  def config_record(self) -> epath.Path:
-    return self.root / CONFIG_RECORD
-
-  @property
-  def converted_record(self) -> epath.Path:
-    return self.root / CONVERTED_RECORD
-
-  @property
-  def lock(self) -> epath.Path:
-    return self.root / LOCK
-
-  @property
-  def metrics(self) -> epath.Path:
-    return self.root / METRICS
-
-  @property
-  def checkpoints(self) -> epath.Path:
-    return self.root / CHECKPOINTS
-
-  @property
-  def eval(self) -> epath.Path:
-    return self.root / EVAL
-
-  @property
-  def logs(self) -> epath.Path:
-    return self.root / LOGS
-
-  @property
-  def profile(self) -> epath.Path:
-    return self.root / PROFILE
 
   def process_log(self, index: int) -> epath.Path:
     return self.logs / f"process_{index}.log"
