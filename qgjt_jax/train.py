@@ -381,8 +381,8 @@ def _loop(run: _Run, state, stop: StopRequested) -> dict:
       ckpt.wait(manager)
       reporting.note(
           f"Stopped by {stop.description} at step {step}; checkpoint "
-          f"written to {workdir_layout.Workdir(run.workdir).checkpoints}. Run the same command to "
-          "resume."
+          f"written to {workdir_layout.Workdir(run.workdir).checkpoints}. "
+          "Run the same command to resume."
       )
       return {}
   profiler.finish(state)

@@ -436,9 +436,10 @@ def summary(src: str, workdir: str, converted: ConvertedModel) -> str:
           f"  input           {converted.input_order}",
           f"  input size      {size} x {size}",
           f"  parameters      {converted.num_params:,}",
-          f"Wrote the model (step 0) to {workdir_layout.Workdir(workdir).checkpoints}; "
-          f"{workdir_layout.CONVERTED_RECORD} beside it says which model it is, so "
-          "every command that uses it needs only --workdir. Evaluate it with",
+          "Wrote the model (step 0) to "
+          f"{workdir_layout.Workdir(workdir).checkpoints}; "
+          f"{workdir_layout.CONVERTED_RECORD} beside it says which model it "
+          "is, so every command that uses it needs only --workdir. Evaluate it with",
           f"  python -m qgjt_jax.main --workdir={shlex.quote(workdir)} "
           "--mode=eval \\",
           "      --config.eval.bin_sets=\"('/data/lfw.bin', '/data/agedb_30.bin')\"",
