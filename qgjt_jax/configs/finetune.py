@@ -23,7 +23,7 @@ branch). Evaluate on people the run did not see with
 The defaults suit a few hundred photos on a CPU: 90 steps of 32 photos
 (15 epochs of 200, 10 of 300), 18-20 minutes on two cores for 200 or 300
 photos (docs/RESULTS.md; the AdaFace-only baseline, one backward pass a
-step, about 11-14):
+step, 12-14):
 * the degraded view is shrunk to 5-30% of its side (6-34 px at 112 px),
   JPEG-compressed and enlarged back, so training reaches the 8-12 px faces
   that hurt a model trained on sharp ones;
